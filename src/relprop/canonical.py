@@ -1,0 +1,187 @@
+"""Graph passes that put a recorded graph into the form LRP rules expect.
+
+* **Batch-norm merge.** An eval-mode batch norm right after a convolution or a dense op is folded
+  into it, so rules see the effective weights (what Zennit's canonizers do per architecture, done
+  here once for every architecture: the pattern is found in the op graph, not in module classes).
+* **Normaliser detection.** In ``x * rsqrt(mean(x^2) + eps)`` (RMSNorm), ``(x - m) / sqrt(var)``
+  (hand-written LayerNorm) or ``x / x.norm()``, the second factor is a function of the first through
+  a reduction; LRP holds it constant. Marked as ``node.meta['constant_operands']``.
+* **Attention weights** (for CP-LRP): products whose operand comes from a softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .graph import Graph, Node, Value
+
+aten = torch.ops.aten
+
+_NORM_CHAIN = {
+    "pow", "mean", "sum", "var", "var_mean", "std", "std_mean", "add", "sub", "sqrt", "rsqrt", "reciprocal", "div",
+    "mul", "_to_copy", "clamp", "clamp_min", "expand", "view", "_unsafe_view", "unsqueeze", "squeeze",
+    "linalg_vector_norm", "norm", "abs", "square", "detach", "alias", "clone", "amax", "max", "select",
+}
+_REDUCTIONS = {"mean", "sum", "var", "var_mean", "std", "std_mean", "linalg_vector_norm", "norm", "amax", "max"}
+_PASSTHROUGH = {"_to_copy", "view", "_unsafe_view", "clone", "alias", "expand", "contiguous", "native_dropout",
+                "dropout", "unsqueeze", "squeeze", "reshape", "select", "getitem", "detach"}
+
+
+def _sources(v: Value, limit: int = 8) -> set[int]:
+    """``v`` and the values it is a cast/view/copy of."""
+    out = {v.index}
+    while limit and v.producer is not None and v.producer.packet in _PASSTHROUGH and v.producer.inputs:
+        v = v.producer.inputs[0]
+        out.add(v.index)
+        limit -= 1
+    return out
+
+
+def is_normalizer(candidate: Value, of: Value, max_nodes: int = 24) -> bool:
+    """Is ``candidate`` computed from ``of`` through a reduction and arithmetic only?"""
+    targets = _sources(of)
+    frontier = [(candidate, False)]
+    seen = set()
+    while frontier and len(seen) < max_nodes:
+        v, reduced = frontier.pop()
+        p = v.producer
+        if p is None or p.index in seen or p.packet not in _NORM_CHAIN:
+            continue
+        seen.add(p.index)
+        red = reduced or p.packet in _REDUCTIONS
+        for u in p.inputs:
+            if red and u.index in targets:
+                return True
+            frontier.append((u, red))
+    return False
+
+
+def mark_normalizers(graph: Graph) -> None:
+    for node in graph.nodes:
+        if node.packet not in ("mul", "div"):
+            continue
+        acts = node.activation_inputs()
+        if len(acts) != 2:
+            continue
+        a, b = acts
+        const = set(node.meta.get("constant_operands", ()))
+        if is_normalizer(node.inputs[b], node.inputs[a]):
+            const.add(b)
+        elif node.packet == "mul" and is_normalizer(node.inputs[a], node.inputs[b]):
+            const.add(a)
+        if const:
+            node.meta["constant_operands"] = tuple(sorted(const))
+            node.meta.pop("family", None)
+
+
+def mark_attention_weights(graph: Graph) -> None:
+    """CP-LRP: hold softmax outputs constant in the products that consume them."""
+    for node in graph.nodes:
+        acts = node.activation_inputs()
+        if len(acts) < 2 or node.packet not in ("mul", "bmm", "mm", "matmul", "baddbmm", "einsum"):
+            continue
+        const = set(node.meta.get("constant_operands", ()))
+        for i in acts:
+            v = node.inputs[i]
+            for _ in range(8):
+                p = v.producer
+                if p is None:
+                    break
+                if p.packet in ("_softmax", "softmax", "_safe_softmax"):
+                    const.add(i)
+                    break
+                if p.packet not in _PASSTHROUGH | {"expand", "clone", "_unsafe_view"} or not p.inputs:
+                    break
+                v = p.inputs[0]
+        if const and len(const) < len(acts):
+            node.meta["constant_operands"] = tuple(sorted(const))
+            node.meta.pop("family", None)
+
+
+def _is_eval_bn(node: Node) -> bool:
+    if node.packet == "_native_batch_norm_legit_no_training":
+        return True
+    return node.packet == "native_batch_norm" and not bool(node.arg(5, False))
+
+
+def merge_batch_norms(graph: Graph) -> Graph:
+    """A copy of ``graph`` with each eval batch norm folded into the linear op that feeds it."""
+    values = list(graph.values)
+    replace: dict[int, Node | None] = {}
+    for bn in graph.nodes:
+        if not _is_eval_bn(bn) or not bn.inputs:
+            continue
+        x = bn.inputs[0]
+        lin = x.producer
+        if lin is None or len(x.consumers) != 1 or lin.index in replace:
+            continue
+        if any(o is not None and o.consumers for o in bn.outputs[1:]):
+            continue
+        merged = _merge(lin, bn, values)
+        if merged is not None:
+            replace[lin.index] = merged
+            replace[bn.index] = None
+    if not replace:
+        return graph
+    nodes = [replace.get(n.index, n) for n in graph.nodes]
+    nodes = [n for n in nodes if n is not None]
+    return Graph(nodes, values, graph.inputs, graph.input_spec, graph.output, graph.output_values, graph.params,
+                 graph.module_types)
+
+
+def _tensor(node: Node, argpos: int) -> torch.Tensor | None:
+    a = node.arg(argpos)
+    return a.tensor if isinstance(a, Value) else None
+
+
+def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
+    eps_pos = 6 if bn.packet == "_native_batch_norm_legit_no_training" else 7
+    gamma, beta = _tensor(bn, 1), _tensor(bn, 2)
+    mean, var = _tensor(bn, 3), _tensor(bn, 4)
+    if mean is None or var is None:
+        return None
+    eps = bn.arg(eps_pos)
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    shift = -mean * scale + (beta if beta is not None else 0)
+
+    def const(t: torch.Tensor) -> Value:
+        v = Value(len(values), t.detach(), "constant", name="merged_batch_norm")
+        values.append(v)
+        return v
+
+    acts = lin.activation_inputs()
+    if len(acts) != 1:
+        return None
+    if lin.packet == "convolution" and acts[0] == 0 and not lin.args[6]:
+        w, b = _tensor(lin, 1), _tensor(lin, 2)
+        if w is None:
+            return None
+        w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
+        b2 = (b * scale if b is not None else 0) + shift
+        wv, bv = const(w2), const(b2)
+        args = (lin.args[0], wv, bv) + tuple(lin.args[3:])
+        inputs = [lin.inputs[0], wv, bv]
+    elif lin.packet in ("addmm", "mm") and lin.inputs[acts[0]] is lin.arg(0 if lin.packet == "mm" else 1):
+        wt = _tensor(lin, 1 if lin.packet == "mm" else 2)
+        b = _tensor(lin, 0) if lin.packet == "addmm" else None
+        if wt is None or wt.dim() != 2:
+            return None
+        w2 = wt * scale.view(1, -1)
+        b2 = (b * scale if b is not None else 0) + shift
+        wv, bv = const(w2), const(b2)
+        x = lin.inputs[acts[0]]
+        args, inputs = (bv, x, wv), [bv, x, wv]
+        lin = Node(lin.index, aten.addmm.default, args, {}, inputs, [], lin.module, lin.module_type)
+        return _finish(lin, bn)
+    else:
+        return None
+    node = Node(lin.index, lin.op, args, {}, inputs, [], lin.module, lin.module_type)
+    return _finish(node, bn)
+
+
+def _finish(node: Node, bn: Node) -> Node:
+    node.outputs = [bn.outputs[0]]
+    node.meta["merged_batch_norm"] = bn.module
+    return node

@@ -1,0 +1,164 @@
+"""The recorded operation graph: values (tensors) produced and consumed by ATen operation nodes.
+
+A :class:`Graph` is what :func:`relprop.trace` returns. It is deliberately plain data: nodes in
+execution order (which is a topological order), each with the ATen overload that ran, the
+arguments it got (tensors replaced by :class:`Value` handles), the values it produced and the
+module path it ran under. Everything downstream (rules, propagation, coverage) reads this structure
+and nothing else, so a graph can be inspected, filtered and re-used for many rule sets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+Kind = str  # 'input' | 'param' | 'buffer' | 'constant' | 'op'
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor value in the graph. A tensor mutated in place becomes a new Value."""
+
+    index: int
+    tensor: torch.Tensor | None
+    kind: Kind
+    producer: "Node | None" = None
+    output_index: int = 0
+    name: str | None = None
+    #: True when the value depends on a model input (an "activation"), False for parameters,
+    #: buffers, constants and anything computed from them only.
+    is_activation: bool = False
+    consumers: list["Node"] = field(default_factory=list)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    @property
+    def is_float(self) -> bool:
+        return self.tensor is not None and (self.tensor.is_floating_point() or self.tensor.is_complex())
+
+    def __repr__(self) -> str:
+        src = self.name or (self.producer.op_name if self.producer is not None else self.kind)
+        shape = tuple(self.tensor.shape) if self.tensor is not None else "?"
+        return f"%{self.index}<{src} {shape}>"
+
+
+@dataclass(eq=False)
+class Node:
+    """One ATen operation call."""
+
+    index: int
+    op: torch._ops.OpOverload
+    args: tuple
+    kwargs: dict
+    inputs: list[Value]
+    outputs: list[Value | None]
+    module: str
+    module_type: type | None
+    #: Free-form annotations added by graph passes (e.g. merged batch norm parameters).
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def op_name(self) -> str:
+        """``aten.convolution.default`` style name."""
+        return str(self.op)
+
+    @property
+    def packet(self) -> str:
+        """Overload packet name without namespace and without a trailing in-place underscore."""
+        return self.op.overloadpacket.__name__
+
+    def rebuild(self, tensors: list[torch.Tensor | None]) -> tuple[tuple, dict]:
+        """Arguments with the i-th input Value (in recording order) replaced by ``tensors[i]``."""
+        it = iter(tensors)
+
+        def sub(a):
+            if isinstance(a, Value):
+                return next(it)
+            if isinstance(a, (list, tuple)):
+                return type(a)(sub(x) for x in a)
+            return a
+
+        args = tuple(sub(a) for a in self.args)
+        return args, {k: sub(v) for k, v in self.kwargs.items()}
+
+    def run(self, tensors: list[torch.Tensor | None]) -> Any:
+        """Re-execute the operation on ``tensors`` (one per input Value)."""
+        args, kwargs = self.rebuild(tensors)
+        return self.op(*args, **kwargs)
+
+    def arg(self, i: int, default: Any = None) -> Any:
+        """Positional argument ``i`` of the schema (kwargs honoured), as recorded."""
+        if i < len(self.args):
+            return self.args[i]
+        name = self.op._schema.arguments[i].name if i < len(self.op._schema.arguments) else None
+        if name is not None and name in self.kwargs:
+            return self.kwargs[name]
+        return default
+
+    def activation_inputs(self) -> list[int]:
+        """Indices (into ``inputs``) of floating-point inputs that depend on a model input."""
+        return [i for i, v in enumerate(self.inputs) if v.is_activation and v.is_float]
+
+    def __repr__(self) -> str:
+        where = f" @ {self.module}" if self.module else ""
+        return f"#{self.index} {self.op_name}({', '.join(map(repr, self.inputs))}){where}"
+
+
+@dataclass(eq=False)
+class Graph:
+    """Nodes in execution order, with the model's inputs, parameters and outputs as Values."""
+
+    nodes: list[Node]
+    values: list[Value]
+    inputs: list[Value]
+    #: Input structure: same nesting as the call's positional args / kwargs, Values at tensor leaves.
+    input_spec: Any
+    output: Any
+    output_values: list[Value]
+    params: dict[str, Value]
+    module_types: dict[str, type]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def op_counts(self) -> Counter:
+        return Counter(n.op_name for n in self.nodes)
+
+    def value_of(self, tensor: torch.Tensor) -> Value | None:
+        """The Value recorded for an output tensor of the traced call (by identity)."""
+        for v in self.output_values:
+            if v.tensor is tensor:
+                return v
+        return None
+
+    def module_outputs(self, module: str) -> list[Value]:
+        """Values produced inside ``module`` and consumed outside it (its outputs)."""
+        prefix = module + "."
+        inside = lambda n: n.module == module or n.module.startswith(prefix)  # noqa: E731
+        outs = []
+        for n in self.nodes:
+            if not inside(n):
+                continue
+            for v in n.outputs:
+                if v is None:
+                    continue
+                if not v.consumers or any(not inside(c) for c in v.consumers) or v in self.output_values:
+                    outs.append(v)
+        return outs
+
+    def find(self, predicate: Callable[[Node], bool]) -> list[Node]:
+        return [n for n in self.nodes if predicate(n)]
+
+    def summary(self, limit: int = 40) -> str:
+        lines = [f"Graph: {len(self.nodes)} ops, {len(self.inputs)} inputs, {len(self.params)} params"]
+        for name, count in self.op_counts().most_common(limit):
+            lines.append(f"  {count:6d}  {name}")
+        return "\n".join(lines)

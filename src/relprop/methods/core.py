@@ -1,0 +1,267 @@
+"""Shared machinery of graph-based methods: inputs, targets, seeds, sources, attributions.
+
+Every backward method is "trace, prepare the graph for a rule set, seed the target, propagate,
+read relevance at the inputs". This module is that pipeline; methods differ in the composite and
+in the seed (one-hot for gradients, one-hot times the logit for LRP).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..graph import Graph, Value
+from ..propagate import propagate
+from ..rules.composites import Composite
+from ..trace import record
+
+Target = int | Sequence[int] | torch.Tensor | Callable[[Any], torch.Tensor] | None
+Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Explanation:
+    """Result of :func:`relprop.explain`.
+
+    Attributes:
+        attributions: same structure as the ``inputs`` argument (tensor, tuple or dict); for integer
+            token inputs one score per token (relevance at the embedding output summed over hidden).
+        output: the model output that was explained (the logits tensor), detached.
+        target: per-sample target indices (``None`` for a callable target).
+        score: the explained score per sample (target logit, or the callable's value).
+        layers: relevance at the outputs of the modules requested with ``layers=``.
+        method, composite: what produced it.
+    """
+
+    attributions: Any
+    output: torch.Tensor
+    target: torch.Tensor | None
+    score: torch.Tensor
+    method: str
+    composite: str | None = None
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    graph: Graph | None = field(default=None, repr=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Attributions as a flat list (one per input tensor)."""
+        return _leaves(self.attributions)
+
+
+def _leaves(obj) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _leaves(v)]
+    return []
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def split_inputs(inputs: Inputs) -> tuple[tuple, dict]:
+    """Positional and keyword arguments for the model call."""
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    raise TypeError(f"inputs: expected a tensor, a tuple of tensors or a dict of tensors, got {type(inputs).__name__}")
+
+
+def check_inputs(inputs: Inputs) -> int:
+    """Validate ``inputs``; return the batch size."""
+    leaves = _leaves(inputs)
+    if not leaves:
+        raise ValueError("inputs: no tensor found")
+    batch = None
+    for t in leaves:
+        if t.dim() == 0:
+            raise ValueError("inputs: each tensor needs a batch dimension (got a 0-d tensor)")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError("inputs: contain NaN or infinite values")
+        if batch is None:
+            batch = t.shape[0]
+    if batch == 0:
+        raise ValueError("inputs: empty batch")
+    return batch
+
+
+def like_inputs(inputs: Inputs, values: list[torch.Tensor | None]) -> Any:
+    """Rebuild the structure of ``inputs`` with ``values`` at its tensor leaves."""
+    it = iter(values)
+
+    def rebuild(obj):
+        if isinstance(obj, torch.Tensor):
+            return next(it)
+        if isinstance(obj, Mapping):
+            return {k: rebuild(v) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(rebuild(v) for v in obj)
+        return obj
+
+    return rebuild(inputs)
+
+
+# --------------------------------------------------------------------------------------- outputs
+def select_output(output: Any) -> torch.Tensor:
+    """The tensor to explain: the output itself, ``.logits``, or the first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the output to explain in a {type(output).__name__}; pass a callable target")
+
+
+def target_indices(target: Target, out: torch.Tensor) -> torch.Tensor:
+    """Per-sample class indices on the last dim of ``out``, validated."""
+    batch, classes = out.shape[0], out.shape[-1]
+    if target is None:
+        raise ValueError("target: required (an int class index, a per-sample tensor/list, or a callable)")
+    if isinstance(target, bool):
+        raise ValueError("target: expected an int class index, got a bool")
+    if isinstance(target, int):
+        t = torch.full((batch,), target, dtype=torch.long)
+    else:
+        t = torch.as_tensor(target)
+        if t.is_floating_point():
+            raise ValueError(f"target: expected integer class indices, got dtype {t.dtype}")
+        t = t.long().reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"target: expected {batch} indices (one per sample), got {t.numel()}")
+    if ((t < -classes) | (t >= classes)).any():
+        raise ValueError(f"target: index out of range for an output with {classes} classes: {t.tolist()}")
+    return t % classes
+
+
+def seed_for(out: torch.Tensor, idx: torch.Tensor, times_output: bool) -> torch.Tensor:
+    """One-hot of ``idx`` on the last dim (times the output value for LRP)."""
+    view = [out.shape[0]] + [1] * (out.dim() - 1)
+    onehot = torch.zeros_like(out)
+    onehot.scatter_(-1, idx.view(view).expand(*out.shape[:-1], 1).to(out.device), 1.0)
+    return onehot * out if times_output else onehot
+
+
+# --------------------------------------------------------------------------------------- sources
+_ROUTE = {"view", "_unsafe_view", "reshape", "expand", "clone", "_to_copy", "alias", "contiguous", "unsqueeze",
+          "squeeze", "flatten", "select", "slice"}
+
+
+def embedding_outputs(graph: Graph, v: Value) -> list[Value]:
+    """Outputs of embedding lookups whose indices are ``v`` (or a view/copy of it)."""
+    found = []
+    for node in graph.nodes:
+        if node.packet != "embedding" or len(node.inputs) < 2:
+            continue
+        idx = node.inputs[1]
+        for _ in range(6):
+            if idx is v or idx.producer is None or idx.producer.packet not in _ROUTE:
+                break
+            idx = idx.producer.inputs[0]
+        if idx is v and node.outputs[0] is not None:
+            found.append(node.outputs[0])
+    return found
+
+
+def sources_of(graph: Graph) -> list[tuple[Value, list[Value]]]:
+    """For each input value: the values whose relevance is its attribution."""
+    pairs = []
+    for v in graph.inputs:
+        if v.is_float:
+            pairs.append((v, [v]))
+        else:
+            pairs.append((v, embedding_outputs(graph, v)))
+    return pairs
+
+
+def module_value(graph: Graph, name: str) -> Value:
+    outs = graph.module_outputs(name)
+    if not outs:
+        known = [n for n in graph.module_types if n]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ValueError(f"layers: no module named '{name}' ran in the forward pass.{hint}")
+    return max(outs, key=lambda v: v.index)
+
+
+def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite, method: str,
+                 times_output: bool, layers: Sequence[str] | None = None, options: dict | None = None,
+                 keep_graph: bool = False) -> Explanation:
+    """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions."""
+    check_inputs(inputs)
+    args, kwargs = split_inputs(inputs)
+    post = None
+    if callable(target) and not isinstance(target, torch.Tensor):
+        fn = target
+
+        def post(output):
+            score = fn(output)
+            if not isinstance(score, torch.Tensor) or score.dim() != 1:
+                raise ValueError("target: a callable target must return a tensor of shape (batch,)")
+            return score
+
+    graph = record(model, args, kwargs, post=post)
+    graph = composite.prepare(graph)
+    if post is not None:
+        out_t = graph.output
+        out_v = graph.output_values[0]
+        idx = None
+        seed = out_v.tensor.clone() if times_output else torch.ones_like(out_v.tensor)
+        explained = out_v.tensor
+        shown = out_v.tensor
+    else:
+        out_t = select_output(graph.output)
+        out_v = next((v for v in graph.output_values if v.tensor.data_ptr() == out_t.data_ptr()
+                      and v.tensor.shape == out_t.shape), None)
+        if out_v is None:
+            raise RuntimeError("internal: explained output not found in the graph")
+        if not out_v.tensor.is_floating_point():
+            raise ValueError("the model output is not floating point; nothing to explain")
+        idx = target_indices(target, out_v.tensor)
+        seed = seed_for(out_v.tensor, idx, times_output)
+        explained = (seed_for(out_v.tensor, idx, False) * out_v.tensor).flatten(1).sum(1)
+        shown = out_v.tensor
+    pairs = sources_of(graph)
+    for v, src in pairs:
+        if not src:
+            raise ValueError(
+                f"integer input '{v.name}' does not feed an embedding lookup; pass float inputs "
+                f"(e.g. inputs_embeds) to explain it"
+            )
+    all_sources = [s for _, src in pairs for s in src]
+    layer_values = {name: module_value(graph, name) for name in (layers or [])}
+    rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources, keep=layer_values.values(),
+                    options=options or {}, method=method)
+    attributions = []
+    for v, src in pairs:
+        if v.is_float:
+            attributions.append(rel.get(v.index, torch.zeros_like(v.tensor)))
+        else:
+            total = torch.zeros(v.tensor.shape, dtype=src[0].tensor.dtype)
+            for s in src:
+                r = rel.get(s.index)
+                if r is not None:
+                    total = total + r.sum(-1).reshape(v.tensor.shape)
+            attributions.append(total)
+    structure = inputs if not isinstance(inputs, list) else tuple(inputs)
+    layers_out = {n: rel.get(v.index, torch.zeros_like(v.tensor)) for n, v in layer_values.items()}
+    return Explanation(
+        attributions=like_inputs(structure, attributions),
+        output=shown.detach(),
+        target=idx,
+        score=explained.detach(),
+        method=method,
+        composite=getattr(composite, "name", None),
+        layers=layers_out,
+        graph=graph if keep_graph else None,
+    )

@@ -1,0 +1,52 @@
+"""Evaluation metrics for explanations: perturbation curves (pixel flipping,
+region perturbation, ABPC, insertion/deletion), class sensitivity, model
+parameter randomisation, conservation and complexity, plus a Quantus adapter.
+
+All functions accept tensors or NumPy arrays and return small result
+dataclasses holding plain numbers, per-sample tensors and curves; each result
+has a ``.plot()`` method (matplotlib is imported only then).
+"""
+
+from .complexity import ComplexityResult, complexity, sparseness
+from .conservation import ConservationResult, conservation
+from .perturbation import (
+    ABPCResult,
+    InsertionDeletionResult,
+    PerturbationCurve,
+    PerturbationResult,
+    abpc,
+    insertion_deletion,
+    perturbation_curve,
+    pixel_flipping,
+    region_perturbation,
+)
+from .quantus_adapter import quantus_explain_func
+from .randomisation import RandomisationResult, model_parameter_randomisation, randomisable_layers
+from .sensitivity import ClassSensitivityResult, class_sensitivity
+from ._utils import spearman, pearson, rankdata
+
+__all__ = [
+    "ABPCResult",
+    "ClassSensitivityResult",
+    "ComplexityResult",
+    "ConservationResult",
+    "InsertionDeletionResult",
+    "PerturbationCurve",
+    "PerturbationResult",
+    "RandomisationResult",
+    "abpc",
+    "class_sensitivity",
+    "complexity",
+    "conservation",
+    "insertion_deletion",
+    "model_parameter_randomisation",
+    "pearson",
+    "perturbation_curve",
+    "pixel_flipping",
+    "quantus_explain_func",
+    "randomisable_layers",
+    "rankdata",
+    "region_perturbation",
+    "sparseness",
+    "spearman",
+]

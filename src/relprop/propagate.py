@@ -1,0 +1,84 @@
+"""One reverse pass over a graph, applying a rule per node.
+
+The pass is method-agnostic: the gradient, every LRP variant, DeepLIFT and guided backprop differ
+only in the ``resolve(node) -> rule`` function they pass in. Relevance is accumulated where a
+value fans out, and only nodes on a path between the requested sources and the seeds are visited,
+so asking for the input relevance of one head of a multi-output model costs only that head.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .graph import Graph, Node, Value
+from .rules.base import NoRuleError, Rule, RuleContext
+
+
+class PropagationError(RuntimeError):
+    """A rule returned something unusable (wrong shape, NaN...)."""
+
+
+def reachable(graph: Graph, sources: Iterable[Value]) -> set[int]:
+    """Indices of values that depend on any of ``sources``."""
+    reach = {v.index for v in sources}
+    for node in graph.nodes:
+        if any(v.index in reach for v in node.inputs):
+            reach.update(v.index for v in node.outputs if v is not None)
+    return reach
+
+
+def propagate(
+    graph: Graph,
+    resolve: Callable[[Node], Rule | None],
+    seeds: dict[Value, torch.Tensor],
+    sources: Iterable[Value],
+    keep: Iterable[Value] = (),
+    options: dict[str, Any] | None = None,
+    method: str = "relevance",
+    check_finite: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Propagate ``seeds`` (value -> tensor) backwards until ``sources``.
+
+    Returns relevance by value index for ``sources`` and ``keep`` (missing where nothing arrived).
+    """
+    sources = list(sources)
+    reach = reachable(graph, sources)
+    wanted = {v.index for v in sources} | {v.index for v in keep}
+    rel: dict[int, torch.Tensor] = {}
+    for v, t in seeds.items():
+        _accumulate(rel, v, t, None)
+    options = options or {}
+    for node in reversed(graph.nodes):
+        outs = node.outputs
+        if not any(v is not None and v.index in rel for v in outs):
+            continue
+        needs = [v.index in reach for v in node.inputs]
+        if not any(needs):
+            continue
+        relevance = [None if v is None else (rel.get(v.index) if v.index in wanted else rel.pop(v.index, None))
+                     for v in outs]
+        rule = resolve(node)
+        if rule is None:
+            raise NoRuleError(node, method)
+        result = rule(RuleContext(node, relevance, needs, options))
+        for v, need, r in zip(node.inputs, needs, result):
+            if need and r is not None:
+                _accumulate(rel, v, r, node)
+    if check_finite:
+        for i in wanted:
+            t = rel.get(i)
+            if t is not None and not torch.isfinite(t).all():
+                raise PropagationError(
+                    f"non-finite {method} at value %{i}; a rule divided by ~0 (try a larger epsilon)"
+                )
+    return {i: rel[i] for i in wanted if i in rel}
+
+
+def _accumulate(rel: dict[int, torch.Tensor], v: Value, t: torch.Tensor, node: Node | None) -> None:
+    if t.shape != v.tensor.shape:
+        where = f" from rule of {node!r}" if node is not None else ""
+        raise PropagationError(f"relevance of shape {tuple(t.shape)} for value {v!r}{where}")
+    prev = rel.get(v.index)
+    rel[v.index] = t if prev is None else prev + t

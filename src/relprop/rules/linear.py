@@ -1,0 +1,284 @@
+"""LRP rules for ops that are linear in one activation operand: convolution, dense matmuls.
+
+All rules here are instances of one pattern (Zennit's "basic hook" idea, at op level): evaluate the
+op with modified inputs/parameters, divide the arriving relevance by a stabilised denominator,
+take the op's vector-Jacobian product w.r.t. the activation operand, and multiply by the (modified)
+input. The op is re-executed from the graph node, so any linear ATen op (``convolution``, ``mm``,
+``addmm``, ``bmm`` against a weight, ``baddbmm``...) gets every rule without per-op code; only the
+transposed product has fast paths for speed.
+
+Definitions follow Zennit 0.5 (sign conventions, which parts of the bias are kept), so numbers
+agree with it wherever the same rule is applied to the same layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..graph import Node, Value
+from .base import RuleContext, register_family, vjp
+
+aten = torch.ops.aten
+
+ParamMod = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention); eps=0 still avoids 0/0."""
+    if eps == 0:
+        eps = torch.finfo(z.dtype).tiny
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def _arg_input_index(node: Node, argpos: int) -> int | None:
+    """Index into ``node.inputs`` of positional argument ``argpos`` (if it is a tensor)."""
+    count = 0
+    for i, a in enumerate(node.args):
+        if i == argpos:
+            return count if isinstance(a, Value) else None
+        if isinstance(a, Value):
+            count += 1
+        elif isinstance(a, (list, tuple)):
+            count += sum(isinstance(x, Value) for x in a)
+    return None
+
+
+_BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}
+
+
+@dataclass
+class LinearOperands:
+    """Which inputs of a linear node are the activation, the parameters and the bias."""
+
+    act: int
+    params: list[int]
+    bias: int | None
+
+    @staticmethod
+    def of(ctx: RuleContext) -> "LinearOperands":
+        node = ctx.node
+        acts = ctx.activation_inputs()
+        if len(acts) != 1:
+            raise ValueError(f"{node!r} is not linear in exactly one activation operand")
+        a = acts[0]
+        params = [i for i, v in enumerate(node.inputs) if i != a and v.is_float]
+        b = _BIAS_ARG.get(node.packet)
+        bias = _arg_input_index(node, b) if b is not None else None
+        return LinearOperands(a, params, bias)
+
+
+def _mod_tensors(ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: ParamMod, no_bias: bool,
+                 ) -> list[torch.Tensor]:
+    tensors = list(ctx.inputs)
+    tensors[ops.act] = x
+    for p in ops.params:
+        t = tensors[p]
+        if no_bias and p == ops.bias:
+            t = torch.zeros_like(t)
+        elif pmod is not None:
+            t = pmod(t)
+        tensors[p] = t
+    return tensors
+
+
+def forward(ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: ParamMod = None,
+            no_bias: bool = False) -> torch.Tensor:
+    """The op's first output for a modified activation ``x`` and parameters ``pmod(param)``."""
+    with torch.no_grad():
+        out = ctx.node.run(_mod_tensors(ctx, ops, x, pmod, no_bias))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def input_vjp(ctx: RuleContext, ops: LinearOperands, s: torch.Tensor, pmod: ParamMod = None) -> torch.Tensor:
+    """``J_x^T s`` for the op with parameters ``pmod(param)`` (independent of the bias)."""
+    node = ctx.node
+    tensors = _mod_tensors(ctx, ops, ctx.inputs[ops.act], pmod, False)
+    if node.packet == "convolution" and ops.act == 0:
+        stride, padding, dilation, transposed, out_pad, groups = node.args[3:9]
+        return aten.convolution_backward(s, tensors[0], tensors[1], None, stride, padding, dilation, transposed,
+                                         out_pad, groups, [True, False, False])[0]
+    if node.packet == "addmm" and ops.act == 1:
+        return s @ tensors[2].transpose(-1, -2)
+    if node.packet in ("mm", "bmm") and ops.act == 0:
+        return s @ tensors[1].transpose(-1, -2)
+    return vjp(node, [s], tensors, [ops.act])[ops.act]
+
+
+def _pos(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(min=0)
+
+
+def _neg(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(max=0)
+
+
+class Epsilon:
+    """LRP-epsilon: ``R_x = x * J^T (R / (z + eps sign z))``; ``epsilon=0`` is LRP-0."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ops = LinearOperands.of(ctx)
+        x = ctx.inputs[ops.act]
+        s = ctx.rel / stabilize(ctx.out, self.epsilon)
+        return _only(ctx, ops, x * input_vjp(ctx, ops, s))
+
+    def __repr__(self) -> str:
+        return f"Epsilon(epsilon={self.epsilon})"
+
+
+class Gamma:
+    """Generalised LRP-gamma (Zennit's): favours positive contributions for positive outputs."""
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
+        self.gamma, self.stabilizer = gamma, stabilizer
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ops = LinearOperands.of(ctx)
+        g = self.gamma
+        gp = lambda p: p + g * p.clamp(min=0)  # noqa: E731
+        gn = lambda p: p + g * p.clamp(max=0)  # noqa: E731
+        x = ctx.inputs[ops.act]
+        xp, xn = _pos(x), _neg(x)
+        z = ctx.out
+        z_pos = forward(ctx, ops, xp, gp) + forward(ctx, ops, xn, gn, no_bias=True)
+        z_neg = forward(ctx, ops, xp, gn) + forward(ctx, ops, xn, gp, no_bias=True)
+        s_pos = (z > 0) * ctx.rel / stabilize(z_pos, self.stabilizer)
+        s_neg = (z < 0) * ctx.rel / stabilize(z_neg, self.stabilizer)
+        r = (xp * input_vjp(ctx, ops, s_pos, gp) + xn * input_vjp(ctx, ops, s_pos, gn)
+             + xp * input_vjp(ctx, ops, s_neg, gn) + xn * input_vjp(ctx, ops, s_neg, gp))
+        return _only(ctx, ops, r)
+
+    def __repr__(self) -> str:
+        return f"Gamma(gamma={self.gamma})"
+
+
+class AlphaBeta:
+    """LRP-alpha-beta; ``AlphaBeta(1, 0)`` is z-plus (generalised to negative inputs, as Zennit)."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
+            raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
+        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ops = LinearOperands.of(ctx)
+        x = ctx.inputs[ops.act]
+        xp, xn = _pos(x), _neg(x)
+        has_neg = bool((xn != 0).any())
+        z_pos = forward(ctx, ops, xp, _pos)
+        if has_neg:
+            z_pos = z_pos + forward(ctx, ops, xn, _neg, no_bias=True)
+        s = ctx.rel / stabilize(z_pos, self.stabilizer)
+        r = xp * input_vjp(ctx, ops, s, _pos)
+        if has_neg:
+            r = r + xn * input_vjp(ctx, ops, s, _neg)
+        r = self.alpha * r
+        if self.beta:
+            z_neg = forward(ctx, ops, xp, _neg)
+            if has_neg:
+                z_neg = z_neg + forward(ctx, ops, xn, _pos, no_bias=True)
+            s = ctx.rel / stabilize(z_neg, self.stabilizer)
+            rn = xp * input_vjp(ctx, ops, s, _neg)
+            if has_neg:
+                rn = rn + xn * input_vjp(ctx, ops, s, _pos)
+            r = r - self.beta * rn
+        return _only(ctx, ops, r)
+
+    def __repr__(self) -> str:
+        return f"AlphaBeta(alpha={self.alpha}, beta={self.beta})"
+
+
+class ZPlus(AlphaBeta):
+    """LRP-z+ (alpha=1, beta=0)."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__(1.0, 0.0, stabilizer)
+
+    def __repr__(self) -> str:
+        return "ZPlus()"
+
+
+class ZBox:
+    """LRP-z^B for input layers with values bounded in ``[low, high]`` (scalars or broadcastable)."""
+
+    def __init__(self, low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: float = 1e-6):
+        self.low, self.high, self.stabilizer = low, high, stabilizer
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ops = LinearOperands.of(ctx)
+        x = ctx.inputs[ops.act]
+        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
+        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
+        z = forward(ctx, ops, x) - forward(ctx, ops, low, _pos) - forward(ctx, ops, high, _neg)
+        s = ctx.rel / stabilize(z, self.stabilizer)
+        r = x * input_vjp(ctx, ops, s) - low * input_vjp(ctx, ops, s, _pos) - high * input_vjp(ctx, ops, s, _neg)
+        return _only(ctx, ops, r)
+
+    def __repr__(self) -> str:
+        return f"ZBox(low={self.low}, high={self.high})"
+
+
+class WSquare:
+    """LRP-w^2: relevance spread by squared weights, independent of the input values."""
+
+    flat = False
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = stabilizer
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ops = LinearOperands.of(ctx)
+        x = ctx.inputs[ops.act]
+        if self.flat:
+            pmod, no_bias = torch.ones_like, True
+        else:
+            pmod, no_bias = (lambda p: p * p), False
+        ones = torch.ones_like(x)
+        z = forward(ctx, ops, ones, pmod, no_bias=no_bias)
+        s = ctx.rel / stabilize(z, self.stabilizer)
+        return _only(ctx, ops, input_vjp(ctx, ops, s, pmod))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Flat(WSquare):
+    """LRP-flat: relevance spread uniformly over each output's receptive field."""
+
+    flat = True
+
+
+def _only(ctx: RuleContext, ops: LinearOperands, r: torch.Tensor) -> list:
+    res: list = [None] * len(ctx.node.inputs)
+    res[ops.act] = r
+    return res
+
+
+def _dense_or_product(node: Node) -> str:
+    """A matmul against a weight is 'dense'; a product of two activations (attention) is 'product'."""
+    acts = [i for i in node.activation_inputs() if i not in node.meta.get("constant_operands", ())]
+    return "product" if len(acts) >= 2 else "dense"
+
+
+register_family("conv", "convolution", "_convolution", "convolution_overrideable", "mkldnn_convolution")
+register_family(_dense_or_product, "mm", "addmm", "bmm", "baddbmm", "matmul", "addmv", "mv", "linear", "dot",
+                "_addmm_activation", "addbmm", "einsum", "vdot", "tensordot", "outer", "ger")
+
+
+RULES: dict[str, type] = {
+    "epsilon": Epsilon,
+    "gamma": Gamma,
+    "alpha_beta": AlphaBeta,
+    "zplus": ZPlus,
+    "zbox": ZBox,
+    "wsquare": WSquare,
+    "flat": Flat,
+}
+
+__all__: Sequence[str] = ["Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat", "stabilize",
+                          "LinearOperands", "forward", "input_vjp"]
