@@ -150,7 +150,7 @@ class Graph:
             for v in n.outputs:
                 if v is None:
                     continue
-                if not v.consumers or any(not inside(c) for c in v.consumers) or v in self.output_values:
+                if any(not inside(c) for c in v.consumers) or any(v is o for o in self.output_values):
                     outs.append(v)
         return outs
 

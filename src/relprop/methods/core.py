@@ -232,12 +232,10 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         explained = (seed_for(out_v.tensor, idx, False) * out_v.tensor).flatten(1).sum(1)
         shown = out_v.tensor
     pairs = sources_of(graph)
-    for v, src in pairs:
-        if not src:
-            raise ValueError(
-                f"integer input '{v.name}' does not feed an embedding lookup; pass float inputs "
-                f"(e.g. inputs_embeds) to explain it"
-            )
+    if not any(src for _, src in pairs):
+        raise ValueError(
+            "inputs: nothing to attribute to: no float input and no integer input feeding an embedding lookup"
+        )
     all_sources = [s for _, src in pairs for s in src]
     layer_values = {name: module_value(graph, name) for name in (layers or [])}
     rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources, keep=layer_values.values(),
@@ -247,7 +245,9 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         if v.is_float:
             attributions.append(rel.get(v.index, torch.zeros_like(v.tensor)))
         else:
-            total = torch.zeros(v.tensor.shape, dtype=src[0].tensor.dtype)
+            # Token ids: relevance at their embedding output, summed over the hidden dim.
+            # Other integer inputs (attention masks, positions) get zeros.
+            total = torch.zeros(v.tensor.shape, dtype=src[0].tensor.dtype if src else torch.float32)
             for s in src:
                 r = rel.get(s.index)
                 if r is not None:

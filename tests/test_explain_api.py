@@ -1,0 +1,157 @@
+"""explain(): input structures, targets, layer relevance, errors, and the model left untouched."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import relprop
+
+
+class TwoInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(3, 6)
+        self.out = nn.Linear(6, 5)
+
+    def forward(self, x, y):
+        return self.out(torch.relu(self.a(x) + self.b(y)))
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None].to(h.dtype)
+        return self.lin(torch.tanh(h).mean(1))
+
+
+def _grad(model, args, target):
+    args = [a.detach().clone().requires_grad_() for a in args]
+    out = model(*args)
+    return torch.autograd.grad(out[torch.arange(out.shape[0]), target].sum(), args)
+
+
+def test_tuple_inputs_and_per_sample_targets():
+    model = TwoInput().eval()
+    x, y = torch.randn(3, 4), torch.randn(3, 3)
+    t = torch.tensor([0, 4, 2])
+    e = relprop.explain(model, (x, y), target=t, method="gradient")
+    assert isinstance(e.attributions, tuple) and len(e.attributions) == 2
+    for ours, ref in zip(e.attributions, _grad(model, [x, y], t)):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_dict_inputs_keep_structure():
+    model = TwoInput().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    e = relprop.explain(model, {"x": x, "y": y}, target=1, method="gradient")
+    assert set(e.attributions) == {"x", "y"}
+    ref = _grad(model, [x, y], torch.tensor([1, 1]))
+    torch.testing.assert_close(e.attributions["y"], ref[1])
+
+
+def test_callable_target():
+    model = TwoInput().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    e = relprop.explain(model, (x, y), target=lambda out: out[:, 1] - out[:, 2], method="gradient")
+    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = model(xx, yy)
+    g = torch.autograd.grad((out[:, 1] - out[:, 2]).sum(), xx)[0]
+    torch.testing.assert_close(e.attributions[0], g)
+
+
+def test_token_inputs_give_one_score_per_token():
+    model = TokenModel().eval()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    e = relprop.explain(model, {"input_ids": ids, "attention_mask": mask}, target=0, method="lrp",
+                        composite="lrp0")
+    assert e.attributions["input_ids"].shape == ids.shape
+    # The masked token contributes nothing; LRP-0 through tanh (identity rule) and the mean: conservation
+    # up to the bias's share.
+    assert e.attributions["input_ids"][1, 3] == 0
+    emb = model.emb(ids) * mask[..., None]
+    g = relprop.explain(lambda e_: model.lin(torch.tanh(e_).mean(1)), emb, target=0, method="lrp",
+                        composite="lrp0").attributions
+    torch.testing.assert_close(e.attributions["input_ids"], g.sum(-1))
+
+
+def test_layer_relevance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 2, bias=False)).eval()
+    x = torch.randn(3, 5)
+    e = relprop.explain(model, x, target=1, method="lrp", composite="lrp0", layers=["1"])
+    assert e.layers["1"].shape == (3, 7)
+    torch.testing.assert_close(e.layers["1"].sum(1), e.score, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        relprop.explain(model, x, target=1, method="lrp", layers=["nope"])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(target=7), "out of range"),
+    (dict(target=torch.tensor([0, 1, 2])), "one per sample"),
+    (dict(target=1.5), "integer class indices"),
+    (dict(target=None), "required"),
+    (dict(target=0, method="lrpp"), "Did you mean 'lrp'"),
+    (dict(target=0, method="lrp", composite="epsilon_plus_flatt"), "Did you mean 'epsilon_plus_flat'"),
+])
+def test_bad_arguments_raise_clear_errors(bad, match):
+    model = TwoInput().eval()
+    with pytest.raises(ValueError, match=match):
+        relprop.explain(model, (torch.randn(2, 4), torch.randn(2, 3)), **bad)
+
+
+def test_nan_input_rejected_and_model_untouched():
+    model = TwoInput().train()
+    model.b.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    x = torch.randn(2, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        relprop.explain(model, (x, torch.randn(2, 3)), target=0)
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+
+
+def test_model_untouched_when_forward_raises():
+    model = TwoInput().eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError):
+        relprop.explain(model, (torch.randn(2, 5), torch.randn(2, 3)), target=0)  # wrong feature size
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not model.training
+    assert not torch.nn.modules.module._global_forward_hooks and not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_missing_rule_names_op_module_and_fix():
+    torch.library.define("relprop_test::mystery", "(Tensor x) -> Tensor")
+
+    @torch.library.impl("relprop_test::mystery", "CompositeExplicitAutograd")
+    def _mystery(x):
+        return x * 2
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.ops.relprop_test.mystery(self.inner(x))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = M()
+
+        def forward(self, x):
+            return self.block(x)
+
+    with pytest.raises(relprop.NoRuleError, match=r"mystery.*'block'.*register_rule"):
+        relprop.explain(Outer().eval(), torch.randn(2, 3), target=0, method="lrp")
+    cov = relprop.coverage(Outer().eval(), torch.randn(2, 3), composite="epsilon")
+    assert cov.fraction < 1.0 and cov.unsupported[0][1] == "block"
