@@ -4,7 +4,7 @@ Every builder returns ``(name, model.eval(), inputs, target)``:
 
 * ``inputs``: a tensor, or a dict of keyword arguments (text models are fed ``inputs_embeds`` so the
   gradient can be compared with ``torch.autograd.grad`` at the same float tensor; attention masks are
-  extra entries, int for some models and float for others);
+  extra integer entries, as Hugging Face tokenizers return them);
 * ``target``: an int class index on the last dim of the output / ``.logits``, or a callable
   ``output -> tensor(batch,)`` for models whose output is not a classification.
 
@@ -213,7 +213,7 @@ def _hf_roberta():
     cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=40, num_labels=3, pad_token_id=1)
     model = _hf(RobertaForSequenceClassification, cfg, "sdpa")
-    inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask(dtype=torch.float32)}
+    inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_roberta", model, inputs, 2
 
 
@@ -268,7 +268,7 @@ def _hf_mistral():
                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32, sliding_window=4,
                         use_cache=False)
     model = _hf(MistralModel, cfg, "sdpa")
-    inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask(dtype=torch.float32)}
+    inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_mistral", model, inputs, lambda out: out.last_hidden_state[:, 2, :].pow(2).sum(-1)
 
 
@@ -333,7 +333,7 @@ def _hf_pix2struct():
     patches = torch.cat([rows.expand(BATCH, seq)[..., None], cols.expand(BATCH, seq)[..., None], pixels], -1)
     with torch.no_grad():
         dec = model.get_input_embeddings()(_ids(100, 3)).clone()
-    inputs = {"flattened_patches": patches, "attention_mask": _mask(seq, dtype=torch.float32),
+    inputs = {"flattened_patches": patches, "attention_mask": _mask(seq),
               "decoder_inputs_embeds": dec}
     return "hf_pix2struct", model, inputs, lambda out: out.logits[:, -1, 9]
 
@@ -343,7 +343,8 @@ def _hf_clip_text():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=2)
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
     model = _hf(CLIPTextModel, cfg, "sdpa")
     ids = _ids(100)
     ids[:, -1] = 2  # eos, pooled

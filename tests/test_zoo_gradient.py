@@ -56,35 +56,48 @@ def _score(output, target) -> torch.Tensor:
     return (onehot * out).flatten(1).sum(1)
 
 
-def reference_gradient(model, inputs, target) -> list[torch.Tensor | None]:
+SKIP = "skip"
+
+
+def reference_gradient(model, inputs, target, constant: tuple[str, ...] = ()) -> list:
     """``torch.autograd.grad`` of the summed target score, one entry per tensor leaf of ``inputs``.
 
     Float leaves get their gradient; ``input_ids`` get the gradient at the token-embedding output
     summed over features (relprop's convention for integer inputs feeding an embedding); other
-    integer leaves (masks) get ``None``: they must come back as zeros.
+    integer leaves (masks) get ``None``: they must come back as zeros. Float dict entries named in
+    ``constant`` are not differentiated (autograd cannot, e.g. an SDPA mask): ``SKIP``.
     """
     leaves = _leaves(inputs)
-    fresh = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in leaves]
+    const_ids = {id(v) for k, v in inputs.items() if k in constant} if isinstance(inputs, Mapping) else set()
+    fresh = [t.detach().clone().requires_grad_(True) if t.is_floating_point() and id(t) not in const_ids else t
+             for t in leaves]
     # Non-leaf copies, so a forward that writes its inputs in place stays legal.
     args = _rebuild(inputs, iter([t.clone() if t.is_floating_point() else t for t in fresh]))
     embedded = []
     hook = None
     if any(not t.is_floating_point() for t in leaves) and hasattr(model, "get_input_embeddings"):
-        hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: embedded.append(o))
+        def grab(module, args, out):
+            out = out.detach().requires_grad_(True)  # the embedding table may be frozen
+            embedded.append(out)
+            return out
+
+        hook = model.get_input_embeddings().register_forward_hook(grab)
     try:
         with torch.enable_grad():
             score = _score(_call(model, args), target)
     finally:
         if hook is not None:
             hook.remove()
-    wrt = [t for t in fresh if t.is_floating_point()] + embedded
+    wrt = [t for t in fresh if t.requires_grad] + embedded
     grads = torch.autograd.grad(score.sum(), wrt, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
     floats = iter(grads[: len(wrt) - len(embedded)])
     emb = iter(grads[len(wrt) - len(embedded):])
     out = []
     for t in leaves:
-        if t.is_floating_point():
+        if id(t) in const_ids:
+            out.append(SKIP)
+        elif t.is_floating_point():
             out.append(next(floats))
         elif isinstance(inputs, Mapping) and any(v is t for k, v in inputs.items() if k == "input_ids"):
             out.append(next(emb).sum(-1))
@@ -97,10 +110,10 @@ def _flags(model: nn.Module):
     return [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()]
 
 
-def check_gradient(model, inputs, target, **explain_kwargs) -> relprop.Explanation:
+def check_gradient(model, inputs, target, constant: tuple[str, ...] = (), **explain_kwargs) -> relprop.Explanation:
     before = _flags(model)
     params_before = [p.detach().clone() for p in model.parameters()]
-    expected = reference_gradient(model, inputs, target)
+    expected = reference_gradient(model, inputs, target, constant)
     assert _flags(model) == before
     explanation = relprop.explain(model, inputs, target=target, method="gradient", **explain_kwargs)
     assert _flags(model) == before, "explain changed requires_grad or training flags"
@@ -111,6 +124,8 @@ def check_gradient(model, inputs, target, **explain_kwargs) -> relprop.Explanati
     assert len(got) == len(leaves)
     for i, (g, e, x) in enumerate(zip(got, expected, leaves)):
         assert g.shape == x.shape, (i, g.shape, x.shape)
+        if e is SKIP:
+            continue
         if e is None:
             assert torch.count_nonzero(g) == 0, f"input {i}: integer mask got a non-zero attribution"
             continue
@@ -316,3 +331,19 @@ def test_training_flags_restored():
     model.head.eval()
     check_gradient(model, x, target)
     assert model.training and model.lin.training and not model.head.training
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_float_attention_mask(attn):
+    """Float masks are legal Hugging Face inputs; they get attributions but must not break SDPA."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=16, num_labels=3)
+    cfg._attn_implementation = attn
+    model = BertForSequenceClassification(cfg).eval()
+    emb = model.get_input_embeddings()(torch.randint(0, 50, (2, 5))).detach()
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0.0
+    check_gradient(model, {"inputs_embeds": emb, "attention_mask": mask}, 1, constant=("attention_mask",))

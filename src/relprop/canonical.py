@@ -134,18 +134,43 @@ def _tensor(node: Node, argpos: int) -> torch.Tensor | None:
     return a.tensor if isinstance(a, Value) else None
 
 
-def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
+#: Merged weights are cached by the identity and version of every tensor they derive from, so
+#: explaining batch after batch of the same model merges each batch norm once.
+#: Entries keep their source tensors alive, so a cached address can never be reused by another tensor.
+_MERGE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+
+
+def _key(*ts: torch.Tensor | None) -> tuple:
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) if t is not None else None for t in ts)
+
+
+def _merged(kind: str, w: torch.Tensor, b: torch.Tensor | None, bn: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
     eps_pos = 6 if bn.packet == "_native_batch_norm_legit_no_training" else 7
     gamma, beta = _tensor(bn, 1), _tensor(bn, 2)
     mean, var = _tensor(bn, 3), _tensor(bn, 4)
     if mean is None or var is None:
         return None
     eps = bn.arg(eps_pos)
+    key = (kind, eps) + _key(w, b, gamma, beta, mean, var)
+    hit = _MERGE_CACHE.get(key)
+    if hit is not None:
+        return hit[0], hit[1]
     scale = torch.rsqrt(var + eps)
     if gamma is not None:
         scale = scale * gamma
     shift = -mean * scale + (beta if beta is not None else 0)
+    if kind == "conv":
+        w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
+    else:
+        w2 = w * scale.view(1, -1)
+    b2 = (b * scale if b is not None else 0) + shift
+    if len(_MERGE_CACHE) >= 256:
+        _MERGE_CACHE.pop(next(iter(_MERGE_CACHE)))
+    _MERGE_CACHE[key] = (w2, b2, (w, b, gamma, beta, mean, var))
+    return w2, b2
 
+
+def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
     def const(t: torch.Tensor) -> Value:
         v = Value(len(values), t.detach(), "constant", name="merged_batch_norm")
         values.append(v)
@@ -156,21 +181,19 @@ def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
         return None
     if lin.packet == "convolution" and acts[0] == 0 and not lin.args[6]:
         w, b = _tensor(lin, 1), _tensor(lin, 2)
-        if w is None:
+        merged = _merged("conv", w, b, bn) if w is not None else None
+        if merged is None:
             return None
-        w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
-        b2 = (b * scale if b is not None else 0) + shift
-        wv, bv = const(w2), const(b2)
+        wv, bv = const(merged[0]), const(merged[1])
         args = (lin.args[0], wv, bv) + tuple(lin.args[3:])
         inputs = [lin.inputs[0], wv, bv]
     elif lin.packet in ("addmm", "mm") and lin.inputs[acts[0]] is lin.arg(0 if lin.packet == "mm" else 1):
         wt = _tensor(lin, 1 if lin.packet == "mm" else 2)
         b = _tensor(lin, 0) if lin.packet == "addmm" else None
-        if wt is None or wt.dim() != 2:
+        merged = _merged("dense", wt, b, bn) if wt is not None and wt.dim() == 2 else None
+        if merged is None:
             return None
-        w2 = wt * scale.view(1, -1)
-        b2 = (b * scale if b is not None else 0) + shift
-        wv, bv = const(w2), const(b2)
+        wv, bv = const(merged[0]), const(merged[1])
         x = lin.inputs[acts[0]]
         args, inputs = (bv, x, wv), [bv, x, wv]
         lin = Node(lin.index, aten.addmm.default, args, {}, inputs, [], lin.module, lin.module_type)

@@ -43,7 +43,11 @@ class Explanation:
     method: str
     composite: str | None = None
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Forward activations at the outputs of the modules requested with ``layers=``.
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
     graph: Graph | None = field(default=None, repr=False)
+    #: Relevance at the extra values requested by a method (value index -> tensor).
+    at_values: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def tensors(self) -> list[torch.Tensor]:
         """Attributions as a flat list (one per input tensor)."""
@@ -196,8 +200,13 @@ def module_value(graph: Graph, name: str) -> Value:
 
 def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite, method: str,
                  times_output: bool, layers: Sequence[str] | None = None, options: dict | None = None,
-                 keep_graph: bool = False) -> Explanation:
-    """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions."""
+                 keep_graph: bool = False, extra_values: Callable[[Graph], Sequence[Value]] | None = None,
+                 ) -> Explanation:
+    """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions.
+
+    ``extra_values(graph)`` names more values whose relevance the caller wants (e.g. a convolution's
+    output for NormGrad); they come back in ``Explanation.at_values`` and the graph is kept.
+    """
     check_inputs(inputs)
     args, kwargs = split_inputs(inputs)
     post = None
@@ -238,8 +247,9 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         )
     all_sources = [s for _, src in pairs for s in src]
     layer_values = {name: module_value(graph, name) for name in (layers or [])}
-    rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources, keep=layer_values.values(),
-                    options=options or {}, method=method)
+    extra = list(extra_values(graph)) if extra_values is not None else []
+    rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources,
+                    keep=list(layer_values.values()) + extra, options=options or {}, method=method)
     attributions = []
     for v, src in pairs:
         if v.is_float:
@@ -263,5 +273,7 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         method=method,
         composite=getattr(composite, "name", None),
         layers=layers_out,
-        graph=graph if keep_graph else None,
+        activations={n: v.tensor for n, v in layer_values.items()},
+        graph=graph if (keep_graph or extra_values is not None) else None,
+        at_values={v.index: rel.get(v.index, torch.zeros_like(v.tensor)) for v in extra},
     )

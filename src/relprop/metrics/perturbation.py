@@ -424,44 +424,57 @@ def _evaluate_steps(
     feat_shape = tuple(x.shape[1:])
     xf = x.reshape(b, -1)
     n_points = n_steps + 1
-    total = b * n_points
-    logits = torch.empty(b, n_points, dtype=torch.float64)
-    probs = torch.empty(b, n_points, dtype=torch.float64)
-    preds = torch.empty(b, n_points, dtype=torch.long)
     if target is None:  # explain the predicted class
-        target = forward(model, x[: min(b, batch_size)]).argmax(1)
-        if b > batch_size:
-            rest = [forward(model, x[i : i + batch_size]).argmax(1) for i in range(batch_size, b, batch_size)]
-            target = torch.cat([target] + rest)
+        target = torch.cat([forward(model, x[i : i + batch_size]).argmax(1) for i in range(0, b, batch_size)])
+    # Compact step indices: less memory traffic when building the copies.
+    se_all = step_of_elem.to(torch.int16 if n_points < 32000 else torch.int32)
+
+    def fill_values(bi: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
+        if fill.kind == "scalar":
+            return fill.value[bi][:, None].to(x.dtype)
+        if fill.kind == "step":
+            return fill.value[bi].gather(1, se.long().clamp(max=max(n_steps - 1, 0)))
+        return fill.value[bi]
+
+    # Steps that change nothing (e.g. replacing background pixels that already
+    # equal the baseline) give the same copy as the previous step: evaluate
+    # the model only on copies that differ and reuse the outputs otherwise.
+    needed = torch.ones(b, n_points, dtype=torch.bool)
+    if n_steps:
+        changes = torch.zeros(b, n_points, dtype=torch.int64)
+        for sl in range(0, b, max(1, batch_size)):
+            bi = torch.arange(sl, min(b, sl + max(1, batch_size)))
+            se = se_all[bi]
+            diff = fill_values(bi, se) != xf[bi]
+            changes[bi] = torch.zeros(len(bi), n_points, dtype=torch.int64).scatter_add_(1, se.long(), diff.long())
+        needed[:, 1:] = changes[:, :n_steps] > 0
+    pairs = needed.nonzero()
+    total = pairs.shape[0]
+    logits = torch.zeros(b, n_points, dtype=torch.float64)
+    probs = torch.zeros(b, n_points, dtype=torch.float64)
+    preds = torch.zeros(b, n_points, dtype=torch.long)
     checked = False
     with progress_bar(total, progress, desc) as bar:
         for start in range(0, total, batch_size):
-            p = torch.arange(start, min(total, start + batch_size))
-            bi = torch.div(p, n_points, rounding_mode="floor")
-            ki = p - bi * n_points
-            se = step_of_elem[bi]
+            bi = pairs[start : start + batch_size, 0]
+            ki = pairs[start : start + batch_size, 1]
+            se = se_all[bi]
             mask = se < ki[:, None]
             base = xf[bi]
-            if fill.kind == "scalar":
-                fv = fill.value[bi][:, None].to(x.dtype)
-            elif fill.kind == "step":
-                fv = fill.value[bi].gather(1, se.clamp(max=max(n_steps - 1, 0)))
-            else:
-                fv = fill.value[bi]
-            if insertion:
-                xp = torch.where(mask, base, fv)
-            else:
-                xp = torch.where(mask, fv, base)
+            fv = fill_values(bi, se)
+            xp = torch.where(mask, base, fv) if insertion else torch.where(mask, fv, base)
             out = forward(model, xp.reshape(-1, *feat_shape))
             if not checked:
                 check_target_range(target, out.shape[1])
                 checked = True
             t = target[bi]
-            prob = torch.softmax(out, dim=1)
             logits[bi, ki] = out.gather(1, t[:, None])[:, 0].to(torch.float64)
-            probs[bi, ki] = prob.gather(1, t[:, None])[:, 0].to(torch.float64)
+            probs[bi, ki] = torch.softmax(out, dim=1).gather(1, t[:, None])[:, 0].to(torch.float64)
             preds[bi, ki] = out.argmax(1)
-            bar.update(len(p))
+            bar.update(len(bi))
+    src = torch.where(needed, torch.arange(n_points).expand(b, n_points), torch.zeros((), dtype=torch.long))
+    src = torch.cummax(src, dim=1).values
+    logits, probs, preds = logits.gather(1, src), probs.gather(1, src), preds.gather(1, src)
     return logits, probs, preds, target
 
 

@@ -139,16 +139,24 @@ GRADIENT = _Gradient()
 
 
 class GradientComposite(Composite):
-    """Every op's exact VJP (no canonization: the gradient must equal autograd's)."""
+    """Every op's exact VJP (no canonization: the gradient must equal autograd's).
 
-    def __init__(self):
-        super().__init__({}, canonize=False, name="gradient")
+    Modified-gradient methods (guided backprop, deconvnet, DeepLIFT) are this composite with
+    ``ops``/``families`` overrides for the ops they treat differently.
+    """
+
+    def __init__(self, families: Mapping[str, Rule] | None = None, ops: Mapping[str, Rule] | None = None,
+                 name: str = "gradient"):
+        super().__init__(dict(families or {}), ops=ops, canonize=False, name=name)
 
     def prepare(self, graph: Graph) -> Graph:
         return graph
 
     def rule_for(self, node: Node) -> Rule | None:
-        return _USER_RULES.get(node.op_name) or GRADIENT
+        rule = self.ops.get(node.op_name) or self.ops.get(node.packet)
+        if rule is None and self.families:
+            rule = self.families.get(family_of(node))
+        return rule or GRADIENT
 
 
 def _norm_rule(stabilizer: float, batch_norm: Rule) -> Rule:

@@ -30,7 +30,7 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention); eps=0 still avoids 0/0."""
     if eps == 0:
         eps = torch.finfo(z.dtype).tiny
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return torch.full_like(z, eps).copysign_(z).add_(z)
 
 
 def _arg_input_index(node: Node, argpos: int) -> int | None:

@@ -21,7 +21,15 @@ class Proportional:
         if not acts or ctx.relevance[0] is None:
             return res
         s = ctx.rel / stabilize(ctx.out, self.stabilizer)
-        grads = vjp(ctx.node, [s], None, acts)
+        node = ctx.node
+        if node.packet in ("add", "sub") and len(node.inputs) == 2 and len(node.args) == 2 and not node.kwargs:
+            # z = a +/- b: the VJP is (s, +/-s) reduced to each operand's shape; no re-run needed.
+            for a in acts:
+                x = ctx.inputs[a]
+                g = s if (a == 0 or node.packet == "add") else -s
+                res[a] = x * (g.sum_to_size(x.shape) if g.shape != x.shape else g)
+            return res
+        grads = vjp(node, [s], None, acts)
         for a in acts:
             res[a] = ctx.inputs[a] * grads[a]
         return res
