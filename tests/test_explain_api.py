@@ -155,3 +155,29 @@ def test_missing_rule_names_op_module_and_fix():
         relprop.explain(Outer().eval(), torch.randn(2, 3), target=0, method="lrp")
     cov = relprop.coverage(Outer().eval(), torch.randn(2, 3), composite="epsilon")
     assert cov.fraction < 1.0 and cov.unsupported[0][1] == "block"
+
+
+def test_declared_fallback_warns_and_user_rule_applies():
+    torch.library.define("relprop_test::mystery2", "(Tensor x) -> Tensor")
+
+    @torch.library.impl("relprop_test::mystery2", "CompositeExplicitAutograd")
+    def _mystery2(x):
+        return x * 3
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2, bias=False)
+
+        def forward(self, x):
+            return self.lin(torch.ops.relprop_test.mystery2(x))
+
+    model = M().eval()
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match="mystery2.*fallback 'gradient'"):
+        e = relprop.explain(model, x, target=0, method="lrp", composite="lrp0", fallback="gradient")
+    # The gradient fallback sends 3 R back through y = 3x; a user rule R_x = R_y restores conservation.
+    from relprop.rules import Identity
+    e2 = relprop.explain(model, x, target=0, method="lrp", composite="lrp0", rules={"mystery2": Identity()})
+    torch.testing.assert_close(e2.attributions.sum(1), e2.score, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(e.attributions, 3 * e2.attributions)

@@ -147,7 +147,7 @@ def test_perturbation_curve_matches_naive_loop(data, baseline):
 def test_curve_steps_accuracy_and_batch_size_invariance(data):
     model, x, a, _ = data
     r1 = M.perturbation_curve(model, x, a, steps=4, patch_size=2, batch_size=3)
-    r2 = M.perturbation_curve(model, x.numpy(), a.numpy(), steps=4, patch_size=2, batch_size=1000)
+    r2 = M.perturbation_curve(model, x.numpy(), a.numpy(), steps=4, patch_size=2, batch_size=1000, progress=True)
     assert r1.logit.shape == (5, 5)
     torch.testing.assert_close(r1.logit, r2.logit, atol=1e-5, rtol=0)
     # default target is the predicted class -> accuracy starts at 1

@@ -6,7 +6,7 @@ it: the exact gradient, LRP composites, and the rest of the attribution family, 
 """
 
 from .graph import Graph, Node, Value
-from .methods import METHODS, Coverage, Explanation, coverage, explain, register_method
+from .methods import METHODS, Coverage, Explanation, activation_profiles, coverage, explain, register_method
 from .propagate import PropagationError, propagate
 from .rules import Composite, NoRuleError, RuleContext, named_composite, register_rule
 from .trace import TraceError, trace
@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Composite", "Coverage", "Explanation", "Graph", "METHODS", "Node", "NoRuleError", "PropagationError",
-    "RuleContext", "TraceError", "Value", "coverage", "explain", "named_composite", "propagate", "register_method",
-    "register_rule", "trace",
+    "RuleContext", "TraceError", "Value", "activation_profiles", "coverage", "explain", "named_composite", "propagate",
+    "register_method", "register_rule", "trace",
 ]
 
 

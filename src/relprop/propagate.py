@@ -43,7 +43,11 @@ def propagate(
 
     Returns relevance by value index for ``sources`` and ``keep`` (missing where nothing arrived).
     """
-    sources = list(sources)
+    with torch.inference_mode(False):
+        return _propagate(graph, resolve, seeds, list(sources), keep, options, method, check_finite)
+
+
+def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite):
     reach = reachable(graph, sources)
     wanted = {v.index for v in sources} | {v.index for v in keep}
     rel: dict[int, torch.Tensor] = {}

@@ -321,6 +321,8 @@ def _flatten(obj, out: list):
 def _prepare_inputs(obj, recorder: _Recorder, values: list[Value]):
     """Replace tensors by grad-enabled copies registered as input values; keep the structure."""
     if isinstance(obj, torch.Tensor):
+        if obj.is_inference():  # a caller under torch.inference_mode(): make a normal tensor
+            obj = obj.clone()
         if obj.is_floating_point() or obj.is_complex():
             leaf = obj.detach().requires_grad_(True)
             t = leaf.clone()  # a non-leaf, so in-place ops on inputs inside forward stay legal
@@ -364,6 +366,11 @@ def trace(model: torch.nn.Module | Any, *args: Any, **kwargs: Any) -> Graph:
 
 def record(model: torch.nn.Module | Any, args: tuple, kwargs: dict, post: Any = None) -> Graph:
     """:func:`trace` with explicit arguments; ``post(output)`` runs inside the recording too."""
+    with torch.inference_mode(False):
+        return _record(model, args, kwargs, post)
+
+
+def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
     module = model if isinstance(model, torch.nn.Module) else None
     names: dict[int, str] = {}
     module_names: dict[int, str] = {}

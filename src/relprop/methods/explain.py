@@ -7,6 +7,8 @@ function ``fn(model, inputs, *, target, **options) -> Explanation`` and a decora
 from __future__ import annotations
 
 import difflib
+
+import torch
 from typing import Any, Callable
 
 from ..rules.composites import GradientComposite, resolve_composite
@@ -41,7 +43,8 @@ def explain(model: Any, inputs: Inputs, *, target: Target, method: str = "gradie
         close = difflib.get_close_matches(method, METHODS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown method '{method}'. Available: {', '.join(sorted(METHODS))}.{hint}")
-    return fn(model, inputs, target=target, **options)
+    with torch.inference_mode(False):
+        return fn(model, inputs, target=target, **options)
 
 
 @register_method("gradient")

@@ -29,7 +29,8 @@ ExplainFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor
 @dataclass
 class ClassSensitivityResult:
     """``similarity[b]`` between the maps for ``top_class[b]`` and
-    ``bottom_class[b]``; ``sensitivity = 1 - similarity``."""
+    ``bottom_class[b]``; ``sensitivity = 1 - similarity``. ``top_maps`` and
+    ``bottom_maps`` are the two explanations, flattened to ``(batch, n)``."""
 
     top_class: torch.Tensor
     bottom_class: torch.Tensor
@@ -107,7 +108,7 @@ def class_sensitivity(
         bottom_class=torch.cat(bots),
         similarity=s,
         mean_similarity=nanmean(s),
-        top_maps=top_maps.reshape(x.shape[0], *top_maps.shape[1:]),
+        top_maps=top_maps,
         bottom_maps=bottom_maps,
         similarity_name=similarity if isinstance(similarity, str) else getattr(similarity, "__name__", "callable"),
     )

@@ -1,6 +1,7 @@
 """Per-operation rules, one module per family of ops, and the composites that combine them."""
 
 from . import attention, elementwise, gradient, linear, normalization, reduction, routing  # noqa: F401  (register)
+from . import deeplift, guided  # noqa: F401,E402
 from .attention import AttentionRule, SoftmaxRule
 from .base import NoRuleError, Rule, RuleContext, family_of, register_family
 from .composites import (GRADIENT, NAMES, Composite, GradientComposite, base_families, named_composite,

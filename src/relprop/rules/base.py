@@ -106,12 +106,35 @@ def _float(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
+#: Ops whose autograd formula is missing or wrong for our use: packet -> vjp(node, grads, tensors, wrt).
+_VJP: dict[str, Callable[..., list]] = {}
+
+
+def vjp_override(*packets: str):
+    def deco(fn):
+        for p in packets:
+            _VJP[p] = fn
+        return fn
+
+    return deco
+
+
 def vjp(node: Node, grads: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor] | None,
         wrt: Sequence[int]) -> list[torch.Tensor | None]:
     """Generic VJP: re-run the op under autograd on detached inputs and differentiate."""
     tensors = list(tensors) if tensors is not None else [v.tensor for v in node.inputs]
     result: list[torch.Tensor | None] = [None] * len(tensors)
     wrt = [i for i in wrt if _float(tensors[i])]
+    if not wrt:
+        return result
+    override = _VJP.get(node.packet)
+    if override is not None:
+        return override(node, grads, tensors, wrt)
+    return _autograd_vjp(node, grads, tensors, wrt)
+
+
+def _autograd_vjp(node: Node, grads, tensors: list, wrt: Sequence[int]) -> list[torch.Tensor | None]:
+    result: list[torch.Tensor | None] = [None] * len(tensors)
     if not wrt:
         return result
     leaves = {}
@@ -124,7 +147,7 @@ def vjp(node: Node, grads: Sequence[torch.Tensor | None], tensors: Sequence[torc
             run_inputs.append(leaf)
         else:
             run_inputs.append(t.detach() if isinstance(t, torch.Tensor) else t)
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         out = node.run(run_inputs)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     pairs = [(o, g) for o, g in zip(outs, grads)
@@ -139,3 +162,45 @@ def vjp(node: Node, grads: Sequence[torch.Tensor | None], tensors: Sequence[torc
     for i, g in zip(order, got):
         result[i] = g if g is not None else torch.zeros_like(tensors[i])
     return result
+
+
+@vjp_override("as_strided_scatter")
+def _as_strided_scatter_vjp(node, grads, tensors, wrt):
+    # PyTorch's formula w.r.t. ``self`` keeps the written window and drops the rest (pytorch#77128).
+    g = grads[0]
+    res: list = [None] * len(tensors)
+    size, stride, offset = node.arg(2), node.arg(3), node.arg(4)
+    if g is None:
+        return [torch.zeros_like(t) if i in wrt else None for i, t in enumerate(tensors)]
+    if 0 in wrt:
+        res[0] = g.as_strided_scatter(torch.zeros_like(tensors[1]), size, stride, offset)
+    if 1 in wrt:
+        res[1] = g.as_strided(size, stride, offset).clone()
+    return res
+
+
+@vjp_override("copy")
+def _copy_vjp(node, grads, tensors, wrt):
+    """``copy(self, src)`` returns ``src`` broadcast into ``self``'s shape and dtype (no autograd formula)."""
+    g = grads[0]
+    res: list = [None] * len(tensors)
+    if 0 in wrt:
+        res[0] = torch.zeros_like(tensors[0])
+    if 1 in wrt:
+        src = tensors[1]
+        res[1] = torch.zeros_like(src) if g is None else g.sum_to_size(src.shape).to(src.dtype)
+    return res
+
+
+_SDPA = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+
+
+@vjp_override(*_SDPA)
+def _sdpa_vjp(node, grads, tensors, wrt):
+    """Fused attention kernels have no derivative for the mask: it gets none (as an attention mask should)."""
+    res = _autograd_vjp(node, grads, tensors, [i for i in wrt if i < 3])
+    for i in wrt:
+        if i >= 3:
+            res[i] = torch.zeros_like(tensors[i])
+    return res

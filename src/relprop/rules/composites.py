@@ -8,7 +8,9 @@ the graph passes the rule set needs (batch-norm merge, normaliser detection, CP-
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -257,14 +259,54 @@ NAMES = ("epsilon", "lrp0", "gamma", "zplus", "alpha_beta", "flat", "wsquare", "
          "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "attnlrp", "cp_lrp")
 
 
+class WarningFallback:
+    """A declared fallback for ops without a rule: applies ``rule`` and warns once per op."""
+
+    def __init__(self, rule: Rule, name: str):
+        self.rule, self.name = rule, name
+        self._warned: set[str] = set()
+
+    def __call__(self, ctx):
+        node = ctx.node
+        if node.op_name not in self._warned:
+            self._warned.add(node.op_name)
+            warnings.warn(f"relprop: no rule for {node.op_name} (module '{node.module}'); using the declared "
+                          f"fallback '{self.name}'", stacklevel=2)
+        return self.rule(ctx)
+
+    def __repr__(self) -> str:
+        return f"Fallback({self.name})"
+
+
+FALLBACKS: dict[str, Rule] = {"gradient": GRADIENT, "identity": Identity()}
+
+
 def resolve_composite(composite: str | Composite | None, options: dict[str, Any]) -> Composite:
-    """``explain``'s ``composite=`` argument (name or object) plus its keyword options."""
+    """``explain``'s ``composite=`` argument (name or object) plus its keyword options.
+
+    ``fallback=`` (``'gradient'`` or ``'identity'``) opts into a warned rule for ops without one;
+    ``rules=`` maps op names to rules for this call only.
+    """
+    options = dict(options)
+    fallback = options.pop("fallback", None)
+    rules = options.pop("rules", None)
     if isinstance(composite, Composite):
         if options:
             raise ValueError(f"options {sorted(options)} only apply to named composites")
-        return composite
-    name = composite or "epsilon"
-    try:
-        return named_composite(name, **options)
-    except TypeError as e:
-        raise ValueError(f"bad option for composite '{name}': {e}") from None
+        comp = copy.copy(composite)
+        comp.ops = dict(composite.ops)
+    else:
+        name = composite or "epsilon"
+        if not isinstance(name, str):
+            raise ValueError(f"composite: expected a name or a relprop.Composite, got {type(name).__name__}")
+        try:
+            comp = named_composite(name, **options)
+        except TypeError as e:
+            raise ValueError(f"bad option for composite '{name}': {e}") from None
+    if fallback is not None:
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback: expected one of {sorted(FALLBACKS)}, got {fallback!r}")
+        comp.fallback = WarningFallback(FALLBACKS[fallback], fallback)
+    if rules:
+        comp.ops.update(rules)
+    return comp

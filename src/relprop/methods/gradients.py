@@ -1,0 +1,145 @@
+"""Gradient-family methods: saliency, input x gradient, guided backprop, DeconvNet, DeepLIFT.
+
+Each is a rule set over the traced graph plus a few lines: the propagation is the engine's, only
+the rules at some ops differ (guided/deconv ReLU, DeepLIFT rescale) and the final product with the
+input (or input minus baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..rules.composites import GradientComposite
+from ..rules.deeplift import DeepLiftComposite
+from ..rules.guided import deconvnet_composite, guided_backprop_composite
+from ..trace import record
+from ._common import Backward, backward, format_baselines, is_float, leaves, rebuild
+from .core import Explanation, split_inputs
+from .explain import register_method
+
+
+def _finish(b: Backward, inputs, values, method: str) -> Explanation:
+    return dataclasses.replace(b.expl, attributions=rebuild(inputs, values), method=method)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+@register_method("saliency")
+def saliency(model, inputs, *, target, abs=True, layers=None, keep_graph=False) -> Explanation:
+    """Gradient of the target score, absolute by default (Captum's ``Saliency``, ``abs=True``).
+
+    Token inputs: the sum over the hidden dim of the (absolute) gradient at the embedding output.
+    """
+    _check_bool("abs", abs)
+    b = backward(model, inputs, target=target, composite=GradientComposite(), method="saliency", layers=layers,
+                 keep_graph=keep_graph)
+    out = []
+    for i, x in enumerate(leaves(inputs)):
+        if is_float(x):
+            out.append(b.grads[i].abs() if abs else b.grads[i])
+        else:
+            out.append(_token_abs(b, i, x.shape) if abs else b.token_scores(i, None, x.shape))
+    return _finish(b, inputs, out, "saliency")
+
+
+def _token_abs(b: Backward, i: int, shape) -> torch.Tensor:
+    total = torch.zeros(shape)
+    for _, g in b.grads[i]:
+        total = total + g.abs().sum(-1).reshape(shape)
+    return total
+
+
+@register_method("input_x_gradient")
+def input_x_gradient(model, inputs, *, target, layers=None, keep_graph=False) -> Explanation:
+    """Input times gradient (token inputs: embedding times gradient, summed over hidden)."""
+    b = backward(model, inputs, target=target, composite=GradientComposite(), method="input_x_gradient",
+                 layers=layers, keep_graph=keep_graph)
+    out = [x * b.grads[i] if is_float(x) else b.token_scores(i, lambda e: e, x.shape)
+           for i, x in enumerate(leaves(inputs))]
+    return _finish(b, inputs, out, "input_x_gradient")
+
+
+@register_method("guided_backprop")
+def guided_backprop(model, inputs, *, target, layers=None, keep_graph=False) -> Explanation:
+    """Guided backpropagation: the gradient with ``relu(g * (x > 0))`` at every ReLU op (functional too)."""
+    b = backward(model, inputs, target=target, composite=guided_backprop_composite(), method="guided_backprop",
+                 layers=layers, keep_graph=keep_graph)
+    out = [b.grads[i] if is_float(x) else b.token_scores(i, None, x.shape) for i, x in enumerate(leaves(inputs))]
+    return _finish(b, inputs, out, "guided_backprop")
+
+
+@register_method("deconvnet", "deconvolution")
+def deconvnet(model, inputs, *, target, layers=None, keep_graph=False) -> Explanation:
+    """DeconvNet: the gradient with ``relu(g)`` at every ReLU op (functional too)."""
+    b = backward(model, inputs, target=target, composite=deconvnet_composite(), method="deconvnet",
+                 layers=layers, keep_graph=keep_graph)
+    out = [b.grads[i] if is_float(x) else b.token_scores(i, None, x.shape) for i, x in enumerate(leaves(inputs))]
+    return _finish(b, inputs, out, "deconvnet")
+
+
+@register_method("deeplift")
+def deeplift(model, inputs, *, target, baselines=None, eps=1e-10, multiply_by_inputs=True, scope="all",
+             layers=None, keep_graph=False, verify_replay=False) -> Explanation:
+    """DeepLIFT with the rescale rule (Shrikumar et al. 2017), as Captum's ``DeepLift``.
+
+    Args:
+        baselines: reference input(s): ``None`` (zeros; token id 0), a number, a tensor broadcastable to the
+            input, one per input tensor (tuple) or a dict for dict inputs.
+        eps: where ``|x - x0| < eps`` a nonlinearity uses its gradient.
+        multiply_by_inputs: ``(x - x0) * multiplier`` (True, default) or the multipliers alone.
+        scope: ``"all"`` rescales every nonlinear op of the graph; ``"captum"`` only ops inside the module
+            types Captum hooks (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool, Softmax).
+        verify_replay: also check the replayed baseline output against a plain forward pass (one more forward).
+
+    Token inputs: ``(emb(x) - emb(x0)) * multiplier`` summed over the hidden dim.
+    """
+    _check_bool("multiply_by_inputs", multiply_by_inputs)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+    xs = leaves(inputs)
+    base = format_baselines(inputs, baselines)
+    base_inputs = rebuild(inputs, base)
+    bargs, bkwargs = split_inputs(base_inputs)
+    comp = DeepLiftComposite(lambda: record(model, bargs, bkwargs), eps=float(eps), scope=scope)
+    # Reference activations: replay the recorded ops on the baseline; when a value Python code may branch
+    # on (``.item()``, ``bool(t)``) changes, or an op fails, a second recording aligned node by node.
+    comp.callable_target = callable(target) and not isinstance(target, torch.Tensor)
+    comp.replay = (base,) if verify_replay is False else (base, lambda: _plain_forward(model, bargs, bkwargs))
+    b = backward(model, inputs, target=target, composite=comp, method="deeplift", layers=layers,
+                 keep_graph=True)
+    graph = b.expl.graph
+    out = []
+    for i, x in enumerate(xs):
+        if is_float(x):
+            out.append((x - base[i]) * b.grads[i] if multiply_by_inputs else b.grads[i])
+        else:
+            total = torch.zeros(x.shape)
+            for emb, g in b.grads[i]:
+                ref_emb = _reference_of(graph, emb)
+                d = (emb - ref_emb) * g if multiply_by_inputs else g
+                total = total + d.sum(-1).reshape(x.shape)
+            out.append(total)
+    e = _finish(b, inputs, out, "deeplift")
+    if not keep_graph:
+        e = dataclasses.replace(e, graph=None)
+    return e
+
+
+def _plain_forward(model, args, kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _reference_of(graph, tensor: torch.Tensor) -> torch.Tensor:
+    for node in graph.nodes:
+        for j, v in enumerate(node.outputs):
+            if v is not None and v.tensor is tensor:
+                return node.meta["deeplift_ref"][1][j]
+    raise RuntimeError("internal: embedding output not found in the graph")

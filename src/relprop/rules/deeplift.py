@@ -1,0 +1,279 @@
+"""DeepLIFT (rescale rule) as a rule set over the operation graph.
+
+DeepLIFT propagates *multipliers* ``m = d(out)/d(in)`` with every nonlinearity's local derivative
+replaced by the secant between the input and a reference (baseline) point:
+
+    m_x = m_y * (f(x) - f(x0)) / (x - x0)       (the gradient where |x - x0| < eps, as Captum)
+
+Linear ops keep their exact VJP, so the attribution ``(x - x0) * m_x`` sums to ``f(x) - f(x0)``
+(completeness) for any network whose nonlinearities are elementwise.
+
+Where Captum hooks ``nn.ReLU``/``nn.Sigmoid``... modules (so functional ``torch.relu``, a module used
+twice or ``torch.exp`` silently fall back to the gradient or fail), this rule set is keyed on the
+ATen ops of the recorded graph. The reference activations come from a second recording of the
+model on the baseline, aligned node by node with the recording on the input
+(:class:`DeepLiftComposite.prepare`), so it works whatever the batch layout of inner tensors is.
+
+Max pooling follows Captum's rule (contributions routed through the arg-max of both the input and
+the reference), and softmax Captum's rescale-and-recentre rule (recentred per softmax row).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..graph import Graph, Node
+from .base import RuleContext, family_of, vjp
+from .composites import GradientComposite
+from .gradient import gradient_rule
+
+#: Module types whose ops Captum's DeepLift rescales (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``).
+CAPTUM_NONLINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
+CAPTUM_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+CAPTUM_SOFTMAX = (nn.Softmax,)
+
+MAXPOOL_PACKETS = ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+                   "max_pool1d_with_indices")
+
+
+def _ref(ctx: RuleContext) -> tuple[list, list] | None:
+    return ctx.node.meta.get("deeplift_ref")
+
+
+class Rescale:
+    """DeepLIFT's rescale rule for a unary elementwise op (other ops: exact gradient)."""
+
+    def __init__(self, eps: float = 1e-10):
+        self.eps = eps
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ref = _ref(ctx)
+        acts = ctx.activation_inputs()
+        g = ctx.relevance[0]
+        if ref is None or len(acts) != 1 or g is None or ctx.out.shape != ctx.inputs[acts[0]].shape:
+            return gradient_rule(ctx)
+        a = acts[0]
+        x, y = ctx.inputs[a], ctx.out
+        x0, y0 = ref[0][a], ref[1][0]
+        dx = x - x0
+        small = dx.abs() < self.eps
+        m = g * (y - y0) / torch.where(small, torch.ones_like(dx), dx)
+        if small.any():
+            m = torch.where(small, gradient_rule(ctx)[a], m)
+        res: list = [None] * len(ctx.node.inputs)
+        res[a] = m
+        return res
+
+    def __repr__(self) -> str:
+        return f"Rescale(eps={self.eps})"
+
+
+class MaxPoolRule:
+    """Captum's DeepLIFT max-pool rule: ``g * (max(y, y0) - y0)`` routed through the arg-max of ``x``, plus
+    ``g * (y - max(y, y0))`` through the arg-max of ``x0``, divided by ``x - x0`` (gradient where equal)."""
+
+    def __init__(self, eps: float = 1e-10):
+        self.eps = eps
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ref = _ref(ctx)
+        acts = ctx.activation_inputs()
+        g = ctx.relevance[0]
+        if ref is None or acts != [0] or g is None:
+            return gradient_rule(ctx)
+        x, y = ctx.inputs[0], ctx.out
+        x0, y0 = ref[0][0], ref[1][0]
+        ymax = torch.maximum(y, y0)
+        others = list(ctx.inputs)
+        grads = [None] * len(ctx.node.outputs)
+        grads[0] = g * (ymax - y0)
+        through_x = vjp(ctx.node, grads, others, [0])[0]
+        others0 = [x0] + others[1:]
+        grads[0] = g * (y - ymax)
+        through_x0 = vjp(ctx.node, grads, others0, [0])[0]
+        dx = x - x0
+        small = dx.abs() < self.eps
+        m = (through_x + through_x0) / torch.where(small, torch.ones_like(dx), dx)
+        if small.any():
+            m = torch.where(small, gradient_rule(ctx)[0], m)
+        return [m] + [None] * (len(ctx.node.inputs) - 1)
+
+    def __repr__(self) -> str:
+        return f"MaxPoolRule(eps={self.eps})"
+
+
+class SoftmaxRescale:
+    """Captum's DeepLIFT softmax rule: elementwise rescale, then recentred (mean subtracted) along the
+    softmax dimension (Captum subtracts the mean over the whole batch; here per softmax row)."""
+
+    def __init__(self, eps: float = 1e-10):
+        self.eps = eps
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ref = _ref(ctx)
+        acts = ctx.activation_inputs()
+        g = ctx.relevance[0]
+        if ref is None or acts != [0] or g is None:
+            return gradient_rule(ctx)
+        x, y = ctx.inputs[0], ctx.out
+        x0, y0 = ref[0][0], ref[1][0]
+        dx = x - x0
+        small = dx.abs() < self.eps
+        m = g * (y - y0) / torch.where(small, torch.ones_like(dx), dx)
+        if small.any():
+            m = torch.where(small, gradient_rule(ctx)[0], m)
+        dim = ctx.node.arg(1, -1)
+        m = m - m.mean(dim, keepdim=True)
+        return [m] + [None] * (len(ctx.node.inputs) - 1)
+
+    def __repr__(self) -> str:
+        return f"SoftmaxRescale(eps={self.eps})"
+
+
+def _in_module(types: tuple) -> Callable[[Node], bool]:
+    return lambda node: node.module_type is not None and issubclass(node.module_type, types)
+
+
+class DeepLiftComposite(GradientComposite):
+    """Gradient composite with DeepLIFT's rules on nonlinear, max-pool and softmax ops.
+
+    Args:
+        reference: ``fn() -> Graph``: the recording of the model on the baseline. ``prepare`` aligns it with
+            the graph being explained and stores each node's reference inputs/outputs in ``node.meta``.
+        eps: below this ``|x - x0|`` the rule uses the gradient.
+        scope: ``"all"``: every nonlinear op of the graph (functional, reused modules, ``exp``...);
+            ``"captum"``: only ops inside the module types Captum's ``DeepLift`` hooks (for comparisons).
+    """
+
+    def __init__(self, reference: Callable[[], Graph], eps: float = 1e-10, scope: str = "all"):
+        if scope not in ("all", "captum"):
+            raise ValueError(f"scope: expected 'all' or 'captum', got {scope!r}")
+        super().__init__(name="deeplift")
+        self.reference = reference
+        self.eps = eps
+        self.scope = scope
+        self.rescale = Rescale(eps)
+        self.maxpool = MaxPoolRule(eps)
+        self.softmax = SoftmaxRescale(eps)
+
+    def prepare(self, graph: Graph) -> Graph:
+        replay = getattr(self, "replay", None)
+        if replay is not None:
+            ref = replay_on(graph, replay[0])
+            if ref is not None and (len(replay) < 2 or _same_output(graph, ref, replay[1])):
+                for node in graph.nodes:
+                    node.meta["deeplift_ref"] = ([ref.get(v.index, v.tensor) for v in node.inputs],
+                                                 [None if v is None else ref.get(v.index) for v in node.outputs])
+                return graph
+        ref = self.reference()
+        extra = len(graph.nodes) - len(ref.nodes)
+        # a callable target appends its own ops to the recording on the inputs only
+        if extra < 0 or (extra > 0 and not getattr(self, "callable_target", False)):
+            raise ValueError("baselines: the model runs different operations on the baseline than on the inputs "
+                             f"({len(ref.nodes)} vs {len(graph.nodes)} ops); DeepLIFT needs the same computation "
+                             "for both (data-dependent control flow is not supported)")
+        for node, rnode in zip(graph.nodes, ref.nodes):
+            if node.op is not rnode.op or len(node.inputs) != len(rnode.inputs):
+                raise ValueError(
+                    "baselines: the model runs different operations on the baseline than on the inputs "
+                    f"(#{node.index} {node.op_name} vs {rnode.op_name}); DeepLIFT needs the same computation "
+                    "for both (data-dependent control flow is not supported)"
+                )
+            node.meta["deeplift_ref"] = ([v.tensor for v in rnode.inputs],
+                                         [None if v is None else v.tensor for v in rnode.outputs])
+        return graph
+
+    def rule_for(self, node: Node):
+        fam = family_of(node)
+        captum = self.scope == "captum"
+        if node.packet in MAXPOOL_PACKETS:
+            if not captum or _in_module(CAPTUM_MAXPOOL)(node):
+                return self.maxpool
+        elif fam == "nonlinear":
+            if not captum or _in_module(CAPTUM_NONLINEAR)(node):
+                return self.rescale
+        elif fam == "softmax":
+            if not captum or _in_module(CAPTUM_SOFTMAX)(node):
+                return self.softmax
+        return super().rule_for(node)
+
+    def __repr__(self) -> str:
+        return f"DeepLiftComposite(eps={self.eps}, scope={self.scope!r})"
+
+
+#: Ops whose result Python code can branch on; a replay that changes them is not trusted.
+_CONTROL = {"_local_scalar_dense", "is_nonzero", "item", "equal", "allclose", "any", "all", "nonzero"}
+
+
+def replay_on(graph: Graph, inputs: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+    """Re-run the recorded ops on other input tensors (one per ``graph.inputs``): value index -> tensor.
+
+    Much cheaper than a second recording (no dispatch mode, no snapshots). Written operands of in-place
+    ops are cloned first so every value keeps the data it had when produced. ``None`` if an op fails.
+    """
+    from ..trace import _op_info
+
+    ref: dict[int, torch.Tensor] = {v.index: t for v, t in zip(graph.inputs, inputs)}
+    try:
+        with torch.no_grad():
+            for node in graph.nodes:
+                if not any(v.index in ref for v in node.inputs):
+                    continue
+                pos, _kw, _f, _m = _op_info(node.op)
+                tensors = []
+                for j, v in enumerate(node.inputs):
+                    t = ref.get(v.index, v.tensor)
+                    tensors.append(t)
+                if pos:
+                    written = {id(node.args[i]) for i in pos if i < len(node.args)}
+                    tensors = [t.clone() if id(v) in written else t for v, t in zip(node.inputs, tensors)]
+                out = node.run(tensors)
+                outs = list(out) if isinstance(out, (tuple, list)) else [out]
+                if node.packet in _CONTROL:
+                    # a value read back into Python (``if x.sum() > 0``): control flow may depend on it
+                    rec = [v.tensor if v is not None else None for v in node.outputs]
+                    if any(isinstance(o, torch.Tensor) and r is not None and not torch.equal(o, r)
+                           for o, r in zip(outs, rec)) or any(not isinstance(o, torch.Tensor) and o != r
+                                                              for o, r in zip(outs, rec) if r is not None):
+                        return None
+                for v, o in zip(node.outputs, outs):
+                    if v is not None and isinstance(o, torch.Tensor):
+                        if o.shape != v.tensor.shape or o.dtype != v.tensor.dtype:
+                            return None
+                        ref[v.index] = o
+    except Exception:  # noqa: BLE001  (fall back to a second recording)
+        return None
+    return ref
+
+
+def _same_output(graph: Graph, ref: dict[int, torch.Tensor], expected: Callable[[], object] | None) -> bool:
+    """Check the replayed model output against a plain forward pass on the baseline."""
+    if expected is None:
+        return True
+    try:
+        want = expected()
+    except Exception:  # noqa: BLE001
+        return False
+    flat = [t for t in (want if isinstance(want, (tuple, list)) else [want]) if isinstance(t, torch.Tensor)]
+    if not flat and hasattr(want, "logits"):
+        flat = [want.logits]
+    if not flat:
+        return False
+    got = [ref.get(v.index) for v in graph.output_values]
+    for w in flat:
+        if not any(g is not None and g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5)
+                   for g in got):
+            return False
+    return True
+
+
+def deeplift_composite(reference: Callable[[], Graph], eps: float = 1e-10, scope: str = "all",
+                       **_: Any) -> DeepLiftComposite:
+    return DeepLiftComposite(reference, eps=eps, scope=scope)
+
+
+__all__ = ["CAPTUM_NONLINEAR", "DeepLiftComposite", "MaxPoolRule", "Rescale", "SoftmaxRescale",
+           "deeplift_composite"]
