@@ -74,8 +74,11 @@ def mark_normalizers(graph: Graph) -> None:
             node.meta.pop("family", None)
 
 
+_GATES = {"silu", "gelu", "sigmoid", "tanh", "relu", "hardswish", "hardsigmoid", "mish", "elu", "softplus"}
+
+
 def mark_attention_weights(graph: Graph) -> None:
-    """CP-LRP: hold softmax outputs constant in the products that consume them."""
+    """CP-LRP: hold attention weights (softmax outputs) and gates (``act(g) * u``) constant in products."""
     for node in graph.nodes:
         acts = node.activation_inputs()
         if len(acts) < 2 or node.packet not in ("mul", "bmm", "mm", "matmul", "baddbmm", "einsum"):
@@ -87,7 +90,8 @@ def mark_attention_weights(graph: Graph) -> None:
                 p = v.producer
                 if p is None:
                     break
-                if p.packet in ("_softmax", "softmax", "_safe_softmax"):
+                if p.packet in ("_softmax", "softmax", "_safe_softmax") or (
+                        node.packet == "mul" and p.packet in _GATES):
                     const.add(i)
                     break
                 if p.packet not in _PASSTHROUGH | {"expand", "clone", "_unsafe_view"} or not p.inputs:

@@ -234,11 +234,12 @@ def replay_on(graph: Graph, inputs: list[torch.Tensor]) -> dict[int, torch.Tenso
                 outs = list(out) if isinstance(out, (tuple, list)) else [out]
                 if node.packet in _CONTROL:
                     # a value read back into Python (``if x.sum() > 0``): control flow may depend on it
-                    rec = [v.tensor if v is not None else None for v in node.outputs]
-                    if any(isinstance(o, torch.Tensor) and r is not None and not torch.equal(o, r)
-                           for o, r in zip(outs, rec)) or any(not isinstance(o, torch.Tensor) and o != r
-                                                              for o, r in zip(outs, rec) if r is not None):
-                        return None
+                    orig = node.run([v.tensor for v in node.inputs])
+                    orig = list(orig) if isinstance(orig, (tuple, list)) else [orig]
+                    for o, r in zip(outs, orig):
+                        same = torch.equal(o, r) if isinstance(o, torch.Tensor) else o == r
+                        if not same:
+                            return None
                 for v, o in zip(node.outputs, outs):
                     if v is not None and isinstance(o, torch.Tensor):
                         if o.shape != v.tensor.shape or o.dtype != v.tensor.dtype:
