@@ -44,21 +44,22 @@ def separate_relus(model):
     return model
 
 
-def timeit(fn, repeat):
-    fn()  # warm-up
-    best = float("inf")
-    out = None
+def timeit_pair(ours, ref, repeat):
+    """Best-of-``repeat`` times, the two runs interleaved so that load changes hit both alike."""
+    a, c = ours(), ref()  # warm-up
+    best = [float("inf"), float("inf")]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        for k, fn in enumerate((ours, ref)):
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best[0], best[1], a, c
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="batch 1, 112x112")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -95,8 +96,7 @@ def main():
     print(f"ResNet-50, batch {batch}, {size}x{size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'method':36s} {'relprop s':>10s} {'captum s':>10s} {'ratio':>7s} {'max rel diff':>13s}")
     for name, ours, ref in cases:
-        t_ours, a = timeit(ours, args.repeat)
-        t_ref, c = timeit(ref, args.repeat)
+        t_ours, t_ref, a, c = timeit_pair(ours, ref, args.repeat)
         diff = float((a - c).abs().max() / c.abs().max().clamp_min(1e-30))
         print(f"{name:36s} {t_ours:10.3f} {t_ref:10.3f} {t_ours / t_ref:7.2f} {diff:13.2e}", flush=True)
     a = relprop.explain(stock, x, target=t, method="deeplift", baselines=base).attributions

@@ -1,6 +1,5 @@
 """Numerical agreement with Captum on a residual CNN and a small ViT, and the import swap."""
 
-import warnings
 
 import pytest
 import torch

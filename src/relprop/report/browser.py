@@ -1,0 +1,76 @@
+"""Open a report in headless Chromium: check that every image loaded, take a screenshot.
+
+Used by the tests and by ``relprop compare --screenshot``. Needs a ``chromium`` (or
+``chromium-browser``/``google-chrome``) executable; nothing else.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--allow-file-access-from-files"]
+
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('img').forEach(function (im) {
+    out.push({src: im.getAttribute('src'), complete: im.complete, width: im.naturalWidth, height: im.naturalHeight});
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'relprop-image-check';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    exe = find_chromium()
+    if exe is None:
+        raise RuntimeError("no chromium executable found (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory(prefix="relprop-chromium-") as profile:
+        return subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+                              timeout=timeout)
+
+
+def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
+    """Load the page (from a copy with a probe script, next to it) and return every <img>'s natural size."""
+    index_html = Path(index_html).resolve()
+    probe = index_html.with_name(".relprop-image-check.html")
+    text = index_html.read_text(encoding="utf-8")
+    probe.write_text(text.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    try:
+        res = _run(["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], timeout)
+    finally:
+        probe.unlink(missing_ok=True)
+    m = re.search(r'<pre id="relprop-image-check">(.*?)</pre>', res.stdout, re.S)
+    if not m:
+        raise RuntimeError(f"chromium did not render the page (exit {res.returncode}): {res.stderr.strip()[-300:]}")
+    import html
+
+    return json.loads(html.unescape(m.group(1)))
+
+
+def screenshot(index_html: str | Path, png: str | Path, width: int = 1400, height: int = 2400,
+               timeout: float = 60) -> Path:
+    """A PNG of the top ``height`` pixels of the page."""
+    index_html, png = Path(index_html).resolve(), Path(png).resolve()
+    res = _run([f"--window-size={width},{height}", "--virtual-time-budget=10000", f"--screenshot={png}",
+                index_html.as_uri()], timeout)
+    if not png.exists():
+        raise RuntimeError(f"chromium wrote no screenshot (exit {res.returncode}): {res.stderr.strip()[-300:]}")
+    return png

@@ -1,0 +1,203 @@
+"""Figures of the report (matplotlib, Agg backend, imported only here)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+CMAP = "bwr"  # red: evidence for the target class, blue: against (the LRP papers' colour map)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def normalise(h: np.ndarray) -> np.ndarray:
+    """Scale a heatmap to [-1, 1] by its 99.5th percentile of |values| (robust to a few extreme pixels)."""
+    h = np.asarray(h, dtype=np.float64)
+    s = np.percentile(np.abs(h), 99.5) if h.size else 0.0
+    if not np.isfinite(s) or s <= 0:
+        s = np.abs(h).max() if h.size and np.abs(h).max() > 0 else 1.0
+    return np.clip(h / s, -1, 1)
+
+
+def _show_image(ax, img: torch.Tensor):
+    a = img.detach().float().cpu().numpy()
+    if a.shape[0] == 1:
+        ax.imshow(a[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.transpose(a[:3], (1, 2, 0)).clip(0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_heat(ax, h, img: torch.Tensor | None = None):
+    if img is not None:
+        g = img.detach().float().cpu().numpy().mean(0)
+        ax.imshow(g, cmap="gray", vmin=0, vmax=1, alpha=1.0)
+        ax.imshow(normalise(h), cmap=CMAP, vmin=-1, vmax=1, alpha=0.85)
+    else:
+        ax.imshow(normalise(h), cmap=CMAP, vmin=-1, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def heatmap_grid(display: torch.Tensor, heatmaps: dict[str, torch.Tensor], col_titles: Sequence[str],
+                 path: Path, title: str = "") -> Path:
+    """Rows: the inputs, then one row per method; columns: the samples."""
+    plt = _plt()
+    g = display.shape[0]
+    rows = 1 + len(heatmaps)
+    cell = 1.35 if g > 6 else 1.7
+    fig, axes = plt.subplots(rows, g, figsize=(1.6 + cell * g, 0.5 + cell * rows), squeeze=False)
+    for j in range(g):
+        _show_image(axes[0, j], display[j])
+        axes[0, j].set_title(col_titles[j], fontsize=8)
+    axes[0, 0].set_ylabel("input", fontsize=9, rotation=0, ha="right", va="center")
+    for i, (label, h) in enumerate(heatmaps.items(), start=1):
+        for j in range(g):
+            if j < len(h) and h[j] is not None:
+                _show_heat(axes[i, j], h[j].detach().float().cpu().numpy())
+            else:
+                axes[i, j].axis("off")
+        axes[i, 0].set_ylabel(_wrap(label), fontsize=9, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _wrap(label: str, width: int = 14) -> str:
+    parts, line = [], ""
+    for chunk in label.replace(":", ": ").split(" "):
+        if len(line) + len(chunk) > width and line:
+            parts.append(line)
+            line = chunk
+        else:
+            line = f"{line} {chunk}".strip() if line else chunk
+    parts.append(line)
+    return "\n".join(parts)
+
+
+def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Region perturbation (MoRF/LeRF), deletion, insertion and randomisation curves, one colour per method."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, res) in enumerate(cells.items()):
+        c = colors[i % len(colors)]
+        cv = res.get("curves") or {}
+        if cv:
+            axes[0].plot(cv["region_fractions"], cv["morf"], color=c, label=f"{label} MoRF")
+            axes[0].plot(cv["region_fractions"], cv["lerf"], color=c, ls="--", label=f"{label} LeRF")
+            axes[1].plot(cv["fractions"], cv["deletion"], color=c, label=label)
+            axes[2].plot(cv["fractions"], cv["insertion"], color=c, label=label)
+        rc = res.get("randomisation_curve")
+        if rc:
+            axes[3].plot(range(1, len(rc) + 1), rc, color=c, marker="o", label=label)
+    axes[0].set(title="Region perturbation: MoRF —, LeRF - -", xlabel="fraction of patches replaced",
+                ylabel="target probability")
+    axes[1].set(title="Deletion (lower is better)", xlabel="fraction removed", ylabel="target probability")
+    axes[2].set(title="Insertion (higher is better)", xlabel="fraction inserted", ylabel="target probability")
+    axes[3].set(title="Randomisation (lower is better)", xlabel="top layers randomised",
+                ylabel="Spearman similarity")
+    axes[3].axhline(0, color="gray", lw=0.5)
+    axes[3].xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
+    """Left: ABPC per model x method; right: each model's faithfulness against its accuracy."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    n = max(len(methods), 1)
+    width = 0.8 / n
+    names = [m["name"] for m in models]
+    x = np.arange(len(models))
+    for j, meth in enumerate(methods):
+        vals = []
+        for m in models:
+            cell = next((c for c in m["methods"] if c["method"] == meth), None)
+            v = cell.get("abpc_norm") if cell and cell.get("status") == "ok" else None
+            vals.append(np.nan if v is None else v)
+        a1.bar(x + (j - (n - 1) / 2) * width, vals, width, label=meth)
+    a1.set_xticks(x, names, rotation=15 if len(names) > 4 else 0, fontsize=9)
+    a1.axhline(0, color="gray", lw=0.6)
+    a1.set(ylabel="ABPC (normalised)", title="Faithfulness per model and method (higher is better)")
+    a1.legend(fontsize=8, ncols=min(n, 4))
+    a1.grid(axis="y", alpha=0.3)
+    for m in models:
+        if m.get("faithfulness") is not None and m.get("accuracy") is not None:
+            a2.scatter(m["accuracy"], m["faithfulness"], s=50)
+            a2.annotate(m["name"], (m["accuracy"], m["faithfulness"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=9)
+    a2.set(xlabel="accuracy", ylabel="mean ABPC over methods", title="Faithfulness vs accuracy")
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def explain_figure(display: torch.Tensor, heatmaps: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
+    """One input and its heatmaps side by side (``relprop explain``)."""
+    plt = _plt()
+    k = 1 + len(heatmaps)
+    fig, axes = plt.subplots(1, k, figsize=(2.8 * k, 3.2), squeeze=False)
+    _show_image(axes[0, 0], display)
+    axes[0, 0].set_title("input", fontsize=10)
+    for ax, (label, h) in zip(axes[0, 1:], heatmaps.items()):
+        _show_heat(ax, h)
+        ax.set_title(label, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def token_figure(tokens: list[str], scores: dict[str, Sequence[float]], path: Path, title: str = "") -> Path:
+    """Tokens highlighted by their scores, one line per method (``relprop explain`` on text)."""
+    plt = _plt()
+    from matplotlib import colormaps
+
+    cmap = colormaps[CMAP]
+    rows = len(scores)
+    width = max(6.0, 0.11 * sum(len(t) + 2 for t in tokens) + 2.0)
+    fig = plt.figure(figsize=(min(width, 24), 0.9 + 0.6 * rows))
+    renderer = fig.canvas.get_renderer()
+    for r, (label, sc) in enumerate(scores.items()):
+        y = 1 - (r + 1) / (rows + 1)
+        fig.text(0.01, y, label, fontsize=10, va="center", weight="bold")
+        s = normalise(np.asarray(sc, dtype=np.float64))
+        x = 0.16
+        for t, v in zip(tokens, s):
+            txt = fig.text(x, y, t, fontsize=10, va="center",
+                           bbox=dict(boxstyle="round,pad=0.2", fc=cmap((v + 1) / 2), ec="none"))
+            bb = txt.get_window_extent(renderer=renderer)
+            x += bb.width / fig.bbox.width + 0.008
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
