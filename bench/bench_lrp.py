@@ -4,15 +4,14 @@
     python bench/bench_lrp.py --small    # batch 2, 112x112 (quick look)
 
 Prints, per model: time (best of --repeat runs) and peak extra memory of each method as ratios
-of the plain input gradient. Memory is the peak RSS increase of a forked child running the method
-once (CPU tensors are not visible to tracemalloc), so all numbers come from the same process image.
+of the plain input gradient, all in one process. Memory is the peak RSS increase while the method
+runs once, from glibc's allocator statistics (CPU tensors are not visible to tracemalloc).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
+import ctypes
 import time
 
 import torch
@@ -21,26 +20,49 @@ import torchvision
 import relprop
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def _in_use_mb() -> float:
+    """Bytes currently allocated through malloc (heap + mmapped blocks): where CPU tensors live."""
+    m = _libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
 
 
 def peak_mb(fn) -> float:
-    """Peak RSS increase (MiB) of running ``fn`` once, measured in a forked child."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        base = _rss_mb()
+    """Peak increase (MiB) of malloc'd memory while ``fn`` runs, sampled by a watcher thread.
+
+    RSS would hide reuse of memory freed by earlier runs; torch kernels release the GIL, so a
+    Python thread polling glibc's ``mallinfo2`` sees the peak.
+    """
+    import gc
+    import threading
+
+    gc.collect()
+    base = _in_use_mb()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _in_use_mb())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
         fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        os.write(w, f"{peak - base:.1f}".encode())
-        os._exit(0)
-    os.close(w)
-    data = os.read(r, 64).decode()
-    os.waitpid(pid, 0)
-    return float(data) if data else float("nan")
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _in_use_mb()) - base
 
 
 def best_time(fn, repeat: int) -> float:

@@ -255,14 +255,13 @@ def cmd_compare(args) -> int:
                         randomisation=args.randomisation_samples > 0, sensitivity=args.sensitivity_samples > 0)
     out = Path(args.out)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    if not args.quiet:
-        print(f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
-              f"({len(data)} examples) -> {out}/index.html", file=sys.stderr)
+    header = (f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
+              f"({len(data)} examples) -> {out}/index.html")
     command = "relprop " + " ".join(shlex.quote(a) for a in (args._argv or ["compare"]))
     res = run_compare(models, data, methods, out, settings, weights=weights, num_classes=args.num_classes,
                       preprocess_overrides=_preprocess_overrides(args), force=args.force,
                       progress=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("RELPROP_PROGRESS")),
-                      command=command, log=log)
+                      command=command, log=log, header=header)
     reused = sum(1 for m in res["models"] for c in m.get("methods", []) if c.get("reused"))
     print(f"report: {out / 'index.html'}  ({res['cells_done']}/{res['cells_total']} cells, {reused} reused, "
           f"{res['seconds']:.0f} s)")
@@ -341,6 +340,7 @@ def cmd_explain(args) -> int:
         k = _resolve_target(args.target, model, pred, n)
         target = k
         target_desc = f"class {k} ({names[k]})"
+        print(f"explaining {target_desc}: logit {float(out[0][k]):.4f}, p = {float(probs[k]):.4f}")
     results = {}
     for m in methods:
         opts = m.options_for(model, args.composite)
@@ -357,8 +357,7 @@ def cmd_explain(args) -> int:
         a = e.attributions
         a = a["input_ids"] if isinstance(a, dict) else (a[0] if isinstance(a, (tuple, list)) else a)
         results[m.label] = (a[0].detach().float(), float(e.score.reshape(-1)[0]))
-        print(f"{m.label}: explained {target_desc}, score {results[m.label][1]:.4f}, "
-              f"sum of attributions {float(a[0].sum()):.4f}")
+        print(f"{m.label}: explained {target_desc}, sum of attributions {float(a[0].sum()):.4f}")
     if model.kind == "image":
         from .report.figures import explain_figure
 
@@ -372,9 +371,10 @@ def cmd_explain(args) -> int:
         return 0
     tokens = model.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     width = max(len(t) for t in tokens) + 2
-    print("token".ljust(width) + "".join(f"{k[:14]:>16}" for k in results))
+    cols = [max(len(k), 8) + 2 for k in results]
+    print("token".ljust(width) + "".join(f"{k:>{w}}" for k, w in zip(results, cols)))
     for i, t in enumerate(tokens):
-        print(t.ljust(width) + "".join(f"{float(v[0][i]):>16.4f}" for v in results.values()))
+        print(t.ljust(width) + "".join(f"{float(v[0][i]):>{w}.4f}" for v, w in zip(results.values(), cols)))
     dest = Path(args.out or "tokens.html")
     dest.parent.mkdir(parents=True, exist_ok=True)
     scores = {k: v[0].tolist() for k, v in results.items()}
@@ -430,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relprop: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        return 0
     except (SpecError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError, ImportError) as e:
         if debug:
             raise

@@ -38,28 +38,43 @@ def propagate(
     options: dict[str, Any] | None = None,
     method: str = "relevance",
     check_finite: bool = True,
+    free: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Propagate ``seeds`` (value -> tensor) backwards until ``sources``.
 
     Returns relevance by value index for ``sources`` and ``keep`` (missing where nothing arrived).
+    With ``free=True`` the forward data of each node's outputs is released once the node is done
+    (all its consumers come later in the graph, so nothing reads it again): memory then shrinks
+    as the pass moves back, as autograd's does. The graph cannot be propagated again afterwards.
     """
     with torch.inference_mode(False):
-        return _propagate(graph, resolve, seeds, list(sources), keep, options, method, check_finite)
+        return _propagate(graph, resolve, seeds, list(sources), list(keep), options, method, check_finite, free)
 
 
-def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite):
+def _release(node: Node, protected: set[int]) -> None:
+    for v in node.outputs:
+        if v is not None and v.index not in protected:
+            v.tensor = None
+
+
+def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite, free):
     reach = reachable(graph, sources)
     wanted = {v.index for v in sources} | {v.index for v in keep}
     rel: dict[int, torch.Tensor] = {}
     for v, t in seeds.items():
         _accumulate(rel, v, t, None)
     options = options or {}
+    protected = wanted | {v.index for v in seeds} | {v.index for v in graph.output_values}
     for node in reversed(graph.nodes):
         outs = node.outputs
         if not any(v is not None and v.index in rel for v in outs):
+            if free:
+                _release(node, protected)
             continue
         needs = [v.index in reach for v in node.inputs]
         if not any(needs):
+            if free:
+                _release(node, protected)
             continue
         relevance = [None if v is None else (rel.get(v.index) if v.index in wanted else rel.pop(v.index, None))
                      for v in outs]
@@ -70,6 +85,8 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
         for v, need, r in zip(node.inputs, needs, result):
             if need and r is not None:
                 _accumulate(rel, v, r, node)
+        if free:
+            _release(node, protected)
     if check_finite:
         for i in wanted:
             t = rel.get(i)
@@ -81,7 +98,7 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
 
 
 def _accumulate(rel: dict[int, torch.Tensor], v: Value, t: torch.Tensor, node: Node | None) -> None:
-    if t.shape != v.tensor.shape:
+    if v.tensor is not None and t.shape != v.tensor.shape:
         where = f" from rule of {node!r}" if node is not None else ""
         raise PropagationError(f"relevance of shape {tuple(t.shape)} for value {v!r}{where}")
     prev = rel.get(v.index)

@@ -317,14 +317,7 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
         _load_state(model, state, path, f"torchvision:{name}")
         source = f"torchvision:{name} + {path}"
     else:
-        try:
-            wenum = tvm.get_model_weights(name).DEFAULT
-        except Exception:
-            raise SpecError(f"torchvision:{name} has no pretrained weights; pass --weights FILE") from None
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(wenum.url)
-        if not cached.exists():
-            raise SpecError(f"torchvision:{name}: no --weights FILE given and torchvision's pretrained weights are "
-                            f"not on this machine ({cached}); pass --weights FILE")
+        wenum, cached = _torchvision_cached(name)
         model = tvm.get_model(name, weights=wenum)
         class_names = list(wenum.meta.get("categories") or []) or None
         try:
@@ -342,6 +335,22 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
         class_names = [str(i) for i in range(out)]
     return LoadedModel(spec=spec, name=name, module=model, preprocess=pre, class_names=class_names,
                        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())})
+
+
+def _torchvision_cached(name: str):
+    """torchvision's default pretrained weights for ``name`` and their file, if already downloaded."""
+    tvm = _need("torchvision", "a torchvision: model").models
+    if name not in tvm.list_models():
+        raise SpecError(f"unknown torchvision model '{name}'.{_closest(name, tvm.list_models())}")
+    try:
+        wenum = tvm.get_model_weights(name).DEFAULT
+    except Exception:
+        raise SpecError(f"torchvision:{name} has no pretrained weights; pass --weights FILE") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(wenum.url)
+    if not cached.exists():
+        raise SpecError(f"torchvision:{name}: no --weights FILE given and torchvision's pretrained weights are "
+                        f"not on this machine ({cached}); pass --weights FILE")
+    return wenum, cached
 
 
 def _out_features(model: nn.Module) -> int | None:
@@ -619,6 +628,8 @@ def check_model_spec(spec: str, weights: str | None = None) -> None:
     elif prefix == "hf" and rest:
         if not Path(rest).expanduser().exists():
             raise SpecError(f"Hugging Face model folder not found: {rest}")
+    elif prefix == "torchvision" and rest and not weights:
+        _torchvision_cached(rest)
     elif prefix in ("torchvision", "timm", "python") and rest:
         return
     else:

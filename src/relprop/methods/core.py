@@ -249,7 +249,8 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
     layer_values = {name: module_value(graph, name) for name in (layers or [])}
     extra = list(extra_values(graph)) if extra_values is not None else []
     rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources,
-                    keep=list(layer_values.values()) + extra, options=options or {}, method=method)
+                    keep=list(layer_values.values()) + extra, options=options or {}, method=method,
+                    free=not keep_graph and extra_values is None)
     attributions = []
     for v, src in pairs:
         if v.is_float:

@@ -64,7 +64,7 @@ def _summary(res: dict) -> str:
 def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out: str | Path, settings: Settings, *,
                 weights: dict[str, str] | None = None, num_classes: int | None = None,
                 preprocess_overrides: dict | None = None, force: bool = False, progress: bool = True,
-                command: str = "", log: Callable[[str], None] = print) -> dict:
+                command: str = "", log: Callable[[str], None] = print, header: str | None = None) -> dict:
     """Run the comparison; return the results dict (also written to ``out/results.json``)."""
     from ..specs import override_preprocess
     from . import figures, html
@@ -79,6 +79,7 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
     done = 0
     status = "complete"
     grid_idx = job.indices[: settings.grid]
+    current: dict[str, Any] = {}
     try:
         for spec in models:
             entry: dict[str, Any] = {"spec": spec, "name": spec.split(":", 1)[-1].rstrip("/").split("/")[-1],
@@ -94,6 +95,13 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
                 raise SpecError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
             if model.kind == "image" and preprocess_overrides:
                 model.preprocess = override_preprocess(model.preprocess, **preprocess_overrides)
+            if header:
+                log(header)
+                header = None
+            if model.kind == "image" and model.preprocess and model.preprocess.source in ("defaults", "inferred (first conv layer)"):
+                bar.write(f"  note: {model.name} has no preprocessing configuration: images go in as pixels in [0, 1]"
+                          f"{'' if model.preprocess.size else ' at their own size'}; set --image-size/--mean/--std "
+                          f"if it expects otherwise", log)
             entry.update(name=model.name, kind=model.kind, num_params=model.info.get("num_params"),
                          source=model.info.get("source"),
                          preprocess=model.preprocess.describe() if model.preprocess else None)
@@ -105,6 +113,7 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
             entry.update(accuracy=acc["accuracy"], n_eval=acc["n"])
             prep = None
             cells: dict[str, dict] = {}
+            current = {"entry": entry, "model": model, "cells": cells}
             for m in methods:
                 bar.describe(f"{model.name} × {m.label}")
                 cell = job.cached_cell(model, m)
@@ -129,10 +138,17 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
                 cells[m.label] = cell
                 done += 1
                 bar.update(1)
+            current = {}
             _finish_model(entry, model, cells, job, prep, grid_idx, data, out, figures, html)
     except KeyboardInterrupt:
         status = "interrupted"
         bar.write("interrupted: writing the report from the finished cells", log)
+        if current.get("cells"):
+            try:
+                _finish_model(current["entry"], current["model"], current["cells"], job, None, grid_idx, data, out,
+                              figures, html)
+            except (Exception, KeyboardInterrupt):
+                pass
     finally:
         bar.close()
     results = _assemble(results_models, list(methods), data, settings, command, status, done, total, t_start, out)

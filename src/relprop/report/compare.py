@@ -164,8 +164,19 @@ class Job:
         self.explain_calls = 0
 
     # -------------------------------------------------------------------------------- inputs
+    def label_map(self, model: LoadedModel) -> torch.Tensor | None:
+        """Data class index -> model class index, by name, when every data class is a model class name."""
+        names = model.class_names or []
+        if names and all(c in names for c in self.data.class_names) and list(names[:len(self.data.class_names)]) \
+                != list(self.data.class_names):
+            return torch.tensor([names.index(c) for c in self.data.class_names], dtype=torch.long)
+        return None
+
     def prepare(self, model: LoadedModel, idx: list[int]) -> Prepared:
         labels = self.data.labels[idx]
+        lm = self.label_map(model)
+        if lm is not None:
+            labels = lm[labels]
         tokens = None
         if self.data.kind == "text":
             from ..specs import text_batch

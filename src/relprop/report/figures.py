@@ -183,16 +183,17 @@ def token_figure(tokens: list[str], scores: dict[str, Sequence[float]], path: Pa
 
     cmap = colormaps[CMAP]
     rows = len(scores)
-    width = max(6.0, 0.11 * sum(len(t) + 2 for t in tokens) + 2.0)
-    fig = plt.figure(figsize=(min(width, 24), 0.9 + 0.6 * rows))
+    label_w = 0.1 * max(len(k) for k in scores) + 0.4
+    width = min(max(6.0, 0.11 * sum(len(t) + 2 for t in tokens) + label_w + 0.6), 24)
+    fig = plt.figure(figsize=(width, 0.7 + 0.5 * rows))
     renderer = fig.canvas.get_renderer()
     for r, (label, sc) in enumerate(scores.items()):
-        y = 1 - (r + 1) / (rows + 1)
+        y = 1 - (r + 1) / (rows + 1) - (0.05 if title else 0)
         fig.text(0.01, y, label, fontsize=10, va="center", weight="bold")
         s = normalise(np.asarray(sc, dtype=np.float64))
-        x = 0.16
+        x = label_w / width
         for t, v in zip(tokens, s):
-            txt = fig.text(x, y, t, fontsize=10, va="center",
+            txt = fig.text(x, y, t, fontsize=10, va="center", color="white" if abs(v) > 0.6 else "black",
                            bbox=dict(boxstyle="round,pad=0.2", fc=cmap((v + 1) / 2), ec="none"))
             bb = txt.get_window_extent(renderer=renderer)
             x += bb.width / fig.bbox.width + 0.008

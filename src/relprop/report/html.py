@@ -49,7 +49,8 @@ def token_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
     out = []
     for t, v in zip(tokens, s):
         r, g, b, _ = cmap((float(v) + 1) / 2)
-        out.append(f'<span class="tok" style="background: rgb({int(r * 255)},{int(g * 255)},{int(b * 255)})" '
+        fg = "#fff" if abs(float(v)) > 0.6 else "#000"
+        out.append(f'<span class="tok" style="background: rgb({int(r * 255)},{int(g * 255)},{int(b * 255)}); color: {fg}" '
                    f'title="{float(v):+.3f}">{e(t)}</span>')
     return " ".join(out)
 
