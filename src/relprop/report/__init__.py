@@ -104,7 +104,8 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
                           f"if it expects otherwise", log)
             entry.update(name=model.name, kind=model.kind, num_params=model.info.get("num_params"),
                          source=model.info.get("source"),
-                         preprocess=model.preprocess.describe() if model.preprocess else None)
+                         preprocess=model.preprocess.describe() if model.preprocess else
+                         {"source": "its tokenizer" if model.tokenizer is not None else "–"})
             from ..specs import default_composite
 
             entry["composite"] = settings.composite if settings.composite != "auto" else default_composite(model)

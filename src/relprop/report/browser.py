@@ -50,6 +50,8 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
     """Load the page (from a copy with a probe script, next to it) and return every <img>'s natural size."""
     index_html = Path(index_html).resolve()
+    if not index_html.is_file():
+        raise FileNotFoundError(f"no report page at {index_html}")
     probe = index_html.with_name(".relprop-image-check.html")
     text = index_html.read_text(encoding="utf-8")
     probe.write_text(text.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
@@ -69,6 +71,8 @@ def screenshot(index_html: str | Path, png: str | Path, width: int = 1400, heigh
                timeout: float = 60) -> Path:
     """A PNG of the top ``height`` pixels of the page."""
     index_html, png = Path(index_html).resolve(), Path(png).resolve()
+    if not index_html.is_file():
+        raise FileNotFoundError(f"no report page at {index_html}")
     res = _run([f"--window-size={width},{height}", "--virtual-time-budget=10000", f"--screenshot={png}",
                 index_html.as_uri()], timeout)
     if not png.exists():

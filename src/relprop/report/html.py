@@ -125,7 +125,7 @@ higher means the heatmaps point at what the model uses). Accuracy on all {data["
             reused = ' <span class="pill">reused</span>' if c.get("reused") else ""
             rows.append(f'<tr><td class="l">{e(c["method"])}{reused}</td>{"".join(tds)}</tr>')
         header = "".join(f'<th title="{e(tip)}">{e(name)}</th>' for _, name, tip in METRIC_COLUMNS)
-        body = [head, f'<h3>Heatmaps</h3>']
+        body = [head, '<h3>Heatmaps</h3>']
         if m.get("grid_figure"):
             body.append(_img(m["grid_figure"], f"heatmaps of {m['name']}: inputs x methods"))
             body.append('<p class="muted">Red: evidence for the explained class (the prediction), blue: against; '

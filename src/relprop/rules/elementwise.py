@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import RuleContext, register_family, vjp
-from .linear import stabilize
+from .base import RuleContext, register_family
+from .linear import contributions
 
 
 class Identity:
@@ -52,10 +52,8 @@ class Uniform:
         if len(acts) == 1 and ctx.node.packet in ("mul", "div") and ctx.inputs[acts[0]].shape == ctx.out.shape:
             res[acts[0]] = ctx.relevance[0]  # x * c: the z-rule share of x is all of R
             return res
-        s = ctx.rel / stabilize(ctx.out, self.epsilon)
-        grads = vjp(ctx.node, [s], None, acts)
-        for a in acts:
-            res[a] = ctx.inputs[a] * grads[a] / len(acts)
+        for a, r in contributions(ctx, acts, self.epsilon).items():
+            res[a] = r / len(acts)
         return res
 
     def __repr__(self) -> str:

@@ -7,8 +7,8 @@ operands (a bias, an attention mask) absorb their share, as a bias does in the e
 
 from __future__ import annotations
 
-from .base import RuleContext, register_family, vjp
-from .linear import stabilize
+from .base import RuleContext, register_family
+from .linear import contributions
 
 
 class Proportional:
@@ -20,18 +20,8 @@ class Proportional:
         res: list = [None] * len(ctx.node.inputs)
         if not acts or ctx.relevance[0] is None:
             return res
-        s = ctx.rel / stabilize(ctx.out, self.stabilizer)
-        node = ctx.node
-        if node.packet in ("add", "sub") and len(node.inputs) == 2 and len(node.args) == 2 and not node.kwargs:
-            # z = a +/- b: the VJP is (s, +/-s) reduced to each operand's shape; no re-run needed.
-            for a in acts:
-                x = ctx.inputs[a]
-                g = s if (a == 0 or node.packet == "add") else -s
-                res[a] = x * (g.sum_to_size(x.shape) if g.shape != x.shape else g)
-            return res
-        grads = vjp(node, [s], None, acts)
-        for a in acts:
-            res[a] = ctx.inputs[a] * grads[a]
+        for a, r in contributions(ctx, acts, self.stabilizer).items():
+            res[a] = r
         return res
 
     def __repr__(self) -> str:
