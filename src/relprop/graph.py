@@ -20,10 +20,15 @@ Kind = str  # 'input' | 'param' | 'buffer' | 'constant' | 'op'
 
 @dataclass(eq=False)
 class Value:
-    """One tensor value in the graph. A tensor mutated in place becomes a new Value."""
+    """One tensor value in the graph. A tensor mutated in place becomes a new Value.
+
+    ``data`` may be dropped (an in-place write overwrote the storage, or the reverse pass is done
+    with it); :attr:`tensor` then recomputes it from the producer's inputs, so the tape never has
+    to copy a storage before an in-place write (what DynamicLRP calls a "promise").
+    """
 
     index: int
-    tensor: torch.Tensor | None
+    data: torch.Tensor | None
     kind: Kind
     producer: "Node | None" = None
     output_index: int = 0
@@ -32,19 +37,45 @@ class Value:
     #: buffers, constants and anything computed from them only.
     is_activation: bool = False
     consumers: list["Node"] = field(default_factory=list)
+    dtype: torch.dtype | None = None
+    shape: torch.Size | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            self.dtype, self.shape = self.data.dtype, self.data.shape
 
     @property
-    def shape(self) -> torch.Size:
-        return self.tensor.shape
+    def tensor(self) -> torch.Tensor:
+        if self.data is None:
+            recompute(self)
+        return self.data
+
+    @tensor.setter
+    def tensor(self, t: torch.Tensor | None) -> None:
+        self.data = t
 
     @property
     def is_float(self) -> bool:
-        return self.tensor is not None and (self.tensor.is_floating_point() or self.tensor.is_complex())
+        return self.dtype is not None and (self.dtype.is_floating_point or self.dtype.is_complex)
 
     def __repr__(self) -> str:
         src = self.name or (self.producer.op_name if self.producer is not None else self.kind)
-        shape = tuple(self.tensor.shape) if self.tensor is not None else "?"
+        shape = tuple(self.shape) if self.shape is not None else "?"
         return f"%{self.index}<{src} {shape}>"
+
+
+def recompute(v: Value) -> None:
+    """Re-run ``v``'s producer on its (recursively recomputed) inputs to restore dropped data."""
+    p = v.producer
+    if p is None:
+        raise RuntimeError(f"internal: the data of leaf value {v!r} was released")
+    inputs = [u.tensor for u in p.inputs]
+    with torch.no_grad(), torch.inference_mode(False):
+        out = p.run(inputs)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    for o, w in zip(outs, p.outputs):
+        if w is not None and w.data is None and isinstance(o, torch.Tensor):
+            w.data = o
 
 
 @dataclass(eq=False)

@@ -54,7 +54,7 @@ def propagate(
 def _release(node: Node, protected: set[int]) -> None:
     for v in node.outputs:
         if v is not None and v.index not in protected:
-            v.tensor = None
+            v.data = None
 
 
 def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite, free):
@@ -98,7 +98,7 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
 
 
 def _accumulate(rel: dict[int, torch.Tensor], v: Value, t: torch.Tensor, node: Node | None) -> None:
-    if v.tensor is not None and t.shape != v.tensor.shape:
+    if t.shape != v.shape:
         where = f" from rule of {node!r}" if node is not None else ""
         raise PropagationError(f"relevance of shape {tuple(t.shape)} for value {v!r}{where}")
     prev = rel.get(v.index)

@@ -204,16 +204,25 @@ class _Recorder(TorchDispatchMode):
             return type(obj)(self.map_args(x, inputs) for x in obj)
         return obj
 
-    def snapshot(self, t: torch.Tensor) -> None:
-        """Copy a storage about to be written and re-point recorded aliases at the copy."""
+    def invalidate(self, t: torch.Tensor) -> None:
+        """``t``'s storage is about to be written: recorded aliases lose their data.
+
+        Op outputs are recomputed from their inputs if a rule reads them later (cheap, and only
+        when needed); leaves (inputs, parameters) cannot be, so they get a copy.
+        """
         key = _storage_key(t)
         st = self.storages.get(key) if key is not None else None
         if st is None:
             return
-        snap = t.untyped_storage().clone()
+        snap = None
         for v in st.values:
-            old = v.tensor
-            v.tensor = torch.empty(0, dtype=old.dtype, device=old.device).set_(
+            if v.producer is not None:
+                v.data = None
+                continue
+            if snap is None:
+                snap = t.untyped_storage().clone()
+            old = v.data
+            v.data = torch.empty(0, dtype=old.dtype, device=old.device).set_(
                 snap, old.storage_offset(), old.shape, old.stride()
             )
         st.values = []
@@ -261,14 +270,13 @@ class _Recorder(TorchDispatchMode):
         key = _storage_key(target)
         st = self.storages.get(key)
         old_root = self.root(st) if (partial and st is not None) else None
-        self.snapshot(target)
+        self.invalidate(target)
         out = func(*args, **kwargs)
         if st is not None:
             st.version += 1
         new = self.add_node(functional, margs, mkwargs, inputs, [target.detach()])[0]
         if partial and old_root is not None:
-            flat_t = old_root.tensor  # re-pointed at the snapshot; the live storage is below
-            n = flat_t.numel()
+            n = target.untyped_storage().nbytes() // target.element_size()
             live = torch.empty(0, dtype=target.dtype, device=target.device).set_(
                 target.untyped_storage(), 0, (n,), (1,)
             )
@@ -399,8 +407,8 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
                     output = post(output)
         output_values = [rec.lookup(t) for t in _flatten(output, [])]
     for v in rec.values:  # drop autograd history: the graph holds data only
-        if v.tensor.requires_grad:
-            v.tensor = v.tensor.detach()
+        if v.data is not None and v.data.requires_grad:
+            v.data = v.data.detach()
     rec.keep.clear()
     params = {v.name: v for v in rec.values if v.kind == "param"}
     graph = Graph(rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params,
