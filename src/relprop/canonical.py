@@ -125,6 +125,7 @@ def merge_batch_norms(graph: Graph) -> Graph:
         if merged is not None:
             replace[lin.index] = merged
             replace[bn.index] = None
+            x.data = None  # the pre-norm output is no longer read (recomputable if it ever is)
     if not replace:
         return graph
     nodes = [replace.get(n.index, n) for n in graph.nodes]

@@ -106,16 +106,8 @@ class Node:
     def rebuild(self, tensors: list[torch.Tensor | None]) -> tuple[tuple, dict]:
         """Arguments with the i-th input Value (in recording order) replaced by ``tensors[i]``."""
         it = iter(tensors)
-
-        def sub(a):
-            if isinstance(a, Value):
-                return next(it)
-            if isinstance(a, (list, tuple)):
-                return type(a)(sub(x) for x in a)
-            return a
-
-        args = tuple(sub(a) for a in self.args)
-        return args, {k: sub(v) for k, v in self.kwargs.items()}
+        args = tuple(_substitute(a, it) for a in self.args)
+        return args, {k: _substitute(v, it) for k, v in self.kwargs.items()}
 
     def run(self, tensors: list[torch.Tensor | None]) -> Any:
         """Re-execute the operation on ``tensors`` (one per input Value)."""
@@ -138,6 +130,16 @@ class Node:
     def __repr__(self) -> str:
         where = f" @ {self.module}" if self.module else ""
         return f"#{self.index} {self.op_name}({', '.join(map(repr, self.inputs))}){where}"
+
+
+def _substitute(a: Any, it: Iterator) -> Any:
+    # A module-level function, not a recursive closure: a self-referencing closure would form a
+    # reference cycle holding the tensors until the garbage collector happens to run.
+    if isinstance(a, Value):
+        return next(it)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_substitute(x, it) for x in a)
+    return a
 
 
 @dataclass(eq=False)

@@ -96,18 +96,18 @@ def check_inputs(inputs: Inputs) -> int:
 
 def like_inputs(inputs: Inputs, values: list[torch.Tensor | None]) -> Any:
     """Rebuild the structure of ``inputs`` with ``values`` at its tensor leaves."""
-    it = iter(values)
+    return _rebuild(inputs, iter(values))
 
-    def rebuild(obj):
-        if isinstance(obj, torch.Tensor):
-            return next(it)
-        if isinstance(obj, Mapping):
-            return {k: rebuild(v) for k, v in obj.items()}
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(rebuild(v) for v in obj)
-        return obj
 
-    return rebuild(inputs)
+def _rebuild(obj: Any, it) -> Any:
+    # Module level rather than a recursive closure, which would be a reference cycle.
+    if isinstance(obj, torch.Tensor):
+        return next(it)
+    if isinstance(obj, Mapping):
+        return {k: _rebuild(v, it) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rebuild(v, it) for v in obj)
+    return obj
 
 
 # --------------------------------------------------------------------------------------- outputs
@@ -264,8 +264,15 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
                 if r is not None:
                     total = total + r.sum(-1).reshape(v.tensor.shape)
             attributions.append(total)
+    keep = keep_graph or extra_values is not None
+    if not keep:
+        # Values and nodes reference each other (a cycle the GC collects late): drop the tape's data
+        # now so memory is back to where it was as soon as explain returns.
+        activations = {n: v.tensor for n, v in layer_values.items()}
+        for v in graph.values:
+            v.data = None
     structure = inputs if not isinstance(inputs, list) else tuple(inputs)
-    layers_out = {n: rel.get(v.index, torch.zeros_like(v.tensor)) for n, v in layer_values.items()}
+    layers_out = {n: rel.get(v.index, torch.zeros(v.shape, dtype=v.dtype)) for n, v in layer_values.items()}
     return Explanation(
         attributions=like_inputs(structure, attributions),
         output=shown.detach(),
@@ -274,7 +281,7 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         method=method,
         composite=getattr(composite, "name", None),
         layers=layers_out,
-        activations={n: v.tensor for n, v in layer_values.items()},
-        graph=graph if (keep_graph or extra_values is not None) else None,
+        activations=activations if not keep else {n: v.tensor for n, v in layer_values.items()},
+        graph=graph if keep else None,
         at_values={v.index: rel.get(v.index, torch.zeros_like(v.tensor)) for v in extra},
     )
