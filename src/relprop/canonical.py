@@ -125,7 +125,7 @@ def merge_batch_norms(graph: Graph) -> Graph:
         if merged is not None:
             replace[lin.index] = merged
             replace[bn.index] = None
-            x.data = None  # the pre-norm output is no longer read (recomputable if it ever is)
+            # (the pre-norm output stays: a later rule that reads the norm output recomputes it from there)
     if not replace:
         return graph
     nodes = [replace.get(n.index, n) for n in graph.nodes]

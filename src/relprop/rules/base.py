@@ -74,6 +74,8 @@ class RuleContext:
     #: For each input: does the caller want something to flow into it?
     needs: list[bool]
     options: dict[str, Any] = field(default_factory=dict)
+    #: Scratch space for one rule call (e.g. modified weights shared by a rule's forward and VJP).
+    memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[torch.Tensor]:

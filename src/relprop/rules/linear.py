@@ -93,12 +93,18 @@ def _mod_tensors(ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: P
                  ) -> list[torch.Tensor]:
     tensors = list(ctx.inputs)
     tensors[ops.act] = x
+    memo = ctx.memo
     for p in ops.params:
         t = tensors[p]
         if no_bias and p == ops.bias:
             t = torch.zeros_like(t)
         elif pmod is not None:
-            t = pmod(t)
+            # A rule evaluates the same modified weights in its forward and its VJP: modify once per node.
+            key = (p, pmod)
+            hit = memo.get(key)
+            if hit is None:
+                hit = memo[key] = pmod(t)
+            t = hit
         tensors[p] = t
     return tensors
 
