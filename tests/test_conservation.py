@@ -1,5 +1,6 @@
 """LRP-0 conserves relevance on bias-free ReLU networks; epsilon/AttnLRP rules conserve where they should."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -70,3 +71,42 @@ def test_epsilon_absorbs_with_bias_but_lrp0_matches_gradient_x_input_on_linear_r
     lrp = relprop.explain(model, x, target=2, method="lrp", composite="lrp0").attributions
     grad = relprop.explain(model, x, target=2, method="gradient").attributions
     torch.testing.assert_close(lrp, grad * x, rtol=1e-4, atol=1e-5)
+
+
+class CosineHead(nn.Module):
+    """Cosine similarity to a fixed reference: the norms are normalisers, held constant by LRP."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Linear(10, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False))
+        self.register_buffer("ref", torch.randn(8))
+
+    def forward(self, x):
+        return torch.nn.functional.cosine_similarity(self.body(x), self.ref[None], dim=-1)
+
+
+@pytest.mark.parametrize("composite", ["lrp0", "attnlrp"])
+def test_cosine_similarity_conserves(composite):
+    model = CosineHead().eval()
+    x = torch.randn(3, 10)
+    e = relprop.explain(model, x, target=lambda s: s, method="lrp", composite=composite)
+    torch.testing.assert_close(e.attributions.sum(1), e.score, rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_pattern_is_identity():
+    class RMS(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6, bias=False)
+            self.w = nn.Parameter(torch.rand(6) + 0.5)
+            self.out = nn.Linear(6, 2, bias=False)
+
+        def forward(self, x):
+            h = self.lin(x).float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.out(self.w * h)
+
+    torch.manual_seed(0)
+    e = relprop.explain(RMS().eval(), torch.randn(4, 6), target=0, method="lrp", composite="lrp0")
+    torch.testing.assert_close(e.attributions.sum(1), e.score, rtol=1e-4, atol=1e-5)

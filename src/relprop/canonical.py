@@ -37,9 +37,29 @@ def _sources(v: Value, limit: int = 8) -> set[int]:
     return out
 
 
+def _near_ancestors(v: Value, depth: int = 3) -> set[int]:
+    """``v``'s sources plus the values it was computed from within ``depth`` ops (``sum(x1 * x2)`` -> x1, x2)."""
+    out = set(_sources(v))
+    frontier = [v]
+    for _ in range(depth):
+        nxt = []
+        for u in frontier:
+            if u.producer is not None:
+                for w in u.producer.inputs:
+                    if w.index not in out:
+                        out.update(_sources(w))
+                        nxt.append(w)
+        frontier = nxt
+    return out
+
+
 def is_normalizer(candidate: Value, of: Value, max_nodes: int = 24) -> bool:
-    """Is ``candidate`` computed from ``of`` through a reduction and arithmetic only?"""
-    targets = _sources(of)
+    """Is ``candidate`` computed, through a reduction and arithmetic only, from what ``of`` is computed from?
+
+    Covers ``x * rsqrt(mean(x^2))``, ``(x - m) / sqrt(var)``, ``x / ||x||`` and cosine similarity's
+    ``sum(a * b) / (||a|| ||b||)``.
+    """
+    targets = _near_ancestors(of)
     frontier = [(candidate, False)]
     seen = set()
     while frontier and len(seen) < max_nodes:

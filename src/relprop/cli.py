@@ -344,14 +344,8 @@ def cmd_explain(args) -> int:
     results = {}
     for m in methods:
         opts = m.options_for(model, args.composite)
-        if model.kind == "similarity" and m.name == "lrp":
-            opts.setdefault("fallback", "gradient")
         try:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                e = relprop.explain(model.module, inputs, target=target, method=m.name, **opts)
+            e = relprop.explain(model.module, inputs, target=target, method=m.name, **opts)
         except (ValueError, TypeError) as ex:
             raise CLIError(f"method '{m.label}' on {model.name}: {str(ex).splitlines()[0]}") from None
         a = e.attributions

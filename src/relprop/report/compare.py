@@ -59,8 +59,6 @@ class MethodSpec:
         opts = dict(METHOD_DEFAULTS.get(self.name, {}))
         if self.name == "lrp" and "composite" not in self.options:
             opts["composite"] = composite if composite and composite != "auto" else default_composite(model)
-        if model.kind in ("text", "similarity") and self.name == "lrp":
-            opts.setdefault("fallback", "gradient")
         opts.update(self.options)
         return opts
 

@@ -34,4 +34,6 @@ register_family(
     "_adaptive_avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "cumsum", "scatter_add", "index_add",
     "upsample_bilinear2d", "upsample_linear1d", "upsample_bicubic2d", "upsample_trilinear3d", "_upsample_bilinear2d_aa",
     "addcmul", "addcdiv", "trace", "diff", "im2col", "col2im", "mean_dim",
+    # ||x|| = sqrt(sum x^2) is homogeneous of degree 1: the z-rule splits it as x_i^2 / ||x||^2.
+    "linalg_vector_norm", "norm", "frobenius_norm",
 )
