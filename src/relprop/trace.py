@@ -326,6 +326,20 @@ def _flatten(obj, out: list):
     return out
 
 
+def _detached(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):  # includes transformers' ModelOutput, updated in place to keep its type
+        for k in list(obj.keys()):
+            obj[k] = _detached(obj[k])
+        return obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_detached(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(v) for v in obj)
+    return obj
+
+
 def _prepare_inputs(obj, recorder: _Recorder, values: list[Value]):
     """Replace tensors by grad-enabled copies registered as input values; keep the structure."""
     if isinstance(obj, torch.Tensor):
@@ -406,6 +420,9 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
                 if post is not None:
                     output = post(output)
         output_values = [rec.lookup(t) for t in _flatten(output, [])]
+        # The output's autograd history would keep every tensor autograd saved alive (the whole
+        # forward): the graph holds detached data only.
+        output = _detached(output)
     for v in rec.values:  # drop autograd history: the graph holds data only
         if v.data is not None and v.data.requires_grad:
             v.data = v.data.detach()

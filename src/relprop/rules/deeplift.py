@@ -43,6 +43,17 @@ def _ref(ctx: RuleContext) -> tuple[list, list] | None:
     return ctx.node.meta.get("deeplift_ref")
 
 
+def secant(ctx: RuleContext, delta_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, eps: float,
+           a: int) -> torch.Tensor:
+    """``delta_out / (x - x0)``, with the exact gradient w.r.t. input ``a`` where ``|x - x0| < eps``."""
+    dx = x - x0
+    small = dx.abs() < eps
+    m = delta_out / torch.where(small, torch.ones_like(dx), dx)
+    if small.any():
+        m = torch.where(small, gradient_rule(ctx)[a], m)
+    return m
+
+
 class Rescale:
     """DeepLIFT's rescale rule for a unary elementwise op (other ops: exact gradient)."""
 
@@ -58,11 +69,7 @@ class Rescale:
         a = acts[0]
         x, y = ctx.inputs[a], ctx.out
         x0, y0 = ref[0][a], ref[1][0]
-        dx = x - x0
-        small = dx.abs() < self.eps
-        m = g * (y - y0) / torch.where(small, torch.ones_like(dx), dx)
-        if small.any():
-            m = torch.where(small, gradient_rule(ctx)[a], m)
+        m = secant(ctx, g * (y - y0), x, x0, self.eps, a)
         res: list = [None] * len(ctx.node.inputs)
         res[a] = m
         return res
@@ -94,11 +101,7 @@ class MaxPoolRule:
         others0 = [x0] + others[1:]
         grads[0] = g * (y - ymax)
         through_x0 = vjp(ctx.node, grads, others0, [0])[0]
-        dx = x - x0
-        small = dx.abs() < self.eps
-        m = (through_x + through_x0) / torch.where(small, torch.ones_like(dx), dx)
-        if small.any():
-            m = torch.where(small, gradient_rule(ctx)[0], m)
+        m = secant(ctx, through_x + through_x0, x, x0, self.eps, 0)
         return [m] + [None] * (len(ctx.node.inputs) - 1)
 
     def __repr__(self) -> str:
@@ -120,11 +123,7 @@ class SoftmaxRescale:
             return gradient_rule(ctx)
         x, y = ctx.inputs[0], ctx.out
         x0, y0 = ref[0][0], ref[1][0]
-        dx = x - x0
-        small = dx.abs() < self.eps
-        m = g * (y - y0) / torch.where(small, torch.ones_like(dx), dx)
-        if small.any():
-            m = torch.where(small, gradient_rule(ctx)[0], m)
+        m = secant(ctx, g * (y - y0), x, x0, self.eps, 0)
         dim = ctx.node.arg(1, -1)
         m = m - m.mean(dim, keepdim=True)
         return [m] + [None] * (len(ctx.node.inputs) - 1)
