@@ -181,3 +181,21 @@ def test_declared_fallback_warns_and_user_rule_applies():
     e2 = relprop.explain(model, x, target=0, method="lrp", composite="lrp0", rules={"mystery2": Identity()})
     torch.testing.assert_close(e2.attributions.sum(1), e2.score, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(e.attributions, 3 * e2.attributions)
+
+
+def test_parameter_gradients_match_autograd_and_lrp_weight_relevance():
+    model = TwoInput().eval()
+    x, y = torch.randn(3, 4), torch.randn(3, 3)
+    e = relprop.explain(model, (x, y), target=2, method="gradient", params=True)
+    out = model(x, y)
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(out[:, 2].sum(), list(model.parameters()))
+    assert set(e.params) == set(names)
+    for n, g in zip(names, grads):
+        torch.testing.assert_close(e.params[n], g)
+    lrp = relprop.explain(model, (x, y), target=2, method="lrp", composite="epsilon", params=["out.weight"])
+    assert lrp.params["out.weight"].shape == model.out.weight.shape
+    # The weight relevance of the last layer distributes its output relevance over the weights (bias absorbs).
+    assert lrp.params["out.weight"][2].abs().sum() > 0 and lrp.params["out.weight"][0].abs().sum() == 0
+    with pytest.raises(ValueError, match="no parameter named 'out.wieght'"):
+        relprop.explain(model, (x, y), target=2, method="gradient", params=["out.wieght"])

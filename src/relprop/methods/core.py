@@ -46,6 +46,8 @@ class Explanation:
     #: Forward activations at the outputs of the modules requested with ``layers=``.
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     graph: Graph | None = field(default=None, repr=False)
+    #: What reached the parameters requested with ``params=`` (name -> tensor).
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Relevance at the extra values requested by a method (value index -> tensor).
     at_values: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -201,8 +203,12 @@ def module_value(graph: Graph, name: str) -> Value:
 def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite, method: str,
                  times_output: bool, layers: Sequence[str] | None = None, options: dict | None = None,
                  keep_graph: bool = False, extra_values: Callable[[Graph], Sequence[Value]] | None = None,
-                 ) -> Explanation:
+                 params: bool | Sequence[str] = False) -> Explanation:
     """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions.
+
+    ``params=True`` (or a list of parameter names) also returns what reaches the parameters in
+    ``Explanation.params``: the gradient for gradient methods; for LRP the relevance that rules assign
+    to weights (batch-norm-merged weights are new constants, so their parameters get none).
 
     ``extra_values(graph)`` names more values whose relevance the caller wants (e.g. a convolution's
     output for NormGrad); they come back in ``Explanation.at_values`` and the graph is kept.
@@ -246,6 +252,8 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
             "inputs: nothing to attribute to: no float input and no integer input feeding an embedding lookup"
         )
     all_sources = [s for _, src in pairs for s in src]
+    param_values = _param_values(graph, params)
+    all_sources += list(param_values.values())
     layer_values = {name: module_value(graph, name) for name in (layers or [])}
     extra = list(extra_values(graph)) if extra_values is not None else []
     rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources,
@@ -264,6 +272,7 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
                 if r is not None:
                     total = total + r.sum(-1).reshape(v.tensor.shape)
             attributions.append(total)
+    params_out = {n: rel.get(v.index, torch.zeros(v.shape, dtype=v.dtype)) for n, v in param_values.items()}
     keep = keep_graph or extra_values is not None
     if not keep:
         # Values and nodes reference each other (a cycle the GC collects late): drop the tape's data
@@ -284,4 +293,18 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         activations=activations if not keep else {n: v.tensor for n, v in layer_values.items()},
         graph=graph if keep else None,
         at_values={v.index: rel.get(v.index, torch.zeros_like(v.tensor)) for v in extra},
+        params=params_out,
     )
+
+
+def _param_values(graph: Graph, params: bool | Sequence[str]) -> dict[str, Value]:
+    if params is False or params is None:
+        return {}
+    if params is True:
+        return {n: v for n, v in graph.params.items() if v.is_float}
+    missing = [n for n in params if n not in graph.params]
+    if missing:
+        close = difflib.get_close_matches(missing[0], list(graph.params), n=3)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ValueError(f"params: no parameter named '{missing[0]}' was used in the forward pass.{hint}")
+    return {n: graph.params[n] for n in params}

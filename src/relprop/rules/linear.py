@@ -150,7 +150,13 @@ class Epsilon:
         ops = LinearOperands.of(ctx)
         x = ctx.inputs[ops.act]
         s = ctx.rel / stabilize(ctx.out, self.epsilon)
-        return _only(ctx, ops, x * input_vjp(ctx, ops, s))
+        res = _only(ctx, ops, x * input_vjp(ctx, ops, s))
+        wanted = [p for p in ops.params if ctx.needs[p] and p != ops.bias]
+        if wanted:  # weight relevance R_w = w * dz/dw^T s, asked for with explain(..., params=...)
+            grads = vjp(ctx.node, [s], None, wanted)
+            for p in wanted:
+                res[p] = ctx.inputs[p] * grads[p]
+        return res
 
     def __repr__(self) -> str:
         return f"Epsilon(epsilon={self.epsilon})"
