@@ -199,3 +199,21 @@ def test_parameter_gradients_match_autograd_and_lrp_weight_relevance():
     assert lrp.params["out.weight"][2].abs().sum() > 0 and lrp.params["out.weight"][0].abs().sum() == 0
     with pytest.raises(ValueError, match="no parameter named 'out.wieght'"):
         relprop.explain(model, (x, y), target=2, method="gradient", params=["out.wieght"])
+
+
+def test_token_ids_reshaped_before_the_embedding_still_get_scores():
+    """CLIP-style: ids go through view() before the lookup; the lookup must still count as the input."""
+
+    class Viewed(TokenModel):
+        def forward(self, input_ids, attention_mask=None):
+            return super().forward(input_ids.view(-1, input_ids.shape[-1]), attention_mask)
+
+    torch.manual_seed(0)
+    model = Viewed().eval()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    e = relprop.explain(model, {"input_ids": ids}, target=1, method="lrp", composite="lrp0")
+    plain = TokenModel().eval()
+    plain.load_state_dict(model.state_dict())
+    ref = relprop.explain(plain, {"input_ids": ids}, target=1, method="lrp", composite="lrp0")
+    assert e.attributions["input_ids"].abs().sum() > 0
+    torch.testing.assert_close(e.attributions["input_ids"], ref.attributions["input_ids"])

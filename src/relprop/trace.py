@@ -182,12 +182,17 @@ class _Recorder(TorchDispatchMode):
     def add_node(self, op, args, kwargs, inputs: list[Value], outs: list[Any]) -> list[Value | None]:
         scope = self.scope[-1] if self.scope else ""
         node = Node(len(self.nodes), op, args, kwargs, inputs, [], scope, self.module_types.get(scope))
+        # Float values depend on the inputs through float activations (or a lookup indexed by token ids);
+        # integer values derived from token ids (views, position ids) stay tied to them, but a float cast
+        # of an integer input (an attention mask) is not an activation.
         act = any(v.is_activation and v.is_float for v in inputs)
+        int_act = any(v.is_activation for v in inputs)
         if not act and node.packet in _INDEXING_PACKETS:
-            act = any(v.is_activation for v in inputs)
+            act = int_act
         for i, o in enumerate(outs):
             if isinstance(o, torch.Tensor):
-                node.outputs.append(self.new_value(o, "op", node, i, is_activation=act))
+                floating = o.is_floating_point() or o.is_complex()
+                node.outputs.append(self.new_value(o, "op", node, i, is_activation=act or (int_act and not floating)))
             else:
                 node.outputs.append(None)
         for v in inputs:
