@@ -39,10 +39,15 @@ class Value:
     consumers: list["Node"] = field(default_factory=list)
     dtype: torch.dtype | None = None
     shape: torch.Size | None = None
+    device: torch.device | None = None
 
     def __post_init__(self) -> None:
         if self.data is not None:
-            self.dtype, self.shape = self.data.dtype, self.data.shape
+            self.dtype, self.shape, self.device = self.data.dtype, self.data.shape, self.data.device
+
+    def zeros(self) -> torch.Tensor:
+        """Zeros shaped like this value (without touching its data)."""
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
     @property
     def tensor(self) -> torch.Tensor:

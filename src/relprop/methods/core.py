@@ -262,17 +262,17 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
     attributions = []
     for v, src in pairs:
         if v.is_float:
-            attributions.append(rel.get(v.index, torch.zeros_like(v.tensor)))
+            attributions.append(rel.get(v.index, v.zeros()))
         else:
             # Token ids: relevance at their embedding output, summed over the hidden dim.
             # Other integer inputs (attention masks, positions) get zeros.
-            total = torch.zeros(v.tensor.shape, dtype=src[0].tensor.dtype if src else torch.float32)
+            total = torch.zeros(v.shape, dtype=src[0].dtype if src else torch.float32, device=v.device)
             for s in src:
                 r = rel.get(s.index)
                 if r is not None:
                     total = total + r.sum(-1).reshape(v.tensor.shape)
             attributions.append(total)
-    params_out = {n: rel.get(v.index, torch.zeros(v.shape, dtype=v.dtype)) for n, v in param_values.items()}
+    params_out = {n: rel.get(v.index, v.zeros()) for n, v in param_values.items()}
     keep = keep_graph or extra_values is not None
     if not keep:
         # Values and nodes reference each other (a cycle the GC collects late): drop the tape's data
@@ -281,7 +281,7 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         for v in graph.values:
             v.data = None
     structure = inputs if not isinstance(inputs, list) else tuple(inputs)
-    layers_out = {n: rel.get(v.index, torch.zeros(v.shape, dtype=v.dtype)) for n, v in layer_values.items()}
+    layers_out = {n: rel.get(v.index, v.zeros()) for n, v in layer_values.items()}
     return Explanation(
         attributions=like_inputs(structure, attributions),
         output=shown.detach(),
