@@ -54,8 +54,12 @@ def secant(ctx: RuleContext, delta_out: torch.Tensor, x: torch.Tensor, x0: torch
     return m
 
 
-class Rescale:
-    """DeepLIFT's rescale rule for a unary elementwise op (other ops: exact gradient)."""
+class _ReferenceRule:
+    """A DeepLIFT rule: needs the reference values of its node and one float activation input;
+    anything else (no reference recorded, several activation inputs) gets the exact gradient."""
+
+    #: the single activation input must be operand 0 (max-pool, softmax) or may be any (elementwise)
+    first_operand_only = True
 
     def __init__(self, eps: float = 1e-10):
         self.eps = eps
@@ -64,72 +68,57 @@ class Rescale:
         ref = _ref(ctx)
         acts = ctx.activation_inputs()
         g = ctx.relevance[0]
-        if ref is None or len(acts) != 1 or g is None or ctx.out.shape != ctx.inputs[acts[0]].shape:
+        usable = acts == [0] if self.first_operand_only else len(acts) == 1
+        if ref is None or not usable or g is None:
             return gradient_rule(ctx)
         a = acts[0]
-        x, y = ctx.inputs[a], ctx.out
-        x0, y0 = ref[0][a], ref[1][0]
-        m = secant(ctx, g * (y - y0), x, x0, self.eps, a)
         res: list = [None] * len(ctx.node.inputs)
+        m = self.multiplier(ctx, g, ctx.inputs[a], ctx.out, ref[0][a], ref[1][0], a)
+        if m is None:
+            return gradient_rule(ctx)
         res[a] = m
         return res
 
+    def multiplier(self, ctx, g, x, y, x0, y0, a) -> torch.Tensor | None:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
-        return f"Rescale(eps={self.eps})"
+        return f"{type(self).__name__}(eps={self.eps})"
 
 
-class MaxPoolRule:
+class Rescale(_ReferenceRule):
+    """DeepLIFT's rescale rule for a unary elementwise op (other ops: exact gradient)."""
+
+    first_operand_only = False
+
+    def multiplier(self, ctx, g, x, y, x0, y0, a):
+        if y.shape != x.shape:
+            return None
+        return secant(ctx, g * (y - y0), x, x0, self.eps, a)
+
+
+class MaxPoolRule(_ReferenceRule):
     """Captum's DeepLIFT max-pool rule: ``g * (max(y, y0) - y0)`` routed through the arg-max of ``x``, plus
     ``g * (y - max(y, y0))`` through the arg-max of ``x0``, divided by ``x - x0`` (gradient where equal)."""
 
-    def __init__(self, eps: float = 1e-10):
-        self.eps = eps
-
-    def __call__(self, ctx: RuleContext) -> list:
-        ref = _ref(ctx)
-        acts = ctx.activation_inputs()
-        g = ctx.relevance[0]
-        if ref is None or acts != [0] or g is None:
-            return gradient_rule(ctx)
-        x, y = ctx.inputs[0], ctx.out
-        x0, y0 = ref[0][0], ref[1][0]
+    def multiplier(self, ctx, g, x, y, x0, y0, a):
         ymax = torch.maximum(y, y0)
         others = list(ctx.inputs)
         grads = [None] * len(ctx.node.outputs)
         grads[0] = g * (ymax - y0)
         through_x = vjp(ctx.node, grads, others, [0])[0]
-        others0 = [x0] + others[1:]
         grads[0] = g * (y - ymax)
-        through_x0 = vjp(ctx.node, grads, others0, [0])[0]
-        m = secant(ctx, through_x + through_x0, x, x0, self.eps, 0)
-        return [m] + [None] * (len(ctx.node.inputs) - 1)
-
-    def __repr__(self) -> str:
-        return f"MaxPoolRule(eps={self.eps})"
+        through_x0 = vjp(ctx.node, grads, [x0] + others[1:], [0])[0]
+        return secant(ctx, through_x + through_x0, x, x0, self.eps, 0)
 
 
-class SoftmaxRescale:
+class SoftmaxRescale(_ReferenceRule):
     """Captum's DeepLIFT softmax rule: elementwise rescale, then recentred (mean subtracted) along the
     softmax dimension (Captum subtracts the mean over the whole batch; here per softmax row)."""
 
-    def __init__(self, eps: float = 1e-10):
-        self.eps = eps
-
-    def __call__(self, ctx: RuleContext) -> list:
-        ref = _ref(ctx)
-        acts = ctx.activation_inputs()
-        g = ctx.relevance[0]
-        if ref is None or acts != [0] or g is None:
-            return gradient_rule(ctx)
-        x, y = ctx.inputs[0], ctx.out
-        x0, y0 = ref[0][0], ref[1][0]
+    def multiplier(self, ctx, g, x, y, x0, y0, a):
         m = secant(ctx, g * (y - y0), x, x0, self.eps, 0)
-        dim = ctx.node.arg(1, -1)
-        m = m - m.mean(dim, keepdim=True)
-        return [m] + [None] * (len(ctx.node.inputs) - 1)
-
-    def __repr__(self) -> str:
-        return f"SoftmaxRescale(eps={self.eps})"
+        return m - m.mean(ctx.node.arg(1, -1), keepdim=True)
 
 
 def _in_module(types: tuple) -> Callable[[Node], bool]:
