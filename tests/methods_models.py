@@ -56,3 +56,18 @@ def vit():
                           num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
     return m, x, torch.tensor([1, 4]), torch.randn(2, 3, 32, 32) * 0.1
+
+
+class TokenModel(nn.Module):
+    """Token ids -> embedding -> (masked) tanh mean -> linear: the smallest token model."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None].to(h.dtype)
+        return self.lin(torch.tanh(h).mean(1))

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import relprop
+from methods_models import TokenModel
 
 
 class TwoInput(nn.Module):
@@ -16,19 +17,6 @@ class TwoInput(nn.Module):
 
     def forward(self, x, y):
         return self.out(torch.relu(self.a(x) + self.b(y)))
-
-
-class TokenModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(11, 8)
-        self.lin = nn.Linear(8, 3)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.emb(input_ids)
-        if attention_mask is not None:
-            h = h * attention_mask[..., None].to(h.dtype)
-        return self.lin(torch.tanh(h).mean(1))
 
 
 def _grad(model, args, target):

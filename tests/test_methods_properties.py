@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import relprop
-from methods_models import res_cnn
+from methods_models import TokenModel, res_cnn
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -140,19 +140,6 @@ def test_normgrad_matches_definition():
         torch.testing.assert_close(e.layers[name], ref, rtol=1e-4, atol=1e-8)
     assert e.attributions.shape == (3, 1, 16, 16)
     assert e.attributions.max() <= 1 + 1e-6
-
-
-class TokenModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(11, 8)
-        self.lin = nn.Linear(8, 3)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.emb(input_ids)
-        if attention_mask is not None:
-            h = h * attention_mask[..., None].to(h.dtype)
-        return self.lin(torch.tanh(h).mean(1))
 
 
 @pytest.mark.parametrize("method,opts", [
