@@ -199,8 +199,9 @@ class AlphaBeta:
     def __call__(self, ctx: RuleContext) -> list:
         ops = LinearOperands.of(ctx)
         x = ctx.inputs[ops.act]
-        xp, xn = _pos(x), _neg(x)
-        has_neg = bool((xn != 0).any())
+        # After a ReLU the input has no negative part: skip its terms (they are exactly zero) and the copy.
+        has_neg = bool((x < 0).any())
+        xp, xn = (_pos(x), _neg(x)) if has_neg else (x, None)
         z_pos = forward(ctx, ops, xp, _pos)
         if has_neg:
             z_pos = z_pos + forward(ctx, ops, xn, _neg, no_bias=True)
@@ -208,7 +209,8 @@ class AlphaBeta:
         r = xp * input_vjp(ctx, ops, s, _pos)
         if has_neg:
             r = r + xn * input_vjp(ctx, ops, s, _neg)
-        r = self.alpha * r
+        if self.alpha != 1:
+            r = self.alpha * r
         if self.beta:
             z_neg = forward(ctx, ops, xp, _neg)
             if has_neg:
