@@ -205,3 +205,11 @@ def test_token_ids_reshaped_before_the_embedding_still_get_scores():
     ref = relprop.explain(plain, {"input_ids": ids}, target=1, method="lrp", composite="lrp0")
     assert e.attributions["input_ids"].abs().sum() > 0
     torch.testing.assert_close(e.attributions["input_ids"], ref.attributions["input_ids"])
+
+
+def test_integer_images_get_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    model(torch.randn(1, 3, 5, 5))
+    images = torch.randint(0, 255, (2, 3, 5, 5), dtype=torch.uint8)
+    with pytest.raises((ValueError, RuntimeError), match="float|Float|dtype"):
+        relprop.explain(model, images, target=0)

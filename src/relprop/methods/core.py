@@ -249,7 +249,8 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
     pairs = sources_of(graph)
     if not any(src for _, src in pairs):
         raise ValueError(
-            "inputs: nothing to attribute to: no float input and no integer input feeding an embedding lookup"
+            "inputs: nothing to attribute to: no float input and no integer input feeding an embedding lookup "
+            "(integer images? convert them with .float() and the model's normalisation)"
         )
     all_sources = [s for _, src in pairs for s in src]
     param_values = _param_values(graph, params)
