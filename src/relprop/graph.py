@@ -170,13 +170,6 @@ class Graph:
     def op_counts(self) -> Counter:
         return Counter(n.op_name for n in self.nodes)
 
-    def value_of(self, tensor: torch.Tensor) -> Value | None:
-        """The Value recorded for an output tensor of the traced call (by identity)."""
-        for v in self.output_values:
-            if v.tensor is tensor:
-                return v
-        return None
-
     def module_outputs(self, module: str) -> list[Value]:
         """Values produced inside ``module`` and consumed outside it (its outputs)."""
         prefix = module + "."

@@ -70,10 +70,15 @@ def heatmap_grid(display: torch.Tensor, heatmaps: dict[str, torch.Tensor], col_t
             else:
                 axes[i, j].axis("off")
         axes[i, 0].set_ylabel(_wrap(label), fontsize=9, rotation=0, ha="right", va="center")
+    return _save(plt, fig, path, title, dpi=110)
+
+
+def _save(plt, fig, path: Path, title: str, dpi: int) -> Path:
+    """Title, tight layout, write, close: the end of every figure here."""
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -117,12 +122,7 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=100)
 
 
 def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
@@ -152,10 +152,7 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
                         fontsize=9)
     a2.set(xlabel="accuracy", ylabel="mean ABPC over methods", title="Faithfulness vs accuracy")
     a2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, "", dpi=100)
 
 
 def explain_figure(display: torch.Tensor, heatmaps: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
@@ -168,12 +165,7 @@ def explain_figure(display: torch.Tensor, heatmaps: dict[str, np.ndarray], path:
     for ax, (label, h) in zip(axes[0, 1:], heatmaps.items()):
         _show_heat(ax, h)
         ax.set_title(label, fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=120)
 
 
 def token_figure(tokens: list[str], scores: dict[str, Sequence[float]], path: Path, title: str = "") -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..graph import Node
+from ..graph import Node, Value
 
 Rule = Callable[["RuleContext"], Sequence["torch.Tensor | None"]]
 
@@ -191,6 +191,19 @@ def _copy_vjp(node, grads, tensors, wrt):
     if 1 in wrt:
         src = tensors[1]
         res[1] = torch.zeros_like(src) if g is None else g.sum_to_size(src.shape).to(src.dtype)
+    return res
+
+
+@vjp_override("add", "sub")
+def _add_vjp(node, grads, tensors, wrt):
+    """``a +/- b``: the VJP is ``(g, +/-g)`` reduced to each operand's shape; no re-run needed."""
+    if len(tensors) != 2 or len(node.args) != 2 or node.kwargs or not all(isinstance(a, Value) for a in node.args):
+        return _autograd_vjp(node, grads, tensors, wrt)
+    g = grads[0]
+    res: list = [None] * 2
+    for i in wrt:
+        gi = g if (i == 0 or node.packet == "add") else -g
+        res[i] = gi.sum_to_size(tensors[i].shape) if gi.shape != tensors[i].shape else gi
     return res
 
 

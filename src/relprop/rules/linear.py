@@ -39,16 +39,7 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
     The parameter-free z-rule shared by sums (proportional split) and products (uniform split).
     """
     s = ctx.rel / stabilize(ctx.out, eps)
-    node = ctx.node
-    if node.packet in ("add", "sub") and len(node.inputs) == 2 and len(node.args) == 2 and not node.kwargs:
-        # z = a +/- b: the VJP is (s, +/-s) reduced to each operand's shape; no re-run needed.
-        out = {}
-        for a in acts:
-            x = ctx.inputs[a]
-            g = s if (a == 0 or node.packet == "add") else -s
-            out[a] = x * (g.sum_to_size(x.shape) if g.shape != x.shape else g)
-        return out
-    grads = vjp(node, [s], None, acts)
+    grads = vjp(ctx.node, [s], None, acts)
     return {a: ctx.inputs[a] * grads[a] for a in acts}
 
 

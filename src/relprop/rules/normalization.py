@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..graph import Value
 from .base import RuleContext, register_family
 from .linear import stabilize
 
@@ -42,13 +43,13 @@ class ConstantScale:
             dims = tuple(range(x.dim() - len(shape), x.dim()))
             w = node.arg(2)
             rstd = ctx.outputs[2]
-            g = s * (ctx.inputs[1] if isinstance(w, type(node.inputs[0])) else 1.0) * rstd
+            g = s * (ctx.inputs[1] if isinstance(w, Value) else 1.0) * rstd
             g = g - g.mean(dims, keepdim=True)
             res[0] = x * g
         elif p == "native_group_norm":
             n, c, hw, groups = node.args[3], node.args[4], node.args[5], node.args[6]
             w = node.arg(1)
-            scale = ctx.inputs[1].view(1, c, *[1] * (x.dim() - 2)) if isinstance(w, type(node.inputs[0])) else 1.0
+            scale = ctx.inputs[1].view(1, c, *[1] * (x.dim() - 2)) if isinstance(w, Value) else 1.0
             rstd = ctx.outputs[2].view(n, groups, 1)
             g = (s * scale).reshape(n, groups, -1)
             g = g * rstd
