@@ -21,9 +21,21 @@ import relprop
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -99,8 +111,9 @@ def main() -> None:
             "gradient (autograd)": gradient,
             "relprop gradient": lambda: relprop.explain(model, x, target=target, method="gradient"),
             "relprop epsilon": lambda: relprop.explain(model, x, target=target, method="lrp", composite="epsilon"),
-            "relprop epsilon_plus_flat": lambda: relprop.explain(model, x, target=target, method="lrp",
-                                                                 composite="epsilon_plus_flat"),
+            "relprop epsilon_plus_flat": lambda: relprop.explain(
+                model, x, target=target, method="lrp", composite="epsilon_plus_flat"
+            ),
         }
         if not a.no_zennit:
             runs.update(_zennit_runs(model, x, target, name))
@@ -131,10 +144,13 @@ def _zennit_runs(model, x, target, name):
                 seed = torch.zeros_like(out)
                 seed[:, target] = out[:, target]
                 attributor(x, seed)
+
         return fn
 
-    eps = lambda: LayerMapComposite(layer_map_base() + [(Convolution, Epsilon()), (torch.nn.Linear, Epsilon())],  # noqa
-                                    canonizers=[canon()])
+    eps = lambda: LayerMapComposite(
+        layer_map_base() + [(Convolution, Epsilon()), (torch.nn.Linear, Epsilon())],  # noqa
+        canonizers=[canon()],
+    )
     return {"zennit epsilon": run(eps), "zennit EpsilonPlusFlat": run(lambda: EpsilonPlusFlat(canonizers=[canon()]))}
 
 

@@ -24,7 +24,14 @@ warnings.filterwarnings("ignore")
 class SeparateReLUBottleneck(nn.Module):
     def __init__(self, b):
         super().__init__()
-        self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3 = b.conv1, b.bn1, b.conv2, b.bn2, b.conv3, b.bn3
+        self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3 = (
+            b.conv1,
+            b.bn1,
+            b.conv2,
+            b.bn2,
+            b.conv3,
+            b.bn3,
+        )
         self.downsample = b.downsample
         self.relu1, self.relu2, self.relu3 = nn.ReLU(inplace=True), nn.ReLU(inplace=True), nn.ReLU(inplace=True)
 
@@ -80,18 +87,26 @@ def main():
     t = torch.arange(batch) % 1000
     win, stride = (3, size // 7, size // 7), (3, size // 14, size // 14)
     cases = [
-        ("integrated_gradients (50 steps)",
-         lambda: R.IntegratedGradients(model).attribute(x, base, target=t, n_steps=50),
-         lambda: C.IntegratedGradients(model).attribute(x, base, target=t, n_steps=50)),
-        ("deeplift",
-         lambda: R.DeepLift(model).attribute(x, base, target=t),
-         lambda: C.DeepLift(model).attribute(x, base, target=t)),
-        ("occlusion (ppe=16)",
-         lambda: R.Occlusion(model).attribute(x, win, strides=stride, target=t, perturbations_per_eval=16),
-         lambda: C.Occlusion(model).attribute(x, win, strides=stride, target=t, perturbations_per_eval=16)),
-        ("occlusion (Captum default ppe=1)",
-         lambda: R.Occlusion(model).attribute(x, win, strides=stride, target=t, perturbations_per_eval=1),
-         lambda: C.Occlusion(model).attribute(x, win, strides=stride, target=t)),
+        (
+            "integrated_gradients (50 steps)",
+            lambda: R.IntegratedGradients(model).attribute(x, base, target=t, n_steps=50),
+            lambda: C.IntegratedGradients(model).attribute(x, base, target=t, n_steps=50),
+        ),
+        (
+            "deeplift",
+            lambda: R.DeepLift(model).attribute(x, base, target=t),
+            lambda: C.DeepLift(model).attribute(x, base, target=t),
+        ),
+        (
+            "occlusion (ppe=16)",
+            lambda: R.Occlusion(model).attribute(x, win, strides=stride, target=t, perturbations_per_eval=16),
+            lambda: C.Occlusion(model).attribute(x, win, strides=stride, target=t, perturbations_per_eval=16),
+        ),
+        (
+            "occlusion (Captum default ppe=1)",
+            lambda: R.Occlusion(model).attribute(x, win, strides=stride, target=t, perturbations_per_eval=1),
+            lambda: C.Occlusion(model).attribute(x, win, strides=stride, target=t),
+        ),
     ]
     print(f"ResNet-50, batch {batch}, {size}x{size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'method':36s} {'relprop s':>10s} {'captum s':>10s} {'ratio':>7s} {'max rel diff':>13s}")
@@ -101,8 +116,10 @@ def main():
         print(f"{name:36s} {t_ours:10.3f} {t_ref:10.3f} {t_ours / t_ref:7.2f} {diff:13.2e}", flush=True)
     a = relprop.explain(stock, x, target=t, method="deeplift", baselines=base).attributions
     b = R.DeepLift(model).attribute(x, base, target=t)
-    print(f"check: relprop DeepLIFT on the stock model (reused ReLUs) vs separate ReLUs: max abs diff "
-          f"{float((a - b).abs().max()):.2e}")
+    print(
+        f"check: relprop DeepLIFT on the stock model (reused ReLUs) vs separate ReLUs: max abs diff "
+        f"{float((a - b).abs().max()):.2e}"
+    )
 
 
 if __name__ == "__main__":

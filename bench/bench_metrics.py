@@ -81,20 +81,31 @@ def main() -> None:
     args = ap.parse_args()
 
     import quantus
+
     from relprop import metrics as M
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, quantus {quantus.__version__}, threads {torch.get_num_threads()}")
     for label, model, upscale, cases in [
-        ("digits 8x8, test CNN", make_small_model(), 1, [
-            ("pixel flipping (features_in_step=1, 64 steps, black)", "pf", dict(features_in_step=1)),
-            ("region perturbation (patch 2, 16 regions, black, MoRF)", "rp", dict(patch_size=2, regions=16)),
-        ]),
-        ("digits upscaled to 32x32, LeNet-sized CNN", make_model(), 4, [
-            ("pixel flipping (features_in_step=16, 64 steps, black)", "pf", dict(features_in_step=16)),
-            ("region perturbation (patch 4, 64 regions, black, MoRF)", "rp", dict(patch_size=4, regions=64)),
-        ]),
+        (
+            "digits 8x8, test CNN",
+            make_small_model(),
+            1,
+            [
+                ("pixel flipping (features_in_step=1, 64 steps, black)", "pf", dict(features_in_step=1)),
+                ("region perturbation (patch 2, 16 regions, black, MoRF)", "rp", dict(patch_size=2, regions=16)),
+            ],
+        ),
+        (
+            "digits upscaled to 32x32, LeNet-sized CNN",
+            make_model(),
+            4,
+            [
+                ("pixel flipping (features_in_step=16, 64 steps, black)", "pf", dict(features_in_step=16)),
+                ("region perturbation (patch 4, 64 regions, black, MoRF)", "rp", dict(patch_size=4, regions=64)),
+            ],
+        ),
     ]:
         x, y = make_data(64, upscale)
         # input x gradient attributions
@@ -105,16 +116,29 @@ def main() -> None:
         print(f"\n== {label}: 64 images {tuple(x.shape[1:])}, input x gradient maps ==")
         for name, kind, kw in cases:
             if kind == "pf":
-                make_q = lambda kw=kw: quantus.PixelFlipping(features_in_step=kw["features_in_step"], perturb_baseline="black", disable_warnings=True)
-                ours = lambda kw=kw: M.pixel_flipping(model, x, a, y, baseline="black", batch_size=args.batch_size, **kw).scores.numpy()
+                make_q = lambda kw=kw: quantus.PixelFlipping(
+                    features_in_step=kw["features_in_step"], perturb_baseline="black", disable_warnings=True
+                )
+                ours = lambda kw=kw: M.pixel_flipping(
+                    model, x, a, y, baseline="black", batch_size=args.batch_size, **kw
+                ).scores.numpy()
             else:
-                make_q = lambda kw=kw: quantus.RegionPerturbation(patch_size=kw["patch_size"], regions_evaluation=kw["regions"], perturb_baseline="black", disable_warnings=True)
-                ours = lambda kw=kw: M.region_perturbation(model, x, a, y, baseline="black", batch_size=args.batch_size, **kw).scores.numpy()
+                make_q = lambda kw=kw: quantus.RegionPerturbation(
+                    patch_size=kw["patch_size"],
+                    regions_evaluation=kw["regions"],
+                    perturb_baseline="black",
+                    disable_warnings=True,
+                )
+                ours = lambda kw=kw: M.region_perturbation(
+                    model, x, a, y, baseline="black", batch_size=args.batch_size, **kw
+                ).scores.numpy()
 
             def run_quantus(make_q=make_q):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    return np.asarray(make_q()(model=model, x_batch=xn, y_batch=yn, a_batch=an, softmax=True, batch_size=64))
+                    return np.asarray(
+                        make_q()(model=model, x_batch=xn, y_batch=yn, a_batch=an, softmax=True, batch_size=64)
+                    )
 
             def floor(n_copies=None):
                 # forward passes alone on as many copies (clean + one per step), same batch size
@@ -126,9 +150,11 @@ def main() -> None:
             tq, q = best_of(run_quantus, args.repeats)
             tr, r = best_of(ours, args.repeats)
             tf, _ = best_of(lambda: floor(len(x) * (q.shape[1] + 1)), args.repeats)
-            print(f"{name}:\n  quantus {tq * 1e3:8.1f} ms   relprop {tr * 1e3:8.1f} ms   "
-                  f"speed-up {tq / tr:5.1f}x   max |diff| {np.abs(q - r).max():.2e}\n"
-                  f"  (model forward alone on the {len(x) * (q.shape[1] + 1)} copies: {tf * 1e3:.1f} ms)")
+            print(
+                f"{name}:\n  quantus {tq * 1e3:8.1f} ms   relprop {tr * 1e3:8.1f} ms   "
+                f"speed-up {tq / tr:5.1f}x   max |diff| {np.abs(q - r).max():.2e}\n"
+                f"  (model forward alone on the {len(x) * (q.shape[1] + 1)} copies: {tf * 1e3:.1f} ms)"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ exactly as tests/test_zoo.py does.
 The ``chest_xray`` model is a demo only: 16 images are too few for a held-out split, so it is
 trained and evaluated on all 16 (its JSON says ``eval_split: "all"``, ``test_accuracy: null``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,35 +36,71 @@ SEED = 0
 
 # name: (architecture, arch_kwargs, family, dataset, epochs, batch_size, optimizer settings)
 SPECS: dict[str, dict] = {
-    "resnet_digits": dict(architecture="SmallResNet", family="ResNet",
-                          arch_kwargs=dict(in_channels=1, num_classes=10, widths=[16, 32, 64]),
-                          dataset="digits", epochs=8, batch_size=64,
-                          optimizer=dict(name="AdamW", lr=3e-3, weight_decay=1e-4)),
-    "vgg_digits": dict(architecture="SmallVGG", family="VGG",
-                       arch_kwargs=dict(in_channels=1, num_classes=10, widths=[16, 32, 64], image_size=32, hidden=64),
-                       dataset="digits", epochs=10, batch_size=64,
-                       optimizer=dict(name="AdamW", lr=2e-3, weight_decay=1e-4)),
-    "densenet_digits": dict(architecture="SmallDenseNet", family="DenseNet",
-                            arch_kwargs=dict(in_channels=1, num_classes=10, growth=12, block_layers=[3, 3, 3], stem=16),
-                            dataset="digits", epochs=8, batch_size=64,
-                            optimizer=dict(name="AdamW", lr=3e-3, weight_decay=1e-4)),
-    "vit_digits": dict(architecture="SmallViT", family="ViT",
-                       arch_kwargs=dict(in_channels=1, num_classes=10, image_size=32, patch=4, dim=64, depth=3,
-                                        heads=4, mlp_ratio=2.0),
-                       dataset="digits", epochs=25, batch_size=64,
-                       optimizer=dict(name="AdamW", lr=1e-3, weight_decay=5e-2)),
-    "resnet_faces": dict(architecture="SmallResNet", family="ResNet",
-                         arch_kwargs=dict(in_channels=1, num_classes=2, widths=[16, 32, 64]),
-                         dataset="faces", epochs=15, batch_size=32,
-                         optimizer=dict(name="AdamW", lr=2e-3, weight_decay=1e-4)),
-    "vgg_faces": dict(architecture="SmallVGG", family="VGG",
-                      arch_kwargs=dict(in_channels=1, num_classes=2, widths=[16, 32, 64], image_size=32, hidden=64),
-                      dataset="faces", epochs=25, batch_size=32,
-                      optimizer=dict(name="AdamW", lr=1e-3, weight_decay=1e-4)),
-    "vgg_xray": dict(architecture="SmallVGG", family="VGG",
-                     arch_kwargs=dict(in_channels=1, num_classes=2, widths=[8, 16, 32], image_size=64, hidden=32),
-                     dataset="chest_xray", epochs=60, batch_size=8,
-                     optimizer=dict(name="AdamW", lr=2e-3, weight_decay=1e-4)),
+    "resnet_digits": dict(
+        architecture="SmallResNet",
+        family="ResNet",
+        arch_kwargs=dict(in_channels=1, num_classes=10, widths=[16, 32, 64]),
+        dataset="digits",
+        epochs=8,
+        batch_size=64,
+        optimizer=dict(name="AdamW", lr=3e-3, weight_decay=1e-4),
+    ),
+    "vgg_digits": dict(
+        architecture="SmallVGG",
+        family="VGG",
+        arch_kwargs=dict(in_channels=1, num_classes=10, widths=[16, 32, 64], image_size=32, hidden=64),
+        dataset="digits",
+        epochs=10,
+        batch_size=64,
+        optimizer=dict(name="AdamW", lr=2e-3, weight_decay=1e-4),
+    ),
+    "densenet_digits": dict(
+        architecture="SmallDenseNet",
+        family="DenseNet",
+        arch_kwargs=dict(in_channels=1, num_classes=10, growth=12, block_layers=[3, 3, 3], stem=16),
+        dataset="digits",
+        epochs=8,
+        batch_size=64,
+        optimizer=dict(name="AdamW", lr=3e-3, weight_decay=1e-4),
+    ),
+    "vit_digits": dict(
+        architecture="SmallViT",
+        family="ViT",
+        arch_kwargs=dict(
+            in_channels=1, num_classes=10, image_size=32, patch=4, dim=64, depth=3, heads=4, mlp_ratio=2.0
+        ),
+        dataset="digits",
+        epochs=25,
+        batch_size=64,
+        optimizer=dict(name="AdamW", lr=1e-3, weight_decay=5e-2),
+    ),
+    "resnet_faces": dict(
+        architecture="SmallResNet",
+        family="ResNet",
+        arch_kwargs=dict(in_channels=1, num_classes=2, widths=[16, 32, 64]),
+        dataset="faces",
+        epochs=15,
+        batch_size=32,
+        optimizer=dict(name="AdamW", lr=2e-3, weight_decay=1e-4),
+    ),
+    "vgg_faces": dict(
+        architecture="SmallVGG",
+        family="VGG",
+        arch_kwargs=dict(in_channels=1, num_classes=2, widths=[16, 32, 64], image_size=32, hidden=64),
+        dataset="faces",
+        epochs=25,
+        batch_size=32,
+        optimizer=dict(name="AdamW", lr=1e-3, weight_decay=1e-4),
+    ),
+    "vgg_xray": dict(
+        architecture="SmallVGG",
+        family="VGG",
+        arch_kwargs=dict(in_channels=1, num_classes=2, widths=[8, 16, 32], image_size=64, hidden=32),
+        dataset="chest_xray",
+        epochs=60,
+        batch_size=8,
+        optimizer=dict(name="AdamW", lr=2e-3, weight_decay=1e-4),
+    ),
 }
 
 
@@ -86,7 +123,7 @@ def train_one(name: str, spec: dict, out_dir: Path) -> dict:
         perm = torch.randperm(len(train), generator=gen)
         total = 0.0
         for i in range(0, len(train), spec["batch_size"]):
-            idx = perm[i:i + spec["batch_size"]]
+            idx = perm[i : i + spec["batch_size"]]
             x, y = train.images[idx], train.labels[idx]
             if held_out:  # light augmentation: random shift by up to 2 pixels
                 dx, dy = (torch.randint(-2, 3, (2,), generator=gen)).tolist()
@@ -112,14 +149,21 @@ def train_one(name: str, spec: dict, out_dir: Path) -> dict:
         "input_shape": list(train.input_shape),
         "num_classes": len(train.class_names),
         "class_names": train.class_names,
-        "normalization": {"mean": train.mean, "std": train.std,
-                          "note": "inputs = (raw_pixels_in_[0,1] - mean) / std; Dataset.images are already normalised"},
+        "normalization": {
+            "mean": train.mean,
+            "std": train.std,
+            "note": "inputs = (raw_pixels_in_[0,1] - mean) / std; Dataset.images are already normalised",
+        },
         "seed": SEED,
         "split_seed": zoo.data.SPLIT_SEED,
         "epochs": spec["epochs"],
         "batch_size": spec["batch_size"],
-        "optimizer": dict(opt_cfg, scheduler="OneCycleLR(pct_start=0.2)", loss="cross_entropy",
-                          augmentation="random roll by up to 2 px" if held_out else "none"),
+        "optimizer": dict(
+            opt_cfg,
+            scheduler="OneCycleLR(pct_start=0.2)",
+            loss="cross_entropy",
+            augmentation="random roll by up to 2 px" if held_out else "none",
+        ),
         "train_size": len(train),
         "eval_split": evald.split,
         "eval_size": len(evald),
@@ -129,8 +173,12 @@ def train_one(name: str, spec: dict, out_dir: Path) -> dict:
         "training_seconds_2cpu": round(seconds, 1),
         "final_train_loss": round(total / len(train), 5),
         "command": f"python scripts/train_zoo.py {name}",
-        "notes": "" if held_out else ("Demo model: 16 images are too few to hold any out; trained and evaluated "
-                                      "on all 16, so 'accuracy' is TRAINING accuracy, not a generalisation estimate."),
+        "notes": ""
+        if held_out
+        else (
+            "Demo model: 16 images are too few to hold any out; trained and evaluated "
+            "on all 16, so 'accuracy' is TRAINING accuracy, not a generalisation estimate."
+        ),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     zoo._info.cache_clear()
@@ -157,9 +205,12 @@ def main(argv=None) -> int:
     for n in names:
         info = train_one(n, SPECS[n], args.out)
         size = (args.out / f"{n}.safetensors").stat().st_size
-        print(f"{n:16s} {info['family']:9s} params={info['num_params']:7d} size={size / 1024:6.1f} KiB "
-              f"{info['eval_split']}_acc={info['accuracy']:.4f} train_acc={info['train_accuracy']:.4f} "
-              f"time={info['training_seconds_2cpu']:.1f}s", flush=True)
+        print(
+            f"{n:16s} {info['family']:9s} params={info['num_params']:7d} size={size / 1024:6.1f} KiB "
+            f"{info['eval_split']}_acc={info['accuracy']:.4f} train_acc={info['train_accuracy']:.4f} "
+            f"time={info['training_seconds_2cpu']:.1f}s",
+            flush=True,
+        )
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
 

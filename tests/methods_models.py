@@ -52,8 +52,9 @@ def vit():
     import timm
 
     torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                          num_classes=5).eval()
+    m = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     return m, x, torch.tensor([1, 4]), torch.randn(2, 3, 32, 32) * 0.1
 

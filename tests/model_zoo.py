@@ -15,7 +15,8 @@ No hub downloads: every model is built from a config with random weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ def _ids(vocab: int, seq: int = SEQ) -> torch.Tensor:
 
 def _mask(seq: int = SEQ, dtype=torch.long) -> torch.Tensor:
     m = torch.ones(BATCH, seq, dtype=dtype)
-    m[1, seq - 2:] = 0  # right padding on the second sample
+    m[1, seq - 2 :] = 0  # right padding on the second sample
     return m
 
 
@@ -106,7 +107,12 @@ def _tv_vgg11_bn():
     model = vgg11_bn(num_classes=10)
     # The stock 25088x4096 classifier costs ~0.5 GB; same structure, narrower.
     model.classifier = nn.Sequential(
-        nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(512 * 7 * 7, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
         nn.Linear(64, 10),
     )
     return _cnn("tv_vgg11_bn", model)
@@ -145,8 +151,9 @@ def _tv_efficientnet_b0():
 def _timm_convnext():
     import timm
 
-    model = timm.create_model("convnext_tiny", pretrained=False, num_classes=10, depths=(1, 1, 1, 1),
-                              dims=(16, 32, 48, 64))
+    model = timm.create_model(
+        "convnext_tiny", pretrained=False, num_classes=10, depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)
+    )
     return _cnn("timm_convnext", model)
 
 
@@ -171,8 +178,9 @@ def _timm_vit_tiny():
 def _tv_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
-                              num_classes=10)
+    model = VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
     return "tv_vit", model.eval(), _image(), 3
 
 
@@ -180,8 +188,17 @@ def _tv_vit():
 def _timm_swin():
     import timm
 
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
-                              window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4), num_classes=10)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        window_size=4,
+        embed_dim=32,
+        depths=(1, 1),
+        num_heads=(2, 4),
+        num_classes=10,
+    )
     return "timm_swin", model.eval(), _image(), 3
 
 
@@ -189,8 +206,15 @@ def _timm_swin():
 def _hf_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64, num_labels=10)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
     return "hf_vit", _hf(ViTForImageClassification, cfg, "eager"), {"pixel_values": _image()}, 3
 
 
@@ -199,8 +223,15 @@ def _hf_vit():
 def _hf_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     model = _hf(BertForSequenceClassification, cfg, "eager")
     inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_bert", model, inputs, 1
@@ -210,8 +241,16 @@ def _hf_bert():
 def _hf_roberta():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=40, num_labels=3, pad_token_id=1)
+    cfg = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_labels=3,
+        pad_token_id=1,
+    )
     model = _hf(RobertaForSequenceClassification, cfg, "sdpa")
     inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_roberta", model, inputs, 2
@@ -221,8 +260,9 @@ def _hf_roberta():
 def _hf_distilbert():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=32,
-                           num_labels=3)
+    cfg = DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=3
+    )
     model = _hf(DistilBertForSequenceClassification, cfg, "sdpa")
     inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_distilbert", model, inputs, 0
@@ -242,8 +282,16 @@ def _hf_gpt2():
 def _hf_llama():
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
     model = _hf(LlamaModel, cfg, "sdpa")
     inputs = {"inputs_embeds": _embeds(model, 100)}
     return "hf_llama", model, inputs, lambda out: out.last_hidden_state[:, -1, :3].sum(-1)
@@ -253,8 +301,16 @@ def _hf_llama():
 def _hf_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False)
+    cfg = Qwen2Config(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
     model = _hf(Qwen2ForCausalLM, cfg, "eager")
     inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_qwen2", model, inputs, 11  # int target: summed over positions
@@ -264,9 +320,17 @@ def _hf_qwen2():
 def _hf_mistral():
     from transformers import MistralConfig, MistralModel
 
-    cfg = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32, sliding_window=4,
-                        use_cache=False)
+    cfg = MistralConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        sliding_window=4,
+        use_cache=False,
+    )
     model = _hf(MistralModel, cfg, "sdpa")
     inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_mistral", model, inputs, lambda out: out.last_hidden_state[:, 2, :].pow(2).sum(-1)
@@ -276,8 +340,18 @@ def _hf_mistral():
 def _hf_t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
-                   relative_attention_num_buckets=8, use_cache=False, feed_forward_proj="gated-gelu")
+    cfg = T5Config(
+        vocab_size=100,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        use_cache=False,
+        feed_forward_proj="gated-gelu",
+    )
     model = _hf(T5ForConditionalGeneration, cfg, "eager")
     inputs = {
         "inputs_embeds": _embeds(model, 100),
@@ -291,10 +365,25 @@ def _hf_t5():
 def _hf_whisper():
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    cfg = WhisperConfig(vocab_size=100, num_mel_bins=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, d_model=32,
-                        max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None, use_cache=False)
+    cfg = WhisperConfig(
+        vocab_size=100,
+        num_mel_bins=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        d_model=32,
+        max_source_positions=8,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        begin_suppress_tokens=None,
+        use_cache=False,
+    )
     model = _hf(WhisperForConditionalGeneration, cfg, "sdpa")
     with torch.no_grad():
         dec = model.get_decoder().embed_tokens(_ids(100, 4)).clone()
@@ -306,8 +395,9 @@ def _hf_whisper():
 def _hf_mamba():
     from transformers import MambaConfig, MambaModel
 
-    cfg = MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
-                      use_cache=False)
+    cfg = MambaConfig(
+        vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, use_cache=False
+    )
     model = _hf(MambaModel, cfg)
     inputs = {"inputs_embeds": _embeds(model, 100)}
     return "hf_mamba", model, inputs, lambda out: out.last_hidden_state[:, -1, :3].sum(-1)
@@ -315,15 +405,27 @@ def _hf_mamba():
 
 @builder("hf_pix2struct")
 def _hf_pix2struct():
-    from transformers import (Pix2StructConfig, Pix2StructForConditionalGeneration, Pix2StructTextConfig,
-                              Pix2StructVisionConfig)
+    from transformers import (
+        Pix2StructConfig,
+        Pix2StructForConditionalGeneration,
+        Pix2StructTextConfig,
+        Pix2StructVisionConfig,
+    )
 
     patch, seq = 4, 8
-    vision = Pix2StructVisionConfig(hidden_size=32, patch_embed_hidden_size=patch * patch * 3, d_ff=64, d_kv=16,
-                                    num_hidden_layers=1, num_attention_heads=2, seq_len=seq,
-                                    initializer_range=0.02)
-    text = Pix2StructTextConfig(vocab_size=100, hidden_size=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                                dropout_rate=0.0, use_cache=False)
+    vision = Pix2StructVisionConfig(
+        hidden_size=32,
+        patch_embed_hidden_size=patch * patch * 3,
+        d_ff=64,
+        d_kv=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        seq_len=seq,
+        initializer_range=0.02,
+    )
+    text = Pix2StructTextConfig(
+        vocab_size=100, hidden_size=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, dropout_rate=0.0, use_cache=False
+    )
     cfg = Pix2StructConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
     model = _hf(Pix2StructForConditionalGeneration, cfg)
     # flattened_patches: [row index, column index, patch pixels] per patch (DePlot's input format).
@@ -333,8 +435,7 @@ def _hf_pix2struct():
     patches = torch.cat([rows.expand(BATCH, seq)[..., None], cols.expand(BATCH, seq)[..., None], pixels], -1)
     with torch.no_grad():
         dec = model.get_input_embeddings()(_ids(100, 3)).clone()
-    inputs = {"flattened_patches": patches, "attention_mask": _mask(seq),
-              "decoder_inputs_embeds": dec}
+    inputs = {"flattened_patches": patches, "attention_mask": _mask(seq), "decoder_inputs_embeds": dec}
     return "hf_pix2struct", model, inputs, lambda out: out.logits[:, -1, 9]
 
 
@@ -342,15 +443,27 @@ def _hf_pix2struct():
 def _hf_clip_text():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
+    cfg = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = _hf(CLIPTextModel, cfg, "sdpa")
     ids = _ids(100)
     ids[:, -1] = 2  # eos, pooled
     # CLIP's text model only takes token ids: attributions are the embedding gradients summed over features.
-    return "hf_clip_text", model, {"input_ids": ids, "attention_mask": _mask()}, (
-        lambda out: out.pooler_output[:, :4].sum(-1))
+    return (
+        "hf_clip_text",
+        model,
+        {"input_ids": ids, "attention_mask": _mask()},
+        (lambda out: out.pooler_output[:, :4].sum(-1)),
+    )
 
 
 ZOO = sorted(BUILDERS)

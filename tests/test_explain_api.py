@@ -58,15 +58,15 @@ def test_token_inputs_give_one_score_per_token():
     model = TokenModel().eval()
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    e = relprop.explain(model, {"input_ids": ids, "attention_mask": mask}, target=0, method="lrp",
-                        composite="lrp0")
+    e = relprop.explain(model, {"input_ids": ids, "attention_mask": mask}, target=0, method="lrp", composite="lrp0")
     assert e.attributions["input_ids"].shape == ids.shape
     # The masked token contributes nothing; LRP-0 through tanh (identity rule) and the mean: conservation
     # up to the bias's share.
     assert e.attributions["input_ids"][1, 3] == 0
     emb = model.emb(ids) * mask[..., None]
-    g = relprop.explain(lambda e_: model.lin(torch.tanh(e_).mean(1)), emb, target=0, method="lrp",
-                        composite="lrp0").attributions
+    g = relprop.explain(
+        lambda e_: model.lin(torch.tanh(e_).mean(1)), emb, target=0, method="lrp", composite="lrp0"
+    ).attributions
     torch.testing.assert_close(e.attributions["input_ids"], g.sum(-1))
 
 
@@ -81,14 +81,17 @@ def test_layer_relevance():
         relprop.explain(model, x, target=1, method="lrp", layers=["nope"])
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(target=7), "out of range"),
-    (dict(target=torch.tensor([0, 1, 2])), "one per sample"),
-    (dict(target=1.5), "integer class indices"),
-    (dict(target=None), "required"),
-    (dict(target=0, method="lrpp"), "Did you mean 'lrp'"),
-    (dict(target=0, method="lrp", composite="epsilon_plus_flatt"), "Did you mean 'epsilon_plus_flat'"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(target=7), "out of range"),
+        (dict(target=torch.tensor([0, 1, 2])), "one per sample"),
+        (dict(target=1.5), "integer class indices"),
+        (dict(target=None), "required"),
+        (dict(target=0, method="lrpp"), "Did you mean 'lrp'"),
+        (dict(target=0, method="lrp", composite="epsilon_plus_flatt"), "Did you mean 'epsilon_plus_flat'"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(bad, match):
     model = TwoInput().eval()
     with pytest.raises(ValueError, match=match):
@@ -166,6 +169,7 @@ def test_declared_fallback_warns_and_user_rule_applies():
         e = relprop.explain(model, x, target=0, method="lrp", composite="lrp0", fallback="gradient")
     # The gradient fallback sends 3 R back through y = 3x; a user rule R_x = R_y restores conservation.
     from relprop.rules import Identity
+
     e2 = relprop.explain(model, x, target=0, method="lrp", composite="lrp0", rules={"mystery2": Identity()})
     torch.testing.assert_close(e2.attributions.sum(1), e2.score, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(e.attributions, 3 * e2.attributions)

@@ -50,8 +50,11 @@ def _model(name):
 def test_matches_zennit(arch, canonizer, size, composite):
     model = _model(arch)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ours = relprop.explain(model, x, target=3, method="lrp", composite=composite, low=-3.0, high=3.0) \
-        if composite == "epsilon_gamma_box" else relprop.explain(model, x, target=3, method="lrp", composite=composite)
+    ours = (
+        relprop.explain(model, x, target=3, method="lrp", composite=composite, low=-3.0, high=3.0)
+        if composite == "epsilon_gamma_box"
+        else relprop.explain(model, x, target=3, method="lrp", composite=composite)
+    )
     theirs = _zennit(model, x, 3, _composites(canonizer)[composite]())
     torch.testing.assert_close(ours.attributions, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
     assert not (ours.attributions == 0).all()

@@ -6,7 +6,6 @@ and its relevance, and relprop explains the same weights under transformers 5.
 """
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,25 @@ def _reference(arch, variant, tmp_path):
     assert LXT_PYTHON.exists(), "run scripts/env.sh (or scripts/test.sh) to create the LXT environment"
     out = tmp_path / f"{arch}_{variant}"
     out.mkdir()
-    subprocess.run([str(LXT_PYTHON), str(ROOT / "tests" / "lxt" / "reference.py"), arch, variant, str(out)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [str(LXT_PYTHON), str(ROOT / "tests" / "lxt" / "reference.py"), arch, variant, str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out, torch.load(out / "lxt.pt")
 
 
-@pytest.mark.parametrize("arch,variant,attn", [
-    ("llama", "attnlrp", "eager"), ("llama", "attnlrp", "sdpa"), ("llama", "cp_lrp", "eager"),
-    ("bert", "attnlrp", "eager"), ("bert", "attnlrp", "sdpa"),
-])
+@pytest.mark.parametrize(
+    "arch,variant,attn",
+    [
+        ("llama", "attnlrp", "eager"),
+        ("llama", "attnlrp", "sdpa"),
+        ("llama", "cp_lrp", "eager"),
+        ("bert", "attnlrp", "eager"),
+        ("bert", "attnlrp", "sdpa"),
+    ],
+)
 def test_matches_lxt(arch, variant, attn, tmp_path):
     folder, ref = _reference(arch, variant, tmp_path)
     if arch == "llama":

@@ -1,12 +1,11 @@
 """Numerical agreement with Captum on a residual CNN and a small ViT, and the import swap."""
 
-
 import pytest
 import torch
 
 import relprop
-from relprop import captum as R
 from methods_models import res_cnn, vit
+from relprop import captum as R
 
 C = pytest.importorskip("captum.attr")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -36,15 +35,25 @@ def test_saliency_input_x_gradient(name):
 
 
 @pytest.mark.parametrize("name", ["cnn", "vit"])
-@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_middle",
-                                    "riemann_right"])
+@pytest.mark.parametrize(
+    "method", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_middle", "riemann_right"]
+)
 def test_integrated_gradients(name, method):
     m, x, t, b = model(name)
     ref = C.IntegratedGradients(m).attribute(x, b, target=t, n_steps=8, method=method)
     close(R.IntegratedGradients(m).attribute(x, b, target=t, n_steps=8, method=method, internal_batch_size=7), ref)
     # the traced-graph engine gives the same numbers as the autograd fast path
-    e = relprop.explain(m, x, target=t, method="integrated_gradients", baselines=b, n_steps=8, approximation=method,
-                        internal_batch_size=7, engine="graph")
+    e = relprop.explain(
+        m,
+        x,
+        target=t,
+        method="integrated_gradients",
+        baselines=b,
+        n_steps=8,
+        approximation=method,
+        internal_batch_size=7,
+        engine="graph",
+    )
     close(e.attributions, ref)
 
 
@@ -53,30 +62,36 @@ def test_integrated_gradients(name, method):
 def test_noise_tunnel_same_seed(name, nt_type):
     m, x, t, _ = model(name)
     torch.manual_seed(3)
-    ours = R.NoiseTunnel(R.Saliency(m)).attribute(x, nt_type=nt_type, nt_samples=5, nt_samples_batch_size=2,
-                                                  stdevs=0.2, target=t)
+    ours = R.NoiseTunnel(R.Saliency(m)).attribute(
+        x, nt_type=nt_type, nt_samples=5, nt_samples_batch_size=2, stdevs=0.2, target=t
+    )
     torch.manual_seed(3)
-    ref = C.NoiseTunnel(C.Saliency(m)).attribute(x, nt_type=nt_type, nt_samples=5, nt_samples_batch_size=2,
-                                                 stdevs=0.2, target=t)
+    ref = C.NoiseTunnel(C.Saliency(m)).attribute(
+        x, nt_type=nt_type, nt_samples=5, nt_samples_batch_size=2, stdevs=0.2, target=t
+    )
     close(ours, ref)
 
 
 def test_noise_tunnel_over_integrated_gradients():
     m, x, t, b = model("cnn")
     torch.manual_seed(1)
-    ours = R.NoiseTunnel(R.IntegratedGradients(m)).attribute(x, nt_samples=3, stdevs=0.3, target=t, n_steps=4,
-                                                             baselines=b)
+    ours = R.NoiseTunnel(R.IntegratedGradients(m)).attribute(
+        x, nt_samples=3, stdevs=0.3, target=t, n_steps=4, baselines=b
+    )
     torch.manual_seed(1)
-    ref = C.NoiseTunnel(C.IntegratedGradients(m)).attribute(x, nt_samples=3, stdevs=0.3, target=t, n_steps=4,
-                                                            baselines=b)
+    ref = C.NoiseTunnel(C.IntegratedGradients(m)).attribute(
+        x, nt_samples=3, stdevs=0.3, target=t, n_steps=4, baselines=b
+    )
     close(ours, ref)
 
 
 def test_deeplift_cnn():
     m, x, t, b = model("cnn")
     close(R.DeepLift(m).attribute(x, b, target=t), C.DeepLift(m).attribute(x, b, target=t))
-    close(R.DeepLift(m, multiply_by_inputs=False).attribute(x, b, target=t),
-          C.DeepLift(m, multiply_by_inputs=False).attribute(x, b, target=t))
+    close(
+        R.DeepLift(m, multiply_by_inputs=False).attribute(x, b, target=t),
+        C.DeepLift(m, multiply_by_inputs=False).attribute(x, b, target=t),
+    )
 
 
 def test_deeplift_vit_captum_scope():
@@ -97,8 +112,10 @@ def test_gradcam_cnn():
     m, x, t, _ = model("cnn")
     for layer in (m.block.c2, m.block, m.conv):
         close(R.LayerGradCam(m, layer).attribute(x, target=t), C.LayerGradCam(m, layer).attribute(x, target=t))
-    close(R.LayerGradCam(m, m.block).attribute(x, target=t, attribute_to_layer_input=True, relu_attributions=True),
-          C.LayerGradCam(m, m.block).attribute(x, target=t, attribute_to_layer_input=True, relu_attributions=True))
+    close(
+        R.LayerGradCam(m, m.block).attribute(x, target=t, attribute_to_layer_input=True, relu_attributions=True),
+        C.LayerGradCam(m, m.block).attribute(x, target=t, attribute_to_layer_input=True, relu_attributions=True),
+    )
     close(R.GuidedGradCam(m, m.block.c2).attribute(x, target=t), C.GuidedGradCam(m, m.block.c2).attribute(x, target=t))
     # by name through explain
     e = relprop.explain(m, x, target=t, method="gradcam", layer="block.c2")

@@ -33,8 +33,9 @@ def test_captum_deeplift_maxpool_after_relu_is_wrong():
     x, b = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8) * 0.1
     _, d_captum = captum.DeepLift(m).attribute(x, b, target=0, return_convergence_delta=True)
     ours = relprop.explain(m, x, target=0, method="deeplift", baselines=b).attributions
-    d_ours = ours.flatten(1).sum(1) - (_score(m, x, torch.zeros(2, dtype=torch.long)) -
-                                       _score(m, b, torch.zeros(2, dtype=torch.long)))
+    d_ours = ours.flatten(1).sum(1) - (
+        _score(m, x, torch.zeros(2, dtype=torch.long)) - _score(m, b, torch.zeros(2, dtype=torch.long))
+    )
     assert d_captum.abs().max() > 1e-3
     assert d_ours.abs().max() < 1e-5
 
@@ -44,8 +45,12 @@ class Functional(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
-                                              nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+        self.c1, self.c2, self.c3, self.c4 = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+        )
         self.act = nn.ReLU()
         self.fc = nn.Linear(4, 3)
 
@@ -104,10 +109,18 @@ def test_functional_and_reused_relu_same_as_separate_modules():
     captum = pytest.importorskip("captum.attr")
     # Where Captum can run (separate ReLU modules, no exp), the functional model matches it
     nf, nm = NoExp(f).eval(), Modular(f, use_exp=False).eval()
-    torch.testing.assert_close(relprop.explain(nf, x, target=t, method="deeplift", baselines=b).attributions,
-                               captum.DeepLift(nm).attribute(x, b, target=t), rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(relprop.explain(f, x, target=t, method="guided_backprop").attributions,
-                               captum.GuidedBackprop(mod).attribute(x, target=t), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        relprop.explain(nf, x, target=t, method="deeplift", baselines=b).attributions,
+        captum.DeepLift(nm).attribute(x, b, target=t),
+        rtol=1e-4,
+        atol=1e-7,
+    )
+    torch.testing.assert_close(
+        relprop.explain(f, x, target=t, method="guided_backprop").attributions,
+        captum.GuidedBackprop(mod).attribute(x, target=t),
+        rtol=1e-4,
+        atol=1e-7,
+    )
 
 
 def test_normgrad_matches_definition():
@@ -142,18 +155,27 @@ def test_normgrad_matches_definition():
     assert e.attributions.max() <= 1 + 1e-6
 
 
-@pytest.mark.parametrize("method,opts", [
-    ("saliency", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 5}),
-    ("deeplift", {}), ("guided_backprop", {}), ("deconvnet", {}), ("occlusion", {"sliding_window_shapes": (1,)}),
-    ("smoothgrad", {"nt_samples": 2, "stdevs": 0.1}),
-])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("saliency", {}),
+        ("input_x_gradient", {}),
+        ("integrated_gradients", {"n_steps": 5}),
+        ("deeplift", {}),
+        ("guided_backprop", {}),
+        ("deconvnet", {}),
+        ("occlusion", {"sliding_window_shapes": (1,)}),
+        ("smoothgrad", {"nt_samples": 2, "stdevs": 0.1}),
+    ],
+)
 def test_token_inputs_and_dict(method, opts):
     torch.manual_seed(0)
     m = TokenModel().eval()
     ids = torch.randint(1, 11, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
-    e = relprop.explain(m, {"input_ids": ids, "attention_mask": mask}, target=torch.tensor([0, 2]), method=method,
-                        **opts)
+    e = relprop.explain(
+        m, {"input_ids": ids, "attention_mask": mask}, target=torch.tensor([0, 2]), method=method, **opts
+    )
     assert set(e.attributions) == {"input_ids", "attention_mask"}
     assert e.attributions["input_ids"].shape == (2, 5)
     assert torch.isfinite(e.attributions["input_ids"]).all()
@@ -179,11 +201,19 @@ class TwoInput(nn.Module):
         return self.out(torch.relu(self.a(x) + self.b(y)))
 
 
-@pytest.mark.parametrize("method,opts", [
-    ("saliency", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 6}), ("deeplift", {}),
-    ("guided_backprop", {}), ("deconvnet", {}), ("occlusion", {"sliding_window_shapes": ((1,), (1,))}),
-    ("noise_tunnel", {"base_method": "saliency", "nt_samples": 2}),
-])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("saliency", {}),
+        ("input_x_gradient", {}),
+        ("integrated_gradients", {"n_steps": 6}),
+        ("deeplift", {}),
+        ("guided_backprop", {}),
+        ("deconvnet", {}),
+        ("occlusion", {"sliding_window_shapes": ((1,), (1,))}),
+        ("noise_tunnel", {"base_method": "saliency", "nt_samples": 2}),
+    ],
+)
 def test_multiple_inputs_dict_equals_tuple(method, opts):
     torch.manual_seed(0)
     m = TwoInput().eval()
@@ -197,24 +227,27 @@ def test_multiple_inputs_dict_equals_tuple(method, opts):
     torch.testing.assert_close(a[1], d["y"])
 
 
-@pytest.mark.parametrize("method,opts,word", [
-    ("integrated_gradients", {"n_steps": 0}, "n_steps"),
-    ("integrated_gradients", {"approximation": "simpson"}, "approximation"),
-    ("integrated_gradients", {"baselines": torch.zeros(5)}, "baselines"),
-    ("integrated_gradients", {"internal_batch_size": -1}, "internal_batch_size"),
-    ("noise_tunnel", {"nt_type": "smooth"}, "nt_type"),
-    ("noise_tunnel", {"base_method": "nope"}, "base_method"),
-    ("noise_tunnel", {"stdevs": "big"}, "stdevs"),
-    ("occlusion", {}, "sliding_window_shapes"),
-    ("occlusion", {"sliding_window_shapes": (3, 40, 4)}, "sliding_window_shapes"),
-    ("occlusion", {"sliding_window_shapes": (3, 4, 4), "strides": (1, 8, 8)}, "strides"),
-    ("gradcam", {"layer": "blok"}, "layer"),
-    ("gradcam", {"layer": "block", "reshape": 7}, "reshape"),
-    ("normgrad", {"layers": "stem"}, "layers"),
-    ("normgrad", {"combine": "max"}, "combine"),
-    ("deeplift", {"scope": "some"}, "scope"),
-    ("saliency", {"abs": "yes"}, "abs"),
-])
+@pytest.mark.parametrize(
+    "method,opts,word",
+    [
+        ("integrated_gradients", {"n_steps": 0}, "n_steps"),
+        ("integrated_gradients", {"approximation": "simpson"}, "approximation"),
+        ("integrated_gradients", {"baselines": torch.zeros(5)}, "baselines"),
+        ("integrated_gradients", {"internal_batch_size": -1}, "internal_batch_size"),
+        ("noise_tunnel", {"nt_type": "smooth"}, "nt_type"),
+        ("noise_tunnel", {"base_method": "nope"}, "base_method"),
+        ("noise_tunnel", {"stdevs": "big"}, "stdevs"),
+        ("occlusion", {}, "sliding_window_shapes"),
+        ("occlusion", {"sliding_window_shapes": (3, 40, 4)}, "sliding_window_shapes"),
+        ("occlusion", {"sliding_window_shapes": (3, 4, 4), "strides": (1, 8, 8)}, "strides"),
+        ("gradcam", {"layer": "blok"}, "layer"),
+        ("gradcam", {"layer": "block", "reshape": 7}, "reshape"),
+        ("normgrad", {"layers": "stem"}, "layers"),
+        ("normgrad", {"combine": "max"}, "combine"),
+        ("deeplift", {"scope": "some"}, "scope"),
+        ("saliency", {"abs": "yes"}, "abs"),
+    ],
+)
 def test_errors_name_the_argument(method, opts, word):
     m, x, t, _ = res_cnn()
     with pytest.raises(ValueError, match=word):

@@ -6,7 +6,6 @@ randomisation check must separate a model-independent map from the gradient.
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 

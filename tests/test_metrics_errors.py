@@ -1,6 +1,5 @@
 """Bad input raises ValueError naming the argument."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -99,7 +98,9 @@ def test_other_bad_arguments(setup):
 def test_spearman_ties_and_identity():
     a = torch.tensor([[1.0, 2.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]])
     # average ranks: [1, 2.5, 2.5, 4] and [2, 2, 2, 4]
-    torch.testing.assert_close(M.rankdata(a), torch.tensor([[1.0, 2.5, 2.5, 4.0], [2.0, 2.0, 2.0, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        M.rankdata(a), torch.tensor([[1.0, 2.5, 2.5, 4.0], [2.0, 2.0, 2.0, 4.0]], dtype=torch.float64)
+    )
     x = torch.randn(3, 50)
     assert torch.all(M.spearman(x, x) == 1.0)
     assert torch.all(M.spearman(x, -x) == -1.0)

@@ -36,7 +36,9 @@ def _quantus_region(model, x, y, a, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = quantus.RegionPerturbation(disable_warnings=True, **kw)
-        return np.asarray(m(model=model, x_batch=x.numpy(), y_batch=y, a_batch=a.numpy(), softmax=kw.pop("softmax", True)))
+        return np.asarray(
+            m(model=model, x_batch=x.numpy(), y_batch=y, a_batch=a.numpy(), softmax=kw.pop("softmax", True))
+        )
 
 
 @pytest.mark.parametrize("order", ["morf", "lerf"])
@@ -44,10 +46,12 @@ def _quantus_region(model, x, y, a, **kw):
 @pytest.mark.parametrize("patch_size,pad", [(3, False), (5, True)])
 def test_region_perturbation_equals_quantus(data, order, baseline, patch_size, pad):
     model, x, a, y = data
-    q = _quantus_region(model, x, y, a, patch_size=patch_size, order=order, regions_evaluation=10,
-                        perturb_baseline=baseline)
-    r = M.region_perturbation(model, x, a, y, order=order, patch_size=patch_size, regions=10, baseline=baseline,
-                              pad=pad, batch_size=17)
+    q = _quantus_region(
+        model, x, y, a, patch_size=patch_size, order=order, regions_evaluation=10, perturb_baseline=baseline
+    )
+    r = M.region_perturbation(
+        model, x, a, y, order=order, patch_size=patch_size, regions=10, baseline=baseline, pad=pad, batch_size=17
+    )
     n_patches = ((12 + patch_size - 1) // patch_size) ** 2
     assert r.scores.shape == q.shape == (5, min(10, n_patches))
     np.testing.assert_allclose(r.scores.numpy(), q, atol=1e-5, rtol=0)
@@ -113,7 +117,9 @@ def _naive_curve(model, x, a, t, patch, order, fill):
         row = [torch.softmax(model(xi[None]), 1)[0, t[i]].item()]
         for u in idx.tolist():
             r, cc = divmod(u, nw)
-            xi[:, r * patch:(r + 1) * patch, cc * patch:(cc + 1) * patch] = fill[i][:, r * patch:(r + 1) * patch, cc * patch:(cc + 1) * patch]
+            xi[:, r * patch : (r + 1) * patch, cc * patch : (cc + 1) * patch] = fill[i][
+                :, r * patch : (r + 1) * patch, cc * patch : (cc + 1) * patch
+            ]
             row.append(torch.softmax(model(xi[None]), 1)[0, t[i]].item())
         out.append(row)
     return np.array(out)

@@ -1,4 +1,5 @@
 """``relprop compare`` on the shipped zoo: the report, its cache, Ctrl-C, and the page in headless Chromium."""
+
 import json
 import shutil
 
@@ -9,9 +10,17 @@ from relprop.cli import main
 from relprop.report import browser
 from relprop.report.compare import Job
 
-OPTS = {"--models": "zoo:resnet_digits,zoo:vgg_digits", "--methods": "lrp,gradient", "--samples": "8", "--grid": "4",
-        "--sensitivity-samples": "4", "--randomisation-samples": "2", "--randomisation-layers": "2",
-        "--regions": "8", "--steps": "8"}
+OPTS = {
+    "--models": "zoo:resnet_digits,zoo:vgg_digits",
+    "--methods": "lrp,gradient",
+    "--samples": "8",
+    "--grid": "4",
+    "--sensitivity-samples": "4",
+    "--randomisation-samples": "2",
+    "--randomisation-layers": "2",
+    "--regions": "8",
+    "--steps": "8",
+}
 
 
 def small(**over):
@@ -39,8 +48,14 @@ def test_compare_writes_report_with_every_number(report):
         assert [c["method"] for c in m["methods"]] == ["lrp", "gradient"]
         for c in m["methods"]:
             assert c["status"] == "ok", c
-            for k in ("abpc", "abpc_norm", "insertion_auc", "deletion_auc", "class_sensitivity",
-                      "randomisation_similarity"):
+            for k in (
+                "abpc",
+                "abpc_norm",
+                "insertion_auc",
+                "deletion_auc",
+                "class_sensitivity",
+                "randomisation_similarity",
+            ):
                 assert isinstance(c[k], float), k
             assert len(c["curves"]["morf"]) == len(c["curves"]["lerf"]) == 9
             assert len(c["randomisation_curve"]) == 2
@@ -70,12 +85,12 @@ def test_second_run_reuses_the_cache(report, tmp_path, monkeypatch, capsys):
     assert "4 reused" in capsys.readouterr().out
     after = json.loads((out / "results.json").read_text())
     assert all(c["reused"] for m in after["models"] for c in m["methods"])
-    assert [c["abpc"] for m in after["models"] for c in m["methods"]] == \
-           [c["abpc"] for m in before["models"] for c in m["methods"]]
+    assert [c["abpc"] for m in after["models"] for c in m["methods"]] == [
+        c["abpc"] for m in before["models"] for c in m["methods"]
+    ]
     # a changed setting is a different cell: recomputed, not reused
     monkeypatch.undo()
-    assert main(["compare", *small(samples="6", models="zoo:vgg_digits", methods="gradient"),
-                 "--out", str(out)]) == 0
+    assert main(["compare", *small(samples="6", models="zoo:vgg_digits", methods="gradient"), "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["models"][0]["methods"][0]["reused"] is False and res["models"][0]["methods"][0]["n_samples"] == 6
 

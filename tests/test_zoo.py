@@ -1,4 +1,5 @@
 """The embedded default zoo: packaged weights, real datasets, and the offline MiniLM text helper."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,12 +10,30 @@ import pytest
 import torch
 
 from relprop import zoo
-from relprop.zoo import data as zdata
 
 REQUIRED_KEYS = {
-    "name", "family", "architecture", "arch_kwargs", "dataset", "input_shape", "num_classes", "class_names",
-    "normalization", "seed", "epochs", "batch_size", "optimizer", "train_size", "eval_split", "eval_size",
-    "accuracy", "test_accuracy", "train_accuracy", "num_params", "torch_version", "command",
+    "name",
+    "family",
+    "architecture",
+    "arch_kwargs",
+    "dataset",
+    "input_shape",
+    "num_classes",
+    "class_names",
+    "normalization",
+    "seed",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "train_size",
+    "eval_split",
+    "eval_size",
+    "accuracy",
+    "test_accuracy",
+    "train_accuracy",
+    "num_params",
+    "torch_version",
+    "command",
 }
 
 EXPECTED_SHAPES = {  # name: (split sizes, (C, H, W), number of classes)
@@ -153,13 +172,16 @@ def test_unknown_split_is_helpful():
 
 
 def test_zoo_import_is_light():
-    code = ("import sys, relprop.zoo, relprop.zoo.text; "
-            "bad = [m for m in ('transformers', 'sklearn', 'skimage', 'PIL') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, relprop.zoo, relprop.zoo.text; "
+        "bad = [m for m in ('transformers', 'sklearn', 'skimage', 'PIL') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --------------------------------------------------------------------------- text (real MiniLM)
+
 
 @pytest.fixture(scope="module")
 def minilm():
@@ -207,7 +229,8 @@ def test_token_attribution_example(minilm):
     from relprop.zoo.text import token_attribution_example
 
     model, tok = minilm
-    tokens, scores, s = token_attribution_example("Someone plays an instrument.", "A man is playing a guitar.",
-                                                  model, tok)
+    tokens, scores, s = token_attribution_example(
+        "Someone plays an instrument.", "A man is playing a guitar.", model, tok
+    )
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and len(tokens) == scores.shape[0]
     assert 0.3 < s < 0.99 and torch.isfinite(scores).all()

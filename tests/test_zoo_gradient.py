@@ -16,7 +16,6 @@ from torch import nn
 import relprop
 from model_zoo import ZOO, build
 
-
 # ------------------------------------------------------------------------------------- helpers
 # The structure helpers are relprop's own (not what these tests check).
 from relprop.methods.core import _leaves, _rebuild  # noqa: E402
@@ -53,13 +52,16 @@ def reference_gradient(model, inputs, target, constant: tuple[str, ...] = ()) ->
     """
     leaves = _leaves(inputs)
     const_ids = {id(v) for k, v in inputs.items() if k in constant} if isinstance(inputs, Mapping) else set()
-    fresh = [t.detach().clone().requires_grad_(True) if t.is_floating_point() and id(t) not in const_ids else t
-             for t in leaves]
+    fresh = [
+        t.detach().clone().requires_grad_(True) if t.is_floating_point() and id(t) not in const_ids else t
+        for t in leaves
+    ]
     # Non-leaf copies, so a forward that writes its inputs in place stays legal.
     args = _rebuild(inputs, iter([t.clone() if t.is_floating_point() else t for t in fresh]))
     embedded = []
     hook = None
     if any(not t.is_floating_point() for t in leaves) and hasattr(model, "get_input_embeddings"):
+
         def grab(module, args, out):
             out = out.detach().requires_grad_(True)  # the embedding table may be frozen
             embedded.append(out)
@@ -76,7 +78,7 @@ def reference_gradient(model, inputs, target, constant: tuple[str, ...] = ()) ->
     grads = torch.autograd.grad(score.sum(), wrt, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
     floats = iter(grads[: len(wrt) - len(embedded)])
-    emb = iter(grads[len(wrt) - len(embedded):])
+    emb = iter(grads[len(wrt) - len(embedded) :])
     out = []
     for t in leaves:
         if id(t) in const_ids:
@@ -114,8 +116,9 @@ def check_gradient(model, inputs, target, constant: tuple[str, ...] = (), **expl
             assert torch.count_nonzero(g) == 0, f"input {i}: integer mask got a non-zero attribution"
             continue
         scale = max(e.abs().max().item(), 1e-12)
-        torch.testing.assert_close(g.to(e.dtype), e, rtol=1e-4, atol=1e-4 * scale,
-                                   msg=lambda m: f"input {i} (max |grad| {scale:.3g}): {m}")
+        torch.testing.assert_close(
+            g.to(e.dtype), e, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"input {i} (max |grad| {scale:.3g}): {m}"
+        )
     return explanation
 
 
@@ -134,8 +137,9 @@ def test_zoo_gradient_matches_autograd(name):
 class InplaceReLU(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True),
-                                 nn.Linear(16, 4))
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 4)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -257,15 +261,29 @@ def _hand(name):
     if name == "functional":
         return Functional().eval(), (x, torch.randn(2, 8)), 2
     model = {
-        "inplace_relu": InplaceReLU, "module_twice": ModuleTwice, "frozen": Frozen, "detach": Detach,
-        "inplace_arith": InplaceArith, "inplace_on_view": InplaceOnView, "inplace_on_input": InplaceOnInput,
+        "inplace_relu": InplaceReLU,
+        "module_twice": ModuleTwice,
+        "frozen": Frozen,
+        "detach": Detach,
+        "inplace_arith": InplaceArith,
+        "inplace_on_view": InplaceOnView,
+        "inplace_on_input": InplaceOnInput,
         "masked_fill": MaskedFill,
     }[name]()
     return model.eval(), x, 1
 
 
-HAND = ["inplace_relu", "module_twice", "functional", "frozen", "detach", "inplace_arith", "inplace_on_view",
-        "inplace_on_input", "masked_fill"]
+HAND = [
+    "inplace_relu",
+    "module_twice",
+    "functional",
+    "frozen",
+    "detach",
+    "inplace_arith",
+    "inplace_on_view",
+    "inplace_on_input",
+    "masked_fill",
+]
 
 
 @pytest.mark.parametrize("name", HAND)
@@ -323,8 +341,15 @@ def test_float_attention_mask(attn):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=16, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     cfg._attn_implementation = attn
     model = BertForSequenceClassification(cfg).eval()
     emb = model.get_input_embeddings()(torch.randint(0, 50, (2, 5))).detach()

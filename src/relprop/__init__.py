@@ -14,9 +14,25 @@ from .trace import TraceError, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "Composite", "Coverage", "Explanation", "Graph", "METHODS", "Node", "NoRuleError", "PropagationError",
-    "RuleContext", "TraceError", "Value", "activation_profiles", "coverage", "explain", "named_composite", "propagate",
-    "register_method", "register_rule", "trace",
+    "Composite",
+    "Coverage",
+    "Explanation",
+    "Graph",
+    "METHODS",
+    "Node",
+    "NoRuleError",
+    "PropagationError",
+    "RuleContext",
+    "TraceError",
+    "Value",
+    "activation_profiles",
+    "coverage",
+    "explain",
+    "named_composite",
+    "propagate",
+    "register_method",
+    "register_rule",
+    "trace",
 ]
 
 

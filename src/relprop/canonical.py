@@ -18,13 +18,57 @@ from .graph import Graph, Node, Value
 aten = torch.ops.aten
 
 _NORM_CHAIN = {
-    "pow", "mean", "sum", "var", "var_mean", "std", "std_mean", "add", "sub", "sqrt", "rsqrt", "reciprocal", "div",
-    "mul", "_to_copy", "clamp", "clamp_min", "expand", "view", "_unsafe_view", "unsqueeze", "squeeze",
-    "linalg_vector_norm", "norm", "abs", "square", "detach", "alias", "clone", "amax", "max", "select",
+    "pow",
+    "mean",
+    "sum",
+    "var",
+    "var_mean",
+    "std",
+    "std_mean",
+    "add",
+    "sub",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "div",
+    "mul",
+    "_to_copy",
+    "clamp",
+    "clamp_min",
+    "expand",
+    "view",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "linalg_vector_norm",
+    "norm",
+    "abs",
+    "square",
+    "detach",
+    "alias",
+    "clone",
+    "amax",
+    "max",
+    "select",
 }
 _REDUCTIONS = {"mean", "sum", "var", "var_mean", "std", "std_mean", "linalg_vector_norm", "norm", "amax", "max"}
-_PASSTHROUGH = {"_to_copy", "view", "_unsafe_view", "clone", "alias", "expand", "contiguous", "native_dropout",
-                "dropout", "unsqueeze", "squeeze", "reshape", "select", "getitem", "detach"}
+_PASSTHROUGH = {
+    "_to_copy",
+    "view",
+    "_unsafe_view",
+    "clone",
+    "alias",
+    "expand",
+    "contiguous",
+    "native_dropout",
+    "dropout",
+    "unsqueeze",
+    "squeeze",
+    "reshape",
+    "select",
+    "getitem",
+    "detach",
+}
 
 
 def _sources(v: Value, limit: int = 8) -> set[int]:
@@ -111,7 +155,8 @@ def mark_attention_weights(graph: Graph) -> None:
                 if p is None:
                     break
                 if p.packet in ("_softmax", "softmax", "_safe_softmax") or (
-                        node.packet == "mul" and p.packet in _GATES):
+                    node.packet == "mul" and p.packet in _GATES
+                ):
                     const.add(i)
                     break
                 if p.packet not in _PASSTHROUGH | {"expand", "clone", "_unsafe_view"} or not p.inputs:
@@ -150,8 +195,16 @@ def merge_batch_norms(graph: Graph) -> Graph:
         return graph
     nodes = [replace.get(n.index, n) for n in graph.nodes]
     nodes = [n for n in nodes if n is not None]
-    return Graph(nodes, values, graph.inputs, graph.input_spec, graph.output, graph.output_values, graph.params,
-                 graph.module_types)
+    return Graph(
+        nodes,
+        values,
+        graph.inputs,
+        graph.input_spec,
+        graph.output,
+        graph.output_values,
+        graph.params,
+        graph.module_types,
+    )
 
 
 def _tensor(node: Node, argpos: int) -> torch.Tensor | None:

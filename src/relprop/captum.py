@@ -9,15 +9,28 @@ accepted and ignored.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .methods.explain import explain
 
-__all__ = ["Deconvolution", "DeepLift", "GuidedBackprop", "GuidedGradCam", "InputXGradient", "IntegratedGradients",
-           "LRP", "LayerAttribution", "LayerGradCam", "NoiseTunnel", "Occlusion", "Saliency"]
+__all__ = [
+    "Deconvolution",
+    "DeepLift",
+    "GuidedBackprop",
+    "GuidedGradCam",
+    "InputXGradient",
+    "IntegratedGradients",
+    "LRP",
+    "LayerAttribution",
+    "LayerGradCam",
+    "NoiseTunnel",
+    "Occlusion",
+    "Saliency",
+]
 
 
 def _fmt(inputs):
@@ -49,8 +62,9 @@ def _target(target):
     if target is None:
         return lambda out: out.reshape(out.shape[0], -1).sum(1) if out.dim() > 1 else out
     if isinstance(target, tuple) or (isinstance(target, list) and target and isinstance(target[0], tuple)):
-        raise ValueError("target: tuple targets for outputs with more than two dims are not supported; "
-                         "pass a callable target")
+        raise ValueError(
+            "target: tuple targets for outputs with more than two dims are not supported; pass a callable target"
+        )
     return target
 
 
@@ -90,13 +104,17 @@ def _delta(model_fn, inputs, baselines, target, attributions, additional_forward
     else:
         bs = (torch.zeros_like(xs[0]) + baselines,)
     with torch.no_grad():
+
         def score(args):
             out = model(*args)
             t = _target(target)
             if callable(t):
                 return t(out)
-            idx = torch.as_tensor(t).reshape(-1).expand(out.shape[0]) if not isinstance(t, int) else \
-                torch.full((out.shape[0],), t)
+            idx = (
+                torch.as_tensor(t).reshape(-1).expand(out.shape[0])
+                if not isinstance(t, int)
+                else torch.full((out.shape[0],), t)
+            )
             return out.gather(1, idx.view(-1, 1).long()).squeeze(1)
 
         diff = score(xs) - score(bs)
@@ -147,12 +165,28 @@ class IntegratedGradients(_Attribution):
     def has_convergence_delta(self) -> bool:
         return True
 
-    def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps: int = 50,
-                  method: str = "gausslegendre", internal_batch_size=None, return_convergence_delta: bool = False):
+    def attribute(
+        self,
+        inputs,
+        baselines=None,
+        target=None,
+        additional_forward_args=None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size=None,
+        return_convergence_delta: bool = False,
+    ):
         inputs, is_tuple = _fmt(inputs)
-        e = self._run(inputs, target, additional_forward_args, baselines=baselines, n_steps=n_steps,
-                      approximation=method, internal_batch_size=internal_batch_size,
-                      multiply_by_inputs=self._multiply_by_inputs)
+        e = self._run(
+            inputs,
+            target,
+            additional_forward_args,
+            baselines=baselines,
+            n_steps=n_steps,
+            approximation=method,
+            internal_batch_size=internal_batch_size,
+            multiply_by_inputs=self._multiply_by_inputs,
+        )
         attr = _out(e.attributions, is_tuple)
         if return_convergence_delta:
             return attr, _delta(self.forward_func, inputs, baselines, target, attr, additional_forward_args)
@@ -171,21 +205,40 @@ class DeepLift(_Attribution):
     def has_convergence_delta(self) -> bool:
         return True
 
-    def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None,
-                  return_convergence_delta: bool = False, custom_attribution_func=None):
+    def attribute(
+        self,
+        inputs,
+        baselines=None,
+        target=None,
+        additional_forward_args=None,
+        return_convergence_delta: bool = False,
+        custom_attribution_func=None,
+    ):
         inputs, is_tuple = _fmt(inputs)
-        e = self._run(inputs, target, additional_forward_args, baselines=baselines, eps=self.eps,
-                      multiply_by_inputs=self._multiply_by_inputs and custom_attribution_func is None)
+        e = self._run(
+            inputs,
+            target,
+            additional_forward_args,
+            baselines=baselines,
+            eps=self.eps,
+            multiply_by_inputs=self._multiply_by_inputs and custom_attribution_func is None,
+        )
         attr = _out(e.attributions, is_tuple)
         if custom_attribution_func is not None:
             xs = inputs if isinstance(inputs, tuple) else (inputs,)
             from .methods._common import format_baselines
 
-            bs = tuple(format_baselines(xs, baselines if isinstance(baselines, tuple) or baselines is None
-                                        else (baselines,) * len(xs)))
+            bs = tuple(
+                format_baselines(
+                    xs, baselines if isinstance(baselines, tuple) or baselines is None else (baselines,) * len(xs)
+                )
+            )
             mult = attr if is_tuple else (attr,)
-            res = custom_attribution_func(mult, xs, bs) if custom_attribution_func.__code__.co_argcount == 3 \
+            res = (
+                custom_attribution_func(mult, xs, bs)
+                if custom_attribution_func.__code__.co_argcount == 3
                 else custom_attribution_func(mult)
+            )
             attr = _out(res, is_tuple) if is_tuple else (res[0] if isinstance(res, tuple) else res)
         if return_convergence_delta:
             return attr, _delta(self.model, inputs, baselines, target, attr, additional_forward_args)
@@ -198,12 +251,22 @@ class NoiseTunnel:
     def __init__(self, attribution_method):
         self.attribution_method = attribution_method
         if not isinstance(attribution_method, _Attribution):
-            raise ValueError("attribution_method: expected an attribution object from relprop.captum, got "
-                             f"{type(attribution_method).__name__}")
+            raise ValueError(
+                "attribution_method: expected an attribution object from relprop.captum, got "
+                f"{type(attribution_method).__name__}"
+            )
         self.is_delta_supported = False
 
-    def attribute(self, inputs, nt_type: str = "smoothgrad", nt_samples: int = 5, nt_samples_batch_size=None,
-                  stdevs=1.0, draw_baseline_from_distrib: bool = False, **kwargs: Any):
+    def attribute(
+        self,
+        inputs,
+        nt_type: str = "smoothgrad",
+        nt_samples: int = 5,
+        nt_samples_batch_size=None,
+        stdevs=1.0,
+        draw_baseline_from_distrib: bool = False,
+        **kwargs: Any,
+    ):
         inner = self.attribution_method
         inputs, is_tuple = _fmt(inputs)
         target = kwargs.pop("target", None)
@@ -211,9 +274,19 @@ class NoiseTunnel:
         kwargs.pop("return_convergence_delta", None)
         options = _inner_options(inner, kwargs)
         model = _model(inner.forward_func, inputs, extra)
-        e = explain(model, inputs, target=_target(target), method="noise_tunnel", base_method=inner.method,
-                    nt_type=nt_type, nt_samples=nt_samples, nt_samples_batch_size=nt_samples_batch_size,
-                    stdevs=stdevs, draw_baseline_from_distrib=draw_baseline_from_distrib, **options)
+        e = explain(
+            model,
+            inputs,
+            target=_target(target),
+            method="noise_tunnel",
+            base_method=inner.method,
+            nt_type=nt_type,
+            nt_samples=nt_samples,
+            nt_samples_batch_size=nt_samples_batch_size,
+            stdevs=stdevs,
+            draw_baseline_from_distrib=draw_baseline_from_distrib,
+            **options,
+        )
         return _out(e.attributions, is_tuple)
 
 
@@ -247,13 +320,31 @@ class LayerGradCam(_Attribution, LayerAttribution):
         self.layer = layer
         self.device_ids = device_ids
 
-    def attribute(self, inputs, target=None, additional_forward_args=None, attribute_to_layer_input: bool = False,
-                  relu_attributions: bool = False, attr_dim_summation: bool = True, grad_kwargs=None,
-                  reshape="auto", prefix_tokens=None):
+    def attribute(
+        self,
+        inputs,
+        target=None,
+        additional_forward_args=None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        attr_dim_summation: bool = True,
+        grad_kwargs=None,
+        reshape="auto",
+        prefix_tokens=None,
+    ):
         model = _model(self.forward_func, inputs, additional_forward_args)
-        e = explain(model, inputs, target=_target(target), method="gradcam", layer=self.layer,
-                    attribute_to_layer_input=attribute_to_layer_input, relu_attributions=relu_attributions,
-                    attr_dim_summation=attr_dim_summation, reshape=reshape, prefix_tokens=prefix_tokens)
+        e = explain(
+            model,
+            inputs,
+            target=_target(target),
+            method="gradcam",
+            layer=self.layer,
+            attribute_to_layer_input=attribute_to_layer_input,
+            relu_attributions=relu_attributions,
+            attr_dim_summation=attr_dim_summation,
+            reshape=reshape,
+            prefix_tokens=prefix_tokens,
+        )
         return e.attributions
 
 
@@ -265,23 +356,52 @@ class GuidedGradCam(_Attribution):
         self.model = model
         self.layer = layer
 
-    def attribute(self, inputs, target=None, additional_forward_args=None, interpolate_mode: str = "nearest",
-                  attribute_to_layer_input: bool = False):
+    def attribute(
+        self,
+        inputs,
+        target=None,
+        additional_forward_args=None,
+        interpolate_mode: str = "nearest",
+        attribute_to_layer_input: bool = False,
+    ):
         inputs, is_tuple = _fmt(inputs)
         model = _model(self.forward_func, inputs, additional_forward_args)
-        e = explain(model, inputs, target=_target(target), method="guided_gradcam", layer=self.layer,
-                    interpolate_mode=interpolate_mode, attribute_to_layer_input=attribute_to_layer_input)
+        e = explain(
+            model,
+            inputs,
+            target=_target(target),
+            method="guided_gradcam",
+            layer=self.layer,
+            interpolate_mode=interpolate_mode,
+            attribute_to_layer_input=attribute_to_layer_input,
+        )
         return _out(e.attributions, is_tuple)
 
 
 class Occlusion(_Attribution):
     method = "occlusion"
 
-    def attribute(self, inputs, sliding_window_shapes, strides=None, baselines=None, target=None,
-                  additional_forward_args=None, perturbations_per_eval: int = 1, show_progress: bool = False):
+    def attribute(
+        self,
+        inputs,
+        sliding_window_shapes,
+        strides=None,
+        baselines=None,
+        target=None,
+        additional_forward_args=None,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+    ):
         inputs, is_tuple = _fmt(inputs)
-        e = self._run(inputs, target, additional_forward_args, sliding_window_shapes=sliding_window_shapes,
-                      strides=strides, baselines=baselines, perturbations_per_eval=perturbations_per_eval)
+        e = self._run(
+            inputs,
+            target,
+            additional_forward_args,
+            sliding_window_shapes=sliding_window_shapes,
+            strides=strides,
+            baselines=baselines,
+            perturbations_per_eval=perturbations_per_eval,
+        )
         return _out(e.attributions, is_tuple)
 
 
@@ -299,8 +419,14 @@ class LRP(_Attribution):
     def has_convergence_delta(self) -> bool:
         return True
 
-    def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta: bool = False,
-                  verbose: bool = False):
+    def attribute(
+        self,
+        inputs,
+        target=None,
+        additional_forward_args=None,
+        return_convergence_delta: bool = False,
+        verbose: bool = False,
+    ):
         inputs, is_tuple = _fmt(inputs)
         opts = {"composite": self.composite}
         if isinstance(self.composite, str):

@@ -2,6 +2,7 @@
 
 Run ``relprop --help``, ``relprop explain --help`` or ``relprop compare --help`` for examples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,57 +66,113 @@ def _formatter(prog):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="relprop", formatter_class=_formatter,
-                description="Explain the predictions of PyTorch models and compare how faithfully they are explained.",
-                epilog=EXAMPLES)
+    p = _Parser(
+        prog="relprop",
+        formatter_class=_formatter,
+        description="Explain the predictions of PyTorch models and compare how faithfully they are explained.",
+        epilog=EXAMPLES,
+    )
     sub = p.add_subparsers(dest="command", metavar="{explain,compare,list}", parser_class=_Parser)
 
     # compare ---------------------------------------------------------------------------------------------
-    c = sub.add_parser("compare", help="every model x method over a dataset, into an HTML report",
-                       formatter_class=_formatter, epilog=COMPARE_EXAMPLES,
-                       description="Explain every model with every method on a dataset; compute each model's accuracy "
-                                   "and each method's faithfulness (ABPC, insertion/deletion), class sensitivity and the "
-                                   "randomisation sanity check; write OUT/index.html and OUT/results.json.")
-    c.add_argument("--models", action="append", metavar="M1,M2,...",
-                   help="model specs, comma-separated (default: relprop.zoo.DEFAULT_MODELS)")
+    c = sub.add_parser(
+        "compare",
+        help="every model x method over a dataset, into an HTML report",
+        formatter_class=_formatter,
+        epilog=COMPARE_EXAMPLES,
+        description="Explain every model with every method on a dataset; compute each model's accuracy "
+        "and each method's faithfulness (ABPC, insertion/deletion), class sensitivity and the "
+        "randomisation sanity check; write OUT/index.html and OUT/results.json.",
+    )
+    c.add_argument(
+        "--models",
+        action="append",
+        metavar="M1,M2,...",
+        help="model specs, comma-separated (default: relprop.zoo.DEFAULT_MODELS)",
+    )
     c.add_argument("--model", dest="models", action="append", help=argparse.SUPPRESS)
     c.add_argument("--data", metavar="D", help="data spec (default: zoo:DEFAULT_DATASET, i.e. zoo:digits)")
-    c.add_argument("--methods", metavar="A,B,...", help="method specs, comma-separated (default: lrp, saliency or "
-                                                        "gradient, input_x_gradient, integrated_gradients)")
+    c.add_argument(
+        "--methods",
+        metavar="A,B,...",
+        help="method specs, comma-separated (default: lrp, saliency or "
+        "gradient, input_x_gradient, integrated_gradients)",
+    )
     c.add_argument("--out", default="relprop-report", metavar="DIR", help="report folder (default: %(default)s)")
-    c.add_argument("--samples", type=int, default=64, metavar="N", help="examples per model for the metrics (default: 64)")
+    c.add_argument(
+        "--samples", type=int, default=64, metavar="N", help="examples per model for the metrics (default: 64)"
+    )
     c.add_argument("--grid", type=int, default=8, metavar="N", help="examples in the heatmap grid (default: 8)")
-    c.add_argument("--target", choices=("pred", "label"), default="pred",
-                   help="explain the predicted class or the true label (default: pred)")
-    c.add_argument("--regions", type=int, default=32, metavar="N",
-                   help="patches replaced in the ABPC curves (default: 32 of 8x8)")
-    c.add_argument("--steps", type=int, default=16, metavar="N", help="points of the insertion/deletion curves (default: 16)")
-    c.add_argument("--patch-grid", type=int, default=8, metavar="N",
-                   help="images are split into N x N patches for the perturbation metrics (default: 8)")
-    c.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
-                   help="examples for class sensitivity (default: 16; 0: skip)")
-    c.add_argument("--randomisation-samples", type=int, default=4, metavar="N",
-                   help="examples for the randomisation check (default: 4; 0: skip)")
-    c.add_argument("--randomisation-layers", type=int, default=3, metavar="N",
-                   help="top layers randomised, one after another (default: 3)")
+    c.add_argument(
+        "--target",
+        choices=("pred", "label"),
+        default="pred",
+        help="explain the predicted class or the true label (default: pred)",
+    )
+    c.add_argument(
+        "--regions", type=int, default=32, metavar="N", help="patches replaced in the ABPC curves (default: 32 of 8x8)"
+    )
+    c.add_argument(
+        "--steps", type=int, default=16, metavar="N", help="points of the insertion/deletion curves (default: 16)"
+    )
+    c.add_argument(
+        "--patch-grid",
+        type=int,
+        default=8,
+        metavar="N",
+        help="images are split into N x N patches for the perturbation metrics (default: 8)",
+    )
+    c.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=16,
+        metavar="N",
+        help="examples for class sensitivity (default: 16; 0: skip)",
+    )
+    c.add_argument(
+        "--randomisation-samples",
+        type=int,
+        default=4,
+        metavar="N",
+        help="examples for the randomisation check (default: 4; 0: skip)",
+    )
+    c.add_argument(
+        "--randomisation-layers",
+        type=int,
+        default=3,
+        metavar="N",
+        help="top layers randomised, one after another (default: 3)",
+    )
     c.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per explain call (default: 32)")
     c.add_argument("--force", action="store_true", help="recompute every cell (ignore OUT/cache)")
     _common(c)
     c.set_defaults(func=cmd_compare)
 
     # explain ---------------------------------------------------------------------------------------------
-    e = sub.add_parser("explain", help="explain one input (image file or text) with one or more methods",
-                       formatter_class=_formatter, epilog=EXPLAIN_EXAMPLES,
-                       description="Explain one model's prediction on one input; print the prediction and save the "
-                                   "heatmaps (PNG), or token scores (HTML or PNG) for text models.")
+    e = sub.add_parser(
+        "explain",
+        help="explain one input (image file or text) with one or more methods",
+        formatter_class=_formatter,
+        epilog=EXPLAIN_EXAMPLES,
+        description="Explain one model's prediction on one input; print the prediction and save the "
+        "heatmaps (PNG), or token scores (HTML or PNG) for text models.",
+    )
     e.add_argument("--model", required=True, metavar="M", help="model spec (see relprop --help)")
     e.add_argument("--input", required=True, metavar="FILE|TEXT", help="an image file, or a text for text models")
     e.add_argument("--reference", metavar="TEXT", help="sentence B for zoo:minilm-similarity")
-    e.add_argument("--method", "--methods", dest="methods", default="lrp", metavar="A,B,...",
-                   help="method spec(s), comma-separated (default: lrp)")
+    e.add_argument(
+        "--method",
+        "--methods",
+        dest="methods",
+        default="lrp",
+        metavar="A,B,...",
+        help="method spec(s), comma-separated (default: lrp)",
+    )
     e.add_argument("--target", metavar="K", help="class index or class name to explain (default: the prediction)")
     e.add_argument("--out", metavar="FILE", help="heatmap.png (images) or tokens.html / tokens.png (text)")
-    e.add_argument("--top", type=int, default=5, metavar="K", help="classes printed with their probability (default: 5)")
+    e.add_argument(
+        "--top", type=int, default=5, metavar="K", help="classes printed with their probability (default: 5)"
+    )
     _common(e)
     e.set_defaults(func=cmd_explain)
 
@@ -126,13 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common(p):
     g = p.add_argument_group("model and preprocessing options")
-    g.add_argument("--weights", action="append", metavar="[SPEC=]FILE",
-                   help="weights for torchvision:/timm: models (.pth/.pt/.safetensors state dict); SPEC=FILE for one "
-                        "model of several")
+    g.add_argument(
+        "--weights",
+        action="append",
+        metavar="[SPEC=]FILE",
+        help="weights for torchvision:/timm: models (.pth/.pt/.safetensors state dict); SPEC=FILE for one "
+        "model of several",
+    )
     g.add_argument("--num-classes", type=int, metavar="N", help="classifier size when it cannot be read from --weights")
-    g.add_argument("--composite", default="auto", metavar="NAME",
-                   help="LRP composite (default: auto = attnlrp for transformers, else epsilon_plus_flat)")
-    g.add_argument("--image-size", type=int, nargs="+", metavar="H [W]", help="resize images (overrides the model's config)")
+    g.add_argument(
+        "--composite",
+        default="auto",
+        metavar="NAME",
+        help="LRP composite (default: auto = attnlrp for transformers, else epsilon_plus_flat)",
+    )
+    g.add_argument(
+        "--image-size", type=int, nargs="+", metavar="H [W]", help="resize images (overrides the model's config)"
+    )
     g.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean per channel")
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std per channel")
     g.add_argument("--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels")
@@ -150,7 +217,9 @@ def _need_report_deps(*mods: str) -> None:
         try:
             __import__(mod)
         except ImportError:
-            raise CLIError(f"this command needs '{mod}'; install the report extra: pip install 'relprop[report]'") from None
+            raise CLIError(
+                f"this command needs '{mod}'; install the report extra: pip install 'relprop[report]'"
+            ) from None
 
 
 def _split(values) -> list[str]:
@@ -172,6 +241,7 @@ def default_methods() -> list[str]:
 
 def parse_methods(text: str | None):
     import relprop
+
     from .report.compare import MethodSpec
 
     specs = [MethodSpec.parse(t) for t in (_split(text) or default_methods())]
@@ -203,7 +273,7 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
         need = [m for m in models if m.split(":", 1)[0] in ("timm", "torchvision") and m not in out]
         if len(plain) > 1 or (len(need) > 1 and len(models) > 1):
             raise CLIError("several models need weights: give each as --weights SPEC=FILE")
-        for m in (need or models):
+        for m in need or models:
             out.setdefault(m, plain[0])
     for m, f in out.items():
         if not Path(f).expanduser().exists():
@@ -243,35 +313,66 @@ def cmd_compare(args) -> int:
     weights = _weights_map(args.weights, models)
     for m in models:
         check_model_spec(m, weights.get(m))
-    data = load_data(args.data or f"zoo:{zoo.DEFAULT_DATASET}", split=args.split, text_column=args.text_column,
-                     label_column=args.label_column)
+    data = load_data(
+        args.data or f"zoo:{zoo.DEFAULT_DATASET}",
+        split=args.split,
+        text_column=args.text_column,
+        label_column=args.label_column,
+    )
     if len(data) == 0:
         raise CLIError(f"data {data.spec} is empty")
-    settings = Settings(samples=args.samples, grid=args.grid, target=args.target, patch_grid=args.patch_grid,
-                        regions=args.regions, steps=args.steps, sensitivity_samples=args.sensitivity_samples,
-                        randomisation_samples=args.randomisation_samples,
-                        randomisation_layers=args.randomisation_layers, batch_size=args.batch_size,
-                        composite=args.composite, seed=args.seed,
-                        randomisation=args.randomisation_samples > 0, sensitivity=args.sensitivity_samples > 0)
+    settings = Settings(
+        samples=args.samples,
+        grid=args.grid,
+        target=args.target,
+        patch_grid=args.patch_grid,
+        regions=args.regions,
+        steps=args.steps,
+        sensitivity_samples=args.sensitivity_samples,
+        randomisation_samples=args.randomisation_samples,
+        randomisation_layers=args.randomisation_layers,
+        batch_size=args.batch_size,
+        composite=args.composite,
+        seed=args.seed,
+        randomisation=args.randomisation_samples > 0,
+        sensitivity=args.sensitivity_samples > 0,
+    )
     out = Path(args.out)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    header = (f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
-              f"({len(data)} examples) -> {out}/index.html")
+    header = (
+        f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
+        f"({len(data)} examples) -> {out}/index.html"
+    )
     command = "relprop " + " ".join(shlex.quote(a) for a in (args._argv or ["compare"]))
-    res = run_compare(models, data, methods, out, settings, weights=weights, num_classes=args.num_classes,
-                      preprocess_overrides=_preprocess_overrides(args), force=args.force,
-                      progress=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("RELPROP_PROGRESS")),
-                      command=command, log=log, header=header)
+    res = run_compare(
+        models,
+        data,
+        methods,
+        out,
+        settings,
+        weights=weights,
+        num_classes=args.num_classes,
+        preprocess_overrides=_preprocess_overrides(args),
+        force=args.force,
+        progress=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("RELPROP_PROGRESS")),
+        command=command,
+        log=log,
+        header=header,
+    )
     reused = sum(1 for m in res["models"] for c in m.get("methods", []) if c.get("reused"))
-    print(f"report: {out / 'index.html'}  ({res['cells_done']}/{res['cells_total']} cells, {reused} reused, "
-          f"{res['seconds']:.0f} s)")
+    print(
+        f"report: {out / 'index.html'}  ({res['cells_done']}/{res['cells_total']} cells, {reused} reused, "
+        f"{res['seconds']:.0f} s)"
+    )
     for r in res["ranking"]:
         faith = "–" if r["faithfulness"] is None else f"{r['faithfulness']:.3f}"
         acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         print(f"  {r['rank'] or '-'}. {r['name']:<24} faithfulness {faith}  accuracy {acc}")
     if res["status"] != "complete":
-        print(f"interrupted: finished cells are kept in {out / 'cache'}; run the same command again to continue",
-              file=sys.stderr)
+        print(
+            f"interrupted: finished cells are kept in {out / 'cache'}; run the same command again to continue",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -287,8 +388,10 @@ def _resolve_target(target: str | None, model, pred: int, n: int) -> int:
         if target in names:
             return names.index(target)
         close = difflib.get_close_matches(target, names, n=1)
-        raise CLIError(f"--target '{target}' is not a class index or class name of '{model.name}'"
-                       + (f". Did you mean '{close[0]}'?" if close else "")) from None
+        raise CLIError(
+            f"--target '{target}' is not a class index or class name of '{model.name}'"
+            + (f". Did you mean '{close[0]}'?" if close else "")
+        ) from None
     if not 0 <= k < n:
         raise CLIError(f"--target {k} is out of range: model '{model.name}' has {n} classes (0..{n - 1})")
     return k
@@ -298,6 +401,7 @@ def cmd_explain(args) -> int:
     import torch
 
     import relprop
+
     from .specs import check_forward, image_batch, load_model, override_preprocess, read_image, text_batch
 
     methods = parse_methods(args.methods)
@@ -336,7 +440,10 @@ def cmd_explain(args) -> int:
         names = model.class_names or [str(i) for i in range(n)]
         top = torch.topk(probs, min(args.top, n))
         print(f"prediction: {pred} ({names[pred]}), p = {float(probs[pred]):.4f}")
-        print("top classes: " + ", ".join(f"{int(i)} ({names[int(i)]}) {float(v):.3f}" for v, i in zip(top.values, top.indices)))
+        print(
+            "top classes: "
+            + ", ".join(f"{int(i)} ({names[int(i)]}) {float(v):.3f}" for v, i in zip(top.values, top.indices))
+        )
         k = _resolve_target(args.target, model, pred, n)
         target = k
         target_desc = f"class {k} ({names[k]})"
@@ -374,11 +481,16 @@ def cmd_explain(args) -> int:
     scores = {k: v[0].tolist() for k, v in results.items()}
     if dest.suffix.lower() in (".html", ".htm"):
         _need_report_deps("matplotlib")
-        from .report.html import e as esc, page, token_html
+        from .report.html import e as esc
+        from .report.html import page, token_html
 
-        rows = "".join(f'<div class="text-row"><b>{esc(k)}</b>: {token_html(tokens, s)}</div>' for k, s in scores.items())
-        body = f'<section><h2>{esc(model.name)}: {esc(target_desc)}</h2>{rows}' \
-               f'<p class="muted">Red: for, blue: against; hover a token for its scaled score.</p></section>'
+        rows = "".join(
+            f'<div class="text-row"><b>{esc(k)}</b>: {token_html(tokens, s)}</div>' for k, s in scores.items()
+        )
+        body = (
+            f"<section><h2>{esc(model.name)}: {esc(target_desc)}</h2>{rows}"
+            f'<p class="muted">Red: for, blue: against; hover a token for its scaled score.</p></section>'
+        )
         sub = esc(args.input) + (f" ↔ {esc(args.reference)}" if args.reference else "")
         dest.write_text(page("relprop explain", sub, "", body), encoding="utf-8")
     elif dest.suffix.lower() in (".png", ".pdf", ".svg", ".jpg"):
@@ -394,6 +506,7 @@ def cmd_explain(args) -> int:
 
 def cmd_list(args) -> int:
     import relprop
+
     from . import zoo
     from .specs import TEXT_ZOO
 

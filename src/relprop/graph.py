@@ -10,8 +10,9 @@ and nothing else, so a graph can be inspected, filtered and re-used for many rul
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -30,13 +31,13 @@ class Value:
     index: int
     data: torch.Tensor | None
     kind: Kind
-    producer: "Node | None" = None
+    producer: Node | None = None
     output_index: int = 0
     name: str | None = None
     #: True when the value depends on a model input (an "activation"), False for parameters,
     #: buffers, constants and anything computed from them only.
     is_activation: bool = False
-    consumers: list["Node"] = field(default_factory=list)
+    consumers: list[Node] = field(default_factory=list)
     dtype: torch.dtype | None = None
     shape: torch.Size | None = None
     device: torch.device | None = None

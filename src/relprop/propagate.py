@@ -8,7 +8,8 @@ so asking for the input relevance of one head of a multi-output model costs only
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -76,8 +77,9 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
             if free:
                 _release(node, protected)
             continue
-        relevance = [None if v is None else (rel.get(v.index) if v.index in wanted else rel.pop(v.index, None))
-                     for v in outs]
+        relevance = [
+            None if v is None else (rel.get(v.index) if v.index in wanted else rel.pop(v.index, None)) for v in outs
+        ]
         rule = resolve(node)
         if rule is None:
             raise NoRuleError(node, method)

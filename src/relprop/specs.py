@@ -24,6 +24,7 @@ Preprocessing (resize, channels, normalisation) comes from the model's own confi
 exists (zoo metadata, timm's data config, a Hugging Face image processor or tokenizer), else from
 the ``--image-size``/``--mean``/``--std`` flags.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,9 +35,10 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,9 +81,15 @@ class Preprocess:
     source: str = "defaults"
 
     def describe(self) -> dict:
-        return {"size": list(self.size) if self.size else None, "channels": self.channels,
-                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "interpolation": self.interpolation, "crop_pct": self.crop_pct, "source": self.source}
+        return {
+            "size": list(self.size) if self.size else None,
+            "channels": self.channels,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "source": self.source,
+        }
 
     def display(self, raw: torch.Tensor) -> torch.Tensor:
         """Resize/crop/convert a raw ``(C, H, W)`` image in [0, 1]; not normalised (for showing)."""
@@ -104,12 +112,16 @@ class Preprocess:
                 rh, rw = int(round(h / self.crop_pct)), int(round(w / self.crop_pct))
             else:
                 rh, rw = h, w
-            x = torch.nn.functional.interpolate(x[None], size=(rh, rw), mode=mode,
-                                                align_corners=False if mode != "nearest" else None,
-                                                antialias=mode != "nearest" and (rh < x.shape[-2] or rw < x.shape[-1]))[0]
+            x = torch.nn.functional.interpolate(
+                x[None],
+                size=(rh, rw),
+                mode=mode,
+                align_corners=False if mode != "nearest" else None,
+                antialias=mode != "nearest" and (rh < x.shape[-2] or rw < x.shape[-1]),
+            )[0]
             if (rh, rw) != (h, w):
                 top, left = (rh - h) // 2, (rw - w) // 2
-                x = x[:, top:top + h, left:left + w]
+                x = x[:, top : top + h, left : left + w]
         return x.clamp(0, 1).contiguous()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,9 +250,11 @@ def _load_state(model: nn.Module, state: dict, path: Path, what: str) -> None:
     except RuntimeError as e:
         msg = str(e)
         missing = msg.count("Missing key")
-        raise SpecError(f"weights file {path} does not fit {what}: "
-                        f"{'missing/unexpected keys' if missing or 'Unexpected key' in msg else 'shape mismatch'}"
-                        f" ({_first_line(msg.split(':', 1)[-1]).strip()[:160]})") from None
+        raise SpecError(
+            f"weights file {path} does not fit {what}: "
+            f"{'missing/unexpected keys' if missing or 'Unexpected key' in msg else 'shape mismatch'}"
+            f" ({_first_line(msg.split(':', 1)[-1]).strip()[:160]})"
+        ) from None
 
 
 def _first_line(e: Any) -> str:
@@ -258,8 +272,12 @@ def _classifier_classes(state: dict, classifier: str | Sequence[str] | None) -> 
 
 
 def _has_attention(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower() or
-               type(m).__name__ in ("Attention",) for m in model.modules())
+    return any(
+        isinstance(m, nn.MultiheadAttention)
+        or "attention" in type(m).__name__.lower()
+        or type(m).__name__ in ("Attention",)
+        for m in model.modules()
+    )
 
 
 def default_composite(model: LoadedModel) -> str:
@@ -279,21 +297,42 @@ def _zoo(name: str, spec: str) -> LoadedModel:
             module, tok = load_minilm()
         except (ImportError, FileNotFoundError) as e:
             raise SpecError(_first_line(e)) from None
-        return LoadedModel(spec=spec, name=name, module=module, kind="similarity", tokenizer=tok,
-                           info={"source": "relprop.zoo.text (all-MiniLM-L6-v2)",
-                                 "num_params": sum(p.numel() for p in module.parameters())})
+        return LoadedModel(
+            spec=spec,
+            name=name,
+            module=module,
+            kind="similarity",
+            tokenizer=tok,
+            info={
+                "source": "relprop.zoo.text (all-MiniLM-L6-v2)",
+                "num_params": sum(p.numel() for p in module.parameters()),
+            },
+        )
     names = zoo.list_models()
     if name not in names:
-        raise SpecError(f"unknown zoo model '{name}' (available: {', '.join(names + list(TEXT_ZOO))}).{_closest(name, names + list(TEXT_ZOO))}")
+        raise SpecError(
+            f"unknown zoo model '{name}' (available: {', '.join(names + list(TEXT_ZOO))}).{_closest(name, names + list(TEXT_ZOO))}"
+        )
     module = zoo.load_model(name)
     info = zoo.model_info(name)
     norm = info.get("normalization", {})
     c, h, w = info["input_shape"]
     pre = Preprocess(size=(h, w), channels=c, mean=(norm["mean"],), std=(norm["std"],), source="zoo metadata")
-    return LoadedModel(spec=spec, name=name, module=module, preprocess=pre, class_names=list(info["class_names"]),
-                       info={"source": "relprop.zoo", "architecture": info.get("architecture"),
-                             "family": info.get("family"), "dataset": info.get("dataset"),
-                             "reported_accuracy": info.get("accuracy"), "num_params": info.get("num_params")})
+    return LoadedModel(
+        spec=spec,
+        name=name,
+        module=module,
+        preprocess=pre,
+        class_names=list(info["class_names"]),
+        info={
+            "source": "relprop.zoo",
+            "architecture": info.get("architecture"),
+            "family": info.get("family"),
+            "dataset": info.get("dataset"),
+            "reported_accuracy": info.get("accuracy"),
+            "num_params": info.get("num_params"),
+        },
+    )
 
 
 def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | None) -> LoadedModel:
@@ -301,14 +340,21 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
     available = tvm.list_models()
     if name not in available:
         raise SpecError(f"unknown torchvision model '{name}'.{_closest(name, available)}")
-    pre = Preprocess(size=(224, 224), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=224 / 256,
-                     source="torchvision defaults (ImageNet)")
+    pre = Preprocess(
+        size=(224, 224),
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=224 / 256,
+        source="torchvision defaults (ImageNet)",
+    )
     class_names = None
     if weights:
         path = Path(weights)
         state = _read_state_dict(path)
-        n = num_classes or _classifier_classes(state, ["fc", "classifier.6", "classifier.1", "classifier.3",
-                                                       "classifier", "head", "heads.head"])
+        n = num_classes or _classifier_classes(
+            state, ["fc", "classifier.6", "classifier.1", "classifier.3", "classifier", "head", "heads.head"]
+        )
         kwargs = {"num_classes": n} if n else {}
         if name.startswith("inception") or name.startswith("googlenet"):
             kwargs["aux_logits"] = any(k.startswith("AuxLogits") or k.startswith("aux1") for k in state)
@@ -324,8 +370,14 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
             t = wenum.transforms()
             crop = int(t.crop_size[0])
             resize = int(t.resize_size[0])
-            pre = Preprocess(size=(crop, crop), channels=3, mean=tuple(t.mean), std=tuple(t.std),
-                             crop_pct=crop / resize, source="torchvision weights transforms")
+            pre = Preprocess(
+                size=(crop, crop),
+                channels=3,
+                mean=tuple(t.mean),
+                std=tuple(t.std),
+                crop_pct=crop / resize,
+                source="torchvision weights transforms",
+            )
         except Exception:
             pass
         source = f"torchvision:{name} pretrained ({cached.name})"
@@ -333,8 +385,14 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
     out = _out_features(model)
     if class_names is None and out:
         class_names = [str(i) for i in range(out)]
-    return LoadedModel(spec=spec, name=name, module=model, preprocess=pre, class_names=class_names,
-                       info={"source": source, "num_params": sum(p.numel() for p in model.parameters())})
+    return LoadedModel(
+        spec=spec,
+        name=name,
+        module=model,
+        preprocess=pre,
+        class_names=class_names,
+        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
 
 
 def _torchvision_cached(name: str):
@@ -348,8 +406,10 @@ def _torchvision_cached(name: str):
         raise SpecError(f"torchvision:{name} has no pretrained weights; pass --weights FILE") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(wenum.url)
     if not cached.exists():
-        raise SpecError(f"torchvision:{name}: no --weights FILE given and torchvision's pretrained weights are "
-                        f"not on this machine ({cached}); pass --weights FILE")
+        raise SpecError(
+            f"torchvision:{name}: no --weights FILE given and torchvision's pretrained weights are "
+            f"not on this machine ({cached}); pass --weights FILE"
+        )
     return wenum, cached
 
 
@@ -382,8 +442,10 @@ def _timm(name: str, spec: str, weights: str | None, num_classes: int | None) ->
             kwargs = {"num_classes": num_classes} if num_classes else {}
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception:
-            raise SpecError(f"timm:{name}: no --weights FILE given and timm's pretrained weights are not in the "
-                            f"local Hugging Face cache; pass --weights FILE") from None
+            raise SpecError(
+                f"timm:{name}: no --weights FILE given and timm's pretrained weights are not in the "
+                f"local Hugging Face cache; pass --weights FILE"
+            ) from None
         finally:
             if saved is None:
                 os.environ.pop("HF_HUB_OFFLINE", None)
@@ -393,12 +455,23 @@ def _timm(name: str, spec: str, weights: str | None, num_classes: int | None) ->
     model = _freeze(model)
     cfg = timm.data.resolve_data_config({}, model=model)
     c, h, w = cfg["input_size"]
-    pre = Preprocess(size=(h, w), channels=c, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                     interpolation=cfg.get("interpolation", "bilinear"), crop_pct=cfg.get("crop_pct"),
-                     source="timm data config")
-    return LoadedModel(spec=spec, name=name, module=model, preprocess=pre,
-                       class_names=[str(i) for i in range(model.num_classes)],
-                       info={"source": source, "num_params": sum(p.numel() for p in model.parameters())})
+    pre = Preprocess(
+        size=(h, w),
+        channels=c,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bilinear"),
+        crop_pct=cfg.get("crop_pct"),
+        source="timm data config",
+    )
+    return LoadedModel(
+        spec=spec,
+        name=name,
+        module=model,
+        preprocess=pre,
+        class_names=[str(i) for i in range(model.num_classes)],
+        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
 
 
 def _hf(path_str: str, spec: str) -> LoadedModel:
@@ -421,14 +494,20 @@ def _hf(path_str: str, spec: str) -> LoadedModel:
         if "ImageClassification" in arch:
             hf = transformers.AutoModelForImageClassification.from_pretrained(str(path), **kw)
             module, kind, tok = ImageClassifier(hf), "image", None
-        elif "SequenceClassification" in arch or (path / "tokenizer_config.json").exists() or (path / "vocab.txt").exists():
+        elif (
+            "SequenceClassification" in arch
+            or (path / "tokenizer_config.json").exists()
+            or (path / "vocab.txt").exists()
+        ):
             hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
             tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             module, kind = TextClassifier(hf, pad), "text"
         else:
-            raise SpecError(f"{path}: config.json names architectures [{arch}]; expected an image or sequence "
-                            f"classification model (…ForImageClassification / …ForSequenceClassification)")
+            raise SpecError(
+                f"{path}: config.json names architectures [{arch}]; expected an image or sequence "
+                f"classification model (…ForImageClassification / …ForSequenceClassification)"
+            )
     except SpecError:
         raise
     except Exception as e:
@@ -447,17 +526,28 @@ def _hf(path_str: str, spec: str) -> LoadedModel:
     pre = None
     if kind == "image":
         pre = _hf_image_preprocess(path, hf.config)
-    return LoadedModel(spec=spec, name=path.name, module=module, kind=kind, preprocess=pre, tokenizer=tok,
-                       class_names=class_names,
-                       info={"source": f"hf:{path}", "architecture": arch,
-                             "num_params": sum(p.numel() for p in module.parameters())})
+    return LoadedModel(
+        spec=spec,
+        name=path.name,
+        module=module,
+        kind=kind,
+        preprocess=pre,
+        tokenizer=tok,
+        class_names=class_names,
+        info={"source": f"hf:{path}", "architecture": arch, "num_params": sum(p.numel() for p in module.parameters())},
+    )
 
 
 def _hf_image_preprocess(path: Path, config) -> Preprocess:
     c = int(getattr(config, "num_channels", 3) or 3)
     size = getattr(config, "image_size", None)
-    pre = Preprocess(size=(size, size) if isinstance(size, int) else None, channels=c,
-                     mean=(0.5,) * c, std=(0.5,) * c, source="model config (image_size), mean/std 0.5")
+    pre = Preprocess(
+        size=(size, size) if isinstance(size, int) else None,
+        channels=c,
+        mean=(0.5,) * c,
+        std=(0.5,) * c,
+        source="model config (image_size), mean/std 0.5",
+    )
     pp = path / "preprocessor_config.json"
     if pp.exists():
         p = json.loads(pp.read_text())
@@ -473,9 +563,14 @@ def _hf_image_preprocess(path: Path, config) -> Preprocess:
             s = (s, s)
         mean = tuple(p["image_mean"]) if p.get("do_normalize", True) and p.get("image_mean") else None
         std = tuple(p["image_std"]) if p.get("do_normalize", True) and p.get("image_std") else None
-        pre = Preprocess(size=s or pre.size, channels=c, mean=mean, std=std,
-                         interpolation="bicubic" if p.get("resample") == 3 else "bilinear",
-                         source="Hugging Face image processor")
+        pre = Preprocess(
+            size=s or pre.size,
+            channels=c,
+            mean=mean,
+            std=std,
+            interpolation="bicubic" if p.get("resample") == 3 else "bilinear",
+            source="Hugging Face image processor",
+        )
     return pre
 
 
@@ -500,11 +595,15 @@ def _python(target: str, spec: str) -> LoadedModel:
     except ModuleNotFoundError as e:
         raise SpecError(f"model spec '{spec}': cannot import module '{mod_name}' ({_first_line(e)})") from None
     except Exception as e:
-        raise SpecError(f"model spec '{spec}': importing '{mod_name}' failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise SpecError(
+            f"model spec '{spec}': importing '{mod_name}' failed: {type(e).__name__}: {_first_line(e)}"
+        ) from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
-        raise SpecError(f"model spec '{spec}': module '{mod_name}' has no function '{fn_name}'.{_closest(fn_name, names)}")
+        raise SpecError(
+            f"model spec '{spec}': module '{mod_name}' has no function '{fn_name}'.{_closest(fn_name, names)}"
+        )
     try:
         model = fn()
     except Exception as e:
@@ -535,9 +634,14 @@ def _generic(model: nn.Module, spec: str, name: str, source: str) -> LoadedModel
             setattr(pre, key, tuple(float(x) for x in v))
     out = _out_features(model)
     names = getattr(model, "class_names", None)
-    return LoadedModel(spec=spec, name=name, module=model, preprocess=pre,
-                       class_names=list(names) if names else ([str(i) for i in range(out)] if out else None),
-                       info={"source": source, "num_params": sum(p.numel() for p in model.parameters())})
+    return LoadedModel(
+        spec=spec,
+        name=name,
+        module=model,
+        preprocess=pre,
+        class_names=list(names) if names else ([str(i) for i in range(out)] if out else None),
+        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
 
 
 def _checkpoint(path: Path, spec: str) -> LoadedModel:
@@ -546,14 +650,17 @@ def _checkpoint(path: Path, spec: str) -> LoadedModel:
     if path.suffix == ".safetensors":
         meta = path.with_suffix(".json")
         if not meta.exists():
-            raise SpecError(f"{path} holds only weights; give the architecture with --model torchvision:NAME or "
-                            f"timm:NAME and --weights {path}, or put a {meta.name} (zoo format) next to it")
+            raise SpecError(
+                f"{path} holds only weights; give the architecture with --model torchvision:NAME or "
+                f"timm:NAME and --weights {path}, or put a {meta.name} (zoo format) next to it"
+            )
         from .zoo.models import ARCHITECTURES, build
 
         info = json.loads(meta.read_text())
         if info.get("architecture") not in ARCHITECTURES:
-            raise SpecError(f"{meta}: unknown architecture {info.get('architecture')!r} "
-                            f"(known: {', '.join(sorted(ARCHITECTURES))})")
+            raise SpecError(
+                f"{meta}: unknown architecture {info.get('architecture')!r} (known: {', '.join(sorted(ARCHITECTURES))})"
+            )
         model = build(info["architecture"], **info.get("arch_kwargs", {}))
         _load_state(model, _read_state_dict(path), path, info["architecture"])
         lm = _generic(model, spec, path.stem, str(path))
@@ -572,8 +679,10 @@ def _checkpoint(path: Path, spec: str) -> LoadedModel:
     except Exception as e:
         raise SpecError(f"cannot read model file {path}: {_first_line(e)}") from None
     if isinstance(obj, dict):
-        raise SpecError(f"{path} holds a state dict, not a model; give the architecture with "
-                        f"--model torchvision:NAME or timm:NAME and --weights {path}")
+        raise SpecError(
+            f"{path} holds a state dict, not a model; give the architecture with "
+            f"--model torchvision:NAME or timm:NAME and --weights {path}"
+        )
     if not isinstance(obj, nn.Module):
         raise SpecError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
     return _generic(obj, spec, path.stem, str(path))
@@ -605,12 +714,16 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
     if spec in zoo.list_models() or spec in TEXT_ZOO:
         return _zoo(spec, f"zoo:{spec}")
     if prefix and rest and prefix not in MODEL_PREFIXES:
-        raise SpecError(f"unknown model spec '{spec}': unknown prefix '{prefix}:'.{_closest(prefix, MODEL_PREFIXES)} "
-                        f"Use zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH, python:MODULE:FUNCTION or a .pt/.safetensors file")
+        raise SpecError(
+            f"unknown model spec '{spec}': unknown prefix '{prefix}:'.{_closest(prefix, MODEL_PREFIXES)} "
+            f"Use zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH, python:MODULE:FUNCTION or a .pt/.safetensors file"
+        )
     close = difflib.get_close_matches(spec, zoo.list_models() + list(TEXT_ZOO), n=1, cutoff=0.5)
     hint = f" Did you mean 'zoo:{close[0]}'?" if close else ""
-    raise SpecError(f"unknown model spec '{spec}'.{hint} Use zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH, "
-                    f"python:MODULE:FUNCTION or a .pt/.safetensors file")
+    raise SpecError(
+        f"unknown model spec '{spec}'.{hint} Use zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH, "
+        f"python:MODULE:FUNCTION or a .pt/.safetensors file"
+    )
 
 
 def check_model_spec(spec: str, weights: str | None = None) -> None:
@@ -707,13 +820,25 @@ def _image_folder(path: Path, spec: str) -> Data:
                 files.append((f, i))
     if not files:
         loose = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-        why = (f"its {len(loose)} image(s) are not in class sub-folders" if loose else
-               "no images found" if classes else "it is empty")
+        why = (
+            f"its {len(loose)} image(s) are not in class sub-folders"
+            if loose
+            else "no images found"
+            if classes
+            else "it is empty"
+        )
         raise SpecError(f"data folder {path} has no images in class sub-folders ({why}); expected DIR/CLASS/IMAGE.png")
     images = [read_image(f) for f, _ in files]
     labels = torch.tensor([lab for _, lab in files], dtype=torch.long)
-    return Data(spec=spec, name=path.name, kind="image", labels=labels, class_names=classes, images=images,
-                info={"source": str(path), "files": [str(f.relative_to(path)) for f, _ in files]})
+    return Data(
+        spec=spec,
+        name=path.name,
+        kind="image",
+        labels=labels,
+        class_names=classes,
+        images=images,
+        info={"source": str(path), "files": [str(f.relative_to(path)) for f, _ in files]},
+    )
 
 
 def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Data:
@@ -736,8 +861,9 @@ def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Da
     cols = list(rows[0].keys())
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in rows[0]:
-            raise SpecError(f"data file {path} has no column '{col}' (columns: {', '.join(map(str, cols))}); "
-                            f"choose one with {flag}")
+            raise SpecError(
+                f"data file {path} has no column '{col}' (columns: {', '.join(map(str, cols))}); choose one with {flag}"
+            )
     texts = [str(r[text_column]) for r in rows]
     raw = [r[label_column] for r in rows]
     if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw):
@@ -749,8 +875,15 @@ def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Da
         class_names = sorted({str(v) for v in raw})
         labels = torch.tensor([class_names.index(str(v)) for v in raw], dtype=torch.long)
         named = True
-    return Data(spec=spec, name=path.stem, kind="text", labels=labels, class_names=class_names, texts=texts,
-                info={"source": str(path), "named_labels": named})
+    return Data(
+        spec=spec,
+        name=path.stem,
+        kind="text",
+        labels=labels,
+        class_names=class_names,
+        texts=texts,
+        info={"source": str(path), "named_labels": named},
+    )
 
 
 def load_data(spec: str, *, split: str = "test", text_column: str = "text", label_column: str = "label") -> Data:
@@ -767,14 +900,23 @@ def load_data(spec: str, *, split: str = "test", text_column: str = "text", labe
             ds = zoo.load_dataset(rest, split=split)
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise SpecError(_first_line(e)) from None
-        return Data(spec=spec, name=rest, kind="image", labels=ds.labels, class_names=list(ds.class_names),
-                    images=ds.raw_images, info={"source": f"relprop.zoo ({ds.info.get('source')})", "split": ds.split},
-                    model_ready=ds.images)
+        return Data(
+            spec=spec,
+            name=rest,
+            kind="image",
+            labels=ds.labels,
+            class_names=list(ds.class_names),
+            images=ds.raw_images,
+            info={"source": f"relprop.zoo ({ds.info.get('source')})", "split": ds.split},
+            model_ready=ds.images,
+        )
     path = Path(spec).expanduser()
     if not path.exists():
         if spec in __import__("relprop.zoo", fromlist=["list_datasets"]).list_datasets():
             return load_data(f"zoo:{spec}", split=split)
-        raise SpecError(f"data not found: {spec} (expected zoo:NAME, a folder of class sub-folders, or a .csv/.jsonl file)")
+        raise SpecError(
+            f"data not found: {spec} (expected zoo:NAME, a folder of class sub-folders, or a .csv/.jsonl file)"
+        )
     if path.is_dir():
         return _image_folder(path, spec)
     if path.suffix.lower() in (".csv", ".jsonl", ".json", ".ndjson"):
@@ -789,8 +931,10 @@ def image_batch(model: LoadedModel, images: Sequence[torch.Tensor]) -> tuple[tor
     shown = [pre.display(im) for im in images]
     shapes = {tuple(s.shape) for s in shown}
     if len(shapes) > 1:
-        raise SpecError(f"the images have different sizes {sorted(shapes)[:3]} and model '{model.name}' has no input "
-                        f"size in its configuration; pass --image-size H W")
+        raise SpecError(
+            f"the images have different sizes {sorted(shapes)[:3]} and model '{model.name}' has no input "
+            f"size in its configuration; pass --image-size H W"
+        )
     disp = torch.stack(shown)
     return pre.normalize(disp), disp
 
@@ -808,14 +952,17 @@ def check_forward(model: LoadedModel, inputs: Any) -> torch.Tensor:
             out = model.module(**inputs) if isinstance(inputs, dict) else model.module(inputs)
     except Exception as e:
         shape = {k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(inputs.shape)
-        raise SpecError(f"model '{model.name}' cannot take an input of shape {shape}: "
-                        f"{type(e).__name__}: {_first_line(e)[:200]}") from None
+        raise SpecError(
+            f"model '{model.name}' cannot take an input of shape {shape}: {type(e).__name__}: {_first_line(e)[:200]}"
+        ) from None
     from .methods.core import select_output
 
     out = select_output(out)
     if model.kind != "similarity" and out.dim() != 2:
-        raise SpecError(f"model '{model.name}' returned an output of shape {tuple(out.shape)}; expected class scores "
-                        f"(batch, classes)")
+        raise SpecError(
+            f"model '{model.name}' returned an output of shape {tuple(out.shape)}; expected class scores "
+            f"(batch, classes)"
+        )
     if model.class_names is None or (out.dim() == 2 and len(model.class_names) != out.shape[-1]):
         model.class_names = [str(i) for i in range(out.shape[-1])] if out.dim() == 2 else None
     return out

@@ -37,7 +37,7 @@ class TraceError(RuntimeError):
     """Raised when a forward pass cannot be recorded faithfully."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _op_info(func: torch._ops.OpOverload) -> tuple[tuple[int, ...], tuple[str, ...], Any, bool]:
     """(written positional indices, written kwarg names, functional counterpart, metadata-only write)."""
     schema = func._schema
@@ -53,8 +53,10 @@ def _op_info(func: torch._ops.OpOverload) -> tuple[tuple[int, ...], tuple[str, .
         packet = getattr(aten, name[:-1], None)
         if packet is not None:
             try:
-                functional = packet.overload(func._overloadname) if hasattr(packet, "overload") else getattr(
-                    packet, func._overloadname
+                functional = (
+                    packet.overload(func._overloadname)
+                    if hasattr(packet, "overload")
+                    else getattr(packet, func._overloadname)
                 )
             except AttributeError:
                 functional = getattr(packet, func._overloadname, None)
@@ -114,8 +116,15 @@ class _Recorder(TorchDispatchMode):
         self.module_types: dict[str, type] = {}
 
     # ---------------------------------------------------------------- values
-    def new_value(self, t: torch.Tensor, kind: str, producer: Node | None = None, out_index: int = 0,
-                  name: str | None = None, is_activation: bool = False) -> Value:
+    def new_value(
+        self,
+        t: torch.Tensor,
+        kind: str,
+        producer: Node | None = None,
+        out_index: int = 0,
+        name: str | None = None,
+        is_activation: bool = False,
+    ) -> Value:
         v = Value(len(self.values), t, kind, producer, out_index, name, is_activation)
         self.values.append(v)
         self.by_id[id(t)] = v
@@ -433,8 +442,9 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
             v.data = v.data.detach()
     rec.keep.clear()
     params = {v.name: v for v in rec.values if v.kind == "param"}
-    graph = Graph(rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params,
-                  dict(rec.module_types))
+    graph = Graph(
+        rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params, dict(rec.module_types)
+    )
     if module is not None:
         graph.module_types.update({n: type(m) for n, m in module.named_modules()})
     return graph

@@ -14,25 +14,37 @@ def main(arch: str, variant: str, out: str) -> None:
 
     torch.manual_seed(0)
     if arch == "llama":
+        from lxt.efficient.models.llama import attnLRP, cp_LRP
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.models.llama import modeling_llama
 
-        from lxt.efficient.models.llama import attnLRP, cp_LRP
-
         monkey_patch(modeling_llama, attnLRP if variant == "attnlrp" else cp_LRP)
-        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        cfg = LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
         cfg._attn_implementation = "eager"
         model = LlamaForCausalLM(cfg).eval()
     else:
+        from lxt.efficient.models.bert import attnLRP
         from transformers import BertConfig, BertForSequenceClassification
         from transformers.models.bert import modeling_bert
 
-        from lxt.efficient.models.bert import attnLRP
-
         monkey_patch(modeling_bert, attnLRP)
-        cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, num_labels=3)
+        cfg = BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            num_labels=3,
+        )
         cfg._attn_implementation = "eager"
         model = BertForSequenceClassification(cfg).eval()
     for p in model.parameters():  # random-init biases are zero: make them matter
@@ -44,8 +56,9 @@ def main(arch: str, variant: str, out: str) -> None:
     logits = model(inputs_embeds=emb).logits
     score = logits[:, -1, 5] if arch == "llama" else logits[:, 2]
     score.backward(torch.ones_like(score))  # grad x input of the logit: relevance sums to the logit
-    torch.save({"embeds": emb.detach(), "relevance": (emb * emb.grad).detach(), "score": score.detach()},
-               f"{out}/lxt.pt")
+    torch.save(
+        {"embeds": emb.detach(), "relevance": (emb * emb.grad).detach(), "score": score.detach()}, f"{out}/lxt.pt"
+    )
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ per-input gradients (for token inputs: the gradient at the embedding output, not
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,8 +23,9 @@ def leaves(inputs: Inputs) -> list[torch.Tensor]:
     if isinstance(inputs, torch.Tensor):
         return [inputs]
     if not isinstance(inputs, (Mapping, tuple, list)):
-        raise ValueError(f"inputs: expected a tensor, a tuple of tensors or a dict of tensors, "
-                         f"got {type(inputs).__name__}")
+        raise ValueError(
+            f"inputs: expected a tensor, a tuple of tensors or a dict of tensors, got {type(inputs).__name__}"
+        )
     out = _leaves(inputs)
     if not out:
         raise ValueError("inputs: no tensor found")
@@ -69,8 +71,9 @@ def format_baselines(inputs: Inputs, baselines: Any, name: str = "baselines") ->
             raise ValueError(f"{name}: expected {len(xs)} baselines (one per input tensor), got {len(baselines)}")
         per = list(baselines)
     else:
-        raise ValueError(f"{name}: expected None, a number, a tensor, a tuple of those or a dict, "
-                         f"got {type(baselines).__name__}")
+        raise ValueError(
+            f"{name}: expected None, a number, a tensor, a tuple of those or a dict, got {type(baselines).__name__}"
+        )
     out = []
     for x, b in zip(xs, per):
         if b is None:
@@ -81,8 +84,10 @@ def format_baselines(inputs: Inputs, baselines: Any, name: str = "baselines") ->
             try:
                 out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x).clone())
             except RuntimeError:
-                raise ValueError(f"{name}: a baseline of shape {tuple(b.shape)} does not broadcast to the input "
-                                 f"shape {tuple(x.shape)}") from None
+                raise ValueError(
+                    f"{name}: a baseline of shape {tuple(b.shape)} does not broadcast to the input "
+                    f"shape {tuple(x.shape)}"
+                ) from None
         else:
             raise ValueError(f"{name}: expected numbers or tensors, got {type(b).__name__}")
     return out
@@ -151,8 +156,9 @@ class Backward:
     expl: Explanation
     grads: list[Any]
 
-    def token_scores(self, i: int, delta: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     shape: torch.Size | None = None) -> torch.Tensor:
+    def token_scores(
+        self, i: int, delta: Callable[[torch.Tensor], torch.Tensor] | None = None, shape: torch.Size | None = None
+    ) -> torch.Tensor:
         """Sum over hidden of ``delta(embedding) * grad`` (or of the gradient when ``delta`` is None)."""
         total = None
         for emb, g in self.grads[i]:
@@ -163,9 +169,18 @@ class Backward:
         return total.reshape(shape) if shape is not None else total
 
 
-def backward(model, inputs: Inputs, *, target: Target, composite: Composite, method: str,
-             times_output: bool = False, layers: Sequence[str] | None = None,
-             extra_values: Callable | None = None, keep_graph: bool = False) -> Backward:
+def backward(
+    model,
+    inputs: Inputs,
+    *,
+    target: Target,
+    composite: Composite,
+    method: str,
+    times_output: bool = False,
+    layers: Sequence[str] | None = None,
+    extra_values: Callable | None = None,
+    keep_graph: bool = False,
+) -> Backward:
     """:func:`run_backward` that also returns the gradient at the embedding outputs of token inputs."""
     xs = leaves(inputs)
     int_pos = [i for i, x in enumerate(xs) if not is_float(x)]
@@ -184,9 +199,17 @@ def backward(model, inputs: Inputs, *, target: Target, composite: Composite, met
         return vals
 
     need_extra = bool(int_pos) or extra_values is not None
-    expl = run_backward(model, inputs, target=target, composite=composite, method=method,
-                        times_output=times_output, layers=layers, keep_graph=keep_graph,
-                        extra_values=extra if need_extra else None)
+    expl = run_backward(
+        model,
+        inputs,
+        target=target,
+        composite=composite,
+        method=method,
+        times_output=times_output,
+        layers=layers,
+        keep_graph=keep_graph,
+        extra_values=extra if need_extra else None,
+    )
     grads: list[Any] = []
     atts = expl.tensors()
     for i, x in enumerate(xs):

@@ -8,8 +8,9 @@ in the seed (one-hot for gradients, one-hot times the logit for LRP).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -159,8 +160,21 @@ def seed_for(out: torch.Tensor, idx: torch.Tensor, times_output: bool) -> torch.
 
 
 # --------------------------------------------------------------------------------------- sources
-_ROUTE = {"view", "_unsafe_view", "reshape", "expand", "clone", "_to_copy", "alias", "contiguous", "unsqueeze",
-          "squeeze", "flatten", "select", "slice"}
+_ROUTE = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "expand",
+    "clone",
+    "_to_copy",
+    "alias",
+    "contiguous",
+    "unsqueeze",
+    "squeeze",
+    "flatten",
+    "select",
+    "slice",
+}
 
 
 def embedding_outputs(graph: Graph, v: Value) -> list[Value]:
@@ -200,10 +214,20 @@ def module_value(graph: Graph, name: str) -> Value:
     return max(outs, key=lambda v: v.index)
 
 
-def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite, method: str,
-                 times_output: bool, layers: Sequence[str] | None = None, options: dict | None = None,
-                 keep_graph: bool = False, extra_values: Callable[[Graph], Sequence[Value]] | None = None,
-                 params: bool | Sequence[str] = False) -> Explanation:
+def run_backward(
+    model,
+    inputs: Inputs,
+    *,
+    target: Target,
+    composite: Composite,
+    method: str,
+    times_output: bool,
+    layers: Sequence[str] | None = None,
+    options: dict | None = None,
+    keep_graph: bool = False,
+    extra_values: Callable[[Graph], Sequence[Value]] | None = None,
+    params: bool | Sequence[str] = False,
+) -> Explanation:
     """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions.
 
     ``params=True`` (or a list of parameter names) also returns what reaches the parameters in
@@ -236,8 +260,14 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
         shown = out_v.tensor
     else:
         out_t = select_output(graph.output)
-        out_v = next((v for v in graph.output_values if v.tensor.data_ptr() == out_t.data_ptr()
-                      and v.tensor.shape == out_t.shape), None)
+        out_v = next(
+            (
+                v
+                for v in graph.output_values
+                if v.tensor.data_ptr() == out_t.data_ptr() and v.tensor.shape == out_t.shape
+            ),
+            None,
+        )
         if out_v is None:
             raise RuntimeError("internal: explained output not found in the graph")
         if not out_v.tensor.is_floating_point():
@@ -257,9 +287,16 @@ def run_backward(model, inputs: Inputs, *, target: Target, composite: Composite,
     all_sources += list(param_values.values())
     layer_values = {name: module_value(graph, name) for name in (layers or [])}
     extra = list(extra_values(graph)) if extra_values is not None else []
-    rel = propagate(graph, composite.rule_for, {out_v: seed}, all_sources,
-                    keep=list(layer_values.values()) + extra, options=options or {}, method=method,
-                    free=not keep_graph and extra_values is None)
+    rel = propagate(
+        graph,
+        composite.rule_for,
+        {out_v: seed},
+        all_sources,
+        keep=list(layer_values.values()) + extra,
+        options=options or {},
+        method=method,
+        free=not keep_graph and extra_values is None,
+    )
     attributions = []
     for v, src in pairs:
         if v.is_float:

@@ -10,7 +10,7 @@ from ..graph import Graph
 from ..propagate import reachable
 from ..rules.composites import Composite, GradientComposite, resolve_composite
 from ..trace import record
-from .core import Inputs, split_inputs, sources_of
+from .core import Inputs, sources_of, split_inputs
 
 
 @dataclass

@@ -7,9 +7,10 @@ function ``fn(model, inputs, *, target, **options) -> Explanation`` and a decora
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from typing import Any, Callable
 
 from ..rules.composites import GradientComposite, resolve_composite
 from .core import Explanation, Inputs, Target, run_backward
@@ -50,14 +51,33 @@ def explain(model: Any, inputs: Inputs, *, target: Target, method: str = "gradie
 @register_method("gradient")
 def gradient(model, inputs, *, target, layers=None, keep_graph=False, params=False) -> Explanation:
     """Plain gradient of the target score w.r.t. the inputs (equals ``torch.autograd.grad``)."""
-    return run_backward(model, inputs, target=target, composite=GradientComposite(), method="gradient",
-                        times_output=False, layers=layers, keep_graph=keep_graph, params=params)
+    return run_backward(
+        model,
+        inputs,
+        target=target,
+        composite=GradientComposite(),
+        method="gradient",
+        times_output=False,
+        layers=layers,
+        keep_graph=keep_graph,
+        params=params,
+    )
 
 
 @register_method("lrp")
-def lrp(model, inputs, *, target, composite="epsilon", layers=None, keep_graph=False, params=False,
-        **options) -> Explanation:
+def lrp(
+    model, inputs, *, target, composite="epsilon", layers=None, keep_graph=False, params=False, **options
+) -> Explanation:
     """Layer-wise relevance propagation with a named composite or a :class:`relprop.Composite`."""
     comp = resolve_composite(composite, options)
-    return run_backward(model, inputs, target=target, composite=comp, method="lrp", times_output=True,
-                        layers=layers, keep_graph=keep_graph, params=params)
+    return run_backward(
+        model,
+        inputs,
+        target=target,
+        composite=comp,
+        method="lrp",
+        times_output=True,
+        layers=layers,
+        keep_graph=keep_graph,
+        params=params,
+    )

@@ -87,8 +87,9 @@ def to_grid(t: torch.Tensor, reshape: Any = "auto", prefix_tokens: int | None = 
     return t[:, prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def layer_gradient(model, inputs, *, target, layer, attribute_to_layer_input=False, composite=None,
-                   method="gradcam") -> tuple[torch.Tensor, torch.Tensor, Explanation]:
+def layer_gradient(
+    model, inputs, *, target, layer, attribute_to_layer_input=False, composite=None, method="gradcam"
+) -> tuple[torch.Tensor, torch.Tensor, Explanation]:
     """(gradient, activation) at the output (or input) of module ``layer``, and the explanation."""
     name = layer_name(model, layer)
     comp = composite or GradientComposite()
@@ -99,8 +100,9 @@ def layer_gradient(model, inputs, *, target, layer, attribute_to_layer_input=Fal
         holder["v"] = v
         return [v]
 
-    e = run_backward(model, inputs, target=target, composite=comp, method=method, times_output=False,
-                     extra_values=extra)
+    e = run_backward(
+        model, inputs, target=target, composite=comp, method=method, times_output=False, extra_values=extra
+    )
     v = holder["v"]
     return e.at_values[v.index], v.tensor, e
 
@@ -114,24 +116,37 @@ def grad_cam_map(grad: torch.Tensor, act: torch.Tensor, relu_attributions: bool,
 
 
 @register_method("gradcam", "grad_cam")
-def gradcam(model, inputs, *, target, layer, attribute_to_layer_input=False, relu_attributions=False,
-            attr_dim_summation=True, reshape="auto", prefix_tokens=None, interpolate=None) -> Explanation:
+def gradcam(
+    model,
+    inputs,
+    *,
+    target,
+    layer,
+    attribute_to_layer_input=False,
+    relu_attributions=False,
+    attr_dim_summation=True,
+    reshape="auto",
+    prefix_tokens=None,
+    interpolate=None,
+) -> Explanation:
     """Grad-CAM at module ``layer``: channel weights = spatial mean of the gradient; map = sum_c w_c A_c.
 
     As Captum's ``LayerGradCam``: the map has the layer's spatial shape, one channel, and no ReLU unless
     ``relu_attributions=True``. Token layers are reshaped to their patch grid (``reshape``, ``prefix_tokens``).
     ``interpolate="nearest"|"bilinear"|...`` upsamples the map to the (first) input's spatial size.
     """
-    grad, act, e = layer_gradient(model, inputs, target=target, layer=layer,
-                                  attribute_to_layer_input=attribute_to_layer_input)
+    grad, act, e = layer_gradient(
+        model, inputs, target=target, layer=layer, attribute_to_layer_input=attribute_to_layer_input
+    )
     grad, act = to_grid(grad, reshape, prefix_tokens), to_grid(act, reshape, prefix_tokens)
     cam = grad_cam_map(grad, act, relu_attributions, attr_dim_summation)
     if interpolate is not None:
         x = _first_float(inputs)
         cam = F.interpolate(cam, tuple(x.shape[2:]), mode=interpolate)
     name = layer_name(model, layer)
-    return dataclasses.replace(e, attributions=cam, method="gradcam", layers={name: grad}, activations={name: act},
-                               graph=None, at_values={})
+    return dataclasses.replace(
+        e, attributions=cam, method="gradcam", layers={name: grad}, activations={name: act}, graph=None, at_values={}
+    )
 
 
 def _first_float(inputs):
@@ -144,15 +159,25 @@ def _first_float(inputs):
 
 
 @register_method("guided_gradcam", "guided_grad_cam")
-def guided_gradcam(model, inputs, *, target, layer, interpolate_mode="nearest", attribute_to_layer_input=False,
-                   reshape="auto", prefix_tokens=None) -> Explanation:
+def guided_gradcam(
+    model,
+    inputs,
+    *,
+    target,
+    layer,
+    interpolate_mode="nearest",
+    attribute_to_layer_input=False,
+    reshape="auto",
+    prefix_tokens=None,
+) -> Explanation:
     """Guided Grad-CAM: guided backprop times the (ReLU'd) Grad-CAM map upsampled to each input (Captum's
     ``GuidedGradCam``)."""
     from ._common import is_float, leaves, rebuild
     from .gradients import guided_backprop
 
-    grad, act, _ = layer_gradient(model, inputs, target=target, layer=layer,
-                                  attribute_to_layer_input=attribute_to_layer_input)
+    grad, act, _ = layer_gradient(
+        model, inputs, target=target, layer=layer, attribute_to_layer_input=attribute_to_layer_input
+    )
     cam = grad_cam_map(to_grid(grad, reshape, prefix_tokens), to_grid(act, reshape, prefix_tokens), True)
     gb = guided_backprop(model, inputs, target=target)
     out = []
@@ -160,7 +185,10 @@ def guided_gradcam(model, inputs, *, target, layer, interpolate_mode="nearest", 
         if is_float(x) and x.dim() > 2:
             out.append(a * F.interpolate(cam, tuple(x.shape[2:]), mode=interpolate_mode))
         else:  # as Captum: no spatial dims to upsample the map to
-            warnings.warn("guided_gradcam: cannot interpolate the Grad-CAM map to an input without spatial dims; "
-                          "returning an empty tensor for it", stacklevel=2)
+            warnings.warn(
+                "guided_gradcam: cannot interpolate the Grad-CAM map to an input without spatial dims; "
+                "returning an empty tensor for it",
+                stacklevel=2,
+            )
             out.append(torch.empty(0))
     return dataclasses.replace(gb, attributions=rebuild(inputs, out), method="guided_gradcam")

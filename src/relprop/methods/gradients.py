@@ -38,8 +38,15 @@ def saliency(model, inputs, *, target, abs=True, layers=None, keep_graph=False) 
     Token inputs: the sum over the hidden dim of the (absolute) gradient at the embedding output.
     """
     _check_bool("abs", abs)
-    b = backward(model, inputs, target=target, composite=GradientComposite(), method="saliency", layers=layers,
-                 keep_graph=keep_graph)
+    b = backward(
+        model,
+        inputs,
+        target=target,
+        composite=GradientComposite(),
+        method="saliency",
+        layers=layers,
+        keep_graph=keep_graph,
+    )
     out = []
     for i, x in enumerate(leaves(inputs)):
         if is_float(x):
@@ -59,18 +66,33 @@ def _token_abs(b: Backward, i: int, shape) -> torch.Tensor:
 @register_method("input_x_gradient")
 def input_x_gradient(model, inputs, *, target, layers=None, keep_graph=False) -> Explanation:
     """Input times gradient (token inputs: embedding times gradient, summed over hidden)."""
-    b = backward(model, inputs, target=target, composite=GradientComposite(), method="input_x_gradient",
-                 layers=layers, keep_graph=keep_graph)
-    out = [x * b.grads[i] if is_float(x) else b.token_scores(i, lambda e: e, x.shape)
-           for i, x in enumerate(leaves(inputs))]
+    b = backward(
+        model,
+        inputs,
+        target=target,
+        composite=GradientComposite(),
+        method="input_x_gradient",
+        layers=layers,
+        keep_graph=keep_graph,
+    )
+    out = [
+        x * b.grads[i] if is_float(x) else b.token_scores(i, lambda e: e, x.shape) for i, x in enumerate(leaves(inputs))
+    ]
     return _finish(b, inputs, out, "input_x_gradient")
 
 
 @register_method("guided_backprop")
 def guided_backprop(model, inputs, *, target, layers=None, keep_graph=False) -> Explanation:
     """Guided backpropagation: the gradient with ``relu(g * (x > 0))`` at every ReLU op (functional too)."""
-    b = backward(model, inputs, target=target, composite=guided_backprop_composite(), method="guided_backprop",
-                 layers=layers, keep_graph=keep_graph)
+    b = backward(
+        model,
+        inputs,
+        target=target,
+        composite=guided_backprop_composite(),
+        method="guided_backprop",
+        layers=layers,
+        keep_graph=keep_graph,
+    )
     out = [b.grads[i] if is_float(x) else b.token_scores(i, None, x.shape) for i, x in enumerate(leaves(inputs))]
     return _finish(b, inputs, out, "guided_backprop")
 
@@ -78,15 +100,33 @@ def guided_backprop(model, inputs, *, target, layers=None, keep_graph=False) -> 
 @register_method("deconvnet", "deconvolution")
 def deconvnet(model, inputs, *, target, layers=None, keep_graph=False) -> Explanation:
     """DeconvNet: the gradient with ``relu(g)`` at every ReLU op (functional too)."""
-    b = backward(model, inputs, target=target, composite=deconvnet_composite(), method="deconvnet",
-                 layers=layers, keep_graph=keep_graph)
+    b = backward(
+        model,
+        inputs,
+        target=target,
+        composite=deconvnet_composite(),
+        method="deconvnet",
+        layers=layers,
+        keep_graph=keep_graph,
+    )
     out = [b.grads[i] if is_float(x) else b.token_scores(i, None, x.shape) for i, x in enumerate(leaves(inputs))]
     return _finish(b, inputs, out, "deconvnet")
 
 
 @register_method("deeplift")
-def deeplift(model, inputs, *, target, baselines=None, eps=1e-10, multiply_by_inputs=True, scope="all",
-             layers=None, keep_graph=False, verify_replay=False) -> Explanation:
+def deeplift(
+    model,
+    inputs,
+    *,
+    target,
+    baselines=None,
+    eps=1e-10,
+    multiply_by_inputs=True,
+    scope="all",
+    layers=None,
+    keep_graph=False,
+    verify_replay=False,
+) -> Explanation:
     """DeepLIFT with the rescale rule (Shrikumar et al. 2017), as Captum's ``DeepLift``.
 
     Args:
@@ -112,8 +152,7 @@ def deeplift(model, inputs, *, target, baselines=None, eps=1e-10, multiply_by_in
     # on (``.item()``, ``bool(t)``) changes, or an op fails, a second recording aligned node by node.
     comp.callable_target = callable(target) and not isinstance(target, torch.Tensor)
     comp.replay = (base,) if verify_replay is False else (base, lambda: _plain_forward(model, bargs, bkwargs))
-    b = backward(model, inputs, target=target, composite=comp, method="deeplift", layers=layers,
-                 keep_graph=True)
+    b = backward(model, inputs, target=target, composite=comp, method="deeplift", layers=layers, keep_graph=True)
     graph = b.expl.graph
     out = []
     for i, x in enumerate(xs):

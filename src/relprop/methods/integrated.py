@@ -10,13 +10,22 @@ Token inputs are interpolated in embedding space (each lookup of the token ids i
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..rules.composites import GradientComposite
-from ._common import (backward, check_positive_int, embedding_edit, expand_target, format_baselines, is_float,
-                      leaves, rebuild)
+from ._common import (
+    backward,
+    check_positive_int,
+    embedding_edit,
+    expand_target,
+    format_baselines,
+    is_float,
+    leaves,
+    rebuild,
+)
 from .core import Explanation, select_output, split_inputs, target_indices
 from .explain import register_method
 
@@ -48,8 +57,18 @@ def step_sizes_and_alphas(n_steps: int, approximation: str = "gausslegendre") ->
 
 
 @register_method("integrated_gradients", "ig")
-def integrated_gradients(model, inputs, *, target, baselines=None, n_steps=50, approximation="gausslegendre",
-                         internal_batch_size=None, multiply_by_inputs=True, engine="auto") -> Explanation:
+def integrated_gradients(
+    model,
+    inputs,
+    *,
+    target,
+    baselines=None,
+    n_steps=50,
+    approximation="gausslegendre",
+    internal_batch_size=None,
+    multiply_by_inputs=True,
+    engine="auto",
+) -> Explanation:
     """Integrated gradients, as Captum's ``IntegratedGradients.attribute``.
 
     Args:
@@ -87,8 +106,8 @@ def integrated_gradients(model, inputs, *, target, baselines=None, n_steps=50, a
     weights: dict[int, list] = {}
     expl = None
     for start in range(0, n_steps, per_chunk):
-        a = alphas[start:start + per_chunk]
-        w = sizes[start:start + per_chunk]
+        a = alphas[start : start + per_chunk]
+        w = sizes[start : start + per_chunk]
         k = len(a)
         alpha_rows = torch.tensor(a, dtype=torch.float32).repeat_interleave(batch)
         scaled = []
@@ -113,8 +132,13 @@ def integrated_gradients(model, inputs, *, target, baselines=None, n_steps=50, a
             bw = autograd_backward(model, rebuild(inputs, scaled), expand_target(target, batch, k))
         else:
             with embedding_edit(ids, edit):
-                bw = backward(model, rebuild(inputs, scaled), target=expand_target(target, batch, k),
-                              composite=GradientComposite(), method="integrated_gradients")
+                bw = backward(
+                    model,
+                    rebuild(inputs, scaled),
+                    target=expand_target(target, batch, k),
+                    composite=GradientComposite(),
+                    method="integrated_gradients",
+                )
         wt = torch.tensor(w, dtype=torch.float64)
         for i, x in enumerate(xs):
             if is_float(x):
@@ -144,10 +168,16 @@ def integrated_gradients(model, inputs, *, target, baselines=None, n_steps=50, a
                 scores = scores + d.sum(-1).reshape(x.shape)
             out.append(scores)
     output = expl.output[:batch] if not callable(target) else expl.output
-    return dataclasses.replace(expl, attributions=rebuild(inputs, out), method="integrated_gradients",
-                               output=output, score=expl.score[:batch],
-                               target=None if expl.target is None else expl.target[:batch], graph=None,
-                               at_values={})
+    return dataclasses.replace(
+        expl,
+        attributions=rebuild(inputs, out),
+        method="integrated_gradients",
+        output=output,
+        score=expl.score[:batch],
+        target=None if expl.target is None else expl.target[:batch],
+        graph=None,
+        at_values={},
+    )
 
 
 def autograd_backward(model, inputs, target):
@@ -174,6 +204,12 @@ def autograd_backward(model, inputs, target):
             score = out.gather(-1, idx.view(view).expand(*out.shape[:-1], 1)).flatten(1).sum(1)
         grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
-    expl = Explanation(attributions=None, output=out.detach(), target=idx, score=score.detach(),
-                       method="integrated_gradients", composite="gradient")
+    expl = Explanation(
+        attributions=None,
+        output=out.detach(),
+        target=idx,
+        score=score.detach(),
+        method="integrated_gradients",
+        composite="gradient",
+    )
     return Backward(expl, grads)

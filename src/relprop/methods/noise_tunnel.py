@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from ._common import (check_positive_int, embedding_edit, expand_target, format_baselines, is_float, leaves,
-                      rebuild)
+from ._common import check_positive_int, embedding_edit, expand_target, format_baselines, is_float, leaves, rebuild
 from .core import Explanation
 from .explain import METHODS, register_method
 
@@ -26,17 +25,28 @@ def _stdevs(stdevs: Any, n: int) -> list[float]:
     elif isinstance(stdevs, (tuple, list)) and len(stdevs) == n:
         vals = [float(s) for s in stdevs]
     else:
-        raise ValueError(f"stdevs: expected a non-negative number or a tuple of {n} numbers (one per input), "
-                         f"got {stdevs!r}")
+        raise ValueError(
+            f"stdevs: expected a non-negative number or a tuple of {n} numbers (one per input), got {stdevs!r}"
+        )
     if any(s < 0 for s in vals):
         raise ValueError(f"stdevs: expected non-negative values, got {stdevs!r}")
     return vals
 
 
 @register_method("noise_tunnel")
-def noise_tunnel(model, inputs, *, target, base_method="saliency", nt_type="smoothgrad", nt_samples=5,
-                 nt_samples_batch_size=None, stdevs=1.0, draw_baseline_from_distrib=False,
-                 **base_options) -> Explanation:
+def noise_tunnel(
+    model,
+    inputs,
+    *,
+    target,
+    base_method="saliency",
+    nt_type="smoothgrad",
+    nt_samples=5,
+    nt_samples_batch_size=None,
+    stdevs=1.0,
+    draw_baseline_from_distrib=False,
+    **base_options,
+) -> Explanation:
     """Average (``smoothgrad``), mean square (``smoothgrad_sq``) or variance (``vargrad``) of ``base_method``'s
     attributions over ``nt_samples`` noisy copies of the inputs (Gaussian, std ``stdevs``).
 
@@ -50,9 +60,11 @@ def noise_tunnel(model, inputs, *, target, base_method="saliency", nt_type="smoo
     if nt_type not in NT_TYPES:
         raise ValueError(f"nt_type: expected one of {', '.join(NT_TYPES)}, got {nt_type!r}")
     if base_method not in METHODS or base_method in ("noise_tunnel", "smoothgrad", "smoothgrad_sq", "vargrad"):
-        raise ValueError(f"base_method: expected a method name other than the noise tunnel "
-                         f"({', '.join(sorted(m for m in METHODS if m not in NT_TYPES and m != 'noise_tunnel'))}), "
-                         f"got {base_method!r}")
+        raise ValueError(
+            f"base_method: expected a method name other than the noise tunnel "
+            f"({', '.join(sorted(m for m in METHODS if m not in NT_TYPES and m != 'noise_tunnel'))}), "
+            f"got {base_method!r}"
+        )
     check_positive_int("nt_samples", nt_samples)
     if nt_samples_batch_size is not None:
         check_positive_int("nt_samples_batch_size", nt_samples_batch_size)
@@ -102,13 +114,18 @@ def noise_tunnel(model, inputs, *, target, base_method="saliency", nt_type="smoo
         out = mean_sq
     else:
         out = [q - m * m for m, q in zip(mean, mean_sq)]
-    return dataclasses.replace(first, attributions=rebuild(inputs, out), method=f"noise_tunnel({base_method})",
-                               output=first.output[::chunks[0]][:batch] if first.output.shape[0] == batch * chunks[0]
-                               else first.output,
-                               score=first.score[::chunks[0]][:batch] if first.score.shape[0] == batch * chunks[0]
-                               else first.score,
-                               target=None if first.target is None else first.target[::chunks[0]][:batch],
-                               layers={}, activations={}, graph=None, at_values={})
+    return dataclasses.replace(
+        first,
+        attributions=rebuild(inputs, out),
+        method=f"noise_tunnel({base_method})",
+        output=first.output[:: chunks[0]][:batch] if first.output.shape[0] == batch * chunks[0] else first.output,
+        score=first.score[:: chunks[0]][:batch] if first.score.shape[0] == batch * chunks[0] else first.score,
+        target=None if first.target is None else first.target[:: chunks[0]][:batch],
+        layers={},
+        activations={},
+        graph=None,
+        at_values={},
+    )
 
 
 def _expand_baselines(inputs, baselines, k, draw, batch):

@@ -12,7 +12,7 @@ multi-layer combination.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,13 @@ def conv_normgrad(node, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (B, Cin*k*k, L)
         xn = cols.norm(dim=1)
     elif x.dim() == 3:
-        cols = F.unfold(x.unsqueeze(2), (1,) + k, dilation=(1,) + tuple(dilation), padding=(0,) + tuple(padding),
-                        stride=(1,) + tuple(stride))
+        cols = F.unfold(
+            x.unsqueeze(2),
+            (1,) + k,
+            dilation=(1,) + tuple(dilation),
+            padding=(0,) + tuple(padding),
+            stride=(1,) + tuple(stride),
+        )
         xn = cols.norm(dim=1)
     else:
         raise ValueError("layers: NormGrad supports 1-d and 2-d convolutions")
@@ -51,8 +56,17 @@ def conv_normgrad(node, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("normgrad")
-def normgrad(model, inputs, *, target, layers: Sequence[str] | None = None, combine="sum", reshape="auto",
-             prefix_tokens=None, size=None) -> Explanation:
+def normgrad(
+    model,
+    inputs,
+    *,
+    target,
+    layers: Sequence[str] | None = None,
+    combine="sum",
+    reshape="auto",
+    prefix_tokens=None,
+    size=None,
+) -> Explanation:
     """NormGrad maps at ``layers`` (module names; default: every ``nn.Conv2d``) and their combination.
 
     ``Explanation.layers[name]`` holds each layer's map ``(B, 1, h, w)``; ``attributions`` is the combination
@@ -83,8 +97,15 @@ def normgrad(model, inputs, *, target, layers: Sequence[str] | None = None, comb
             vals.append(v)
         return vals
 
-    e = run_backward(model, inputs, target=target, composite=GradientComposite(), method="normgrad",
-                     times_output=False, extra_values=extra)
+    e = run_backward(
+        model,
+        inputs,
+        target=target,
+        composite=GradientComposite(),
+        method="normgrad",
+        times_output=False,
+        extra_values=extra,
+    )
     maps = {}
     for n in names:
         node, v = picked[n]
@@ -93,8 +114,11 @@ def normgrad(model, inputs, *, target, layers: Sequence[str] | None = None, comb
             maps[n] = conv_normgrad(node, node.inputs[0].tensor, g)
         else:
             a, gg = to_grid(v.tensor, reshape, prefix_tokens), to_grid(g, reshape, prefix_tokens)
-            maps[n] = (a.flatten(2).norm(dim=1) * gg.flatten(2).norm(dim=1)).reshape(
-                (a.shape[0], 1) + tuple(a.shape[2:])) if a.dim() > 2 else (a.abs() * gg.abs())
+            maps[n] = (
+                (a.flatten(2).norm(dim=1) * gg.flatten(2).norm(dim=1)).reshape((a.shape[0], 1) + tuple(a.shape[2:]))
+                if a.dim() > 2
+                else (a.abs() * gg.abs())
+            )
     if combine == "none":
         combined = maps[names[0]]
     else:
@@ -109,5 +133,6 @@ def normgrad(model, inputs, *, target, layers: Sequence[str] | None = None, comb
             ups.append(u / u.flatten(1).amax(1).clamp_min(1e-12).view(-1, *([1] * (u.dim() - 1))))
         st = torch.stack(ups)
         combined = st.mean(0) if combine == "sum" else st.clamp_min(1e-12).log().mean(0).exp()
-    return dataclasses.replace(e, attributions=combined, method="normgrad", layers=maps, activations={},
-                               graph=None, at_values={})
+    return dataclasses.replace(
+        e, attributions=combined, method="normgrad", layers=maps, activations={}, graph=None, at_values={}
+    )

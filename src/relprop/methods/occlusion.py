@@ -25,8 +25,11 @@ def _per_input(name: str, value: Any, xs: list[torch.Tensor], default=None) -> l
         value = default
     if isinstance(value, int) and not isinstance(value, bool):
         return [(value,) * (x.dim() - 1) for x in xs]
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, int) and not isinstance(v, bool)
-                                                            for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         if len(xs) != 1:
             if all(x.dim() - 1 == len(value) for x in xs):
                 return [tuple(value)] * len(xs)
@@ -38,8 +41,9 @@ def _per_input(name: str, value: Any, xs: list[torch.Tensor], default=None) -> l
     for x, v in zip(xs, value):
         v = (v,) * (x.dim() - 1) if isinstance(v, int) else tuple(v)
         if len(v) != x.dim() - 1 or not all(isinstance(i, int) and i >= 1 for i in v):
-            raise ValueError(f"{name}: expected {x.dim() - 1} positive ints for an input of shape {tuple(x.shape)}, "
-                             f"got {v!r}")
+            raise ValueError(
+                f"{name}: expected {x.dim() - 1} positive ints for an input of shape {tuple(x.shape)}, got {v!r}"
+            )
         out.append(v)
     return out
 
@@ -60,8 +64,9 @@ def _score(model, inputs, target, batch_rows: int, full: bool = False):
 
 
 @register_method("occlusion")
-def occlusion(model, inputs, *, target, sliding_window_shapes=None, strides=None, baselines=None,
-              perturbations_per_eval=None) -> Explanation:
+def occlusion(
+    model, inputs, *, target, sliding_window_shapes=None, strides=None, baselines=None, perturbations_per_eval=None
+) -> Explanation:
     """Occlusion attribution, as Captum's ``Occlusion.attribute``.
 
     Args:
@@ -93,12 +98,14 @@ def occlusion(model, inputs, *, target, sliding_window_shapes=None, strides=None
             dims = tuple(x.shape[1:])
             counts = [math.ceil((d - wi) / si) + 1 for d, wi, si in zip(dims, w, s)]
             # feature k: dim 0 varies fastest (Captum's numbering)
-            starts = [tuple(c * si for c, si in zip(reversed(combo), s))
-                      for combo in itertools.product(*[range(c) for c in reversed(counts)])]
+            starts = [
+                tuple(c * si for c, si in zip(reversed(combo), s))
+                for combo in itertools.product(*[range(c) for c in reversed(counts)])
+            ]
             total = torch.zeros((batch,) + dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
             weight = torch.zeros(dims, dtype=total.dtype)
             for j in range(0, len(starts), perturbations_per_eval):
-                chunk = starts[j:j + perturbations_per_eval]
+                chunk = starts[j : j + perturbations_per_eval]
                 p = len(chunk)
                 mask = torch.zeros((p,) + dims, dtype=torch.bool)
                 for q, st in enumerate(chunk):
@@ -115,5 +122,6 @@ def occlusion(model, inputs, *, target, sliding_window_shapes=None, strides=None
                 total += torch.einsum("pb,p...->b...", diff, mf)
                 weight += mf.sum(0)
             out.append((total / weight).to(x.dtype if x.is_floating_point() else total.dtype))
-    return Explanation(attributions=rebuild(inputs, out), output=shown.detach(), target=idx, score=ref,
-                       method="occlusion")
+    return Explanation(
+        attributions=rebuild(inputs, out), output=shown.detach(), target=idx, score=ref, method="occlusion"
+    )

@@ -8,8 +8,9 @@ which class; :func:`plot_activation_profiles` draws it as a heat map (matplotlib
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -41,8 +42,16 @@ def _batch(item: Any):
     return item, None
 
 
-def activation_profiles(model, layer, dataloader: Iterable, *, by: str = "label", num_classes: int | None = None,
-                        reduce: str = "mean", max_batches: int | None = None) -> ActivationProfiles:
+def activation_profiles(
+    model,
+    layer,
+    dataloader: Iterable,
+    *,
+    by: str = "label",
+    num_classes: int | None = None,
+    reduce: str = "mean",
+    max_batches: int | None = None,
+) -> ActivationProfiles:
     """Per-class mean activation of each unit of ``layer`` over ``dataloader``.
 
     Args:
@@ -106,8 +115,9 @@ def activation_profiles(model, layer, dataloader: Iterable, *, by: str = "label"
     return ActivationProfiles(name, means, counts.long(), list(range(means.shape[0])))
 
 
-def plot_activation_profiles(profiles: ActivationProfiles, ax=None, class_names=None, sort_units: bool = True,
-                             cmap: str = "viridis"):
+def plot_activation_profiles(
+    profiles: ActivationProfiles, ax=None, class_names=None, sort_units: bool = True, cmap: str = "viridis"
+):
     """Heat map of ``profiles.means`` (classes x units), units sorted by their preferred class."""
     import matplotlib.pyplot as plt
 

@@ -7,6 +7,7 @@ dataclasses holding plain numbers, per-sample tensors and curves; each result
 has a ``.plot()`` method (matplotlib is imported only then).
 """
 
+from ._utils import pearson, rankdata, spearman
 from .complexity import ComplexityResult, complexity, sparseness
 from .conservation import ConservationResult, conservation
 from .perturbation import (
@@ -23,7 +24,6 @@ from .perturbation import (
 from .quantus_adapter import quantus_explain_func
 from .randomisation import RandomisationResult, model_parameter_randomisation, randomisable_layers
 from .sensitivity import ClassSensitivityResult, class_sensitivity
-from ._utils import spearman, pearson, rankdata
 
 __all__ = [
     "ABPCResult",

@@ -7,8 +7,9 @@ Only torch and numpy are imported here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -60,7 +61,9 @@ def as_float_tensor(value: Any, name: str, *, allow_int: bool = False) -> torch.
 def check_inputs(inputs: Any, name: str = "inputs", *, min_dim: int = 2) -> torch.Tensor:
     x = as_float_tensor(inputs, name)
     if x.dim() < min_dim:
-        raise ValueError(f"{name} must be batched with shape (batch, ...) of at least {min_dim} dims, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be batched with shape (batch, ...) of at least {min_dim} dims, got shape {tuple(x.shape)}"
+        )
     if x.shape[0] == 0:
         raise ValueError(f"{name} must contain at least one sample, got an empty batch")
     if not torch.isfinite(x).all():
@@ -94,7 +97,7 @@ def check_attributions(attributions: Any, x: torch.Tensor, name: str = "attribut
     return a
 
 
-def check_targets(target: TargetLike, batch: int, name: str = "target") -> Optional[torch.Tensor]:
+def check_targets(target: TargetLike, batch: int, name: str = "target") -> torch.Tensor | None:
     """Return a (batch,) int64 tensor of class indices (or None)."""
     if target is None:
         return None
@@ -239,11 +242,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 SIMILARITIES = {"spearman": spearman, "pearson": pearson, "cosine": cosine}
 
 
-def resolve_similarity(similarity: Union[str, Callable]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def resolve_similarity(similarity: str | Callable) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if callable(similarity):
+
         def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             out = similarity(a, b)
-            return torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out, dtype=torch.float64).reshape(-1)
+            return torch.as_tensor(
+                np.asarray(out) if not isinstance(out, torch.Tensor) else out, dtype=torch.float64
+            ).reshape(-1)
 
         return fn
     if not isinstance(similarity, str) or similarity.lower() not in SIMILARITIES:
@@ -251,7 +257,7 @@ def resolve_similarity(similarity: Union[str, Callable]) -> Callable[[torch.Tens
     return SIMILARITIES[similarity.lower()]
 
 
-def trapezoid(y: torch.Tensor, x: Optional[torch.Tensor] = None, dx: float = 1.0) -> torch.Tensor:
+def trapezoid(y: torch.Tensor, x: torch.Tensor | None = None, dx: float = 1.0) -> torch.Tensor:
     """Trapezoid rule along the last axis (same rule as ``np.trapezoid``)."""
     y = y.to(torch.float64)
     if y.shape[-1] < 2:

@@ -4,7 +4,6 @@ output (or the output minus the output at a reference input)?"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ class ConservationResult:
 
     attribution_sum: torch.Tensor
     output: torch.Tensor
-    reference_output: Optional[torch.Tensor]
+    reference_output: torch.Tensor | None
     target: torch.Tensor
 
     @property
@@ -71,7 +70,7 @@ def conservation(
     attributions,
     target: TargetLike = None,
     *,
-    baseline: Union[None, str, float, torch.Tensor, np.ndarray] = None,
+    baseline: None | str | float | torch.Tensor | np.ndarray = None,
     softmax: bool = False,
     batch_size: int = 256,
 ) -> ConservationResult:
@@ -83,7 +82,7 @@ def conservation(
     probabilities instead of logits. ``target`` defaults to the predicted class.
     """
     x = check_inputs(inputs)
-    a = check_attributions(attributions, x)
+    check_attributions(attributions, x)
     t = check_targets(target, x.shape[0])
     bs = check_positive_int(batch_size, "batch_size")
     out = forward_chunked(model, x, bs)
@@ -108,7 +107,9 @@ def conservation(
             try:
                 xb = torch.broadcast_to(b, x.shape).clone()
             except RuntimeError as exc:
-                raise ValueError(f"baseline must broadcast to the inputs' shape {tuple(x.shape)}, got {tuple(b.shape)}") from exc
+                raise ValueError(
+                    f"baseline must broadcast to the inputs' shape {tuple(x.shape)}, got {tuple(b.shape)}"
+                ) from exc
         ref = score(forward_chunked(model, xb, bs))
         y = y - ref
     # Use the un-broadcast attributions for the sum (a channel-1 map counts once).

@@ -24,8 +24,9 @@ Quantus compatibility (``region_perturbation``, ``pixel_flipping``, ``abpc``)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ class InsertionDeletionResult:
 # ---------------------------------------------------------------------------
 # Units (patches) and ordering
 # ---------------------------------------------------------------------------
-def _quantus_padding(dim: int, patch: int) -> Tuple[int, int]:
+def _quantus_padding(dim: int, patch: int) -> tuple[int, int]:
     rem = dim % patch
     if rem == 0:
         return (0, 0)
@@ -186,7 +187,7 @@ def _quantus_padding(dim: int, patch: int) -> Tuple[int, int]:
     return (total // 2, total - total // 2)
 
 
-def _spatial_shape(x: torch.Tensor) -> Tuple[Tuple[int, ...], int]:
+def _spatial_shape(x: torch.Tensor) -> tuple[tuple[int, ...], int]:
     """Spatial shape and channel count: ``(B, F)`` has no channel axis; ``(B, C, ...)`` does."""
     if x.dim() == 2:
         return tuple(x.shape[1:]), 1
@@ -197,9 +198,9 @@ def _spatial_shape(x: torch.Tensor) -> Tuple[Tuple[int, ...], int]:
 class _Units:
     uid: torch.Tensor  # (F,) unit id of each flattened element
     n_units: int
-    pads: Tuple[Tuple[int, int], ...]
+    pads: tuple[tuple[int, int], ...]
     patch_size: int
-    padded_shape: Tuple[int, ...] = field(default=())
+    padded_shape: tuple[int, ...] = field(default=())
 
 
 def _make_units(x: torch.Tensor, patch_size: int, pad: bool, name: str = "patch_size") -> _Units:
@@ -225,7 +226,9 @@ def _make_units(x: torch.Tensor, patch_size: int, pad: bool, name: str = "patch_
         uid = uid.unsqueeze(0).expand(channels, *spatial)
     n_units = int(np.prod(grid))
     padded = tuple(d + lo + hi for d, (lo, hi) in zip(spatial, pads))
-    return _Units(uid=uid.reshape(-1).contiguous(), n_units=n_units, pads=tuple(pads), patch_size=patch_size, padded_shape=padded)
+    return _Units(
+        uid=uid.reshape(-1).contiguous(), n_units=n_units, pads=tuple(pads), patch_size=patch_size, padded_shape=padded
+    )
 
 
 def _feature_units(x: torch.Tensor) -> _Units:
@@ -242,7 +245,7 @@ def _unit_scores(a_flat: torch.Tensor, units: _Units) -> np.ndarray:
     return sums.numpy()
 
 
-def _rank_units(scores: np.ndarray, order: str, seed: Optional[int]) -> np.ndarray:
+def _rank_units(scores: np.ndarray, order: str, seed: int | None) -> np.ndarray:
     """Return ``rank[b, u]`` (0 = perturbed first)."""
     b, u = scores.shape
     if order == "morf":
@@ -308,14 +311,16 @@ def _resolve_baseline(
     x: torch.Tensor,
     *,
     blur_sigma: float,
-    noise_std: Optional[float],
-    seed: Optional[int],
-) -> Tuple[str, Optional[_Fill]]:
+    noise_std: float | None,
+    seed: int | None,
+) -> tuple[str, _Fill | None]:
     """Return (description, fill). ``fill`` is None for the drifting ``"mean"``."""
     b = x.shape[0]
     xf = x.reshape(b, -1)
     if isinstance(baseline, bool):
-        raise ValueError(f"baseline must be one of {_ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}")
+        raise ValueError(
+            f"baseline must be one of {_ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}"
+        )
     if isinstance(baseline, (int, float, np.integer, np.floating)):
         return repr(float(baseline)), _Fill("scalar", torch.full((b,), float(baseline), dtype=x.dtype))
     if isinstance(baseline, str):
@@ -336,7 +341,9 @@ def _resolve_baseline(
             mean = xf.mean(1, keepdim=True)
             std = xf.std(1, keepdim=True) if noise_std is None else torch.full_like(mean, float(noise_std))
             return name, _Fill("tensor", mean + std * noise)
-        raise ValueError(f"baseline must be one of {_ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}")
+        raise ValueError(
+            f"baseline must be one of {_ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}"
+        )
     if callable(baseline):
         value = baseline(x.clone())
         desc = getattr(baseline, "__name__", "callable")
@@ -344,7 +351,9 @@ def _resolve_baseline(
         value = baseline
         desc = "tensor"
     try:
-        t = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else np.asarray(value), dtype=x.dtype)
+        t = torch.as_tensor(
+            value.detach().cpu() if isinstance(value, torch.Tensor) else np.asarray(value), dtype=x.dtype
+        )
         t = torch.broadcast_to(t, x.shape).reshape(b, -1).clone()
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(
@@ -355,9 +364,7 @@ def _resolve_baseline(
     return desc, _Fill("tensor", t)
 
 
-def _drifting_mean_fill(
-    x: torch.Tensor, units: _Units, step_of_unit: torch.Tensor, n_steps: int
-) -> _Fill:
+def _drifting_mean_fill(x: torch.Tensor, units: _Units, step_of_unit: torch.Tensor, n_steps: int) -> _Fill:
     """Quantus' ``"mean"``: before each step the fill value is the mean of the
     current (edge-padded) perturbed input. Computed with a running sum."""
     b = x.shape[0]
@@ -384,7 +391,9 @@ def _drifting_mean_fill(
     # Aggregate per step (steps >= n_steps are never perturbed: dump bin).
     s_idx = step_of_unit.clamp(max=n_steps)
     step_sum = torch.zeros(b, n_steps + 1, dtype=torch.float64).scatter_add_(1, s_idx, unit_sum)
-    step_cnt = torch.zeros(b, n_steps + 1, dtype=torch.float64).scatter_add_(1, s_idx, unit_cnt.expand(b, -1).contiguous())
+    step_cnt = torch.zeros(b, n_steps + 1, dtype=torch.float64).scatter_add_(
+        1, s_idx, unit_cnt.expand(b, -1).contiguous()
+    )
     total = xp.sum(1).numpy()
     ss = step_sum.numpy()
     sc = step_cnt.numpy()
@@ -405,12 +414,12 @@ def _evaluate_steps(
     step_of_elem: torch.Tensor,
     n_steps: int,
     fill: _Fill,
-    target: Optional[torch.Tensor],
+    target: torch.Tensor | None,
     batch_size: int,
     progress: bool,
     desc: str,
     insertion: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Evaluate the model on every ``(sample, step)`` copy.
 
     Copy ``k`` of sample ``b`` has element ``e`` replaced by the fill value iff
@@ -490,7 +499,7 @@ def _prepare(model, inputs, attributions, target, batch_size, abs_):
     return x, a, t, bs
 
 
-def _step_of_elem(rank: np.ndarray, step_of_rank: np.ndarray, uid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _step_of_elem(rank: np.ndarray, step_of_rank: np.ndarray, uid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     step_of_unit = torch.from_numpy(step_of_rank[rank]).long()
     return step_of_unit, step_of_unit[:, uid]
 
@@ -506,15 +515,15 @@ def perturbation_curve(
     *,
     order: str = "morf",
     patch_size: int = 1,
-    steps: Optional[int] = None,
+    steps: int | None = None,
     baseline: BaselineLike = "zero",
     labels: TargetLike = None,
     abs: bool = False,
     pad: bool = False,
     batch_size: int = 256,
     blur_sigma: float = 2.0,
-    noise_std: Optional[float] = None,
-    seed: Optional[int] = 0,
+    noise_std: float | None = None,
+    seed: int | None = 0,
     progress: bool = False,
 ) -> PerturbationCurve:
     """Pixel-flipping / region-perturbation curves of the target logit,
@@ -581,7 +590,7 @@ def region_perturbation(
     abs: bool = False,
     pad: bool = False,
     batch_size: int = 256,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     progress: bool = False,
     **baseline_options,
 ) -> PerturbationResult:
@@ -641,7 +650,7 @@ def pixel_flipping(
     softmax: bool = True,
     abs: bool = False,
     batch_size: int = 256,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     progress: bool = False,
     **baseline_options,
 ) -> PerturbationResult:
@@ -742,14 +751,14 @@ def insertion_deletion(
     target: TargetLike = None,
     *,
     patch_size: int = 1,
-    steps: Optional[int] = None,
+    steps: int | None = None,
     deletion_baseline: BaselineLike = "zero",
     insertion_baseline: BaselineLike = "blur",
     abs: bool = False,
     pad: bool = False,
     batch_size: int = 256,
     blur_sigma: float = 2.0,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     progress: bool = False,
 ) -> InsertionDeletionResult:
     """Insertion and deletion AUCs (Petsiuk et al., 2018) of the target probability.

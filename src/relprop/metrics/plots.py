@@ -4,8 +4,6 @@ returns the ``Axes`` it drew on."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import numpy as np
 
 

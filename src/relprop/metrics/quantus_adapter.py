@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ from ._utils import as_float_tensor, check_targets, model_device
 _QUANTUS_KWARGS = {"device", "channel_first", "softmax", "model_predict_kwargs", "explain_func", "xai_lib", "method"}
 
 
-def quantus_explain_func(method: str = "gradient", *, reduce_channels: bool = False, **options: Any) -> Callable[..., np.ndarray]:
+def quantus_explain_func(
+    method: str = "gradient", *, reduce_channels: bool = False, **options: Any
+) -> Callable[..., np.ndarray]:
     """Return ``explain_func(model, inputs, targets, **kwargs) -> np.ndarray``
     (Quantus' signature) that calls
     ``relprop.explain(model, inputs, target=targets, method=method, **options).attributions``.

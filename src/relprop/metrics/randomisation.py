@@ -10,8 +10,8 @@ similarity 1. The user's model is never modified: all work happens on a
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -34,7 +34,7 @@ class RandomisationResult:
     randomising ``layers[: l + 1]`` (cascading) or only ``layers[l]``
     (independent) to the original explanation."""
 
-    layers: List[str]
+    layers: list[str]
     similarity: torch.Tensor
     mean_similarity: torch.Tensor
     original: torch.Tensor
@@ -52,7 +52,7 @@ class RandomisationResult:
         return plot_randomisation(self, ax=ax, **kwargs)
 
 
-def randomisable_layers(model: torch.nn.Module) -> List[str]:
+def randomisable_layers(model: torch.nn.Module) -> list[str]:
     """Names of modules owning parameters, in registration order (bottom-up)."""
     return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
@@ -80,9 +80,9 @@ def model_parameter_randomisation(
     explain_fn: ExplainFn,
     target: TargetLike = None,
     *,
-    layers: Optional[Sequence[str]] = None,
+    layers: Sequence[str] | None = None,
     cascading: bool = True,
-    similarity: Union[str, Callable] = "spearman",
+    similarity: str | Callable = "spearman",
     abs: bool = False,
     seed: int = 42,
     progress: bool = False,
@@ -96,7 +96,9 @@ def model_parameter_randomisation(
     top-down. ``cascading=False`` randomises each layer independently.
     """
     if not callable(explain_fn):
-        raise ValueError(f"explain_fn must be a callable (model, inputs, targets) -> tensor, got {type(explain_fn).__name__}")
+        raise ValueError(
+            f"explain_fn must be a callable (model, inputs, targets) -> tensor, got {type(explain_fn).__name__}"
+        )
     x = check_inputs(inputs)
     t = check_targets(target, x.shape[0])
     out = forward(model, x)

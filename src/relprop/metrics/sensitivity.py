@@ -9,8 +9,8 @@ means high class sensitivity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 
@@ -69,7 +69,7 @@ def class_sensitivity(
     inputs,
     explain_fn: ExplainFn,
     *,
-    similarity: Union[str, Callable] = "spearman",
+    similarity: str | Callable = "spearman",
     abs: bool = False,
     batch_size: int = 256,
 ) -> ClassSensitivityResult:
@@ -81,7 +81,9 @@ def class_sensitivity(
     ``abs`` compares absolute maps.
     """
     if not callable(explain_fn):
-        raise ValueError(f"explain_fn must be a callable (model, inputs, targets) -> tensor, got {type(explain_fn).__name__}")
+        raise ValueError(
+            f"explain_fn must be a callable (model, inputs, targets) -> tensor, got {type(explain_fn).__name__}"
+        )
     x = check_inputs(inputs)
     bs = check_positive_int(batch_size, "batch_size")
     sim = resolve_similarity(similarity)

@@ -5,15 +5,17 @@ server), ``out/results.json`` (every number), ``out/figures/*.png`` and ``out/ca
 finished model x method cell, reused by the next run with the same settings). ``relprop compare``
 on the command line is this function. Needs matplotlib (``pip install 'relprop[report]'``).
 """
+
 from __future__ import annotations
 
 import json
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -56,15 +58,32 @@ class _Bar:
 
 
 def _summary(res: dict) -> str:
-    keys = [("abpc_norm", "ABPC"), ("insertion_auc", "ins"), ("deletion_auc", "del"), ("class_sensitivity", "cls-sens"),
-            ("randomisation_similarity", "rand-sim")]
+    keys = [
+        ("abpc_norm", "ABPC"),
+        ("insertion_auc", "ins"),
+        ("deletion_auc", "del"),
+        ("class_sensitivity", "cls-sens"),
+        ("randomisation_similarity", "rand-sim"),
+    ]
     return ", ".join(f"{n} {res[k]:.3f}" for k, n in keys if res.get(k) is not None)
 
 
-def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out: str | Path, settings: Settings, *,
-                weights: dict[str, str] | None = None, num_classes: int | None = None,
-                preprocess_overrides: dict | None = None, force: bool = False, progress: bool = True,
-                command: str = "", log: Callable[[str], None] = print, header: str | None = None) -> dict:
+def run_compare(
+    models: Sequence[str],
+    data,
+    methods: Sequence[MethodSpec],
+    out: str | Path,
+    settings: Settings,
+    *,
+    weights: dict[str, str] | None = None,
+    num_classes: int | None = None,
+    preprocess_overrides: dict | None = None,
+    force: bool = False,
+    progress: bool = True,
+    command: str = "",
+    log: Callable[[str], None] = print,
+    header: str | None = None,
+) -> dict:
     """Run the comparison; return the results dict (also written to ``out/results.json``)."""
     from ..specs import override_preprocess
     from . import figures, html
@@ -82,15 +101,20 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
     current: dict[str, Any] = {}
     try:
         for spec in models:
-            entry: dict[str, Any] = {"spec": spec, "name": spec.split(":", 1)[-1].rstrip("/").split("/")[-1],
-                                     "methods": []}
+            entry: dict[str, Any] = {
+                "spec": spec,
+                "name": spec.split(":", 1)[-1].rstrip("/").split("/")[-1],
+                "methods": [],
+            }
             entry["anchor"] = "m-" + slug(spec)
             results_models.append(entry)
             bar.describe(f"loading {spec}")
             model: LoadedModel = load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
             if model.kind == "similarity":
-                raise SpecError(f"{spec} is a sentence-similarity model without classes; use it with "
-                                f"relprop explain --model {spec} --input TEXT --reference TEXT")
+                raise SpecError(
+                    f"{spec} is a sentence-similarity model without classes; use it with "
+                    f"relprop explain --model {spec} --input TEXT --reference TEXT"
+                )
             if model.kind != data.kind:
                 raise SpecError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
             if model.kind == "image" and preprocess_overrides:
@@ -98,14 +122,26 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
             if header:
                 log(header)
                 header = None
-            if model.kind == "image" and model.preprocess and model.preprocess.source in ("defaults", "inferred (first conv layer)"):
-                bar.write(f"  note: {model.name} has no preprocessing configuration: images go in as pixels in [0, 1]"
-                          f"{'' if model.preprocess.size else ' at their own size'}; set --image-size/--mean/--std "
-                          f"if it expects otherwise", log)
-            entry.update(name=model.name, kind=model.kind, num_params=model.info.get("num_params"),
-                         source=model.info.get("source"),
-                         preprocess=model.preprocess.describe() if model.preprocess else
-                         {"source": "its tokenizer" if model.tokenizer is not None else "–"})
+            if (
+                model.kind == "image"
+                and model.preprocess
+                and model.preprocess.source in ("defaults", "inferred (first conv layer)")
+            ):
+                bar.write(
+                    f"  note: {model.name} has no preprocessing configuration: images go in as pixels in [0, 1]"
+                    f"{'' if model.preprocess.size else ' at their own size'}; set --image-size/--mean/--std "
+                    f"if it expects otherwise",
+                    log,
+                )
+            entry.update(
+                name=model.name,
+                kind=model.kind,
+                num_params=model.info.get("num_params"),
+                source=model.info.get("source"),
+                preprocess=model.preprocess.describe()
+                if model.preprocess
+                else {"source": "its tokenizer" if model.tokenizer is not None else "–"},
+            )
             from ..specs import default_composite
 
             entry["composite"] = settings.composite if settings.composite != "auto" else default_composite(model)
@@ -127,8 +163,13 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
                         raise
                     except Exception as ex:  # a method that fails on a model is reported, not fatal
                         msg = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-                        cell = {"method": m.label, "name": m.name, "status": "failed",
-                                "error": f"{type(ex).__name__}: {msg}"[:300], "reused": False}
+                        cell = {
+                            "method": m.label,
+                            "name": m.name,
+                            "status": "failed",
+                            "error": f"{type(ex).__name__}: {msg}"[:300],
+                            "reused": False,
+                        }
                         bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
                     else:
                         cell["status"] = "ok"
@@ -146,8 +187,9 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
         bar.write("interrupted: writing the report from the finished cells", log)
         if current.get("cells"):
             try:
-                _finish_model(current["entry"], current["model"], current["cells"], job, None, grid_idx, data, out,
-                              figures, html)
+                _finish_model(
+                    current["entry"], current["model"], current["cells"], job, None, grid_idx, data, out, figures, html
+                )
             except (Exception, KeyboardInterrupt):
                 pass
     finally:
@@ -155,9 +197,13 @@ def run_compare(models: Sequence[str], data, methods: Sequence[MethodSpec], out:
     results = _assemble(results_models, list(methods), data, settings, command, status, done, total, t_start, out)
     if results_models:
         try:
-            results["figures"]["ranking"] = str(figures.ranking_figure(
-                [m for m in results["models"] if m.get("methods")], [m.label for m in methods],
-                out / "figures" / "ranking.png").relative_to(out))
+            results["figures"]["ranking"] = str(
+                figures.ranking_figure(
+                    [m for m in results["models"] if m.get("methods")],
+                    [m.label for m in methods],
+                    out / "figures" / "ranking.png",
+                ).relative_to(out)
+            )
         except Exception:
             pass
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
@@ -189,13 +235,15 @@ def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Path
     if data.kind == "image":
         heat = {k: c["grid_attributions"][:g] for k, c in ok.items()}
         p = fig_dir / f"{slug(model.spec)}_grid.png"
-        figures.heatmap_grid(prep.display[:g], heat, titles, p,
-                             title=f"{model.name}: heatmaps of the predicted class (rows: methods)")
+        figures.heatmap_grid(
+            prep.display[:g], heat, titles, p, title=f"{model.name}: heatmaps of the predicted class (rows: methods)"
+        )
         entry["grid_figure"] = str(p.relative_to(out))
     else:
         toks = prep.tokens[:g]
-        entry["grid_text"] = html.text_grid(toks, titles,
-                                            {k: [a.tolist() for a in c["grid_attributions"][:g]] for k, c in ok.items()})
+        entry["grid_text"] = html.text_grid(
+            toks, titles, {k: [a.tolist() for a in c["grid_attributions"][:g]] for k, c in ok.items()}
+        )
         entry["grid_tokens"] = toks
     p = fig_dir / f"{slug(model.spec)}_curves.png"
     figures.curves_figure(ok, p, title=f"{model.name}: perturbation curves (mean over {job.s.samples} examples)")
@@ -218,11 +266,18 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         for key in ("class_sensitivity", "randomisation_similarity"):
             vals = [c[key] for c in oks if c.get(key) is not None]
             m[key] = sum(vals) / len(vals) if vals else None
-        ranking.append({"model": m["spec"], "name": m.get("name"), "anchor": m.get("anchor"),
-                        "faithfulness": m["faithfulness"], "accuracy": m.get("accuracy"),
-                        "best_method": best["method"] if best else None,
-                        "class_sensitivity": m.get("class_sensitivity"),
-                        "randomisation_similarity": m.get("randomisation_similarity")})
+        ranking.append(
+            {
+                "model": m["spec"],
+                "name": m.get("name"),
+                "anchor": m.get("anchor"),
+                "faithfulness": m["faithfulness"],
+                "accuracy": m.get("accuracy"),
+                "best_method": best["method"] if best else None,
+                "class_sensitivity": m.get("class_sensitivity"),
+                "randomisation_similarity": m.get("randomisation_similarity"),
+            }
+        )
     ranking.sort(key=lambda r: (r["faithfulness"] is None, -(r["faithfulness"] or 0.0)))
     for i, r in enumerate(ranking, 1):
         r["rank"] = i if r["faithfulness"] is not None else None
@@ -237,12 +292,22 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         "cells_total": total,
         "seconds": round(time.time() - t_start, 1),
         "settings": asdict(settings),
-        "data": {"spec": data.spec, "name": data.name, "kind": data.kind, "n": len(data),
-                 "class_names": data.class_names, "source": data.info.get("source")},
+        "data": {
+            "spec": data.spec,
+            "name": data.name,
+            "kind": data.kind,
+            "n": len(data),
+            "class_names": data.class_names,
+            "source": data.info.get("source"),
+        },
         "methods": [m.label for m in methods],
         "models": models,
         "ranking": ranking,
         "figures": {},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "platform": platform.platform(), "threads": torch.get_num_threads()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+        },
     }

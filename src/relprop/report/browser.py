@@ -3,6 +3,7 @@
 Used by the tests and by ``relprop compare --screenshot``. Needs a ``chromium`` (or
 ``chromium-browser``/``google-chrome``) executable; nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--allow-file-access-from-files"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--allow-file-access-from-files",
+]
 
 _PROBE = """<script>
 window.addEventListener('load', function () {
@@ -43,8 +54,9 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     if exe is None:
         raise RuntimeError("no chromium executable found (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory(prefix="relprop-chromium-") as profile:
-        return subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout
+        )
 
 
 def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
@@ -67,14 +79,17 @@ def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
     return json.loads(html.unescape(m.group(1)))
 
 
-def screenshot(index_html: str | Path, png: str | Path, width: int = 1400, height: int = 2400,
-               timeout: float = 60) -> Path:
+def screenshot(
+    index_html: str | Path, png: str | Path, width: int = 1400, height: int = 2400, timeout: float = 60
+) -> Path:
     """A PNG of the top ``height`` pixels of the page."""
     index_html, png = Path(index_html).resolve(), Path(png).resolve()
     if not index_html.is_file():
         raise FileNotFoundError(f"no report page at {index_html}")
-    res = _run([f"--window-size={width},{height}", "--virtual-time-budget=10000", f"--screenshot={png}",
-                index_html.as_uri()], timeout)
+    res = _run(
+        [f"--window-size={width},{height}", "--virtual-time-budget=10000", f"--screenshot={png}", index_html.as_uri()],
+        timeout,
+    )
     if not png.exists():
         raise RuntimeError(f"chromium wrote no screenshot (exit {res.returncode}): {res.stderr.strip()[-300:]}")
     return png

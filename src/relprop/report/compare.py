@@ -5,6 +5,7 @@
 its options, metric settings, relprop version), and reuses a saved cell on the next run. A
 Ctrl-C keeps every finished cell; the report is written from what is there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "MethodSpec":
+    def parse(cls, text: str) -> MethodSpec:
         parts = [p for p in text.strip().split(":")]
         name, opts = parts[0].strip(), {}
         for p in parts[1:]:
@@ -147,8 +149,17 @@ class Prepared:
 
 
 class Job:
-    def __init__(self, out: Path, data: Data, methods: list[MethodSpec], settings: Settings, *,
-                 force: bool = False, log: Callable[[str], None] = print, progress: bool = True):
+    def __init__(
+        self,
+        out: Path,
+        data: Data,
+        methods: list[MethodSpec],
+        settings: Settings,
+        *,
+        force: bool = False,
+        log: Callable[[str], None] = print,
+        progress: bool = True,
+    ):
         self.out = Path(out)
         self.cache = self.out / "cache"
         self.data = data
@@ -165,8 +176,11 @@ class Job:
     def label_map(self, model: LoadedModel) -> torch.Tensor | None:
         """Data class index -> model class index, by name, when every data class is a model class name."""
         names = model.class_names or []
-        if names and all(c in names for c in self.data.class_names) and list(names[:len(self.data.class_names)]) \
-                != list(self.data.class_names):
+        if (
+            names
+            and all(c in names for c in self.data.class_names)
+            and list(names[: len(self.data.class_names)]) != list(self.data.class_names)
+        ):
             return torch.tensor([names.index(c) for c in self.data.class_names], dtype=torch.long)
         return None
 
@@ -181,12 +195,17 @@ class Job:
 
             inputs = text_batch(model, [self.data.texts[i] for i in idx])
             tok = model.tokenizer
-            tokens = [tok.convert_ids_to_tokens(row[m.bool()].tolist())
-                      for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+            tokens = [
+                tok.convert_ids_to_tokens(row[m.bool()].tolist())
+                for row, m in zip(inputs["input_ids"], inputs["attention_mask"])
+            ]
             display = None
         else:
-            if (self.data.model_ready is not None and model.info.get("source") == "relprop.zoo"
-                    and model.info.get("dataset") == self.data.name):
+            if (
+                self.data.model_ready is not None
+                and model.info.get("source") == "relprop.zoo"
+                and model.info.get("dataset") == self.data.name
+            ):
                 inputs = self.data.model_ready[idx]
                 display = self.data.images[idx]
             else:
@@ -212,8 +231,16 @@ class Job:
 
     # -------------------------------------------------------------------------------- accuracy
     def accuracy(self, model: LoadedModel) -> dict:
-        key = _key(["accuracy", CACHE_FORMAT, model.spec, model.fingerprint(), self.data.fingerprint(),
-                    model.preprocess.describe() if model.preprocess else None])
+        key = _key(
+            [
+                "accuracy",
+                CACHE_FORMAT,
+                model.spec,
+                model.fingerprint(),
+                self.data.fingerprint(),
+                model.preprocess.describe() if model.preprocess else None,
+            ]
+        )
         path = self.cache / f"{slug(model.spec)}__accuracy__{key}.json"
         if path.exists() and not self.force:
             res = json.loads(path.read_text())
@@ -236,9 +263,21 @@ class Job:
     def cell_key(self, model: LoadedModel, m: MethodSpec, opts: dict) -> str:
         import relprop
 
-        return _key(["cell", CACHE_FORMAT, relprop.__version__, model.spec, model.fingerprint(),
-                     model.preprocess.describe() if model.preprocess else None, self.data.fingerprint(),
-                     self.indices, m.name, opts, asdict(self.s) | {"composite": None}])
+        return _key(
+            [
+                "cell",
+                CACHE_FORMAT,
+                relprop.__version__,
+                model.spec,
+                model.fingerprint(),
+                model.preprocess.describe() if model.preprocess else None,
+                self.data.fingerprint(),
+                self.indices,
+                m.name,
+                opts,
+                asdict(self.s) | {"composite": None},
+            ]
+        )
 
     def cell_path(self, model: LoadedModel, m: MethodSpec, key: str) -> Path:
         return self.cache / f"{slug(model.spec)}__{slug(m.label)}__{key}.pt"
@@ -264,7 +303,7 @@ class Job:
             parts = []
             for i in range(0, _len(x), bs):
                 xb = _slice(x, i, i + bs)
-                tb = t[i:i + bs] if isinstance(t, torch.Tensor) else t
+                tb = t[i : i + bs] if isinstance(t, torch.Tensor) else t
                 self.explain_calls += 1
                 e = relprop.explain(module, xb, target=tb, method=m.name, **opts)
                 a = e.attributions
@@ -289,8 +328,13 @@ class Job:
         target = prep.target[:n]
         attr = fn(model.module, x, target)
         t_explain = time.time() - t0
-        res: dict[str, Any] = {"method": m.label, "name": m.name, "options": {k: str(v) for k, v in opts.items()},
-                               "n_samples": n, "key": key}
+        res: dict[str, Any] = {
+            "method": m.label,
+            "name": m.name,
+            "options": {k: str(v) for k, v in opts.items()},
+            "n_samples": n,
+            "key": key,
+        }
         g = min(self.s.grid, n)
         if self.data.kind == "text":
             res["grid_attributions"] = [attr[i][prep.inputs["attention_mask"][i].bool()].clone() for i in range(g)]
@@ -312,7 +356,7 @@ class Job:
             res["class_sensitivity"] = _num(cs.mean_sensitivity)
         if self.s.randomisation and self.s.randomisation_samples > 0 and self.s.randomisation_layers > 0:
             k = min(self.s.randomisation_samples, n)
-            layers = metrics.randomisable_layers(module)[-self.s.randomisation_layers:]
+            layers = metrics.randomisable_layers(module)[-self.s.randomisation_layers :]
             rr = metrics.model_parameter_randomisation(module, xf[:k], efn, target[:k], layers=layers)
             res["randomisation_layers"] = list(rr.layers)
             res["randomisation_curve"] = _to_list(rr.mean_similarity)
@@ -345,10 +389,17 @@ class Job:
             "insertion_auc": _num(idl.mean_insertion_auc),
             "deletion_auc": _num(idl.mean_deletion_auc),
             "insertion_minus_deletion": _num(idl.difference),
-            "curves": {"region_fractions": fr.tolist(), "morf": morf.tolist(), "lerf": lerf.tolist(),
-                       "fractions": _to_list(idl.fractions), "insertion": _to_list(idl.insertion.mean(0)),
-                       "deletion": _to_list(idl.deletion.mean(0))},
-            "patch_size": patch, "regions": min(self.s.regions, units), "steps": min(self.s.steps, units),
+            "curves": {
+                "region_fractions": fr.tolist(),
+                "morf": morf.tolist(),
+                "lerf": lerf.tolist(),
+                "fractions": _to_list(idl.fractions),
+                "insertion": _to_list(idl.insertion.mean(0)),
+                "deletion": _to_list(idl.deletion.mean(0)),
+            },
+            "patch_size": patch,
+            "regions": min(self.s.regions, units),
+            "steps": min(self.s.steps, units),
         }
 
     def _text_faithfulness(self, model, x, attr, target) -> dict:
@@ -382,7 +433,7 @@ class Job:
             probs = []
             with torch.no_grad():
                 for i in range(0, allx.shape[0], 128):
-                    out = model.module(allx[i:i + 128], am[i:i + 128])
+                    out = model.module(allx[i : i + 128], am[i : i + 128])
                     probs.append(torch.softmax(out.float(), -1))
             p = torch.cat(probs).reshape(ids.shape[0], len(fr), -1)
             return p.gather(2, target.reshape(-1, 1, 1).expand(-1, len(fr), 1))[..., 0].mean(0).numpy()
@@ -391,10 +442,17 @@ class Job:
         return {
             "abpc": _trapz(lerf - morf, np.arange(len(fr)).astype(float)),
             "abpc_norm": _trapz(lerf - morf, fr),
-            "insertion_auc": _trapz(ins, fr), "deletion_auc": _trapz(morf, fr),
+            "insertion_auc": _trapz(ins, fr),
+            "deletion_auc": _trapz(morf, fr),
             "insertion_minus_deletion": _trapz(ins, fr) - _trapz(morf, fr),
-            "curves": {"region_fractions": fr.tolist(), "morf": morf.tolist(), "lerf": lerf.tolist(),
-                       "fractions": fr.tolist(), "insertion": ins.tolist(), "deletion": morf.tolist()},
+            "curves": {
+                "region_fractions": fr.tolist(),
+                "morf": morf.tolist(),
+                "lerf": lerf.tolist(),
+                "fractions": fr.tolist(),
+                "insertion": ins.tolist(),
+                "deletion": morf.tolist(),
+            },
             "steps": steps,
         }
 

@@ -1,8 +1,9 @@
 """Figures of the report (matplotlib, Agg backend, imported only here)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -51,8 +52,9 @@ def _show_heat(ax, h, img: torch.Tensor | None = None):
         s.set_visible(False)
 
 
-def heatmap_grid(display: torch.Tensor, heatmaps: dict[str, torch.Tensor], col_titles: Sequence[str],
-                 path: Path, title: str = "") -> Path:
+def heatmap_grid(
+    display: torch.Tensor, heatmaps: dict[str, torch.Tensor], col_titles: Sequence[str], path: Path, title: str = ""
+) -> Path:
     """Rows: the inputs, then one row per method; columns: the samples."""
     plt = _plt()
     g = display.shape[0]
@@ -111,12 +113,14 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
         rc = res.get("randomisation_curve")
         if rc:
             axes[3].plot(range(1, len(rc) + 1), rc, color=c, marker="o", label=label)
-    axes[0].set(title="Region perturbation: MoRF —, LeRF - -", xlabel="fraction of patches replaced",
-                ylabel="target probability")
+    axes[0].set(
+        title="Region perturbation: MoRF —, LeRF - -",
+        xlabel="fraction of patches replaced",
+        ylabel="target probability",
+    )
     axes[1].set(title="Deletion (lower is better)", xlabel="fraction removed", ylabel="target probability")
     axes[2].set(title="Insertion (higher is better)", xlabel="fraction inserted", ylabel="target probability")
-    axes[3].set(title="Randomisation (lower is better)", xlabel="top layers randomised",
-                ylabel="Spearman similarity")
+    axes[3].set(title="Randomisation (lower is better)", xlabel="top layers randomised", ylabel="Spearman similarity")
     axes[3].axhline(0, color="gray", lw=0.5)
     axes[3].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
@@ -148,8 +152,9 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
     for m in models:
         if m.get("faithfulness") is not None and m.get("accuracy") is not None:
             a2.scatter(m["accuracy"], m["faithfulness"], s=50)
-            a2.annotate(m["name"], (m["accuracy"], m["faithfulness"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=9)
+            a2.annotate(
+                m["name"], (m["accuracy"], m["faithfulness"]), textcoords="offset points", xytext=(5, 4), fontsize=9
+            )
     a2.set(xlabel="accuracy", ylabel="mean ABPC over methods", title="Faithfulness vs accuracy")
     a2.grid(alpha=0.3)
     return _save(plt, fig, path, "", dpi=100)
@@ -185,8 +190,15 @@ def token_figure(tokens: list[str], scores: dict[str, Sequence[float]], path: Pa
         s = normalise(np.asarray(sc, dtype=np.float64))
         x = label_w / width
         for t, v in zip(tokens, s):
-            txt = fig.text(x, y, t, fontsize=10, va="center", color="white" if abs(v) > 0.6 else "black",
-                           bbox=dict(boxstyle="round,pad=0.2", fc=cmap((v + 1) / 2), ec="none"))
+            txt = fig.text(
+                x,
+                y,
+                t,
+                fontsize=10,
+                va="center",
+                color="white" if abs(v) > 0.6 else "black",
+                bbox=dict(boxstyle="round,pad=0.2", fc=cmap((v + 1) / 2), ec="none"),
+            )
             bb = txt.get_window_extent(renderer=renderer)
             x += bb.width / fig.bbox.width + 0.008
     if title:

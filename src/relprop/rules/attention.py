@@ -50,9 +50,15 @@ class AttentionRule:
         r = ctx.relevance[0]
         if r is None:
             return res
-        mask_value = node.kwargs.get("attn_mask", node.arg(3) if node.packet == "_scaled_dot_product_efficient_attention" else None)
-        mask = ctx.inputs[node.inputs.index(mask_value)] if mask_value is not None and mask_value in node.inputs else None
-        causal = bool(node.kwargs.get("is_causal", node.arg(4, False) if "flash" in node.packet else node.arg(6, False)))
+        mask_value = node.kwargs.get(
+            "attn_mask", node.arg(3) if node.packet == "_scaled_dot_product_efficient_attention" else None
+        )
+        mask = (
+            ctx.inputs[node.inputs.index(mask_value)] if mask_value is not None and mask_value in node.inputs else None
+        )
+        causal = bool(
+            node.kwargs.get("is_causal", node.arg(4, False) if "flash" in node.packet else node.arg(6, False))
+        )
         scale = node.kwargs.get("scale")
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
@@ -94,7 +100,11 @@ class AttentionRule:
 register_family("softmax", "_softmax", "softmax", "_safe_softmax")
 register_family(
     "attention",
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_attention_math", "scaled_dot_product_attention", "_scaled_dot_product_fused_attention_overrideable",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_attention_math",
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
 )

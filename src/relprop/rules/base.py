@@ -13,8 +13,9 @@ registers its ops next to its rules with :func:`register_family`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -98,8 +99,12 @@ class RuleContext:
     def activation_inputs(self) -> list[int]:
         return [i for i in self.node.activation_inputs() if i not in self.node.meta.get("constant_operands", ())]
 
-    def vjp(self, grads: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor] | None = None,
-            wrt: Sequence[int] | None = None) -> list[torch.Tensor | None]:
+    def vjp(
+        self,
+        grads: Sequence[torch.Tensor | None],
+        tensors: Sequence[torch.Tensor] | None = None,
+        wrt: Sequence[int] | None = None,
+    ) -> list[torch.Tensor | None]:
         """Vector-Jacobian product of the op (optionally re-run on other ``tensors``) w.r.t. inputs ``wrt``."""
         return vjp(self.node, grads, tensors, wrt if wrt is not None else [i for i, n in enumerate(self.needs) if n])
 
@@ -121,8 +126,9 @@ def vjp_override(*packets: str):
     return deco
 
 
-def vjp(node: Node, grads: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor] | None,
-        wrt: Sequence[int]) -> list[torch.Tensor | None]:
+def vjp(
+    node: Node, grads: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor] | None, wrt: Sequence[int]
+) -> list[torch.Tensor | None]:
     """Generic VJP: re-run the op under autograd on detached inputs and differentiate."""
     tensors = list(tensors) if tensors is not None else [v.tensor for v in node.inputs]
     result: list[torch.Tensor | None] = [None] * len(tensors)
@@ -152,15 +158,15 @@ def _autograd_vjp(node: Node, grads, tensors: list, wrt: Sequence[int]) -> list[
     with torch.inference_mode(False), torch.enable_grad():
         out = node.run(run_inputs)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    pairs = [(o, g) for o, g in zip(outs, grads)
-             if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
     if not pairs:
         for i in wrt:
             result[i] = torch.zeros_like(tensors[i])
         return result
     order = list(leaves)
-    got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in order], [g for _, g in pairs],
-                              allow_unused=True)
+    got = torch.autograd.grad(
+        [o for o, _ in pairs], [leaves[i] for i in order], [g for _, g in pairs], allow_unused=True
+    )
     for i, g in zip(order, got):
         result[i] = g if g is not None else torch.zeros_like(tensors[i])
     return result
@@ -207,8 +213,12 @@ def _add_vjp(node, grads, tensors, wrt):
     return res
 
 
-_SDPA = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+_SDPA = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
 
 
 @vjp_override(*_SDPA)

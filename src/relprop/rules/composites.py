@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from .attention import AttentionRule, SoftmaxRule
 from .base import Rule, family_of
 from .elementwise import Identity, Stop, Uniform
 from .gradient import gradient_rule
-from .linear import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus, WSquare
+from .linear import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 from .normalization import ConstantScale, PassThrough, _is_eval_batch_norm
 from .reduction import Proportional
 from .routing import Route
@@ -59,11 +60,20 @@ class Composite:
         fallback: rule for ops no family knows (``None``: raise an error naming the op).
     """
 
-    def __init__(self, families: Mapping[str, Rule], *, first: Rule | None = None,
-                 first_families: tuple[str, ...] = LINEAR_FAMILIES, ops: Mapping[str, Rule] | None = None,
-                 module_types: Mapping[type, Any] | None = None, module_names: Mapping[str, Any] | None = None,
-                 canonize: bool = True, constant_attention: bool = False, fallback: Rule | None = None,
-                 name: str = "custom"):
+    def __init__(
+        self,
+        families: Mapping[str, Rule],
+        *,
+        first: Rule | None = None,
+        first_families: tuple[str, ...] = LINEAR_FAMILIES,
+        ops: Mapping[str, Rule] | None = None,
+        module_types: Mapping[type, Any] | None = None,
+        module_names: Mapping[str, Any] | None = None,
+        canonize: bool = True,
+        constant_attention: bool = False,
+        fallback: Rule | None = None,
+        name: str = "custom",
+    ):
         self.families = dict(families)
         self.first = first
         self.first_families = first_families
@@ -147,8 +157,9 @@ class GradientComposite(Composite):
     ``ops``/``families`` overrides for the ops they treat differently.
     """
 
-    def __init__(self, families: Mapping[str, Rule] | None = None, ops: Mapping[str, Rule] | None = None,
-                 name: str = "gradient"):
+    def __init__(
+        self, families: Mapping[str, Rule] | None = None, ops: Mapping[str, Rule] | None = None, name: str = "gradient"
+    ):
         super().__init__(dict(families or {}), ops=ops, canonize=False, name=name)
 
     def prepare(self, graph: Graph) -> Graph:
@@ -196,21 +207,39 @@ def base_families(stabilizer: float = 1e-6, batch_norm: Rule | None = None) -> d
     }
 
 
-def _lrp(linear: Rule, conv: Rule | None = None, *, first: Rule | None = None,
-         first_families: tuple[str, ...] = LINEAR_FAMILIES, stabilizer: float = 1e-6, name: str,
-         constant_attention: bool = False, **kw) -> Composite:
+def _lrp(
+    linear: Rule,
+    conv: Rule | None = None,
+    *,
+    first: Rule | None = None,
+    first_families: tuple[str, ...] = LINEAR_FAMILIES,
+    stabilizer: float = 1e-6,
+    name: str,
+    constant_attention: bool = False,
+    **kw,
+) -> Composite:
     fam = base_families(stabilizer)
     fam["dense"] = linear
     fam["conv"] = conv or linear
     if constant_attention:
         fam["attention"] = AttentionRule(constant_weights=True)
-    return Composite(fam, first=first, first_families=first_families, name=name,
-                     constant_attention=constant_attention, **kw)
+    return Composite(
+        fam, first=first, first_families=first_families, name=name, constant_attention=constant_attention, **kw
+    )
 
 
-def named_composite(name: str, *, epsilon: float | None = None, stabilizer: float = 1e-6, gamma: float = 0.25,
-                    low: float | torch.Tensor = -3.0, high: float | torch.Tensor = 3.0, alpha: float = 2.0,
-                    beta: float = 1.0, **overrides: Any) -> Composite:
+def named_composite(
+    name: str,
+    *,
+    epsilon: float | None = None,
+    stabilizer: float = 1e-6,
+    gamma: float = 0.25,
+    low: float | torch.Tensor = -3.0,
+    high: float | torch.Tensor = 3.0,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    **overrides: Any,
+) -> Composite:
     """Build a named composite; parameters are the keyword options of :func:`relprop.explain`."""
     attn_eps = 0.0 if epsilon is None else epsilon
     epsilon = 1e-6 if epsilon is None else epsilon
@@ -220,19 +249,28 @@ def named_composite(name: str, *, epsilon: float | None = None, stabilizer: floa
         "lrp0": lambda: _lrp(Epsilon(0.0), name=name, stabilizer=0.0, **overrides),
         "gamma": lambda: _lrp(Gamma(gamma, stabilizer), name=name, stabilizer=stabilizer, **overrides),
         "zplus": lambda: _lrp(ZPlus(stabilizer), name=name, stabilizer=stabilizer, **overrides),
-        "alpha_beta": lambda: _lrp(AlphaBeta(alpha, beta, stabilizer), name=name, stabilizer=stabilizer,
-                                   **overrides),
+        "alpha_beta": lambda: _lrp(AlphaBeta(alpha, beta, stabilizer), name=name, stabilizer=stabilizer, **overrides),
         "flat": lambda: _lrp(Flat(stabilizer), name=name, stabilizer=stabilizer, **overrides),
         "wsquare": lambda: _lrp(WSquare(stabilizer), name=name, stabilizer=stabilizer, **overrides),
         "epsilon_plus": lambda: _lrp(eps, ZPlus(stabilizer), name=name, stabilizer=stabilizer, **overrides),
-        "epsilon_plus_flat": lambda: _lrp(eps, ZPlus(stabilizer), first=Flat(stabilizer), name=name,
-                                          stabilizer=stabilizer, **overrides),
-        "epsilon_gamma_box": lambda: _lrp(eps, Gamma(gamma, stabilizer), first=ZBox(low, high, stabilizer),
-                                          first_families=("conv",), name=name, stabilizer=stabilizer, **overrides),
-        "epsilon_alpha2_beta1": lambda: _lrp(eps, AlphaBeta(2.0, 1.0, stabilizer), name=name, stabilizer=stabilizer,
-                                             **overrides),
-        "epsilon_alpha2_beta1_flat": lambda: _lrp(eps, AlphaBeta(2.0, 1.0, stabilizer), first=Flat(stabilizer),
-                                                  name=name, stabilizer=stabilizer, **overrides),
+        "epsilon_plus_flat": lambda: _lrp(
+            eps, ZPlus(stabilizer), first=Flat(stabilizer), name=name, stabilizer=stabilizer, **overrides
+        ),
+        "epsilon_gamma_box": lambda: _lrp(
+            eps,
+            Gamma(gamma, stabilizer),
+            first=ZBox(low, high, stabilizer),
+            first_families=("conv",),
+            name=name,
+            stabilizer=stabilizer,
+            **overrides,
+        ),
+        "epsilon_alpha2_beta1": lambda: _lrp(
+            eps, AlphaBeta(2.0, 1.0, stabilizer), name=name, stabilizer=stabilizer, **overrides
+        ),
+        "epsilon_alpha2_beta1_flat": lambda: _lrp(
+            eps, AlphaBeta(2.0, 1.0, stabilizer), first=Flat(stabilizer), name=name, stabilizer=stabilizer, **overrides
+        ),
         "attnlrp": lambda: _attnlrp(name, attn_eps, cp=False, **overrides),
         "cp_lrp": lambda: _attnlrp(name, attn_eps, cp=True, **overrides),
     }
@@ -255,8 +293,22 @@ def _attnlrp(name: str, epsilon: float, cp: bool, **overrides: Any) -> Composite
     return Composite(fam, name=name, constant_attention=cp, canonize=False, **overrides)
 
 
-NAMES = ("epsilon", "lrp0", "gamma", "zplus", "alpha_beta", "flat", "wsquare", "epsilon_plus", "epsilon_plus_flat",
-         "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "attnlrp", "cp_lrp")
+NAMES = (
+    "epsilon",
+    "lrp0",
+    "gamma",
+    "zplus",
+    "alpha_beta",
+    "flat",
+    "wsquare",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "attnlrp",
+    "cp_lrp",
+)
 
 
 class WarningFallback:
@@ -270,8 +322,11 @@ class WarningFallback:
         node = ctx.node
         if node.op_name not in self._warned:
             self._warned.add(node.op_name)
-            warnings.warn(f"relprop: no rule for {node.op_name} (module '{node.module}'); using the declared "
-                          f"fallback '{self.name}'", stacklevel=2)
+            warnings.warn(
+                f"relprop: no rule for {node.op_name} (module '{node.module}'); using the declared "
+                f"fallback '{self.name}'",
+                stacklevel=2,
+            )
         return self.rule(ctx)
 
     def __repr__(self) -> str:

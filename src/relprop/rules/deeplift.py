@@ -20,7 +20,8 @@ the reference), and softmax Captum's rescale-and-recentre rule (recentred per so
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,16 +36,23 @@ CAPTUM_NONLINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softp
 CAPTUM_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 CAPTUM_SOFTMAX = (nn.Softmax,)
 
-MAXPOOL_PACKETS = ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
-                   "max_pool1d_with_indices")
+MAXPOOL_PACKETS = (
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+    "max_pool1d_with_indices",
+)
 
 
 def _ref(ctx: RuleContext) -> tuple[list, list] | None:
     return ctx.node.meta.get("deeplift_ref")
 
 
-def secant(ctx: RuleContext, delta_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, eps: float,
-           a: int) -> torch.Tensor:
+def secant(
+    ctx: RuleContext, delta_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, eps: float, a: int
+) -> torch.Tensor:
     """``delta_out / (x - x0)``, with the exact gradient w.r.t. input ``a`` where ``|x - x0| < eps``."""
     dx = x - x0
     small = dx.abs() < eps
@@ -153,16 +161,20 @@ class DeepLiftComposite(GradientComposite):
             ref = replay_on(graph, replay[0])
             if ref is not None and (len(replay) < 2 or _same_output(graph, ref, replay[1])):
                 for node in graph.nodes:
-                    node.meta["deeplift_ref"] = ([ref.get(v.index, v.tensor) for v in node.inputs],
-                                                 [None if v is None else ref.get(v.index) for v in node.outputs])
+                    node.meta["deeplift_ref"] = (
+                        [ref.get(v.index, v.tensor) for v in node.inputs],
+                        [None if v is None else ref.get(v.index) for v in node.outputs],
+                    )
                 return graph
         ref = self.reference()
         extra = len(graph.nodes) - len(ref.nodes)
         # a callable target appends its own ops to the recording on the inputs only
         if extra < 0 or (extra > 0 and not getattr(self, "callable_target", False)):
-            raise ValueError("baselines: the model runs different operations on the baseline than on the inputs "
-                             f"({len(ref.nodes)} vs {len(graph.nodes)} ops); DeepLIFT needs the same computation "
-                             "for both (data-dependent control flow is not supported)")
+            raise ValueError(
+                "baselines: the model runs different operations on the baseline than on the inputs "
+                f"({len(ref.nodes)} vs {len(graph.nodes)} ops); DeepLIFT needs the same computation "
+                "for both (data-dependent control flow is not supported)"
+            )
         for node, rnode in zip(graph.nodes, ref.nodes):
             if node.op is not rnode.op or len(node.inputs) != len(rnode.inputs):
                 raise ValueError(
@@ -170,8 +182,10 @@ class DeepLiftComposite(GradientComposite):
                     f"(#{node.index} {node.op_name} vs {rnode.op_name}); DeepLIFT needs the same computation "
                     "for both (data-dependent control flow is not supported)"
                 )
-            node.meta["deeplift_ref"] = ([v.tensor for v in rnode.inputs],
-                                         [None if v is None else v.tensor for v in rnode.outputs])
+            node.meta["deeplift_ref"] = (
+                [v.tensor for v in rnode.inputs],
+                [None if v is None else v.tensor for v in rnode.outputs],
+            )
         return graph
 
     def rule_for(self, node: Node):
@@ -253,16 +267,15 @@ def _same_output(graph: Graph, ref: dict[int, torch.Tensor], expected: Callable[
         return False
     got = [ref.get(v.index) for v in graph.output_values]
     for w in flat:
-        if not any(g is not None and g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5)
-                   for g in got):
+        if not any(g is not None and g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g in got):
             return False
     return True
 
 
-def deeplift_composite(reference: Callable[[], Graph], eps: float = 1e-10, scope: str = "all",
-                       **_: Any) -> DeepLiftComposite:
+def deeplift_composite(
+    reference: Callable[[], Graph], eps: float = 1e-10, scope: str = "all", **_: Any
+) -> DeepLiftComposite:
     return DeepLiftComposite(reference, eps=eps, scope=scope)
 
 
-__all__ = ["CAPTUM_NONLINEAR", "DeepLiftComposite", "MaxPoolRule", "Rescale", "SoftmaxRescale",
-           "deeplift_composite"]
+__all__ = ["CAPTUM_NONLINEAR", "DeepLiftComposite", "MaxPoolRule", "Rescale", "SoftmaxRescale", "deeplift_composite"]

@@ -7,7 +7,7 @@ Hot ops get a direct backward kernel instead of re-running the forward under aut
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -58,8 +58,9 @@ def _conv(ctx: RuleContext):
         return None
     stride, padding, dilation, transposed, out_pad, groups = n.args[3:9]
     mask = [ctx.needs[0], ctx.needs[1], False]
-    gx, gw, _ = aten.convolution_backward(ctx.relevance[0], x, w, None, stride, padding, dilation, transposed,
-                                          out_pad, groups, mask)
+    gx, gw, _ = aten.convolution_backward(
+        ctx.relevance[0], x, w, None, stride, padding, dilation, transposed, out_pad, groups, mask
+    )
     return [gx, gw]
 
 
@@ -105,9 +106,11 @@ def _addmm(ctx: RuleContext):
         return None  # beta/alpha given
     bias, a, b = ctx.inputs
     g = ctx.relevance[0]
-    return [_sum_to(g, bias.shape) if ctx.needs[0] else None,
-            g @ b.t() if ctx.needs[1] else None,
-            a.t() @ g if ctx.needs[2] else None]
+    return [
+        _sum_to(g, bias.shape) if ctx.needs[0] else None,
+        g @ b.t() if ctx.needs[1] else None,
+        a.t() @ g if ctx.needs[2] else None,
+    ]
 
 
 @fast_vjp("_native_batch_norm_legit_no_training", "native_batch_norm")
@@ -139,8 +142,11 @@ def _maxpool(ctx: RuleContext):
     padding = padding if isinstance(padding, (list, tuple)) else [padding] * 2
     dilation = dilation if isinstance(dilation, (list, tuple)) else [dilation] * 2
     del args
-    return [aten.max_pool2d_with_indices_backward(ctx.relevance[0], x, kernel, stride, padding, dilation, ceil,
-                                                  ctx.outputs[1])]
+    return [
+        aten.max_pool2d_with_indices_backward(
+            ctx.relevance[0], x, kernel, stride, padding, dilation, ceil, ctx.outputs[1]
+        )
+    ]
 
 
 @fast_vjp("mean")

@@ -13,8 +13,8 @@ agree with it wherever the same rule is applied to the same layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -68,7 +68,7 @@ class LinearOperands:
     bias: int | None
 
     @staticmethod
-    def of(ctx: RuleContext) -> "LinearOperands":
+    def of(ctx: RuleContext) -> LinearOperands:
         node = ctx.node
         acts = ctx.activation_inputs()
         if len(acts) != 1:
@@ -80,8 +80,13 @@ class LinearOperands:
         return LinearOperands(a, params, bias)
 
 
-def _mod_tensors(ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: ParamMod, no_bias: bool,
-                 ) -> list[torch.Tensor]:
+def _mod_tensors(
+    ctx: RuleContext,
+    ops: LinearOperands,
+    x: torch.Tensor,
+    pmod: ParamMod,
+    no_bias: bool,
+) -> list[torch.Tensor]:
     tensors = list(ctx.inputs)
     tensors[ops.act] = x
     memo = ctx.memo
@@ -100,8 +105,9 @@ def _mod_tensors(ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: P
     return tensors
 
 
-def forward(ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: ParamMod = None,
-            no_bias: bool = False) -> torch.Tensor:
+def forward(
+    ctx: RuleContext, ops: LinearOperands, x: torch.Tensor, pmod: ParamMod = None, no_bias: bool = False
+) -> torch.Tensor:
     """The op's first output for a modified activation ``x`` and parameters ``pmod(param)``."""
     with torch.no_grad():
         out = ctx.node.run(_mod_tensors(ctx, ops, x, pmod, no_bias))
@@ -114,8 +120,19 @@ def input_vjp(ctx: RuleContext, ops: LinearOperands, s: torch.Tensor, pmod: Para
     tensors = _mod_tensors(ctx, ops, ctx.inputs[ops.act], pmod, False)
     if node.packet == "convolution" and ops.act == 0:
         stride, padding, dilation, transposed, out_pad, groups = node.args[3:9]
-        return aten.convolution_backward(s, tensors[0], tensors[1], None, stride, padding, dilation, transposed,
-                                         out_pad, groups, [True, False, False])[0]
+        return aten.convolution_backward(
+            s,
+            tensors[0],
+            tensors[1],
+            None,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            out_pad,
+            groups,
+            [True, False, False],
+        )[0]
     if node.packet == "addmm" and ops.act == 1:
         return s @ tensors[2].transpose(-1, -2)
     if node.packet in ("mm", "bmm") and ops.act == 0:
@@ -171,8 +188,12 @@ class Gamma:
         z_neg = forward(ctx, ops, xp, gn) + forward(ctx, ops, xn, gp, no_bias=True)
         s_pos = (z > 0) * ctx.rel / stabilize(z_pos, self.stabilizer)
         s_neg = (z < 0) * ctx.rel / stabilize(z_neg, self.stabilizer)
-        r = (xp * input_vjp(ctx, ops, s_pos, gp) + xn * input_vjp(ctx, ops, s_pos, gn)
-             + xp * input_vjp(ctx, ops, s_neg, gn) + xn * input_vjp(ctx, ops, s_neg, gp))
+        r = (
+            xp * input_vjp(ctx, ops, s_pos, gp)
+            + xn * input_vjp(ctx, ops, s_pos, gn)
+            + xp * input_vjp(ctx, ops, s_neg, gn)
+            + xn * input_vjp(ctx, ops, s_neg, gp)
+        )
         return _only(ctx, ops, r)
 
     def __repr__(self) -> str:
@@ -290,8 +311,25 @@ def _dense_or_product(node: Node) -> str:
 
 
 register_family("conv", "convolution", "_convolution", "convolution_overrideable", "mkldnn_convolution")
-register_family(_dense_or_product, "mm", "addmm", "bmm", "baddbmm", "matmul", "addmv", "mv", "linear", "dot",
-                "_addmm_activation", "addbmm", "einsum", "vdot", "tensordot", "outer", "ger")
+register_family(
+    _dense_or_product,
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "matmul",
+    "addmv",
+    "mv",
+    "linear",
+    "dot",
+    "_addmm_activation",
+    "addbmm",
+    "einsum",
+    "vdot",
+    "tensordot",
+    "outer",
+    "ger",
+)
 
 
 RULES: dict[str, type] = {
@@ -304,5 +342,16 @@ RULES: dict[str, type] = {
     "flat": Flat,
 }
 
-__all__: Sequence[str] = ["Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat", "stabilize",
-                          "LinearOperands", "forward", "input_vjp"]
+__all__: Sequence[str] = [
+    "Epsilon",
+    "Gamma",
+    "AlphaBeta",
+    "ZPlus",
+    "ZBox",
+    "WSquare",
+    "Flat",
+    "stabilize",
+    "LinearOperands",
+    "forward",
+    "input_vjp",
+]

@@ -47,7 +47,7 @@ class ConstantScale:
             g = g - g.mean(dims, keepdim=True)
             res[0] = x * g
         elif p == "native_group_norm":
-            n, c, hw, groups = node.args[3], node.args[4], node.args[5], node.args[6]
+            n, c, _hw, groups = node.args[3], node.args[4], node.args[5], node.args[6]
             w = node.arg(1)
             scale = ctx.inputs[1].view(1, c, *[1] * (x.dim() - 2)) if isinstance(w, Value) else 1.0
             rstd = ctx.outputs[2].view(n, groups, 1)
@@ -104,7 +104,15 @@ class PassThrough:
 
 register_family(
     "norm",
-    "native_layer_norm", "native_group_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
-    "_native_batch_norm_legit", "_fused_rms_norm", "layer_norm", "group_norm", "batch_norm", "rms_norm",
+    "native_layer_norm",
+    "native_group_norm",
+    "_native_batch_norm_legit_no_training",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_fused_rms_norm",
+    "layer_norm",
+    "group_norm",
+    "batch_norm",
+    "rms_norm",
     "instance_norm",
 )

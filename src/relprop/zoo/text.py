@@ -18,6 +18,7 @@ similarity of the two mean-pooled sentence embeddings, one scalar per batch row:
     s = sim(attention_mask=enc["attention_mask"], inputs_embeds=emb)
     s.sum().backward(); token_scores = (emb.grad * emb).sum(-1)  # e.g. gradient x input per token
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,9 @@ def load_minilm(attn_implementation: str = "eager"):
         hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = BertModel.from_pretrained(str(path), local_files_only=True,
-                                              attn_implementation=attn_implementation, add_pooling_layer=False)
+            model = BertModel.from_pretrained(
+                str(path), local_files_only=True, attn_implementation=attn_implementation, add_pooling_layer=False
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -117,7 +119,7 @@ class SentenceSimilarity(nn.Module):
         self.register_buffer("reference", ref / ref.norm().clamp(min=1e-12))
 
     @classmethod
-    def from_sentence(cls, model, tokenizer, sentence_b: str) -> "SentenceSimilarity":
+    def from_sentence(cls, model, tokenizer, sentence_b: str) -> SentenceSimilarity:
         return cls(model, encode(model, tokenizer, sentence_b)[0])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -128,8 +130,12 @@ class SentenceSimilarity(nn.Module):
         if attention_mask is None:
             ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         inputs_embeds=inputs_embeds, token_type_ids=token_type_ids)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+        )
         a = mean_pool(out.last_hidden_state, attention_mask)
         return (a @ self.reference) / a.norm(dim=-1).clamp(min=1e-12)
 
