@@ -11,7 +11,7 @@ from .propagate import PropagationError, propagate
 from .rules import Composite, NoRuleError, RuleContext, named_composite, register_rule
 from .trace import TraceError, trace
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Composite",

@@ -106,8 +106,15 @@ class Node:
 
     @property
     def packet(self) -> str:
-        """Overload packet name without namespace and without a trailing in-place underscore."""
+        """Overload packet name without namespace (``convolution``); a region's own packet name."""
+        if isinstance(self.op, RegionOp):
+            return self.op.packet
         return self.op.overloadpacket.__name__
+
+    @property
+    def region(self) -> RegionOp | None:
+        """The :class:`RegionOp` this node stands for, or ``None`` for a plain ATen op."""
+        return self.op if isinstance(self.op, RegionOp) else None
 
     def rebuild(self, tensors: list[torch.Tensor | None]) -> tuple[tuple, dict]:
         """Arguments with the i-th input Value (in recording order) replaced by ``tensors[i]``."""
@@ -124,6 +131,8 @@ class Node:
         """Positional argument ``i`` of the schema (kwargs honoured), as recorded."""
         if i < len(self.args):
             return self.args[i]
+        if isinstance(self.op, RegionOp):
+            return default
         name = self.op._schema.arguments[i].name if i < len(self.op._schema.arguments) else None
         if name is not None and name in self.kwargs:
             return self.kwargs[name]
@@ -136,6 +145,112 @@ class Node:
     def __repr__(self) -> str:
         where = f" @ {self.module}" if self.module else ""
         return f"#{self.index} {self.op_name}({', '.join(map(repr, self.inputs))}){where}"
+
+
+class RegionOp:
+    """Several recorded nodes that the rules treat as one operation (a "region node").
+
+    One concept serves every case where the unit a rule must see is bigger than one ATen op:
+
+    * ``kind="elementwise"``: a univariate function written as several element-wise ops
+      (GPT-2's ``0.5*x*(1+tanh(...))``, ``x*sigmoid(x)``); LRP gives it the nonlinearity rule.
+    * ``kind="autograd_function"``: a custom ``torch.autograd.Function``; ``vjp`` calls its own
+      ``backward``, so the gradient is autograd's, not the derivative of the recorded forward ops.
+    * ``kind="fused"``: a fused kernel (e.g. a recurrent layer) that a rule re-derives.
+
+    A region node (``Node(op=RegionOp(...))``) has the region's inputs and outputs as its values and
+    positional args ``tuple(inputs)``; calling the op re-runs the inner nodes, so the generic VJP of
+    :func:`relprop.rules.base.vjp` differentiates the composed function exactly. Inner nodes keep their
+    values and producers, so data dropped from a region output is recomputed through them.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        packet: str,
+        nodes: list[Node],
+        inputs: list[Value],
+        outputs: list[Value | None],
+        family: str | None = None,
+        vjp: Callable[..., list] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.packet = packet
+        self.nodes = list(nodes)
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        #: The op family the rules see (``None``: look ``packet`` up in the family registry).
+        self.family = family
+        #: Optional ``vjp(node, grads, tensors, wrt) -> list`` replacing the re-run-and-differentiate VJP.
+        self.vjp = vjp
+
+    def __call__(self, *tensors: Any) -> Any:
+        env: dict[int, Any] = {v.index: t for v, t in zip(self.inputs, tensors)}
+        for node in self.nodes:
+            ins = [env[v.index] if v.index in env else v.tensor for v in node.inputs]
+            out = node.run(ins)
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            for v, o in zip(node.outputs, outs):
+                if v is not None:
+                    env[v.index] = o
+        res = [env[v.index] if v is not None else None for v in self.outputs]
+        return res[0] if len(res) == 1 else tuple(res)
+
+    def describe(self) -> str:
+        """``kind name: op, op, ...`` listing the inner ATen ops in order."""
+        return f"{self.kind} {self.name}: " + ", ".join(n.packet for n in self.nodes)
+
+    def __str__(self) -> str:
+        return f"region.{self.kind}.{self.name}"
+
+    __repr__ = __str__
+
+
+def region_node(op: RegionOp, index: int | None = None) -> Node:
+    """A node standing for ``op``: module path and type of its last inner node, index of its last one."""
+    last = op.nodes[-1]
+    return Node(
+        last.index if index is None else index,
+        op,
+        tuple(op.inputs),
+        {},
+        list(op.inputs),
+        list(op.outputs),
+        last.module,
+        last.module_type,
+    )
+
+
+def replace_with_regions(graph: Graph, regions: list[RegionOp]) -> Graph:
+    """A new graph where each region's inner nodes are replaced by one region node (at its last node).
+
+    The input graph is not modified (its nodes, values and producers are shared, not edited).
+    """
+    if not regions:
+        return graph
+    drop: set[int] = set()
+    at: dict[int, Node] = {}
+    for op in regions:
+        drop.update(id(n) for n in op.nodes)
+        at[id(op.nodes[-1])] = region_node(op)
+    nodes = []
+    for n in graph.nodes:
+        if id(n) in at:
+            nodes.append(at[id(n)])
+        elif id(n) not in drop:
+            nodes.append(n)
+    return Graph(
+        nodes,
+        graph.values,
+        graph.inputs,
+        graph.input_spec,
+        graph.output,
+        graph.output_values,
+        graph.params,
+        graph.module_types,
+    )
 
 
 def _substitute(a: Any, it: Iterator) -> Any:

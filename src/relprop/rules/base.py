@@ -37,6 +37,10 @@ def family_of(node: Node) -> str | None:
     """The family of ``node`` (``None`` if no rules module knows the op)."""
     if "family" in node.meta:
         return node.meta["family"]
+    region = node.region
+    if region is not None and region.family is not None:
+        node.meta["family"] = region.family
+        return region.family
     fam = _FAMILIES.get(node.packet)
     if fam is None and node.packet.endswith("_"):
         fam = _FAMILIES.get(node.packet[:-1])
@@ -135,7 +139,8 @@ def vjp(
     wrt = [i for i in wrt if _float(tensors[i])]
     if not wrt:
         return result
-    override = _VJP.get(node.packet)
+    region = node.region
+    override = region.vjp if region is not None and region.vjp is not None else _VJP.get(node.packet)
     if override is not None:
         return override(node, grads, tensors, wrt)
     return _autograd_vjp(node, grads, tensors, wrt)
