@@ -8,6 +8,7 @@ has a ``.plot()`` method (matplotlib is imported only then).
 """
 
 from ._utils import pearson, rankdata, spearman
+from .baselines import Baseline
 from .complexity import ComplexityResult, complexity, sparseness
 from .conservation import ConservationResult, conservation
 from .perturbation import (
@@ -24,9 +25,11 @@ from .perturbation import (
 from .quantus_adapter import quantus_explain_func
 from .randomisation import RandomisationResult, model_parameter_randomisation, randomisable_layers
 from .sensitivity import ClassSensitivityResult, class_sensitivity
+from .tokens import TokenPerturbationResult, token_perturbation
 
 __all__ = [
     "ABPCResult",
+    "Baseline",
     "ClassSensitivityResult",
     "ComplexityResult",
     "ConservationResult",
@@ -49,4 +52,6 @@ __all__ = [
     "region_perturbation",
     "sparseness",
     "spearman",
+    "token_perturbation",
+    "TokenPerturbationResult",
 ]

@@ -19,37 +19,33 @@ Quantus compatibility (``region_perturbation``, ``pixel_flipping``, ``abpc``)
 * Region-perturbation scores are drops ``f(x)_t - f(x_k)_t`` for ``k = 1..S``;
   pixel-flipping scores are the raw ``f(x_k)_t``; AUCs are trapezoid rules with
   ``dx = 1`` (what Quantus' ``calculate_auc`` does).
+
+Layout: units and ranking in :mod:`._units`, baselines in :mod:`.baselines`, the
+evaluation in :mod:`._engine` (shared with the token metrics in :mod:`.tokens`);
+this module holds the result types and the public functions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from . import _units
+from ._engine import area_between, area_between_per_step, model_forward, run_schedule
 from ._utils import (
     TargetLike,
     check_attributions,
     check_inputs,
     check_positive_int,
-    check_target_range,
     check_targets,
-    forward,
     nanmean,
-    progress_bar,
     trapezoid,
 )
-
-BaselineLike = Union[str, float, int, torch.Tensor, np.ndarray, Callable[[torch.Tensor], Any]]
-
-_SCALAR_BASELINES = ("zero", "black", "white")
-_TENSOR_BASELINES = ("blur", "noise")
-_ALL_BASELINES = _SCALAR_BASELINES + ("mean",) + _TENSOR_BASELINES
+from .baselines import ALL_BASELINES as _ALL_BASELINES  # noqa: F401 (re-exported for callers)
+from .baselines import BaselineLike
 
 
 # ---------------------------------------------------------------------------
@@ -139,13 +135,36 @@ class ABPCResult:
     """Area between perturbation curves: ``area(LeRF score curve) - area(MoRF score curve)``.
 
     Computed on Quantus-style drops this equals ``auc(MoRF drops) - auc(LeRF drops)``;
-    positive (larger is better) for a faithful explanation.
+    positive (larger is better) for a faithful explanation. ``per_step`` is the same area
+    divided by the number of steps' intervals (the mean gap; comparable across step counts).
+    ``morf``/``lerf`` are the two :class:`PerturbationResult` (images) or ``None`` (tokens).
     """
 
     scores: torch.Tensor
     value: float
-    morf: PerturbationResult
-    lerf: PerturbationResult
+    morf: PerturbationResult | None
+    lerf: PerturbationResult | None
+    per_step: torch.Tensor | None = None
+    morf_curve: torch.Tensor | None = None
+    lerf_curve: torch.Tensor | None = None
+
+    @classmethod
+    def from_curves(cls, morf_curve: torch.Tensor, lerf_curve: torch.Tensor, morf=None, lerf=None) -> ABPCResult:
+        """The one ABPC definition, from ``(B, S + 1)`` score curves (clean score at step 0)."""
+        scores = area_between(morf_curve, lerf_curve)
+        return cls(
+            scores=scores,
+            value=nanmean(scores),
+            morf=morf,
+            lerf=lerf,
+            per_step=area_between_per_step(morf_curve, lerf_curve),
+            morf_curve=morf_curve,
+            lerf_curve=lerf_curve,
+        )
+
+    @property
+    def value_per_step(self) -> float:
+        return nanmean(self.per_step) if self.per_step is not None else float("nan")
 
     def plot(self, ax=None, **kwargs):
         from .plots import plot_abpc
@@ -165,6 +184,17 @@ class InsertionDeletionResult:
     mean_insertion_auc: float
     mean_deletion_auc: float
 
+    @classmethod
+    def from_curves(cls, fractions: torch.Tensor, insertion: torch.Tensor, deletion: torch.Tensor):
+        """AUCs over the fraction of units replaced (``fractions``, from 0 to 1)."""
+        iauc, dauc = trapezoid(insertion, fractions), trapezoid(deletion, fractions)
+        return cls(fractions, insertion, deletion, iauc, dauc, nanmean(iauc), nanmean(dauc))
+
+    @property
+    def difference_per_sample(self) -> torch.Tensor:
+        """Insertion AUC minus deletion AUC per sample (larger is better)."""
+        return self.insertion_auc - self.deletion_auc
+
     @property
     def difference(self) -> float:
         """Mean insertion AUC minus mean deletion AUC (larger is better)."""
@@ -177,316 +207,8 @@ class InsertionDeletionResult:
 
 
 # ---------------------------------------------------------------------------
-# Units (patches) and ordering
+# Public API: each function only chooses units, schedule and result shape
 # ---------------------------------------------------------------------------
-def _quantus_padding(dim: int, patch: int) -> tuple[int, int]:
-    rem = dim % patch
-    if rem == 0:
-        return (0, 0)
-    total = patch - rem
-    return (total // 2, total - total // 2)
-
-
-def _spatial_shape(x: torch.Tensor) -> tuple[tuple[int, ...], int]:
-    """Spatial shape and channel count: ``(B, F)`` has no channel axis; ``(B, C, ...)`` does."""
-    if x.dim() == 2:
-        return tuple(x.shape[1:]), 1
-    return tuple(x.shape[2:]), int(x.shape[1])
-
-
-@dataclass
-class _Units:
-    uid: torch.Tensor  # (F,) unit id of each flattened element
-    n_units: int
-    pads: tuple[tuple[int, int], ...]
-    patch_size: int
-    padded_shape: tuple[int, ...] = field(default=())
-
-
-def _make_units(x: torch.Tensor, patch_size: int, pad: bool, name: str = "patch_size") -> _Units:
-    spatial, channels = _spatial_shape(x)
-    pads = []
-    grid = []
-    for d in spatial:
-        if patch_size > d:
-            raise ValueError(f"{name}={patch_size} is larger than the input's spatial size {spatial}")
-        if d % patch_size and not pad:
-            raise ValueError(
-                f"{name}={patch_size} must divide the spatial size {spatial} of inputs; pass pad=True to pad "
-                f"the grid (centred, like Quantus) instead"
-            )
-        lo_hi = _quantus_padding(d, patch_size)
-        pads.append(lo_hi)
-        grid.append((d + lo_hi[0] + lo_hi[1]) // patch_size)
-    coords = torch.meshgrid(*[torch.arange(d) for d in spatial], indexing="ij")
-    uid = torch.zeros(spatial, dtype=torch.long)
-    for c, (lo, _), g in zip(coords, pads, grid):
-        uid = uid * g + (c + lo) // patch_size
-    if x.dim() > 2:
-        uid = uid.unsqueeze(0).expand(channels, *spatial)
-    n_units = int(np.prod(grid))
-    padded = tuple(d + lo + hi for d, (lo, hi) in zip(spatial, pads))
-    return _Units(
-        uid=uid.reshape(-1).contiguous(), n_units=n_units, pads=tuple(pads), patch_size=patch_size, padded_shape=padded
-    )
-
-
-def _feature_units(x: torch.Tensor) -> _Units:
-    n = int(np.prod(x.shape[1:]))
-    return _Units(uid=torch.arange(n), n_units=n, pads=(), patch_size=1, padded_shape=tuple(x.shape[1:]))
-
-
-def _unit_scores(a_flat: torch.Tensor, units: _Units) -> np.ndarray:
-    """Sum attributions per unit -> (B, U) numpy array."""
-    if units.n_units == a_flat.shape[1] and torch.equal(units.uid, torch.arange(units.n_units)):
-        return a_flat.cpu().numpy()
-    sums = torch.zeros(a_flat.shape[0], units.n_units, dtype=torch.float64)
-    sums.index_add_(1, units.uid, a_flat.to(torch.float64))
-    return sums.numpy()
-
-
-def _rank_units(scores: np.ndarray, order: str, seed: int | None) -> np.ndarray:
-    """Return ``rank[b, u]`` (0 = perturbed first)."""
-    b, u = scores.shape
-    if order == "morf":
-        perm = np.argsort(-scores, axis=-1)
-    elif order == "lerf":
-        perm = np.argsort(scores, axis=-1)
-    elif order == "random":
-        rng = np.random.default_rng(seed)
-        perm = np.stack([rng.permutation(u) for _ in range(b)])
-    else:  # pragma: no cover - validated earlier
-        raise ValueError(order)
-    rank = np.empty_like(perm)
-    np.put_along_axis(rank, perm, np.arange(u)[None, :].repeat(b, 0), axis=-1)
-    return rank
-
-
-def _check_order(order: str) -> str:
-    if not isinstance(order, str) or order.lower() not in ("morf", "lerf", "random"):
-        raise ValueError(f"order must be 'morf', 'lerf' or 'random', got {order!r}")
-    return order.lower()
-
-
-# ---------------------------------------------------------------------------
-# Baselines
-# ---------------------------------------------------------------------------
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    spatial, channels = _spatial_shape(x)
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    if x.dim() == 2:
-        y = x.unsqueeze(1)
-    else:
-        y = x
-    c = y.shape[1]
-    y = y.reshape(y.shape[0], c, *spatial)
-    nd = len(spatial)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(nd)
-    if conv is None:
-        raise ValueError(f"baseline='blur' supports 1-3 spatial dims, inputs have {nd}")
-    for axis in range(nd):
-        shape = [1] * nd
-        shape[axis] = 2 * radius + 1
-        w = k.reshape(1, 1, *shape).expand(c, 1, *shape)
-        padding = [0] * nd
-        padding[axis] = radius
-        pad_arg = []
-        for ax in reversed(range(nd)):
-            pad_arg += [padding[ax], padding[ax]]
-        y = conv(F.pad(y, pad_arg, mode="replicate" if nd <= 3 else "constant"), w, groups=c)
-    return y.reshape(x.shape)
-
-
-@dataclass
-class _Fill:
-    kind: str  # "scalar" | "step" | "tensor"
-    value: torch.Tensor  # (B,), (B, S) or (B, F)
-
-
-def _resolve_baseline(
-    baseline: BaselineLike,
-    x: torch.Tensor,
-    *,
-    blur_sigma: float,
-    noise_std: float | None,
-    seed: int | None,
-) -> tuple[str, _Fill | None]:
-    """Return (description, fill). ``fill`` is None for the drifting ``"mean"``."""
-    b = x.shape[0]
-    xf = x.reshape(b, -1)
-    if isinstance(baseline, bool):
-        raise ValueError(
-            f"baseline must be one of {_ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}"
-        )
-    if isinstance(baseline, (int, float, np.integer, np.floating)):
-        return repr(float(baseline)), _Fill("scalar", torch.full((b,), float(baseline), dtype=x.dtype))
-    if isinstance(baseline, str):
-        name = baseline.lower()
-        if name == "zero":
-            return name, _Fill("scalar", torch.zeros(b, dtype=x.dtype))
-        if name == "black":
-            return name, _Fill("scalar", xf.min(1).values)
-        if name == "white":
-            return name, _Fill("scalar", xf.max(1).values)
-        if name == "mean":
-            return name, None
-        if name == "blur":
-            return name, _Fill("tensor", _gaussian_blur(x, blur_sigma).reshape(b, -1))
-        if name == "noise":
-            g = torch.Generator().manual_seed(0 if seed is None else int(seed))
-            noise = torch.randn(xf.shape, generator=g, dtype=torch.float64).to(x.dtype)
-            mean = xf.mean(1, keepdim=True)
-            std = xf.std(1, keepdim=True) if noise_std is None else torch.full_like(mean, float(noise_std))
-            return name, _Fill("tensor", mean + std * noise)
-        raise ValueError(
-            f"baseline must be one of {_ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}"
-        )
-    if callable(baseline):
-        value = baseline(x.clone())
-        desc = getattr(baseline, "__name__", "callable")
-    else:
-        value = baseline
-        desc = "tensor"
-    try:
-        t = torch.as_tensor(
-            value.detach().cpu() if isinstance(value, torch.Tensor) else np.asarray(value), dtype=x.dtype
-        )
-        t = torch.broadcast_to(t, x.shape).reshape(b, -1).clone()
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"baseline must broadcast to the inputs' shape {tuple(x.shape)}, got {getattr(value, 'shape', type(value))}"
-        ) from exc
-    if not torch.isfinite(t).all():
-        raise ValueError("baseline contains NaN or infinite values")
-    return desc, _Fill("tensor", t)
-
-
-def _drifting_mean_fill(x: torch.Tensor, units: _Units, step_of_unit: torch.Tensor, n_steps: int) -> _Fill:
-    """Quantus' ``"mean"``: before each step the fill value is the mean of the
-    current (edge-padded) perturbed input. Computed with a running sum."""
-    b = x.shape[0]
-    if any(lo or hi for lo, hi in units.pads):
-        spatial, channels = _spatial_shape(x)
-        y = x.reshape(b, -1, *spatial) if x.dim() > 2 else x.reshape(b, 1, *spatial)
-        pad_arg = []
-        for lo, hi in reversed(units.pads):
-            pad_arg += [lo, hi]
-        xp = F.pad(y.to(torch.float64), pad_arg, mode="replicate")
-        grid = [d // units.patch_size for d in units.padded_shape]
-        coords = torch.meshgrid(*[torch.arange(d) for d in units.padded_shape], indexing="ij")
-        uid = torch.zeros(units.padded_shape, dtype=torch.long)
-        for c, g in zip(coords, grid):
-            uid = uid * g + c // units.patch_size
-        uid = uid.unsqueeze(0).expand(xp.shape[1], *units.padded_shape).reshape(-1)
-        xp = xp.reshape(b, -1)
-    else:
-        xp = x.reshape(b, -1).to(torch.float64)
-        uid = units.uid
-    n_total = xp.shape[1]
-    unit_sum = torch.zeros(b, units.n_units, dtype=torch.float64).index_add_(1, uid, xp)
-    unit_cnt = torch.bincount(uid, minlength=units.n_units).to(torch.float64)
-    # Aggregate per step (steps >= n_steps are never perturbed: dump bin).
-    s_idx = step_of_unit.clamp(max=n_steps)
-    step_sum = torch.zeros(b, n_steps + 1, dtype=torch.float64).scatter_add_(1, s_idx, unit_sum)
-    step_cnt = torch.zeros(b, n_steps + 1, dtype=torch.float64).scatter_add_(
-        1, s_idx, unit_cnt.expand(b, -1).contiguous()
-    )
-    total = xp.sum(1).numpy()
-    ss = step_sum.numpy()
-    sc = step_cnt.numpy()
-    fills = np.empty((b, max(n_steps, 1)))
-    for s in range(n_steps):
-        m = total / n_total
-        fills[:, s] = m
-        total = total - ss[:, s] + sc[:, s] * m
-    return _Fill("step", torch.from_numpy(fills).to(x.dtype))
-
-
-# ---------------------------------------------------------------------------
-# Engine
-# ---------------------------------------------------------------------------
-def _evaluate_steps(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    step_of_elem: torch.Tensor,
-    n_steps: int,
-    fill: _Fill,
-    target: torch.Tensor | None,
-    batch_size: int,
-    progress: bool,
-    desc: str,
-    insertion: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Evaluate the model on every ``(sample, step)`` copy.
-
-    Copy ``k`` of sample ``b`` has element ``e`` replaced by the fill value iff
-    ``step_of_elem[b, e] < k`` (``k = 0..n_steps``). With ``insertion`` the
-    roles flip: the copy starts from the fill and gets the input back.
-
-    Returns target logits, target probabilities, argmax predictions (all
-    ``(B, n_steps + 1)``) and the target actually used.
-    """
-    b = x.shape[0]
-    feat_shape = tuple(x.shape[1:])
-    xf = x.reshape(b, -1)
-    n_points = n_steps + 1
-    if target is None:  # explain the predicted class
-        target = torch.cat([forward(model, x[i : i + batch_size]).argmax(1) for i in range(0, b, batch_size)])
-    # Compact step indices: less memory traffic when building the copies.
-    se_all = step_of_elem.to(torch.int16 if n_points < 32000 else torch.int32)
-
-    def fill_values(bi: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
-        if fill.kind == "scalar":
-            return fill.value[bi][:, None].to(x.dtype)
-        if fill.kind == "step":
-            return fill.value[bi].gather(1, se.long().clamp(max=max(n_steps - 1, 0)))
-        return fill.value[bi]
-
-    # Steps that change nothing (e.g. replacing background pixels that already
-    # equal the baseline) give the same copy as the previous step: evaluate
-    # the model only on copies that differ and reuse the outputs otherwise.
-    needed = torch.ones(b, n_points, dtype=torch.bool)
-    if n_steps:
-        changes = torch.zeros(b, n_points, dtype=torch.int64)
-        for sl in range(0, b, max(1, batch_size)):
-            bi = torch.arange(sl, min(b, sl + max(1, batch_size)))
-            se = se_all[bi]
-            diff = fill_values(bi, se) != xf[bi]
-            changes[bi] = torch.zeros(len(bi), n_points, dtype=torch.int64).scatter_add_(1, se.long(), diff.long())
-        needed[:, 1:] = changes[:, :n_steps] > 0
-    pairs = needed.nonzero()
-    total = pairs.shape[0]
-    logits = torch.zeros(b, n_points, dtype=torch.float64)
-    probs = torch.zeros(b, n_points, dtype=torch.float64)
-    preds = torch.zeros(b, n_points, dtype=torch.long)
-    checked = False
-    with progress_bar(total, progress, desc) as bar:
-        for start in range(0, total, batch_size):
-            bi = pairs[start : start + batch_size, 0]
-            ki = pairs[start : start + batch_size, 1]
-            se = se_all[bi]
-            mask = se < ki[:, None]
-            base = xf[bi]
-            fv = fill_values(bi, se)
-            xp = torch.where(mask, base, fv) if insertion else torch.where(mask, fv, base)
-            out = forward(model, xp.reshape(-1, *feat_shape))
-            if not checked:
-                check_target_range(target, out.shape[1])
-                checked = True
-            t = target[bi]
-            logits[bi, ki] = out.gather(1, t[:, None])[:, 0].to(torch.float64)
-            probs[bi, ki] = torch.softmax(out, dim=1).gather(1, t[:, None])[:, 0].to(torch.float64)
-            preds[bi, ki] = out.argmax(1)
-            bar.update(len(bi))
-    src = torch.where(needed, torch.arange(n_points).expand(b, n_points), torch.zeros((), dtype=torch.long))
-    src = torch.cummax(src, dim=1).values
-    logits, probs, preds = logits.gather(1, src), probs.gather(1, src), preds.gather(1, src)
-    return logits, probs, preds, target
-
-
 def _prepare(model, inputs, attributions, target, batch_size, abs_):
     if not isinstance(model, torch.nn.Module) and not callable(model):
         raise ValueError(f"model must be a torch.nn.Module (or callable), got {type(model).__name__}")
@@ -499,14 +221,25 @@ def _prepare(model, inputs, attributions, target, batch_size, abs_):
     return x, a, t, bs
 
 
-def _step_of_elem(rank: np.ndarray, step_of_rank: np.ndarray, uid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    step_of_unit = torch.from_numpy(step_of_rank[rank]).long()
-    return step_of_unit, step_of_unit[:, uid]
+def _scores(a: torch.Tensor, units: _units.Units) -> np.ndarray:
+    return _units.unit_scores(a.reshape(a.shape[0], -1), units)
 
 
-# ---------------------------------------------------------------------------
-# Public API
-# ---------------------------------------------------------------------------
+def _even_steps(units: _units.Units, steps: int | None) -> tuple[int, np.ndarray]:
+    u = units.n_units
+    n_steps = u if steps is None else check_positive_int(steps, "steps")
+    if n_steps > u:
+        raise ValueError(f"steps must be at most the number of patches ({u}), got {n_steps}")
+    return n_steps, _units.even_schedule(u, n_steps)
+
+
+def _baseline_kw(options: dict) -> dict:
+    bad = set(options) - {"blur_sigma", "noise_std"}
+    if bad:
+        raise TypeError(f"unexpected keyword argument(s): {sorted(bad)} (baseline options: blur_sigma, noise_std)")
+    return {"blur_sigma": options.get("blur_sigma", 2.0), "noise_std": options.get("noise_std")}
+
+
 def perturbation_curve(
     model: torch.nn.Module,
     inputs,
@@ -545,33 +278,25 @@ def perturbation_curve(
     curve) default to ``target``.
     """
     x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
-    order = _check_order(order)
+    order = _units.check_order(order)
     patch_size = check_positive_int(patch_size, "patch_size")
-    units = _make_units(x, patch_size, pad) if x.dim() > 2 or patch_size > 1 else _feature_units(x)
-    u = units.n_units
-    n_steps = u if steps is None else check_positive_int(steps, "steps")
-    if n_steps > u:
-        raise ValueError(f"steps must be at most the number of patches ({u}), got {n_steps}")
-    rank = _rank_units(_unit_scores(a.reshape(a.shape[0], -1), units), order, seed)
-    step_of_rank = (np.arange(u) * n_steps) // u
-    step_of_unit, soe = _step_of_elem(rank, step_of_rank, units.uid)
-    desc, fill = _resolve_baseline(baseline, x, blur_sigma=blur_sigma, noise_std=noise_std, seed=seed)
-    if fill is None:
-        fill = _drifting_mean_fill(x, units, step_of_unit, n_steps)
-    logit, prob, pred, t = _evaluate_steps(model, x, soe, n_steps, fill, t, bs, progress, "perturbation curve")
+    units = _units.units_for(x, patch_size, pad)
+    n_steps, schedule = _even_steps(units, steps)
+    c = run_schedule(
+        model_forward(model), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
+        seed=seed, blur_sigma=blur_sigma, noise_std=noise_std, progress=progress, desc="perturbation curve",
+    )  # fmt: skip
     lab = check_targets(labels, x.shape[0], "labels")
-    lab = t if lab is None else lab
-    counts = np.bincount(step_of_rank, minlength=n_steps)
-    fractions = torch.from_numpy(np.concatenate([[0.0], np.cumsum(counts) / u]))
+    lab = c.target if lab is None else lab
     return PerturbationCurve(
-        fractions=fractions,
-        logit=logit,
-        prob=prob,
-        correct=pred == lab[:, None],
-        target=t,
+        fractions=_units.fractions_of(schedule, n_steps, units.n_units),
+        logit=c.logit,
+        prob=c.prob,
+        correct=c.pred == lab[:, None],
+        target=c.target,
         labels=lab,
         order=order,
-        baseline=desc,
+        baseline=c.baseline,
         patch_size=patch_size,
     )
 
@@ -608,20 +333,17 @@ def region_perturbation(
     x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
     if x.dim() != 4:
         raise ValueError(f"inputs must be images shaped (batch, channels, height, width), got shape {tuple(x.shape)}")
-    order = _check_order(order)
+    order = _units.check_order(order)
     patch_size = check_positive_int(patch_size, "patch_size")
     regions = check_positive_int(regions, "regions")
-    units = _make_units(x, patch_size, pad)
-    u = units.n_units
-    n_steps = min(regions, u)
-    rank = _rank_units(_unit_scores(a.reshape(a.shape[0], -1), units), order, seed)
-    step_of_rank = np.minimum(np.arange(u), n_steps)
-    step_of_unit, soe = _step_of_elem(rank, step_of_rank, units.uid)
-    desc, fill = _resolve_baseline(baseline, x, seed=seed, **_baseline_kw(baseline_options))
-    if fill is None:
-        fill = _drifting_mean_fill(x, units, step_of_unit, n_steps)
-    logit, prob, _, t = _evaluate_steps(model, x, soe, n_steps, fill, t, bs, progress, "region perturbation")
-    score = prob if softmax else logit
+    units = _units.make_units(x, patch_size, pad)
+    n_steps = min(regions, units.n_units)
+    schedule = np.minimum(np.arange(units.n_units), n_steps)  # one patch per step, the rest never
+    c = run_schedule(
+        model_forward(model), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
+        seed=seed, progress=progress, desc="region perturbation", **_baseline_kw(baseline_options),
+    )  # fmt: skip
+    score = c.prob if softmax else c.logit
     drops = score[:, :1] - score[:, 1:]
     auc = trapezoid(drops)
     return PerturbationResult(
@@ -630,9 +352,9 @@ def region_perturbation(
         auc=auc,
         mean_auc=nanmean(auc),
         clean_score=score[:, 0].clone(),
-        target=t,
+        target=c.target,
         order=order,
-        baseline=desc,
+        baseline=c.baseline,
         softmax=softmax,
         patch_size=patch_size,
     )
@@ -665,21 +387,18 @@ def pixel_flipping(
     Quantus applied to negated attributions.
     """
     x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
-    order = _check_order(order)
+    order = _units.check_order(order)
     fis = check_positive_int(features_in_step, "features_in_step")
-    units = _feature_units(x)
-    u = units.n_units
-    if fis > u:
-        raise ValueError(f"features_in_step must be at most the number of features ({u}), got {fis}")
-    n_steps = math.ceil(u / fis)
-    rank = _rank_units(a.reshape(a.shape[0], -1).cpu().numpy(), order, seed)
-    step_of_rank = np.arange(u) // fis
-    step_of_unit, soe = _step_of_elem(rank, step_of_rank, units.uid)
-    desc, fill = _resolve_baseline(baseline, x, seed=seed, **_baseline_kw(baseline_options))
-    if fill is None:
-        fill = _drifting_mean_fill(x, units, step_of_unit, n_steps)
-    logit, prob, _, t = _evaluate_steps(model, x, soe, n_steps, fill, t, bs, progress, "pixel flipping")
-    score = prob if softmax else logit
+    units = _units.feature_units(x)
+    if fis > units.n_units:
+        raise ValueError(f"features_in_step must be at most the number of features ({units.n_units}), got {fis}")
+    n_steps = math.ceil(units.n_units / fis)
+    schedule = np.arange(units.n_units) // fis
+    c = run_schedule(
+        model_forward(model), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
+        seed=seed, progress=progress, desc="pixel flipping", **_baseline_kw(baseline_options),
+    )  # fmt: skip
+    score = c.prob if softmax else c.logit
     curves = score[:, 1:].clone()
     auc = trapezoid(curves)
     return PerturbationResult(
@@ -688,20 +407,12 @@ def pixel_flipping(
         auc=auc,
         mean_auc=nanmean(auc),
         clean_score=score[:, 0].clone(),
-        target=t,
+        target=c.target,
         order=order,
-        baseline=desc,
+        baseline=c.baseline,
         softmax=softmax,
         features_in_step=fis,
     )
-
-
-def _baseline_kw(options: dict) -> dict:
-    allowed = {"blur_sigma", "noise_std"}
-    bad = set(options) - allowed
-    if bad:
-        raise TypeError(f"unexpected keyword argument(s): {sorted(bad)}")
-    return {"blur_sigma": options.get("blur_sigma", 2.0), "noise_std": options.get("noise_std")}
 
 
 def abpc(
@@ -723,9 +434,11 @@ def abpc(
     """Area between the LeRF and MoRF perturbation curves (Samek et al., 2016).
 
     Same arguments as :func:`region_perturbation` except ``order``.
-    ``ABPC = area(LeRF score curve) - area(MoRF score curve)``; on Quantus'
-    drop curves this is ``auc(MoRF drops) - auc(LeRF drops)``. ``.scores`` is
-    per sample, ``.value`` the dataset mean (higher = more faithful).
+    ``ABPC = area(LeRF score curve) - area(MoRF score curve)`` over steps ``1..S``
+    (:func:`relprop.metrics._engine.area_between`, the one definition the token
+    metric shares); on Quantus' drop curves this is ``auc(MoRF drops) - auc(LeRF drops)``.
+    ``.scores`` is per sample, ``.value`` the dataset mean (higher = more faithful),
+    ``.per_step`` the mean gap per step (comparable across step counts).
     """
     kw = dict(
         patch_size=patch_size,
@@ -740,8 +453,7 @@ def abpc(
     )
     morf = region_perturbation(model, inputs, attributions, target, order="morf", **kw)
     lerf = region_perturbation(model, inputs, attributions, morf.target, order="lerf", **kw)
-    per_sample = morf.auc - lerf.auc
-    return ABPCResult(scores=per_sample, value=nanmean(per_sample), morf=morf, lerf=lerf)
+    return ABPCResult.from_curves(morf.score_curve, lerf.score_curve, morf=morf, lerf=lerf)
 
 
 def insertion_deletion(
@@ -770,39 +482,13 @@ def insertion_deletion(
     """
     x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
     patch_size = check_positive_int(patch_size, "patch_size")
-    units = _make_units(x, patch_size, pad) if x.dim() > 2 or patch_size > 1 else _feature_units(x)
-    u = units.n_units
-    n_steps = u if steps is None else check_positive_int(steps, "steps")
-    if n_steps > u:
-        raise ValueError(f"steps must be at most the number of patches ({u}), got {n_steps}")
-    rank = _rank_units(_unit_scores(a.reshape(a.shape[0], -1), units), "morf", seed)
-    step_of_rank = (np.arange(u) * n_steps) // u
-    step_of_unit, soe = _step_of_elem(rank, step_of_rank, units.uid)
-
-    def fill_for(bl):
-        _, f = _resolve_baseline(bl, x, blur_sigma=blur_sigma, noise_std=None, seed=seed)
-        return f
-
-    dfill = fill_for(deletion_baseline)
-    if dfill is None:
-        dfill = _drifting_mean_fill(x, units, step_of_unit, n_steps)
-    _, dprob, _, t = _evaluate_steps(model, x, soe, n_steps, dfill, t, bs, progress, "deletion")
-    ifill = fill_for(insertion_baseline)
-    if ifill is None:  # "mean": per-sample mean of the clean input
-        ifill = _Fill("scalar", x.reshape(x.shape[0], -1).mean(1))
-    if ifill.kind == "scalar":
-        ifill = _Fill("tensor", ifill.value[:, None].expand(x.shape[0], int(np.prod(x.shape[1:]))))
-    _, iprob, _, _ = _evaluate_steps(model, x, soe, n_steps, ifill, t, bs, progress, "insertion", insertion=True)
-    counts = np.bincount(step_of_rank, minlength=n_steps)
-    fractions = torch.from_numpy(np.concatenate([[0.0], np.cumsum(counts) / u]))
-    iauc = trapezoid(iprob, fractions)
-    dauc = trapezoid(dprob, fractions)
-    return InsertionDeletionResult(
-        fractions=fractions,
-        insertion=iprob,
-        deletion=dprob,
-        insertion_auc=iauc,
-        deletion_auc=dauc,
-        mean_insertion_auc=nanmean(iauc),
-        mean_deletion_auc=nanmean(dauc),
-    )
+    units = _units.units_for(x, patch_size, pad)
+    n_steps, schedule = _even_steps(units, steps)
+    fn, scores = model_forward(model), _scores(a, units)
+    kw = dict(seed=seed, blur_sigma=blur_sigma, progress=progress)
+    d = run_schedule(fn, x, scores, units, "morf", schedule, n_steps, deletion_baseline, t, bs, desc="deletion", **kw)
+    i = run_schedule(
+        fn, x, scores, units, "morf", schedule, n_steps, insertion_baseline, d.target, bs,
+        insertion=True, desc="insertion", **kw,
+    )  # fmt: skip
+    return InsertionDeletionResult.from_curves(_units.fractions_of(schedule, n_steps, units.n_units), i.prob, d.prob)

@@ -54,14 +54,14 @@ def plot_perturbation_result(result, ax=None, **kwargs):
 def plot_abpc(result, ax=None, **kwargs):
     """MoRF and LeRF mean score curves with the area between them shaded."""
     ax = _axes(ax)
-    m = _np(result.morf.score_curve).mean(0)
-    l = _np(result.lerf.score_curve).mean(0)
+    m = _np(result.morf_curve if result.morf_curve is not None else result.morf.score_curve).mean(0)
+    l = _np(result.lerf_curve if result.lerf_curve is not None else result.lerf.score_curve).mean(0)
     steps = np.arange(len(m))
     ax.plot(steps, m, label="MoRF", color="tab:red")
     ax.plot(steps, l, label="LeRF", color="tab:blue")
     ax.fill_between(steps, m, l, alpha=0.2, color="tab:gray", label=f"ABPC {result.value:.3g}")
-    ax.set_xlabel("patches replaced")
-    ax.set_ylabel("target probability" if result.morf.softmax else "target logit")
+    ax.set_xlabel("units replaced (patches or tokens)")
+    ax.set_ylabel("target probability" if result.morf is None or result.morf.softmax else "target logit")
     ax.legend()
     return ax
 
