@@ -308,4 +308,8 @@ class Graph:
         lines = [f"Graph: {len(self.nodes)} ops, {len(self.inputs)} inputs, {len(self.params)} params"]
         for name, count in self.op_counts().most_common(limit):
             lines.append(f"  {count:6d}  {name}")
+        regions = Counter(n.region.describe() for n in self.nodes if n.region is not None)
+        if regions:
+            lines.append("regions (several recorded ops that rules treat as one):")
+            lines.extend(f"  {count:6d}  {desc}" for desc, count in regions.most_common(limit))
         return "\n".join(lines)
