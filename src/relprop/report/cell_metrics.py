@@ -1,0 +1,215 @@
+"""The metrics of one model x method cell, per example, from :data:`relprop.report.scores.METRICS`.
+
+Everything here calls :mod:`relprop.metrics` (the one perturbation engine; text models through
+:func:`relprop.metrics.token_perturbation`), keeps every per-example value and reports the
+perturbation settings it used, so the report can show them next to the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .scores import METRICS
+
+ExplainFn = Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]
+
+
+def _list(t) -> list[float | None]:
+    out = []
+    for v in torch.as_tensor(t, dtype=torch.float64).reshape(-1).tolist():
+        out.append(v if math.isfinite(v) else None)
+    return out
+
+
+def _pad(values: list, n: int) -> list:
+    return list(values) + [None] * (n - len(values))
+
+
+def wanted_groups(settings) -> set[str]:
+    groups = {m.group for m in METRICS}
+    if not (settings.sensitivity and settings.sensitivity_samples > 0):
+        groups.discard("sensitivity")
+    if not (settings.randomisation and settings.randomisation_samples > 0 and settings.randomisation_layers > 0):
+        groups.discard("randomisation")
+    return groups
+
+
+def image_perturbation(module, x: torch.Tensor, attr: torch.Tensor, target: torch.Tensor, s) -> dict:
+    """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch."""
+    from .. import metrics
+
+    h, w = x.shape[-2:]
+    patch = max(1, min(h, w) // s.patch_grid)
+    units = math.ceil(h / patch) * math.ceil(w / patch)
+    regions, steps = min(s.regions, units), min(s.steps, units)
+    kw = dict(patch_size=patch, pad=True, batch_size=256)
+    ab = metrics.abpc(module, x, attr, target, regions=regions, baseline=s.baseline, **kw)
+    idl = metrics.insertion_deletion(
+        module,
+        x,
+        attr,
+        target,
+        steps=steps,
+        deletion_baseline=s.baseline,
+        insertion_baseline=s.insertion_baseline,
+        **kw,
+    )
+    return {
+        "per_example": {
+            "abpc": _list(ab.per_step),
+            "insertion": _list(idl.insertion_auc),
+            "deletion": _list(idl.deletion_auc),
+            "insertion_minus_deletion": _list(idl.difference_per_sample),
+        },
+        "curves": {
+            "unit": "patches",
+            "region_fractions": _list(torch.arange(regions + 1, dtype=torch.float64) / units),
+            "morf": _list(ab.morf_curve.mean(0)),
+            "lerf": _list(ab.lerf_curve.mean(0)),
+            "fractions": _list(idl.fractions),
+            "insertion": _list(idl.insertion.mean(0)),
+            "deletion": _list(idl.deletion.mean(0)),
+        },
+        "perturbation": {
+            "unit": f"{patch}x{patch}-pixel patches ({math.ceil(h / patch)}x{math.ceil(w / patch)} grid)",
+            "abpc": f"{regions} of {units} patches, one per step, replaced by '{s.baseline}'",
+            "deletion": f"{steps} steps to all patches replaced by '{s.baseline}'",
+            "insertion": f"{steps} steps from '{s.insertion_baseline}' back to the input",
+            "score": "softmax probability of the explained class",
+        },
+    }
+
+
+def text_perturbation(module, tokenizer, x: dict, attr: torch.Tensor, target: torch.Tensor, s) -> dict:
+    """The same metrics on token ids: tokens replaced by the mask token (special tokens never)."""
+    from .. import metrics
+
+    ids, mask = x["input_ids"], x["attention_mask"]
+    tok = tokenizer
+    fill = tok.mask_token_id if tok.mask_token_id is not None else (tok.unk_token_id or tok.pad_token_id or 0)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for sid in tok.all_special_ids:
+        special |= ids == sid
+    res = metrics.token_perturbation(
+        module, ids, attr, target, fill_id=fill, attention_mask=mask, exclude=special, steps=s.steps
+    )
+    ab, idl = res.abpc, res.insertion_deletion
+    fr = _list(res.fractions)
+    name = tok.convert_ids_to_tokens([fill])[0] if hasattr(tok, "convert_ids_to_tokens") else str(fill)
+    return {
+        "per_example": {
+            "abpc": _list(ab.per_step),
+            "insertion": _list(idl.insertion_auc),
+            "deletion": _list(idl.deletion_auc),
+            "insertion_minus_deletion": _list(idl.difference_per_sample),
+        },
+        "curves": {
+            "unit": "tokens",
+            "region_fractions": fr,
+            "morf": _list(res.morf.mean(0)),
+            "lerf": _list(res.lerf.mean(0)),
+            "fractions": fr,
+            "insertion": _list(res.insertion.mean(0)),
+            "deletion": _list(res.morf.mean(0)),
+        },
+        "perturbation": {
+            "unit": "tokens (special tokens and padding never replaced)",
+            "abpc": f"{s.steps} steps to all tokens replaced by {name!r}",
+            "deletion": f"{s.steps} steps to all tokens replaced by {name!r}",
+            "insertion": f"{s.steps} steps from all tokens {name!r} back to the text",
+            "score": "softmax probability of the explained class",
+        },
+    }
+
+
+def sanity_checks(module, xf, efn: ExplainFn, target: torch.Tensor, n: int, s) -> dict:
+    """Class sensitivity and the randomisation check, per example (``None`` where not computed).
+
+    The randomisation similarity compares *absolute* maps (Spearman of ``|a|``): an explanation that only
+    flips its sign under randomisation stays similar and fails, as it should.
+    """
+    from .. import metrics
+
+    groups = wanted_groups(s)
+    per: dict[str, list] = {}
+    extra: dict[str, Any] = {}
+    if "sensitivity" in groups:
+        k = min(s.sensitivity_samples, n)
+        cs = metrics.class_sensitivity(module, xf[:k], efn, batch_size=s.batch_size)
+        per["class_sensitivity"] = _pad(_list(cs.sensitivity), n)
+    if "randomisation" in groups:
+        k = min(s.randomisation_samples, n)
+        layers = metrics.randomisable_layers(module)[-s.randomisation_layers :]
+        rr = metrics.model_parameter_randomisation(module, xf[:k], efn, target[:k], layers=layers, abs=True)
+        per["randomisation_similarity"] = _pad(_list(rr.similarity[-1]), n)
+        extra["randomisation_layers"] = list(rr.layers)
+        extra["randomisation_curve"] = _list(rr.mean_similarity)
+    return {"per_example": per, **extra}
+
+
+def compute(
+    kind: str,
+    module,
+    x,
+    attr: torch.Tensor,
+    target: torch.Tensor,
+    s,
+    *,
+    tokenizer=None,
+    sanity_module=None,
+    sanity_inputs=None,
+    sanity_explain: ExplainFn | None = None,
+) -> dict:
+    """Every metric of one cell: ``per_example`` (metric key -> list over the examples), ``curves``,
+    ``perturbation`` (the settings in words) and ``metric_seconds``."""
+    t0 = time.perf_counter()
+    n = int(target.shape[0])
+    if kind == "text":
+        res = text_perturbation(module, tokenizer, x, attr, target, s)
+    else:
+        res = image_perturbation(module, x, attr, target, s)
+    if sanity_explain is not None:
+        sc = sanity_checks(sanity_module, sanity_inputs, sanity_explain, target, n, s)
+        res["per_example"].update(sc.pop("per_example"))
+        res.update(sc)
+    res["metric_seconds"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def summary_of(per_example: dict[str, list], s) -> dict[str, dict]:
+    """Mean, bootstrap interval and count of each metric (the numbers every table shows)."""
+    from .scores import summarise
+
+    return {
+        k: summarise(v, n_boot=s.bootstrap, level=s.confidence, seed=s.seed)
+        for k, v in per_example.items()
+        if any(x is not None for x in v)
+    }
+
+
+def randomisation_verdict(summary: dict, threshold: float) -> str | None:
+    """``pass`` when the whole interval is below ``threshold``, ``fail`` when above, else ``inconclusive``
+    (few examples: say so instead of a coin flip)."""
+    r = summary.get("randomisation_similarity")
+    if not r or r.get("mean") is None:
+        return None
+    lo, hi = r["ci"]
+    if hi is not None and hi < threshold:
+        return "pass"
+    if lo is not None and lo >= threshold:
+        return "fail"
+    return "inconclusive"
+
+
+def np_float(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
