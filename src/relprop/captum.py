@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .methods._validate import score as target_score
 from .methods.explain import explain
 
 __all__ = [
@@ -106,16 +107,8 @@ def _delta(model_fn, inputs, baselines, target, attributions, additional_forward
     with torch.no_grad():
 
         def score(args):
-            out = model(*args)
-            t = _target(target)
-            if callable(t):
-                return t(out)
-            idx = (
-                torch.as_tensor(t).reshape(-1).expand(out.shape[0])
-                if not isinstance(t, int)
-                else torch.full((out.shape[0],), t)
-            )
-            return out.gather(1, idx.view(-1, 1).long()).squeeze(1)
+            # The same score as the attributions explain (one definition: methods._validate.score).
+            return target_score(model(*args), _target(target), args[0].shape[0])[0]
 
         diff = score(xs) - score(bs)
     attrs = attributions if isinstance(attributions, tuple) else (attributions,)

@@ -90,6 +90,9 @@ def format_baselines(inputs: Inputs, baselines: Any, name: str = "baselines") ->
                 ) from None
         else:
             raise ValueError(f"{name}: expected numbers or tensors, got {type(b).__name__}")
+    for t in out:
+        if is_float(t) and not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contain NaN or infinite values (the attributions would be non-finite)")
     return out
 
 

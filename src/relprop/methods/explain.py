@@ -6,13 +6,14 @@ function ``fn(model, inputs, *, target, **options) -> Explanation`` and a decora
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .._errors import did_you_mean
 from ..rules.composites import GradientComposite, resolve_composite
+from ._validate import validate_call
 from .core import Explanation, Inputs, Target, run_backward
 
 METHODS: dict[str, Callable[..., Explanation]] = {}
@@ -34,18 +35,46 @@ def explain(model: Any, inputs: Inputs, *, target: Target, method: str = "gradie
         model: any ``nn.Module`` (or callable) taking ``inputs``.
         inputs: a tensor, a tuple of tensors (positional args) or a dict (keyword args, Hugging Face style).
         target: class index on the last dim of the output (or of ``.logits``), a per-sample tensor/list of
-            indices, or a callable ``output -> tensor of shape (batch,)``.
+            indices, or a callable ``output -> tensor of shape (batch,)``. For an output of shape ``(batch,)``
+            (one score per sample) the target is ``None`` (or 0): the score is the output itself; ``None``
+            also explains the single class of a ``(batch, 1)`` output. ``bool`` and ``str`` targets are
+            rejected (pass the class index; Hugging Face models: ``model.config.label2id[name]``).
         method: ``"gradient"``, ``"lrp"`` (with ``composite=``), or any name in ``relprop.METHODS``.
         **options: method options, e.g. ``composite="epsilon_plus_flat"``, ``epsilon=1e-6``, ``gamma=0.25``,
             ``low=``/``high=`` (z-box bounds), ``layers=["layer4"]`` (layer relevance).
     """
     fn = METHODS.get(method)
     if fn is None:
-        close = difflib.get_close_matches(method, METHODS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown method '{method}'. Available: {', '.join(sorted(METHODS))}.{hint}")
-    with torch.inference_mode(False):
-        return fn(model, inputs, target=target, **options)
+        hint = did_you_mean(method, METHODS) if isinstance(method, str) else ""
+        raise ValueError(f"unknown method {method!r}. Available: {', '.join(sorted(METHODS))}.{hint}")
+    # Everything checkable before the model runs is checked here, for every method (also user-registered
+    # ones), with the same messages; methods that run the model themselves check the output too.
+    validate_call(model, inputs, target)
+    try:
+        with torch.inference_mode(False):
+            return fn(model, inputs, target=target, **options)
+    except (RuntimeError, TypeError) as err:
+        _note_inputs(err, method, inputs)
+        raise
+
+
+def _note_inputs(err: BaseException, method: str, inputs: Inputs) -> None:
+    """Add the input shapes and dtypes to an error raised by the model (a torch shape or dtype error names
+    neither the method nor which input was wrong)."""
+    if type(err).__module__.startswith("relprop"):
+        return  # relprop's own errors already say what is wrong
+    from ._validate import _named_leaves
+
+    leaves = [(n, t) for n, t in _named_leaves(inputs) if isinstance(t, torch.Tensor)]
+    shown = ", ".join(f"{n}: {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}" for n, t in leaves[:4])
+    note = f"relprop: raised while explaining with method={method!r} on {shown}"
+    ints = [n for n, t in leaves if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
+    if ints:
+        note += (
+            f". {', '.join(ints)} hold integers: fine for token ids that feed an embedding; images and features must "
+            "be float (.float() and the model's normalisation)"
+        )
+    err.add_note(note)
 
 
 @register_method("gradient")

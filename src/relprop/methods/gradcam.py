@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._errors import did_you_mean
 from ..graph import Graph, Value
 from ..rules.composites import GradientComposite
 from .core import Explanation, module_value, run_backward
@@ -29,10 +30,7 @@ def layer_name(model, layer: Any, argname: str = "layer") -> str:
         if isinstance(model, torch.nn.Module):
             names = dict(model.named_modules())
             if layer not in names:
-                import difflib
-
-                close = difflib.get_close_matches(layer, [n for n in names if n], n=3)
-                hint = f" Closest: {', '.join(close)}." if close else ""
+                hint = did_you_mean(layer, [n for n in names if n], n=3)
                 raise ValueError(f"{argname}: no module named '{layer}' in the model.{hint}")
         return layer
     if isinstance(layer, torch.nn.Module) and isinstance(model, torch.nn.Module):

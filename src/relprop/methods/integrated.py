@@ -26,7 +26,9 @@ from ._common import (
     leaves,
     rebuild,
 )
-from .core import Explanation, select_output, split_inputs, target_indices
+from ._validate import score as target_score
+from ._validate import select_output, updating_norms, validate_call, warn_training
+from .core import Explanation, split_inputs
 from .explain import register_method
 
 APPROXIMATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -81,7 +83,18 @@ def integrated_gradients(
         multiply_by_inputs: multiply the path-averaged gradient by ``x - x0`` (True) or return it alone.
         engine: ``"graph"``: one traced backward pass per internal batch; ``"autograd"``: ``torch.autograd.grad``
             with the parameters frozen (the same gradient, without recording; float inputs only);
-            ``"auto"`` (default): autograd for float inputs, the graph for token inputs.
+            ``"auto"`` (default): autograd for float inputs in eval mode, the graph otherwise.
+
+    A model in training mode (active dropout or batch norm) gets a warning, because the path is then not
+    a path through one function: each internal batch is a new forward pass, and dropout draws an
+    independent mask for every row of it, i.e. for every (step, sample) pair; the gradient at a step is
+    the gradient of the forward that ran with that step's mask (the graph engine records the drawn mask
+    as a constant; autograd differentiates the same forward), so the integral mixes as many different
+    networks as there are steps. Batch norm in training mode normalises with the statistics of the
+    internal batch (interpolated inputs of several steps and samples), so the result depends on
+    ``internal_batch_size``. In training mode ``"auto"`` uses the graph engine, whose forward does not
+    update batch-norm running statistics; ``engine="autograd"`` is refused when a batch norm would update
+    them. Call ``model.eval()`` to explain the model's predictions.
     """
     if engine not in ("auto", "graph", "autograd"):
         raise ValueError(f"engine: expected 'auto', 'graph' or 'autograd', got {engine!r}")
@@ -91,8 +104,11 @@ def integrated_gradients(
     if not isinstance(multiply_by_inputs, bool):
         raise ValueError(f"multiply_by_inputs: expected True or False, got {multiply_by_inputs!r}")
     sizes, alphas = step_sizes_and_alphas(n_steps, approximation)
+    # One more point, alpha = 1 with weight 0, first: the forward pass at the input itself, so that
+    # ``output`` and ``score`` are the model's on ``inputs`` (not on the first path point).
+    sizes, alphas = [0.0, *sizes], [1.0, *alphas]
+    batch = validate_call(model, inputs, target, same_batch=True)
     xs = leaves(inputs)
-    batch = xs[0].shape[0]
     base = format_baselines(inputs, baselines)
     # None: about 32 rows per pass (same numbers as all at once, up to summation order; smaller passes are
     # faster on CPU and bound the memory)
@@ -101,11 +117,18 @@ def integrated_gradients(
     int_pos = [i for i, x in enumerate(xs) if not is_float(x)]
     if engine == "autograd" and int_pos:
         raise ValueError("engine: 'autograd' needs float inputs; token inputs need engine='graph' (or 'auto')")
-    use_autograd = engine == "autograd" or (engine == "auto" and not int_pos)
+    training = warn_training(model, "integrated_gradients", "each path point draws its own dropout mask")
+    norms = updating_norms(model)
+    if engine == "autograd" and norms:
+        raise ValueError(
+            f"engine: 'autograd' runs the model as it is, and in training mode its batch norms "
+            f"({', '.join(norms[:3])}) would update their running statistics; call model.eval() or use engine='graph'"
+        )
+    use_autograd = engine == "autograd" or (engine == "auto" and not int_pos and not training)
     total: list = [None] * len(xs)
     weights: dict[int, list] = {}
     expl = None
-    for start in range(0, n_steps, per_chunk):
+    for start in range(0, len(alphas), per_chunk):
         a = alphas[start : start + per_chunk]
         w = sizes[start : start + per_chunk]
         k = len(a)
@@ -129,7 +152,7 @@ def integrated_gradients(
             return e0 + al * (emb - e0)
 
         if use_autograd:
-            bw = autograd_backward(model, rebuild(inputs, scaled), expand_target(target, batch, k))
+            bw = autograd_backward(model, rebuild(inputs, scaled), expand_target(target, batch, k), k * batch)
         else:
             with embedding_edit(ids, edit):
                 bw = backward(
@@ -180,29 +203,25 @@ def integrated_gradients(
     )
 
 
-def autograd_backward(model, inputs, target):
-    """Gradient of the target score w.r.t. float inputs with ``torch.autograd`` (parameters frozen)."""
-    from ..trace import preserved
+def autograd_backward(model, inputs, target, rows: int | None = None):
+    """Gradient of the target score w.r.t. float inputs with ``torch.autograd``.
+
+    ``rows``: the number of samples in ``inputs`` (checked against the output). The model is left as it
+    is: ``torch.autograd.grad`` with respect to the inputs alone computes no parameter gradient, so there
+    is no need to switch ``requires_grad`` off on the parameters (which another thread may be training).
+    """
     from ._common import Backward
 
     xs = [x.detach().requires_grad_(True) for x in leaves(inputs)]
     args, kwargs = split_inputs(rebuild(inputs, xs))
-    module = model if isinstance(model, torch.nn.Module) else torch.nn.Module()
-    with preserved(module), torch.inference_mode(False), torch.enable_grad():
-        for p in module.parameters():
-            p.requires_grad_(False)
+    with torch.inference_mode(False), torch.enable_grad():
         raw = model(*args, **kwargs)
-        if callable(target) and not isinstance(target, torch.Tensor):
-            score = target(raw)
-            if not isinstance(score, torch.Tensor) or score.dim() != 1:
-                raise ValueError("target: a callable target must return a tensor of shape (batch,)")
-            out, idx = score, None
-        else:
-            out = select_output(raw)
-            idx = target_indices(target, out)
-            view = [out.shape[0]] + [1] * (out.dim() - 1)
-            score = out.gather(-1, idx.view(view).expand(*out.shape[:-1], 1)).flatten(1).sum(1)
-        grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
+        score, idx = target_score(raw, target, rows)
+        out = score if idx is None else select_output(raw)
+        if score.requires_grad:
+            grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
+        else:  # the score does not depend on the inputs (or on anything differentiable)
+            grads = (None,) * len(xs)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
     expl = Explanation(
         attributions=None,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ._common import check_positive_int, embedding_edit, expand_target, format_baselines, is_float, leaves, rebuild
+from ._validate import validate_call, warn_training
 from .core import Explanation
 from .explain import METHODS, register_method
 
@@ -56,7 +57,18 @@ def noise_tunnel(
         nt_samples_batch_size: noisy samples per pass (``None``: all at once).
         draw_baseline_from_distrib: with a baseline distribution (a tensor of several baselines), draw one at
             random per noisy sample, as Captum.
+
+    A model in training mode gets a warning: the noisy copies of a sample are rows of one batch (per
+    ``nt_samples_batch_size`` chunk), and dropout draws an independent mask for every row, so each noisy
+    sample is explained through its own dropout mask (the mask that ran in its forward pass; the graph
+    methods record it as a constant) and the average also smooths over dropout; batch norm in training
+    mode normalises with the statistics of the noisy batch.
+
+    ``Explanation.score`` and ``output`` are the means over the noisy copies: the smoothed function whose
+    gradient SmoothGrad estimates.
     """
+    batch = validate_call(model, inputs, target, same_batch=True)
+    warn_training(model, "noise_tunnel", "each noisy sample draws its own dropout mask")
     if nt_type not in NT_TYPES:
         raise ValueError(f"nt_type: expected one of {', '.join(NT_TYPES)}, got {nt_type!r}")
     if base_method not in METHODS or base_method in ("noise_tunnel", "smoothgrad", "smoothgrad_sq", "vargrad"):
@@ -70,7 +82,6 @@ def noise_tunnel(
         check_positive_int("nt_samples_batch_size", nt_samples_batch_size)
     fn = METHODS[base_method]
     xs = leaves(inputs)
-    batch = xs[0].shape[0]
     sd = _stdevs(stdevs, len(xs))
     per = nt_samples if nt_samples_batch_size is None else min(nt_samples, nt_samples_batch_size)
     chunks = [per] * (nt_samples // per) + ([nt_samples % per] if nt_samples % per else [])
@@ -78,6 +89,7 @@ def noise_tunnel(
     has_baselines = base_b is not None or base_method in ("integrated_gradients", "ig", "deeplift", "occlusion")
     sums: list = [None] * len(xs)
     sums_sq: list = [None] * len(xs)
+    means: dict = {}
     first = None
     for k in chunks:
         noisy = []
@@ -101,6 +113,12 @@ def noise_tunnel(
             e = fn(model, rebuild(inputs, noisy), target=expand_target(target, batch, k, interleave=True), **opts)
         if first is None:
             first = e
+        # The explained score is the mean over the noisy copies (SmoothGrad is the gradient of the
+        # smoothed function E[f(x + noise)]): mean of the per-copy scores and outputs.
+        for key, t in (("score", e.score), ("output", e.output)):
+            if t.shape[0] == batch * k:
+                part = t.reshape(batch, k, *t.shape[1:]).sum(1)
+                means[key] = part if key not in means else means[key] + part
         for i, a in enumerate(e.tensors()):
             a = a.reshape(batch, k, *a.shape[1:])
             s1, s2 = a.sum(1), (a * a).sum(1)
@@ -118,8 +136,8 @@ def noise_tunnel(
         first,
         attributions=rebuild(inputs, out),
         method=f"noise_tunnel({base_method})",
-        output=first.output[:: chunks[0]][:batch] if first.output.shape[0] == batch * chunks[0] else first.output,
-        score=first.score[:: chunks[0]][:batch] if first.score.shape[0] == batch * chunks[0] else first.score,
+        output=means["output"] / nt_samples if "output" in means else first.output,
+        score=means["score"] / nt_samples if "score" in means else first.score,
         target=None if first.target is None else first.target[:: chunks[0]][:batch],
         layers={},
         activations={},

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-from ._common import check_positive_int, format_baselines, leaves, rebuild
-from .core import Explanation, select_output, split_inputs, target_indices
+from ._common import check_positive_int, expand_target, format_baselines, leaves, rebuild
+from ._validate import score as target_score
+from ._validate import select_output, updating_norms, validate_call, warn_training
+from .core import Explanation, split_inputs
 from .explain import register_method
 
 
@@ -48,19 +50,12 @@ def _per_input(name: str, value: Any, xs: list[torch.Tensor], default=None) -> l
     return out
 
 
-def _score(model, inputs, target, batch_rows: int, full: bool = False):
+def _score(model, inputs, target, rows: int):
+    """(score per sample, explained output, class indices) of one forward pass on ``inputs``."""
     args, kwargs = split_inputs(inputs)
     raw = model(*args, **kwargs)
-    if callable(target) and not isinstance(target, torch.Tensor):
-        s = target(raw)
-        if not isinstance(s, torch.Tensor) or s.dim() != 1:
-            raise ValueError("target: a callable target must return a tensor of shape (batch,)")
-        return (s, s, None) if full else s
-    out = select_output(raw)
-    idx = target_indices(target, out)
-    view = [out.shape[0]] + [1] * (out.dim() - 1)
-    s = out.gather(-1, idx.view(view).expand(*out.shape[:-1], 1)).flatten(1).sum(1)
-    return (s, out, idx) if full else s
+    s, idx = target_score(raw, target, rows)
+    return s, (s if idx is None else select_output(raw)), idx
 
 
 @register_method("occlusion")
@@ -76,12 +71,24 @@ def occlusion(
         baselines: what the window is replaced by: ``None`` (zeros; token id 0), a number, a tensor, one per
             input (tuple) or a dict.
         perturbations_per_eval: windows per forward pass (``None``: as many as fit in about 256 rows).
+
+    The model runs as it is, under ``torch.no_grad()``: a batch norm in training mode would update its
+    running statistics at every pass, so that is refused (call ``model.eval()``); active dropout gets a
+    warning, since every pass (and every row of it) draws its own mask and the score differences then
+    contain dropout noise.
     """
+    batch = validate_call(model, inputs, target, same_batch=True)
+    norms = updating_norms(model)
+    if norms:
+        raise ValueError(
+            f"occlusion: the model is in training mode and its batch norms ({', '.join(norms[:3])}) would update "
+            "their running statistics at every forward pass; call model.eval()"
+        )
+    warn_training(model, "occlusion", "every forward pass (and every row of it) draws its own dropout mask")
     xs = leaves(inputs)
     windows = _per_input("sliding_window_shapes", sliding_window_shapes, xs)
     steps = _per_input("strides", strides, xs, default=1)
     base = format_baselines(inputs, baselines)
-    batch = xs[0].shape[0]
     if perturbations_per_eval is None:
         perturbations_per_eval = max(1, 256 // batch)
     check_positive_int("perturbations_per_eval", perturbations_per_eval)
@@ -92,7 +99,7 @@ def occlusion(
         if any(si > wi and di != wi for si, wi, di in zip(s, w, dims)):
             raise ValueError(f"strides: stride {s} larger than the window {w}")
     with torch.no_grad():
-        ref, shown, idx = _score(model, inputs, target, batch, full=True)
+        ref, shown, idx = _score(model, inputs, target, batch)
         out = []
         for i, (x, w, s) in enumerate(zip(xs, windows, steps)):
             dims = tuple(x.shape[1:])
@@ -113,10 +120,8 @@ def occlusion(
                 m = mask.unsqueeze(1)
                 ablated = torch.where(m, base[i].unsqueeze(0), x.unsqueeze(0)).reshape((p * batch,) + dims)
                 others = [ablated if k == i else y.repeat(p, *([1] * (y.dim() - 1))) for k, y in enumerate(xs)]
-                tgt = target
-                if isinstance(target, (torch.Tensor, list, tuple)) and torch.as_tensor(target).numel() > 1:
-                    tgt = torch.as_tensor(target).reshape(-1).repeat(p)
-                score = _score(model, rebuild(inputs, others), tgt, p * batch).reshape(p, batch)
+                tgt = expand_target(target, batch, p)
+                score = _score(model, rebuild(inputs, others), tgt, p * batch)[0].reshape(p, batch)
                 diff = (ref.unsqueeze(0) - score).to(total.dtype)
                 mf = mask.to(total.dtype)
                 total += torch.einsum("pb,p...->b...", diff, mf)
