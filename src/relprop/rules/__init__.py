@@ -1,6 +1,6 @@
 """Per-operation rules, one module per family of ops, and the composites that combine them."""
 
-from . import attention, deeplift, elementwise, gradient, guided, linear, normalization, reduction, routing  # noqa: F401  (register)  # noqa: F401,E402
+from . import attention, deeplift, elementwise, gradient, guided, linear, normalization, recurrent, reduction, routing  # noqa: F401  (register)  # noqa: F401,E402
 from .attention import AttentionRule, SoftmaxRule
 from .base import NoRuleError, Rule, RuleContext, family_of, register_family
 from .composites import (

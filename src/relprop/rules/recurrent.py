@@ -1,0 +1,468 @@
+"""LRP for recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): the gated-product rule of Arras et al.
+
+Arras, Montavon, Mueller, Samek (2017), "Explaining recurrent neural network predictions in sentiment
+analysis": in a product ``gate * signal`` the gate (a sigmoid output: LSTM's i, f, o; GRU's r, z) only
+scales the signal, so the signal gets all the relevance and the gate none; sums (``c = f*c' + i*g``,
+the gate pre-activations ``W_ih x + W_hh h``) split relevance by the epsilon rule; ``tanh`` passes it on.
+
+PyTorch records a recurrent layer in one of two forms, and both get this rule:
+
+* **Fused kernels** (``aten.mkldnn_rnn_layer``: one LSTM layer and direction on CPU in float32;
+  ``aten._cudnn_rnn``: the whole module on CUDA). :class:`Recurrent` re-derives the cell from the
+  kernel's arguments (weights, biases, ``hx``, ``cx``), checks that its re-derivation reproduces the
+  kernel's recorded outputs (and raises if not, rather than explain a different function), and walks
+  relevance backwards through time. The gradient never uses this: the generic VJP re-runs the kernel.
+* **Decomposed ops** (float64, packed sequences, GRU/RNN on CPU): the cell is recorded as ``addmm``,
+  ``sigmoid``, ``tanh``, ``mul``, ``add`` ops. :func:`recurrent_gate_operands` finds the products
+  inside recurrent modules whose operand is a sigmoid output (looking through the views and
+  ``as_strided_scatter`` writes that PyTorch's in-place ``sigmoid_`` on gate chunks records) and holds
+  that operand constant, so the product rule sends everything to the signal.
+
+The fused rule mirrors the decomposed graph op for op (the gate pre-activation ``(h W_hh^T + b_hh) +
+(x W_ih^T + b_ih)`` is split by the sum rule, then each linear part by the epsilon rule; GRU's
+``h' = (h - n) * z + n`` as PyTorch writes it), so an LSTM gives the same relevance whichever kernel
+PyTorch picked: float32 fused and float64 decomposed agree to float32 precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..graph import Graph, Node, Value
+from .base import RuleContext, register_family
+from .linear import stabilize
+
+#: ``mode`` argument of the fused kernels (cuDNN's and oneDNN's enum).
+_MODES = {0: "rnn_relu", 1: "rnn_tanh", 2: "lstm", 3: "gru"}
+_GATES_PER_MODE = {"rnn_relu": 1, "rnn_tanh": 1, "lstm": 4, "gru": 3}
+
+#: Recurrent module types whose products get the gated rule in the decomposed form.
+_RECURRENT_MODULES = (torch.nn.RNNBase, torch.nn.RNNCellBase)
+
+
+class RecurrentRuleError(RuntimeError):
+    """A fused recurrent kernel whose arguments this rule does not cover (names the op and module)."""
+
+    def __init__(self, node: Node, what: str):
+        where = node.module or "<top level>"
+        mtype = f" ({node.module_type.__name__})" if node.module_type is not None else ""
+        super().__init__(
+            f"relprop: LRP through {node.op_name} in module '{where}'{mtype}: {what}. The gradient is not "
+            f"affected. Register your own rule with relprop.register_rule('{node.packet}', rule), or run the "
+            f"model in float64 (PyTorch then records the recurrent cell as plain ops, which LRP covers)."
+        )
+        self.node = node
+
+
+# --------------------------------------------------------------------------- one layer, one direction
+
+
+@dataclass
+class _Layer:
+    mode: str
+    w_ih: torch.Tensor
+    w_hh: torch.Tensor
+    b_ih: torch.Tensor | None
+    b_hh: torch.Tensor | None
+    reverse: bool
+
+
+def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w, b)
+
+
+def _run_layer(layer: _Layer, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None) -> tuple[list[dict], tuple]:
+    """Re-run one layer and direction on time-major ``x`` (T, B, D); keep what the LRP pass reads per step.
+
+    Returns the per-step records in processing order and ``(output (T, B, H), h_n, c_n)``.
+    """
+    T = x.shape[0]
+    order = range(T - 1, -1, -1) if layer.reverse else range(T)
+    xg = _lin(x, layer.w_ih, layer.b_ih)  # (T, B, G*H): the input part of every step at once
+    h, c = h0, c0
+    steps, outs = [], [None] * T
+    for t in order:
+        A = _lin(h, layer.w_hh, layer.b_hh)
+        B = xg[t]
+        rec = {"t": t, "h_prev": h, "A": A, "B": B}
+        if layer.mode == "lstm":
+            z = A + B
+            zi, zf, zg, zo = z.chunk(4, -1)
+            i, f, g, o = zi.sigmoid(), zf.sigmoid(), zg.tanh(), zo.sigmoid()
+            c_new = f * c + i * g
+            h = o * c_new.tanh()
+            rec.update(z=z, i=i, f=f, g=g, c_prev=c, c=c_new)
+            c = c_new
+        elif layer.mode == "gru":
+            ar, az, an = A.chunk(3, -1)
+            br, bz, bn = B.chunk(3, -1)
+            r, zt = (ar + br).sigmoid(), (az + bz).sigmoid()
+            a = bn + an * r
+            n = a.tanh()
+            d = h - n
+            h_new = d * zt + n
+            rec.update(r=r, zt=zt, a=a, n=n, d=d, h=h_new)
+            h = h_new
+        else:
+            z = A + B
+            h = z.tanh() if layer.mode == "rnn_tanh" else z.relu()
+            rec.update(z=z, h=h)
+        outs[t] = h
+        steps.append(rec)
+    return steps, (torch.stack(outs), h, c)
+
+
+def _share(parts: Sequence[torch.Tensor], total: torch.Tensor, rel: torch.Tensor, eps: float) -> list[torch.Tensor]:
+    """Epsilon-rule split of ``rel`` over the summands ``parts`` of ``total`` (the ``sum`` family's rule)."""
+    s = rel / stabilize(total, eps)
+    return [p * s for p in parts]
+
+
+def _linear_lrp(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, eps: float) -> torch.Tensor:
+    """Epsilon-LRP of ``out = x W^T + b`` (bias absorbs its share, as in the ``dense`` family's rule)."""
+    return x * ((rel / stabilize(out, eps)) @ w)
+
+
+def _lrp_layer(
+    layer: _Layer,
+    x: torch.Tensor,
+    steps: list[dict],
+    r_out: torch.Tensor,
+    r_hn: torch.Tensor | None,
+    r_cn: torch.Tensor | None,
+    eps: float,
+    stab: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Relevance of ``x`` (T, B, D), ``h0`` and ``c0`` from the relevance of the outputs, backwards in time."""
+    H = layer.w_hh.shape[1]
+    r_x = torch.zeros_like(x)
+    r_h = r_hn if r_hn is not None else torch.zeros_like(steps[-1]["h_prev"])
+    r_c = None
+    if layer.mode == "lstm":
+        r_c = r_cn if r_cn is not None else torch.zeros_like(steps[-1]["c"])
+    for rec in reversed(steps):
+        t = rec["t"]
+        r_h = r_h + r_out[t]
+        if layer.mode == "lstm":
+            gs = slice(2 * H, 3 * H)  # gate order i, f, g, o: g is the signal
+            r_c = r_c + r_h  # h = o * tanh(c): the gate o gets nothing, tanh passes relevance on
+            i, f, g = rec["i"], rec["f"], rec["g"]
+            r_c_prev, r_g = _share([f * rec["c_prev"], i * g], rec["c"], r_c, stab)  # gates f, i: none
+            r_z = r_g  # g = tanh(z_g)
+            r_a, r_b = _share([rec["A"][..., gs], rec["B"][..., gs]], rec["z"][..., gs], r_z, stab)
+            r_h = _linear_lrp(rec["h_prev"], layer.w_hh[gs], rec["A"][..., gs], r_a, eps)
+            r_x[t] = _linear_lrp(x[t], layer.w_ih[gs], rec["B"][..., gs], r_b, eps)
+            r_c = r_c_prev
+        elif layer.mode == "gru":
+            ns = slice(2 * H, 3 * H)  # gate order r, z, n: n is the signal
+            # h' = (h - n) * z + n (PyTorch's form): the gate z gets nothing
+            r_d, r_n = _share([rec["d"] * rec["zt"], rec["n"]], rec["h"], r_h, stab)
+            r_hd, r_nd = _share([rec["h_prev"], -rec["n"]], rec["d"], r_d, stab)
+            r_a = r_n + r_nd  # n = tanh(a)
+            # a = (x W_in^T + b_in) + r * (h W_hn^T + b_hn): the gate r gets nothing
+            r_bn, r_an = _share([rec["B"][..., ns], rec["A"][..., ns] * rec["r"]], rec["a"], r_a, stab)
+            r_h = r_hd + _linear_lrp(rec["h_prev"], layer.w_hh[ns], rec["A"][..., ns], r_an, eps)
+            r_x[t] = _linear_lrp(x[t], layer.w_ih[ns], rec["B"][..., ns], r_bn, eps)
+        else:
+            r_a, r_b = _share([rec["A"], rec["B"]], rec["z"], r_h, stab)  # h = act(z): identity rule
+            r_h = _linear_lrp(rec["h_prev"], layer.w_hh, rec["A"], r_a, eps)
+            r_x[t] = _linear_lrp(x[t], layer.w_ih, rec["B"], r_b, eps)
+    return r_x, r_h, r_c
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    tol = 1e-3 if a.dtype in (torch.float16, torch.bfloat16) else (1e-4 if a.dtype == torch.float32 else 1e-9)
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    return a.shape == b.shape and bool(((a - b).abs() <= tol * scale).all())
+
+
+class Recurrent:
+    """Arras et al.'s LRP for fused recurrent kernels (``mkldnn_rnn_layer``, ``_cudnn_rnn``).
+
+    Args:
+        epsilon: stabiliser of the epsilon rule on the linear parts (``W_ih x + b_ih``, ``W_hh h + b_hh``).
+        stabilizer: stabiliser of the sum rule (``c = f*c' + i*g``, the gate pre-activations), as the
+            composite's ``sum`` family uses.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6):
+        self.epsilon, self.stabilizer = epsilon, stabilizer
+
+    def __call__(self, ctx: RuleContext) -> list:
+        packet = ctx.node.packet
+        if packet == "mkldnn_rnn_layer":
+            return self._mkldnn(ctx)
+        if packet == "_cudnn_rnn":
+            return self._cudnn(ctx)
+        raise RecurrentRuleError(ctx.node, "the recurrent rule knows mkldnn_rnn_layer and _cudnn_rnn only")
+
+    def __repr__(self) -> str:
+        return f"Recurrent(epsilon={self.epsilon}, stabilizer={self.stabilizer})"
+
+    # aten::mkldnn_rnn_layer(input, weight0, weight1, weight2, weight3, hx_, cx_, reverse, batch_sizes, mode,
+    #     hidden_size, num_layers, has_biases, bidirectional, batch_first, train) -> (output, hy, cy, workspace)
+    # One layer, one direction; the module has already made the input time-major (T, B, D).
+    def _mkldnn(self, ctx: RuleContext) -> list:
+        node = ctx.node
+        if len(node.inputs) != 7 or not all(isinstance(a, Value) for a in node.args[:7]):
+            raise RecurrentRuleError(node, "unexpected arguments (expected 7 tensors)")
+        x, w_ih, w_hh, b_ih, b_hh, hx, cx = ctx.inputs
+        reverse, batch_sizes, mode, hidden = node.arg(7), node.arg(8), node.arg(9), node.arg(10)
+        has_biases = node.arg(12)
+        _refuse_params(ctx, (1, 2, 3, 4))
+        if batch_sizes:
+            raise RecurrentRuleError(node, "packed sequences (batch_sizes) are not supported by this rule")
+        mode_name = _MODES.get(mode)
+        if mode_name is None:
+            raise RecurrentRuleError(node, f"unknown mode {mode}")
+        if x.dim() != 3 or w_hh.shape[-1] != hidden or w_ih.shape[0] != _GATES_PER_MODE[mode_name] * hidden:
+            raise RecurrentRuleError(node, f"unexpected shapes (input {tuple(x.shape)}, weight_hh {tuple(w_hh.shape)})")
+        layer = _Layer(mode_name, w_ih, w_hh, b_ih if has_biases else None, b_hh if has_biases else None, bool(reverse))
+        outs = ctx.outputs
+        steps, (out, hn, cn) = self._checked_run(node, layer, x, hx, cx if mode_name == "lstm" else None, outs[:3])
+        r = ctx.relevance
+        r_out = r[0] if r[0] is not None else torch.zeros_like(out)
+        r_x, r_h0, r_c0 = _lrp_layer(layer, x, steps, r_out, r[1], r[2], self.epsilon, self.stabilizer)
+        res: list = [None] * 7
+        res[0], res[5], res[6] = r_x, r_h0, r_c0
+        return [t if need else None for t, need in zip(res, ctx.needs)]
+
+    def _checked_run(self, node, layer, x, h0, c0, recorded) -> tuple[list[dict], tuple]:
+        with torch.no_grad():
+            steps, outs = _run_layer(layer, x, h0, c0)
+        for name, mine, theirs in zip(("output", "h_n", "c_n"), outs, recorded):
+            if mine is None or theirs is None:
+                continue
+            if not _close(mine, theirs):
+                diff = float((mine - theirs).abs().max()) if mine.shape == theirs.shape else float("nan")
+                raise RecurrentRuleError(
+                    node,
+                    f"the re-derived {layer.mode} cell does not reproduce the kernel's {name} (max difference "
+                    f"{diff:.3g}); relprop will not explain a different function",
+                )
+        return steps, outs
+
+    # aten::_cudnn_rnn(input, weight[], weight_stride0, weight_buf, hx, cx, mode, hidden_size, proj_size,
+    #     num_layers, batch_first, dropout, train, bidirectional, batch_sizes, dropout_state)
+    #     -> (output, hy, cy, reserve, weight_buf)
+    # The whole module in one call: weights are [w_ih, w_hh, (b_ih, b_hh)] per layer and direction.
+    def _cudnn(self, ctx: RuleContext) -> list:
+        node = ctx.node
+        args = node.args
+        weights = args[1]
+        mode, hidden, proj = node.arg(6), node.arg(7), node.arg(8)
+        num_layers, batch_first, dropout, train = node.arg(9), node.arg(10), node.arg(11), node.arg(12)
+        bidirectional, batch_sizes = node.arg(13), node.arg(14)
+        stride = node.arg(2)
+        if batch_sizes:
+            raise RecurrentRuleError(node, "packed sequences (batch_sizes) are not supported by this rule")
+        if proj:
+            raise RecurrentRuleError(node, "LSTM projections (proj_size > 0) are not supported by this rule")
+        if train and dropout:
+            raise RecurrentRuleError(node, "dropout between layers in training mode is not supported")
+        mode_name = _MODES.get(mode)
+        if mode_name is None or stride not in (2, 4) or not isinstance(weights, (list, tuple)):
+            raise RecurrentRuleError(node, f"unexpected mode {mode} or weight layout (stride {stride})")
+        dirs = 2 if bidirectional else 1
+        if len(weights) != num_layers * dirs * stride:
+            raise RecurrentRuleError(node, f"expected {num_layers * dirs * stride} weight tensors, got {len(weights)}")
+        # positions in node.inputs: every Value in args, in order
+        pos = _value_positions(node)
+        tensors = ctx.inputs
+        w_pos = [pos[id(w)] for w in weights]
+        _refuse_params(ctx, tuple(w_pos) + ((pos[id(args[3])],) if isinstance(args[3], Value) else ()))
+        x = tensors[pos[id(args[0])]]
+        hx = tensors[pos[id(args[4])]]
+        cx_val = args[5] if isinstance(args[5], Value) else None
+        cx = tensors[pos[id(cx_val)]] if cx_val is not None else None
+        if batch_first:
+            x = x.transpose(0, 1)
+        outs = ctx.outputs
+        rec_out = outs[0].transpose(0, 1) if batch_first else outs[0]
+        layers_io = []
+        inp = x
+        hn_all, cn_all = [], []
+        with torch.no_grad():
+            for layer_i in range(num_layers):
+                dir_out = []
+                for d in range(dirs):
+                    k = (layer_i * dirs + d) * stride
+                    ws = [tensors[p] for p in w_pos[k : k + stride]]
+                    b_ih, b_hh = (ws[2], ws[3]) if stride == 4 else (None, None)
+                    layer = _Layer(mode_name, ws[0], ws[1], b_ih, b_hh, d == 1)
+                    j = layer_i * dirs + d
+                    steps, (out, hn, cn) = _run_layer(layer, inp, hx[j], cx[j] if cx is not None else None)
+                    dir_out.append(out)
+                    hn_all.append(hn)
+                    cn_all.append(cn)
+                    layers_io.append((layer, inp, steps))
+                inp = torch.cat(dir_out, -1)
+        recorded = [rec_out, outs[1], outs[2] if cx is not None else None]
+        mine = [inp, torch.stack(hn_all), torch.stack(cn_all) if cx is not None else None]
+        for name, a, b in zip(("output", "h_n", "c_n"), mine, recorded):
+            if a is not None and b is not None and not _close(a, b):
+                raise RecurrentRuleError(
+                    node, f"the re-derived {mode_name} layers do not reproduce the kernel's {name}"
+                )
+        # backwards through the layers
+        r = ctx.relevance
+        r_next = r[0].transpose(0, 1) if (r[0] is not None and batch_first) else r[0]
+        if r_next is None:
+            r_next = torch.zeros_like(inp)
+        r_hx = torch.zeros_like(hx)
+        r_cx = torch.zeros_like(cx) if cx is not None else None
+        for layer_i in reversed(range(num_layers)):
+            r_in = None
+            for d in range(dirs):
+                j = layer_i * dirs + d
+                layer, lin, steps = layers_io[j]
+                r_o = r_next[..., d * hidden : (d + 1) * hidden]
+                r_hn = r[1][j] if r[1] is not None else None
+                r_cn = r[2][j] if (cx is not None and r[2] is not None) else None
+                r_x, r_h0, r_c0 = _lrp_layer(layer, lin, steps, r_o, r_hn, r_cn, self.epsilon, self.stabilizer)
+                r_in = r_x if r_in is None else r_in + r_x
+                r_hx[j] = r_h0
+                if r_cx is not None and r_c0 is not None:
+                    r_cx[j] = r_c0
+            r_next = r_in
+        if batch_first:
+            r_next = r_next.transpose(0, 1)
+        res: list = [None] * len(node.inputs)
+        res[pos[id(args[0])]] = r_next
+        res[pos[id(args[4])]] = r_hx
+        if cx_val is not None:
+            res[pos[id(cx_val)]] = r_cx
+        return [t if need else None for t, need in zip(res, ctx.needs)]
+
+
+def _value_positions(node: Node) -> dict[int, int]:
+    """``id(Value)`` -> its position in ``node.inputs`` (first occurrence), in argument order."""
+    pos: dict[int, int] = {}
+    k = 0
+
+    def walk(a) -> None:
+        nonlocal k
+        if isinstance(a, Value):
+            pos.setdefault(id(a), k)
+            k += 1
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                walk(b)
+
+    for a in node.args:
+        walk(a)
+    for a in node.kwargs.values():
+        walk(a)
+    return pos
+
+
+def _refuse_params(ctx: RuleContext, positions: Sequence[int]) -> None:
+    if any(ctx.needs[p] for p in positions if p < len(ctx.needs)):
+        raise RecurrentRuleError(ctx.node, "relevance of the recurrent weights (explain(params=...)) is not supported")
+
+
+# --------------------------------------------------------------------------- the decomposed form
+
+
+def _is_recurrent_module(node: Node) -> bool:
+    return node.module_type is not None and issubclass(node.module_type, _RECURRENT_MODULES)
+
+
+_VIEWS = {"view", "_unsafe_view", "alias", "clone", "contiguous", "expand", "reshape"}
+
+
+def _source_op(v: Value, limit: int = 32) -> str | None:
+    """The packet of the op whose result ``v`` reads, looking through views, copies and in-place writes.
+
+    PyTorch's decomposed cells apply ``sigmoid_``/``tanh_`` to chunks of the gate tensor; the tape records
+    that as ``as_strided_scatter`` writes into the flat storage and ``as_strided`` reads from it. A read
+    whose geometry equals a write's is that write's source; a read that misses a write looks further
+    back; a partial overlap answers ``None`` (unknown).
+    """
+    geom = None  # (size, stride, offset) of an as_strided read still to be resolved
+    while limit > 0 and v.producer is not None:
+        limit -= 1
+        p = v.producer
+        if geom is None:
+            if p.packet == "as_strided" and p.inputs:
+                geom = _geometry(p, 1)
+                v = p.inputs[0]
+                continue
+            if p.packet in _VIEWS and p.inputs:
+                v = p.inputs[0]
+                continue
+            return p.packet
+        if p.packet == "as_strided_scatter" and len(p.inputs) == 2:
+            w = _geometry(p, 2)
+            if w == geom:
+                v, geom = p.inputs[1], None
+                continue
+            if w is None or geom is None or _overlap(w, geom):
+                return None
+            v = p.inputs[0]
+            continue
+        return None
+    return None
+
+
+def _geometry(node: Node, first: int) -> tuple | None:
+    size, stride = node.arg(first), node.arg(first + 1)
+    offset = node.arg(first + 2) or 0
+    if size is None or stride is None:
+        return None
+    return tuple(size), tuple(stride), int(offset)
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    """Do two strided windows of one storage share an element? (Exact; gate chunks interleave by row.)"""
+    ia, ib = _indices(a), _indices(b)
+    if ia is None or ib is None:
+        return True
+    return bool(torch.isin(ia, ib).any())
+
+
+def _indices(g: tuple, limit: int = 1 << 24) -> torch.Tensor | None:
+    size, stride, off = g
+    n = 1
+    for s in size:
+        n *= s
+    if n > limit:
+        return None
+    idx = torch.tensor([off], dtype=torch.long)
+    for s, st in zip(size, stride):
+        idx = (idx[:, None] + torch.arange(s, dtype=torch.long) * st).reshape(-1)
+    return idx
+
+
+def recurrent_gate_operands(
+    graph: Graph, constant: dict[int, tuple[int, ...]] | None = None
+) -> dict[int, tuple[int, ...]]:
+    """Gates of the products inside recurrent modules: node index -> input positions held constant.
+
+    In a ``mul`` recorded inside an ``nn.RNNBase``/``nn.RNNCellBase`` module, an activation operand that
+    is a sigmoid output is a gate (Arras et al.): the product rule then passes all relevance to the
+    other operand. A product of two gates keeps the product rule (no recurrent cell has one). The graph
+    is not modified; ``constant`` is merged into the returned dict.
+    """
+    out = dict(constant or {})
+    for node in graph.nodes:
+        if node.packet != "mul" or not _is_recurrent_module(node):
+            continue
+        acts = node.activation_inputs()
+        gates = [i for i in acts if _source_op(node.inputs[i]) == "sigmoid"]
+        if not gates or len(gates) == len(acts) and len(acts) > 1:
+            continue
+        out[node.index] = tuple(sorted(set(out.get(node.index, ())) | set(gates)))
+    return out
+
+
+register_family("recurrent", "mkldnn_rnn_layer", "_cudnn_rnn")
+# Packing reorders rows (time-major, longest first) and unpacking pads them back: pure data movement,
+# whose exact relevance routing is the VJP (the ``routing`` family's rule).
+register_family("routing", "_pack_padded_sequence", "_pad_packed_sequence")
