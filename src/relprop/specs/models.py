@@ -1,4 +1,4 @@
-"""Model and data specs for the command line: parse a string, load a model or a dataset.
+"""Model specs: one registry of model kinds, each a prefix, an example, a loader and a cheap check.
 
 Model specs (``load_model``)::
 
@@ -10,32 +10,23 @@ Model specs (``load_model``)::
                              weights if they are already in the local Hugging Face cache
     hf:PATH                  a local Hugging Face model folder (image or sequence classification)
     python:MODULE:FUNCTION   FUNCTION() returns an nn.Module (MODULE may be a dotted name or a .py file)
-    FILE.pt / FILE.pth       a whole model saved with torch.save(model, FILE)
     FILE.safetensors         weights next to a FILE.json in the zoo's format (architecture, arch_kwargs, ...)
+    FILE.pt / .pth / .bin    a state dict is refused (give the architecture); a whole pickled model
+                             loads only with --trust-pickle, because unpickling runs code from the file
 
-Data specs (``load_data``)::
-
-    zoo:NAME                 an embedded dataset (digits, faces, chest_xray)
-    DIR                      a folder of images with one sub-folder per class
-    FILE.csv / FILE.jsonl    texts with labels (columns ``text`` and ``label`` by default)
-
-Every user error raises :class:`SpecError` with a one-line message naming what was wrong.
-Preprocessing (resize, channels, normalisation) comes from the model's own configuration where one
-exists (zoo metadata, timm's data config, a Hugging Face image processor or tokenizer), else from
-the ``--image-size``/``--mean``/``--std`` flags.
+Adding a kind is one :class:`ModelKind` in :data:`KINDS`: the dispatcher, the cheap pre-checks,
+the error messages and the CLI's help all read the registry.
 """
 
 from __future__ import annotations
 
-import csv
-import difflib
-import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,120 +34,28 @@ from typing import Any
 import torch
 from torch import nn
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-MODEL_PREFIXES = ("zoo", "torchvision", "timm", "hf", "python")
+from .errors import SpecError, closest, first_line, need
+from .hashing import file_sha256, module_code_hash, state_hash
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
 TEXT_ZOO = ("minilm-similarity",)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class SpecError(ValueError):
-    """A user error in a model/data spec or an input: the message is one line, shown as is."""
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+TRUST_PICKLE_HELP = (
+    "load a whole model pickled with torch.save(model) from a .pt/.pth/.bin file. Unpickling runs "
+    "arbitrary code from the file as you: use it only for files you made or fully trust"
+)
 
 
-def _closest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a loader may need besides the spec (all optional)."""
+
+    weights: str | None = None
+    num_classes: int | None = None
+    trust_pickle: bool = False
+    classes_file: str | None = None
 
 
-def _need(module: str, what: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise SpecError(f"{what} needs the '{module}' package, which is not installed (pip install {module})") from None
-
-
-# ------------------------------------------------------------------------------ preprocessing
-@dataclass
-class Preprocess:
-    """How raw ``[0, 1]`` images ``(C, H, W)`` become model inputs."""
-
-    size: tuple[int, int] | None = None  # (H, W); None: keep the image's size
-    channels: int | None = None  # None: keep
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    interpolation: str = "bilinear"
-    crop_pct: float | None = None  # resize to size / crop_pct, then centre-crop (timm convention)
-    source: str = "defaults"
-
-    def describe(self) -> dict:
-        return {
-            "size": list(self.size) if self.size else None,
-            "channels": self.channels,
-            "mean": list(self.mean) if self.mean else None,
-            "std": list(self.std) if self.std else None,
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "source": self.source,
-        }
-
-    def display(self, raw: torch.Tensor) -> torch.Tensor:
-        """Resize/crop/convert a raw ``(C, H, W)`` image in [0, 1]; not normalised (for showing)."""
-        x = raw.float()
-        if x.dim() == 2:
-            x = x[None]
-        if self.channels is not None and x.shape[0] != self.channels:
-            if self.channels == 3 and x.shape[0] == 1:
-                x = x.expand(3, *x.shape[1:])
-            elif self.channels == 1 and x.shape[0] in (3, 4):
-                x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
-            elif self.channels == 3 and x.shape[0] == 4:
-                x = x[:3]
-            else:
-                raise SpecError(f"cannot convert an image with {x.shape[0]} channels to the model's {self.channels}")
-        if self.size is not None and tuple(x.shape[-2:]) != tuple(self.size):
-            mode = self.interpolation if self.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-            h, w = self.size
-            if self.crop_pct:
-                rh, rw = int(round(h / self.crop_pct)), int(round(w / self.crop_pct))
-            else:
-                rh, rw = h, w
-            x = torch.nn.functional.interpolate(
-                x[None],
-                size=(rh, rw),
-                mode=mode,
-                align_corners=False if mode != "nearest" else None,
-                antialias=mode != "nearest" and (rh < x.shape[-2] or rw < x.shape[-1]),
-            )[0]
-            if (rh, rw) != (h, w):
-                top, left = (rh - h) // 2, (rw - w) // 2
-                x = x[:, top : top + h, left : left + w]
-        return x.clamp(0, 1).contiguous()
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean is None and self.std is None:
-            return x
-        c = x.shape[-3]
-        mean = torch.as_tensor(self.mean if self.mean is not None else (0.0,), dtype=x.dtype)
-        std = torch.as_tensor(self.std if self.std is not None else (1.0,), dtype=x.dtype)
-        if mean.numel() not in (1, c) or std.numel() not in (1, c):
-            raise SpecError(f"--mean/--std have {mean.numel()}/{std.numel()} values but the images have {c} channels")
-        shape = (-1, 1, 1)
-        return (x - mean.reshape(shape)) / std.reshape(shape)
-
-    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.display(raw))
-
-
-def override_preprocess(pre: Preprocess | None, *, image_size=None, mean=None, std=None, channels=None) -> Preprocess:
-    """Apply the command-line flags on top of a model's own preprocessing."""
-    pre = Preprocess(**{k: getattr(pre, k) for k in Preprocess.__dataclass_fields__}) if pre else Preprocess()
-    changed = False
-    if image_size:
-        pre.size, pre.crop_pct, changed = (int(image_size[0]), int(image_size[-1])), None, True
-    if mean is not None:
-        pre.mean, changed = tuple(float(v) for v in mean), True
-    if std is not None:
-        pre.std, changed = tuple(float(v) for v in std), True
-    if channels:
-        pre.channels, changed = int(channels), True
-    if changed:
-        pre.source = f"{pre.source} + flags" if pre.source != "defaults" else "flags"
-    return pre
-
-
-# ------------------------------------------------------------------------------------ models
 @dataclass
 class LoadedModel:
     """A model ready to explain: an ``nn.Module`` in eval mode with what is known about its inputs."""
@@ -169,22 +68,33 @@ class LoadedModel:
     tokenizer: Any = None
     class_names: list[str] | None = None
     info: dict = field(default_factory=dict)
+    #: other names of each class (e.g. ImageNet WordNet ids ``n01440764``), matched against data labels
+    class_aliases: list[list[str]] | None = None
+    #: files whose bytes determine the model (a checkpoint, a ``python:`` spec's file)
+    source_files: list[str] = field(default_factory=list)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int | None:
         return len(self.class_names) if self.class_names else None
 
+    @property
+    def named_classes(self) -> bool:
+        """True when the class names are real names, not placeholders like ``0`` or ``LABEL_0``."""
+        names = self.class_names or []
+        return bool(names) and not all(str(n) in (str(i), f"LABEL_{i}") for i, n in enumerate(names))
+
     def fingerprint(self) -> str:
-        """A hash of the parameters and buffers (keys the result cache)."""
+        """Keys the result cache: the spec, every weight byte, the code of every class in the model and
+        the bytes of its source files (checkpoint, ``python:`` file), and the preprocessing."""
         if self._fingerprint is None:
-            h = hashlib.sha1(self.spec.encode())
-            for k, v in self.module.state_dict().items():
-                h.update(k.encode())
-                t = v.detach().cpu().contiguous()
-                h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._fingerprint = h.hexdigest()[:16]
+            import hashlib
+
+            h = hashlib.sha256(self.spec.encode())
+            h.update(state_hash(self.module).encode())
+            h.update(module_code_hash(self.module, tuple(self.source_files)).encode())
+            h.update(json.dumps(self.class_names).encode())
+            self._fingerprint = h.hexdigest()[:20]
         return self._fingerprint
 
 
@@ -220,6 +130,14 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def _pickle_refused(path: Path) -> SpecError:
+    return SpecError(
+        f"{path} holds a whole pickled model: loading it runs code stored in the file (arbitrary code "
+        f"execution). If you made it or fully trust its source, pass --trust-pickle; better, save the weights "
+        f"(model.state_dict()) as .safetensors and give the architecture (see relprop --help)"
+    )
+
+
 def _read_state_dict(path: Path) -> dict:
     if not path.exists():
         raise SpecError(f"weights file not found: {path}")
@@ -232,8 +150,15 @@ def _read_state_dict(path: Path) -> dict:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except SpecError:
         raise
+    except ImportError:
+        raise SpecError("reading .safetensors files needs 'safetensors' (pip install 'relprop[report]')") from None
     except Exception as e:
-        raise SpecError(f"cannot read weights file {path}: {_first_line(e)}") from None
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise SpecError(
+                f"weights file {path} is not a plain state dict (it pickles objects, and unpickling runs code "
+                f"from the file); save model.state_dict(), preferably as .safetensors"
+            ) from None
+        raise SpecError(f"cannot read weights file {path}: {first_line(e)}") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if isinstance(state.get(key), dict):
@@ -253,13 +178,8 @@ def _load_state(model: nn.Module, state: dict, path: Path, what: str) -> None:
         raise SpecError(
             f"weights file {path} does not fit {what}: "
             f"{'missing/unexpected keys' if missing or 'Unexpected key' in msg else 'shape mismatch'}"
-            f" ({_first_line(msg.split(':', 1)[-1]).strip()[:160]})"
+            f" ({first_line(msg.split(':', 1)[-1]).strip()[:160]})"
         ) from None
-
-
-def _first_line(e: Any) -> str:
-    s = str(e).strip() or type(e).__name__
-    return s.splitlines()[0] if s else s
 
 
 def _classifier_classes(state: dict, classifier: str | Sequence[str] | None) -> int | None:
@@ -288,15 +208,15 @@ def default_composite(model: LoadedModel) -> str:
 
 
 def _zoo(name: str, spec: str) -> LoadedModel:
-    from . import zoo
+    from .. import zoo
 
     if name in TEXT_ZOO:
-        from .zoo.text import SentenceSimilarity, load_minilm  # noqa: F401
+        from ..zoo.text import SentenceSimilarity, load_minilm  # noqa: F401
 
         try:
             module, tok = load_minilm()
         except (ImportError, FileNotFoundError) as e:
-            raise SpecError(_first_line(e)) from None
+            raise SpecError(f"zoo:{name}: {first_line(e)}") from None
         return LoadedModel(
             spec=spec,
             name=name,
@@ -311,7 +231,7 @@ def _zoo(name: str, spec: str) -> LoadedModel:
     names = zoo.list_models()
     if name not in names:
         raise SpecError(
-            f"unknown zoo model '{name}' (available: {', '.join(names + list(TEXT_ZOO))}).{_closest(name, names + list(TEXT_ZOO))}"
+            f"unknown zoo model '{name}' (available: {', '.join(names + list(TEXT_ZOO))}).{closest(name, names + list(TEXT_ZOO))}"
         )
     module = zoo.load_model(name)
     info = zoo.model_info(name)
@@ -335,11 +255,12 @@ def _zoo(name: str, spec: str) -> LoadedModel:
     )
 
 
-def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | None) -> LoadedModel:
-    tvm = _need("torchvision", "a torchvision: model").models
+def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
+    weights, num_classes = opts.weights, opts.num_classes
+    tvm = need("torchvision", "a torchvision: model").models
     available = tvm.list_models()
     if name not in available:
-        raise SpecError(f"unknown torchvision model '{name}'.{_closest(name, available)}")
+        raise SpecError(f"unknown torchvision model '{name}'.{closest(name, available)}")
     pre = Preprocess(
         size=(224, 224),
         channels=3,
@@ -362,6 +283,7 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
         model = tvm.get_model(name, weights=None, **kwargs)
         _load_state(model, state, path, f"torchvision:{name}")
         source = f"torchvision:{name} + {path}"
+        files = [str(path)]
     else:
         wenum, cached = _torchvision_cached(name)
         model = tvm.get_model(name, weights=wenum)
@@ -381,25 +303,31 @@ def _torchvision(name: str, spec: str, weights: str | None, num_classes: int | N
         except Exception:
             pass
         source = f"torchvision:{name} pretrained ({cached.name})"
+        files = [str(cached)]
     model = _freeze(model)
     out = _out_features(model)
     if class_names is None and out:
         class_names = [str(i) for i in range(out)]
+    aliases = None
+    if not weights and len(class_names or []) == 1000:
+        aliases = imagenet_aliases()
     return LoadedModel(
         spec=spec,
         name=name,
         module=model,
         preprocess=pre,
         class_names=class_names,
+        class_aliases=aliases,
+        source_files=files,
         info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
     )
 
 
 def _torchvision_cached(name: str):
     """torchvision's default pretrained weights for ``name`` and their file, if already downloaded."""
-    tvm = _need("torchvision", "a torchvision: model").models
+    tvm = need("torchvision", "a torchvision: model").models
     if name not in tvm.list_models():
-        raise SpecError(f"unknown torchvision model '{name}'.{_closest(name, tvm.list_models())}")
+        raise SpecError(f"unknown torchvision model '{name}'.{closest(name, tvm.list_models())}")
     try:
         wenum = tvm.get_model_weights(name).DEFAULT
     except Exception:
@@ -423,10 +351,23 @@ def _out_features(model: nn.Module) -> int | None:
     return last
 
 
-def _timm(name: str, spec: str, weights: str | None, num_classes: int | None) -> LoadedModel:
-    timm = _need("timm", "a timm: model")
+def imagenet_aliases() -> list[list[str]] | None:
+    """WordNet id and all names of each ImageNet-1k class, from timm's offline tables (None without timm)."""
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [[wnid, *info.index_to_description(i).split(", ")] for i, wnid in enumerate(info.label_names())]
+    except Exception:
+        return None
+
+
+def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
+    weights, num_classes = opts.weights, opts.num_classes
+    files: list[str] = []
+    timm = need("timm", "a timm: model")
     if not timm.list_models(name) and not timm.is_model(name):
-        raise SpecError(f"unknown timm model '{name}'.{_closest(name, timm.list_models())}")
+        raise SpecError(f"unknown timm model '{name}'.{closest(name, timm.list_models())}")
     if weights:
         path = Path(weights)
         state = _read_state_dict(path)
@@ -435,6 +376,7 @@ def _timm(name: str, spec: str, weights: str | None, num_classes: int | None) ->
         model = timm.create_model(name, pretrained=False, num_classes=n)
         _load_state(model, state, path, f"timm:{name}")
         source = f"timm:{name} + {path}"
+        files = [str(path)]
     else:
         saved = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -464,23 +406,28 @@ def _timm(name: str, spec: str, weights: str | None, num_classes: int | None) ->
         crop_pct=cfg.get("crop_pct"),
         source="timm data config",
     )
+    class_names, aliases = [str(i) for i in range(model.num_classes)], None
+    if not weights and model.num_classes == 1000 and (aliases := imagenet_aliases()):
+        class_names = [a[1] for a in aliases]  # the first English name; the WordNet id is an alias
     return LoadedModel(
         spec=spec,
         name=name,
         module=model,
         preprocess=pre,
-        class_names=[str(i) for i in range(model.num_classes)],
+        class_names=class_names,
+        class_aliases=aliases,
+        source_files=files,
         info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
     )
 
 
-def _hf(path_str: str, spec: str) -> LoadedModel:
+def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
     path = Path(path_str).expanduser()
     if not path.exists():
         raise SpecError(f"Hugging Face model folder not found: {path}")
     if not (path / "config.json").exists():
         raise SpecError(f"{path} is not a Hugging Face model folder (no config.json)")
-    transformers = _need("transformers", "an hf: model")
+    transformers = need("transformers", "an hf: model")
     cfg = json.loads((path / "config.json").read_text())
     arch = " ".join(cfg.get("architectures") or [])
     from transformers.utils import logging as hf_logging
@@ -511,7 +458,7 @@ def _hf(path_str: str, spec: str) -> LoadedModel:
     except SpecError:
         raise
     except Exception as e:
-        raise SpecError(f"cannot load the Hugging Face model in {path}: {_first_line(e)}") from None
+        raise SpecError(f"cannot load the Hugging Face model in {path}: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         for k, v in saved.items():
@@ -534,6 +481,9 @@ def _hf(path_str: str, spec: str) -> LoadedModel:
         preprocess=pre,
         tokenizer=tok,
         class_names=class_names,
+        source_files=sorted(
+            str(f) for f in path.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")
+        ),
         info={"source": f"hf:{path}", "architecture": arch, "num_params": sum(p.numel() for p in module.parameters())},
     )
 
@@ -574,10 +524,11 @@ def _hf_image_preprocess(path: Path, config) -> Preprocess:
     return pre
 
 
-def _python(target: str, spec: str) -> LoadedModel:
+def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
     if ":" not in target:
         raise SpecError(f"model spec '{spec}': expected python:MODULE:FUNCTION (e.g. python:mymodels:build)")
     mod_name, fn_name = target.rsplit(":", 1)
+    saved_path = list(sys.path)
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
             file = Path(mod_name)
@@ -586,33 +537,39 @@ def _python(target: str, spec: str) -> LoadedModel:
             s = importlib.util.spec_from_file_location(file.stem, str(file))
             mod = importlib.util.module_from_spec(s)
             s.loader.exec_module(mod)
+            files = [str(file.resolve())]
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             mod = importlib.import_module(mod_name)
+            files = [f] if (f := getattr(mod, "__file__", None)) else []
     except SpecError:
         raise
     except ModuleNotFoundError as e:
-        raise SpecError(f"model spec '{spec}': cannot import module '{mod_name}' ({_first_line(e)})") from None
+        raise SpecError(f"model spec '{spec}': cannot import module '{mod_name}' ({first_line(e)})") from None
     except Exception as e:
         raise SpecError(
-            f"model spec '{spec}': importing '{mod_name}' failed: {type(e).__name__}: {_first_line(e)}"
+            f"model spec '{spec}': importing '{mod_name}' failed: {type(e).__name__}: {first_line(e)}"
         ) from None
+    finally:
+        sys.path[:] = saved_path  # leave the process as found (the cwd was added for the import only)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
         raise SpecError(
-            f"model spec '{spec}': module '{mod_name}' has no function '{fn_name}'.{_closest(fn_name, names)}"
+            f"model spec '{spec}': module '{mod_name}' has no function '{fn_name}'.{closest(fn_name, names)}"
         )
     try:
         model = fn()
     except Exception as e:
-        raise SpecError(f"model spec '{spec}': {fn_name}() failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise SpecError(f"model spec '{spec}': {fn_name}() failed: {type(e).__name__}: {first_line(e)}") from None
     if isinstance(model, tuple) and model and isinstance(model[0], nn.Module):
         model = model[0]
     if not isinstance(model, nn.Module):
         raise SpecError(f"model spec '{spec}': {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
-    return _generic(model, spec, fn_name, f"python:{target}")
+    lm = _generic(model, spec, f"{Path(mod_name).stem}:{fn_name}", f"python:{target}")
+    lm.source_files = files
+    return lm
 
 
 def _generic(model: nn.Module, spec: str, name: str, source: str) -> LoadedModel:
@@ -644,7 +601,7 @@ def _generic(model: nn.Module, spec: str, name: str, source: str) -> LoadedModel
     )
 
 
-def _checkpoint(path: Path, spec: str) -> LoadedModel:
+def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
     if not path.exists():
         raise SpecError(f"model file not found: {path}")
     if path.suffix == ".safetensors":
@@ -654,7 +611,7 @@ def _checkpoint(path: Path, spec: str) -> LoadedModel:
                 f"{path} holds only weights; give the architecture with --model torchvision:NAME or "
                 f"timm:NAME and --weights {path}, or put a {meta.name} (zoo format) next to it"
             )
-        from .zoo.models import ARCHITECTURES, build
+        from ..zoo.models import ARCHITECTURES, build
 
         info = json.loads(meta.read_text())
         if info.get("architecture") not in ARCHITECTURES:
@@ -673,11 +630,24 @@ def _checkpoint(path: Path, spec: str) -> LoadedModel:
         lm.preprocess.source = f"{meta.name}"
         if info.get("class_names"):
             lm.class_names = list(info["class_names"])
+        lm.source_files = [str(path), str(meta)]
         return lm
+    # .pt / .pth / .bin: weights_only first; a whole pickled module only with --trust-pickle
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # a local file the user named
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SpecError(f"cannot read model file {path}: {_first_line(e)}") from None
+        if not ("weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e)):
+            raise SpecError(f"cannot read model file {path}: {first_line(e)}") from None
+        if not opts.trust_pickle:
+            raise _pickle_refused(path) from None
+        warnings.warn(
+            f"--trust-pickle: unpickling {path} runs any code stored in it (arbitrary code execution)",
+            stacklevel=2,
+        )
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise SpecError(f"cannot read model file {path}: {first_line(e2)}") from None
     if isinstance(obj, dict):
         raise SpecError(
             f"{path} holds a state dict, not a model; give the architecture with "
@@ -685,284 +655,233 @@ def _checkpoint(path: Path, spec: str) -> LoadedModel:
         )
     if not isinstance(obj, nn.Module):
         raise SpecError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
-    return _generic(obj, spec, path.stem, str(path))
+    lm = _generic(obj, spec, path.stem, str(path))
+    lm.source_files = [str(path)]
+    lm.info["weights_sha256"] = file_sha256(path)
+    return lm
 
 
-def load_model(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> LoadedModel:
+# ------------------------------------------------------------------------------------ registry
+def _check_zoo(rest: str, opts: LoadOptions) -> None:
+    from .. import zoo
+
+    names = zoo.list_models() + list(TEXT_ZOO)
+    if rest not in names:
+        raise SpecError(f"unknown zoo model '{rest}' (available: {', '.join(names)}).{closest(rest, names)}")
+
+
+def _check_hf(rest: str, opts: LoadOptions) -> None:
+    if not Path(rest).expanduser().exists():
+        raise SpecError(f"Hugging Face model folder not found: {rest}")
+
+
+def _check_torchvision(rest: str, opts: LoadOptions) -> None:
+    if not opts.weights:
+        _torchvision_cached(rest)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model spec: ``PREFIX:REST``."""
+
+    prefix: str
+    example: str
+    help: str
+    load: Callable[[str, str, LoadOptions], LoadedModel]  # (rest, spec, options)
+    check: Callable[[str, LoadOptions], None] = lambda rest, opts: None  # cheap, before any loading
+    takes_weights: bool = False
+
+
+KINDS: dict[str, ModelKind] = {
+    k.prefix: k
+    for k in (
+        ModelKind(
+            "zoo", "zoo:NAME", "a model of the embedded zoo (relprop list)", lambda r, s, o: _zoo(r, s), _check_zoo
+        ),
+        ModelKind(
+            "torchvision",
+            "torchvision:NAME [--weights FILE]",
+            "a torchvision architecture with --weights or its cached pretrained weights",
+            _torchvision,
+            _check_torchvision,
+            takes_weights=True,
+        ),
+        ModelKind(
+            "timm",
+            "timm:NAME [--weights FILE]",
+            "a timm architecture with --weights or its cached pretrained weights",
+            _timm,
+            takes_weights=True,
+        ),
+        ModelKind("hf", "hf:FOLDER", "a local Hugging Face image/sequence classifier", _hf, _check_hf),
+        ModelKind("python", "python:MODULE:FUNCTION", "FUNCTION() returns the nn.Module", _python),
+    )
+}
+MODEL_PREFIXES = tuple(KINDS)
+FILE_SPECS = "FILE.safetensors (+ FILE.json, zoo format) | FILE.pt (torch.save(model), needs --trust-pickle)"
+
+
+def spec_forms() -> str:
+    """Every accepted form, for help texts and error messages."""
+    return " | ".join(k.example for k in KINDS.values()) + " | " + FILE_SPECS
+
+
+def _resolve(spec: str) -> tuple[str, str]:
+    """``(kind, rest)``: kind is a prefix of :data:`KINDS`, ``"file"`` or ``"hf"`` for a model folder."""
+    prefix, _, rest = spec.partition(":")
+    if prefix in KINDS and rest:
+        return prefix, rest
+    path = Path(spec).expanduser()
+    if path.suffix in (*PICKLE_SUFFIXES, ".safetensors"):
+        return "file", spec
+    if path.is_dir() and (path / "config.json").exists():
+        return "hf", spec
+    from .. import zoo
+
+    if spec in zoo.list_models() or spec in TEXT_ZOO:
+        return "zoo", spec
+    if prefix and rest and prefix not in KINDS and len(prefix) > 1:  # "C:\..." is a path, not a prefix
+        raise SpecError(
+            f"unknown model spec '{spec}': unknown prefix '{prefix}:'.{closest(prefix, MODEL_PREFIXES)} "
+            f"Use {spec_forms()}"
+        )
+    close = closest(spec, zoo.list_models() + list(TEXT_ZOO))
+    hint = close.replace("'", "'zoo:", 1) if close else ""
+    raise SpecError(f"unknown model spec '{spec}'.{hint} Use {spec_forms()}")
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+    classes_file: str | None = None,
+) -> LoadedModel:
     """Load a model from a spec string (see the module docstring)."""
     spec = spec.strip()
     if not spec:
         raise SpecError("empty model spec")
-    prefix, _, rest = spec.partition(":")
-    if prefix in MODEL_PREFIXES and rest:
-        if prefix == "zoo":
-            return _zoo(rest, spec)
-        if prefix == "torchvision":
-            return _torchvision(rest, spec, weights, num_classes)
-        if prefix == "timm":
-            return _timm(rest, spec, weights, num_classes)
-        if prefix == "hf":
-            return _hf(rest, spec)
-        return _python(rest, spec)
-    path = Path(spec).expanduser()
-    if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
-        return _checkpoint(path, spec)
-    if path.is_dir() and (path / "config.json").exists():
-        return _hf(str(path), spec)
-    from . import zoo
+    opts = LoadOptions(weights, num_classes, trust_pickle, classes_file)
+    kind, rest = _resolve(spec)
+    if kind == "file":
+        lm = _checkpoint(Path(rest).expanduser(), spec, opts)
+    else:
+        lm = KINDS[kind].load(rest, spec if kind != "zoo" or spec.startswith("zoo:") else f"zoo:{spec}", opts)
+    if classes_file:
+        from .labels import read_class_file
 
-    if spec in zoo.list_models() or spec in TEXT_ZOO:
-        return _zoo(spec, f"zoo:{spec}")
-    if prefix and rest and prefix not in MODEL_PREFIXES:
-        raise SpecError(
-            f"unknown model spec '{spec}': unknown prefix '{prefix}:'.{_closest(prefix, MODEL_PREFIXES)} "
-            f"Use zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH, python:MODULE:FUNCTION or a .pt/.safetensors file"
-        )
-    close = difflib.get_close_matches(spec, zoo.list_models() + list(TEXT_ZOO), n=1, cutoff=0.5)
-    hint = f" Did you mean 'zoo:{close[0]}'?" if close else ""
-    raise SpecError(
-        f"unknown model spec '{spec}'.{hint} Use zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH, "
-        f"python:MODULE:FUNCTION or a .pt/.safetensors file"
-    )
+        names, aliases = read_class_file(classes_file)
+        if lm.class_names and len(names) != len(lm.class_names):
+            raise SpecError(
+                f"--classes {classes_file} lists {len(names)} classes but model '{lm.name}' has {len(lm.class_names)}"
+            )
+        lm.class_names, lm.class_aliases = names, aliases
+        lm.info["classes_from"] = "--classes"
+        lm.source_files.append(str(Path(classes_file).resolve()))
+    return lm
 
 
-def check_model_spec(spec: str, weights: str | None = None) -> None:
+def check_model_spec(spec: str, weights: str | None = None, **options: Any) -> None:
     """Cheap checks of a model spec before any work (unknown prefix or zoo name, missing files)."""
     spec = spec.strip()
-    prefix, _, rest = spec.partition(":")
     if weights and not Path(weights).expanduser().exists():
         raise SpecError(f"weights file not found: {weights}")
-    if prefix == "zoo" and rest:
-        from . import zoo
-
-        names = zoo.list_models() + list(TEXT_ZOO)
-        if rest not in names:
-            raise SpecError(f"unknown zoo model '{rest}' (available: {', '.join(names)}).{_closest(rest, names)}")
-    elif prefix == "hf" and rest:
+    opts = LoadOptions(weights, **options)
+    kind, rest = _resolve(spec)
+    if kind == "file":
         if not Path(rest).expanduser().exists():
-            raise SpecError(f"Hugging Face model folder not found: {rest}")
-    elif prefix == "torchvision" and rest and not weights:
-        _torchvision_cached(rest)
-    elif prefix in ("torchvision", "timm", "python") and rest:
+            raise SpecError(f"model file not found: {rest}")
         return
-    else:
-        path = Path(spec).expanduser()
-        if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
-            if not path.exists():
-                raise SpecError(f"model file not found: {path}")
-            return
-        if path.is_dir() and (path / "config.json").exists():
-            return
-        from . import zoo
-
-        if spec in zoo.list_models() or spec in TEXT_ZOO:
-            return
-        load_model(spec)  # raises the explanatory SpecError
+    KINDS[kind].check(rest, opts)
 
 
-# -------------------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    """A labelled dataset: raw images in [0, 1] (``(C, H, W)`` each) or texts."""
-
-    spec: str
-    name: str
-    kind: str  # "image" | "text"
-    labels: torch.Tensor
-    class_names: list[str]
-    images: list[torch.Tensor] | torch.Tensor | None = None
-    texts: list[str] | None = None
-    info: dict = field(default_factory=dict)
-    model_ready: torch.Tensor | None = None  # zoo datasets: already-normalised inputs for zoo models
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha1(self.spec.encode())
-        h.update(self.labels.numpy().tobytes())
-        if self.texts is not None:
-            h.update("\x00".join(self.texts).encode())
-        else:
-            for im in self.images:
-                h.update(str(tuple(im.shape)).encode())
-                h.update(im.float().sum().numpy().tobytes())
-        return h.hexdigest()[:16]
+def takes_weights(spec: str) -> bool:
+    kind = spec.partition(":")[0]
+    return kind in KINDS and KINDS[kind].takes_weights
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An image file as a float tensor ``(C, H, W)`` in [0, 1] (C = 1 for grayscale, else 3)."""
-    if not path.exists():
-        raise SpecError(f"input file not found: {path}")
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SpecError("reading images needs Pillow (pip install 'relprop[report]')") from None
-    import numpy as np
+def unique_names(models: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Display names by spec from ``(spec, name)`` pairs: a model's own name, or its spec where two
+    models share a name (``timm:resnet18`` and ``torchvision:resnet18``): the spec is the identity."""
+    counts: dict[str, int] = {}
+    for _, name in models:
+        counts[name] = counts.get(name, 0) + 1
+    return {spec: (name if counts[name] == 1 else spec) for spec, name in models}
+
+
+def list_layers(model: nn.Module, inputs: Any) -> list[tuple[str, str, tuple[int, ...] | None]]:
+    """``(name, type, output shape)`` of every named submodule, in the order their forward finishes.
+
+    One forward pass with forward hooks on a model the caller owns for this call; the hooks are
+    removed before returning, also on errors.
+    """
+    from ..methods.core import select_output
+
+    order: list[tuple[str, str, tuple[int, ...] | None]] = []
+    handles = []
+
+    def hook(name):
+        def fn(mod, args, out):
+            try:
+                t = select_output(out)
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else None
+            except Exception:
+                shape = None
+            order.append((name, type(mod).__name__, shape))
+
+        return fn
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = "L" if im.mode in ("L", "I", "I;16", "1", "F") else "RGB"
-            a = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except Exception as e:
-        raise SpecError(f"cannot read image {path}: {_first_line(e)}") from None
-    t = torch.from_numpy(a.copy())
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def _image_folder(path: Path, spec: str) -> Data:
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[Path, int]] = []
-    for i, c in enumerate(classes):
-        for f in sorted((path / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((f, i))
-    if not files:
-        loose = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-        why = (
-            f"its {len(loose)} image(s) are not in class sub-folders"
-            if loose
-            else "no images found"
-            if classes
-            else "it is empty"
-        )
-        raise SpecError(f"data folder {path} has no images in class sub-folders ({why}); expected DIR/CLASS/IMAGE.png")
-    images = [read_image(f) for f, _ in files]
-    labels = torch.tensor([lab for _, lab in files], dtype=torch.long)
-    return Data(
-        spec=spec,
-        name=path.name,
-        kind="image",
-        labels=labels,
-        class_names=classes,
-        images=images,
-        info={"source": str(path), "files": [str(f.relative_to(path)) for f, _ in files]},
-    )
-
-
-def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Data:
-    rows: list[dict] = []
-    try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-        else:
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise SpecError(f"{path}: line {n} is not valid JSON") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path} is not a UTF-8 text file") from None
-    if not rows:
-        raise SpecError(f"data file {path} has no rows")
-    cols = list(rows[0].keys())
-    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if col not in rows[0]:
-            raise SpecError(
-                f"data file {path} has no column '{col}' (columns: {', '.join(map(str, cols))}); choose one with {flag}"
-            )
-    texts = [str(r[text_column]) for r in rows]
-    raw = [r[label_column] for r in rows]
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw):
-        ints = [int(v) for v in raw]
-        class_names = [str(i) for i in range(max(ints) + 1)]
-        labels = torch.tensor(ints, dtype=torch.long)
-        named = False
-    else:
-        class_names = sorted({str(v) for v in raw})
-        labels = torch.tensor([class_names.index(str(v)) for v in raw], dtype=torch.long)
-        named = True
-    return Data(
-        spec=spec,
-        name=path.stem,
-        kind="text",
-        labels=labels,
-        class_names=class_names,
-        texts=texts,
-        info={"source": str(path), "named_labels": named},
-    )
-
-
-def load_data(spec: str, *, split: str = "test", text_column: str = "text", label_column: str = "label") -> Data:
-    """Load a dataset from a spec string (see the module docstring)."""
-    spec = spec.strip()
-    prefix, _, rest = spec.partition(":")
-    if prefix == "zoo" and rest:
-        from . import zoo
-
-        names = zoo.list_datasets()
-        if rest not in names:
-            raise SpecError(f"unknown zoo dataset '{rest}' (available: {', '.join(names)}).{_closest(rest, names)}")
-        try:
-            ds = zoo.load_dataset(rest, split=split)
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise SpecError(_first_line(e)) from None
-        return Data(
-            spec=spec,
-            name=rest,
-            kind="image",
-            labels=ds.labels,
-            class_names=list(ds.class_names),
-            images=ds.raw_images,
-            info={"source": f"relprop.zoo ({ds.info.get('source')})", "split": ds.split},
-            model_ready=ds.images,
-        )
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec in __import__("relprop.zoo", fromlist=["list_datasets"]).list_datasets():
-            return load_data(f"zoo:{spec}", split=split)
-        raise SpecError(
-            f"data not found: {spec} (expected zoo:NAME, a folder of class sub-folders, or a .csv/.jsonl file)"
-        )
-    if path.is_dir():
-        return _image_folder(path, spec)
-    if path.suffix.lower() in (".csv", ".jsonl", ".json", ".ndjson"):
-        return _text_file(path, spec, text_column, label_column)
-    raise SpecError(f"data spec {spec}: expected zoo:NAME, a folder of class sub-folders, or a .csv/.jsonl file")
-
-
-# ------------------------------------------------------------------------------ model inputs
-def image_batch(model: LoadedModel, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, display)`` for raw images: model inputs and the resized [0, 1] images to show."""
-    pre = model.preprocess or Preprocess()
-    shown = [pre.display(im) for im in images]
-    shapes = {tuple(s.shape) for s in shown}
-    if len(shapes) > 1:
-        raise SpecError(
-            f"the images have different sizes {sorted(shapes)[:3]} and model '{model.name}' has no input "
-            f"size in its configuration; pass --image-size H W"
-        )
-    disp = torch.stack(shown)
-    return pre.normalize(disp), disp
-
-
-def text_batch(model: LoadedModel, texts: Sequence[str], max_length: int = 128) -> dict:
-    tok = model.tokenizer
-    enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def check_forward(model: LoadedModel, inputs: Any) -> torch.Tensor:
-    """Run the model once; a failure becomes a one-line :class:`SpecError` naming the input shape."""
-    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(hook(name)))
         with torch.no_grad():
-            out = model.module(**inputs) if isinstance(inputs, dict) else model.module(inputs)
-    except Exception as e:
-        shape = {k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(inputs.shape)
-        raise SpecError(
-            f"model '{model.name}' cannot take an input of shape {shape}: {type(e).__name__}: {_first_line(e)[:200]}"
-        ) from None
-    from .methods.core import select_output
-
-    out = select_output(out)
-    if model.kind != "similarity" and out.dim() != 2:
-        raise SpecError(
-            f"model '{model.name}' returned an output of shape {tuple(out.shape)}; expected class scores "
-            f"(batch, classes)"
-        )
-    if model.class_names is None or (out.dim() == 2 and len(model.class_names) != out.shape[-1]):
-        model.class_names = [str(i) for i in range(out.shape[-1])] if out.dim() == 2 else None
+            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    seen, out = set(), []
+    for row in order:  # a module called twice appears once, at its first finish
+        if row[0] not in seen:
+            seen.add(row[0])
+            out.append(row)
     return out
+
+
+def default_cam_layer(model: nn.Module, inputs: Any) -> str:
+    """Grad-CAM's default layer: the last spatial feature map of the model.
+
+    That is the last module whose output is ``(B, C, H, W)`` with ``1 < H * W`` and ``H, W`` no larger
+    than the input's (Captum's and the paper's choice: the last convolutional features; attention
+    maps are larger than the input and excluded), unless a transformer follows it: then the output of
+    the second-to-last block (a numbered module whose output ``(B, N, D)`` holds a square patch grid),
+    i.e. the input of the last block, as pytorch-grad-cam advises for ViTs: after the last block only
+    the class token reaches the head, so the patch tokens' gradients there are zero.
+    """
+    import math
+
+    layers = list_layers(model, inputs)
+    x = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    ih, iw = (x.shape[-2], x.shape[-1]) if x.dim() >= 4 else (None, None)
+    spatial, blocks = None, []
+    for pos, (name, _, s) in enumerate(layers):
+        if s is None:
+            continue
+        if len(s) == 4 and s[-1] * s[-2] > 1 and (ih is None or (s[-2] <= ih and s[-1] <= iw)):
+            spatial = (pos, name)
+        elif len(s) == 3 and name.split(".")[-1].isdigit():
+            n = s[1]
+            if any(n - p > 1 and math.isqrt(n - p) ** 2 == n - p for p in range(0, 9)):
+                blocks.append((pos, name))
+    if blocks:  # the outermost list of blocks (not the numbered layers inside each block's MLP)
+        depth = min(name.count(".") for _, name in blocks)
+        blocks = [b for b in blocks if b[1].count(".") == depth]
+    tokens = blocks[-2] if len(blocks) >= 2 else (blocks[-1] if blocks else None)
+    chosen = tokens if tokens and (spatial is None or tokens[0] > spatial[0]) else spatial
+    if chosen is None:
+        raise SpecError(
+            "gradcam needs a layer with a spatial output (batch, channels, height, width) or a patch-token "
+            "output, and this model has none; give one with gradcam:layer=NAME (relprop layers MODEL lists them)"
+        )
+    return chosen[1]
