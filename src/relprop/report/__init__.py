@@ -58,14 +58,19 @@ class _Bar:
 
 
 def _summary(res: dict) -> str:
-    keys = [
-        ("abpc_norm", "ABPC"),
-        ("insertion_auc", "ins"),
-        ("deletion_auc", "del"),
-        ("class_sensitivity", "cls-sens"),
-        ("randomisation_similarity", "rand-sim"),
-    ]
-    return ", ".join(f"{n} {res[k]:.3f}" for k, n in keys if res.get(k) is not None)
+    """One terminal line per cell, from the metric list: mean [CI] of each metric."""
+    from .scores import METRICS
+
+    out = []
+    for m in METRICS:
+        v = (res.get("summary") or {}).get(m.key)
+        if v and v.get("mean") is not None and m.group != "time":
+            lo, hi = v["ci"]
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None and v["n"] > 1 else ""
+            out.append(f"{m.label} {v['mean']:.3f}{ci}")
+    if res.get("randomisation_check"):
+        out.append(f"randomisation check: {res['randomisation_check']}")
+    return ", ".join(out)
 
 
 def run_compare(
@@ -83,14 +88,22 @@ def run_compare(
     command: str = "",
     log: Callable[[str], None] = print,
     header: str | None = None,
+    load: Callable[[str], LoadedModel] | None = None,
+    use_cache: bool = True,
+    warnings: Sequence[str] = (),
 ) -> dict:
-    """Run the comparison; return the results dict (also written to ``out/results.json``)."""
+    """Run the comparison; return the results dict (also written to ``out/results.json``).
+
+    ``load``: spec -> LoadedModel (the CLI's loader, with its options and display names); ``use_cache``:
+    False neither reads nor writes ``out/cache``; ``warnings``: shown in the report (``results["warnings"]``).
+    """
     from ..specs import override_preprocess
     from . import figures, html
 
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress)
+    job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)
+    job.warnings.extend(w for w in warnings if w not in job.warnings)
     t_start = time.time()
     total = len(models) * len(methods)
     bar = _Bar(total, progress)
@@ -109,7 +122,9 @@ def run_compare(
             entry["anchor"] = "m-" + slug(spec)
             results_models.append(entry)
             bar.describe(f"loading {spec}")
-            model: LoadedModel = load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
+            model: LoadedModel = (
+                load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
+            )
             if model.kind == "similarity":
                 raise SpecError(
                     f"{spec} is a sentence-similarity model without classes; use it with "
@@ -194,7 +209,18 @@ def run_compare(
                 pass
     finally:
         bar.close()
+    failed = [
+        f"{m.get('name')} × {c.get('method')}: {c.get('error')}"
+        for m in results_models
+        for c in m.get("methods", [])
+        if c.get("status") == "failed"
+    ]
+    if failed and status == "complete":
+        status = "incomplete"
     results = _assemble(results_models, list(methods), data, settings, command, status, done, total, t_start, out)
+    results["problems"] = failed
+    results["warnings"] = list(job.warnings)
+    results["data"]["n_metrics"] = min(settings.samples, len(data))
     if results_models:
         try:
             results["figures"]["ranking"] = str(
@@ -206,9 +232,44 @@ def run_compare(
             )
         except Exception:
             pass
+    unsure = [
+        f"{m.get('name')} × {c.get('method')}"
+        for m in results_models
+        for c in m.get("methods", [])
+        if c.get("randomisation_check") == "inconclusive"
+    ]
+    if unsure:
+        job.warn(
+            f"the randomisation check is inconclusive for {len(unsure)} cell(s) ({', '.join(unsure[:4])}"
+            f"{', ...' if len(unsure) > 4 else ''}): its interval straddles {settings.randomisation_threshold} or it "
+            f"ran on fewer than 5 examples; use more --randomisation-samples"
+        )
+        results["warnings"] = list(job.warnings)
+    _write_examples(results, out, job)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     html.render(results, out)
     return results
+
+
+def _write_examples(results: dict, out: Path, job: Job) -> None:
+    """Per-example values to ``OUT/examples.parquet`` (the record every mean is computed from); without
+    pyarrow they stay in results.json and the report says why."""
+    from . import store
+
+    run = store.run_id(results["command"], results["settings"])
+    results["run"] = run
+    rows = [r for m in results["models"] for c in m.get("methods", []) if c.get("status") == "ok"
+            for r in store.example_rows(run, m, c)]  # fmt: skip
+    try:
+        store.write_examples(out / "examples.parquet", rows)
+    except ImportError as e:
+        job.warn(f"{e}; per-example values are kept in results.json instead")
+        results["warnings"] = list(job.warnings)
+        return
+    results["examples_file"] = "examples.parquet"
+    for m in results["models"]:
+        for c in m.get("methods", []):
+            c.pop("examples", None)
 
 
 def _json_default(o):
@@ -231,7 +292,8 @@ def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Path
         prep = job.prepare(model, grid_idx)
     g = min(len(grid_idx), *(len(c["grid_attributions"]) for c in ok.values()))
     names = data.class_names
-    titles = [f"true {names[int(prep.labels[j])]} / pred {_cls(model, int(prep.pred[j]))}" for j in range(g)]
+    names = prep.label_names or [names[int(v)] for v in prep.labels]
+    titles = [f"true {names[j]} / pred {_cls(model, int(prep.pred[j]))}" for j in range(g)]
     if data.kind == "image":
         heat = {k: c["grid_attributions"][:g] for k, c in ok.items()}
         p = fig_dir / f"{slug(model.spec)}_grid.png"
@@ -246,7 +308,9 @@ def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Path
         )
         entry["grid_tokens"] = toks
     p = fig_dir / f"{slug(model.spec)}_curves.png"
-    figures.curves_figure(ok, p, title=f"{model.name}: perturbation curves (mean over {job.s.samples} examples)")
+    figures.curves_figure(
+        ok, p, title=f"{model.name}: perturbation curves (mean over {min(job.s.samples, len(job.indices))} examples)"
+    )
     entry["curves_figure"] = str(p.relative_to(out))
 
 
@@ -258,31 +322,89 @@ def _cls(model: LoadedModel, i: int) -> str:
 def _assemble(models, methods, data, settings, command, status, done, total, t_start, out) -> dict:
     import relprop
 
+    from .scores import BY_KEY, METRICS, RANK_METRIC, paired_difference, rank_models, summarise
+
+    spec = BY_KEY[RANK_METRIC]
+    boot = dict(n_boot=settings.bootstrap, level=settings.confidence, seed=settings.seed)
+
+    def values(m: dict, method: str, key: str) -> dict[int, float]:
+        c = next((c for c in m.get("methods", []) if c.get("method") == method and c.get("status") == "ok"), None)
+        ex = (c or {}).get("examples") or {}
+        return {i: v for i, v in zip(ex.get("example", []), ex.get(key, [])) if v is not None}
+
+    # rankings per method on the rank metric, then the overall rank as the mean rank over methods
+    per_method = {}
+    for meth in methods:
+        rows = rank_models({m["anchor"]: values(m, meth.label, spec.key) for m in models}, spec, **boot)
+        per_method[meth.label] = rows
     ranking = []
     for m in models:
-        oks = [c for c in m.get("methods", []) if c.get("status") == "ok" and c.get("abpc_norm") is not None]
-        m["faithfulness"] = sum(c["abpc_norm"] for c in oks) / len(oks) if oks else None
-        best = max(oks, key=lambda c: c["abpc_norm"]) if oks else None
+        ranks = {k: next(r for r in rows if r["model"] == m["anchor"]) for k, rows in per_method.items()}
+        got = [r["rank"] for r in ranks.values() if r["rank"] is not None]
+        oks = [c for c in m.get("methods", []) if c.get("status") == "ok"]
+        # per-example mean over methods: the model-level numbers and their intervals
+        overall: dict[str, dict] = {}
+        for metric in METRICS:
+            by_example: dict[int, list[float]] = {}
+            for c in oks:
+                for i, v in values(m, c["method"], metric.key).items():
+                    by_example.setdefault(i, []).append(v)
+            overall[metric.key] = summarise([sum(v) / len(v) for v in by_example.values()], **boot)
+        m["overall"] = overall
+        m["faithfulness"] = overall[spec.key]["mean"]
         for key in ("class_sensitivity", "randomisation_similarity"):
-            vals = [c[key] for c in oks if c.get(key) is not None]
-            m[key] = sum(vals) / len(vals) if vals else None
+            m[key] = overall[key]["mean"]
+        best = max(oks, key=lambda c: c.get(spec.key) or float("-inf")) if oks else None
         ranking.append(
             {
                 "model": m["spec"],
                 "name": m.get("name"),
                 "anchor": m.get("anchor"),
+                "metric": spec.key,
+                "metric_label": spec.label,
+                "mean_rank": sum(got) / len(got) if got else None,
+                "ranks": {k: r["rank"] for k, r in ranks.items()},
+                "ties": {k: r["ties_with"] for k, r in ranks.items()},
                 "faithfulness": m["faithfulness"],
+                "overall": overall,
                 "accuracy": m.get("accuracy"),
                 "best_method": best["method"] if best else None,
                 "class_sensitivity": m.get("class_sensitivity"),
                 "randomisation_similarity": m.get("randomisation_similarity"),
             }
         )
-    ranking.sort(key=lambda r: (r["faithfulness"] is None, -(r["faithfulness"] or 0.0)))
-    for i, r in enumerate(ranking, 1):
-        r["rank"] = i if r["faithfulness"] is not None else None
+    # overall: sorted by mean rank; a model's rank is 1 + the models with a better mean rank whose
+    # method-averaged per-example metric is significantly better (paired bootstrap), so ties stay ties
+    averaged = {}
+    for m in models:
+        per_ex: dict[int, list[float]] = {}
+        for c in m.get("methods", []):
+            if c.get("status") == "ok":
+                for i, v in values(m, c["method"], spec.key).items():
+                    per_ex.setdefault(i, []).append(v)
+        n_ok = sum(1 for c in m.get("methods", []) if c.get("status") == "ok")
+        averaged[m["anchor"]] = {i: sum(v) / len(v) for i, v in per_ex.items() if len(v) == n_ok}
+    for r in ranking:
+        if r["mean_rank"] is None:
+            r["rank"], r["tied_with"] = None, []
+            continue
+        better, ties = 0, []
+        for o in ranking:
+            if o is r or o["mean_rank"] is None:
+                continue
+            d = paired_difference(averaged[o["anchor"]], averaged[r["anchor"]], **boot)
+            if d["tie"]:
+                ties.append(o["anchor"])
+            elif o["mean_rank"] < r["mean_rank"] and spec.better(d["mean"], 0.0):
+                better += 1
+        r["rank"], r["tied_with"] = 1 + better, ties
+    ranking.sort(key=lambda r: (r["rank"] is None, r["rank"] or 0, r["mean_rank"] or 0, -(r["faithfulness"] or 0)))
     for m in models:
         m["rank"] = next(r["rank"] for r in ranking if r["anchor"] == m.get("anchor"))
+    rankings = {
+        k: [dict(r, name=next(m.get("name") for m in models if m["anchor"] == r["model"])) for r in rows]
+        for k, rows in per_method.items()
+    }
     return {
         "relprop_version": relprop.__version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -303,6 +425,8 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         "methods": [m.label for m in methods],
         "models": models,
         "ranking": ranking,
+        "rankings_per_method": rankings,
+        "metrics": [asdict(m) | {"direction": m.direction} for m in METRICS],
         "figures": {},
         "environment": {
             "python": platform.python_version(),

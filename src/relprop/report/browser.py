@@ -79,6 +79,17 @@ def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
     return json.loads(html.unescape(m.group(1)))
 
 
+def rendered_dom(index_html: str | Path, timeout: float = 60) -> str:
+    """The page's DOM after Chromium loaded and laid it out (what a reader's browser shows)."""
+    index_html = Path(index_html).resolve()
+    if not index_html.is_file():
+        raise FileNotFoundError(f"no report page at {index_html}")
+    res = _run(["--virtual-time-budget=10000", "--dump-dom", index_html.as_uri()], timeout)
+    if "<body" not in res.stdout:
+        raise RuntimeError(f"chromium did not render the page (exit {res.returncode}): {res.stderr.strip()[-300:]}")
+    return res.stdout
+
+
 def screenshot(
     index_html: str | Path, png: str | Path, width: int = 1400, height: int = 2400, timeout: float = 60
 ) -> Path:

@@ -40,7 +40,9 @@ def wanted_groups(settings) -> set[str]:
     return groups
 
 
-def image_perturbation(module, x: torch.Tensor, attr: torch.Tensor, target: torch.Tensor, s) -> dict:
+def image_perturbation(
+    module, x: torch.Tensor, attr: torch.Tensor, target: torch.Tensor, s, progress: bool = False
+) -> dict:
     """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch."""
     from .. import metrics
 
@@ -48,7 +50,7 @@ def image_perturbation(module, x: torch.Tensor, attr: torch.Tensor, target: torc
     patch = max(1, min(h, w) // s.patch_grid)
     units = math.ceil(h / patch) * math.ceil(w / patch)
     regions, steps = min(s.regions, units), min(s.steps, units)
-    kw = dict(patch_size=patch, pad=True, batch_size=256)
+    kw = dict(patch_size=patch, pad=True, batch_size=256, progress=progress)
     ab = metrics.abpc(module, x, attr, target, regions=regions, baseline=s.baseline, **kw)
     idl = metrics.insertion_deletion(
         module,
@@ -86,7 +88,9 @@ def image_perturbation(module, x: torch.Tensor, attr: torch.Tensor, target: torc
     }
 
 
-def text_perturbation(module, tokenizer, x: dict, attr: torch.Tensor, target: torch.Tensor, s) -> dict:
+def text_perturbation(
+    module, tokenizer, x: dict, attr: torch.Tensor, target: torch.Tensor, s, progress: bool = False
+) -> dict:
     """The same metrics on token ids: tokens replaced by the mask token (special tokens never)."""
     from .. import metrics
 
@@ -97,7 +101,7 @@ def text_perturbation(module, tokenizer, x: dict, attr: torch.Tensor, target: to
     for sid in tok.all_special_ids:
         special |= ids == sid
     res = metrics.token_perturbation(
-        module, ids, attr, target, fill_id=fill, attention_mask=mask, exclude=special, steps=s.steps
+        module, ids, attr, target, fill_id=fill, attention_mask=mask, exclude=special, steps=s.steps, progress=progress
     )
     ab, idl = res.abpc, res.insertion_deletion
     fr = _list(res.fractions)
@@ -165,15 +169,16 @@ def compute(
     sanity_module=None,
     sanity_inputs=None,
     sanity_explain: ExplainFn | None = None,
+    progress: bool = False,
 ) -> dict:
     """Every metric of one cell: ``per_example`` (metric key -> list over the examples), ``curves``,
     ``perturbation`` (the settings in words) and ``metric_seconds``."""
     t0 = time.perf_counter()
     n = int(target.shape[0])
     if kind == "text":
-        res = text_perturbation(module, tokenizer, x, attr, target, s)
+        res = text_perturbation(module, tokenizer, x, attr, target, s, progress)
     else:
-        res = image_perturbation(module, x, attr, target, s)
+        res = image_perturbation(module, x, attr, target, s, progress)
     if sanity_explain is not None:
         sc = sanity_checks(sanity_module, sanity_inputs, sanity_explain, target, n, s)
         res["per_example"].update(sc.pop("per_example"))
@@ -193,12 +198,18 @@ def summary_of(per_example: dict[str, list], s) -> dict[str, dict]:
     }
 
 
+#: fewer examples than this never pass or fail the randomisation check (the interval means little)
+MIN_RANDOMISATION_EXAMPLES = 5
+
+
 def randomisation_verdict(summary: dict, threshold: float) -> str | None:
     """``pass`` when the whole interval is below ``threshold``, ``fail`` when above, else ``inconclusive``
     (few examples: say so instead of a coin flip)."""
     r = summary.get("randomisation_similarity")
     if not r or r.get("mean") is None:
         return None
+    if r.get("n", 0) < MIN_RANDOMISATION_EXAMPLES:
+        return "inconclusive"
     lo, hi = r["ci"]
     if hi is not None and hi < threshold:
         return "pass"

@@ -53,33 +53,66 @@ def _show_heat(ax, h, img: torch.Tensor | None = None):
 
 
 def heatmap_grid(
-    display: torch.Tensor, heatmaps: dict[str, torch.Tensor], col_titles: Sequence[str], path: Path, title: str = ""
+    display: torch.Tensor,
+    heatmaps: dict[str, torch.Tensor],
+    col_titles: Sequence[str],
+    path: Path,
+    title: str = "",
+    *,
+    overlay: bool = True,
+    cmap: str | None = None,
+    sign: str = "all",
 ) -> Path:
-    """Rows: the inputs, then one row per method; columns: the samples."""
+    """Rows: the inputs, then one row per method; columns: the samples. Each method's row shares one
+    colour scale (shown by its colour bar), so the examples of a row compare; maps are drawn over the
+    input unless ``overlay=False``."""
+    from .. import visualize as V
+
     plt = _plt()
     g = display.shape[0]
     rows = 1 + len(heatmaps)
     cell = 1.35 if g > 6 else 1.7
-    fig, axes = plt.subplots(rows, g, figsize=(1.6 + cell * g, 0.5 + cell * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, g, figsize=(2.0 + cell * g, 0.6 + cell * rows), squeeze=False)
     for j in range(g):
         _show_image(axes[0, j], display[j])
-        axes[0, j].set_title(col_titles[j], fontsize=8)
+        axes[0, j].set_title(_wrap(_text(col_titles[j]), 18), fontsize=7)
     axes[0, 0].set_ylabel("input", fontsize=9, rotation=0, ha="right", va="center")
+    cm = V._cmap(cmap, sign)
     for i, (label, h) in enumerate(heatmaps.items(), start=1):
+        maps = [h[j].detach().float().cpu().numpy() for j in range(min(g, len(h))) if h[j] is not None]
+        sc = V.Scale.of(maps, sign) if maps else None
         for j in range(g):
+            ax = axes[i, j]
             if j < len(h) and h[j] is not None:
-                _show_heat(axes[i, j], h[j].detach().float().cpu().numpy())
+                m = h[j].detach().float().cpu().numpy()
+                if overlay:
+                    rgb, _ = V.overlay(m, display[j], sign=sign, cmap=cm, scale=sc)
+                    ax.imshow(rgb)
+                else:
+                    ax.imshow(V.heatmap_rgba(m, sign=sign, cmap=cm, scale=sc)[0])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
             else:
-                axes[i, j].axis("off")
-        axes[i, 0].set_ylabel(_wrap(label), fontsize=9, rotation=0, ha="right", va="center")
-    return _save(plt, fig, path, title, dpi=110)
+                ax.axis("off")
+        if sc is not None:
+            V._colorbar(fig, list(axes[i, :]), cm, sc, sign)
+        axes[i, 0].set_ylabel(_wrap(_text(label)), fontsize=9, rotation=0, ha="right", va="center")
+    return _save(plt, fig, path, _text(title), dpi=110, tight=False)
 
 
-def _save(plt, fig, path: Path, title: str, dpi: int) -> Path:
+def _text(s: str) -> str:
+    """Plain text for matplotlib: ``$`` would start mathtext (class names like ``$5 bill``)."""
+    return str(s).replace("$", r"\$")
+
+
+def _save(plt, fig, path: Path, title: str, dpi: int, tight: bool = True) -> Path:
     """Title, tight layout, write, close: the end of every figure here."""
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
@@ -102,9 +135,11 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    unit = "patches"
     for i, (label, res) in enumerate(cells.items()):
         c = colors[i % len(colors)]
         cv = res.get("curves") or {}
+        unit = cv.get("unit", unit)
         if cv:
             axes[0].plot(cv["region_fractions"], cv["morf"], color=c, label=f"{label} MoRF")
             axes[0].plot(cv["region_fractions"], cv["lerf"], color=c, ls="--", label=f"{label} LeRF")
@@ -115,11 +150,13 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
             axes[3].plot(range(1, len(rc) + 1), rc, color=c, marker="o", label=label)
     axes[0].set(
         title="Region perturbation: MoRF —, LeRF - -",
-        xlabel="fraction of patches replaced",
+        xlabel=f"fraction of {unit} replaced",
         ylabel="target probability",
     )
-    axes[1].set(title="Deletion (lower is better)", xlabel="fraction removed", ylabel="target probability")
-    axes[2].set(title="Insertion (higher is better)", xlabel="fraction inserted", ylabel="target probability")
+    axes[1].set(title="Deletion (lower is better)", xlabel=f"fraction of {unit} removed", ylabel="target probability")
+    axes[2].set(
+        title="Insertion (higher is better)", xlabel=f"fraction of {unit} inserted", ylabel="target probability"
+    )
     axes[3].set(title="Randomisation (lower is better)", xlabel="top layers randomised", ylabel="Spearman similarity")
     axes[3].axhline(0, color="gray", lw=0.5)
     axes[3].xaxis.get_major_locator().set_params(integer=True)
@@ -135,42 +172,74 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
     n = max(len(methods), 1)
     width = 0.8 / n
-    names = [m["name"] for m in models]
+    names = [_text(m["name"]) for m in models]
     x = np.arange(len(models))
     for j, meth in enumerate(methods):
-        vals = []
+        vals, errs = [], []
         for m in models:
             cell = next((c for c in m["methods"] if c["method"] == meth), None)
-            v = cell.get("abpc_norm") if cell and cell.get("status") == "ok" else None
-            vals.append(np.nan if v is None else v)
-        a1.bar(x + (j - (n - 1) / 2) * width, vals, width, label=meth)
+            summ = (cell.get("summary") or {}).get("abpc") if cell and cell.get("status") == "ok" else None
+            vals.append(np.nan if not summ or summ.get("mean") is None else summ["mean"])
+            lo, hi = (summ or {}).get("ci") or (None, None)
+            errs.append([0, 0] if lo is None or hi is None else [vals[-1] - lo, hi - vals[-1]])
+        a1.bar(x + (j - (n - 1) / 2) * width, vals, width, label=_text(meth), yerr=np.asarray(errs).T, capsize=2)
     a1.set_xticks(x, names, rotation=15 if len(names) > 4 else 0, fontsize=9)
     a1.axhline(0, color="gray", lw=0.6)
-    a1.set(ylabel="ABPC (normalised)", title="Faithfulness per model and method (higher is better)")
+    a1.set(
+        ylabel="ABPC (mean gap per step)", title="ABPC per model and method, 95% bootstrap interval (higher is better)"
+    )
     a1.legend(fontsize=8, ncols=min(n, 4))
     a1.grid(axis="y", alpha=0.3)
     for m in models:
         if m.get("faithfulness") is not None and m.get("accuracy") is not None:
-            a2.scatter(m["accuracy"], m["faithfulness"], s=50)
+            lo, hi = ((m.get("overall") or {}).get("abpc") or {}).get("ci") or (None, None)
+            err = None if lo is None or hi is None else [[m["faithfulness"] - lo], [hi - m["faithfulness"]]]
+            a2.errorbar(m["accuracy"], m["faithfulness"], yerr=err, fmt="o", capsize=3)
             a2.annotate(
-                m["name"], (m["accuracy"], m["faithfulness"]), textcoords="offset points", xytext=(5, 4), fontsize=9
+                _text(m["name"]),
+                (m["accuracy"], m["faithfulness"]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=9,
             )
-    a2.set(xlabel="accuracy", ylabel="mean ABPC over methods", title="Faithfulness vs accuracy")
+    a2.set(xlabel="accuracy", ylabel="ABPC, mean over methods", title="Faithfulness vs accuracy (95% interval)")
     a2.grid(alpha=0.3)
     return _save(plt, fig, path, "", dpi=100)
 
 
-def explain_figure(display: torch.Tensor, heatmaps: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
-    """One input and its heatmaps side by side (``relprop explain``)."""
+def explain_figure(
+    display: torch.Tensor,
+    heatmaps: dict[str, np.ndarray],
+    path: Path,
+    title: str = "",
+    *,
+    overlay: bool = False,
+    cmap: str | None = None,
+    sign: str = "all",
+    scale: str = "shared",
+) -> Path:
+    """One input and its heatmaps side by side (``relprop explain``), with colour bars; one colour scale
+    for all methods by default (``scale="per-image"``: each its own)."""
+    from .. import visualize as V
+
     plt = _plt()
     k = 1 + len(heatmaps)
-    fig, axes = plt.subplots(1, k, figsize=(2.8 * k, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(3.1 * k, 3.2), squeeze=False)
     _show_image(axes[0, 0], display)
     axes[0, 0].set_title("input", fontsize=10)
-    for ax, (label, h) in zip(axes[0, 1:], heatmaps.items()):
-        _show_heat(ax, h)
-        ax.set_title(label, fontsize=10)
-    return _save(plt, fig, path, title, dpi=120)
+    V.image(
+        list(heatmaps.values()),
+        [display] * len(heatmaps) if overlay else None,
+        method="overlay" if overlay else "heatmap",
+        sign=sign,
+        cmap=cmap,
+        scale=scale,
+        titles=[_text(t) for t in heatmaps],
+        axes=axes[0, 1:],
+    )
+    if title:
+        title = f"{title} ({'one colour scale' if scale == 'shared' else 'each map scaled to its own range'})"
+    return _save(plt, fig, path, _text(title), dpi=120, tight=False)
 
 
 def token_figure(tokens: list[str], scores: dict[str, Sequence[float]], path: Path, title: str = "") -> Path:

@@ -9,36 +9,11 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-import numpy as np
+from .scores import BY_KEY, METRICS, RANK_METRIC
 
-from .figures import CMAP, normalise
-
-METRIC_COLUMNS = [
-    ("abpc_norm", "ABPC", "higher is better: mean gap between the LeRF and MoRF probability curves"),
-    ("insertion_auc", "Insertion AUC", "higher is better"),
-    ("deletion_auc", "Deletion AUC", "lower is better"),
-    ("insertion_minus_deletion", "Ins − Del", "higher is better"),
-    (
-        "class_sensitivity",
-        "Class sensitivity",
-        "1 − Spearman(map for the top class, map for the bottom class), in [0, 2]; higher is better",
-    ),
-    (
-        "randomisation_similarity",
-        "Randomisation sim.",
-        "Spearman similarity after randomising the top layers; lower is better (passes below 0.5)",
-    ),
-    ("seconds", "Time (s)", "wall time of the cell (explanations + metrics)"),
-]
-
-HIGHER_BETTER = {
-    "abpc_norm": True,
-    "insertion_auc": True,
-    "deletion_auc": False,
-    "insertion_minus_deletion": True,
-    "class_sensitivity": True,
-    "randomisation_similarity": False,
-}
+#: (key, header, tip): the table columns, from the one metric list (relprop.report.scores.METRICS)
+METRIC_COLUMNS = [(m.key, m.label, f"{m.direction}: {m.tip}" if m.direction else m.tip) for m in METRICS]
+HIGHER_BETTER = {m.key: m.higher_is_better for m in METRICS if m.higher_is_better is not None}
 
 
 def e(x) -> str:
@@ -53,21 +28,12 @@ def fmt(v, digits: int = 3) -> str:
     return e(v)
 
 
-def token_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
-    """Tokens as coloured spans (red: for the target, blue: against)."""
-    from matplotlib import colormaps
+def token_html(tokens: Sequence[str], scores: Sequence[float], *, merge: bool = True, cmap=None) -> str:
+    """Words as coloured spans (red: for the target, blue: against); word pieces merged, the raw score of
+    every piece on hover (:func:`relprop.visualize.tokens_html`)."""
+    from ..visualize import tokens_html
 
-    cmap = colormaps[CMAP]
-    s = normalise(np.asarray(list(scores), dtype=np.float64)) if len(scores) else []
-    out = []
-    for t, v in zip(tokens, s):
-        r, g, b, _ = cmap((float(v) + 1) / 2)
-        fg = "#fff" if abs(float(v)) > 0.6 else "#000"
-        out.append(
-            f'<span class="tok" style="background: rgb({int(r * 255)},{int(g * 255)},{int(b * 255)}); color: {fg}" '
-            f'title="{float(v):+.3f}">{e(t)}</span>'
-        )
-    return " ".join(out)
+    return tokens_html(tokens, scores, merge=merge, cmap=cmap)
 
 
 def page(title: str, subtitle: str, nav: str, body: str) -> str:
@@ -85,29 +51,28 @@ def render(results: dict, out: Path) -> Path:
     nav += ['<a href="#settings">Settings</a>', '<a href="results.json">results.json</a>']
 
     # ranking -------------------------------------------------------------------------------------
-    rows = []
-    for m in results["ranking"]:
-        rows.append(
-            f'<tr><td>{m["rank"] if m["rank"] is not None else "–"}</td><td class="l"><a href="#{e(m["anchor"])}">'
-            f'{e(m["name"])}</a></td><td>{fmt(m["faithfulness"])}</td><td class="l">{e(m.get("best_method") or "–")}'
-            f"</td><td>{fmt(m['accuracy'])}</td><td>{fmt(m.get('class_sensitivity'))}</td>"
-            f"<td>{fmt(m.get('randomisation_similarity'))}</td></tr>"
-        )
+    rows = _ranking_rows(results)
     status = results.get("status", "complete")
     banner = ""
-    if status != "complete":
+    if status == "incomplete":
+        banner = f'<p class="bad" id="incomplete">This run is incomplete: {len(results.get("problems", []))} cell(s) failed.</p>'
+        banner += '<ul class="bad">' + "".join(f"<li>{e(p)}</li>" for p in results.get("problems", [])) + "</ul>"
+    elif status != "complete":
         banner = (
             f'<p class="bad">This run was {e(status)}: {results.get("cells_done", 0)} of '
             f"{results.get('cells_total', 0)} cells finished. Re-run the same command to complete it "
             f"(finished cells are reused).</p>"
         )
+    if results.get("warnings"):
+        banner += (
+            '<div class="bad" id="warnings"><b>Warnings</b><ul>'
+            + "".join(f"<li>{e(w)}</li>" for w in results["warnings"])
+            + "</ul></div>"
+        )
     parts.append(f"""<section id="ranking"><h2>Ranking of models by the faithfulness of their explanations</h2>{banner}
-<p class="muted">Faithfulness: the mean over methods of ABPC (area between the perturbation curves: the target
-probability when the least relevant patches are replaced first, minus when the most relevant are replaced first;
-higher means the heatmaps point at what the model uses). Accuracy on all {data["n"]} examples of
-<code>{e(data["spec"])}</code>. Metrics on {s["samples"]} examples per model.</p>
-<table><tr><th>#</th><th class="l">Model</th><th>Faithfulness (mean ABPC)</th><th class="l">Most faithful method</th>
-<th>Accuracy</th><th>Class sensitivity</th><th>Randomisation sim.</th></tr>{"".join(rows)}</table>
+{_ranking_intro(results)}
+{_ranking_table(results, rows)}
+{_per_method_table(results)}
 {_img(results["figures"].get("ranking"), "ABPC per model and method; faithfulness against accuracy")}
 </section>""")
 
@@ -122,45 +87,28 @@ higher means the heatmaps point at what the model uses). Accuracy on all {data["
         if m.get("error"):
             parts.append(head + f'<p class="bad">Failed: {e(m["error"])}</p></section>')
             continue
-        rows = []
-        oks = [c for c in m["methods"] if c.get("status") == "ok"]
-        best = {}
-        for k, _, _ in METRIC_COLUMNS:
-            vals = [c.get(k) for c in oks if c.get(k) is not None]
-            if vals and k in HIGHER_BETTER:
-                best[k] = max(vals) if HIGHER_BETTER[k] else min(vals)
-        for c in m["methods"]:
-            if c.get("status") != "ok":
-                rows.append(
-                    f'<tr><td class="l">{e(c["method"])}</td><td class="l bad" colspan="{len(METRIC_COLUMNS)}">'
-                    f"{e(c.get('status'))}: {e(c.get('error', ''))}</td></tr>"
-                )
-                continue
-            tds = []
-            for k, _, _ in METRIC_COLUMNS:
-                v = c.get(k)
-                txt = fmt(v, 1 if k == "seconds" else 3)
-                if k == "randomisation_similarity" and v is not None:
-                    txt += ' <span class="ok">✓</span>' if v < 0.5 else ' <span class="bad">✗</span>'
-                if k in best and v is not None and v == best[k] and len(oks) > 1:
-                    txt = f"<b>{txt}</b>"
-                tds.append(f"<td>{txt}</td>")
-            reused = ' <span class="pill">reused</span>' if c.get("reused") else ""
-            rows.append(f'<tr><td class="l">{e(c["method"])}{reused}</td>{"".join(tds)}</tr>')
-        header = "".join(f'<th title="{e(tip)}">{e(name)}</th>' for _, name, tip in METRIC_COLUMNS)
+        rows = _metric_rows(m, s)
+        header = _metric_header()
         body = [head, "<h3>Heatmaps</h3>"]
         if m.get("grid_figure"):
             body.append(_img(m["grid_figure"], f"heatmaps of {m['name']}: inputs x methods"))
             body.append(
-                '<p class="muted">Red: evidence for the explained class (the prediction), blue: against; '
-                "each heatmap scaled to its own range. Column titles: true label / prediction.</p>"
+                '<p class="muted">Each heatmap is drawn over its input (grey): red is evidence for the explained '
+                "class (the prediction), blue against; every row (method) shares one colour scale, shown by its "
+                "colour bar. Column titles: true label / prediction.</p>"
             )
         elif m.get("grid_text"):
             body.append(m["grid_text"])
         else:
             body.append('<p class="muted">No heatmaps (no method finished).</p>')
-        body.append(f'<h3>Metrics</h3><table><tr><th class="l">Method</th>{header}</tr>{"".join(rows)}</table>')
-        body.append('<p class="muted">Hover a column name for its definition. Bold: best of the column.</p>')
+        body.append(
+            f'<h3>Metrics</h3><table class="metrics"><tr><th class="l">Method</th>{header}</tr>{"".join(rows)}</table>'
+        )
+        body.append(
+            f'<p class="muted">Mean over the examples with its {int(s.get("confidence", 0.95) * 100)}% bootstrap '
+            "interval in brackets. Hover a column name for its definition. Bold: best of the column.</p>"
+        )
+        body.append(_perturbation_settings(m, s))
         if m.get("curves_figure"):
             body.append(
                 "<h3>Perturbation curves</h3>" + _img(m["curves_figure"], f"perturbation curves of {m['name']}")
@@ -214,3 +162,160 @@ def text_grid(tokens: list[list[str]], labels: list[str], cells: dict[str, list]
                 )
         out.append("</details>")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def ci_text(summary: dict | None, digits: int = 3) -> str:
+    """``mean [lo, hi]`` (the interval only when there are two or more examples)."""
+    if not summary or summary.get("mean") is None:
+        return "–"
+    txt = f"{summary['mean']:.{digits}f}"
+    lo, hi = summary.get("ci") or (None, None)
+    if lo is not None and hi is not None and summary.get("n", 0) > 1:
+        txt += f' <span class="ci">[{lo:.{digits}f}, {hi:.{digits}f}]</span>'
+    return txt
+
+
+def _metric_header() -> str:
+    cells = []
+    for m in METRICS:
+        sub = f'<br><span class="dir">{e(m.direction)}</span>' if m.direction else ""
+        tip = f"{m.direction}: {m.tip}" if m.direction else m.tip
+        cells.append(f'<th title="{e(tip)}">{e(m.label)}{sub}</th>')
+    cells.append('<th title="metric computation time of the cell (apart from the explanations)">Metric s</th>')
+    cells.append(
+        '<th title="pass: the whole interval of the |a| similarity is below the threshold; fail: above; '
+        'inconclusive: the interval straddles it (use more --randomisation-samples)">Randomisation check</th>'
+    )
+    return "".join(cells)
+
+
+def _metric_rows(m: dict, s: dict) -> list[str]:
+    oks = [c for c in m["methods"] if c.get("status") == "ok"]
+    best = {}
+    for spec in METRICS:
+        vals = [c.get(spec.key) for c in oks if c.get(spec.key) is not None]
+        if vals and spec.higher_is_better is not None:
+            best[spec.key] = max(vals) if spec.higher_is_better else min(vals)
+    rows = []
+    ncol = len(METRICS) + 2
+    for c in m["methods"]:
+        if c.get("status") != "ok":
+            rows.append(
+                f'<tr><td class="l">{e(c["method"])}</td><td class="l bad" colspan="{ncol}">'
+                f"{e(c.get('status'))}: {e(c.get('error', ''))}</td></tr>"
+            )
+            continue
+        tds = []
+        for spec in METRICS:
+            summ = (c.get("summary") or {}).get(spec.key)
+            if summ is None and c.get(spec.key) is not None:  # older results.json: a mean only
+                summ = {"mean": c[spec.key], "ci": [None, None], "n": 1}
+            txt = ci_text(summ, spec.digits)
+            v = c.get(spec.key)
+            if spec.key in best and v is not None and v == best[spec.key] and len(oks) > 1:
+                txt = f"<b>{txt}</b>"
+            tds.append(f"<td>{txt}</td>")
+        tds.append(f"<td>{fmt(c.get('metric_seconds'), 1)}</td>")
+        verdict = c.get("randomisation_check")
+        cls = {"pass": "ok", "fail": "bad"}.get(verdict or "", "muted")
+        tds.append(f'<td class="{cls}">{e(verdict or "–")}</td>')
+        reused = ' <span class="pill">reused</span>' if c.get("reused") else ""
+        rows.append(f'<tr><td class="l">{e(c["method"])}{reused}</td>{"".join(tds)}</tr>')
+    return rows
+
+
+def _perturbation_settings(m: dict, s: dict) -> str:
+    """The perturbation settings in words, next to the numbers they produced."""
+    c = next((c for c in m["methods"] if c.get("status") == "ok" and c.get("perturbation")), None)
+    if c is None:
+        return ""
+    p = c["perturbation"]
+    items = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in p.items())
+    thr = s.get("randomisation_threshold", 0.5)
+    return (
+        f'<div class="settings" id="perturbation-{e(m["anchor"])}"><b>Perturbation settings</b> '
+        f"(set with <code>--baseline</code>, <code>--insertion-baseline</code>, <code>--patch-grid</code>, "
+        f"<code>--regions</code>, <code>--steps</code>):<ul>{items}"
+        f"<li><b>randomisation check</b>: Spearman similarity of |attributions| before and after randomising the "
+        f"top {e(s.get('randomisation_layers'))} layers on {e(s.get('randomisation_samples'))} examples; passes "
+        f"when its interval lies below {thr}</li>"
+        f"<li><b>intervals</b>: {e(s.get('bootstrap'))} bootstrap resamples (seed {e(s.get('seed'))})</li></ul></div>"
+    )
+
+
+def _ranking_rows(results: dict) -> list[str]:
+    rows = []
+    spec = BY_KEY[RANK_METRIC]
+    names = {r["anchor"]: r["name"] for r in results["ranking"]}
+    for r in results["ranking"]:
+        ov = r.get("overall") or {}
+        ties = ", ".join(names.get(t, t) for t in r.get("tied_with", []))
+        tie = (
+            f' <span class="tie" title="paired bootstrap interval of the difference contains 0">tie with {e(ties)}</span>'
+            if ties
+            else ""
+        )
+        rows.append(
+            f"<tr><td>{r['rank'] if r.get('rank') is not None else '–'}{tie}</td>"
+            f'<td class="l"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
+            f"<td>{fmt(r.get('mean_rank'), 2)}</td>"
+            f"<td>{ci_text(ov.get(spec.key))}</td><td>{ci_text(ov.get('insertion'))}</td>"
+            f"<td>{ci_text(ov.get('deletion'))}</td><td>{ci_text(ov.get('insertion_minus_deletion'))}</td>"
+            f'<td class="l">{e(r.get("best_method") or "–")}</td><td>{fmt(r.get("accuracy"))}</td>'
+            f"<td>{ci_text(ov.get('class_sensitivity'))}</td><td>{ci_text(ov.get('randomisation_similarity'))}</td></tr>"
+        )
+    return rows
+
+
+def _ranking_intro(results: dict) -> str:
+    spec = BY_KEY[RANK_METRIC]
+    s, data = results["settings"], results["data"]
+    n = data.get("n_metrics", s["samples"])
+    return f"""<p class="muted">Rank: the mean over methods of each model's rank by <b>{e(spec.label)}</b>
+({e(spec.direction)}; {e(spec.tip)}). Within a method, a model's rank is 1 + the number of models that are
+significantly better: two models tie when the {int(s.get("confidence", 0.95) * 100)}% paired-bootstrap interval
+of their per-example difference contains 0. Every number is a mean over methods and examples with its bootstrap
+interval in brackets. Accuracy on all {data["n"]} examples of <code>{e(data["spec"])}</code>; metrics on {n}
+examples per model.</p>"""
+
+
+def _ranking_table(results: dict, rows: list[str]) -> str:
+    spec = BY_KEY[RANK_METRIC]
+
+    def th(key: str, label: str | None = None) -> str:
+        m = BY_KEY[key]
+        return f'<th title="{e(m.tip)}">{e(label or m.label)}<br><span class="dir">{e(m.direction)}</span></th>'
+
+    return (
+        f'<table id="ranking-table"><tr><th>#</th><th class="l">Model</th>'
+        f'<th title="mean over methods of the rank by {e(spec.label)}">Mean rank<br><span class="dir">by {e(spec.label)}, lower is better</span></th>'
+        f"{th(spec.key)}{th('insertion')}{th('deletion')}{th('insertion_minus_deletion')}"
+        f'<th class="l">Best method<br><span class="dir">by {e(spec.label)}</span></th><th>Accuracy</th>'
+        f"{th('class_sensitivity')}{th('randomisation_similarity')}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _per_method_table(results: dict) -> str:
+    per = results.get("rankings_per_method") or {}
+    if not per:
+        return ""
+    spec = BY_KEY[RANK_METRIC]
+    models = [r["anchor"] for r in results["ranking"]]
+    names = {r["anchor"]: r["name"] for r in results["ranking"]}
+    head = "".join(f"<th>{e(k)}</th>" for k in per)
+    body = []
+    for a in models:
+        tds = []
+        for rows in per.values():
+            r = next((x for x in rows if x["model"] == a), None)
+            if r is None or r.get("rank") is None:
+                tds.append("<td>–</td>")
+                continue
+            tie = " =" if r.get("ties_with") else ""
+            tds.append(f'<td title="{e(spec.label)} {fmt(r.get("mean"))}">{r["rank"]}{tie}</td>')
+        body.append(f'<tr><td class="l">{e(names[a])}</td>{"".join(tds)}</tr>')
+    return (
+        f'<h3>Rank per method (by {e(spec.label)}, {e(spec.direction)}; "=": tied with another model)</h3>'
+        f'<table id="per-method-ranks"><tr><th class="l">Model</th>{head}</tr>{"".join(body)}</table>'
+    )
