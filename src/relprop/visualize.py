@@ -131,10 +131,16 @@ def heatmap_rgba(
     return _cmap(cmap, sign)(norm), scale
 
 
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` (torch's layout; C = 1, 3 or 4) to ``(H, W, C)``; ``(H, W, C)`` stays."""
+    if x.ndim == 3 and (x.shape[0] in (1, 3) or (x.shape[0] == 4 and x.shape[-1] not in (1, 3))):
+        return np.moveaxis(x, 0, -1)
+    return x
+
+
 def _grey(img: Any) -> np.ndarray:
     x = _np(img)
-    if x.ndim == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
-        x = np.moveaxis(x, 0, -1)
+    x = _channels_last(x)
     if x.ndim == 3:
         x = x[..., :3].mean(-1)
     lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
@@ -145,8 +151,7 @@ def _grey(img: Any) -> np.ndarray:
 
 def _rgb(img: Any) -> np.ndarray:
     x = _np(img)
-    if x.ndim == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
-        x = np.moveaxis(x, 0, -1)
+    x = _channels_last(x)
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]
     lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
