@@ -4,67 +4,199 @@ Why a ``TorchDispatchMode`` tape: it sees every operation that actually runs, be
 abstraction (functional calls, reused modules, custom attention code, in-place ops), and works on
 models that ``torch.fx``/``torch.export`` cannot capture. What it takes to make the tape exact:
 
-* Autograd stays on while recording (float inputs require grad), because under ``no_grad`` PyTorch
-  picks inference-only kernels that have no derivative (fused multi-head attention, ...).
+* Autograd stays on while recording, because under ``no_grad`` PyTorch picks inference-only kernels
+  that have no derivative (fused multi-head attention, ...). Float inputs are made to require grad;
+  for token models (integer inputs only) the outputs of embedding lookups indexed by the token ids
+  are made to require grad inside the dispatch mode. The model's parameters are never touched.
 * A tensor's identity is its Python object *and* the content of its storage: an in-place write to
   a storage makes every alias of it a new value. Each storage gets a version counter bumped when
   an op's schema says it writes (``alias_info.is_write``); stale aliases are re-derived from the
-  storage's latest content with ``as_strided`` so gradients flow through the write.
-* Before a write, the storage is snapshotted and recorded values that alias it are re-pointed at
-  the snapshot, so every value keeps the data it had when it was produced.
-* Module paths come from process-wide forward hooks installed only for the duration of the call:
-  the model itself is never modified.
+  storage's latest content with ``as_strided`` so gradients flow through the write. An in-place op
+  is recorded as its functional counterpart, found by schema (``transpose_`` -> ``transpose.int``).
+* Nothing is copied before a write: recorded op outputs whose storage is overwritten drop their
+  data and :class:`~relprop.graph.Value` recomputes it from the producer's inputs on demand; only
+  leaves (inputs, parameters, constants) get a snapshot. Metadata-only in-place ops (``t_``,
+  ``squeeze_``) re-point the old value at a detached alias with the old geometry.
+* Autograd's own semantics are kept: ops that run with grad disabled (``no_grad`` or
+  ``inference_mode`` blocks inside ``forward``) read their activation inputs through a recorded
+  ``detach``, so their outputs are constants; a custom ``torch.autograd.Function`` becomes one region
+  node whose VJP calls the Function's own ``backward`` (its recorded forward ops ran under no-grad).
+* Random ops (dropout's ``bernoulli_``) produce constants holding what was drawn, so the graph
+  explains the forward that actually ran; parameters and buffers are never written (batch-norm running
+  statistics in train mode, any op writing a model leaf runs on a private copy).
+* No process-wide state: module paths come from forward hooks that act only for the recording thread,
+  so other threads may run, train or explain the same model at the same time.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .graph import Graph, Node, Value
+from .graph import Graph, Node, RegionOp, Value, replace_with_regions
 
 aten = torch.ops.aten
 
 #: Ops whose float output depends on an integer index operand (token ids -> embeddings).
 _INDEXING_PACKETS = {"embedding", "embedding_bag", "index_select", "index", "gather", "take", "_embedding_bag"}
 
+#: Random ops whose output does not depend differentiably on any input: the drawn values are constants.
+_RANDOM_CONSTANT = {
+    "bernoulli",
+    "bernoulli_",
+    "uniform_",
+    "normal_",
+    "random_",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "rand",
+    "rand_like",
+    "randn",
+    "randn_like",
+    "randint",
+    "randint_like",
+    "randperm",
+    "multinomial",
+}
+#: Random ops with a derivative w.r.t. a float operand (reparametrised sampling): constants only when
+#: no activation feeds them, else the recording stops with a clear error.
+_RANDOM_DIFFERENTIABLE = {
+    "normal",
+    "poisson",
+    "binomial",
+    "_standard_gamma",
+    "_sample_dirichlet",
+    "rrelu_with_noise",
+    "rrelu_with_noise_",
+    "_fused_dropout",
+}
+#: Batch norms whose schema does not declare that training mode writes the running statistics.
+_UNDECLARED_BN = {"native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"}
+
 
 class TraceError(RuntimeError):
     """Raised when a forward pass cannot be recorded faithfully."""
 
 
-@functools.cache
-def _op_info(func: torch._ops.OpOverload) -> tuple[tuple[int, ...], tuple[str, ...], Any, bool]:
-    """(written positional indices, written kwarg names, functional counterpart, metadata-only write)."""
+class _OpInfo(NamedTuple):
+    written: tuple[int | str, ...]  # positions (or kwarg names) of the arguments the op writes
+    functional: Any  # functional counterpart (an OpOverload) or None
+    outmap: tuple[tuple[str, int], ...] | None  # functional return j -> ("w", written k) / ("r", op return i)
+    metadata_only: bool  # the write changes only shape/strides (t_, squeeze_, transpose_ ...)
+    special: str | None  # "random", "random_diff", "batch_norm", "dropout"
+
+
+def _signature(schema, drop_written_kwargs: bool = False) -> tuple:
+    return tuple(
+        (a.name, str(a.type), a.kwarg_only)
+        for a in schema.arguments
+        if not (drop_written_kwargs and a.kwarg_only and a.alias_info is not None and a.alias_info.is_write)
+    )
+
+
+def _writes(schema) -> bool:
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _functional_of(func: torch._ops.OpOverload) -> Any:
+    """The functional twin of a writing op, matched by argument schema (not by overload name).
+
+    ``add_.Tensor`` -> ``add.Tensor``; ``transpose_.default`` -> ``transpose.int``; ``max.dim_max`` (out=)
+    -> ``max.dim``; ``_batch_norm_with_update`` -> ``_batch_norm_with_update_functional``.
+    """
     schema = func._schema
-    pos, kw = [], []
-    for i, a in enumerate(schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            (kw if a.kwarg_only else pos).append(a.name if a.kwarg_only else i)
-    if not pos and not kw:
-        return (), (), None, False
-    functional = None
     name = func.overloadpacket.__name__
-    if name.endswith("_") and not kw:
-        packet = getattr(aten, name[:-1], None)
-        if packet is not None:
-            try:
-                functional = (
-                    packet.overload(func._overloadname)
-                    if hasattr(packet, "overload")
-                    else getattr(packet, func._overloadname)
-                )
-            except AttributeError:
-                functional = getattr(packet, func._overloadname, None)
+    candidates: list[tuple[Any, bool]] = []
+    if name.endswith("_"):
+        candidates.append((getattr(aten, name[:-1], None), False))
+    else:
+        candidates.append((getattr(aten, name, None), True))  # out= overloads of the same packet
+        candidates.append((getattr(aten, name + "_functional", None), False))
+    same = _signature(schema)
+    without_out = _signature(schema, drop_written_kwargs=True)
+    for packet, is_out in candidates:
+        if packet is None or not hasattr(packet, "overloads"):
+            continue
+        for ov in packet.overloads():
+            f = getattr(packet, ov)
+            if f is func or _writes(f._schema):
+                continue
+            if _signature(f._schema) == (without_out if is_out else same):
+                return f
+    return None
+
+
+def _output_map(func, functional, written_args: list) -> tuple[tuple[str, int], ...] | None:
+    rets, frets = func._schema.returns, functional._schema.returns
+    sets = [set(a.alias_info.before_set) for a in written_args]
+
+    def ret_kind(i: int) -> tuple[str, int]:
+        info = rets[i].alias_info
+        if info is not None and info.is_write:
+            for k, s in enumerate(sets):
+                if s & set(info.before_set):
+                    return ("w", k)
+        return ("r", i)
+
+    if len(frets) == len(rets):
+        out = [ret_kind(i) for i in range(len(rets))]
+        if len(written_args) == 1 and not any(k == "w" for k, _ in out) and len(out) == 1:
+            out = [("w", 0)]
+    elif len(frets) == len(rets) + len(written_args):
+        out = [ret_kind(i) for i in range(len(rets))] + [("w", k) for k in range(len(written_args))]
+    else:
+        return None
+    if sorted(i for k, i in out if k == "w") != list(range(len(written_args))):
+        return None
+    return tuple(out)
+
+
+@functools.cache
+def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
+    schema = func._schema
+    packet = func.overloadpacket.__name__
+    special = None
+    if packet in _RANDOM_CONSTANT:
+        special = "random"
+    elif packet in _RANDOM_DIFFERENTIABLE:
+        special = "random_diff"
+    elif packet == "native_dropout":
+        special = "dropout"
+    elif packet in _UNDECLARED_BN:
+        special = "batch_norm"
+    elif any(str(a.type) == "Generator?" for a in schema.arguments):
+        special = "random_diff"
+    written_args = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if not written_args:
+        return _OpInfo((), None, None, False, special)
+    written = tuple(a.name if a.kwarg_only else i for i, a in enumerate(schema.arguments) if a in written_args)
+    lists = any(not str(a.type).startswith("Tensor") or "[]" in str(a.type) for a in written_args)
+    functional = None if lists else _functional_of(func)
+    outmap = _output_map(func, functional, written_args) if functional is not None else None
+    if outmap is None:
+        functional = None
     metadata_only = False
-    if functional is not None:
-        rets = functional._schema.returns
-        metadata_only = bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
-    return tuple(pos), tuple(kw), functional, metadata_only
+    if functional is not None and packet.endswith("_"):
+        frets = functional._schema.returns
+        metadata_only = len(frets) == 1 and frets[0].alias_info is not None and not frets[0].alias_info.is_write
+    return _OpInfo(written, functional, outmap, metadata_only, special)
+
+
+def written_args(op: torch._ops.OpOverload) -> tuple[int, ...]:
+    """Positions of the arguments ``op`` writes in place (empty for a functional op).
+
+    Public for code that re-runs recorded nodes on other tensors (DeepLIFT's replay), which must
+    copy a written operand first so each recorded value keeps the data it had when produced.
+    """
+    return tuple(i for i in _op_info(op).written if isinstance(i, int))
 
 
 def _storage_key(t: torch.Tensor) -> int | None:
@@ -89,6 +221,48 @@ def _geometry(t: torch.Tensor) -> tuple:
     return (t.shape, t.stride(), t.storage_offset(), t.dtype)
 
 
+def _flat_view(t: torch.Tensor, storage: Any = None) -> torch.Tensor:
+    storage = t.untyped_storage() if storage is None else storage
+    n = storage.nbytes() // t.element_size()
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, (n,), (1,))
+
+
+def _swap_tensors(obj: Any, table: dict[int, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return table.get(id(obj), obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap_tensors(x, table) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _swap_tensors(v, table) for k, v in obj.items()}
+    return obj
+
+
+def _swap_values(obj: Any, table: dict[int, Value]) -> Any:
+    if isinstance(obj, Value):
+        return table.get(obj.index, obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap_values(x, table) for x in obj)
+    return obj
+
+
+_AUTOGRAD_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.ADInplaceOrView
+)
+
+
+def _requiring_grad(t: torch.Tensor) -> torch.Tensor:
+    """A non-leaf copy of ``t`` that requires grad, made from inside ``__torch_dispatch__``.
+
+    Autograd is excluded below the dispatch mode; it is re-enabled for one ``clone`` so the copy has a
+    ``grad_fn`` (a leaf requiring grad could not be written in place by the model afterwards).
+    """
+    leaf = t.detach().requires_grad_(True)
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS):
+        return leaf.clone()
+
+
 class _Storage:
     """Per-storage bookkeeping: version, the value holding the whole storage, aliases to re-point."""
 
@@ -100,8 +274,55 @@ class _Storage:
         self.values: list[Value] = []
 
 
+def _function_vjp(fn: Any, outputs: list[Value | None], positions: list[list[int]], name: str):
+    """VJP of a region recorded from a custom autograd Function: calls the Function's own ``backward``.
+
+    ``fn`` is the Function's autograd node (``ctx``); ``fn.apply(*grads)`` runs its ``backward`` alone,
+    returning one entry per forward argument; ``positions[k]`` are the forward arguments that are
+    region input ``k``. Only ``fn`` is kept (with what the Function saved for its backward).
+    """
+
+    def vjp(node: Node, grads, tensors, wrt):
+        for v, t in zip(node.inputs, tensors):
+            rec = v.tensor
+            if t is not rec and not (t.shape == rec.shape and torch.equal(t, rec)):
+                raise TraceError(
+                    f"custom autograd Function '{name}': its backward can only be evaluated at the recorded "
+                    f"inputs, and a rule asked for it at other ones; register a rule for '{name}' that does not "
+                    f"re-run it (relprop.register_rule('{name}', rule))"
+                )
+        result: list = [None] * len(tensors)
+        if all(g is None for g in grads):
+            for i in wrt:
+                result[i] = torch.zeros_like(tensors[i])
+            return result
+        full = []
+        for v, g in zip(outputs, grads):
+            if g is None:
+                if v is None:
+                    raise TraceError(f"custom autograd Function '{name}': an output was not recorded")
+                g = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+            full.append(g)
+        with torch.inference_mode(False), torch.no_grad():  # as autograd's engine runs a backward
+            got = fn.apply(*full)
+        got = got if isinstance(got, tuple) else (got,)
+        for i in wrt:
+            acc = None
+            for pos in positions[i]:
+                g = got[pos] if pos < len(got) else None
+                if g is None:
+                    continue
+                shape = tensors[i].shape
+                g = (g.sum_to_size(shape) if g.shape != shape else g).to(tensors[i].dtype)
+                acc = g if acc is None else acc + g
+            result[i] = torch.zeros_like(tensors[i]) if acc is None else acc
+        return result
+
+    return vjp
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self, names: dict[int, str], module_names: dict[int, str]) -> None:
+    def __init__(self, names: dict[int, str], module_names: dict[int, str], model_leaves: list) -> None:
         super().__init__()
         self.nodes: list[Node] = []
         self.values: list[Value] = []
@@ -114,6 +335,21 @@ class _Recorder(TorchDispatchMode):
         self.module_names = module_names
         self.scope: list[str] = []
         self.module_types: dict[str, type] = {}
+        # Storages of the model's parameters and buffers -> the tensors viewing them: never written.
+        self.model_storages: dict[int, list[torch.Tensor]] = {}
+        for t in model_leaves:
+            key = _storage_key(t)
+            if key is not None:
+                self.model_storages.setdefault(key, []).append(t)
+        self.shadow: dict[int, torch.Tensor] = {}  # id(model tensor) -> private copy written instead
+        # Autograd semantics: outputs of ops run with grad disabled, until known not to be the output of
+        # a custom autograd Function (value index -> the tensor object the model holds).
+        self.pending: dict[int, torch.Tensor] = {}
+        self.nograd_outputs: list[tuple[Value, torch.Tensor]] = []
+        self.nograd_nodes: set[int] = set()
+        # Tensors that requiring-grad ops consumed under no-grad: autograd edge -> recorded value.
+        self.edge_values: dict[tuple, tuple[Value, Any]] = {}
+        self.functions: dict[int, RegionOp] = {}  # id(autograd node) -> region
 
     # ---------------------------------------------------------------- values
     def new_value(
@@ -150,6 +386,8 @@ class _Recorder(TorchDispatchMode):
 
     def lookup(self, t: torch.Tensor) -> Value:
         v = self.by_id.get(id(t))
+        if v is not None and self.pending and v.index in self.pending:
+            self.classify(v, t)
         key = _storage_key(t)
         st = self.storages.get(key) if key is not None else None
         if v is not None:
@@ -172,31 +410,29 @@ class _Recorder(TorchDispatchMode):
             t = owner.tensor
             if t.dim() == 1 and t.stride() == (1,) and t.storage_offset() == 0:
                 return owner
-            n = t.untyped_storage().nbytes() // t.element_size()
-            flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (n,), (1,))
-            return self.add_node(aten.as_strided.default, (owner, [n], [1], 0), {}, [owner], [flat])[0]
+            flat = _flat_view(t)
+            return self.add_node(aten.as_strided.default, (owner, [flat.numel()], [1], 0), {}, [owner], [flat])[0]
         # No value covers the storage: start from a constant snapshot and scatter in the freshest alias.
         fresh = [v for v in st.values if self.version_of.get(v.index) == st.version]
         some = max(fresh, key=lambda v: v.tensor.numel()) if fresh else None
         base = some.tensor if some is not None else None
         if base is None:
             raise TraceError("internal: storage without any recorded value")
-        n = base.untyped_storage().nbytes() // base.element_size()
-        flat = torch.empty(0, dtype=base.dtype, device=base.device).set_(base.untyped_storage(), 0, (n,), (1,))
+        flat = _flat_view(base)
         const = self.new_value(flat.clone(), "constant")
         args = (const, some, list(base.shape), list(base.stride()), base.storage_offset())
         return self.add_node(aten.as_strided_scatter.default, args, {}, [const, some], [flat])[0]
 
     # ---------------------------------------------------------------- nodes
-    def add_node(self, op, args, kwargs, inputs: list[Value], outs: list[Any]) -> list[Value | None]:
+    def add_node(self, op, args, kwargs, inputs: list[Value], outs: list[Any], grad: bool = True) -> list[Value | None]:
         scope = self.scope[-1] if self.scope else ""
         node = Node(len(self.nodes), op, args, kwargs, inputs, [], scope, self.module_types.get(scope))
         # Float values depend on the inputs through float activations (or a lookup indexed by token ids);
         # integer values derived from token ids (views, position ids) stay tied to them, but a float cast
-        # of an integer input (an attention mask) is not an activation.
-        act = any(v.is_activation and v.is_float for v in inputs)
+        # of an integer input (an attention mask) is not an activation. Under no-grad, floats are constants.
+        act = grad and any(v.is_activation and v.is_float for v in inputs)
         int_act = any(v.is_activation for v in inputs)
-        if not act and node.packet in _INDEXING_PACKETS:
+        if grad and not act and node.packet in _INDEXING_PACKETS:
             act = int_act
         for i, o in enumerate(outs):
             if isinstance(o, torch.Tensor):
@@ -207,6 +443,8 @@ class _Recorder(TorchDispatchMode):
         for v in inputs:
             v.consumers.append(node)
         self.nodes.append(node)
+        if not grad:
+            self.nograd_nodes.add(node.index)
         return node.outputs
 
     def map_args(self, obj, inputs: list[Value]):
@@ -222,7 +460,7 @@ class _Recorder(TorchDispatchMode):
         """``t``'s storage is about to be written: recorded aliases lose their data.
 
         Op outputs are recomputed from their inputs if a rule reads them later (cheap, and only
-        when needed); leaves (inputs, parameters) cannot be, so they get a copy.
+        when needed); leaves (inputs, parameters, constants) cannot be, so they get a copy.
         """
         key = _storage_key(t)
         st = self.storages.get(key) if key is not None else None
@@ -241,80 +479,392 @@ class _Recorder(TorchDispatchMode):
             )
         st.values = []
 
+    # ---------------------------------------------------------------- no-grad and autograd Functions
+    def cut(self, args, kwargs, inputs: list[Value], real: list[torch.Tensor]):
+        """Grad is disabled: activation inputs are read through a recorded ``detach`` (autograd's view).
+
+        Also notes which recorded value each requiring-grad tensor is, so a custom autograd Function
+        running these ops can find its inputs among the recorded values afterwards.
+        """
+        for v, t in zip(inputs, real):
+            if t.requires_grad:
+                fn = t.grad_fn
+                key = ("node", id(fn), t.output_nr) if fn is not None else ("leaf", id(t))
+                self.edge_values.setdefault(key, (v, fn if fn is not None else t))
+        table: dict[int, Value] = {}
+        for v in inputs:
+            if v.is_activation and v.is_float and v.index not in table:
+                t = v.tensor
+                table[v.index] = self.add_node(aten.detach.default, (v,), {}, [v], [t.detach()], grad=False)[0]
+        if not table:
+            return args, kwargs, inputs
+        args = _swap_values(args, table)
+        kwargs = {k: _swap_values(x, table) for k, x in kwargs.items()}
+        return args, kwargs, [table.get(v.index, v) for v in inputs]
+
+    def note_nograd(self, values: list[Value | None], objs: list[Any]) -> None:
+        for v, o in zip(values, objs):
+            if v is not None and v.is_float:
+                self.pending[v.index] = o
+                self.nograd_outputs.append((v, o))
+
+    def classify(self, v: Value, t: torch.Tensor) -> None:
+        """A value produced under no-grad is used: is it the output of a custom autograd Function?"""
+        fn = t.grad_fn
+        if fn is None:
+            if torch.is_grad_enabled():
+                del self.pending[v.index]  # a Function's output has its grad_fn before any grad-mode use
+            return
+        if isinstance(fn, torch.autograd.function.BackwardCFunction):
+            self.function_region(fn)
+            return
+        raise TraceError(
+            f"a tensor that requires grad was written in place under torch.no_grad() (module "
+            f"'{self.scope[-1] if self.scope else ''}', value {v!r}); autograd keeps the old derivative for "
+            f"the new content, which relprop cannot record. Write it out of place or outside no_grad."
+        )
+
+    def function_region(self, fn: Any) -> None:
+        """Make the region node of a custom autograd Function from its autograd node ``fn``."""
+        if id(fn) in self.functions:
+            return
+        cls = getattr(fn, "_forward_cls", None)
+        name = cls.__name__ if cls is not None else type(fn).__name__.removesuffix("Backward")
+        outs: dict[int, Value] = {}
+        for idx, o in list(self.pending.items()):
+            if o.grad_fn is fn:
+                outs[o.output_nr] = self.values[idx]
+                del self.pending[idx]
+        if not outs:
+            raise TraceError(f"custom autograd Function '{name}': its outputs were not recorded")
+        out_list = [outs.get(i) for i in range(max(outs) + 1)]
+        # Forward arguments that require grad (``needs_input_grad``) are, in order, the non-empty edges
+        # of ``next_functions`` (one edge per tensor argument).
+        where = f"custom autograd Function '{name}' (module '{self.scope[-1] if self.scope else ''}')"
+        required = [i for i, n in enumerate(fn.needs_input_grad) if n]
+        edges = [(f, nr) for f, nr in fn.next_functions if f is not None]
+        if len(required) != len(edges):
+            raise TraceError(f"{where}: cannot match its {len(edges)} autograd inputs to its arguments")
+        inputs: list[Value] = []
+        positions: list[list[int]] = []
+        for pos, (f, nr) in zip(required, edges):
+            v = self.find_edge(f, nr)
+            if v is None:
+                raise TraceError(
+                    f"{where}: cannot tell which recorded tensor its argument {pos} is ({type(f).__name__}); "
+                    "relprop does not guess"
+                )
+            k = next((j for j, u in enumerate(inputs) if u is v), None)
+            if k is None:
+                inputs.append(v)
+                positions.append([pos])
+            else:
+                positions[k].append(pos)
+        # Inner nodes: the no-grad nodes between the inputs and the outputs.
+        stop = {v.index for v in inputs}
+        inner: dict[int, Node] = {}
+        todo = [v for v in out_list if v is not None]
+        while todo:
+            v = todo.pop()
+            p = v.producer
+            if v.index in stop or p is None or p.index not in self.nograd_nodes or p.index in inner:
+                continue
+            inner[p.index] = p
+            todo.extend(p.inputs)
+        act = any(v.is_activation for v in inputs)
+        for v in out_list:
+            if v is not None:
+                v.is_activation = act
+        nodes = [inner[i] for i in sorted(inner)]
+        if not nodes:
+            raise TraceError(f"custom autograd Function '{name}': its outputs were not computed by recorded ops")
+        op = RegionOp(
+            "autograd_function",
+            name,
+            name,
+            nodes,
+            inputs,
+            out_list,
+            family="autograd_function",
+            # Region output i is the Function's output i (``output_nr``).
+            vjp=_function_vjp(fn, out_list, positions, name),
+        )
+        self.functions[id(fn)] = op
+
+    def find_edge(self, f: Any, nr: int) -> Value | None:
+        if type(f).__name__ == "AccumulateGrad":
+            var = f.variable
+            hit = self.edge_values.get(("leaf", id(var)))
+            if hit is not None:
+                return hit[0]
+            v = self.by_id.get(id(var))
+            return v
+        hit = self.edge_values.get(("node", id(f), nr))
+        if hit is not None:
+            return hit[0]
+        for i, t in enumerate(self.keep):
+            if t.grad_fn is f and t.output_nr == nr:
+                return self.values[i]
+        return None
+
+    def finish(self) -> list[RegionOp]:
+        """After the forward: Functions whose outputs were never used inside it; the regions in order."""
+        for v, t in self.nograd_outputs:
+            fn = t.grad_fn
+            if isinstance(fn, torch.autograd.function.BackwardCFunction) and id(fn) not in self.functions:
+                if any(u.index not in self.nograd_nodes for u in v.consumers):
+                    raise TraceError(
+                        f"custom autograd Function '{type(fn).__name__.removesuffix('Backward')}': its output was "
+                        "used with grad enabled inside its own forward; relprop cannot record this"
+                    )
+                self.pending.setdefault(v.index, t)
+                self.function_region(fn)
+        return sorted(self.functions.values(), key=lambda op: op.nodes[-1].index if op.nodes else -1)
+
     # ---------------------------------------------------------------- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        pos, kw, functional, metadata_only = _op_info(func)
-        if not pos and not kw:
-            inputs: list[Value] = []
-            margs = self.map_args(args, inputs)
-            mkwargs = {k: self.map_args(v, inputs) for k, v in kwargs.items()}
-            out = func(*args, **kwargs)
+        if self.shadow:
+            args = _swap_tensors(args, self.shadow)
+            kwargs = _swap_tensors(kwargs, self.shadow)
+        info = _op_info(func)
+        grad = torch.is_grad_enabled()
+        if info.special is not None:
+            return self.dispatch_special(func, info, args, kwargs, grad)
+        if info.written:
+            return self.dispatch_write(func, info, args, kwargs, grad)
+        inputs: list[Value] = []
+        margs = self.map_args(args, inputs)
+        mkwargs = {k: self.map_args(v, inputs) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        if not grad:
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
-            self.add_node(func, margs, mkwargs, inputs, outs)
+            margs, mkwargs, inputs = self.cut(margs, mkwargs, inputs, _flatten((args, kwargs), []))
+            self.note_nograd(self.add_node(func, margs, mkwargs, inputs, outs, grad=False), outs)
             return out
-        return self.dispatch_write(func, args, kwargs, pos, kw, functional, metadata_only)
+        if (
+            isinstance(out, torch.Tensor)
+            and not out.requires_grad
+            and func.overloadpacket.__name__ in _INDEXING_PACKETS
+            and out.is_floating_point()
+            and any(v.is_activation for v in inputs)
+        ):
+            # A token model whose weights do not require grad: the embedding output does, so every
+            # later op takes its autograd kernels (never the inference-only paths).
+            out = _requiring_grad(out)
+        self.add_node(func, margs, mkwargs, inputs, list(out) if isinstance(out, (tuple, list)) else [out])
+        return out
 
-    def dispatch_write(self, func, args, kwargs, pos, kw, functional, metadata_only):
-        written = [args[i] for i in pos if i < len(args)] + [kwargs[k] for k in kw if k in kwargs]
-        written = [t for t in written if isinstance(t, torch.Tensor)]
-        if functional is None:
-            # out= overloads and writes without a functional twin: fine on constants, not on activations.
+    def written_tensors(self, info: _OpInfo, args, kwargs) -> list[Any]:
+        """The written arguments, in schema order (``None`` where an optional one is absent)."""
+        out: list[Any] = []
+        for i in info.written:
+            a = (args[i] if i < len(args) else None) if isinstance(i, int) else kwargs.get(i)
+            if isinstance(a, (list, tuple)):
+                out.extend(a)
+            else:
+                out.append(a)
+        return out
+
+    def private_copies(self, written: list[Any]) -> bool:
+        """Writes into the model's parameters/buffers go to per-call copies (another thread may be using them)."""
+        done = False
+        for w in written:
+            if not isinstance(w, torch.Tensor):
+                continue
+            key = _storage_key(w)
+            owners = self.model_storages.get(key) if key is not None else None
+            if not owners or id(w) in self.shadow:
+                continue
+            storage = w.untyped_storage().clone()
+            for t in [*owners, w]:
+                copy = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                    storage, t.storage_offset(), t.shape, t.stride()
+                )
+                self.shadow[id(t)] = copy
+                self.keep.append(t)
+            done = True
+        return done
+
+    def dispatch_special(self, func, info: _OpInfo, args, kwargs, grad: bool):
+        if info.special == "batch_norm":
+            training = args[5] if len(args) > 5 else kwargs.get("training", False)
+            if training and (_arg(args, kwargs, 3, "running_mean") is not None):
+                # Train mode: the output uses batch statistics; the running ones must not be updated.
+                args = (*args[:3], None, None, *args[5:])
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("running_mean", "running_var")}
+            return self.dispatch_plain(func, args, kwargs, grad)
+        if info.special == "dropout":
+            train = _arg(args, kwargs, 2, "train")
+            if train is False:
+                return self.dispatch_plain(func, args, kwargs, grad)
             inputs: list[Value] = []
-            self.map_args(args, inputs)
-            for v in kwargs.values():
-                self.map_args(v, inputs)
-            if any(v.is_activation for v in inputs) and func is not aten.copy_.default:
+            x = self.map_args(args[0], inputs)
+            out, mask = func(*args, **kwargs)
+            p = float(_arg(args, kwargs, 1, "p"))
+            scale = mask.to(out.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0)
+            const = self.new_value(scale, "constant")
+            ins = [*inputs, const]
+            if not grad:
+                xa, _, ins = self.cut((x, const), {}, ins, [args[0], scale])
+                vals = self.add_node(aten.mul.Tensor, xa, {}, ins, [out], grad=False)
+                self.note_nograd(vals, [out])
+            else:
+                self.add_node(aten.mul.Tensor, (x, const), {}, ins, [out])
+            self.new_value(mask, "constant")
+            return out, mask
+        # Random ops: what was drawn is a constant (recomputing it would draw again).
+        inputs = []
+        self.map_args(args, inputs)
+        for v in kwargs.values():
+            self.map_args(v, inputs)
+        if info.special == "random_diff" and grad and any(v.is_activation and v.is_float for v in inputs):
+            raise TraceError(
+                f"random operation {func} (module '{self.scope[-1] if self.scope else ''}') has a derivative "
+                "w.r.t. a tensor derived from the model inputs; relprop records random ops as constants. "
+                "Call model.eval() if this is a training-time op."
+            )
+        written = self.written_tensors(info, args, kwargs)
+        if written and self.private_copies(written):
+            return self.__torch_dispatch__(func, (), args, kwargs)
+        written = [w for w in written if isinstance(w, torch.Tensor)]
+        roots = self.partial_roots(written)
+        for w in written:
+            self.invalidate(w)
+        out = func(*args, **kwargs)
+        if not written:
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor):
+                    self.new_value(o, "constant")
+            return out
+        news = [self.new_value(w.detach(), "constant") for w in written]
+        self.settle(written, news, roots)
+        return out
+
+    def dispatch_plain(self, func, args, kwargs, grad: bool):
+        inputs: list[Value] = []
+        margs = self.map_args(args, inputs)
+        mkwargs = {k: self.map_args(v, inputs) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if not grad:
+            margs, mkwargs, inputs = self.cut(margs, mkwargs, inputs, _flatten((args, kwargs), []))
+            self.note_nograd(self.add_node(func, margs, mkwargs, inputs, outs, grad=False), outs)
+        else:
+            self.add_node(func, margs, mkwargs, inputs, outs)
+        return out
+
+    def partial_roots(self, written: list[torch.Tensor]) -> list[Value | None]:
+        roots: list[Value | None] = []
+        for w in written:
+            st = self.storages.get(_storage_key(w))
+            roots.append(self.root(st) if st is not None and not _covers_storage(w) else None)
+        return roots
+
+    def settle(self, written: list[torch.Tensor], news: list[Value], roots: list[Value | None]) -> None:
+        """After a write: bump storage versions, scatter partial writes into their storage, re-point ids."""
+        for w, new, old_root in zip(written, news, roots):
+            st = self.storages.get(_storage_key(w))
+            if st is not None:
+                st.version += 1
+                self.version_of[new.index] = st.version
+                if new not in st.values:
+                    st.values.append(new)
+                if _covers_storage(w):
+                    st.owner = new
+            if old_root is not None and st is not None:
+                live = _flat_view(w)
+                geo = (list(w.shape), list(w.stride()), w.storage_offset())
+                root = self.add_node(
+                    aten.as_strided_scatter.default, (old_root, new, *geo), {}, [old_root, new], [live]
+                )[0]
+                self.version_of[root.index] = st.version
+                st.owner = root
+            self.by_id[id(w)] = new
+            self.keep.append(w)
+
+    def dispatch_write(self, func, info: _OpInfo, args, kwargs, grad: bool):
+        written = self.written_tensors(info, args, kwargs)
+        if self.private_copies(written):
+            return self.__torch_dispatch__(func, (), args, kwargs)
+        written = [w for w in written if isinstance(w, torch.Tensor)]
+        functional = info.functional
+        # out= tensors are written, not read: they are not inputs of the functional twin.
+        out_names = {k for k in info.written if isinstance(k, str)}
+        read_kwargs = {k: v for k, v in kwargs.items() if k not in out_names}
+        inputs: list[Value] = []
+        margs = self.map_args(args, inputs)
+        mkwargs = {k: self.map_args(v, inputs) for k, v in read_kwargs.items()}
+        if functional is None:
+            if any(v.is_activation for v in inputs):
                 raise TraceError(
                     f"cannot record in-place/out= operation {func} on a tensor derived from the model inputs "
                     f"(module '{self.scope[-1] if self.scope else ''}'): no functional counterpart is known"
                 )
-        if func is aten.copy_.default:
-            functional = aten.copy.default
-        inputs = []
-        margs = self.map_args(args, inputs)
-        mkwargs = {k: self.map_args(v, inputs) for k, v in kwargs.items()}
-        target = written[0]
-        if metadata_only:
+            roots = self.partial_roots(written)
+            for w in written:
+                self.invalidate(w)
             out = func(*args, **kwargs)
-            outs = self.add_node(functional, margs, mkwargs, inputs, [target.detach()])
-            self.by_id[id(target)] = outs[0]
+            self.settle(written, [self.new_value(w.detach(), "constant") for w in written], roots)
             return out
-        partial = not _covers_storage(target)
-        key = _storage_key(target)
-        st = self.storages.get(key)
-        old_root = self.root(st) if (partial and st is not None) else None
-        self.invalidate(target)
+        if not grad:
+            margs, mkwargs, inputs = self.cut(margs, mkwargs, inputs, _flatten((args, read_kwargs), []))
+        if info.metadata_only:
+            w = written[0]
+            # Old values must keep the geometry they had: re-point any that hold the caller's object.
+            st = self.storages.get(_storage_key(w))
+            for v in st.values if st is not None else ():
+                if v.data is w:
+                    v.data = w.detach()
+            out = func(*args, **kwargs)
+            new = self.add_node(functional, margs, mkwargs, inputs, [w.detach()], grad=grad)
+            if not grad:
+                self.note_nograd(new, [w])
+            self.by_id[id(w)] = new[0]
+            self.keep.append(w)
+            return out
+        roots = self.partial_roots(written)
+        for w in written:
+            self.invalidate(w)
         out = func(*args, **kwargs)
-        if st is not None:
-            st.version += 1
-        new = self.add_node(functional, margs, mkwargs, inputs, [target.detach()])[0]
-        if partial and old_root is not None:
-            n = target.untyped_storage().nbytes() // target.element_size()
-            live = torch.empty(0, dtype=target.dtype, device=target.device).set_(
-                target.untyped_storage(), 0, (n,), (1,)
-            )
-            geo = (list(target.shape), list(target.stride()), target.storage_offset())
-            root = self.add_node(aten.as_strided_scatter.default, (old_root, new, *geo), {}, [old_root, new], [live])[0]
-            st.owner = root
-        self.by_id[id(target)] = new
+        rets = list(out) if isinstance(out, (tuple, list)) else [out]
+        fouts = [written[i].detach() if kind == "w" else rets[i] for kind, i in info.outmap]
+        values = self.add_node(functional, margs, mkwargs, inputs, fouts, grad=grad)
+        news = [None] * len(written)
+        for (kind, i), v in zip(info.outmap, values):
+            if kind == "w":
+                news[i] = v
+        if not grad:
+            self.note_nograd(values, [written[i] if kind == "w" else rets[i] for kind, i in info.outmap])
+        self.settle(written, news, roots)
         return out
 
 
+def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
+    return args[i] if i < len(args) else kwargs.get(name)
+
+
 @contextmanager
-def _module_scope(recorder: _Recorder, model: torch.nn.Module):
-    """Track the module path of every op via process-wide hooks that never touch the model."""
+def _module_scope(recorder: _Recorder):
+    """Track the module path of every op via forward hooks that never touch the model.
+
+    The hooks are process-wide (that is what PyTorch offers without modifying the model) but act only
+    for the thread that records: other threads running the same or other models are not seen.
+    """
     names = recorder.module_names
     stack = recorder.scope
+    me = threading.get_ident()
 
     def pre(module, _args):
+        if threading.get_ident() != me:
+            return
         name = names.get(id(module))
         if name is not None:
             stack.append(name)
             recorder.module_types.setdefault(name, type(module))
 
     def post(module, _args, _out):
-        if names.get(id(module)) is not None and stack:
+        if threading.get_ident() == me and names.get(id(module)) is not None and stack:
             stack.pop()
 
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
@@ -378,24 +928,37 @@ def _prepare_inputs(obj, recorder: _Recorder, values: list[Value]):
 
 @contextmanager
 def preserved(model: torch.nn.Module):
-    """Restore parameters' ``requires_grad`` and modules' training flags, also on error."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Restore modules' training flags, also on error (``requires_grad`` flags are never changed)."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         yield
     finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
         for m, tr in modes:
             m.training = tr
+
+
+def _unwrap_compiled(model: Any) -> Any:
+    """``torch.compile(model)`` returns a wrapper; relprop records (and explains) the original module."""
+    orig = getattr(model, "_orig_mod", None)
+    if orig is not None and type(model).__name__ == "OptimizedModule":
+        return orig
+    orig = getattr(model, "_torchdynamo_orig_callable", None)  # torch.compile(function)
+    return orig if orig is not None and callable(orig) else model
 
 
 def trace(model: torch.nn.Module | Any, *args: Any, **kwargs: Any) -> Graph:
     """Run ``model(*args, **kwargs)`` once and record every ATen operation it executes.
 
     ``model`` may be an ``nn.Module`` or any callable (then no module paths or parameter names are
-    known, and tensors it closes over are constants). The model's parameters, ``requires_grad``
-    flags and training modes are the same afterwards, also when the forward pass raises.
+    known, and tensors it closes over are constants). A ``torch.compile``'d model is recorded through
+    its original module (``model._orig_mod``): compiled kernels cannot be recorded op by op, and they
+    compute the same function.
+
+    The model is never modified: parameters, ``requires_grad`` flags, buffers (batch-norm running
+    statistics in train mode included), training modes and hooks are as before, also when the forward
+    pass raises, and other threads may use the same model meanwhile. A model in training mode is
+    recorded as it runs (dropout masks drawn once become constants; batch statistics are used) with a
+    warning. Recording is not re-entrant within one thread (a forward that itself calls ``trace``).
     """
     return record(model, args, kwargs)
 
@@ -403,48 +966,60 @@ def trace(model: torch.nn.Module | Any, *args: Any, **kwargs: Any) -> Graph:
 def record(model: torch.nn.Module | Any, args: tuple, kwargs: dict, post: Any = None) -> Graph:
     """:func:`trace` with explicit arguments; ``post(output)`` runs inside the recording too."""
     with torch.inference_mode(False):
-        return _record(model, args, kwargs, post)
+        return _record(_unwrap_compiled(model), args, kwargs, post)
 
 
 def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
     module = model if isinstance(model, torch.nn.Module) else None
     names: dict[int, str] = {}
     module_names: dict[int, str] = {}
+    leaves: list[torch.Tensor] = []
+    training: list[str] = []
     if module is not None:
         for n, p in module.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), f"param:{n}")
+            leaves.append(p)
         for n, b in module.named_buffers(remove_duplicate=False):
             names.setdefault(id(b), f"buffer:{n}")
+            leaves.append(b)
         for n, m in module.named_modules(remove_duplicate=False):
             module_names.setdefault(id(m), n)
-    rec = _Recorder(names, module_names)
+            if m.training:
+                training.append(n or type(m).__name__)
+    if training:
+        warnings.warn(
+            f"model is in training mode ({len(training)} modules, e.g. '{training[0]}'): the explanation is of "
+            "this one forward (dropout masks drawn now, batch statistics of these inputs); call model.eval() "
+            "to explain the model's predictions",
+            UserWarning,
+            stacklevel=3,
+        )
+    rec = _Recorder(names, module_names, leaves)
     input_values: list[Value] = []
     args2, arg_spec = _prepare_inputs(tuple(args), rec, input_values)
     kwargs2, kw_spec = _prepare_inputs(dict(kwargs), rec, input_values)
-    has_float = any(v.is_float for v in input_values)
-    with preserved(module if module is not None else torch.nn.Module()):
-        if module is not None:
-            # Grad must be on for the autograd kernels, but only one side needs it: the inputs when they
-            # are float, else the parameters (token models), so attention never takes inference paths.
-            for p in module.parameters():
-                p.requires_grad_(not has_float)
-        with torch.inference_mode(False), torch.enable_grad(), _module_scope(rec, module or torch.nn.Module()):
-            with rec:
-                output = model(*args2, **kwargs2)
-                if post is not None:
-                    output = post(output)
+    with torch.inference_mode(False), torch.enable_grad(), _module_scope(rec):
+        with rec:
+            output = model(*args2, **kwargs2)
+            if post is not None:
+                output = post(output)
         output_values = [rec.lookup(t) for t in _flatten(output, [])]
-        # The output's autograd history would keep every tensor autograd saved alive (the whole
-        # forward): the graph holds detached data only.
-        output = _detached(output)
+        regions = rec.finish()
+    # The output's autograd history would keep every tensor autograd saved alive (the whole
+    # forward): the graph holds detached data only.
+    output = _detached(output)
     for v in rec.values:  # drop autograd history: the graph holds data only
         if v.data is not None and v.data.requires_grad:
             v.data = v.data.detach()
     rec.keep.clear()
+    rec.pending.clear()
+    rec.nograd_outputs.clear()
+    rec.edge_values.clear()
+    rec.shadow.clear()
     params = {v.name: v for v in rec.values if v.kind == "param"}
     graph = Graph(
         rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params, dict(rec.module_types)
     )
     if module is not None:
         graph.module_types.update({n: type(m) for n, m in module.named_modules()})
-    return graph
+    return replace_with_regions(graph, regions)
