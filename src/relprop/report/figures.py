@@ -216,15 +216,15 @@ def explain_figure(
     overlay: bool = False,
     cmap: str | None = None,
     sign: str = "all",
-    scale: str = "shared",
+    scale: str = "per-image",
 ) -> Path:
-    """One input and its heatmaps side by side (``relprop explain``), with colour bars; one colour scale
-    for all methods by default (``scale="per-image"``: each its own)."""
+    """One input and its heatmaps side by side (``relprop explain``), each with its colour bar; each map
+    scaled to its own range by default (methods differ in units), ``scale="shared"``: one scale."""
     from .. import visualize as V
 
     plt = _plt()
     k = 1 + len(heatmaps)
-    fig, axes = plt.subplots(1, k, figsize=(3.1 * k, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(3.7 * k, 3.2), squeeze=False)
     _show_image(axes[0, 0], display)
     axes[0, 0].set_title("input", fontsize=10)
     V.image(
