@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .specs import SpecError
+from .specs import TRUST_PICKLE_HELP, SpecError
 
 EXAMPLES = """\
 examples:
@@ -23,11 +23,16 @@ examples:
   relprop explain --model zoo:resnet_digits --input digit.png --method lrp,gradient --out heatmap.png
   relprop explain --model zoo:minilm-similarity --input "A man plays a guitar." --reference "Someone makes music."
   relprop list                                      # zoo models, datasets and methods
+  relprop layers --model zoo:resnet_digits          # module names, e.g. for gradcam:layer=NAME
 
 model specs:  zoo:NAME | torchvision:NAME [--weights FILE] | timm:NAME [--weights FILE] | hf:FOLDER |
-              python:MODULE:FUNCTION | FILE.pt (torch.save(model)) | FILE.safetensors (+ FILE.json, zoo format)
+              python:MODULE:FUNCTION | FILE.safetensors (+ FILE.json, zoo format) |
+              FILE.pt (torch.save(model): needs --trust-pickle, unpickling runs code from the file)
 data specs:   zoo:NAME | FOLDER with one sub-folder of images per class | FILE.csv / FILE.jsonl (text, label)
-method specs: NAME[:KEY=VALUE...], e.g. lrp, lrp:composite=epsilon, integrated_gradients:n_steps=32
+              folder names / labels are matched to the model's class names (--classes FILE, --labels)
+method specs: NAME[:KEY=VALUE...], e.g. lrp, lrp:composite=epsilon, integrated_gradients:n_steps=32,
+              occlusion:window=4x4:stride=2x2, gradcam:layer=layer4 (defaults: window from the input
+              size, Grad-CAM on the last spatial layer); tuples as AxB or [A,B]
 """
 
 COMPARE_EXAMPLES = """\
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain the predictions of PyTorch models and compare how faithfully they are explained.",
         epilog=EXAMPLES,
     )
-    sub = p.add_subparsers(dest="command", metavar="{explain,compare,list}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{explain,compare,list,layers}", parser_class=_Parser)
 
     # compare ---------------------------------------------------------------------------------------------
     c = sub.add_parser(
@@ -102,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--samples", type=int, default=64, metavar="N", help="examples per model for the metrics (default: 64)"
     )
-    c.add_argument("--grid", type=int, default=8, metavar="N", help="examples in the heatmap grid (default: 8)")
+    c.add_argument(
+        "--grid", type=int, default=8, metavar="N", help="examples in the heatmap grid (default: 8, at least 1)"
+    )
     c.add_argument(
         "--target",
         choices=("pred", "label"),
@@ -144,7 +151,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="top layers randomised, one after another (default: 3)",
     )
     c.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per explain call (default: 32)")
-    c.add_argument("--force", action="store_true", help="recompute every cell (ignore OUT/cache)")
+    c.add_argument("--force", action="store_true", help="recompute every cell (ignore, then overwrite OUT/cache)")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write OUT/cache")
+    c.add_argument(
+        "--baseline",
+        default="black",
+        metavar="B",
+        help="what ABPC and deletion replace patches/pixels by: black (the image's minimum), zero, white, mean, "
+        "blur, noise or a number (default: black; text: always the mask token)",
+    )
+    c.add_argument(
+        "--insertion-baseline",
+        default="blur",
+        metavar="B",
+        help="what insertion starts from before restoring the most relevant patches (default: blur)",
+    )
+    c.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples per interval (default: 1000)"
+    )
+    c.add_argument(
+        "--save-attributions",
+        choices=("npy", "pt", "safetensors"),
+        metavar="FMT",
+        help="also save every evaluated example's attributions to OUT/attributions/MODEL__METHOD.FMT "
+        "(npy, pt or safetensors; rows in the order of examples.parquet)",
+    )
+    c.add_argument(
+        "--labels",
+        choices=("names", "sorted", "ignore"),
+        default="names",
+        help="how data labels become model classes: names (match the model's class names, else an error; "
+        "default), sorted (sorted folder order = class index, torchvision ImageFolder), ignore (run anyway; "
+        "unmatched labels get a warning and no accuracy)",
+    )
     _common(c)
     c.set_defaults(func=cmd_compare)
 
@@ -173,11 +212,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--top", type=int, default=5, metavar="K", help="classes printed with their probability (default: 5)"
     )
+    v = e.add_argument_group("pictures and files")
+    v.add_argument("--overlay", action="store_true", help="draw each heatmap over the input image (grey)")
+    v.add_argument("--cmap", metavar="NAME", help="any matplotlib colour map (default: bwr, red for / blue against)")
+    v.add_argument(
+        "--sign",
+        choices=("all", "positive", "negative", "absolute"),
+        default="all",
+        help="which evidence to draw: all (signed, centred on 0; default), positive, negative or absolute",
+    )
+    v.add_argument(
+        "--scale",
+        choices=("shared", "per-image"),
+        default="per-image",
+        help="each method's heatmap by its own range (default: methods differ in units) or one colour scale "
+        "for all (shared)",
+    )
+    v.add_argument(
+        "--save",
+        metavar="FILE",
+        help="also save the raw attributions: FILE.npy, FILE.pt or FILE.safetensors (one entry per method)",
+    )
     _common(e)
     e.set_defaults(func=cmd_explain)
 
     lst = sub.add_parser("list", help="zoo models, zoo datasets and methods", formatter_class=_formatter)
     lst.set_defaults(func=cmd_list)
+
+    ly = sub.add_parser(
+        "layers",
+        help="a model's layers (module names and output shapes), e.g. for gradcam:layer=NAME",
+        formatter_class=_formatter,
+        description="List the named modules of a model in the order their forward finishes, with output "
+        "shapes from one forward pass on an input of the model's size (or --input FILE).",
+        epilog="examples:\n  relprop layers --model zoo:resnet_digits\n"
+        "  relprop layers --model timm:resnet18 --weights r18.pth --input cat.jpg\n",
+    )
+    ly.add_argument("model_pos", nargs="?", metavar="MODEL", help="model spec (or --model)")
+    ly.add_argument("--model", help=argparse.SUPPRESS)
+    ly.add_argument("--input", metavar="FILE|TEXT", help="an input to run (default: zeros of the model's input size)")
+    _common(ly)
+    ly.set_defaults(func=cmd_layers)
     return p
 
 
@@ -191,6 +266,13 @@ def _common(p):
         "model of several",
     )
     g.add_argument("--num-classes", type=int, metavar="N", help="classifier size when it cannot be read from --weights")
+    g.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="the model's class names in output order: one per line (aliases after commas, an optional WordNet id "
+        "first, as in synset_words.txt), or a JSON list",
+    )
+    g.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     g.add_argument(
         "--composite",
         default="auto",
@@ -213,13 +295,13 @@ def _common(p):
 
 # ------------------------------------------------------------------------------------------- helpers
 def _need_report_deps(*mods: str) -> None:
+    from .specs import install_hint
+
     for mod in mods:
         try:
             __import__(mod)
         except ImportError:
-            raise CLIError(
-                f"this command needs '{mod}'; install the report extra: pip install 'relprop[report]'"
-            ) from None
+            raise CLIError(f"this command needs '{mod}', which is not installed: {install_hint(mod)}") from None
 
 
 def _split(values) -> list[str]:
@@ -240,25 +322,15 @@ def default_methods() -> list[str]:
 
 
 def parse_methods(text: str | None):
-    import relprop
+    """Method specs, each checked (name, option keys, value types) before any model is loaded."""
+    from .specs import parse_methods as parse
 
-    from .report.compare import MethodSpec
-
-    specs = [MethodSpec.parse(t) for t in (_split(text) or default_methods())]
-    for s in specs:
-        if s.name not in relprop.METHODS:
-            names = sorted(relprop.METHODS)
-            close = difflib.get_close_matches(s.name, names, n=1, cutoff=0.4)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise CLIError(f"unknown method '{s.name}'.{hint} Available: {', '.join(names)}")
-    labels = [s.label for s in specs]
-    dup = {x for x in labels if labels.count(x) > 1}
-    if dup:
-        raise CLIError(f"method given twice: {', '.join(sorted(dup))}")
-    return specs
+    return parse(text, default_methods())
 
 
 def _weights_map(values, models: list[str]) -> dict[str, str]:
+    from .specs import takes_weights
+
     out: dict[str, str] = {}
     plain = []
     for v in values or []:
@@ -270,7 +342,7 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
         else:
             plain.append(v)
     if plain:
-        need = [m for m in models if m.split(":", 1)[0] in ("timm", "torchvision") and m not in out]
+        need = [m for m in models if takes_weights(m) and m not in out]
         if len(plain) > 1 or (len(need) > 1 and len(models) > 1):
             raise CLIError("several models need weights: give each as --weights SPEC=FILE")
         for m in need or models:
@@ -284,6 +356,8 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
 def _preprocess_overrides(args) -> dict:
     if args.image_size and len(args.image_size) > 2:
         raise CLIError("--image-size takes H or H W")
+    if args.image_size and min(args.image_size) < 1:
+        raise CLIError(f"--image-size must be positive, got {' '.join(map(str, args.image_size))}")
     return {"image_size": args.image_size, "mean": args.mean, "std": args.std, "channels": args.channels}
 
 
@@ -292,20 +366,106 @@ def _positive(args, *names):
         v = getattr(args, n)
         if v is not None and v < 0:
             raise CLIError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
-    for n in ("samples", "batch_size", "regions", "steps", "patch_grid"):
+    for n in ("samples", "batch_size", "regions", "steps", "patch_grid", "grid", "top"):
         v = getattr(args, n, None)
         if v is not None and v < 1:
             raise CLIError(f"--{n.replace('_', '-')} must be at least 1, got {v}")
 
 
+def _loader(args, weights: dict[str, str]):
+    """spec -> LoadedModel with every model option of the command line."""
+    from .specs import load_model, override_preprocess
+
+    overrides = _preprocess_overrides(args)
+
+    def load(spec: str):
+        m = load_model(
+            spec,
+            weights=weights.get(spec),
+            num_classes=args.num_classes,
+            trust_pickle=args.trust_pickle,
+            classes_file=args.classes,
+        )
+        if m.kind == "image":
+            m.preprocess = override_preprocess(m.preprocess, **overrides)
+        return m
+
+    return load
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def preflight(models: list[str], data, methods, settings, load, log) -> tuple[dict[str, str], list[str]]:
+    """Load, check and free each model in turn before any computing: kinds, labels, a forward pass,
+    and every method with its final options on one example. Returns display names and warnings.
+
+    A compare run takes minutes to hours; a typo in the last method's options must not surface after
+    the first model's cells are done.
+    """
+    import gc
+
+    import relprop
+
+    from .report.compare import Job
+    from .specs import unique_names
+
+    job = Job(Path("."), data, list(methods), settings, log=lambda s: None, use_cache=False)
+    loaded: list[tuple[str, str]] = []
+    for spec in models:
+        log(f"checking {spec} ...")
+        model = load(spec)
+        if model.kind == "similarity":
+            raise CLIError(
+                f"{spec} is a sentence-similarity model without classes; use it with "
+                f"relprop explain --model {spec} --input TEXT --reference TEXT"
+            )
+        if model.kind != data.kind:
+            raise CLIError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
+        prep = job.prepare(model, job.indices[:2])  # forward pass + label matching (errors name the fix)
+        x = {k: v[:1] for k, v in prep.inputs.items()} if isinstance(prep.inputs, dict) else prep.inputs[:1]
+        for m in methods:
+            try:
+                opts = job.options(model, m)
+                relprop.explain(model.module, x, target=prep.target[:1], method=m.name, **opts)
+            except SpecError as e:
+                raise CLIError(f"method '{m.label}' on {model.name}: {str(e).splitlines()[0]}") from None
+            except Exception as e:  # noqa: BLE001 - the method's own message, one line, before any work
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CLIError(f"method '{m.label}' cannot run on {model.name}: {type(e).__name__}: {msg}") from None
+        loaded.append((model.spec, model.name))
+        del model, prep, x
+        gc.collect()
+    return unique_names(loaded), list(job.warnings)
+
+
+def _baseline_arg(value: str, flag: str) -> str:
+    """A perturbation baseline name or number, checked before anything runs."""
+    from .metrics.baselines import ALL_BASELINES
+
+    v = value.strip().lower()
+    if v in ALL_BASELINES:
+        return v
+    try:
+        float(v)
+    except ValueError:
+        close = difflib.get_close_matches(v, ALL_BASELINES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise CLIError(
+            f"{flag} {value!r} is not a baseline.{hint} Use one of {', '.join(ALL_BASELINES)} or a number"
+        ) from None
+    return v
+
+
 # ------------------------------------------------------------------------------------------- compare
 def cmd_compare(args) -> int:
-    _need_report_deps("matplotlib", "safetensors")
+    _need_report_deps("matplotlib", "safetensors", "PIL")
     from . import zoo
     from .report import Settings, run_compare
     from .specs import check_model_spec, load_data
 
-    _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers")
+    _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap")
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
     if len(set(models)) != len(models):
         raise CLIError("a model is given twice in --models")
@@ -313,6 +473,7 @@ def cmd_compare(args) -> int:
     weights = _weights_map(args.weights, models)
     for m in models:
         check_model_spec(m, weights.get(m))
+    _preprocess_overrides(args)
     data = load_data(
         args.data or f"zoo:{zoo.DEFAULT_DATASET}",
         split=args.split,
@@ -336,12 +497,28 @@ def cmd_compare(args) -> int:
         seed=args.seed,
         randomisation=args.randomisation_samples > 0,
         sensitivity=args.sensitivity_samples > 0,
+        labels=args.labels,
+        baseline=_baseline_arg(args.baseline, "--baseline"),
+        insertion_baseline=_baseline_arg(args.insertion_baseline, "--insertion-baseline"),
+        bootstrap=args.bootstrap,
+        save_attributions=args.save_attributions,
     )
     out = Path(args.out)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    log = (lambda s: None) if args.quiet else _say
+    load = _loader(args, weights)
+    names, warnings = preflight(models, data, methods, settings, load, log)
+    for w in warnings:  # prominent even with --quiet: results depend on it
+        _say(f"relprop: WARNING: {w}")
+
+    def load_named(spec: str):
+        m = load(spec)
+        m.name = names.get(spec, m.name)
+        return m
+
+    n_metrics = min(args.samples, len(data))
     header = (
         f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
-        f"({len(data)} examples) -> {out}/index.html"
+        f"({len(data)} examples, metrics on {n_metrics}) -> {out}/index.html"
     )
     command = "relprop " + " ".join(shlex.quote(a) for a in (args._argv or ["compare"]))
     res = run_compare(
@@ -352,27 +529,47 @@ def cmd_compare(args) -> int:
         settings,
         weights=weights,
         num_classes=args.num_classes,
-        preprocess_overrides=_preprocess_overrides(args),
+        preprocess_overrides=None,
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("RELPROP_PROGRESS")),
         command=command,
         log=log,
         header=header,
+        load=load_named,
+        use_cache=not args.no_cache,
+        warnings=warnings,
     )
     reused = sum(1 for m in res["models"] for c in m.get("methods", []) if c.get("reused"))
     print(
         f"report: {out / 'index.html'}  ({res['cells_done']}/{res['cells_total']} cells, {reused} reused, "
         f"{res['seconds']:.0f} s)"
     )
+    names_by_anchor = {r["anchor"]: r["name"] for r in res["ranking"]}
+    if res["ranking"]:
+        print(f"ranking by mean rank over methods of {res['ranking'][0].get('metric_label', 'ABPC')} (95% intervals):")
     for r in res["ranking"]:
+        ov = (r.get("overall") or {}).get(r.get("metric", "abpc")) or {}
+        lo, hi = ov.get("ci") or (None, None)
         faith = "–" if r["faithfulness"] is None else f"{r['faithfulness']:.3f}"
+        if lo is not None and hi is not None:
+            faith += f" [{lo:.3f}, {hi:.3f}]"
         acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        print(f"  {r['rank'] or '-'}. {r['name']:<24} faithfulness {faith}  accuracy {acc}")
-    if res["status"] != "complete":
+        mr = "–" if r.get("mean_rank") is None else f"{r['mean_rank']:.2f}"
+        tie = ", ".join(names_by_anchor.get(t, t) for t in r.get("tied_with", []))
         print(
-            f"interrupted: finished cells are kept in {out / 'cache'}; run the same command again to continue",
-            file=sys.stderr,
+            f"  {r['rank'] or '-'}. {r['name']:<24} mean rank {mr}  {r.get('metric_label', 'ABPC')} {faith}  "
+            f"accuracy {acc}{'  (tie with ' + tie + ')' if tie else ''}"
         )
+    for w in res.get("warnings", []):
+        if w not in warnings:
+            _say(f"relprop: WARNING: {w}")
+    if res["status"] == "incomplete":
+        for p in res.get("problems", []):
+            _say(f"relprop: failed: {p}")
+        _say(f"relprop: the report is incomplete ({len(res.get('problems', []))} failed cell(s))")
+        return 1
+    if res["status"] != "complete":
+        _say(f"interrupted: finished cells are kept in {out / 'cache'}; run the same command again to continue")
         return 130
     return 0
 
@@ -381,12 +578,15 @@ def cmd_compare(args) -> int:
 def _resolve_target(target: str | None, model, pred: int, n: int) -> int:
     if target is None:
         return pred
+    from .specs.labels import norm
+
     names = model.class_names or []
     try:
         k = int(target)
     except ValueError:
-        if target in names:
-            return names.index(target)
+        normed = [norm(n) for n in names]
+        if norm(target) in normed:
+            return normed.index(norm(target))
         close = difflib.get_close_matches(target, names, n=1)
         raise CLIError(
             f"--target '{target}' is not a class index or class name of '{model.name}'"
@@ -402,11 +602,12 @@ def cmd_explain(args) -> int:
 
     import relprop
 
-    from .specs import check_forward, image_batch, load_model, override_preprocess, read_image, text_batch
+    from .specs import IMAGE_SUFFIXES, check_forward, image_batch, read_image, text_batch
 
     methods = parse_methods(args.methods)
     weights = _weights_map(args.weights, [args.model])
-    model = load_model(args.model, weights=weights.get(args.model), num_classes=args.num_classes)
+    _preprocess_overrides(args)
+    model = _loader(args, weights)(args.model)
     if model.kind == "image":
         _need_report_deps("matplotlib", "PIL")
         path = Path(args.input).expanduser()
@@ -414,11 +615,15 @@ def cmd_explain(args) -> int:
             raise CLIError(f"input file not found: {args.input}")
         if path.is_dir():
             raise CLIError(f"--input {args.input} is a folder; give one image file (compare takes folders as --data)")
-        model.preprocess = override_preprocess(model.preprocess, **_preprocess_overrides(args))
-        x, disp = image_batch(model, [read_image(path)])
+        notes: list[str] = []
+        x, disp = image_batch(model, [read_image(path, notes)])
+        for note in notes:
+            _say(f"relprop: WARNING: {note}")
         inputs = x
     else:
         text = args.input
+        if Path(text).suffix.lower() in IMAGE_SUFFIXES and Path(text).is_file():
+            raise CLIError(f"{args.model} is a text model; --input {text} is an image file (give the text itself)")
         if Path(text).is_file() and Path(text).suffix.lower() in (".txt", ".md"):
             text = Path(text).read_text(encoding="utf-8").strip()
         if model.kind == "similarity":
@@ -426,7 +631,8 @@ def cmd_explain(args) -> int:
                 raise CLIError(f"{args.model} compares two sentences: give sentence B with --reference TEXT")
             from .zoo.text import SentenceSimilarity
 
-            model.module = SentenceSimilarity.from_sentence(model.module, model.tokenizer, args.reference)
+            similarity_base = model.module
+            model.module = SentenceSimilarity.from_sentence(model.module, model.tokenizer, args.reference).eval()
         inputs = text_batch(model, [text], max_length=512)
     out = check_forward(model, inputs)
     if model.kind == "similarity":
@@ -448,17 +654,33 @@ def cmd_explain(args) -> int:
         target = k
         target_desc = f"class {k} ({names[k]})"
         print(f"explaining {target_desc}: logit {float(out[0][k]):.4f}, p = {float(probs[k]):.4f}")
-    results = {}
-    for m in methods:
-        opts = m.options_for(model, args.composite)
+    if args.save:
+        from .report.store import attribution_format
+
         try:
-            e = relprop.explain(model.module, inputs, target=target, method=m.name, **opts)
-        except (ValueError, TypeError) as ex:
-            raise CLIError(f"method '{m.label}' on {model.name}: {str(ex).splitlines()[0]}") from None
-        a = e.attributions
-        a = a["input_ids"] if isinstance(a, dict) else (a[0] if isinstance(a, (tuple, list)) else a)
-        results[m.label] = (a[0].detach().float(), float(e.score.reshape(-1)[0]))
-        print(f"{m.label}: explained {target_desc}, sum of attributions {float(a[0].sum()):.4f}")
+            attribution_format(args.save)
+        except ValueError as ex:
+            raise CLIError(f"--save {args.save}: {ex}") from None
+
+    def run_methods(module, inputs, target, target_desc) -> dict:
+        results = {}
+        for m in methods:
+            try:
+                opts = m.options_for(model, args.composite, inputs)
+                e = relprop.explain(module, inputs, target=target, method=m.name, **opts)
+            except (ValueError, TypeError) as ex:
+                raise CLIError(f"method '{m.label}' on {model.name}: {str(ex).splitlines()[0]}") from None
+            if m.name in ("occlusion", "gradcam", "grad_cam", "guided_gradcam", "guided_grad_cam"):
+                chosen = {k: v for k, v in opts.items() if k not in m.options}
+                if chosen:
+                    print(f"{m.label}: default " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+            a = e.attributions
+            a = a["input_ids"] if isinstance(a, dict) else (a[0] if isinstance(a, (tuple, list)) else a)
+            results[m.label] = (a[0].detach().float(), float(e.score.reshape(-1)[0]))
+            print(f"{m.label}: explained {target_desc}, sum of attributions {float(a[0].sum()):.4g}")
+        return results
+
+    results = run_methods(model.module, inputs, target, target_desc)
     if model.kind == "image":
         from .report.figures import explain_figure
 
@@ -467,40 +689,160 @@ def cmd_explain(args) -> int:
             raise CLIError(f"--out {dest}: use a .png, .jpg, .pdf or .svg file for image heatmaps")
         dest.parent.mkdir(parents=True, exist_ok=True)
         heat = {k: (r[0].sum(0) if r[0].dim() == 3 else r[0]).numpy() for k, r in results.items()}
-        explain_figure(disp[0], heat, dest, title=f"{model.name}: {target_desc}")
+        try:
+            explain_figure(
+                disp[0],
+                heat,
+                dest,
+                title=f"{model.name}: {target_desc}",
+                overlay=args.overlay,
+                cmap=args.cmap,
+                sign=args.sign,
+                scale=args.scale,
+            )
+        except (KeyError, ValueError) as ex:  # an unknown colour map
+            raise CLIError(f"--cmap {args.cmap}: {str(ex).splitlines()[0][:200]}") from None
         print(f"heatmap saved to {dest}")
+        if args.save:
+            _save_attributions(args.save, {k: r[0] for k, r in results.items()})
         return 0
-    tokens = model.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
-    width = max(len(t) for t in tokens) + 2
-    cols = [max(len(k), 8) + 2 for k in results]
-    print("token".ljust(width) + "".join(f"{k:>{w}}" for k, w in zip(results, cols)))
-    for i, t in enumerate(tokens):
-        print(t.ljust(width) + "".join(f"{float(v[0][i]):>{w}.4f}" for v, w in zip(results.values(), cols)))
+    sections = [(args.input, inputs, results, target_desc)]
+    if model.kind == "similarity":  # sentence B explained too, against A
+        from .zoo.text import SentenceSimilarity
+
+        module_b = SentenceSimilarity.from_sentence(similarity_base, model.tokenizer, text).eval()
+        inputs_b = text_batch(model, [args.reference], max_length=512)
+        desc_b = "similarity (sentence B, against A)"
+        sections = [(text, inputs, results, "similarity (sentence A, against B)")]
+        sections.append((args.reference, inputs_b, run_methods(module_b, inputs_b, target, desc_b), desc_b))
+    for sentence, inp, res, desc in sections:
+        tokens = model.tokenizer.convert_ids_to_tokens(inp["input_ids"][0].tolist())
+        _print_token_scores(tokens, {k: v[0].tolist() for k, v in res.items()}, f"{model.name}: {desc}")
     dest = Path(args.out or "tokens.html")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    scores = {k: v[0].tolist() for k, v in results.items()}
     if dest.suffix.lower() in (".html", ".htm"):
-        _need_report_deps("matplotlib")
         from .report.html import e as esc
         from .report.html import page, token_html
 
-        rows = "".join(
-            f'<div class="text-row"><b>{esc(k)}</b>: {token_html(tokens, s)}</div>' for k, s in scores.items()
-        )
-        body = (
-            f"<section><h2>{esc(model.name)}: {esc(target_desc)}</h2>{rows}"
-            f'<p class="muted">Red: for, blue: against; hover a token for its scaled score.</p></section>'
+        body = []
+        for sentence, inp, res, desc in sections:
+            tokens = model.tokenizer.convert_ids_to_tokens(inp["input_ids"][0].tolist())
+            rows = "".join(
+                f'<div class="text-row"><b>{esc(k)}</b>: {token_html(tokens, v[0].tolist(), cmap=args.cmap)}</div>'
+                for k, v in res.items()
+            )
+            body.append(f"<section><h2>{esc(model.name)}: {esc(desc)}</h2><p>{esc(sentence)}</p>{rows}</section>")
+        body.append(
+            '<p class="muted">Red: for, blue: against; word pieces are merged into words (their scores added); '
+            "hover a word for its score and the raw score of each piece.</p>"
         )
         sub = esc(args.input) + (f" ↔ {esc(args.reference)}" if args.reference else "")
-        dest.write_text(page("relprop explain", sub, "", body), encoding="utf-8")
+        dest.write_text(page("relprop explain", sub, "", "".join(body)), encoding="utf-8")
     elif dest.suffix.lower() in (".png", ".pdf", ".svg", ".jpg"):
         _need_report_deps("matplotlib")
         from .report.figures import token_figure
 
-        token_figure(tokens, scores, dest, title=f"{model.name}: {target_desc}")
+        tokens = model.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+        token_figure(tokens, {k: v[0].tolist() for k, v in results.items()}, dest, title=f"{model.name}: {target_desc}")
     else:
         raise CLIError(f"--out {dest}: use .html or .png for token scores")
     print(f"token scores saved to {dest}")
+    if args.save:
+        saved = {k: v[0] for k, v in sections[0][2].items()}
+        if len(sections) > 1:
+            saved = {f"A/{k}": v for k, v in saved.items()} | {f"B/{k}": v[0] for k, v in sections[1][2].items()}
+        _save_attributions(args.save, saved)
+    return 0
+
+
+def _save_attributions(path: str, maps: dict) -> None:
+    """``--save``: one entry per method (.pt: a dict, .safetensors: one key each, .npy: stacked in the
+    printed order, which needs maps of one shape)."""
+    import torch
+
+    from .report.store import attribution_format, save_tensor
+
+    fmt = attribution_format(path)
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt":
+        torch.save({k: v.detach().cpu() for k, v in maps.items()}, dest)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in maps.items()}, str(dest))
+    else:
+        shapes = {tuple(v.shape) for v in maps.values()}
+        if len(shapes) > 1:
+            raise CLIError(f"--save {path}: the maps differ in shape {sorted(shapes)}; use .pt or .safetensors")
+        save_tensor(dest, torch.stack(list(maps.values())))
+    print(f"attributions saved to {dest} ({', '.join(maps)})")
+
+
+def _print_token_scores(tokens: list[str], scores: dict[str, list[float]], title: str) -> None:
+    """Coloured words (rich) with the scores at a readable scale; plain text without rich or a terminal."""
+    from .visualize import merge_wordpieces, print_tokens, readable_scale
+
+    try:
+        from rich.console import Console
+
+        print_tokens(tokens, scores, title=title, console=Console(highlight=False))
+        return
+    except ImportError:
+        pass
+    merged = {k: merge_wordpieces(tokens, v)[1] for k, v in scores.items()}
+    words = merge_wordpieces(tokens, next(iter(scores.values())))[0]
+    factors = {k: readable_scale(v) for k, v in merged.items()}
+    heads = {k: f"{k} {factors[k][1]}".strip() for k in merged}
+    width = max(len(w) for w in words) + 2
+    print(title)
+    print("word".ljust(width) + "".join(f"{h:>{max(len(h), 8) + 2}}" for h in heads.values()))
+    for i, w in enumerate(words):
+        print(
+            w.ljust(width) + "".join(f"{merged[k][i] / factors[k][0]:>{max(len(heads[k]), 8) + 2}.2f}" for k in merged)
+        )
+
+
+def cmd_layers(args) -> int:
+    import torch
+
+    from .specs import check_forward, image_batch, list_layers, read_image, text_batch
+
+    spec = args.model or args.model_pos
+    if not spec:
+        raise CLIError("give a model: relprop layers MODEL (e.g. relprop layers zoo:resnet_digits)")
+    weights = _weights_map(args.weights, [spec])
+    _preprocess_overrides(args)
+    model = _loader(args, weights)(spec)
+    if model.kind == "image":
+        if args.input:
+            x, _ = image_batch(model, [read_image(Path(args.input).expanduser())])
+        else:
+            pre = model.preprocess
+            if pre is None or pre.size is None or pre.channels is None:
+                raise CLIError(
+                    f"model '{model.name}' does not declare its input size; pass --input IMAGE or --image-size H W "
+                    f"and --channels C"
+                )
+            x = pre.normalize(torch.zeros(1, pre.channels, *pre.size))
+    else:
+        if model.kind == "similarity":
+            raise CLIError(f"{spec}: relprop layers takes classifiers; this is a sentence-similarity model")
+        x = text_batch(model, [args.input or "a short example sentence"])
+    check_forward(model, x)
+    rows = list_layers(model.module, x)
+    width = max((len(n) for n, _, _ in rows), default=10) + 2
+    tw = max((len(t) for _, t, _ in rows), default=8) + 2
+    print(f"{'layer':<{width}}{'type':<{tw}}output shape")
+    for name, typ, shape in rows:
+        print(f"{name:<{width}}{typ:<{tw}}{'x'.join(map(str, shape)) if shape else '–'}")
+    if model.kind == "image":
+        try:
+            from .specs import default_cam_layer
+
+            print(f"gradcam default layer (last spatial layer): {default_cam_layer(model.module, x)}")
+        except SpecError as e:
+            print(f"gradcam: {e}")
     return 0
 
 

@@ -1,0 +1,410 @@
+"""A new user's paths through ``relprop compare``/``explain``, each written as the correct behaviour.
+
+Every test builds its own data and models (zoo digits saved as PNG folders, small ``python:`` models,
+pickles, 16-bit images) and runs the CLI in-process (``relprop.cli.main``), checking exit codes,
+one-line errors, results.json and the report page.
+"""
+
+import json
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from relprop.cli import main
+
+FAST = [
+    "--samples",
+    "4",
+    "--grid",
+    "2",
+    "--sensitivity-samples",
+    "0",
+    "--randomisation-samples",
+    "0",
+    "--regions",
+    "4",
+    "--steps",
+    "4",
+    "--quiet",
+]
+
+
+def one_line_error(capsys, args, rc=2):
+    got = main(args)
+    err = capsys.readouterr().err.strip()
+    assert got == rc, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("relprop: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from relprop import zoo
+
+    ds = zoo.load_dataset("digits")
+    return ds.raw_images, ds.labels
+
+
+def digit_folder(root: Path, digits, classes: dict[str, int], per_class: int = 2) -> Path:
+    """Folders named as given, holding real digit images of the mapped digit."""
+    raw, labels = digits
+    for folder, digit in classes.items():
+        idx = torch.nonzero(labels == digit).reshape(-1)[:per_class]
+        for k, i in enumerate(idx.tolist()):
+            save_png(root / folder / f"{k}.png", (raw[i, 0].numpy() * 255).round().astype(np.uint8), "L")
+    return root
+
+
+# ------------------------------------------------------------------------------------------- labels
+def test_subset_of_classes_in_any_order_matches_by_name(tmp_path, capsys, digits):
+    data = digit_folder(tmp_path / "d37", digits, {"7": 7, "3": 3}, per_class=3)
+    out = tmp_path / "r"
+    assert main(["compare", "--models", "zoo:resnet_digits", "--data", str(data), "--methods", "saliency",
+                 "--out", str(out), *FAST]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    m = res["models"][0]
+    # folders "3" and "7" are the model's classes 3 and 7, not indices 0 and 1: a trained model gets them right
+    assert m["accuracy"] >= 5 / 6
+    assert res["data"]["n"] == 6 and res["data"]["n_metrics"] == 4 and res["warnings"] == []
+    page = " ".join((out / "index.html").read_text().lower().split())
+    assert "metrics on 4 examples" in page and "64 examples" not in page
+
+
+def test_labels_ignoring_case_spaces_and_underscores(tmp_path, capsys, digits):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_channels=1, num_labels=3,
+                                 id2label={0: "Tabby Cat", 1: "golden-retriever", 2: "red fox"},
+                                 label2id={"Tabby Cat": 0, "golden-retriever": 1, "red fox": 2})  # fmt: skip
+    vit = tmp_path / "vit"
+    transformers.ViTForImageClassification(cfg).save_pretrained(vit)
+    data = digit_folder(tmp_path / "animals", digits, {"red_fox": 1, "TABBY_CAT": 2}, per_class=1)
+    out = tmp_path / "r"
+    assert main(["compare", "--models", f"hf:{vit}", "--data", str(data), "--methods", "saliency",
+                 "--out", str(out), *FAST]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert res["warnings"] == []
+
+
+def test_labels_matching_nothing_error_or_warn(tmp_path, capsys, digits):
+    data = digit_folder(tmp_path / "pets", digits, {"cats": 1, "dogs": 2})
+    err = one_line_error(capsys, ["compare", "--models", "zoo:resnet_digits", "--data", str(data),
+                                  "--methods", "saliency", "--out", str(tmp_path / "r0"), *FAST])  # fmt: skip
+    assert "'cats', 'dogs' match no class" in err and "--labels ignore" in err
+    assert not (tmp_path / "r0" / "cache").exists()  # nothing computed
+    out = tmp_path / "r"
+    rc = main(["compare", "--models", "zoo:resnet_digits", "--data", str(data), "--methods", "saliency",
+               "--labels", "ignore", "--out", str(out), *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "relprop: WARNING: labels 'cats', 'dogs' match no class of model 'resnet_digits'" in err
+    res = json.loads((out / "results.json").read_text())
+    assert any("'cats', 'dogs'" in w for w in res["warnings"])
+    assert res["models"][0]["accuracy"] is None  # not "0.000"
+    assert "match no class" in (out / "index.html").read_text()
+
+
+def test_classes_file_with_wordnet_ids(tmp_path, capsys, digits):
+    (tmp_path / "mlp.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3))\n"
+    )
+    classes = tmp_path / "synset_words.txt"
+    classes.write_text(
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n"
+    )
+    data = digit_folder(tmp_path / "fish", digits, {"n01443537": 1, "Great_White_Shark": 2, "tench": 3}, per_class=1)
+    out = tmp_path / "r"
+    rc = main(["compare", "--models", f"python:{tmp_path / 'mlp.py'}:build", "--classes", str(classes),
+               "--image-size", "32", "--data", str(data), "--methods", "gradient", "--out", str(out), *FAST])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["warnings"] == []
+    # the same model without --classes has no names: a clear error naming both fixes
+    err = one_line_error(capsys, ["compare", "--models", f"python:{tmp_path / 'mlp.py'}:build", "--image-size", "32",
+                                  "--data", str(data), "--methods", "gradient", "--out", str(out), *FAST])  # fmt: skip
+    assert "has no class names" in err and "--classes FILE" in err and "--labels sorted" in err
+
+
+def test_text_labels_match_model_names_ignoring_case():
+    from relprop.specs import map_labels
+
+    lm = map_labels(["NEG", "Pos"], ["negative", "neg", "pos"], 3)
+    assert lm.index == [1, 2]
+    lm = map_labels(["1", "0"], ["neg", "pos"], 2)  # integer labels are class indices
+    assert lm.index == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------- fail fast
+def test_method_option_typo_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "r"
+    err = one_line_error(capsys, ["compare", "--methods", "lrp,integrated_gradients:n_step=3", "--out", str(out)])
+    assert "unknown option 'n_step'" in err and "Did you mean 'n_steps'" in err
+    err = one_line_error(capsys, ["compare", "--methods", "integrated_gradients:n_steps=abc", "--out", str(out)])
+    assert "n_steps must be an integer" in err
+    err = one_line_error(capsys, ["compare", "--grid", "0", "--out", str(out)])
+    assert "--grid must be at least 1" in err
+    err = one_line_error(capsys, ["explain", "--model", "zoo:resnet_digits", "--input", "x.png",
+                                  "--method", "saliency:abs=3"])  # fmt: skip
+    assert "abs must be true or false" in err
+    assert not out.exists()
+
+
+def test_method_that_cannot_run_on_the_second_model_fails_before_computing(tmp_path, capsys, digits):
+    (tmp_path / "flat.py").write_text(
+        "import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))\n"
+    )
+    out = tmp_path / "r"
+    err = one_line_error(capsys, ["compare", "--models", f"zoo:resnet_digits,python:{tmp_path / 'flat.py'}:build",
+                                  "--methods", "saliency,gradcam", "--out", str(out), *FAST])  # fmt: skip
+    assert "gradcam" in err and "layer" in err and "flat:build" in err
+    assert not (out / "cache").exists()
+
+
+def test_a_cell_failing_while_computing_makes_the_run_incomplete(tmp_path, capsys, digits):
+    # a model that fails under autograd on batches larger than one: the up-front check (one example) passes
+    (tmp_path / "fragile.py").write_text(
+        "import torch\n"
+        "class Fragile(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.fc = torch.nn.Linear(32 * 32, 10)\n"
+        "    def forward(self, x):\n"
+        "        if torch.is_grad_enabled() and x.shape[0] > 1:\n"
+        "            raise RuntimeError('batch too large for this model')\n"
+        "        return self.fc(x.flatten(1))\n"
+        "def build():\n"
+        "    return Fragile()\n"
+    )
+    data = digit_folder(tmp_path / "d", digits, {"1": 1, "2": 2})
+    out = tmp_path / "r"
+    rc = main(["compare", "--models", f"python:{tmp_path / 'fragile.py'}:build", "--image-size", "32",
+               "--data", str(data), "--methods", "gradient", "--out", str(out), *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "batch too large" in err and "incomplete" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "incomplete" and "batch too large" in res["problems"][0]
+    assert 'id="incomplete"' in (out / "index.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------- methods from the CLI
+def test_occlusion_and_gradcam_with_defaults_and_tuple_options(tmp_path, capsys):
+    out = tmp_path / "r"
+    methods = "occlusion,gradcam,occlusion:window=[4,4]:stride=2x2"
+    assert main(["compare", "--models", "zoo:resnet_digits", "--methods", methods, "--out", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    cells = {c["method"]: c for c in res["models"][0]["methods"]}
+    assert [c["status"] for c in cells.values()] == ["ok"] * 3
+    assert cells["occlusion"]["options"]["sliding_window_shapes"] == "(1, 4, 4)"  # 32 px / 8
+    assert cells["occlusion"]["options"]["strides"] == "(1, 2, 2)"
+    assert cells["gradcam"]["options"]["layer"] == "layers"
+    assert cells["occlusion:window=[4,4]:stride=2x2"]["options"]["strides"] == "(1, 2, 2)"
+
+
+def test_layers_command(capsys):
+    assert main(["layers", "zoo:resnet_digits"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.2" in out and "Conv2d" in out and "gradcam default layer (last spatial layer): layers" in out
+
+
+# ------------------------------------------------------------------------------------------- safe loading
+EVIL = """
+import os, sys, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))
+m.payload = Evil()
+torch.save(m, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin"])
+def test_pickled_model_payload_does_not_run_without_trust_pickle(tmp_path, capsys, suffix, digits):
+    import subprocess
+
+    model, marker = tmp_path / f"evil{suffix}", tmp_path / "PWNED"
+    subprocess.run([sys.executable, "-c", EVIL, str(model), str(marker)], check=True)
+    assert not marker.exists()
+    img = save_png(tmp_path / "d.png", (digits[0][0, 0].numpy() * 255).astype(np.uint8), "L")
+    err = one_line_error(capsys, ["explain", "--model", str(model), "--input", str(img), "--method", "gradient",
+                                  "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert not marker.exists(), "the pickle's payload ran"
+    assert "--trust-pickle" in err and "arbitrary code" in err
+    err = one_line_error(capsys, ["compare", "--models", str(model), "--out", str(tmp_path / "r")])
+    assert not marker.exists() and "--trust-pickle" in err
+    # with the flag the user accepts running the file's code: the model loads (and the payload runs)
+    with pytest.warns(UserWarning, match="arbitrary code"):
+        rc = main(["explain", "--model", str(model), "--input", str(img), "--method", "gradient", "--trust-pickle",
+                   "--image-size", "32", "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert rc == 0 and marker.exists()
+
+
+def test_trust_pickle_help_says_what_it_means(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "arbitrary code" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- cache
+MODEL_SRC = """
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 10)
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)){EXTRA})
+def build():
+    return Net()
+"""
+
+
+def test_cache_is_keyed_by_code_and_image_bytes_and_survives_corruption(tmp_path, capsys, digits, monkeypatch):
+    src = tmp_path / "netmod.py"
+    src.write_text(MODEL_SRC.replace("{EXTRA}", ""))
+    data = digit_folder(tmp_path / "d", digits, {"1": 1, "2": 2})
+    out = tmp_path / "r"
+    path_before = list(sys.path)
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--models", "python:netmod:build", "--image-size", "32", "--data", str(data),
+            "--methods", "gradient", "--out", str(out), *FAST]  # fmt: skip
+
+    def cells():
+        res = json.loads((out / "results.json").read_text())
+        return res, res["models"][0]["methods"][0]
+
+    assert main(args) == 0
+    assert sys.path == path_before  # python: specs leave sys.path as they found it
+    _, c = cells()
+    assert c["reused"] is False
+    assert main(args) == 0
+    _, c = cells()
+    assert c["reused"] is True
+    # edit forward(): a new model, the old cell is stale
+    sys.modules.pop("netmod", None)
+    src.write_text(MODEL_SRC.replace("{EXTRA}", " * 2"))
+    assert main(args) == 0
+    _, c = cells()
+    assert c["reused"] is False
+    # flip every image upside down: same pixel sums, different inputs
+    from PIL import Image
+
+    for f in data.rglob("*.png"):
+        Image.open(f).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(f)
+    assert main(args) == 0
+    _, c = cells()
+    assert c["reused"] is False
+    # corrupt every cache file: recomputed with a warning, never a crash
+    for f in (out / "cache").iterdir():
+        f.write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    _, c = cells()
+    assert c["reused"] is False and "unreadable" in err and "recomputing" in err
+    # a foreign file under a cell's name is not trusted either
+    current = max((f for f in (out / "cache").iterdir() if f.suffix == ".pt"), key=lambda f: f.stat().st_mtime)
+    torch.save({"key": "someone else's", "grid_attributions": [], "method": "x", "n_samples": 1}, current)
+    assert main(args) == 0
+    _, c = cells()
+    assert c["reused"] is False
+    # --no-cache neither reads nor writes
+    out2 = tmp_path / "r2"
+    assert main([*args[: -len(FAST) - 2], "--out", str(out2), "--no-cache", *FAST]) == 0
+    assert not (out2 / "cache").exists() or not any((out2 / "cache").iterdir())
+
+
+# ------------------------------------------------------------------------------------------- names
+def test_models_with_the_same_name_are_told_apart(tmp_path, capsys):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "net.py").write_text(MODEL_SRC.replace("{EXTRA}", "" if d == "a" else " * 3"))
+    specs = f"python:{tmp_path / 'a' / 'net.py'}:build,python:{tmp_path / 'b' / 'net.py'}:build"
+    out = tmp_path / "r"
+    assert main(["compare", "--models", specs, "--methods", "gradient", "--image-size", "32", "--out", str(out),
+                 *FAST]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    names = [m["name"] for m in res["models"]]
+    assert len(set(names)) == 2 and all("net.py" in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------- images
+def png_with_sbit(path: Path, array16: np.ndarray, bits: int) -> Path:
+    """A 16-bit grayscale PNG with an sBIT chunk (Pillow writes none)."""
+    save_png(path, array16)
+    raw = path.read_bytes()
+    body = b"sBIT" + bytes([bits])
+    chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    ihdr_end = 8 + 8 + 13 + 4
+    path.write_bytes(raw[:ihdr_end] + chunk + raw[ihdr_end:])
+    return path
+
+
+def test_16_bit_images_are_scaled_by_their_declared_depth(tmp_path):
+    from PIL import Image
+
+    from relprop.specs import SpecError, read_image
+
+    a = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    x = read_image(png_with_sbit(tmp_path / "a12.png", a, 12))
+    assert x.shape == (1, 64, 64) and float(x.max()) == pytest.approx(1.0) and float(x.min()) == 0.0
+    notes = []
+    y = read_image(save_png(tmp_path / "a16.png", a), notes)  # no sBIT: the dtype's range, and a note
+    assert float(y.max()) == pytest.approx(4095 / 65535) and "declares no bit depth" in notes[0]
+    Image.fromarray(a).save(tmp_path / "a.tif")
+    z = read_image(tmp_path / "a.tif")  # TIFF BitsPerSample = 16
+    assert float(z.max()) == pytest.approx(4095 / 65535)
+    # palette and alpha images, EXIF orientation
+    p = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), "L").convert("P")
+    p.save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png").shape == (3, 8, 8)
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    save_png(tmp_path / "rgba.png", rgba, "RGBA")
+    r = read_image(tmp_path / "rgba.png")
+    assert r[0, 0, 0] == 1.0 and r[0, 3, 0] == 0.0
+    im = Image.fromarray(np.zeros((10, 20), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert read_image(tmp_path / "rot.jpg").shape == (1, 20, 10)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(SpecError, match="cannot read image"):
+        read_image(tmp_path / "bad.png")
+
+
+def test_16_bit_folder_runs_with_a_warning_in_the_report(tmp_path, capsys, digits):
+    raw, labels = digits
+    data = tmp_path / "d16"
+    for d in (1, 2):
+        i = int(torch.nonzero(labels == d)[0])
+        save_png(data / str(d) / "x.png", (raw[i, 0].numpy() * 4095).astype(np.uint16))
+    out = tmp_path / "r"
+    assert main(["compare", "--models", "zoo:resnet_digits", "--data", str(data), "--methods", "saliency",
+                 "--out", str(out), *FAST]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert any("16-bit" in w for w in res["warnings"])
