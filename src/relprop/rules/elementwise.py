@@ -37,6 +37,12 @@ class Uniform:
     """Epsilon-LRP over the product terms, each term's share split evenly among its activation factors.
 
     For a single activation factor this is the epsilon rule (relevance passes to it entirely).
+
+    ``epsilon=0`` (the default in every composite, as AttnLRP/LXT define the rule) divides by the product
+    itself; where the product is exactly 0 (``relu(x) * g``, a closed gate) its factors have nothing to
+    share and the relevance arriving there is absorbed (``linear.stabilize``), instead of the overflow to
+    inf and ``inf * 0 = NaN`` that a denominator of ``finfo.tiny`` gave under Flat. A positive ``epsilon``
+    is Zennit's ``z + epsilon * sign(z)`` (sign(0) = +1) and also absorbs part of small products.
     """
 
     def __init__(self, epsilon: float = 0.0):
@@ -125,7 +131,6 @@ register_family(
     "nan_to_num",
     "_log_softmax",
     "log_softmax",
-    "logsumexp",
     "softshrink",
     "hardshrink",
     "tanhshrink",

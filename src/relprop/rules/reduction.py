@@ -1,8 +1,13 @@
-"""Rules for sums of activations: ``add``, ``sub``, ``sum``, ``mean``, average pooling, ``cumsum``...
+"""Rules for reductions: sums of activations (``add``, ``sub``, ``sum``, ``mean``, average pooling,
+``cumsum``...) and the smooth maximum ``logsumexp``.
 
-Relevance is split in proportion to each operand's contribution to the sum (Zennit's ``Norm`` rule,
-the epsilon rule with no parameters): ``R_i = x_i * J_i^T (R / stab(z))``. Constant and parameter
+Sums: relevance is split in proportion to each operand's contribution to the sum (Zennit's ``Norm``
+rule, the epsilon rule with no parameters): ``R_i = x_i * J_i^T (R / stab(z))``. Constant and parameter
 operands (a bias, an attention mask) absorb their share, as a bias does in the epsilon rule.
+
+``logsumexp`` is a reduction, not an element-wise function: it gets :class:`SoftmaxShare` (family
+``"smoothmax"``), which splits the relevance of each output over the reduced inputs with the softmax
+weights of that reduction.
 """
 
 from __future__ import annotations
@@ -28,6 +33,38 @@ class Proportional:
         return f"Proportional(stabilizer={self.stabilizer})"
 
 
+class SoftmaxShare:
+    """``R_i = softmax(x)_i * R_y`` over the reduced dims, for ``y = logsumexp(x)``.
+
+    Definition: the relevance of each output is split over the inputs it reduces in proportion to
+    their softmax weights ``p_i = exp(x_i - y)``. Why this rule:
+
+    * It is a deep Taylor decomposition (Montavon et al. 2017) with no remainder. ``logsumexp`` is
+      translation-equivariant, ``f(x + c 1) = f(x) + c``, so it is exactly linear along the direction
+      ``1``; the root point on that line is ``r = x - y 1`` (``f(r) = 0``), and the first-order expansion
+      ``f(x) = f(r) + grad f(r) . (x - r) = p . (y 1)`` is exact (``grad f(r) = p`` by shift invariance of the
+      softmax). Its terms, ``p_i y``, scaled to the arriving ``R_y``, are this rule.
+    * It conserves exactly: ``sum_i p_i = 1``, whatever the sign of ``y`` (no stabiliser, no 0/0).
+    * It is the smooth version of the winner-take-all rule for max pooling (LSE tends to max and ``p``
+      to the one-hot of the argmax as the inputs' scale grows).
+
+    ``p_i R_y`` is the op's vector-Jacobian product applied to ``R_y``, so the rule is computed with the
+    op's own VJP (any ``dim``/``keepdim``, the same numbers as the gradient). The identity rule it had as
+    an "element-wise nonlinearity" failed on the shape change (the audit's D11).
+    """
+
+    def __call__(self, ctx: RuleContext) -> list:
+        acts = ctx.activation_inputs()
+        res: list = [None] * len(ctx.node.inputs)
+        if not acts or ctx.relevance[0] is None:
+            return res
+        return ctx.vjp([ctx.relevance[0]], None, acts)
+
+    def __repr__(self) -> str:
+        return "SoftmaxShare()"
+
+
+register_family("smoothmax", "logsumexp")
 register_family(
     "sum",
     "add",
