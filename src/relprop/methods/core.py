@@ -7,20 +7,28 @@ in the seed (one-hot for gradients, one-hot times the logit for LRP).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .._errors import did_you_mean
 from ..graph import Graph, Value
 from ..propagate import propagate
 from ..rules.composites import Composite
 from ..trace import record
-
-Target = int | Sequence[int] | torch.Tensor | Callable[[Any], torch.Tensor] | None
-Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
+from ._validate import (  # noqa: F401  (re-exported: the names methods and older callers import from here)
+    Inputs,
+    Target,
+    check_callable_score,
+    check_inputs,
+    score,
+    select_output,
+    target_indices,
+    validate_call,
+)
+from ._validate import seed as _seed
 
 
 @dataclass
@@ -79,24 +87,6 @@ def split_inputs(inputs: Inputs) -> tuple[tuple, dict]:
     raise TypeError(f"inputs: expected a tensor, a tuple of tensors or a dict of tensors, got {type(inputs).__name__}")
 
 
-def check_inputs(inputs: Inputs) -> int:
-    """Validate ``inputs``; return the batch size."""
-    leaves = _leaves(inputs)
-    if not leaves:
-        raise ValueError("inputs: no tensor found")
-    batch = None
-    for t in leaves:
-        if t.dim() == 0:
-            raise ValueError("inputs: each tensor needs a batch dimension (got a 0-d tensor)")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError("inputs: contain NaN or infinite values")
-        if batch is None:
-            batch = t.shape[0]
-    if batch == 0:
-        raise ValueError("inputs: empty batch")
-    return batch
-
-
 def like_inputs(inputs: Inputs, values: list[torch.Tensor | None]) -> Any:
     """Rebuild the structure of ``inputs`` with ``values`` at its tensor leaves."""
     return _rebuild(inputs, iter(values))
@@ -114,49 +104,9 @@ def _rebuild(obj: Any, it) -> Any:
 
 
 # --------------------------------------------------------------------------------------- outputs
-def select_output(output: Any) -> torch.Tensor:
-    """The tensor to explain: the output itself, ``.logits``, or the first tensor of a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the output to explain in a {type(output).__name__}; pass a callable target")
-
-
-def target_indices(target: Target, out: torch.Tensor) -> torch.Tensor:
-    """Per-sample class indices on the last dim of ``out``, validated."""
-    batch, classes = out.shape[0], out.shape[-1]
-    if target is None:
-        raise ValueError("target: required (an int class index, a per-sample tensor/list, or a callable)")
-    if isinstance(target, bool):
-        raise ValueError("target: expected an int class index, got a bool")
-    if isinstance(target, int):
-        t = torch.full((batch,), target, dtype=torch.long)
-    else:
-        t = torch.as_tensor(target)
-        if t.is_floating_point():
-            raise ValueError(f"target: expected integer class indices, got dtype {t.dtype}")
-        t = t.long().reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise ValueError(f"target: expected {batch} indices (one per sample), got {t.numel()}")
-    if ((t < -classes) | (t >= classes)).any():
-        raise ValueError(f"target: index out of range for an output with {classes} classes: {t.tolist()}")
-    return t % classes
-
-
 def seed_for(out: torch.Tensor, idx: torch.Tensor, times_output: bool) -> torch.Tensor:
-    """One-hot of ``idx`` on the last dim (times the output value for LRP)."""
-    view = [out.shape[0]] + [1] * (out.dim() - 1)
-    onehot = torch.zeros_like(out)
-    onehot.scatter_(-1, idx.view(view).expand(*out.shape[:-1], 1).to(out.device), 1.0)
-    return onehot * out if times_output else onehot
+    """One-hot of ``idx`` on the last dim (times the output value for LRP); all ones for a ``(batch,)`` output."""
+    return _seed(out, idx, times_output)
 
 
 # --------------------------------------------------------------------------------------- sources
@@ -208,9 +158,7 @@ def module_value(graph: Graph, name: str) -> Value:
     outs = graph.module_outputs(name)
     if not outs:
         known = [n for n in graph.module_types if n]
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" Closest: {', '.join(close)}." if close else ""
-        raise ValueError(f"layers: no module named '{name}' ran in the forward pass.{hint}")
+        raise ValueError(f"layers: no module named '{name}' ran in the forward pass.{did_you_mean(name, known, n=3)}")
     return max(outs, key=lambda v: v.index)
 
 
@@ -237,17 +185,14 @@ def run_backward(
     ``extra_values(graph)`` names more values whose relevance the caller wants (e.g. a convolution's
     output for NormGrad); they come back in ``Explanation.at_values`` and the graph is kept.
     """
-    check_inputs(inputs)
+    batch = validate_call(model, inputs, target)
     args, kwargs = split_inputs(inputs)
     post = None
     if callable(target) and not isinstance(target, torch.Tensor):
         fn = target
 
         def post(output):
-            score = fn(output)
-            if not isinstance(score, torch.Tensor) or score.dim() != 1:
-                raise ValueError("target: a callable target must return a tensor of shape (batch,)")
-            return score
+            return check_callable_score(fn(output), batch)
 
     graph = record(model, args, kwargs, post=post)
     graph = composite.prepare(graph)
@@ -270,11 +215,8 @@ def run_backward(
         )
         if out_v is None:
             raise RuntimeError("internal: explained output not found in the graph")
-        if not out_v.tensor.is_floating_point():
-            raise ValueError("the model output is not floating point; nothing to explain")
-        idx = target_indices(target, out_v.tensor)
+        explained, idx = score(out_v.tensor, target, batch)
         seed = seed_for(out_v.tensor, idx, times_output)
-        explained = (seed_for(out_v.tensor, idx, False) * out_v.tensor).flatten(1).sum(1)
         shown = out_v.tensor
     pairs = sources_of(graph)
     if not any(src for _, src in pairs):
@@ -342,7 +284,6 @@ def _param_values(graph: Graph, params: bool | Sequence[str]) -> dict[str, Value
         return {n: v for n, v in graph.params.items() if v.is_float}
     missing = [n for n in params if n not in graph.params]
     if missing:
-        close = difflib.get_close_matches(missing[0], list(graph.params), n=3)
-        hint = f" Closest: {', '.join(close)}." if close else ""
+        hint = did_you_mean(missing[0], graph.params, n=3)
         raise ValueError(f"params: no parameter named '{missing[0]}' was used in the forward pass.{hint}")
     return {n: graph.params[n] for n in params}
