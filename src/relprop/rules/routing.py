@@ -37,6 +37,8 @@ register_family(
     "slice",
     "select",
     "narrow",
+    "diagonal",
+    "diag_embed",
     "index",
     "index_select",
     "gather",
