@@ -176,3 +176,122 @@ def test_convergence_delta_like_captum():
     _, d_ours = R.IntegratedGradients(m).attribute(x, b, target=t, n_steps=30, return_convergence_delta=True)
     _, d_ref = C.IntegratedGradients(m).attribute(x, b, target=t, n_steps=30, return_convergence_delta=True)
     torch.testing.assert_close(d_ours, d_ref, rtol=1e-3, atol=1e-5)
+
+
+# --- Captum's conventions, with cases taken from Captum's own test suite (captum 0.9, tests/attr/) -------------
+from captum.testing.helpers.basic_models import (  # noqa: E402
+    BasicModel_ConvNet_One_Conv,
+    BasicModel_MultiLayer,
+    BasicModel_MultiLayer_MultiInput,
+)
+
+
+def test_occlusion_per_input_int_strides():
+    """tests/attr/test_occlusion.py::test_multi_input_ablation_with_baselines: strides=(2, 1, 2), one int per input."""
+    net = BasicModel_MultiLayer_MultiInput()
+    inp1 = torch.tensor([[23.0, 100.0, 0.0], [20.0, 50.0, 30.0]])
+    inp2 = torch.tensor([[20.0, 50.0, 30.0], [0.0, 100.0, 0.0]])
+    inp3 = torch.tensor([[0.0, 100.0, 10.0], [2.0, 10.0, 3.0]])
+    expected = (
+        [[444.0, 444.0, 444.0], [328.0, 328.0, 328.0]],
+        [[68.0, 188.0, 108.0], [-12.0, 388.0, -12.0]],
+        [[368.0, 368.0, 24.0], [0.0, 0.0, -12.0]],
+    )
+    kw = dict(
+        baselines=(torch.tensor([[1.0, 4, 7], [3.0, 6, 9]]), 3.0, torch.tensor([[4.0], [6]])),
+        additional_forward_args=(1,),
+        sliding_window_shapes=((3,), (1,), (2,)),
+        strides=(2, 1, 2),
+        target=0,
+    )
+    for ppe in (1, 2, 4):
+        got = R.Occlusion(net).attribute((inp1, inp2, inp3), perturbations_per_eval=ppe, **kw)
+        assert isinstance(got, tuple) and len(got) == 3
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, torch.tensor(e))
+    for g, c in zip(got, C.Occlusion(net).attribute((inp1, inp2, inp3), **kw)):
+        torch.testing.assert_close(g, c)
+
+
+def test_occlusion_per_input_tuple_strides_on_convs():
+    """tests/attr/test_occlusion.py::test_simple_multi_input_conv (second case)."""
+    net = BasicModel_ConvNet_One_Conv()
+    inp = torch.arange(16, dtype=torch.float).view(1, 1, 4, 4)
+    inp2 = torch.ones((1, 1, 4, 4))
+    kw = dict(sliding_window_shapes=((1, 2, 3), (1, 1, 2)), strides=((1, 2, 1), (1, 1, 2)), target=0)
+    got = R.Occlusion(net).attribute((inp, inp2), **kw)
+    want = (
+        [[[[17.0, 17.0, 17.0, 17.0], [17.0, 17.0, 17.0, 17.0], [64.0, 65.5, 65.5, 67.0], [64.0, 65.5, 65.5, 67.0]]]],
+        [[[[3.0, 3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]]]],
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, torch.tensor(w))
+
+
+@pytest.mark.parametrize("cls", ["Saliency", "InputXGradient", "IntegratedGradients", "DeepLift"])
+def test_targets_index_dim_1_of_multidim_outputs(cls):
+    """captum/testing/attr/helpers/test_config.py 'basic_multiple_tuple_target': output (4, 2, 2, 2),
+    one tuple per example; and one tuple for all examples."""
+    net = BasicModel_MultiLayer()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    for target in ([(1, 0, 0), (0, 1, 1), (1, 1, 1), (0, 0, 0)], (1, 0, 1)):
+        got = getattr(R, cls)(net).attribute(x, target=target, additional_forward_args=(None, True))
+        want = getattr(C, cls)(net).attribute(x, target=target, additional_forward_args=(None, True))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # each example alone gives its row of the batch (Captum's TargetsMeta check)
+    t = [(1, 0, 0), (0, 1, 1), (1, 1, 1), (0, 0, 0)]
+    batch = getattr(R, cls)(net).attribute(x, target=t, additional_forward_args=(None, True))
+    for i in range(4):
+        one = getattr(R, cls)(net).attribute(x[i : i + 1], target=t[i], additional_forward_args=(None, True))
+        torch.testing.assert_close(one[0], batch[i], rtol=1e-4, atol=1e-5)
+
+
+def test_a_target_that_selects_several_outputs_is_refused():
+    """tests/attr/test_targets.py::test_multi_target_error (Captum: AssertionError)."""
+    net = BasicModel_MultiLayer()
+    with pytest.raises(ValueError, match="selects 2 outputs per example"):
+        R.IntegratedGradients(net).attribute(torch.zeros((1, 3)), additional_forward_args=(None, True), target=(1, 0))
+    with pytest.raises(ValueError, match="2-d output"):
+        R.Saliency(net).attribute(torch.zeros((2, 3)), additional_forward_args=(None, True), target=[0, 1])
+
+
+def test_grad_cam_on_a_layer_that_returns_a_tuple():
+    """tests/attr/layer/test_grad_cam.py::test_simple_multi_input_non_conv: ([[21.0]], [[21.0]])."""
+    net = BasicModel_MultiLayer(multi_input_module=True)
+    inp = torch.tensor([[0.0, 6.0, 0.0]], requires_grad=True)
+    got = R.LayerGradCam(net, net.multi_relu).attribute(inp, target=0)
+    assert isinstance(got, tuple) and len(got) == 2
+    for g in got:
+        torch.testing.assert_close(g.detach(), torch.tensor([[21.0]]))
+
+
+def test_grad_cam_on_a_conv_block_returning_two_maps_matches_captum():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.relu(), torch.tanh(2 * y)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.block = Block()
+            self.fc = torch.nn.Linear(2 * 3 * 25, 4)
+
+        def forward(self, x):
+            a, b = self.block(x)
+            return self.fc(torch.cat([a, b], 1).flatten(1))
+
+    net = Net()
+    x = torch.randn(3, 1, 5, 5)
+    for relu in (False, True):
+        got = R.LayerGradCam(net, net.block).attribute(x, target=2, relu_attributions=relu)
+        want = C.LayerGradCam(net, net.block).attribute(x, target=2, relu_attributions=relu)
+        assert isinstance(got, tuple) and len(got) == len(want) == 2
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w.detach(), rtol=1e-4, atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,14 +60,85 @@ def _model(fn, inputs, additional_forward_args):
     return _Wrapped(fn, n, extra)
 
 
-def _target(target):
-    if target is None:
-        return lambda out: out.reshape(out.shape[0], -1).sum(1) if out.dim() > 1 else out
-    if isinstance(target, tuple) or (isinstance(target, list) and target and isinstance(target[0], tuple)):
+class _Flat(torch.nn.Module):
+    """The model with its output flattened after the batch dim, so a Captum index tuple is one class."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        out = self.fn(*args)
+        return out.reshape(out.shape[0], -1)
+
+
+def _flat_index(t: tuple, shape: tuple[int, ...], target) -> int:
+    """Captum's ``out[:, *t]`` as an index into the flattened output; it must pick one number."""
+    if len(t) > len(shape):
         raise ValueError(
-            "target: tuple targets for outputs with more than two dims are not supported; pass a callable target"
+            f"target {target!r} has {len(t)} indices but the output has only {len(shape)} dims after the batch {shape}"
         )
-    return target
+    rest = shape[len(t) :]
+    if int(np.prod(rest)) != 1:
+        raise ValueError(
+            f"target {target!r} selects {int(np.prod(rest))} outputs per example from an output of shape "
+            f"(batch, {', '.join(map(str, shape))}); as in Captum, indices start at dim 1: give one per output "
+            f"dim, e.g. target={tuple([0] * len(shape))}"
+        )
+    for i, (k, n) in enumerate(zip(t, shape)):
+        if not -n <= int(k) < n:
+            raise ValueError(f"target {target!r}: index {k} is out of range for dim {i + 1} of size {n}")
+    full = tuple(int(k) % n for k, n in zip(t, shape)) + (0,) * len(rest)
+    return int(np.ravel_multi_index(full, shape))
+
+
+def _model_and_target(fn, inputs, additional_forward_args, target):
+    """The model relprop explains and its target, following Captum's conventions.
+
+    Captum indexes targets from dim 1: an int or a tuple picks ``out[:, *target]`` for every example, a
+    list holds one int (2-d outputs) or one tuple per example, a tensor one class per example (2-d
+    outputs). Outputs with more than 2 dims are flattened after the batch dim and the indices turned
+    into flat class indices, so every relprop method (which batch-expands targets for IG, SmoothGrad...)
+    sees an ordinary per-example class. ``None`` keeps relprop's sum over outputs; callables pass through.
+    """
+    model = _model(fn, inputs, additional_forward_args)
+    if target is None:
+        return model, lambda out: out.reshape(out.shape[0], -1).sum(1) if out.dim() > 1 else out
+    if callable(target):
+        return model, target
+    t = target
+    if isinstance(t, torch.Tensor):
+        if t.numel() == 1:
+            t = int(t.item())
+        elif t.dim() == 1:
+            t = [int(v) for v in t.tolist()]
+        else:
+            raise ValueError(f"target: a tensor target has one element or one per example, got {tuple(t.shape)}")
+    if isinstance(t, bool) or not isinstance(t, (int, tuple, list)):
+        raise ValueError(f"target: expected an int, a tuple, a list or a tensor, got {target!r}")
+    xs = inputs if isinstance(inputs, tuple) else (inputs,)
+    with torch.no_grad():
+        out = model(*xs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    shape = tuple(out.shape[1:])
+    b = out.shape[0]
+    if isinstance(t, list):
+        if len(t) != b:
+            raise ValueError(f"target: a list target needs one entry per example ({b}), got {len(t)}")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in t):
+            if len(shape) != 1:
+                raise ValueError(
+                    f"target: one class per example needs a 2-d output, got {tuple(out.shape)}; give one tuple of "
+                    f"indices per example (Captum's rule)"
+                )
+            return model, torch.tensor(t)
+        if not all(isinstance(v, tuple) for v in t):
+            raise ValueError(f"target: a list target holds ints or tuples of ints, got {target!r}")
+        flat = torch.tensor([_flat_index(v, shape, target) for v in t])
+        return (_Flat(model), flat) if len(shape) > 1 else (model, flat)
+    k = _flat_index(t if isinstance(t, tuple) else (t,), shape, target)
+    return (_Flat(model), k) if len(shape) > 1 else (model, k)
 
 
 def _out(attr, is_tuple):
@@ -82,9 +154,8 @@ class _Attribution:
         self.forward_func = forward_func
 
     def _run(self, inputs, target, additional_forward_args, **options):
-        model = _model(self.forward_func, inputs, additional_forward_args)
-        e = explain(model, inputs, target=_target(target), method=self.method, **options)
-        return e
+        model, t = _model_and_target(self.forward_func, inputs, additional_forward_args, target)
+        return explain(model, inputs, target=t, method=self.method, **options)
 
     def has_convergence_delta(self) -> bool:
         return False
@@ -96,7 +167,7 @@ class _Attribution:
 
 def _delta(model_fn, inputs, baselines, target, attributions, additional_forward_args):
     """f(x) - f(x0) minus the attribution sum, per sample (Captum's convergence delta)."""
-    model = _model(model_fn, inputs, additional_forward_args)
+    model, t = _model_and_target(model_fn, inputs, additional_forward_args, target)
     xs = inputs if isinstance(inputs, tuple) else (inputs,)
     if baselines is None:
         bs = tuple(torch.zeros_like(x) for x in xs)
@@ -108,7 +179,7 @@ def _delta(model_fn, inputs, baselines, target, attributions, additional_forward
 
         def score(args):
             # The same score as the attributions explain (one definition: methods._validate.score).
-            return target_score(model(*args), _target(target), args[0].shape[0])[0]
+            return target_score(model(*args), t, args[0].shape[0])[0]
 
         diff = score(xs) - score(bs)
     attrs = attributions if isinstance(attributions, tuple) else (attributions,)
@@ -266,11 +337,11 @@ class NoiseTunnel:
         extra = kwargs.pop("additional_forward_args", None)
         kwargs.pop("return_convergence_delta", None)
         options = _inner_options(inner, kwargs)
-        model = _model(inner.forward_func, inputs, extra)
+        model, t = _model_and_target(inner.forward_func, inputs, extra, target)
         e = explain(
             model,
             inputs,
-            target=_target(target),
+            target=t,
             method="noise_tunnel",
             base_method=inner.method,
             nt_type=nt_type,
@@ -325,11 +396,17 @@ class LayerGradCam(_Attribution, LayerAttribution):
         reshape="auto",
         prefix_tokens=None,
     ):
-        model = _model(self.forward_func, inputs, additional_forward_args)
+        model, t = _model_and_target(self.forward_func, inputs, additional_forward_args, target)
+        if not attribute_to_layer_input:
+            outs = _layer_outputs(model, inputs, self.layer)
+            if len(outs) > 1:  # Captum: one map per element of the layer's output tuple
+                return _tuple_grad_cam(
+                    model, inputs, t, self.layer, outs, relu_attributions, attr_dim_summation, reshape, prefix_tokens
+                )
         e = explain(
             model,
             inputs,
-            target=_target(target),
+            target=t,
             method="gradcam",
             layer=self.layer,
             attribute_to_layer_input=attribute_to_layer_input,
@@ -339,6 +416,64 @@ class LayerGradCam(_Attribution, LayerAttribution):
             prefix_tokens=prefix_tokens,
         )
         return e.attributions
+
+
+def _layer_outputs(model, inputs, layer) -> list[torch.Tensor]:
+    """What ``layer`` returns on ``inputs`` (several tensors when it returns a tuple)."""
+    from .methods.gradcam import layer_name
+
+    root = model if isinstance(model, torch.nn.Module) else None
+    if root is None:
+        return []
+    mod = dict(root.named_modules()).get(layer_name(root, layer)) if not isinstance(layer, torch.nn.Module) else layer
+    box: dict = {}
+    handle = mod.register_forward_hook(lambda m, i, o: box.setdefault("out", o))
+    try:
+        with torch.no_grad():
+            model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+    finally:
+        handle.remove()
+    out = box.get("out")
+    if isinstance(out, (tuple, list)):
+        return [o for o in out if isinstance(o, torch.Tensor)]
+    return [out] if isinstance(out, torch.Tensor) else []
+
+
+def _tuple_grad_cam(model, inputs, target, layer, outs, relu, summation, reshape, prefix_tokens):
+    """Grad-CAM on each tensor a layer returns, from one traced backward pass.
+
+    The recorded values the layer hands to the rest of the model are matched to the returned tuple in
+    order of production (value and shape must agree); an element the model never uses has no gradient
+    and is refused, as Captum's autograd would be."""
+    from .methods.core import run_backward
+    from .methods.gradcam import grad_cam_map, layer_name, to_grid
+    from .rules.composites import GradientComposite
+
+    name = layer_name(model, layer)
+    picked: list = []
+
+    def extra(graph):
+        cands = list(graph.module_outputs(name))
+        for o in outs:
+            hit = next((v for v in cands if tuple(v.tensor.shape) == tuple(o.shape) and torch.equal(v.tensor, o)), None)
+            if hit is None:
+                raise ValueError(
+                    f"layer '{name}': an element of its output tuple (shape {tuple(o.shape)}) is not used by the "
+                    f"rest of the model, so it has no gradient for Grad-CAM"
+                )
+            cands.remove(hit)
+            picked.append(hit)
+        return picked
+
+    e = run_backward(
+        model, inputs, target=target, composite=GradientComposite(), method="gradcam", times_output=False,
+        extra_values=extra,
+    )  # fmt: skip
+    maps = []
+    for v in picked:
+        g, a = to_grid(e.at_values[v.index], reshape, prefix_tokens), to_grid(v.tensor, reshape, prefix_tokens)
+        maps.append(grad_cam_map(g, a, relu, summation).detach())
+    return tuple(maps)
 
 
 class GuidedGradCam(_Attribution):
@@ -358,11 +493,11 @@ class GuidedGradCam(_Attribution):
         attribute_to_layer_input: bool = False,
     ):
         inputs, is_tuple = _fmt(inputs)
-        model = _model(self.forward_func, inputs, additional_forward_args)
+        model, t = _model_and_target(self.forward_func, inputs, additional_forward_args, target)
         e = explain(
             model,
             inputs,
-            target=_target(target),
+            target=t,
             method="guided_gradcam",
             layer=self.layer,
             interpolate_mode=interpolate_mode,
@@ -391,11 +526,30 @@ class Occlusion(_Attribution):
             target,
             additional_forward_args,
             sliding_window_shapes=sliding_window_shapes,
-            strides=strides,
+            strides=_per_input_strides(strides, sliding_window_shapes, inputs),
             baselines=baselines,
             perturbations_per_eval=perturbations_per_eval,
         )
         return _out(e.attributions, is_tuple)
+
+
+def _per_input_strides(strides, windows, inputs):
+    """Captum's stride forms for several inputs: one entry per input, each an int (the same stride along
+    every dim of that input's window) or a tuple; expanded to one tuple per input for relprop."""
+    if not (isinstance(inputs, tuple) and len(inputs) > 1) or strides is None or isinstance(strides, int):
+        return strides
+    if not (isinstance(strides, tuple) and len(strides) == len(inputs)):
+        return strides  # relprop's own check names the problem
+    if not (isinstance(windows, tuple) and len(windows) == len(inputs)):
+        return strides
+    out = []
+    for s, w in zip(strides, windows):
+        if isinstance(s, int) and not isinstance(s, bool):
+            n = len(w) if isinstance(w, tuple) else 1
+            out.append((s,) * n)
+        else:
+            out.append(s)
+    return tuple(out)
 
 
 class LRP(_Attribution):
