@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import relprop
 from relprop.graph import Node, Value
+from relprop.rules import NAMES
 from relprop.rules.base import RuleContext
 from relprop.rules.recurrent import Recurrent, RecurrentRuleError
 
@@ -40,7 +41,9 @@ class Head(nn.Module):
 
     def forward(self, x):
         if not self.rnn.batch_first:
-            x = x.transpose(0, 1)
+            # contiguous: PyTorch then records the input projection as one addmm (a strided input gives
+            # mm + add, a different program for rules that treat the bias apart, like z+ or flat)
+            x = x.transpose(0, 1).contiguous()
         out, state = self.rnn(x)
         last = out[:, -1] if self.rnn.batch_first else out[-1]
         if self.use_hn:
@@ -101,6 +104,7 @@ def test_gradient_packed_sequence():
     nobias = Packed().eval()
     nobias.rnn = nn.LSTM(3, 5, batch_first=True, bias=False)
     nobias.fc = nn.Linear(5, 2, bias=False)
+    nobias.eval()
     e = relprop.explain(nobias, x, target=1, method="lrp", composite="lrp0")
     torch.testing.assert_close(e.attributions.sum((1, 2)), nobias(x)[:, 1].detach(), rtol=1e-4, atol=1e-6)
     # the padded steps of the shorter sequences get nothing
@@ -137,6 +141,17 @@ def test_fused_kernel_is_what_float32_lstm_records():
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda k: "-".join(f"{a}" for a in k) or "plain")
 @pytest.mark.parametrize("composite", ["epsilon", "lrp0", "attnlrp", "epsilon_plus"])
 def test_lstm_fused_float32_equals_decomposed_float64(kw, composite):
+    _fused_vs_decomposed(kw, composite)
+
+
+@pytest.mark.parametrize("composite", sorted(set(NAMES) - {"epsilon", "lrp0", "attnlrp", "epsilon_plus"}))
+def test_every_composite_treats_fused_and_decomposed_lstm_alike(composite):
+    """The fused rule applies the composite's dense rule (and its first-layer rule) to the cell's linear
+    parts, as the decomposed recording gets them: the kernel PyTorch picks does not change the answer."""
+    _fused_vs_decomposed(dict(num_layers=2, bidirectional=True), composite)
+
+
+def _fused_vs_decomposed(kw, composite):
     model = _model(nn.LSTM, **kw)
     model.use_hn = False
     x = torch.randn(2, 6, 3)
@@ -364,24 +379,29 @@ def test_self_check_refuses_a_kernel_it_cannot_reproduce():
     args += [False, [], 2, 4, 1, True, False, False, False]
     good = _fake_node(torch.ops.aten.mkldnn_rnn_layer.default, args, [out, hn[0], cn[0], out], lstm)
     ctx = RuleContext(good, [torch.ones_like(out), None, None, None], [True] + [False] * 6)
-    (rx, *_) = Recurrent(0.0, 0.0)(ctx)
+    (rx, *_) = Recurrent(epsilon=0.0, stabilizer=0.0)(ctx)
     assert rx.shape == x.shape
     bad = _fake_node(torch.ops.aten.mkldnn_rnn_layer.default, args, [out + 0.01, hn[0], cn[0], out], lstm)
     ctx = RuleContext(bad, [torch.ones_like(out), None, None, None], [True] + [False] * 6)
     with pytest.raises(RecurrentRuleError, match="does not reproduce"):
-        Recurrent(0.0, 0.0)(ctx)
+        Recurrent(epsilon=0.0, stabilizer=0.0)(ctx)
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.__name__)
+def _rnn_relu(*args, **kw):
+    return nn.RNN(*args, nonlinearity="relu", **kw)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("cell", [*CELLS, _rnn_relu], ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
     "kw", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)], ids=["plain", "deep"]
 )
-def test_cudnn_form_equals_decomposed(cell, kw):
+def test_cudnn_form_equals_decomposed(cell, kw, bias):
     """``_cudnn_rnn`` (the whole module in one call on CUDA), checked on CPU with a node built from the
     module's own outputs: the rule's argument parsing, layer/direction layout and relevance match the
     decomposed float64 recording."""
     torch.manual_seed(4)
-    rnn = cell(3, 4, bias=False, **kw).double().eval()
+    rnn = cell(3, 4, bias=bias, **kw).double().eval()
     B, T = 2, 5
     x = torch.randn(B, T, 3, dtype=torch.float64) if rnn.batch_first else torch.randn(T, B, 3, dtype=torch.float64)
     L = rnn.num_layers * (2 if rnn.bidirectional else 1)
@@ -390,9 +410,21 @@ def test_cudnn_form_equals_decomposed(cell, kw):
     with torch.no_grad():
         out, state = rnn(x)
     hn, cn = state if lstm else (state, None)
-    mode = {nn.LSTM: 2, nn.GRU: 3, nn.RNN: 1}[cell]
+    mode = {nn.LSTM: 2, nn.GRU: 3, nn.RNN: 1, _rnn_relu: 0}[cell]
     weights = [w for w in rnn._flat_weights]
-    args = [x, weights, 2, None, h0, h0.clone() if lstm else None, mode, 4, 0, rnn.num_layers, rnn.batch_first]
+    args = [
+        x,
+        weights,
+        4 if bias else 2,
+        None,
+        h0,
+        h0.clone() if lstm else None,
+        mode,
+        4,
+        0,
+        rnn.num_layers,
+        rnn.batch_first,
+    ]
     args += [0.0, False, rnn.bidirectional, [], None]
     outs = [out, hn, cn if lstm else torch.empty(0), torch.empty(0), torch.empty(0)]
     node = _fake_node(torch.ops.aten._cudnn_rnn.default, args, outs, rnn)
@@ -400,7 +432,7 @@ def test_cudnn_form_equals_decomposed(cell, kw):
     r_out = torch.randn_like(out)
     needs = [False] * len(node.inputs)
     needs[0] = True
-    got = Recurrent(0.0, 0.0)(RuleContext(node, [out * r_out, None, None, None, None], needs))[0]
+    got = Recurrent(epsilon=0.0, stabilizer=0.0)(RuleContext(node, [out * r_out, None, None, None, None], needs))[0]
 
     # the same relevance (out * r_out at the output sequence) pushed through the decomposed recording
     tm = not rnn.batch_first
@@ -416,8 +448,115 @@ def test_cudnn_form_equals_decomposed(cell, kw):
 
     rb = r_out.transpose(0, 1) if tm else r_out
     xb = x.transpose(0, 1) if tm else x
-    model = BatchFirst()
+    model = BatchFirst().eval()
     assert "_cudnn_rnn" not in _ops(model, xb)
     score = lambda o: (o * rb).flatten(1).sum(1)  # noqa: E731
     e = relprop.explain(model, xb, target=score, method="lrp", composite="lrp0")
     torch.testing.assert_close(got.transpose(0, 1) if tm else got, e.attributions, rtol=1e-8, atol=1e-10)
+
+
+def test_initial_state_from_another_lstm_gets_relevance():
+    """An encoder's (h_n, c_n) as a decoder's initial state: relevance flows through hx and cx, fused and not."""
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(6)
+            self.enc = nn.LSTM(3, 4, batch_first=True, bias=False)
+            self.dec = nn.LSTM(2, 4, batch_first=True, bias=False)
+            self.fc = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            _, state = self.enc(x[:, :4])
+            out, _ = self.dec(x[:, 4:, :2], state)
+            return self.fc(out[:, -1])
+
+    model = Seq2Seq().eval()
+    x = torch.randn(2, 7, 3)
+    e32 = relprop.explain(model, x, target=1, method="lrp", composite="lrp0").attributions
+    logit = model(x)[:, 1].detach()
+    torch.testing.assert_close(e32.sum((1, 2)), logit, rtol=1e-4, atol=1e-6)
+    assert e32[:, :4].abs().sum() > 0.1 * e32.abs().sum()  # the encoder's steps get their share
+    e64 = relprop.explain(model.double(), x.double(), target=1, method="lrp", composite="lrp0").attributions
+    torch.testing.assert_close(e32.double(), e64, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell], ids=lambda c: c.__name__)
+def test_cells_in_a_python_loop_equal_the_reference(cell):
+    """nn.LSTMCell/nn.GRUCell stepped by hand are recorded as plain ops; their gates get no relevance either."""
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(7)
+            self.cell = cell(3, 5)
+            self.fc = nn.Linear(5, 3, bias=False)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+            c = torch.zeros_like(h)
+            for t in range(x.shape[1]):
+                if cell is nn.LSTMCell:
+                    h, c = self.cell(x[:, t], (h, c))
+                else:
+                    h = self.cell(x[:, t], h)
+            return self.fc(h)
+
+    model = Loop().double().eval()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    e = relprop.explain(model, x, target=0, method="lrp", composite="lrp0").attributions
+    # the same weights in an nn.LSTM/nn.GRU, explained by the hand-written reference
+    full = (nn.LSTM if cell is nn.LSTMCell else nn.GRU)(3, 5).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(full, name + "_l0").copy_(getattr(model.cell, name))
+    head = Head(full).double()
+    head.fc = model.fc
+    r_h = _output_relevance(head, x, 0)
+    ref_fn = arras_lstm if cell is nn.LSTMCell else arras_gru
+    ref = torch.stack([ref_fn(full, x[b], r_h[:, b], eps=0.0) for b in range(2)])
+    torch.testing.assert_close(e, ref, rtol=1e-8, atol=1e-8 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell], ids=lambda c: c.__name__)
+def test_fused_cell_kernels_equal_decomposed(cell, bias):
+    """``_thnn_fused_lstm_cell``/``_thnn_fused_gru_cell`` (nn.LSTMCell/GRUCell on CUDA), checked on CPU with
+    a node built from the cell's own outputs, against the decomposed float64 recording of the same step."""
+    torch.manual_seed(8)
+    m = cell(3, 4, bias=bias).double().eval()
+    lstm = cell is nn.LSTMCell
+    x, h, c = (torch.randn(2, n, dtype=torch.float64) for n in (3, 4, 4))
+    ig, hg = x @ m.weight_ih.detach().T, h @ m.weight_hh.detach().T
+    with torch.no_grad():
+        out = m(x, (h, c)) if lstm else m(x, h)
+    hy = out[0] if lstm else out
+    outs = [out[0], out[1], torch.empty(0)] if lstm else [out, torch.empty(0)]
+    op = torch.ops.aten._thnn_fused_lstm_cell.default if lstm else torch.ops.aten._thnn_fused_gru_cell.default
+    args = [ig, hg, c if lstm else h, m.bias_ih if bias else None, m.bias_hh if bias else None]
+    node = _fake_node(op, args, outs, m)
+    torch.manual_seed(9)
+    r = torch.randn_like(hy)
+    needs = [k < 3 for k in range(len(node.inputs))]
+    rel = [hy * r] + [None] * (len(outs) - 1)
+    r_ig, r_hg, r_state = Recurrent(epsilon=0.0, stabilizer=0.0)(RuleContext(node, rel, needs))[:3]
+    # LRP-0 through the mm ops recorded before the kernel
+    r_x = x * ((r_ig / ig) @ m.weight_ih.detach())
+    r_h = h * ((r_hg / hg) @ m.weight_hh.detach()) + (0 if lstm else r_state)
+
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = m
+
+        def forward(self, xhc):
+            x, h, c = xhc.split([3, 4, 4], -1)
+            return self.cell(x, (h, c))[0] if lstm else self.cell(x, h)
+
+    xhc = torch.cat([x, h, c], -1)
+    e = relprop.explain(Step().eval(), xhc, target=lambda o: (o * r).sum(1), method="lrp", composite="lrp0")
+    ref_x, ref_h, ref_c = e.attributions.split([3, 4, 4], -1)
+    torch.testing.assert_close(r_x, ref_x, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(r_h, ref_h, rtol=1e-8, atol=1e-10)
+    if lstm:
+        torch.testing.assert_close(r_state, ref_c, rtol=1e-8, atol=1e-10)

@@ -26,14 +26,18 @@ PyTorch picked: float32 fused and float64 decomposed agree to float32 precision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..graph import Graph, Node, Value
-from .base import RuleContext, register_family
-from .linear import stabilize
+from . import base
+from .base import Rule, RuleContext, register_family
+from .linear import Epsilon, stabilize
+
+aten = torch.ops.aten
 
 #: ``mode`` argument of the fused kernels (cuDNN's and oneDNN's enum).
 _MODES = {0: "rnn_relu", 1: "rnn_tanh", 2: "lstm", 3: "gru"}
@@ -121,9 +125,9 @@ def _share(parts: Sequence[torch.Tensor], total: torch.Tensor, rel: torch.Tensor
     return [p * s for p in parts]
 
 
-def _linear_lrp(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, eps: float) -> torch.Tensor:
-    """Epsilon-LRP of ``out = x W^T + b`` (bias absorbs its share, as in the ``dense`` family's rule)."""
-    return x * ((rel / stabilize(out, eps)) @ w)
+#: ``dense(x (N, D), w (G, D), b (G,) | None, out (N, G), rel (N, G), is_input) -> relevance of x``: the rule
+#: set's rule for the cell's linear parts (``is_input``: the input part ``x W_ih^T + b_ih``, else ``h W_hh^T + b_hh``).
+Dense = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
 def _lrp_layer(
@@ -133,12 +137,21 @@ def _lrp_layer(
     r_out: torch.Tensor,
     r_hn: torch.Tensor | None,
     r_cn: torch.Tensor | None,
-    eps: float,
+    dense: Dense,
     stab: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Relevance of ``x`` (T, B, D), ``h0`` and ``c0`` from the relevance of the outputs, backwards in time."""
+    """Relevance of ``x`` (T, B, D), ``h0`` and ``c0`` from the relevance of the outputs, backwards in time.
+
+    Only the signal's rows of the weights carry relevance (the gates get none), so the linear parts are
+    evaluated on those rows; the input part of every step is done in one call after the loop, as the
+    decomposed form does it in one ``addmm`` over all steps.
+    """
     H = layer.w_hh.shape[1]
-    r_x = torch.zeros_like(x)
+    rows = slice(0, H) if layer.mode in ("rnn_tanh", "rnn_relu") else slice(2 * H, 3 * H)  # LSTM's g, GRU's n
+    w_ih, w_hh = layer.w_ih[rows], layer.w_hh[rows]
+    b_ih = layer.b_ih[rows] if layer.b_ih is not None else None
+    b_hh = layer.b_hh[rows] if layer.b_hh is not None else None
+    r_in = torch.zeros(x.shape[:-1] + (H,), dtype=x.dtype, device=x.device)  # relevance of x W_ih^T + b_ih
     r_h = r_hn if r_hn is not None else torch.zeros_like(steps[-1]["h_prev"])
     r_c = None
     if layer.mode == "lstm":
@@ -146,31 +159,55 @@ def _lrp_layer(
     for rec in reversed(steps):
         t = rec["t"]
         r_h = r_h + r_out[t]
+        A, B = rec["A"][..., rows], rec["B"][..., rows]
         if layer.mode == "lstm":
-            gs = slice(2 * H, 3 * H)  # gate order i, f, g, o: g is the signal
             r_c = r_c + r_h  # h = o * tanh(c): the gate o gets nothing, tanh passes relevance on
             i, f, g = rec["i"], rec["f"], rec["g"]
             r_c_prev, r_g = _share([f * rec["c_prev"], i * g], rec["c"], r_c, stab)  # gates f, i: none
-            r_z = r_g  # g = tanh(z_g)
-            r_a, r_b = _share([rec["A"][..., gs], rec["B"][..., gs]], rec["z"][..., gs], r_z, stab)
-            r_h = _linear_lrp(rec["h_prev"], layer.w_hh[gs], rec["A"][..., gs], r_a, eps)
-            r_x[t] = _linear_lrp(x[t], layer.w_ih[gs], rec["B"][..., gs], r_b, eps)
+            # g = tanh(z_g), z_g = (h W_hg^T + b_hg) + (x W_ig^T + b_ig)
+            r_a, r_b = _share([A, B], rec["z"][..., rows], r_g, stab)
+            r_h = dense(rec["h_prev"], w_hh, b_hh, A, r_a, False)
             r_c = r_c_prev
         elif layer.mode == "gru":
-            ns = slice(2 * H, 3 * H)  # gate order r, z, n: n is the signal
             # h' = (h - n) * z + n (PyTorch's form): the gate z gets nothing
             r_d, r_n = _share([rec["d"] * rec["zt"], rec["n"]], rec["h"], r_h, stab)
             r_hd, r_nd = _share([rec["h_prev"], -rec["n"]], rec["d"], r_d, stab)
-            r_a = r_n + r_nd  # n = tanh(a)
-            # a = (x W_in^T + b_in) + r * (h W_hn^T + b_hn): the gate r gets nothing
-            r_bn, r_an = _share([rec["B"][..., ns], rec["A"][..., ns] * rec["r"]], rec["a"], r_a, stab)
-            r_h = r_hd + _linear_lrp(rec["h_prev"], layer.w_hh[ns], rec["A"][..., ns], r_an, eps)
-            r_x[t] = _linear_lrp(x[t], layer.w_ih[ns], rec["B"][..., ns], r_bn, eps)
+            # n = tanh(a), a = (x W_in^T + b_in) + r * (h W_hn^T + b_hn): the gate r gets nothing
+            r_b, r_an = _share([B, A * rec["r"]], rec["a"], r_n + r_nd, stab)
+            r_h = r_hd + dense(rec["h_prev"], w_hh, b_hh, A, r_an, False)
         else:
-            r_a, r_b = _share([rec["A"], rec["B"]], rec["z"], r_h, stab)  # h = act(z): identity rule
-            r_h = _linear_lrp(rec["h_prev"], layer.w_hh, rec["A"], r_a, eps)
-            r_x[t] = _linear_lrp(x[t], layer.w_ih, rec["B"], r_b, eps)
-    return r_x, r_h, r_c
+            r_a, r_b = _share([A, B], rec["z"], r_h, stab)  # h = act(z): identity rule
+            r_h = dense(rec["h_prev"], w_hh, b_hh, A, r_a, False)
+        r_in[t] = r_b
+    N = x.shape[0] * x.shape[1]
+    b_all = torch.stack([rec["B"][..., rows] for rec in sorted(steps, key=lambda r: r["t"])])
+    r_x = dense(x.reshape(N, -1), w_ih, b_ih, b_all.reshape(N, -1), r_in.reshape(N, -1), True)
+    return r_x.reshape(x.shape), r_h, r_c
+
+
+def _dense_rule(rule: Rule, owner: Node) -> Callable[..., torch.Tensor]:
+    """Apply a ``dense``-family rule to ``x W^T + b`` as if it had been recorded as an ``addmm``/``mm`` node."""
+    if isinstance(rule, Epsilon):  # the common case, without building a node: x * (R / stab(z)) W
+
+        def eps(x, w, b, out, rel):
+            return x * ((rel / stabilize(out, rule.epsilon)) @ w)
+
+        return eps
+
+    def apply(x, w, b, out, rel):
+        xv = Value(0, x, "op", is_activation=True)
+        wv = Value(1, w.t(), "param")
+        if b is None:
+            op, args = aten.mm.default, (xv, wv)
+        else:
+            op, args = aten.addmm.default, (Value(2, b, "param"), xv, wv)
+        ov = Value(3, out, "op", is_activation=True)
+        node = Node(owner.index, op, args, {}, list(args), [ov], owner.module, owner.module_type)
+        res = rule(RuleContext(node, [rel], [a is xv for a in args], base.NodeNotes("dense")))
+        r = res[args.index(xv)]
+        return r if r is not None else torch.zeros_like(x)
+
+    return apply
 
 
 # --------------------------------------------------------------------------- the rule
@@ -185,14 +222,39 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 class Recurrent:
     """Arras et al.'s LRP for fused recurrent kernels (``mkldnn_rnn_layer``, ``_cudnn_rnn``).
 
+    The gates get no relevance; sums split it by the epsilon rule with ``stabilizer`` (what the ``sum``
+    family's :class:`~relprop.rules.Proportional` does in the decomposed form); the linear parts
+    ``x W_ih^T + b_ih`` and ``h W_hh^T + b_hh`` get the rule set's ``dense`` rule (Arras et al.: epsilon),
+    applied as if PyTorch had recorded them as ``addmm`` ops, so a fused layer gets the relevance its
+    decomposed recording gets under the same composite.
+
     Args:
-        epsilon: stabiliser of the epsilon rule on the linear parts (``W_ih x + b_ih``, ``W_hh h + b_hh``).
-        stabilizer: stabiliser of the sum rule (``c = f*c' + i*g``, the gate pre-activations), as the
-            composite's ``sum`` family uses.
+        dense: rule for the linear parts (default ``Epsilon(epsilon)``).
+        stabilizer: stabiliser of the sum rule (``c = f*c' + i*g``, the gate pre-activations).
+        epsilon: shorthand for ``dense=Epsilon(epsilon)``.
+        first: rule for the input part of the first layer, when the composite's first-layer rule
+            (``Flat``, ``ZBox``...) falls on this kernel (see :meth:`with_first`).
     """
 
-    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6):
-        self.epsilon, self.stabilizer = epsilon, stabilizer
+    def __init__(
+        self,
+        dense: Rule | None = None,
+        stabilizer: float = 1e-6,
+        *,
+        epsilon: float | None = None,
+        first: Rule | None = None,
+    ):
+        if dense is not None and epsilon is not None:
+            raise ValueError("Recurrent: pass dense= or epsilon=, not both")
+        self.dense = dense if dense is not None else Epsilon(1e-6 if epsilon is None else epsilon)
+        self.stabilizer = stabilizer
+        self.first = first
+
+    def with_first(self, first: Rule | None) -> Recurrent:
+        """This rule with ``first`` on the input part of the first layer (forward direction)."""
+        other = copy.copy(self)
+        other.first = first
+        return other
 
     def __call__(self, ctx: RuleContext) -> list:
         packet = ctx.node.packet
@@ -200,10 +262,23 @@ class Recurrent:
             return self._mkldnn(ctx)
         if packet == "_cudnn_rnn":
             return self._cudnn(ctx)
-        raise RecurrentRuleError(ctx.node, "the recurrent rule knows mkldnn_rnn_layer and _cudnn_rnn only")
+        if packet in ("_thnn_fused_lstm_cell", "_thnn_fused_gru_cell"):
+            return self._fused_cell(ctx)
+        raise RecurrentRuleError(ctx.node, f"the recurrent rule does not know {packet}")
 
     def __repr__(self) -> str:
-        return f"Recurrent(epsilon={self.epsilon}, stabilizer={self.stabilizer})"
+        first = f", first={self.first!r}" if self.first is not None else ""
+        return f"Recurrent(dense={self.dense!r}, stabilizer={self.stabilizer}{first})"
+
+    def _dense(self, owner: Node, first: bool) -> Dense:
+        """The ``dense`` callable of :func:`_lrp_layer` for one layer and direction."""
+        hidden = _dense_rule(self.dense, owner)
+        inp = _dense_rule(self.first, owner) if (first and self.first is not None) else hidden
+
+        def dense(x, w, b, out, rel, is_input):
+            return (inp if is_input else hidden)(x, w, b, out, rel)
+
+        return dense
 
     # aten::mkldnn_rnn_layer(input, weight0, weight1, weight2, weight3, hx_, cx_, reverse, batch_sizes, mode,
     #     hidden_size, num_layers, has_biases, bidirectional, batch_first, train) -> (output, hy, cy, workspace)
@@ -228,7 +303,8 @@ class Recurrent:
         steps, (out, hn, cn) = self._checked_run(node, layer, x, hx, cx if mode_name == "lstm" else None, outs[:3])
         r = ctx.relevance
         r_out = r[0] if r[0] is not None else torch.zeros_like(out)
-        r_x, r_h0, r_c0 = _lrp_layer(layer, x, steps, r_out, r[1], r[2], self.epsilon, self.stabilizer)
+        dense = self._dense(node, first=True)
+        r_x, r_h0, r_c0 = _lrp_layer(layer, x, steps, r_out, r[1], r[2], dense, self.stabilizer)
         res: list = [None] * 7
         res[0], res[5], res[6] = r_x, r_h0, r_c0
         return [t if need else None for t, need in zip(res, ctx.needs)]
@@ -325,7 +401,8 @@ class Recurrent:
                 r_o = r_next[..., d * hidden : (d + 1) * hidden]
                 r_hn = r[1][j] if r[1] is not None else None
                 r_cn = r[2][j] if (cx is not None and r[2] is not None) else None
-                r_x, r_h0, r_c0 = _lrp_layer(layer, lin, steps, r_o, r_hn, r_cn, self.epsilon, self.stabilizer)
+                dense = self._dense(node, first=(layer_i == 0 and d == 0))
+                r_x, r_h0, r_c0 = _lrp_layer(layer, lin, steps, r_o, r_hn, r_cn, dense, self.stabilizer)
                 r_in = r_x if r_in is None else r_in + r_x
                 r_hx[j] = r_h0
                 if r_cx is not None and r_c0 is not None:
@@ -339,6 +416,77 @@ class Recurrent:
         if cx_val is not None:
             res[pos[id(cx_val)]] = r_cx
         return [t if need else None for t, need in zip(res, ctx.needs)]
+
+    # aten::_thnn_fused_lstm_cell(input_gates, hidden_gates, cx, input_bias=None, hidden_bias=None) -> (hy, cy, ws)
+    # aten::_thnn_fused_gru_cell(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None) -> (hy, ws)
+    # One time step on CUDA (nn.LSTMCell / nn.GRUCell): the gate pre-activations x W_ih^T and h W_hh^T are
+    # recorded ``mm`` ops before it, so this rule splits relevance among them and the biases (which keep
+    # their share), as the sum rule does between an ``mm`` and its bias in the decomposed form.
+    def _fused_cell(self, ctx: RuleContext) -> list:
+        node = ctx.node
+        pos = _value_positions(node)
+        args = [node.arg(k) for k in range(5)]
+        if not all(isinstance(a, Value) for a in args[:3]):
+            raise RecurrentRuleError(node, "unexpected arguments (expected 3 tensors)")
+        tensors = ctx.inputs
+        ig, hg, state = (tensors[pos[id(a)]] for a in args[:3])
+        b_ih, b_hh = (tensors[pos[id(a)]] if isinstance(a, Value) else None for a in args[3:5])
+        _refuse_params(ctx, [pos[id(a)] for a in args[3:5] if isinstance(a, Value)])
+        lstm = node.packet == "_thnn_fused_lstm_cell"
+        H = state.shape[-1]
+        gi = ig + b_ih if b_ih is not None else ig
+        gh = hg + b_hh if b_hh is not None else hg
+        r_ig, r_hg, r_state = torch.zeros_like(ig), torch.zeros_like(hg), None
+        rel = ctx.relevance
+        stab = self.stabilizer
+        if lstm:
+            z = gi + gh
+            i, f, g, o = (
+                z[..., :H].sigmoid(),
+                z[..., H : 2 * H].sigmoid(),
+                z[..., 2 * H : 3 * H].tanh(),
+                z[..., 3 * H :].sigmoid(),
+            )
+            cy = f * state + i * g
+            hy = o * cy.tanh()
+            _check_cell(node, self, [hy, cy], ctx.outputs[:2])
+            r_c = _zero_or(rel[1], cy) + _zero_or(rel[0], hy)  # h = o * tanh(c): the gate o gets nothing
+            r_state, r_g = _share([f * state, i * g], cy, r_c, stab)
+            gs = slice(2 * H, 3 * H)
+            # z_g = (x W_ig^T + b_ig) + (h W_hg^T + b_hg): the biases keep their shares
+            s_z = r_g / stabilize(z[..., gs], stab)
+            r_ig[..., gs], r_hg[..., gs] = ig[..., gs] * s_z, hg[..., gs] * s_z
+        else:
+            r, zt = (gi[..., :H] + gh[..., :H]).sigmoid(), (gi[..., H : 2 * H] + gh[..., H : 2 * H]).sigmoid()
+            ns = slice(2 * H, 3 * H)
+            a = gi[..., ns] + r * gh[..., ns]
+            n = a.tanh()
+            d = state - n
+            hy = d * zt + n
+            _check_cell(node, self, [hy], ctx.outputs[:1])
+            r_d, r_n = _share([d * zt, n], hy, _zero_or(rel[0], hy), stab)  # the gate z gets nothing
+            r_state, r_nd = _share([state, -n], d, r_d, stab)
+            r_gin, r_ghn = _share([gi[..., ns], r * gh[..., ns]], a, r_n + r_nd, stab)  # the gate r gets nothing
+            r_ig[..., ns] = ig[..., ns] * r_gin / stabilize(gi[..., ns], stab)
+            r_hg[..., ns] = hg[..., ns] * r_ghn / stabilize(gh[..., ns], stab)
+        res: list = [None] * len(node.inputs)
+        for a, t in zip(args[:3], (r_ig, r_hg, r_state)):
+            res[pos[id(a)]] = t if res[pos[id(a)]] is None else res[pos[id(a)]] + t
+        return [t if need else None for t, need in zip(res, ctx.needs)]
+
+
+def _zero_or(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else torch.zeros_like(like)
+
+
+def _check_cell(node: Node, rule: Recurrent, mine: list[torch.Tensor], recorded: list) -> None:
+    for k, (a, b) in enumerate(zip(mine, recorded)):
+        if b is not None and not _close(a, b):
+            raise RecurrentRuleError(
+                node,
+                f"the re-derived cell does not reproduce the kernel's output {k}; relprop will not explain "
+                "a different function",
+            )
 
 
 def _value_positions(node: Node) -> dict[int, int]:
@@ -462,7 +610,7 @@ def recurrent_gate_operands(
     return out
 
 
-register_family("recurrent", "mkldnn_rnn_layer", "_cudnn_rnn")
+register_family("recurrent", "mkldnn_rnn_layer", "_cudnn_rnn", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell")
 # Packing reorders rows (time-major, longest first) and unpacking pads them back: pure data movement,
 # whose exact relevance routing is the VJP (the ``routing`` family's rule).
 register_family("routing", "_pack_padded_sequence", "_pad_packed_sequence")
