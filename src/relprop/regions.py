@@ -91,11 +91,11 @@ def elementwise_regions(graph: Graph, keep_ops: Iterable[str] = ()) -> list[Regi
     """The :class:`RegionOp` of every region :func:`find_elementwise_regions` would form, in graph order."""
     keep = set(keep_ops)
     variable = _Variable()
-    outputs = {v.index for v in graph.output_values}
-    consumers = _live_consumers(graph, outputs)
     candidates = [n for n in graph.nodes if _candidate(n, keep, variable)]
-    if not candidates:
-        return []
+    if len(candidates) < 2:
+        return []  # a region has two ops at least
+    outputs = {v.index for v in graph.output_values}
+    consumers = _live_consumers(graph, outputs, {n.outputs[0].index for n in candidates})
     found: list[list[Node]] = []
     for cone in _cones(candidates, consumers, outputs):
         found.extend(_univariate(cone, consumers, outputs, variable))
@@ -176,32 +176,38 @@ def _memo(v: Value, memo: dict[int, bool], leaf, combine) -> bool:
     return memo[v.index]
 
 
-def _live_consumers(graph: Graph, outputs: set[int]) -> dict[int, list[Node]]:
-    """Value index -> nodes of ``graph`` that use it and whose result is used (dead nodes skipped).
+def _live_consumers(graph: Graph, outputs: set[int], wanted: set[int]) -> dict[int, list[Node]]:
+    """Value index (of ``wanted``) -> nodes of ``graph`` that use it and whose result is used.
 
     Dead nodes are the ``detach`` calls autograd records for tensors it saves (``tanh`` saves its
-    output) and anything else whose results reach nothing; they must not split a region.
+    output) and anything else whose results reach nothing; they must not split a region. The
+    consumers come from ``graph.nodes``, not ``Value.consumers``: a prepared graph has new nodes
+    (merged batch norms) that the recording's lists do not know.
     """
     used = set(outputs)
-    live: list[Node] = []
-    for n in reversed(graph.nodes):
-        if any(v is not None and v.index in used for v in n.outputs):
-            live.append(n)
-            used.update(v.index for v in n.inputs)
     consumers: dict[int, list[Node]] = defaultdict(list)
-    for n in live:
+    for n in reversed(graph.nodes):
+        for v in n.outputs:
+            if v is not None and v.index in used:
+                break
+        else:
+            continue  # dead
         for v in n.inputs:
-            consumers[v.index].append(n)
+            used.add(v.index)
+            if v.index in wanted:
+                consumers[v.index].append(n)
     return consumers
 
 
 def _candidate(n: Node, keep: set[str], variable: _Variable) -> bool:
-    if not isinstance(n.op, torch._ops.OpOverload):
+    op = n.op
+    if not isinstance(op, torch._ops.OpOverload):
         return False  # a region already, or something foreign
-    packet = n.packet.rstrip("_") or n.packet
-    if packet not in ELEMENTWISE or n.packet in keep or packet in keep or n.op_name in keep:
+    name = op.overloadpacket.__name__
+    packet = name.rstrip("_") or name
+    if packet not in ELEMENTWISE or len(n.outputs) != 1 or n.outputs[0] is None:
         return False
-    if len(n.outputs) != 1 or n.outputs[0] is None:
+    if keep and (name in keep or packet in keep or n.op_name in keep):
         return False
     out = n.outputs[0]
     if not variable(out):
