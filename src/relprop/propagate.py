@@ -58,7 +58,7 @@ def _release(node: Node, protected: set[int]) -> None:
             v.data = None
 
 
-def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite, free):
+def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite, free, on_node=None):
     reach = reachable(graph, sources)
     wanted = {v.index for v in sources} | {v.index for v in keep}
     rel: dict[int, torch.Tensor] = {}
@@ -84,6 +84,8 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
         if rule is None:
             raise NoRuleError(node, method)
         result = rule(RuleContext(node, relevance, needs, options))
+        if on_node is not None:  # diagnosis of a non-finite result (relprop._nonfinite)
+            on_node(node, relevance, result, rule)
         for v, need, r in zip(node.inputs, needs, result):
             if need and r is not None:
                 _accumulate(rel, v, r, node)
@@ -93,9 +95,12 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
         for i in wanted:
             t = rel.get(i)
             if t is not None and not torch.isfinite(t).all():
-                raise PropagationError(
-                    f"non-finite {method} at value %{i}; a rule divided by ~0 (try a larger epsilon)"
-                )
+                from ._nonfinite import non_finite_message
+
+                def rerun(hook):
+                    return _propagate(graph, resolve, seeds, sources, keep, options, method, False, False, on_node=hook)
+
+                raise PropagationError(non_finite_message(graph, i, method, rerun))
     return {i: rel[i] for i in wanted if i in rel}
 
 

@@ -24,7 +24,7 @@ from .elementwise import Identity, Stop, Uniform
 from .gradient import gradient_rule
 from .linear import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 from .normalization import ConstantScale, PassThrough, _is_eval_batch_norm
-from .reduction import Proportional
+from .reduction import Proportional, SoftmaxShare
 from .routing import Route
 
 LINEAR_FAMILIES = ("conv", "dense")
@@ -200,6 +200,7 @@ def base_families(stabilizer: float = 1e-6, batch_norm: Rule | None = None) -> d
         "product": Uniform(0.0),
         "nonlinear": Identity(),
         "softmax": SoftmaxRule(),
+        "smoothmax": SoftmaxShare(),
         "norm": _norm_rule(0.0, batch_norm or PassThrough()),
         "routing": Route(),
         "attention": AttentionRule(),

@@ -27,9 +27,17 @@ ParamMod = Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention); eps=0 still avoids 0/0."""
+    """Denominator ``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention).
+
+    ``eps = 0`` (LRP-0, AttnLRP's products and sums): where ``|z|`` is below the smallest normal number
+    (an output that is exactly 0, or subnormal) the denominator is infinite, so ``R / z`` is 0 there:
+    an output of 0 has no contributions to split, and whatever relevance arrives at it is absorbed (as
+    a positive epsilon would absorb it). Dividing by ``finfo.tiny`` instead, as before, overflowed to
+    inf wherever relevance arrived at a zero output (Flat puts relevance on every input, zeros too), and
+    ``inf * 0`` in the VJP (a zero factor of a product) gave NaN, which no epsilon option could fix.
+    """
     if eps == 0:
-        eps = torch.finfo(z.dtype).tiny
+        return z.masked_fill(z.abs() < torch.finfo(z.dtype).tiny, float("inf"))
     return torch.full_like(z, eps).copysign_(z).add_(z)
 
 
