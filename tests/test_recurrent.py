@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import relprop
 from relprop.graph import Node, Value
@@ -560,3 +560,51 @@ def test_fused_cell_kernels_equal_decomposed(cell, bias):
     torch.testing.assert_close(r_h, ref_h, rtol=1e-8, atol=1e-10)
     if lstm:
         torch.testing.assert_close(r_state, ref_c, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2, bidirectional=True)], ids=["plain", "deep"])
+def test_cudnn_form_with_packed_sequences_equals_decomposed(cell, kw):
+    """``_cudnn_rnn`` with ``batch_sizes`` (a PackedSequence on CUDA): sequences end (forward direction) and
+    start from h0 at their own last element (reverse direction) as the decomposed CPU recording has them."""
+    torch.manual_seed(10)
+    rnn = cell(3, 4, batch_first=True, **kw).double().eval()
+    lengths = torch.tensor([6, 4, 4, 1])
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, lengths, batch_first=True)
+    L = rnn.num_layers * (2 if rnn.bidirectional else 1)
+    h0 = torch.zeros(L, 4, 4, dtype=torch.float64)
+    lstm = cell is nn.LSTM
+    with torch.no_grad():
+        out, state = rnn(packed)
+    hn, cn = state if lstm else (state, None)
+    torch.manual_seed(11)
+    r_pad = torch.randn(4, 6, out.data.shape[-1], dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        r_pad[b, n:] = 0
+    r_data = pack_padded_sequence(r_pad, lengths, batch_first=True).data
+    args = [packed.data, list(rnn._flat_weights), 4, None, h0, h0.clone() if lstm else None]
+    args += [2 if lstm else 3, 4, 0, rnn.num_layers, True, 0.0, False, rnn.bidirectional, packed.batch_sizes.tolist()]
+    args += [None]
+    outs = [out.data, hn, cn if lstm else torch.empty(0), torch.empty(0), torch.empty(0)]
+    node = _fake_node(torch.ops.aten._cudnn_rnn.default, args, outs, rnn)
+    needs = [k == 0 for k in range(len(node.inputs))]
+    got = Recurrent(epsilon=0.0, stabilizer=0.0)(RuleContext(node, [out.data * r_data, None, None, None, None], needs))[
+        0
+    ]
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            o, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True))
+            return pad_packed_sequence(o, batch_first=True, total_length=6)[0]
+
+    model = Packed().eval()
+    score = lambda o: (o * r_pad).flatten(1).sum(1)  # noqa: E731
+    e = relprop.explain(model, x, target=score, method="lrp", composite="lrp0")
+    want = pack_padded_sequence(e.attributions, lengths, batch_first=True).data
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert e.attributions[3, 1:].abs().max() == 0  # padding gets nothing
