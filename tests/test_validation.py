@@ -342,3 +342,16 @@ def test_did_you_mean():
     assert did_you_mean("layer1", ["layer1.0", "layer2", "layer10"], n=3).startswith(" Did you mean 'layer")
     with pytest.raises(ValueError, match="Did you mean 'saliency'"):
         relprop.explain(Net().eval(), torch.randn(1, 3, 6, 6), target=0, method="salency")
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "noise_tunnel"])
+def test_multi_forward_methods_in_training_mode_leave_buffers_untouched(method):
+    """In training mode integrated gradients (engine 'auto' -> the graph) and the noise tunnel run through
+    the tracer, whose forward never writes the model's buffers (batch-norm running statistics)."""
+    torch.manual_seed(0)
+    model = DropNet(bn=True).train()
+    snap = _snapshot(model)
+    with pytest.warns(UserWarning, match="training mode"):
+        e = relprop.explain(model, torch.randn(2, 3, 6, 6), target=0, method=method, **METHODS[method])
+    assert torch.isfinite(e.attributions).all()
+    _assert_same(model, snap)
