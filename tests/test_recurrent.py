@@ -608,3 +608,16 @@ def test_cudnn_form_with_packed_sequences_equals_decomposed(cell, kw):
     want = pack_padded_sequence(e.attributions, lengths, batch_first=True).data
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
     assert e.attributions[3, 1:].abs().max() == 0  # padding gets nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lstm_with_projections(dtype):
+    """proj_size > 0 (h = W_hr (o * tanh(c))): PyTorch records plain ops; gradient exact, LRP-0 conserves."""
+    torch.manual_seed(12)
+    model = Head(nn.LSTM(3, 5, proj_size=2, bias=False, num_layers=2)).to(dtype).eval()
+    model.fc = nn.Linear(2, 3, bias=False).to(dtype).eval()
+    x = torch.randn(2, 6, 3, dtype=dtype)
+    _grad_check(model, x)
+    e = relprop.explain(model, x, target=0, method="lrp", composite="lrp0")
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(e.attributions.sum((1, 2)), model(x)[:, 0].detach(), **tol)

@@ -1,27 +1,34 @@
-"""LRP for recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): the gated-product rule of Arras et al.
+"""LRP for recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and their cells): Arras et al.'s gated rule.
 
 Arras, Montavon, Mueller, Samek (2017), "Explaining recurrent neural network predictions in sentiment
 analysis": in a product ``gate * signal`` the gate (a sigmoid output: LSTM's i, f, o; GRU's r, z) only
 scales the signal, so the signal gets all the relevance and the gate none; sums (``c = f*c' + i*g``,
-the gate pre-activations ``W_ih x + W_hh h``) split relevance by the epsilon rule; ``tanh`` passes it on.
+the gate pre-activations ``W_ih x + W_hh h``) split relevance by the epsilon rule; ``tanh`` passes it on;
+the linear parts ``x W_ih^T + b_ih``, ``h W_hh^T + b_hh`` get the rule set's dense rule (epsilon in the
+paper and in the epsilon/LRP-0/AttnLRP composites).
 
 PyTorch records a recurrent layer in one of two forms, and both get this rule:
 
-* **Fused kernels** (``aten.mkldnn_rnn_layer``: one LSTM layer and direction on CPU in float32;
-  ``aten._cudnn_rnn``: the whole module on CUDA). :class:`Recurrent` re-derives the cell from the
-  kernel's arguments (weights, biases, ``hx``, ``cx``), checks that its re-derivation reproduces the
-  kernel's recorded outputs (and raises if not, rather than explain a different function), and walks
-  relevance backwards through time. The gradient never uses this: the generic VJP re-runs the kernel.
-* **Decomposed ops** (float64, packed sequences, GRU/RNN on CPU): the cell is recorded as ``addmm``,
-  ``sigmoid``, ``tanh``, ``mul``, ``add`` ops. :func:`recurrent_gate_operands` finds the products
-  inside recurrent modules whose operand is a sigmoid output (looking through the views and
-  ``as_strided_scatter`` writes that PyTorch's in-place ``sigmoid_`` on gate chunks records) and holds
-  that operand constant, so the product rule sends everything to the signal.
+* **Fused kernels**: ``aten.mkldnn_rnn_layer`` (one LSTM layer and direction, CPU float32),
+  ``aten._cudnn_rnn`` (the whole module on CUDA, packed sequences included), ``aten._thnn_fused_lstm_cell``
+  / ``_thnn_fused_gru_cell`` (one step of ``nn.LSTMCell``/``nn.GRUCell`` on CUDA). :class:`Recurrent`
+  re-derives the cell from the kernel's arguments (weights, biases, ``hx``, ``cx``, gate order i, f, g, o
+  and r, z, n), checks that the re-derivation reproduces the kernel's recorded outputs (and raises
+  rather than explain a different function), and walks relevance backwards through time. The gradient
+  never uses this: the generic VJP re-runs the kernel under autograd.
+* **Decomposed ops** (CPU float64, packed sequences on CPU, GRU/RNN on CPU, cells): ``addmm``, ``sigmoid``,
+  ``tanh``, ``mul``, ``add``... :func:`recurrent_gate_operands` finds the products inside recurrent modules
+  whose operand is a sigmoid output (looking through the views and ``as_strided_scatter`` writes that
+  PyTorch's in-place ``sigmoid_`` on gate chunks records) and holds that operand constant, so the product
+  rule sends everything to the signal.
 
 The fused rule mirrors the decomposed graph op for op (the gate pre-activation ``(h W_hh^T + b_hh) +
-(x W_ih^T + b_ih)`` is split by the sum rule, then each linear part by the epsilon rule; GRU's
-``h' = (h - n) * z + n`` as PyTorch writes it), so an LSTM gives the same relevance whichever kernel
-PyTorch picked: float32 fused and float64 decomposed agree to float32 precision.
+(x W_ih^T + b_ih)`` split by the sum rule, then each linear part by the dense rule, as an ``addmm``; GRU's
+``h' = (h - n) * z + n`` as PyTorch writes it), so a model gets the same relevance whichever kernel
+PyTorch picked: float32 fused and float64 decomposed agree to float32 precision under every named
+composite. (One caveat that is PyTorch's, not this rule's: for a non-contiguous input PyTorch records the
+input projection as ``mm`` + bias ``add`` instead of ``addmm``; rules that treat the bias apart, such as
+z+ or flat, then see a different program; the epsilon rule agrees either way.)
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ class RecurrentRuleError(RuntimeError):
         super().__init__(
             f"relprop: LRP through {node.op_name} in module '{where}'{mtype}: {what}. The gradient is not "
             f"affected. Register your own rule with relprop.register_rule('{node.packet}', rule), or run the "
-            f"model in float64 (PyTorch then records the recurrent cell as plain ops, which LRP covers)."
+            f"model on CPU in float64 (PyTorch then records the recurrent cell as plain ops, which LRP covers)."
         )
         self.node = node
 
