@@ -350,6 +350,8 @@ class _Recorder(TorchDispatchMode):
         # Tensors that requiring-grad ops consumed under no-grad: autograd edge -> recorded value.
         self.edge_values: dict[tuple, tuple[Value, Any]] = {}
         self.functions: dict[int, RegionOp] = {}  # id(autograd node) -> region
+        # Values written in place under grad mode, until autograd is seen to have rebased their history.
+        self.rewritten: dict[int, tuple[torch.Tensor, Any, str]] = {}
 
     # ---------------------------------------------------------------- values
     def new_value(
@@ -386,8 +388,11 @@ class _Recorder(TorchDispatchMode):
 
     def lookup(self, t: torch.Tensor) -> Value:
         v = self.by_id.get(id(t))
-        if v is not None and self.pending and v.index in self.pending:
-            self.classify(v, t)
+        if v is not None:
+            if self.pending and v.index in self.pending:
+                self.classify(v, t)
+            if self.rewritten and v.index in self.rewritten:
+                self.check_rewritten(v, t)
         key = _storage_key(t)
         st = self.storages.get(key) if key is not None else None
         if v is not None:
@@ -609,6 +614,8 @@ class _Recorder(TorchDispatchMode):
 
     def finish(self) -> list[RegionOp]:
         """After the forward: Functions whose outputs were never used inside it; the regions in order."""
+        for idx in list(self.rewritten):
+            self.check_rewritten(self.values[idx], self.rewritten[idx][0])
         for v, t in self.nograd_outputs:
             fn = t.grad_fn
             if isinstance(fn, torch.autograd.function.BackwardCFunction) and id(fn) not in self.functions:
@@ -826,6 +833,9 @@ class _Recorder(TorchDispatchMode):
         roots = self.partial_roots(written)
         for w in written:
             self.invalidate(w)
+        # Autograd gives the written tensor a new grad_fn after this returns, unless the op has no
+        # derivative: checked when the tensor is next used (see ``check_rewritten``).
+        history = [w.grad_fn if grad and w.requires_grad and not w._is_view() else None for w in written]
         out = func(*args, **kwargs)
         rets = list(out) if isinstance(out, (tuple, list)) else [out]
         fouts = [written[i].detach() if kind == "w" else rets[i] for kind, i in info.outmap]
@@ -837,7 +847,19 @@ class _Recorder(TorchDispatchMode):
         if not grad:
             self.note_nograd(values, [written[i] if kind == "w" else rets[i] for kind, i in info.outmap])
         self.settle(written, news, roots)
+        for w, fn, v in zip(written, history, news):
+            if fn is not None and v is not None:
+                self.rewritten[v.index] = (w, fn, str(func))
         return out
+
+    def check_rewritten(self, v: Value, t: torch.Tensor) -> None:
+        w, fn, op = self.rewritten.pop(v.index)
+        if t is w and w.grad_fn is fn:
+            raise TraceError(
+                f"in-place operation {op} (value {v!r}) has no derivative and wrote a tensor that requires grad: "
+                "autograd keeps the tensor's old derivative for the new content, which relprop cannot record. "
+                "Use the out-of-place op (or detach the tensor first)."
+            )
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
@@ -1016,6 +1038,7 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
     rec.nograd_outputs.clear()
     rec.edge_values.clear()
     rec.shadow.clear()
+    rec.rewritten.clear()
     params = {v.name: v for v in rec.values if v.kind == "param"}
     graph = Graph(
         rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params, dict(rec.module_types)
