@@ -141,6 +141,8 @@ def test_inputs_with_different_batch_sizes_rejected_where_the_batch_is_repeated(
 BAD_TARGETS = {
     "bool": (True, "bool True"),
     "bool tensor": (torch.tensor([True, False]), "bool tensor"),
+    "0-d bool tensor": (torch.tensor(True), "bool tensor"),
+    "numpy bool": (__import__("numpy").bool_(True), "bool"),
     "str": ("cat", "string 'cat'.*class index"),
     "float": (1.0, "integer class indices"),
     "float tensor": (torch.tensor([0.0, 1.0]), "integer class indices"),

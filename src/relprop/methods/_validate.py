@@ -151,7 +151,7 @@ def check_target(target: Target, batch: int | None = None, model: Any = None) ->
         else:
             hint = " (for a Hugging Face model: model.config.label2id[name])"
         raise ValueError(f"target: got the string {target!r}; pass the class index (an int){hint}")
-    if isinstance(target, bool) or type(target).__name__ == "bool_":
+    if isinstance(target, bool) or (type(target).__module__ == "numpy" and type(target).__name__ in ("bool", "bool_")):
         raise ValueError(
             f"target: got the bool {target!r}; pass a class index as an int (True/False is not taken to mean 1/0)"
         )
@@ -159,11 +159,12 @@ def check_target(target: Target, batch: int | None = None, model: Any = None) ->
         raise ValueError(f"target: expected integer class indices, got the float {target!r}")
     if isinstance(target, int):
         return
-    try:  # numpy / other integer scalars
-        operator.index(target)
-        return
-    except TypeError:
-        pass
+    if not isinstance(target, torch.Tensor):  # a 0-d bool tensor has an __index__ too: checked below
+        try:  # numpy / other integer scalars
+            operator.index(target)
+            return
+        except TypeError:
+            pass
     if isinstance(target, (list, tuple)):
         for t in target:
             if isinstance(t, (bool, str, float)) or isinstance(t, torch.Tensor) and t.dim() > 0:
