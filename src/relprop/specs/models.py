@@ -308,10 +308,13 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
     out = _out_features(model)
     if class_names is None and out:
         class_names = [str(i) for i in range(out)]
-    aliases = None
-    if not weights and len(class_names or []) == 1000:
-        aliases = imagenet_aliases()
-    return LoadedModel(
+    aliases, note = None, None
+    if len(class_names or []) == 1000 and (aliases := imagenet_aliases()):
+        if weights:
+            note = _assumed_imagenet(name)
+        else:
+            aliases = [[c, *a] for a, c in zip(aliases, class_names)]  # torchvision's name, WordNet id, ...
+    lm = LoadedModel(
         spec=spec,
         name=name,
         module=model,
@@ -320,6 +323,17 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
         class_aliases=aliases,
         source_files=files,
         info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
+    if note:
+        lm.class_names = [a[1] for a in aliases]
+        lm.info["class_names_note"] = note
+    return lm
+
+
+def _assumed_imagenet(name: str) -> str:
+    return (
+        f"{name}: 1000 outputs and no class names in the weights file: ImageNet-1k's classes are assumed "
+        f"for matching labels; pass --classes FILE if the model was trained on other classes"
     )
 
 
@@ -406,10 +420,11 @@ def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
         crop_pct=cfg.get("crop_pct"),
         source="timm data config",
     )
-    class_names, aliases = [str(i) for i in range(model.num_classes)], None
-    if not weights and model.num_classes == 1000 and (aliases := imagenet_aliases()):
+    class_names, aliases, note = [str(i) for i in range(model.num_classes)], None, None
+    if model.num_classes == 1000 and (aliases := imagenet_aliases()):
         class_names = [a[1] for a in aliases]  # the first English name; the WordNet id is an alias
-    return LoadedModel(
+        note = _assumed_imagenet(name) if weights else None
+    lm = LoadedModel(
         spec=spec,
         name=name,
         module=model,
@@ -419,6 +434,9 @@ def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
         source_files=files,
         info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
     )
+    if note:
+        lm.info["class_names_note"] = note
+    return lm
 
 
 def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
@@ -778,6 +796,7 @@ def load_model(
             )
         lm.class_names, lm.class_aliases = names, aliases
         lm.info["classes_from"] = "--classes"
+        lm.info.pop("class_names_note", None)
         lm.source_files.append(str(Path(classes_file).resolve()))
     return lm
 
