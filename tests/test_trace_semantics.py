@@ -83,6 +83,20 @@ class Scaled(torch.autograd.Function):
         return None, g * (ctx.k + 1), None, None
 
 
+class SavedOnly(torch.autograd.Function):
+    """An input the forward never reads (only the backward does): found by its autograd edge."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g * 2, g.sum(0) * w
+
+
 class FnNet(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
@@ -100,10 +114,12 @@ class FnNet(nn.Module):
             h = a + b
         elif self.kind == "scaled":
             h = Scaled.apply(2.0, h, "tag", torch.ones(6))
+        elif self.kind == "saved_only":
+            h = SavedOnly.apply(h, h.sum(0).tanh())
         return self.l3(torch.relu(h))
 
 
-@pytest.mark.parametrize("kind", ["ste", "reverse", "two", "scaled"])
+@pytest.mark.parametrize("kind", ["ste", "reverse", "two", "scaled", "saved_only"])
 def test_custom_function_gradient_equals_autograd(kind):
     torch.manual_seed(0)
     assert_gradient_matches(FnNet(kind).eval(), torch.randn(5, 4))

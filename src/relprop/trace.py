@@ -607,9 +607,9 @@ class _Recorder(TorchDispatchMode):
         hit = self.edge_values.get(("node", id(f), nr))
         if hit is not None:
             return hit[0]
-        for i, t in enumerate(self.keep):
-            if t.grad_fn is f and t.output_nr == nr:
-                return self.values[i]
+        for t in self.keep:  # not touched by the Function's forward ops: any recorded tensor with that edge
+            if t.grad_fn is f and t.output_nr == nr and id(t) in self.by_id:
+                return self.by_id[id(t)]
         return None
 
     def finish(self) -> list[RegionOp]:
