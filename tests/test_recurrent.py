@@ -610,6 +610,7 @@ def test_cudnn_form_with_packed_sequences_equals_decomposed(cell, kw):
     assert e.attributions[3, 1:].abs().max() == 0  # padding gets nothing
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_lstm_with_projections(dtype):
     """proj_size > 0 (h = W_hr (o * tanh(c))): PyTorch records plain ops; gradient exact, LRP-0 conserves."""
