@@ -1,10 +1,12 @@
 """``relprop compare`` on the shipped zoo: the report, its cache, Ctrl-C, and the page in headless Chromium."""
 
 import json
+import os
 import shutil
 
 import pytest
 
+import relprop
 from relprop.cli import main
 from relprop.report import browser
 from relprop.report.compare import Job
@@ -184,6 +186,8 @@ def test_ctrl_c_keeps_finished_cells(tmp_path, monkeypatch):
 
 def test_report_opens_in_headless_chromium(report):
     if not browser.find_chromium():
+        if os.environ.get("RELPROP_REQUIRE_CHROMIUM"):  # set by .ci/run: CI must run this test
+            pytest.fail("chromium is not installed but RELPROP_REQUIRE_CHROMIUM is set")
         pytest.skip("chromium is not installed (scripts/test.sh and CI install it: apt-get install chromium)")
     images = browser.image_check(report / "index.html")
     res = json.loads((report / "results.json").read_text())
@@ -221,3 +225,79 @@ def test_heatmaps_are_overlays_with_a_colour_bar(report):
     assert mid_grey[h // 3 :].mean() > 0.02  # the heat rows (below the input row) show the dimmed input
     reddish = (a[..., 0] - a[..., 2] > 80)[h // 3 :]
     assert reddish.mean() > 0.002  # and the heat
+
+
+def test_perturbation_settings_from_the_cli_and_saved_attributions(tmp_path):
+    out = tmp_path / "r"
+    args = small(models="zoo:vgg_digits", methods="gradient", samples="6", randomisation_samples="0")
+    args += ["--baseline", "zero", "--insertion-baseline", "mean", "--save-attributions", "npy", "--patch-grid", "4"]
+    assert main(["compare", *args, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    s = res["settings"]
+    assert (s["baseline"], s["insertion_baseline"], s["patch_grid"]) == ("zero", "mean", 4)
+    c = res["models"][0]["methods"][0]
+    assert "replaced by 'zero'" in c["perturbation"]["abpc"] and "from 'mean'" in c["perturbation"]["insertion"]
+    assert c["perturbation"]["unit"].startswith("8x8-pixel patches (4x4 grid)")
+    import numpy as np
+
+    a = np.load(out / c["attributions_file"])
+    assert a.shape == (6, 1, 32, 32)
+    # the saved rows are the explanations of the evaluated examples, in the parquet's order
+    from relprop import zoo
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = pq.read_table(out / "examples.parquet").to_pylist()
+    data = zoo.load_dataset("digits", split="test")
+    model = zoo.load_model("vgg_digits")
+    first = rows[0]
+    e = relprop.explain(
+        model, data.images[first["example"] : first["example"] + 1], target=first["target"], method="gradient"
+    )
+    np.testing.assert_allclose(a[0], e.attributions[0].detach().numpy(), rtol=1e-4, atol=1e-6)
+    assert "Perturbation settings" in (out / "index.html").read_text()
+
+
+def test_a_misspelt_baseline_fails_before_computing(tmp_path, capsys):
+    assert main(["compare", *small(models="zoo:vgg_digits"), "--baseline", "blak", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline 'blak' is not a baseline. Did you mean 'black'?" in err
+    assert not (tmp_path / "r" / "cache").exists()
+
+
+def test_explain_overlay_cmap_and_save(tmp_path, capsys):
+    from PIL import Image
+
+    from relprop import zoo
+
+    data = zoo.load_dataset("digits", split="test")
+    img = tmp_path / "digit.png"
+    Image.fromarray((data.raw_images[0, 0].numpy() * 255).astype("uint8")).save(img)
+    out, saved = tmp_path / "h.png", tmp_path / "a.safetensors"
+    args = ["explain", "--model", "zoo:resnet_digits", "--input", str(img), "--method", "lrp,gradient"]
+    assert main([*args, "--overlay", "--cmap", "viridis", "--out", str(out), "--save", str(saved)]) == 0
+    assert out.stat().st_size > 5_000
+    from safetensors.torch import load_file
+
+    maps = load_file(str(saved))
+    assert sorted(maps) == ["gradient", "lrp"] and maps["lrp"].shape == (1, 32, 32)
+    assert main([*args, "--cmap", "no_such_map", "--out", str(out)]) == 2
+    assert "--cmap no_such_map" in capsys.readouterr().err
+    assert main([*args, "--save", str(tmp_path / "a.txt")]) == 2
+
+
+def test_explain_text_pair_both_sentences_readable_scores(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "t.html"
+    rc = main(
+        ["explain", "--model", "zoo:minilm-similarity", "--input", "A man plays a guitar.", "--reference",
+         "Someone makes music.", "--method", "lrp,gradient", "--out", str(out)]
+    )  # fmt: skip
+    if rc != 0 and "not installed" in capsys.readouterr().err:
+        pytest.skip("the MiniLM weights package is not installed")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "sentence A, against B" in text and "sentence B, against A" in text
+    assert "guitar" in text and "music" in text
+    assert "0.0000" not in text and "gradient ×1e-" in text  # tiny gradients printed at a readable scale
+    page = out.read_text()
+    assert page.count("<h2>") == 2 and ">guitar<" in page and ">music<" in page and 'title="+' in page

@@ -390,7 +390,7 @@ def print_tokens(
             merge_wordpieces(tokens, [float(x) for x in s]) if merge else (list(tokens), list(map(float, s)), None)
         )
         merged[k], words = v, w
-    table = Table(title=title, show_lines=False)
+    table = Table(show_lines=False)  # the title goes on its own line: a narrow table would wrap it
     table.add_column("word" if merge else "token")
     factors = {}
     for k, v in merged.items():
@@ -404,5 +404,8 @@ def print_tokens(
             bg, fg = _css_colour(v[i], scales[k], "all", cmap)
             cells.append(Text(f"{v[i] / factors[k]:+.2f}", style=f"{'black' if fg == '#000' else 'white'} on {bg}"))
         table.add_row(*cells)
-    (console or Console()).print(table)
+    console = console or Console()
+    if title:
+        console.print(Text(title, style="bold"))
+    console.print(table)
     return table
