@@ -103,7 +103,9 @@ def test_hand_written_log_softmax_lrp0_conserves():
 
 # ------------------------------------------------------------------------------------ product stabiliser
 class ProductNet(nn.Module):
-    """``relu(x) * (x + 2)`` before the first conv, and a confident head: the audit's D12 program."""
+    """``relu(a) * (b + 2)`` before the first conv, and a confident head: the audit's D12 program, with the
+    two factors taken from different channels (``relu(x) * (x + 2)`` of one tensor is a univariate
+    element-wise function, which the region pass treats as one nonlinearity)."""
 
     def __init__(self):
         super().__init__()
@@ -113,7 +115,7 @@ class ProductNet(nn.Module):
             self.fc.weight.mul_(3000)
 
     def forward(self, x):
-        h = torch.relu(x) * (x + 2)
+        h = torch.relu(x[:, :3]) * (x[:, 3:] + 2)
         return self.fc(torch.relu(self.conv(h)).flatten(1))
 
 
@@ -121,12 +123,14 @@ class ProductNet(nn.Module):
 def test_product_with_exact_zeros_is_finite_under_every_composite(composite):
     torch.manual_seed(0)
     model = ProductNet().eval()
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 6, 6, 6)
     e = relprop.explain(model, x, target=0, method="lrp", composite=composite)
     assert torch.isfinite(e.attributions).all()
-    # Where the product is exactly 0 (x < 0), no relevance can be attributed through it: the only path
-    # from x to the output goes through the product.
-    assert (e.attributions[x < 0] == 0).all()
+    # Where the product is exactly 0 (a < 0), nothing can be attributed through it to either factor: the
+    # only path from a and b to the output goes through the product.
+    zero = x[:, :3] < 0
+    assert (e.attributions[:, :3][zero] == 0).all() and (e.attributions[:, 3:][zero] == 0).all()
+    assert e.attributions.abs().sum() > 0
 
 
 def test_zero_outputs_absorb_relevance_with_no_stabiliser():
@@ -162,7 +166,7 @@ def test_non_finite_forward_names_the_op():
         def forward(self, x):
             return self.lin(torch.exp(100 * x))
 
-    with pytest.raises(relprop.PropagationError, match=r"forward pass itself.*aten\.exp"):
+    with pytest.raises(relprop.PropagationError, match=r"forward pass itself.*exp"):
         relprop.explain(Overflow().eval(), torch.full((2, 4), 10.0), target=0, method="lrp")
 
 
