@@ -301,3 +301,62 @@ def test_explain_text_pair_both_sentences_readable_scores(tmp_path, capsys):
     assert "0.0000" not in text and "gradient ×1e-" in text  # tiny gradients printed at a readable scale
     page = out.read_text()
     assert page.count("<h2>") == 2 and ">guitar<" in page and ">music<" in page and 'title="+' in page
+
+
+# ----------------------------------------------------------------------------------- scores (no model runs)
+def test_bootstrap_intervals_are_seeded_and_cover_the_mean():
+    import numpy as np
+
+    from relprop.report.scores import bootstrap_ci, summarise
+
+    v = np.random.default_rng(1).normal(2.0, 1.0, size=50)
+    assert bootstrap_ci(v, seed=3) == bootstrap_ci(v, seed=3)
+    lo, hi = bootstrap_ci(v)
+    se = v.std(ddof=1) / np.sqrt(50)
+    assert lo < v.mean() < hi and abs((hi - lo) - 2 * 1.96 * se) < 0.35 * (2 * 1.96 * se)
+    s = summarise([1.0, None, float("nan"), 3.0])
+    assert s["n"] == 2 and s["mean"] == 2.0
+
+
+def test_paired_bootstrap_ties_and_separates():
+    import numpy as np
+
+    from relprop.report.scores import BY_KEY, rank_models
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 40)  # per-example difficulty, shared by the models (pairing removes it)
+    a = {i: float(base[i] + 0.30) for i in range(40)}
+    b = {i: float(base[i] + 0.30 + rng.normal(0, 0.01)) for i in range(40)}  # the same model, noise
+    c = {i: float(base[i] + 0.25) for i in range(40)}  # a little worse on every example
+    rows = {r["model"]: r for r in rank_models({"a": a, "b": b, "c": c}, BY_KEY["abpc"])}
+    assert rows["a"]["rank"] == rows["b"]["rank"] == 1 and "b" in rows["a"]["ties_with"]
+    assert rows["c"]["rank"] == 3 and rows["c"]["ties_with"] == []
+    # lower is better: the order flips
+    rows = {r["model"]: r for r in rank_models({"a": a, "c": c}, BY_KEY["deletion"])}
+    assert (rows["c"]["rank"], rows["a"]["rank"]) == (1, 2)
+
+
+def test_randomisation_check_cannot_be_passed_by_a_sign_flip():
+    """An explanation that only flips its sign when the top layer is randomised keeps the same |a|: it
+    must fail (signed Spearman would be -1, which the old check counted as a pass)."""
+    import torch
+
+    from relprop.report import cell_metrics
+    from relprop.report.compare import Settings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    original = model[3].weight.detach().clone()
+    x = torch.rand(10, 1, 4, 4)
+    base = torch.randn(10, 1, 4, 4)
+
+    def flips(mod, xx, tt):
+        same = torch.equal(mod[3].weight.detach(), original)
+        return base[: len(xx)] * (1.0 if same else -1.0)
+
+    s = Settings(randomisation_samples=10, randomisation_layers=1, sensitivity=False, bootstrap=200)
+    res = cell_metrics.sanity_checks(model, x, flips, torch.zeros(10, dtype=torch.long), 10, s)
+    sims = res["per_example"]["randomisation_similarity"]
+    assert all(abs(v - 1.0) < 1e-9 for v in sims)
+    summary = cell_metrics.summary_of(res["per_example"], s)
+    assert cell_metrics.randomisation_verdict(summary, 0.5) == "fail"
