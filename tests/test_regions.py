@@ -341,3 +341,76 @@ def test_expression():
     (op,) = elementwise_regions(relprop.trace(model, torch.randn(2, 6, dtype=torch.float64)))
     assert op.name == f"x*0.5*(erf(x/{math.sqrt(2.0):.5g})+1)"
     assert str(op) == f"region.elementwise.{op.name}"
+
+
+# --------------------------------------------------------------- custom autograd Functions (BLOOM)
+
+
+def _bloom_forward(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class FusedGelu(torch.autograd.Function):
+    """BLOOM's ``GeLUFunction``: the forward above, its analytic derivative as backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _bloom_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
+
+
+class WrongBackward(FusedGelu):
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * FusedGelu.backward(ctx, g)
+
+
+class Applied(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn.apply(x)
+
+
+def test_function_with_its_derivative_as_backward_is_a_nonlinearity(x):
+    model = _mlp(Applied(FusedGelu))
+    cov = relprop.coverage(model, x, "attnlrp")
+    assert [(c, d.split(":")[0]) for d, c, _ in cov.regions] == [(1, "autograd_function FusedGelu")]
+    e = relprop.explain(model, x, target=1, method="lrp", composite="attnlrp", layers=["0", "1"])
+    torch.testing.assert_close(e.layers["0"], e.layers["1"], rtol=0, atol=0)
+    plain = relprop.explain(_mlp(BloomGelu()), x, target=1, method="lrp", composite="attnlrp")
+    torch.testing.assert_close(e.attributions, plain.attributions, rtol=1e-10, atol=1e-14)
+
+
+def test_function_with_another_backward_still_needs_a_rule(x):
+    from relprop.rules import NoRuleError
+
+    with pytest.raises(NoRuleError, match="WrongBackward"):
+        relprop.explain(_mlp(Applied(WrongBackward)), x, target=1, method="lrp", composite="attnlrp")
+
+
+def test_bloom_gelu_is_one_nonlinearity():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).double().eval()
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    mlp = "transformer.h.1.mlp"
+    e = relprop.explain(
+        model,
+        ids,
+        target=lambda o: o.logits[:, -1, 5],
+        method="lrp",
+        composite="attnlrp",
+        layers=[f"{mlp}.dense_h_to_4h", f"{mlp}.gelu_impl"],
+    )
+    assert e.layers[f"{mlp}.gelu_impl"].abs().max() > 0
+    torch.testing.assert_close(e.layers[f"{mlp}.dense_h_to_4h"], e.layers[f"{mlp}.gelu_impl"], rtol=0, atol=0)

@@ -30,6 +30,12 @@ What may join a region (each condition keeps a rule that would otherwise be over
   pieces (``x * 2 + 1``, casts) is a linear layer with a constant bias, whose constant keeps its
   share of relevance as a bias does.
 
+A custom ``torch.autograd.Function`` (a region node of kind ``"autograd_function"``) whose forward is
+such a function of its one input and whose ``backward`` is that function's derivative (checked on
+one cotangent) is a fused activation, e.g. BLOOM's ``GeLUFunction``: it gets ``family="nonlinear"``
+and keeps its own backward as VJP. Any other Function (a straight-through estimator, gradient
+reversal) still needs a rule registered for it.
+
 The pass returns a new graph and leaves its input alone. :class:`relprop.rules.composites.Composite`
 runs it for LRP rule sets only; the gradient composite never does (a region's VJP re-runs its inner
 nodes under autograd, so gradient-based rules on a region are exact anyway).
@@ -37,13 +43,14 @@ nodes under autograd, so gradient-based rules on a region are exact anyway).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
 from numbers import Number
 
 import torch
 
-from .graph import Graph, Node, RegionOp, Value, replace_with_regions
+from .graph import Graph, Node, RegionOp, Value, region_node, replace_with_regions
 
 #: ATen packets computed element by element (output element ``i`` depends on input elements ``i``).
 ELEMENTWISE = frozenset(
@@ -82,8 +89,15 @@ def find_elementwise_regions(graph: Graph, keep_ops: Iterable[str] = ()) -> Grap
             single nodes, e.g. because the rule set has its own rule for them.
 
     Returns ``graph`` itself when no region is found. See the module docstring for the conditions.
+
+    Custom autograd Functions (region nodes of kind ``"autograd_function"``) whose forward is a
+    univariate element-wise function and whose ``backward`` is that function's derivative (a fused or
+    memory-saving activation such as BLOOM's ``GeLUFunction``) become nonlinearities too; a Function
+    whose backward is something else (a straight-through estimator) keeps needing a rule of its own.
     """
-    regions = elementwise_regions(graph, keep_ops)
+    keep = set(keep_ops)
+    graph = _functions_as_nonlinearities(graph, keep)
+    regions = elementwise_regions(graph, keep)
     return replace_with_regions(graph, regions) if regions else graph
 
 
@@ -317,6 +331,96 @@ def _region(nodes: list[Node], variable: _Variable) -> RegionOp | None:
     if all(_affine(n, variable) for n in nodes):
         return None
     return RegionOp("elementwise", expression(nodes, x), PACKET, nodes, [x], [out], family="nonlinear")
+
+
+# ------------------------------------------------------------------------ custom autograd Functions
+
+#: Ops that only pass their input on (the reads of activations a Function's no-grad forward makes).
+_TRANSPARENT = frozenset({"detach", "alias", "view", "_unsafe_view", "lift_fresh"})
+
+
+def _functions_as_nonlinearities(graph: Graph, keep: set[str]) -> Graph:
+    swap: dict[int, Node] = {}
+    variable = _Variable()
+    for n in graph.nodes:
+        op = n.region
+        if op is None or op.kind != "autograd_function" or op.family == "nonlinear" or op.packet in keep:
+            continue
+        new = _function_nonlinearity(n, op, variable)
+        if new is not None:
+            node = region_node(new, n.index)
+            node.module, node.module_type = n.module, n.module_type
+            swap[id(n)] = node
+    if not swap:
+        return graph
+    return dataclasses.replace(graph, nodes=[swap.get(id(n), n) for n in graph.nodes])
+
+
+def _function_nonlinearity(node: Node, op: RegionOp, variable: _Variable) -> RegionOp | None:
+    """``op`` with family ``nonlinear`` if it is one element-wise function of one input with its derivative as
+    backward, else ``None``."""
+    if op.vjp is None or len(op.inputs) != 1 or len(op.outputs) != 1 or op.outputs[0] is None:
+        return None
+    x, out = op.inputs[0], op.outputs[0]
+    if not (x.is_float and out.is_float and variable(x) and out.shape == x.shape):
+        return None
+    dep = {x.index}  # values computed from x inside the Function
+    for n in op.nodes:
+        if not isinstance(n.op, torch._ops.OpOverload) or len([v for v in n.outputs if v is not None]) != 1:
+            return None
+        uses = [u for u in n.inputs if u.index in dep]
+        if not uses:
+            if all(variable.constant(u) for u in n.inputs):
+                continue  # a constant computed inside the forward
+            return None
+        name = n.op.overloadpacket.__name__
+        packet = name.rstrip("_") or name
+        if packet not in ELEMENTWISE and packet not in _TRANSPARENT:
+            return None
+        if any(u.shape != x.shape for u in uses) or any(v.shape != x.shape for v in n.outputs if v is not None):
+            return None
+        if not all(u.index in dep or variable.constant(u) for u in n.inputs):
+            return None  # another variable, a parameter or a buffer
+        dep.update(v.index for v in n.outputs if v is not None)
+    if out.index not in dep or not _backward_is_derivative(node, op, x, out):
+        return None
+    return RegionOp(op.kind, op.name, op.packet, op.nodes, op.inputs, op.outputs, family="nonlinear", vjp=op.vjp)
+
+
+def _backward_is_derivative(node: Node, op: RegionOp, x: Value, out: Value) -> bool:
+    """Does the Function's ``backward`` give the VJP of its recorded forward ops (checked on one cotangent)?"""
+    xt = x.tensor
+    gen = torch.Generator(device=xt.device).manual_seed(0)  # a local generator: no global RNG state
+    g = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
+    try:
+        custom = op.vjp(node, [g], [xt], [0])[0]
+    except Exception:  # its backward cannot be evaluated here: not a plain activation
+        return False
+    leaf = xt.detach().requires_grad_(True)
+    env: dict[int, torch.Tensor] = {x.index: leaf}
+    with torch.inference_mode(False), torch.enable_grad():
+        for n in op.nodes:
+            name = n.op.overloadpacket.__name__
+            ins = [env[v.index] if v.index in env else v.tensor for v in n.inputs]
+            if name in ("detach", "alias", "lift_fresh") and n.inputs and n.inputs[0].index in env:
+                res = ins[0]  # the Function reads its input through detach: differentiate through it
+            else:
+                res = n.run(ins)
+            outs = list(res) if isinstance(res, (tuple, list)) else [res]
+            for v, o in zip(n.outputs, outs):
+                if v is not None:
+                    env[v.index] = o
+        y = env[out.index]
+        if not y.requires_grad:
+            derivative = torch.zeros_like(xt)
+        else:
+            (derivative,) = torch.autograd.grad(y, leaf, g, allow_unused=True)
+            derivative = torch.zeros_like(xt) if derivative is None else derivative
+    if custom is None or custom.shape != derivative.shape:
+        return False
+    rtol = 1e-2 if xt.element_size() <= 2 else 1e-4
+    scale = derivative.abs().max().item() if derivative.numel() else 0.0
+    return bool(torch.allclose(custom.to(derivative.dtype), derivative, rtol=rtol, atol=rtol * scale + 1e-30))
 
 
 # -------------------------------------------------------------------------------------- display
