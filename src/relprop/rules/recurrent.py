@@ -596,6 +596,13 @@ def _geometry(node: Node, first: int) -> tuple | None:
 
 def _overlap(a: tuple, b: tuple) -> bool:
     """Do two strided windows of one storage share an element? (Exact; gate chunks interleave by row.)"""
+    (sa, sta, oa), (sb, stb, ob) = a, b
+    if sa == sb and sta == stb and len(sa) == 2 and sta[1] == 1 and sta[0] >= sa[1] > 0 and sa[0] > 0:
+        # same rows-of-columns window at two offsets (the gate chunks): overlap iff the offset difference
+        # is k rows plus less than a row's width, for some |k| < number of rows
+        delta, rows, cols, step = ob - oa, sa[0], sa[1], sta[0]
+        k0 = delta // step
+        return any(abs(k) < rows and abs(delta - k * step) < cols for k in (k0, k0 + 1))
     ia, ib = _indices(a), _indices(b)
     if ia is None or ib is None:
         return True
