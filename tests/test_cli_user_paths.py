@@ -109,15 +109,17 @@ def test_labels_matching_nothing_error_or_warn(tmp_path, capsys, digits):
     assert "'cats', 'dogs' match no class" in err and "--labels ignore" in err
     assert not (tmp_path / "r0" / "cache").exists()  # nothing computed
     out = tmp_path / "r"
+    digit_folder(data, digits, {"$\\foo{$": 3})  # matplotlib mathtext characters render as text
     rc = main(["compare", "--models", "zoo:resnet_digits", "--data", str(data), "--methods", "saliency",
                "--labels", "ignore", "--out", str(out), *FAST])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 0
-    assert "relprop: WARNING: labels 'cats', 'dogs' match no class of model 'resnet_digits'" in err
+    assert rc == 0, err
+    assert "relprop: WARNING: labels '$\\foo{$', 'cats', 'dogs' match no class of model 'resnet_digits'" in err
     res = json.loads((out / "results.json").read_text())
     assert any("'cats', 'dogs'" in w for w in res["warnings"])
     assert res["models"][0]["accuracy"] is None  # not "0.000"
     assert "match no class" in (out / "index.html").read_text()
+    assert (out / res["models"][0]["grid_figure"]).stat().st_size > 1000
 
 
 def test_classes_file_with_wordnet_ids(tmp_path, capsys, digits):
@@ -151,6 +153,10 @@ def test_text_labels_match_model_names_ignoring_case():
     assert lm.index == [1, 2]
     lm = map_labels(["1", "0"], ["neg", "pos"], 2)  # integer labels are class indices
     assert lm.index == [1, 0]
+    lm = map_labels(["cat", "dog"], None, 2, policy="sorted")  # ImageFolder's convention, on request only
+    assert lm.index == [0, 1]
+    lm = map_labels(["cat", "zebra"], ["cat", "dog"], 2, policy="ignore")
+    assert lm.index == [0, None] and "'zebra'" in lm.warnings[0]
 
 
 # ------------------------------------------------------------------------------------------- fail fast
@@ -162,6 +168,8 @@ def test_method_option_typo_fails_before_any_work(tmp_path, capsys):
     assert "n_steps must be an integer" in err
     err = one_line_error(capsys, ["compare", "--grid", "0", "--out", str(out)])
     assert "--grid must be at least 1" in err
+    err = one_line_error(capsys, ["compare", "--image-size", "0", "--out", str(out)])
+    assert "--image-size must be positive" in err
     err = one_line_error(capsys, ["explain", "--model", "zoo:resnet_digits", "--input", "x.png",
                                   "--method", "saliency:abs=3"])  # fmt: skip
     assert "abs must be true or false" in err

@@ -852,13 +852,24 @@ def cmd_list(args) -> int:
     import relprop
 
     from . import zoo
-    from .specs import TEXT_ZOO
+    from .rules.composites import NAMES as COMPOSITES
+    from .specs import KINDS, TEXT_ZOO, spec_forms
 
-    print("zoo models:   " + ", ".join(f"zoo:{m}" for m in zoo.list_models() + list(TEXT_ZOO)))
+    by_data: dict[str, list[str]] = {}
+    for m in zoo.list_models():
+        by_data.setdefault(str(zoo.model_info(m).get("dataset")), []).append(f"zoo:{m}")
+    print("zoo models (by the zoo dataset they were trained on):")
+    for d, ms in by_data.items():
+        print(f"  zoo:{d:<12} {', '.join(ms)}")
+    print(f"  {'(text)':<16} " + ", ".join(f"zoo:{m}" for m in TEXT_ZOO) + "  (explain --reference only)")
     print("default:      " + ", ".join(f"zoo:{m}" for m in zoo.DEFAULT_MODELS) + f" on zoo:{zoo.DEFAULT_DATASET}")
     print("zoo datasets: " + ", ".join(f"zoo:{d}" for d in zoo.list_datasets()))
     print("methods:      " + ", ".join(sorted(relprop.METHODS)))
     print("default methods for compare: " + ", ".join(default_methods()))
+    print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
+    print("model specs:  " + spec_forms())
+    for k in KINDS.values():
+        print(f"  {k.example:<36} {k.help}")
     return 0
 
 

@@ -143,8 +143,8 @@ def map_labels(
     lm = LabelMap(index, how)
     bad = [data_classes[i] for i in present if index[i] is None]
     if bad:
-        shown = ", ".join(repr(b) for b in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-        examples = ", ".join(repr(n) for n in model_classes[:5]) + (", ..." if len(model_classes) > 5 else "")
+        shown = ", ".join(f"'{b}'" for b in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        examples = ", ".join(f"'{n}'" for n in model_classes[:5]) + (", ..." if len(model_classes) > 5 else "")
         generic = all(str(n) in (str(i), f"LABEL_{i}") for i, n in enumerate(model_classes))
         fix = (
             "give its class names with --classes FILE (one per line, in output order), or --labels sorted to use "
