@@ -135,12 +135,19 @@ def test_perturbation_curve_matches_naive_loop(data, baseline):
         fill = torch.zeros_like(x)
     elif baseline == "callable":
         fill = x.flip(-1)
-    else:  # reconstruct the fill from the fully perturbed state: all patches replaced
-        fill = None
-    if fill is not None:
-        with torch.no_grad():
-            ref = _naive_curve(model, x, a3, torch.as_tensor(y), 4, "lerf", fill)
-        np.testing.assert_allclose(res.prob.numpy(), ref, atol=1e-5)
+    elif baseline == "blur":  # an independent blur: scipy, replicate edges, radius ceil(3 sigma), sigma 2
+        from scipy.ndimage import gaussian_filter
+
+        fill = torch.from_numpy(gaussian_filter(x.double().numpy(), sigma=(0, 0, 2, 2), mode="nearest", truncate=3.0))
+        fill = fill.to(x.dtype)
+    else:  # noise: the documented draw, per-sample mean + std * N(0, 1) from a generator seeded with `seed`
+        xf = x.reshape(5, -1)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(xf.shape, generator=g, dtype=torch.float64).to(x.dtype)
+        fill = (xf.mean(1, keepdim=True) + xf.std(1, keepdim=True) * noise).reshape(x.shape)
+    with torch.no_grad():
+        ref = _naive_curve(model, x, a3, torch.as_tensor(y), 4, "lerf", fill)
+    np.testing.assert_allclose(res.prob.numpy(), ref, atol=1e-5)
     assert res.prob.shape == (5, 10)
     np.testing.assert_allclose(res.fractions.numpy(), np.arange(10) / 9)
     with torch.no_grad():
