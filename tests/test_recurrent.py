@@ -622,3 +622,34 @@ def test_lstm_with_projections(dtype):
     e = relprop.explain(model, x, target=0, method="lrp", composite="lrp0")
     tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(e.attributions.sum((1, 2)), model(x)[:, 0].detach(), **tol)
+
+
+def test_gate_marking_finds_every_gate_and_only_gates():
+    """Decomposed form: per step LSTM has 3 gated products (f*c, i*g, o*tanh(c)), GRU 2 (r*hn, (h-n)*z)."""
+    from relprop.rules.recurrent import _source_op, recurrent_gate_operands
+
+    T = 4
+    for cell, per_step in ((nn.LSTM, 3), (nn.GRU, 2)):
+        model = _model(cell, torch.float64, num_layers=2, bidirectional=True)
+        graph = relprop.trace(model, torch.randn(2, T, 3, dtype=torch.float64))
+        marked = recurrent_gate_operands(graph)
+        muls = [n for n in graph.nodes if n.packet == "mul" and n.module == "rnn"]
+        assert len(marked) == len(muls) == per_step * T * 4  # 2 layers x 2 directions
+        for n in muls:
+            assert len(marked[n.index]) == 1
+            assert _source_op(n.inputs[marked[n.index][0]]) == "sigmoid"
+            others = [i for i in n.activation_inputs() if i not in marked[n.index]]
+            assert all(_source_op(n.inputs[i]) != "sigmoid" for i in others)
+
+
+def test_window_overlap_fast_path_is_exact():
+    from relprop.rules.recurrent import _indices, _overlap
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        R, C = (int(v) for v in torch.randint(1, 6, (2,), generator=gen))
+        S = C + int(torch.randint(0, 5, (1,), generator=gen))
+        o1, o2 = (int(v) for v in torch.randint(0, 25, (2,), generator=gen))
+        a, b = ((R, C), (S, 1), o1), ((R, C), (S, 1), o2)
+        exact = bool(torch.isin(_indices(a), _indices(b)).any())
+        assert _overlap(a, b) == exact, (a, b)
