@@ -148,25 +148,64 @@ def test_training_thread_never_crashes_while_another_thread_explains():
     assert all(p.requires_grad for p in model.parameters())
 
 
+class Mix(nn.Module):
+    """Records one op, lets the other thread enter a module of the same model, records another op."""
+
+    def __init__(self):
+        super().__init__()
+        self.barriers: list[threading.Barrier] | None = None
+
+    def forward(self, x):
+        y = x * 2
+        if self.barriers is not None:
+            self.barriers[0].wait(timeout=30)  # the other thread now enters ``aux``...
+            self.barriers[1].wait(timeout=30)  # ...and is inside it
+        z = y + 1  # recorded while the other thread is inside ``aux``
+        if self.barriers is not None:
+            self.barriers[2].wait(timeout=30)  # only now may it leave ``aux``
+        return z
+
+
+class Aux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.barriers: list[threading.Barrier] | None = None
+
+    def forward(self, x):
+        if self.barriers is not None:
+            self.barriers[1].wait(timeout=30)
+            self.barriers[2].wait(timeout=30)
+        return x
+
+
+class MixNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.mix, self.aux, self.head = nn.Linear(4, 4), Mix(), Aux(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.mix(self.lin(x)))
+
+
 def test_module_hooks_ignore_other_threads():
-    """A forward of another model in another thread, inside this recording, adds nothing to its paths."""
-    model = _model()
-    other = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
-    x = torch.randn(2, 6)
+    """Another thread inside a module of the same model while this one records: no op gets its path."""
+    model = MixNet().eval()
+    x = torch.randn(2, 4)
     expected = [n.module for n in relprop.trace(model, x).nodes]
-    barrier = threading.Barrier(2)
-    _set_barrier(model, barrier)
+    assert [n.module for n in relprop.trace(model, x).nodes if n.packet in ("mul", "add")] == ["mix", "mix"]
+    barriers = [threading.Barrier(2) for _ in range(3)]
+    model.mix.barriers = model.aux.barriers = barriers
 
     def side():
-        for _ in range(2):  # meet the recording at both Sync layers, then run a forward meanwhile
-            barrier.wait(timeout=30)
-            other(torch.randn(3, 6))
+        barriers[0].wait(timeout=30)
+        with torch.no_grad():
+            model.aux(torch.zeros(1))
 
     got = []
     try:
         _run_threads(side, lambda: got.append([n.module for n in relprop.trace(model, x).nodes]))
     finally:
-        _set_barrier(model, None)
+        model.mix.barriers = model.aux.barriers = None
     assert got == [expected]
 
 

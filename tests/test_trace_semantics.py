@@ -216,11 +216,11 @@ class MetaNet(nn.Module):
     def __init__(self, inplace: bool, kind: str):
         super().__init__()
         self.inplace, self.kind = inplace, kind
-        self.l1, self.l2 = nn.Linear(5, 5, bias=False), nn.Linear(5, 3, bias=False)
+        self.l1, self.mid, self.l2 = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3, bias=False)
 
     def forward(self, x):
         y = torch.relu(self.l1(x)) * 1.0  # (relu saves its output for backward: write a copy)
-        z = y * 2  # y is used before its metadata changes
+        z = y + self.mid(x)  # y is used (the sum rule reads its data) before its metadata changes
         if self.kind == "t":
             y = y.t_() if self.inplace else y.t()
             h = z + y.t()
