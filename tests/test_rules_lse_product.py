@@ -71,6 +71,31 @@ def test_logsumexp_is_not_an_elementwise_nonlinearity():
     assert "SoftmaxShare" in str(cov)
 
 
+@pytest.mark.parametrize("kw", [{}, {"keepdim": True}, {"dims": (1, 2)}, {"dims": 2}])
+def test_deeplift_sums_to_delta_through_logsumexp(kw):
+    """DeepLIFT's completeness through a logsumexp head (bias-free ReLU net: rescale is exact elsewhere)."""
+    model, x = _lse_model(**kw)
+    x0 = torch.randn_like(x) * 0.3
+    x0[0] = x[0]  # a sample equal to its reference: the derivative limit
+    e = relprop.explain(model, x, target=None, method="deeplift", baselines=x0)
+    torch.testing.assert_close(e.attributions.sum(1), (model(x) - model(x0)).detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_logsumexp_deeplift_multiplier_is_the_derivative_at_the_reference():
+    from relprop.rules.reduction import logsumexp_multiplier
+
+    model, x = _lse_model()
+    graph = relprop.trace(model, x)
+    (node,) = [n for n in graph.nodes if n.packet == "logsumexp"]
+    z = torch.randn(3, 10, dtype=torch.float64) * 30  # large logits: no overflow
+    y = torch.logsumexp(z, -1)
+    g = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(logsumexp_multiplier(node, g, z, y, z, y, 1e-10), torch.softmax(z, -1))
+    z0 = z + torch.randn_like(z)
+    m = logsumexp_multiplier(node, g, z, y, z0, torch.logsumexp(z0, -1), 1e-10)
+    torch.testing.assert_close((m * (z - z0)).sum(-1), y - torch.logsumexp(z0, -1))
+
+
 class LogSoftmaxNet(nn.Module):
     """A hand-written log-softmax head (``z - z.logsumexp(-1, keepdim=True)``), bias-free."""
 

@@ -12,6 +12,8 @@ weights of that reduction.
 
 from __future__ import annotations
 
+import torch
+
 from .base import RuleContext, register_family
 from .linear import contributions
 
@@ -62,6 +64,34 @@ class SoftmaxShare:
 
     def __repr__(self) -> str:
         return "SoftmaxShare()"
+
+
+def logsumexp_multiplier(
+    node, g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """DeepLIFT multipliers of ``y = logsumexp(x, dim, keepdim)`` against the reference ``x0`` (``y0``), times ``g``.
+
+    The rescale rule applied to the op's own decomposition ``exp -> sum -> log`` (what DeepLIFT computes
+    when the function is written out): ``m_i = (y - y0) / (s - s0) * (e^x_i - e^x0_i) / (x_i - x0_i)`` with
+    ``s = sum e^x``. It sums to delta exactly, ``sum_i m_i (x_i - x0_i) = y - y0``; the exact gradient at
+    ``x`` (``softmax(x)``) does not. Exponentials are shifted by ``max(y, y0)`` (no overflow); where
+    ``|x_i - x0_i|`` or ``|s - s0|`` is below ``eps`` the derivative replaces the secant.
+    """
+    nd = x.dim()
+    dims = node.arg(1, None)
+    dims = [dims] if isinstance(dims, int) else list(dims or range(nd))
+    dims = sorted(d % nd for d in dims) if nd else []
+    if not node.arg(2, False):
+        for d in dims:
+            y, y0, g = y.unsqueeze(d), y0.unsqueeze(d), g.unsqueeze(d)
+    c = torch.maximum(y, y0)
+    ex, ex0 = torch.exp(x - c), torch.exp(x0 - c)
+    s, s0 = torch.exp(y - c), torch.exp(y0 - c)  # sum of exp(x - c): exp(y - c) <= 1
+    dx, ds = x - x0, s - s0
+    small_x, small_s = dx.abs() < eps, ds.abs() < eps
+    m_exp = torch.where(small_x, ex, (ex - ex0) / torch.where(small_x, torch.ones_like(dx), dx))
+    m_log = torch.where(small_s, 1 / s, (y - y0) / torch.where(small_s, torch.ones_like(ds), ds))
+    return g * m_log * m_exp
 
 
 register_family("smoothmax", "logsumexp")
