@@ -5,8 +5,13 @@
   here once for every architecture: the pattern is found in the op graph, not in module classes).
 * **Normaliser detection.** In ``x * rsqrt(mean(x^2) + eps)`` (RMSNorm), ``(x - m) / sqrt(var)``
   (hand-written LayerNorm) or ``x / x.norm()``, the second factor is a function of the first through
-  a reduction; LRP holds it constant. Marked as ``node.meta['constant_operands']``.
-* **Attention weights** (for CP-LRP): products whose operand comes from a softmax.
+  a reduction; LRP holds it constant (:func:`normalizer_operands`).
+* **Attention weights** (for CP-LRP): products whose operand comes from a softmax
+  (:func:`attention_weight_operands`).
+
+The marking passes return their findings (node index -> constant input positions) instead of writing
+into the nodes: a recorded graph is shared data, and the same recording may be explained with several
+rule sets, from several threads. The batch-norm merge builds new nodes and leaves the input graph as is.
 """
 
 from __future__ import annotations
@@ -120,7 +125,13 @@ def is_normalizer(candidate: Value, of: Value, max_nodes: int = 24) -> bool:
     return False
 
 
-def mark_normalizers(graph: Graph) -> None:
+def normalizer_operands(graph: Graph, constant: dict[int, tuple[int, ...]] | None = None) -> dict[int, tuple[int, ...]]:
+    """Operands of ``mul``/``div`` nodes that normalise the other operand: node index -> input positions.
+
+    Returns a new dict (``constant`` merged in); the graph is not modified, so one recording can be
+    prepared for several rule sets.
+    """
+    out = dict(constant or {})
     for node in graph.nodes:
         if node.packet not in ("mul", "div"):
             continue
@@ -128,26 +139,32 @@ def mark_normalizers(graph: Graph) -> None:
         if len(acts) != 2:
             continue
         a, b = acts
-        const = set(node.meta.get("constant_operands", ()))
+        const = set(out.get(node.index, ()))
         if is_normalizer(node.inputs[b], node.inputs[a]):
             const.add(b)
         elif node.packet == "mul" and is_normalizer(node.inputs[a], node.inputs[b]):
             const.add(a)
         if const:
-            node.meta["constant_operands"] = tuple(sorted(const))
-            node.meta.pop("family", None)
+            out[node.index] = tuple(sorted(const))
+    return out
 
 
 _GATES = {"silu", "gelu", "sigmoid", "tanh", "relu", "hardswish", "hardsigmoid", "mish", "elu", "softplus"}
 
 
-def mark_attention_weights(graph: Graph) -> None:
-    """CP-LRP: hold attention weights (softmax outputs) and gates (``act(g) * u``) constant in products."""
+def attention_weight_operands(
+    graph: Graph, constant: dict[int, tuple[int, ...]] | None = None
+) -> dict[int, tuple[int, ...]]:
+    """CP-LRP: attention weights (softmax outputs) and gates (``act(g) * u``) held constant in products.
+
+    Returns node index -> constant input positions (``constant`` merged in); the graph is not modified.
+    """
+    out = dict(constant or {})
     for node in graph.nodes:
         acts = node.activation_inputs()
         if len(acts) < 2 or node.packet not in ("mul", "bmm", "mm", "matmul", "baddbmm", "einsum"):
             continue
-        const = set(node.meta.get("constant_operands", ()))
+        const = set(out.get(node.index, ()))
         for i in acts:
             v = node.inputs[i]
             for _ in range(8):
@@ -163,8 +180,8 @@ def mark_attention_weights(graph: Graph) -> None:
                     break
                 v = p.inputs[0]
         if const and len(const) < len(acts):
-            node.meta["constant_operands"] = tuple(sorted(const))
-            node.meta.pop("family", None)
+            out[node.index] = tuple(sorted(const))
+    return out
 
 
 def _is_eval_bn(node: Node) -> bool:
@@ -212,39 +229,30 @@ def _tensor(node: Node, argpos: int) -> torch.Tensor | None:
     return a.tensor if isinstance(a, Value) else None
 
 
-#: Merged weights are cached by the identity and version of every tensor they derive from, so
-#: explaining batch after batch of the same model merges each batch norm once.
-#: Entries keep their source tensors alive, so a cached address can never be reused by another tensor.
-_MERGE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
-
-
-def _key(*ts: torch.Tensor | None) -> tuple:
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) if t is not None else None for t in ts)
-
-
 def _merged(kind: str, w: torch.Tensor, b: torch.Tensor | None, bn: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The linear op's weight and bias with the batch norm folded in, computed afresh on every call.
+
+    No cache: a cache keyed on tensor identity goes stale when a user edits ``param.data`` in place
+    (``.data`` has its own version counter) and keeps merged copies of every model alive; checking
+    freshness by content costs as much as the merge itself (one pass over the weights), which is
+    small next to the LRP pass (measured with ``bench/bench_lrp.py``, see the CHANGELOG).
+    """
     eps_pos = 6 if bn.packet == "_native_batch_norm_legit_no_training" else 7
     gamma, beta = _tensor(bn, 1), _tensor(bn, 2)
     mean, var = _tensor(bn, 3), _tensor(bn, 4)
     if mean is None or var is None:
         return None
     eps = bn.arg(eps_pos)
-    key = (kind, eps) + _key(w, b, gamma, beta, mean, var)
-    hit = _MERGE_CACHE.get(key)
-    if hit is not None:
-        return hit[0], hit[1]
-    scale = torch.rsqrt(var + eps)
-    if gamma is not None:
-        scale = scale * gamma
-    shift = -mean * scale + (beta if beta is not None else 0)
-    if kind == "conv":
-        w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
-    else:
-        w2 = w * scale.view(1, -1)
-    b2 = (b * scale if b is not None else 0) + shift
-    if len(_MERGE_CACHE) >= 256:
-        _MERGE_CACHE.pop(next(iter(_MERGE_CACHE)))
-    _MERGE_CACHE[key] = (w2, b2, (w, b, gamma, beta, mean, var))
+    with torch.no_grad():
+        scale = torch.rsqrt(var + eps)
+        if gamma is not None:
+            scale = scale * gamma
+        shift = -mean * scale + (beta if beta is not None else 0)
+        if kind == "conv":
+            w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
+        else:
+            w2 = w * scale.view(1, -1)
+        b2 = (b * scale if b is not None else 0) + shift
     return w2, b2
 
 

@@ -1,7 +1,8 @@
 """One reverse pass over a graph, applying a rule per node.
 
 The pass is method-agnostic: the gradient, every LRP variant, DeepLIFT and guided backprop differ
-only in the ``resolve(node) -> rule`` function they pass in. Relevance is accumulated where a
+only in the ``resolve(node) -> rule`` function they pass in (``composite.resolver(prepared)``) and
+in the per-call notes of the :class:`~relprop.rules.base.PreparedGraph` the rules read. Relevance is accumulated where a
 value fans out, and only nodes on a path between the requested sources and the seeds are visited,
 so asking for the input relevance of one head of a multi-output model costs only that head.
 """
@@ -9,12 +10,11 @@ so asking for the input relevance of one head of a multi-output model costs only
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 
 from .graph import Graph, Node, Value
-from .rules.base import NoRuleError, Rule, RuleContext
+from .rules.base import NoRuleError, PreparedGraph, Rule, RuleContext
 
 
 class PropagationError(RuntimeError):
@@ -31,25 +31,27 @@ def reachable(graph: Graph, sources: Iterable[Value]) -> set[int]:
 
 
 def propagate(
-    graph: Graph,
+    graph: Graph | PreparedGraph,
     resolve: Callable[[Node], Rule | None],
     seeds: dict[Value, torch.Tensor],
     sources: Iterable[Value],
     keep: Iterable[Value] = (),
-    options: dict[str, Any] | None = None,
     method: str = "relevance",
     check_finite: bool = True,
     free: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Propagate ``seeds`` (value -> tensor) backwards until ``sources``.
 
+    ``graph`` is a :class:`PreparedGraph` (``composite.prepare(recording)``, whose notes the rules
+    read: families, constant operands) or a plain graph (each node's plain family, no constants).
     Returns relevance by value index for ``sources`` and ``keep`` (missing where nothing arrived).
     With ``free=True`` the forward data of each node's outputs is released once the node is done
     (all its consumers come later in the graph, so nothing reads it again): memory then shrinks
     as the pass moves back, as autograd's does. The graph cannot be propagated again afterwards.
     """
+    prepared = graph if isinstance(graph, PreparedGraph) else PreparedGraph.plain(graph)
     with torch.inference_mode(False):
-        return _propagate(graph, resolve, seeds, list(sources), list(keep), options, method, check_finite, free)
+        return _propagate(prepared, resolve, seeds, list(sources), list(keep), method, check_finite, free)
 
 
 def _release(node: Node, protected: set[int]) -> None:
@@ -58,13 +60,13 @@ def _release(node: Node, protected: set[int]) -> None:
             v.data = None
 
 
-def _propagate(graph, resolve, seeds, sources, keep, options, method, check_finite, free, on_node=None):
+def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, check_finite, free, on_node=None):
+    graph = prepared.graph
     reach = reachable(graph, sources)
     wanted = {v.index for v in sources} | {v.index for v in keep}
     rel: dict[int, torch.Tensor] = {}
     for v, t in seeds.items():
         _accumulate(rel, v, t, None)
-    options = options or {}
     protected = wanted | {v.index for v in seeds} | {v.index for v in graph.output_values}
     for node in reversed(graph.nodes):
         outs = node.outputs
@@ -83,7 +85,7 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
         rule = resolve(node)
         if rule is None:
             raise NoRuleError(node, method)
-        result = rule(RuleContext(node, relevance, needs, options))
+        result = rule(RuleContext(node, relevance, needs, prepared.notes_of(node)))
         if on_node is not None:  # diagnosis of a non-finite result (relprop._nonfinite)
             on_node(node, relevance, result, rule)
         for v, need, r in zip(node.inputs, needs, result):
@@ -98,9 +100,9 @@ def _propagate(graph, resolve, seeds, sources, keep, options, method, check_fini
                 from ._nonfinite import non_finite_message
 
                 def rerun(hook):
-                    return _propagate(graph, resolve, seeds, sources, keep, options, method, False, False, on_node=hook)
+                    return _propagate(prepared, resolve, seeds, sources, keep, method, False, False, on_node=hook)
 
-                raise PropagationError(non_finite_message(graph, i, method, rerun))
+                raise PropagationError(non_finite_message(prepared.graph, i, method, rerun))
     return {i: rel[i] for i in wanted if i in rel}
 
 

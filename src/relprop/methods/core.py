@@ -16,6 +16,7 @@ import torch
 from .._errors import did_you_mean
 from ..graph import Graph, Value
 from ..propagate import propagate
+from ..rules.base import PreparedGraph
 from ..rules.composites import Composite
 from ..trace import record
 from ._validate import (  # noqa: F401  (re-exported: the names methods and older callers import from here)
@@ -55,6 +56,9 @@ class Explanation:
     #: Forward activations at the outputs of the modules requested with ``layers=``.
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     graph: Graph | None = field(default=None, repr=False)
+    #: With ``keep_graph=True``: the graph as the rule set prepared it, with its per-node notes
+    #: (family, constant operands, DeepLIFT reference values) for this call.
+    prepared: PreparedGraph | None = field(default=None, repr=False)
     #: What reached the parameters requested with ``params=`` (name -> tensor).
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Relevance at the extra values requested by a method (value index -> tensor).
@@ -171,7 +175,6 @@ def run_backward(
     method: str,
     times_output: bool,
     layers: Sequence[str] | None = None,
-    options: dict | None = None,
     keep_graph: bool = False,
     extra_values: Callable[[Graph], Sequence[Value]] | None = None,
     params: bool | Sequence[str] = False,
@@ -194,8 +197,10 @@ def run_backward(
         def post(output):
             return check_callable_score(fn(output), batch)
 
-    graph = record(model, args, kwargs, post=post)
-    graph = composite.prepare(graph)
+    # The rule set's notes (families, constant operands, merged batch norms) live in the prepared
+    # graph of this call; the recording itself is not modified.
+    prepared = composite.prepare(record(model, args, kwargs, post=post))
+    graph = prepared.graph
     if post is not None:
         out_t = graph.output
         out_v = graph.output_values[0]
@@ -230,12 +235,11 @@ def run_backward(
     layer_values = {name: module_value(graph, name) for name in (layers or [])}
     extra = list(extra_values(graph)) if extra_values is not None else []
     rel = propagate(
-        graph,
-        composite.rule_for,
+        prepared,
+        composite.resolver(prepared),
         {out_v: seed},
         all_sources,
         keep=list(layer_values.values()) + extra,
-        options=options or {},
         method=method,
         free=not keep_graph and extra_values is None,
     )
@@ -272,6 +276,7 @@ def run_backward(
         layers=layers_out,
         activations=activations if not keep else {n: v.tensor for n, v in layer_values.items()},
         graph=graph if keep else None,
+        prepared=prepared if keep else None,
         at_values={v.index: rel.get(v.index, torch.zeros_like(v.tensor)) for v in extra},
         params=params_out,
     )

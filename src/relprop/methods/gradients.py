@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..rules.base import PreparedGraph
 from ..rules.composites import GradientComposite
 from ..rules.deeplift import DeepLiftComposite
 from ..rules.guided import deconvnet_composite, guided_backprop_composite
@@ -147,13 +148,19 @@ def deeplift(
     base = format_baselines(inputs, baselines)
     base_inputs = rebuild(inputs, base)
     bargs, bkwargs = split_inputs(base_inputs)
-    comp = DeepLiftComposite(lambda: record(model, bargs, bkwargs), eps=float(eps), scope=scope)
     # Reference activations: replay the recorded ops on the baseline; when a value Python code may branch
     # on (``.item()``, ``bool(t)``) changes, or an op fails, a second recording aligned node by node.
-    comp.callable_target = callable(target) and not isinstance(target, torch.Tensor)
-    comp.replay = (base,) if verify_replay is False else (base, lambda: _plain_forward(model, bargs, bkwargs))
+    comp = DeepLiftComposite(
+        lambda: record(model, bargs, bkwargs),
+        replay_inputs=base,
+        verify_forward=(lambda: _plain_forward(model, bargs, bkwargs)) if verify_replay else None,
+        # a callable target appends its own ops to the recording on the inputs only
+        allow_appended_ops=callable(target) and not isinstance(target, torch.Tensor),
+        eps=float(eps),
+        scope=scope,
+    )
     b = backward(model, inputs, target=target, composite=comp, method="deeplift", layers=layers, keep_graph=True)
-    graph = b.expl.graph
+    prepared = b.expl.prepared
     out = []
     for i, x in enumerate(xs):
         if is_float(x):
@@ -161,13 +168,13 @@ def deeplift(
         else:
             total = torch.zeros(x.shape)
             for emb, g in b.grads[i]:
-                ref_emb = _reference_of(graph, emb)
+                ref_emb = _reference_of(prepared, emb)
                 d = (emb - ref_emb) * g if multiply_by_inputs else g
                 total = total + d.sum(-1).reshape(x.shape)
             out.append(total)
     e = _finish(b, inputs, out, "deeplift")
     if not keep_graph:
-        e = dataclasses.replace(e, graph=None)
+        e = dataclasses.replace(e, graph=None, prepared=None)
     return e
 
 
@@ -176,9 +183,10 @@ def _plain_forward(model, args, kwargs):
         return model(*args, **kwargs)
 
 
-def _reference_of(graph, tensor: torch.Tensor) -> torch.Tensor:
-    for node in graph.nodes:
+def _reference_of(prepared: PreparedGraph, tensor: torch.Tensor) -> torch.Tensor:
+    """The reference (baseline) value of the recorded ``tensor``, from the prepared graph's notes."""
+    for node in prepared.graph.nodes:
         for j, v in enumerate(node.outputs):
             if v is not None and v.tensor is tensor:
-                return node.meta["deeplift_ref"][1][j]
+                return prepared.notes_of(node).reference[1][j]
     raise RuntimeError("internal: embedding output not found in the graph")

@@ -13,45 +13,48 @@ registers its ops next to its rules with :func:`register_family`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..graph import Node, Value
+from ..graph import Graph, Node
+from .vjps import VJPS, RecordedInputs, autograd_vjp
 
 Rule = Callable[["RuleContext"], Sequence["torch.Tensor | None"]]
 
-#: packet name (``relu``, ``convolution``...) -> family name or ``classifier(node) -> family``.
-_FAMILIES: dict[str, str | Callable[[Node], str | None]] = {}
+#: packet name (``relu``, ``convolution``...) -> family name or ``classifier(node, constant_operands) -> family``.
+_FAMILIES: dict[str, str | Callable[[Node, tuple[int, ...]], str | None]] = {}
 
 
-def register_family(family: str | Callable[[Node], str | None], *packets: str) -> None:
-    """Declare that the ATen op packets ``packets`` (in-place twins included) belong to ``family``."""
+def register_family(family: str | Callable[[Node, tuple[int, ...]], str | None], *packets: str) -> None:
+    """Declare that the ATen op packets ``packets`` (in-place twins included) belong to ``family``.
+
+    ``family`` may be a classifier ``fn(node, constant_operands) -> family`` for ops whose family
+    depends on the call (a matmul is ``dense`` against a weight, ``product`` between two activations);
+    ``constant_operands`` are the input positions the rule set holds constant (see :class:`NodeNotes`).
+    """
     for p in packets:
         _FAMILIES[p] = family
 
 
-def family_of(node: Node) -> str | None:
-    """The family of ``node`` (``None`` if no rules module knows the op)."""
-    if "family" in node.meta:
-        return node.meta["family"]
+def family_of(node: Node, constant_operands: tuple[int, ...] = ()) -> str | None:
+    """The family of ``node`` (``None`` if no rules module knows the op).
+
+    Computed, never cached on the node: the answer depends on the rule set's constant operands, and a
+    recorded graph is shared between rule sets. :meth:`Composite.prepare` computes it once per node
+    and per call (:attr:`NodeNotes.family`).
+    """
     region = node.region
     if region is not None and region.family is not None:
-        node.meta["family"] = region.family
         return region.family
     fam = _FAMILIES.get(node.packet)
     if fam is None and node.packet.endswith("_"):
         fam = _FAMILIES.get(node.packet[:-1])
     if callable(fam):
-        fam = fam(node)
-    node.meta["family"] = fam
+        fam = fam(node, constant_operands)
     return fam
-
-
-def known_packets() -> list[str]:
-    return sorted(_FAMILIES)
 
 
 class NoRuleError(LookupError):
@@ -69,6 +72,51 @@ class NoRuleError(LookupError):
         self.node = node
 
 
+@dataclass(frozen=True)
+class NodeNotes:
+    """What a rule set's graph preparation found out about one node, for one call.
+
+    Kept apart from the (shared, reusable) recorded graph, so the same recording can be explained
+    with several rule sets, in any order and from several threads.
+    """
+
+    #: The op family the rules see (``conv``, ``dense``, ``product``...), ``None`` if unknown.
+    family: str | None
+    #: Input positions held constant by the rule set (normalisers; CP-LRP's attention weights and gates).
+    constant_operands: tuple[int, ...] = ()
+    #: DeepLIFT: (reference inputs, reference outputs) of the node on the baseline.
+    reference: tuple[list, list] | None = None
+
+
+@dataclass(frozen=True)
+class PreparedGraph:
+    """A graph as prepared by one rule set for one call: the graph plus per-node notes.
+
+    ``graph`` may be a new graph (batch norms merged, regions replaced) sharing values with the
+    recording; the recording itself is never modified. ``first_node`` is the index of the node that
+    gets the rule set's first-layer rule (``None``: no such rule or node).
+    """
+
+    graph: Graph
+    notes: Mapping[int, NodeNotes]
+    first_node: int | None = None
+
+    def notes_of(self, node: Node) -> NodeNotes:
+        """The notes of ``node`` (by index); a node the preparation did not see gets its plain family."""
+        n = self.notes.get(node.index)
+        return n if n is not None else NodeNotes(family_of(node))
+
+    @staticmethod
+    def plain(graph: Graph, constant: Mapping[int, tuple[int, ...]] | None = None, **kw: Any) -> PreparedGraph:
+        """Notes with each node's family and ``constant`` operands (node index -> positions)."""
+        constant = constant or {}
+        notes = {}
+        for node in graph.nodes:
+            const = tuple(constant.get(node.index, ()))
+            notes[node.index] = NodeNotes(family_of(node, const), const)
+        return PreparedGraph(graph, notes, **kw)
+
+
 @dataclass
 class RuleContext:
     """Everything a rule may read about one node during the reverse pass."""
@@ -78,7 +126,8 @@ class RuleContext:
     relevance: list[torch.Tensor | None]
     #: For each input: does the caller want something to flow into it?
     needs: list[bool]
-    options: dict[str, Any] = field(default_factory=dict)
+    #: The rule set's notes on this node for this call (family, constant operands...).
+    notes: NodeNotes | None = None
     #: Scratch space for one rule call (e.g. modified weights shared by a rule's forward and VJP).
     memo: dict[Any, Any] = field(default_factory=dict)
 
@@ -100,8 +149,20 @@ class RuleContext:
         r = self.relevance[0]
         return r if r is not None else torch.zeros_like(self.out)
 
+    @property
+    def family(self) -> str | None:
+        """The node's family for this rule set."""
+        return self.notes.family if self.notes is not None else family_of(self.node)
+
+    @property
+    def constant_operands(self) -> tuple[int, ...]:
+        """Input positions this rule set holds constant at this node."""
+        return self.notes.constant_operands if self.notes is not None else ()
+
     def activation_inputs(self) -> list[int]:
-        return [i for i in self.node.activation_inputs() if i not in self.node.meta.get("constant_operands", ())]
+        """Activation inputs of the node that the rule set does not hold constant."""
+        const = self.constant_operands
+        return [i for i in self.node.activation_inputs() if i not in const]
 
     def vjp(
         self,
@@ -117,120 +178,28 @@ def _float(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
-#: Ops whose autograd formula is missing or wrong for our use: packet -> vjp(node, grads, tensors, wrt).
-_VJP: dict[str, Callable[..., list]] = {}
-
-
-def vjp_override(*packets: str):
-    def deco(fn):
-        for p in packets:
-            _VJP[p] = fn
-        return fn
-
-    return deco
-
-
 def vjp(
     node: Node, grads: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor] | None, wrt: Sequence[int]
 ) -> list[torch.Tensor | None]:
-    """Generic VJP: re-run the op under autograd on detached inputs and differentiate."""
-    tensors = list(tensors) if tensors is not None else [v.tensor for v in node.inputs]
-    result: list[torch.Tensor | None] = [None] * len(tensors)
-    wrt = [i for i in wrt if _float(tensors[i])]
+    """The op's vector-Jacobian product w.r.t. inputs ``wrt``, on the recorded or on other ``tensors``.
+
+    Order: a region node's own ``vjp``; the op's entry in :data:`relprop.rules.vjps.VJPS` (a direct
+    kernel, or a correction); else re-run the op under autograd on detached inputs and differentiate.
+    """
+    if tensors is None:  # the recorded inputs, read only where a kernel needs them
+        tensors = RecordedInputs(node)
+        wrt = [i for i in wrt if node.inputs[i].is_float]
+    else:
+        tensors = list(tensors)
+        wrt = [i for i in wrt if _float(tensors[i])]
     if not wrt:
-        return result
+        return [None] * len(tensors)
     region = node.region
-    override = region.vjp if region is not None and region.vjp is not None else _VJP.get(node.packet)
-    if override is not None:
-        return override(node, grads, tensors, wrt)
-    return _autograd_vjp(node, grads, tensors, wrt)
-
-
-def _autograd_vjp(node: Node, grads, tensors: list, wrt: Sequence[int]) -> list[torch.Tensor | None]:
-    result: list[torch.Tensor | None] = [None] * len(tensors)
-    if not wrt:
-        return result
-    leaves = {}
-    run_inputs = []
-    for i, t in enumerate(tensors):
-        if i in wrt and i not in leaves:
-            # The same Value may appear twice (x * x): one leaf per position keeps both gradients.
-            leaf = t.detach().requires_grad_(True)
-            leaves[i] = leaf
-            run_inputs.append(leaf)
-        else:
-            run_inputs.append(t.detach() if isinstance(t, torch.Tensor) else t)
-    with torch.inference_mode(False), torch.enable_grad():
-        out = node.run(run_inputs)
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-    if not pairs:
-        for i in wrt:
-            result[i] = torch.zeros_like(tensors[i])
-        return result
-    order = list(leaves)
-    got = torch.autograd.grad(
-        [o for o, _ in pairs], [leaves[i] for i in order], [g for _, g in pairs], allow_unused=True
-    )
-    for i, g in zip(order, got):
-        result[i] = g if g is not None else torch.zeros_like(tensors[i])
-    return result
-
-
-@vjp_override("as_strided_scatter")
-def _as_strided_scatter_vjp(node, grads, tensors, wrt):
-    # PyTorch's formula w.r.t. ``self`` keeps the written window and drops the rest (pytorch#77128).
-    g = grads[0]
-    res: list = [None] * len(tensors)
-    size, stride, offset = node.arg(2), node.arg(3), node.arg(4)
-    if g is None:
-        return [torch.zeros_like(t) if i in wrt else None for i, t in enumerate(tensors)]
-    if 0 in wrt:
-        res[0] = g.as_strided_scatter(torch.zeros_like(tensors[1]), size, stride, offset)
-    if 1 in wrt:
-        res[1] = g.as_strided(size, stride, offset).clone()
-    return res
-
-
-@vjp_override("copy")
-def _copy_vjp(node, grads, tensors, wrt):
-    """``copy(self, src)`` returns ``src`` broadcast into ``self``'s shape and dtype (no autograd formula)."""
-    g = grads[0]
-    res: list = [None] * len(tensors)
-    if 0 in wrt:
-        res[0] = torch.zeros_like(tensors[0])
-    if 1 in wrt:
-        src = tensors[1]
-        res[1] = torch.zeros_like(src) if g is None else g.sum_to_size(src.shape).to(src.dtype)
-    return res
-
-
-@vjp_override("add", "sub")
-def _add_vjp(node, grads, tensors, wrt):
-    """``a +/- b``: the VJP is ``(g, +/-g)`` reduced to each operand's shape; no re-run needed."""
-    if len(tensors) != 2 or len(node.args) != 2 or node.kwargs or not all(isinstance(a, Value) for a in node.args):
-        return _autograd_vjp(node, grads, tensors, wrt)
-    g = grads[0]
-    res: list = [None] * 2
-    for i in wrt:
-        gi = g if (i == 0 or node.packet == "add") else -g
-        res[i] = gi.sum_to_size(tensors[i].shape) if gi.shape != tensors[i].shape else gi
-    return res
-
-
-_SDPA = (
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-)
-
-
-@vjp_override(*_SDPA)
-def _sdpa_vjp(node, grads, tensors, wrt):
-    """Fused attention kernels have no derivative for the mask: it gets none (as an attention mask should)."""
-    res = _autograd_vjp(node, grads, tensors, [i for i in wrt if i < 3])
-    for i in wrt:
-        if i >= 3:
-            res[i] = torch.zeros_like(tensors[i])
-    return res
+    if region is not None and region.vjp is not None:
+        return region.vjp(node, grads, list(tensors), wrt)
+    kernel = VJPS.get(node.packet)
+    if kernel is not None:
+        res = kernel(node, grads, tensors, wrt)
+        if res is not None:
+            return res
+    return autograd_vjp(node, grads, tensors, wrt)

@@ -10,9 +10,10 @@ Linear ops keep their exact VJP, so the attribution ``(x - x0) * m_x`` sums to `
 
 Where Captum hooks ``nn.ReLU``/``nn.Sigmoid``... modules (so functional ``torch.relu``, a module used
 twice or ``torch.exp`` silently fall back to the gradient or fail), this rule set is keyed on the
-ATen ops of the recorded graph. The reference activations come from a second recording of the
-model on the baseline, aligned node by node with the recording on the input
-(:class:`DeepLiftComposite.prepare`), so it works whatever the batch layout of inner tensors is.
+ATen ops of the recorded graph. The reference activations come from replaying the recorded ops on
+the baseline, or from a second recording of the model on the baseline aligned node by node with the
+recording on the input (:meth:`DeepLiftComposite.prepare`), so it works whatever the batch layout of
+inner tensors is.
 
 Max pooling follows Captum's rule (contributions routed through the arg-max of both the input and
 the reference), and softmax Captum's rescale-and-recentre rule (recentred per softmax row).
@@ -20,17 +21,16 @@ the reference), and softmax Captum's rescale-and-recentre rule (recentred per so
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..graph import Graph, Node
-from .base import RuleContext, family_of, vjp
+from .base import PreparedGraph, Rule, RuleContext, vjp
 from .composites import GradientComposite
 from .gradient import gradient_rule
-from .reduction import logsumexp_multiplier
 
 #: Module types whose ops Captum's DeepLift rescales (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``).
 CAPTUM_NONLINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -48,7 +48,7 @@ MAXPOOL_PACKETS = (
 
 
 def _ref(ctx: RuleContext) -> tuple[list, list] | None:
-    return ctx.node.meta.get("deeplift_ref")
+    return ctx.notes.reference if ctx.notes is not None else None
 
 
 def secant(
@@ -130,14 +130,6 @@ class SoftmaxRescale(_ReferenceRule):
         return m - m.mean(ctx.node.arg(1, -1), keepdim=True)
 
 
-class LogSumExpRescale(_ReferenceRule):
-    """DeepLIFT for ``logsumexp``: the rescale rule on its ``exp -> sum -> log`` decomposition (sums to
-    delta exactly; :func:`relprop.rules.reduction.logsumexp_multiplier`). Captum has no such rule."""
-
-    def multiplier(self, ctx, g, x, y, x0, y0, a):
-        return logsumexp_multiplier(ctx.node, g, x, y, x0, y0, self.eps)
-
-
 def _in_module(types: tuple) -> Callable[[Node], bool]:
     return lambda node: node.module_type is not None and issubclass(node.module_type, types)
 
@@ -146,45 +138,77 @@ class DeepLiftComposite(GradientComposite):
     """Gradient composite with DeepLIFT's rules on nonlinear, max-pool and softmax ops.
 
     Args:
-        reference: ``fn() -> Graph``: the recording of the model on the baseline. ``prepare`` aligns it with
-            the graph being explained and stores each node's reference inputs/outputs in ``node.meta``.
+        reference: ``fn() -> Graph``: a recording of the model on the baseline, aligned node by node with
+            the graph being explained (used when no replay is asked for, or the replay is not trusted).
+        replay_inputs: baseline tensors, one per graph input: ``prepare`` first re-runs the recorded ops on
+            them (much cheaper than a second recording); ``None``: always record.
+        verify_forward: ``fn() -> output`` of a plain forward pass on the baseline; the replayed output must
+            match it, or the second recording is used.
+        allow_appended_ops: the recording on the inputs may end with ops the baseline recording lacks
+            (a callable target appends its own ops after the model's).
         eps: below this ``|x - x0|`` the rule uses the gradient.
         scope: ``"all"``: every nonlinear op of the graph (functional, reused modules, ``exp``...);
             ``"captum"``: only ops inside the module types Captum's ``DeepLift`` hooks (for comparisons).
+
+    The reference values go into the per-call notes of the prepared graph (``NodeNotes.reference``);
+    the composite itself holds only its configuration.
     """
 
-    def __init__(self, reference: Callable[[], Graph], eps: float = 1e-10, scope: str = "all"):
+    def __init__(
+        self,
+        reference: Callable[[], Graph],
+        *,
+        replay_inputs: Sequence[torch.Tensor] | None = None,
+        verify_forward: Callable[[], object] | None = None,
+        allow_appended_ops: bool = False,
+        eps: float = 1e-10,
+        scope: str = "all",
+    ):
         if scope not in ("all", "captum"):
             raise ValueError(f"scope: expected 'all' or 'captum', got {scope!r}")
         super().__init__(name="deeplift")
         self.reference = reference
+        self.replay_inputs = None if replay_inputs is None else list(replay_inputs)
+        self.verify_forward = verify_forward
+        self.allow_appended_ops = allow_appended_ops
         self.eps = eps
         self.scope = scope
         self.rescale = Rescale(eps)
         self.maxpool = MaxPoolRule(eps)
         self.softmax = SoftmaxRescale(eps)
-        self.logsumexp = LogSumExpRescale(eps)
 
-    def prepare(self, graph: Graph) -> Graph:
-        replay = getattr(self, "replay", None)
-        if replay is not None:
-            ref = replay_on(graph, replay[0])
-            if ref is not None and (len(replay) < 2 or _same_output(graph, ref, replay[1])):
-                for node in graph.nodes:
-                    node.meta["deeplift_ref"] = (
-                        [ref.get(v.index, v.tensor) for v in node.inputs],
-                        [None if v is None else ref.get(v.index) for v in node.outputs],
-                    )
-                return graph
+    def prepare(self, graph: Graph) -> PreparedGraph:
+        plain = super().prepare(graph)
+        refs = self._replayed(graph)
+        if refs is None:
+            refs = self._recorded(graph)
+        notes = {i: replace(n, reference=refs[i]) if i in refs else n for i, n in plain.notes.items()}
+        return PreparedGraph(graph, notes)
+
+    def _replayed(self, graph: Graph) -> dict[int, tuple[list, list]] | None:
+        if self.replay_inputs is None:
+            return None
+        ref = replay_on(graph, self.replay_inputs)
+        if ref is None or not _same_output(graph, ref, self.verify_forward):
+            return None
+        return {
+            node.index: (
+                [ref.get(v.index, v.tensor) for v in node.inputs],
+                [None if v is None else ref.get(v.index) for v in node.outputs],
+            )
+            for node in graph.nodes
+        }
+
+    def _recorded(self, graph: Graph) -> dict[int, tuple[list, list]]:
         ref = self.reference()
         extra = len(graph.nodes) - len(ref.nodes)
-        # a callable target appends its own ops to the recording on the inputs only
-        if extra < 0 or (extra > 0 and not getattr(self, "callable_target", False)):
+        if extra < 0 or (extra > 0 and not self.allow_appended_ops):
             raise ValueError(
                 "baselines: the model runs different operations on the baseline than on the inputs "
                 f"({len(ref.nodes)} vs {len(graph.nodes)} ops); DeepLIFT needs the same computation "
                 "for both (data-dependent control flow is not supported)"
             )
+        refs = {}
         for node, rnode in zip(graph.nodes, ref.nodes):
             if node.op is not rnode.op or len(node.inputs) != len(rnode.inputs):
                 raise ValueError(
@@ -192,14 +216,14 @@ class DeepLiftComposite(GradientComposite):
                     f"(#{node.index} {node.op_name} vs {rnode.op_name}); DeepLIFT needs the same computation "
                     "for both (data-dependent control flow is not supported)"
                 )
-            node.meta["deeplift_ref"] = (
+            refs[node.index] = (
                 [v.tensor for v in rnode.inputs],
                 [None if v is None else v.tensor for v in rnode.outputs],
             )
-        return graph
+        return refs
 
-    def rule_for(self, node: Node):
-        fam = family_of(node)
+    def rule_for(self, prepared: PreparedGraph, node: Node) -> Rule | None:
+        fam = prepared.notes_of(node).family
         captum = self.scope == "captum"
         if node.packet in MAXPOOL_PACKETS:
             if not captum or _in_module(CAPTUM_MAXPOOL)(node):
@@ -210,9 +234,7 @@ class DeepLiftComposite(GradientComposite):
         elif fam == "softmax":
             if not captum or _in_module(CAPTUM_SOFTMAX)(node):
                 return self.softmax
-        elif fam == "smoothmax" and not captum:
-            return self.logsumexp
-        return super().rule_for(node)
+        return super().rule_for(prepared, node)
 
     def __repr__(self) -> str:
         return f"DeepLiftComposite(eps={self.eps}, scope={self.scope!r})"
@@ -228,7 +250,7 @@ def replay_on(graph: Graph, inputs: list[torch.Tensor]) -> dict[int, torch.Tenso
     Much cheaper than a second recording (no dispatch mode, no snapshots). Written operands of in-place
     ops are cloned first so every value keeps the data it had when produced. ``None`` if an op fails.
     """
-    from ..trace import _op_info
+    from ..trace import written_args
 
     ref: dict[int, torch.Tensor] = {v.index: t for v, t in zip(graph.inputs, inputs)}
     try:
@@ -236,11 +258,8 @@ def replay_on(graph: Graph, inputs: list[torch.Tensor]) -> dict[int, torch.Tenso
             for node in graph.nodes:
                 if not any(v.index in ref for v in node.inputs):
                     continue
-                pos, _kw, _f, _m = _op_info(node.op)
-                tensors = []
-                for j, v in enumerate(node.inputs):
-                    t = ref.get(v.index, v.tensor)
-                    tensors.append(t)
+                pos = () if node.region is not None else written_args(node.op)
+                tensors = [ref.get(v.index, v.tensor) for v in node.inputs]
                 if pos:
                     written = {id(node.args[i]) for i in pos if i < len(node.args)}
                     tensors = [t.clone() if id(v) in written else t for v, t in zip(node.inputs, tensors)]
@@ -284,10 +303,4 @@ def _same_output(graph: Graph, ref: dict[int, torch.Tensor], expected: Callable[
     return True
 
 
-def deeplift_composite(
-    reference: Callable[[], Graph], eps: float = 1e-10, scope: str = "all", **_: Any
-) -> DeepLiftComposite:
-    return DeepLiftComposite(reference, eps=eps, scope=scope)
-
-
-__all__ = ["CAPTUM_NONLINEAR", "DeepLiftComposite", "MaxPoolRule", "Rescale", "SoftmaxRescale", "deeplift_composite"]
+__all__ = ["CAPTUM_NONLINEAR", "DeepLiftComposite", "MaxPoolRule", "Rescale", "SoftmaxRescale", "replay_on"]

@@ -1,0 +1,334 @@
+"""The one table of per-op backward shortcuts, consulted only by :func:`relprop.rules.base.vjp`.
+
+Every rule that needs a vector-Jacobian product (the gradient rule, routing, the z-rule of sums and
+products, the linear LRP rules on *modified* weights, DeepLIFT's max-pool rule) goes through
+``base.vjp``, so an entry here speeds up (or corrects) all of them at once, and the gradient method
+and the LRP methods can never drift apart on an op.
+
+An entry is ``fn(node, grads, tensors, wrt) -> list | None``:
+
+* ``grads``: one cotangent per node output (``None`` where nothing arrived);
+* ``tensors``: one tensor per node input, the recorded ones (a lazy :class:`RecordedInputs`) or
+  replacements (modified weights, a reference input), so a kernel must read operands from
+  ``tensors``, never from the node's Values (shapes through :func:`shape_of`);
+* ``wrt``: the float inputs wanted;
+* return one entry per input (``None`` outside ``wrt``), or ``None`` to decline: ``base.vjp`` then
+  re-runs the op under autograd (exact for any op, only slower).
+
+Two kinds of entries: *shortcuts* (a direct backward kernel, equal to autograd's formula) and
+*corrections* (ops whose autograd formula is missing or not what propagation needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..graph import Node, Value
+
+aten = torch.ops.aten
+
+Grads = Sequence[torch.Tensor | None]
+VJP = Callable[[Node, Grads, list, list[int]], list | None]
+
+#: packet name (``convolution``, ``view``...) -> VJP kernel (see the module docstring).
+VJPS: dict[str, VJP] = {}
+
+
+class RecordedInputs(Sequence):
+    """A node's recorded input tensors, read (recomputed if their data was dropped) only when indexed.
+
+    ``base.vjp`` passes this when no replacement tensors are given, so a kernel that needs only
+    shapes, or the node's output (``relu``), does not force the recomputation of an input that an
+    in-place op overwrote.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def __len__(self) -> int:
+        return len(self.node.inputs)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [v.tensor for v in self.node.inputs[i]]
+        return self.node.inputs[i].tensor
+
+
+def shape_of(node: Node, tensors: Sequence, i: int) -> torch.Size:
+    """Shape of input ``i`` without reading recorded data."""
+    if isinstance(tensors, RecordedInputs):
+        return node.inputs[i].shape
+    return tensors[i].shape
+
+
+def register_vjp(*packets: str) -> Callable[[VJP], VJP]:
+    """Decorator: use ``fn`` as the VJP of the ATen op packets ``packets`` (in every rule)."""
+
+    def deco(fn: VJP) -> VJP:
+        for p in packets:
+            VJPS[p] = fn
+        return fn
+
+    return deco
+
+
+def input_index(node: Node, argpos: int) -> int | None:
+    """Index into ``node.inputs`` (and so into ``tensors``) of positional argument ``argpos``, if a tensor."""
+    count = 0
+    for i, a in enumerate(node.args):
+        if i == argpos:
+            return count if isinstance(a, Value) else None
+        if isinstance(a, Value):
+            count += 1
+        elif isinstance(a, (list, tuple)):
+            count += sum(isinstance(x, Value) for x in a)
+    return None
+
+
+def autograd_vjp(node: Node, grads: Grads, tensors: list, wrt: Sequence[int]) -> list[torch.Tensor | None]:
+    """Re-run the op under autograd on detached ``tensors`` and differentiate w.r.t. inputs ``wrt``."""
+    tensors = list(tensors)
+    result: list[torch.Tensor | None] = [None] * len(tensors)
+    if not wrt:
+        return result
+    leaves = {}
+    run_inputs = []
+    for i, t in enumerate(tensors):
+        if i in wrt and i not in leaves:
+            # The same Value may appear twice (x * x): one leaf per position keeps both gradients.
+            leaf = t.detach().requires_grad_(True)
+            leaves[i] = leaf
+            run_inputs.append(leaf)
+        else:
+            run_inputs.append(t.detach() if isinstance(t, torch.Tensor) else t)
+    with torch.inference_mode(False), torch.enable_grad():
+        out = node.run(run_inputs)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+    if not pairs:
+        for i in wrt:
+            result[i] = torch.zeros_like(tensors[i])
+        return result
+    order = list(leaves)
+    got = torch.autograd.grad(
+        [o for o, _ in pairs], [leaves[i] for i in order], [g for _, g in pairs], allow_unused=True
+    )
+    for i, g in zip(order, got):
+        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+    return result
+
+
+# ------------------------------------------------------------------------------------ corrections
+@register_vjp("as_strided_scatter")
+def _as_strided_scatter(node, grads, tensors, wrt):
+    # PyTorch's formula w.r.t. ``self`` keeps the written window and drops the rest (pytorch#77128).
+    g = grads[0]
+    res: list = [None] * len(tensors)
+    size, stride, offset = node.arg(2), node.arg(3), node.arg(4)
+    if g is None:
+        return [torch.zeros_like(t) if i in wrt else None for i, t in enumerate(tensors)]
+    if 0 in wrt:
+        res[0] = g.as_strided_scatter(torch.zeros_like(tensors[1]), size, stride, offset)
+    if 1 in wrt:
+        res[1] = g.as_strided(size, stride, offset).clone()
+    return res
+
+
+@register_vjp("copy")
+def _copy(node, grads, tensors, wrt):
+    """``copy(self, src)`` returns ``src`` broadcast into ``self``'s shape and dtype (no autograd formula)."""
+    g = grads[0]
+    res: list = [None] * len(tensors)
+    if 0 in wrt:
+        res[0] = torch.zeros_like(tensors[0])
+    if 1 in wrt:
+        src = tensors[1]
+        res[1] = torch.zeros_like(src) if g is None else g.sum_to_size(src.shape).to(src.dtype)
+    return res
+
+
+_SDPA = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+@register_vjp(*_SDPA)
+def _sdpa(node, grads, tensors, wrt):
+    """Fused attention kernels have no derivative for the mask: it gets none (as an attention mask should)."""
+    res = autograd_vjp(node, grads, tensors, [i for i in wrt if i < 3])
+    for i in wrt:
+        if i >= 3:
+            res[i] = torch.zeros_like(tensors[i])
+    return res
+
+
+# -------------------------------------------------------------------------------------- shortcuts
+@register_vjp("add", "sub")
+def _add(node, grads, tensors, wrt):
+    """``a +/- b``: the VJP is ``(g, +/-g)`` reduced to each operand's shape; no re-run needed."""
+    g = grads[0]
+    if g is None or len(tensors) != 2 or len(node.args) != 2 or node.kwargs:
+        return None  # alpha=, a Python scalar operand: autograd
+    if not all(isinstance(a, Value) for a in node.args):
+        return None
+    res: list = [None] * 2
+    for i in wrt:
+        gi = g if (i == 0 or node.packet == "add") else -g
+        shape = shape_of(node, tensors, i)
+        res[i] = gi.sum_to_size(shape) if gi.shape != shape else gi
+    return res
+
+
+@register_vjp("convolution")
+def _conv(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None or node.kwargs or len(node.args) != 9:
+        return None
+    if not (isinstance(node.args[0], Value) and isinstance(node.args[1], Value)):
+        return None
+    has_bias = isinstance(node.args[2], Value)
+    if has_bias and 2 in wrt:
+        return None  # bias gradient: autograd's own reduction
+    x, w = tensors[0], tensors[1]
+    stride, padding, dilation, transposed, out_pad, groups = node.args[3:9]
+    mask = [0 in wrt, 1 in wrt, False]
+    gx, gw, _ = aten.convolution_backward(g, x, w, None, stride, padding, dilation, transposed, out_pad, groups, mask)
+    res: list = [None] * len(tensors)
+    res[0], res[1] = gx, gw
+    return res
+
+
+@register_vjp("mm", "bmm")
+def _mm(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None or len(tensors) != 2 or node.kwargs:
+        return None
+    res: list = [None, None]
+    if 0 in wrt:
+        res[0] = g @ tensors[1].transpose(-1, -2)
+    if 1 in wrt:
+        res[1] = tensors[0].transpose(-1, -2) @ g
+    return res
+
+
+@register_vjp("addmm")
+def _addmm(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None or len(tensors) != 3 or node.kwargs or len(node.args) != 3:
+        return None  # beta/alpha given
+    res: list = [None] * 3
+    if 0 in wrt:
+        shape = shape_of(node, tensors, 0)
+        res[0] = g.sum_to_size(shape) if g.shape != shape else g
+    if 1 in wrt:
+        res[1] = g @ tensors[2].t()
+    if 2 in wrt:
+        res[2] = tensors[1].t() @ g
+    return res
+
+
+@register_vjp("view", "_unsafe_view", "reshape", "_reshape_alias")
+def _view(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None:
+        return None
+    res: list = [None] * len(tensors)
+    res[0] = g.reshape(shape_of(node, tensors, 0))
+    return res
+
+
+@register_vjp("t", "transpose", "permute")
+def _perm(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None:
+        return None
+    if node.packet == "t":
+        gx = g.t()
+    elif node.packet == "transpose":
+        gx = g.transpose(node.arg(1), node.arg(2))
+    else:
+        dims = node.arg(1)
+        inv = [0] * len(dims)
+        for i, d in enumerate(dims):
+            inv[d % len(dims)] = i
+        gx = g.permute(inv)
+    return [gx] + [None] * (len(tensors) - 1)
+
+
+@register_vjp("relu")
+def _relu(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None:
+        return None
+    # relu(x) > 0 exactly where x > 0: read the output when it is at hand (an in-place relu_ dropped x)
+    out = node.outputs[0]
+    if isinstance(tensors, RecordedInputs) and out is not None and out.data is not None:
+        return [g * (out.data > 0)]
+    return [g * (tensors[0] > 0)]
+
+
+@register_vjp("_native_batch_norm_legit_no_training", "native_batch_norm")
+def _bn_eval(node, grads, tensors, wrt):
+    """Eval batch norm w.r.t. its input: ``g * weight / sqrt(var + eps)`` per channel."""
+    g = grads[0]
+    if g is None or node.kwargs or wrt != [0]:
+        return None
+    if node.packet == "native_batch_norm" and node.arg(5):
+        return None  # training mode: statistics depend on the batch
+    eps = node.arg(6) if node.packet == "_native_batch_norm_legit_no_training" else node.arg(7)
+    wi, vi = input_index(node, 1), input_index(node, 4)
+    if vi is None:
+        return None
+    scale = torch.rsqrt(tensors[vi] + eps)
+    if wi is not None:
+        scale = scale * tensors[wi]
+    dim = len(shape_of(node, tensors, 0))
+    return [g * scale.view([1, -1] + [1] * (dim - 2))] + [None] * (len(tensors) - 1)
+
+
+@register_vjp("max_pool2d_with_indices")
+def _maxpool(node, grads, tensors, wrt):
+    g = grads[0]
+    # The recorded arg-max indices are only valid for the recorded input (DeepLIFT passes a reference).
+    if g is None or not isinstance(tensors, RecordedInputs) or node.kwargs or node.outputs[1] is None:
+        return None
+    x = tensors[0]
+    kernel, stride, padding, dilation, ceil = (
+        node.arg(1),
+        node.arg(2, []),
+        node.arg(3, 0),
+        node.arg(4, 1),
+        node.arg(5, False),
+    )
+    stride = stride or kernel
+    padding = padding if isinstance(padding, (list, tuple)) else [padding] * 2
+    dilation = dilation if isinstance(dilation, (list, tuple)) else [dilation] * 2
+    indices = node.outputs[1].tensor
+    return [aten.max_pool2d_with_indices_backward(g, x, kernel, stride, padding, dilation, ceil, indices)]
+
+
+@register_vjp("mean")
+def _mean(node, grads, tensors, wrt):
+    g = grads[0]
+    if g is None or node.op_name != "aten.mean.dim" or node.kwargs.get("dtype") is not None:
+        return None
+    shape = shape_of(node, tensors, 0)
+    dims = node.arg(1)
+    keep = node.arg(2, False)
+    n = len(shape)
+    dims = [d % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])] or list(range(n))
+    count = 1
+    for d in dims:
+        count *= shape[d]
+    if not keep:
+        for d in sorted(dims):
+            g = g.unsqueeze(d)
+    return [(g / count).expand(shape)]
+
+
+__all__ = ["VJPS", "RecordedInputs", "autograd_vjp", "input_index", "register_vjp", "shape_of"]
