@@ -43,11 +43,9 @@ CONSERVES = {
 }
 
 #: Pairs that must conserve but do not (yet): strict xfail, so a fix makes the suite say so.
-KNOWN_LEAKS = {
-    ("hf_qwen2", "cp_lrp"): "eager attention: q_proj/k_proj receive relevance although CP-LRP holds the attention "
-    "weights constant (share 0.998/1.008); SDPA Llama/Mistral conserve",
-    ("timm_swin", "cp_lrp"): "windowed attention: 0.16% of the score does not reach the input under CP-LRP",
-}
+#: (The eager-attention CP-LRP leaks of Qwen2 and Swin were the epsilon rule giving "weight relevance" to
+#: attention weights held constant; fixed in rules/linear.py.)
+KNOWN_LEAKS: dict[tuple[str, str], str] = {}
 
 #: float32 vs float64, relative to the largest relevance. EfficientNet-B0 (16 SE gates, sigmoid products,
 #: tiny activations at random init) amplifies float32 rounding to ~2e-3 under AttnLRP/CP-LRP.
