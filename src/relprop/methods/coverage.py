@@ -6,8 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..graph import Graph
 from ..propagate import reachable
+from ..rules.base import PreparedGraph
 from ..rules.composites import Composite, GradientComposite, resolve_composite
 from ..trace import record
 from .core import Inputs, sources_of, split_inputs
@@ -54,11 +54,11 @@ def coverage(model: Any, inputs: Inputs, composite: str | Composite = "epsilon",
     """
     comp = GradientComposite() if composite == "gradient" else resolve_composite(composite, options)
     args, kwargs = split_inputs(inputs)
-    graph = comp.prepare(record(model, args, kwargs))
-    return coverage_of(graph, comp)
+    return coverage_of(comp.prepare(record(model, args, kwargs)), comp)
 
 
-def coverage_of(graph: Graph, comp: Composite) -> Coverage:
+def coverage_of(prepared: PreparedGraph, comp: Composite) -> Coverage:
+    graph = prepared.graph
     sources = [s for _, src in sources_of(graph) for s in src]
     reach = reachable(graph, sources)
     table: Counter = Counter()
@@ -75,7 +75,7 @@ def coverage_of(graph: Graph, comp: Composite) -> Coverage:
         if not on_path:
             rule_name = "constant"
         else:
-            rule = comp.rule_for(node)
+            rule = comp.rule_for(prepared, node)
             rule_name = "UNSUPPORTED" if rule is None else repr(rule)
             if rule is None:
                 unsupported.append((node.op_name, node.module))

@@ -3,7 +3,9 @@
 A composite maps op *families* to rules and can override by op, by module type, by module name
 (glob patterns) and for the first linear layer, like Zennit's composites but at operation level,
 so functional ops and any architecture are covered without per-model code. ``prepare`` applies
-the graph passes the rule set needs (batch-norm merge, normaliser detection, CP-LRP marking).
+the graph passes the rule set needs (batch-norm merge, normaliser detection, CP-LRP marking) and
+returns a per-call :class:`PreparedGraph`; ``rule_for(prepared, node)`` reads it. A composite holds
+no per-call state, so one composite (and one recorded graph) can serve many calls and threads.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
-from ..canonical import mark_attention_weights, mark_normalizers, merge_batch_norms
+from ..canonical import attention_weight_operands, merge_batch_norms, normalizer_operands
 from ..graph import Graph, Node
 from ..regions import find_elementwise_regions
 from .attention import AttentionRule, SoftmaxRule
-from .base import Rule, family_of
+from .base import PreparedGraph, Rule
 from .elementwise import Identity, Stop, Uniform
 from .gradient import gradient_rule
 from .linear import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 from .normalization import ConstantScale, PassThrough, _is_eval_batch_norm
+from .recurrent import Recurrent, recurrent_gate_operands
 from .reduction import Proportional, SoftmaxShare
 from .routing import Route
 
@@ -85,23 +90,35 @@ class Composite:
         self.constant_attention = constant_attention
         self.fallback = fallback
         self.name = name
-        self._first_node: int | None = None
 
     # ------------------------------------------------------------------ graph
-    def prepare(self, graph: Graph) -> Graph:
+    def prepare(self, graph: Graph) -> PreparedGraph:
+        """The graph passes this rule set needs, as a new :class:`PreparedGraph` for one call.
+
+        The recorded ``graph`` is not modified (passes that change structure return a new graph;
+        findings go into per-call notes), so one recording can be explained with several rule sets,
+        and a composite holds no state between calls (safe to share between threads).
+        """
         if self.canonize:
             graph = merge_batch_norms(graph)
         graph = find_elementwise_regions(graph, keep_ops=(*self.ops, *_USER_RULES))  # one nonlinearity each
-        mark_normalizers(graph)
+        constant = recurrent_gate_operands(graph, normalizer_operands(graph))
         if self.constant_attention:
-            mark_attention_weights(graph)
-        self._first_node = None
+            constant = attention_weight_operands(graph, constant)
+        prepared = PreparedGraph.plain(graph, constant)
         if self.first is not None:
             for node in graph.nodes:
-                if family_of(node) in self.first_families and node.activation_inputs():
-                    self._first_node = node.index
+                fam = prepared.notes_of(node).family
+                if fam == "recurrent" and "dense" in self.first_families:  # a fused RNN layer is a dense layer
+                    fam = "dense"
+                if fam in self.first_families and node.activation_inputs():
+                    prepared = replace(prepared, first_node=node.index)
                     break
-        return graph
+        return prepared
+
+    def resolver(self, prepared: PreparedGraph) -> Callable[[Node], Rule | None]:
+        """``node -> rule`` for :func:`relprop.propagate`, bound to one prepared graph."""
+        return partial(self.rule_for, prepared)
 
     # ------------------------------------------------------------------ rules
     def _scoped(self, node: Node, spec: Any, fam: str | None) -> Rule | None:
@@ -109,8 +126,13 @@ class Composite:
             return spec.get(fam)
         return spec if fam in LINEAR_FAMILIES else None
 
-    def rule_for(self, node: Node) -> Rule | None:
-        fam = family_of(node)
+    def rule_for(self, prepared: PreparedGraph, node: Node) -> Rule | None:
+        """The rule ``node`` of ``prepared`` gets (``None``: no rule, the propagation raises NoRuleError).
+
+        Precedence: module-name globs, module types, ``ops``, rules registered with
+        :func:`register_rule`, the first-layer rule, the family rules, the fallback.
+        """
+        fam = prepared.notes_of(node).family
         for pattern, spec in self.module_names.items():
             if node.module and fnmatch.fnmatchcase(node.module, pattern):
                 rule = self._scoped(node, spec, fam)
@@ -127,14 +149,15 @@ class Composite:
             rule = _USER_RULES.get(node.op_name) or _USER_RULES.get(node.packet)
         if rule is not None:
             return rule
-        if self._first_node is not None and node.index == self._first_node:
-            return self.first
+        if prepared.first_node is not None and node.index == prepared.first_node:
+            rec = self.families.get(fam) if fam == "recurrent" else None
+            return rec.with_first(self.first) if hasattr(rec, "with_first") else self.first
         if fam is None:
             return self.fallback
         return self.families.get(fam, self.fallback)
 
-    def describe(self, node: Node) -> str:
-        rule = self.rule_for(node)
+    def describe(self, prepared: PreparedGraph, node: Node) -> str:
+        rule = self.rule_for(prepared, node)
         return "none" if rule is None else repr(rule)
 
     def __repr__(self) -> str:
@@ -164,13 +187,19 @@ class GradientComposite(Composite):
     ):
         super().__init__(dict(families or {}), ops=ops, canonize=False, name=name)
 
-    def prepare(self, graph: Graph) -> Graph:
-        return graph
+    def prepare(self, graph: Graph) -> PreparedGraph:
+        """No graph pass (the gradient must be autograd's): the recording with each node's family."""
+        return PreparedGraph.plain(graph)
 
-    def rule_for(self, node: Node) -> Rule | None:
+    def rule_for(self, prepared: PreparedGraph, node: Node) -> Rule | None:
+        """``ops`` overrides, then ``families`` overrides, else the exact VJP.
+
+        Unlike LRP composites, rules registered with :func:`register_rule` do not apply: a gradient
+        method computes the gradient, whatever rule an op has for LRP.
+        """
         rule = self.ops.get(node.op_name) or self.ops.get(node.packet)
         if rule is None and self.families:
-            rule = self.families.get(family_of(node))
+            rule = self.families.get(prepared.notes_of(node).family)
         return rule or GRADIENT
 
 
@@ -207,6 +236,7 @@ def base_families(stabilizer: float = 1e-6, batch_norm: Rule | None = None) -> d
         "routing": Route(),
         "attention": AttentionRule(),
         "stop": Stop(),
+        "recurrent": Recurrent(stabilizer=stabilizer, epsilon=stabilizer),
     }
 
 
@@ -224,6 +254,7 @@ def _lrp(
     fam = base_families(stabilizer)
     fam["dense"] = linear
     fam["conv"] = conv or linear
+    fam["recurrent"] = Recurrent(linear, stabilizer)  # a fused RNN kernel's linear parts get the dense rule
     if constant_attention:
         fam["attention"] = AttentionRule(constant_weights=True)
     return Composite(
@@ -293,6 +324,7 @@ def _attnlrp(name: str, epsilon: float, cp: bool, **overrides: Any) -> Composite
     fam["dense"] = fam["conv"] = Epsilon(epsilon)
     fam["sum"] = Proportional(0.0)
     fam["attention"] = AttentionRule(epsilon, constant_weights=cp)
+    fam["recurrent"] = Recurrent(fam["dense"], 0.0)
     return Composite(fam, name=name, constant_attention=cp, canonize=False, **overrides)
 
 

@@ -4,8 +4,8 @@ All rules here are instances of one pattern (Zennit's "basic hook" idea, at op l
 op with modified inputs/parameters, divide the arriving relevance by a stabilised denominator,
 take the op's vector-Jacobian product w.r.t. the activation operand, and multiply by the (modified)
 input. The op is re-executed from the graph node, so any linear ATen op (``convolution``, ``mm``,
-``addmm``, ``bmm`` against a weight, ``baddbmm``...) gets every rule without per-op code; only the
-transposed product has fast paths for speed.
+``addmm``, ``bmm`` against a weight, ``baddbmm``...) gets every rule without per-op code; the VJP
+uses the shared backward kernels of :mod:`relprop.rules.vjps` where an op has one.
 
 Definitions follow Zennit 0.5 (sign conventions, which parts of the bias are kept), so numbers
 agree with it wherever the same rule is applied to the same layer.
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..graph import Node, Value
+from ..graph import Node
 from .base import RuleContext, register_family, vjp
-
-aten = torch.ops.aten
+from .vjps import input_index
 
 ParamMod = Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -51,19 +50,6 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
     return {a: ctx.inputs[a] * grads[a] for a in acts}
 
 
-def _arg_input_index(node: Node, argpos: int) -> int | None:
-    """Index into ``node.inputs`` of positional argument ``argpos`` (if it is a tensor)."""
-    count = 0
-    for i, a in enumerate(node.args):
-        if i == argpos:
-            return count if isinstance(a, Value) else None
-        if isinstance(a, Value):
-            count += 1
-        elif isinstance(a, (list, tuple)):
-            count += sum(isinstance(x, Value) for x in a)
-    return None
-
-
 _BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}
 
 
@@ -84,7 +70,7 @@ class LinearOperands:
         a = acts[0]
         params = [i for i, v in enumerate(node.inputs) if i != a and v.is_float]
         b = _BIAS_ARG.get(node.packet)
-        bias = _arg_input_index(node, b) if b is not None else None
+        bias = input_index(node, b) if b is not None else None
         return LinearOperands(a, params, bias)
 
 
@@ -123,29 +109,13 @@ def forward(
 
 
 def input_vjp(ctx: RuleContext, ops: LinearOperands, s: torch.Tensor, pmod: ParamMod = None) -> torch.Tensor:
-    """``J_x^T s`` for the op with parameters ``pmod(param)`` (independent of the bias)."""
-    node = ctx.node
+    """``J_x^T s`` for the op with parameters ``pmod(param)`` (independent of the bias).
+
+    Goes through the shared :func:`vjp`, so convolutions and matmuls get their direct backward
+    kernels (:mod:`relprop.rules.vjps`) on the modified weights too.
+    """
     tensors = _mod_tensors(ctx, ops, ctx.inputs[ops.act], pmod, False)
-    if node.packet == "convolution" and ops.act == 0:
-        stride, padding, dilation, transposed, out_pad, groups = node.args[3:9]
-        return aten.convolution_backward(
-            s,
-            tensors[0],
-            tensors[1],
-            None,
-            stride,
-            padding,
-            dilation,
-            transposed,
-            out_pad,
-            groups,
-            [True, False, False],
-        )[0]
-    if node.packet == "addmm" and ops.act == 1:
-        return s @ tensors[2].transpose(-1, -2)
-    if node.packet in ("mm", "bmm") and ops.act == 0:
-        return s @ tensors[1].transpose(-1, -2)
-    return vjp(node, [s], tensors, [ops.act])[ops.act]
+    return vjp(ctx.node, [s], tensors, [ops.act])[ops.act]
 
 
 def _pos(t: torch.Tensor) -> torch.Tensor:
@@ -314,9 +284,12 @@ def _only(ctx: RuleContext, ops: LinearOperands, r: torch.Tensor) -> list:
     return res
 
 
-def _dense_or_product(node: Node) -> str:
-    """A matmul against a weight is 'dense'; a product of two activations (attention) is 'product'."""
-    acts = [i for i in node.activation_inputs() if i not in node.meta.get("constant_operands", ())]
+def _dense_or_product(node: Node, constant_operands: tuple[int, ...] = ()) -> str:
+    """A matmul against a weight is 'dense'; a product of two activations (attention) is 'product'.
+
+    An activation operand the rule set holds constant (CP-LRP's attention weights) counts as a weight.
+    """
+    acts = [i for i in node.activation_inputs() if i not in constant_operands]
     return "product" if len(acts) >= 2 else "dense"
 
 
@@ -341,16 +314,6 @@ register_family(
     "ger",
 )
 
-
-RULES: dict[str, type] = {
-    "epsilon": Epsilon,
-    "gamma": Gamma,
-    "alpha_beta": AlphaBeta,
-    "zplus": ZPlus,
-    "zbox": ZBox,
-    "wsquare": WSquare,
-    "flat": Flat,
-}
 
 __all__: Sequence[str] = [
     "Epsilon",
