@@ -345,6 +345,24 @@ def test_cache_is_keyed_by_code_and_image_bytes_and_survives_corruption(tmp_path
     assert not (out2 / "cache").exists() or not any((out2 / "cache").iterdir())
 
 
+def test_cache_key_covers_relprop_source_and_options(tmp_path, capsys, monkeypatch):
+    import relprop.report.compare as compare
+
+    out = tmp_path / "r"
+    args = ["compare", "--models", "zoo:resnet_digits", "--methods", "gradient", "--out", str(out), *FAST]
+
+    def reused():
+        return json.loads((out / "results.json").read_text())["models"][0]["methods"][0]["reused"]
+
+    monkeypatch.setattr(compare, "relprop_source_hash", lambda: "source-a")
+    assert main(args) == 0 and reused() is False
+    assert main(args) == 0 and reused() is True
+    monkeypatch.setattr(compare, "relprop_source_hash", lambda: "source-b")  # an edited relprop, same version
+    assert main(args) == 0 and reused() is False
+    assert main([*args, "--steps", "5"]) == 0 and reused() is False  # every metric option is in the key
+    assert main([*args, "--force"]) == 0 and reused() is False
+
+
 # ------------------------------------------------------------------------------------------- names
 def test_models_with_the_same_name_are_told_apart(tmp_path, capsys):
     for d in ("a", "b"):

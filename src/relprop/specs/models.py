@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpecError, closest, first_line, need
+from .errors import SpecError, closest, first_line, install_hint, need
 from .hashing import file_sha256, module_code_hash, state_hash
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -216,7 +216,10 @@ def _zoo(name: str, spec: str) -> LoadedModel:
         try:
             module, tok = load_minilm()
         except (ImportError, FileNotFoundError) as e:
-            raise SpecError(f"zoo:{name}: {first_line(e)}") from None
+            msg, mod = first_line(e), getattr(e, "name", None)
+            if isinstance(e, ImportError) and mod and "pip install" not in msg:
+                msg = f"{msg} ({install_hint(mod)})"
+            raise SpecError(f"zoo:{name}: {msg}") from None
         return LoadedModel(
             spec=spec,
             name=name,
