@@ -330,6 +330,36 @@ def test_functional_dropout_and_buffer_writes_in_forward():
     torch.testing.assert_close(got, ref)
 
 
+def test_native_dropout_kernel_records_its_mask_as_a_constant():
+    """``native_dropout`` (the kernel CUDA's dropout uses; callable on CPU): a product with the mask drawn."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h, _mask = torch.native_dropout(self.l1(x), 0.4, True)
+            return self.l2(h)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(5, 4)
+    torch.manual_seed(7)
+    got = relprop.explain(model, x, target=1, method="gradient").attributions
+    torch.manual_seed(7)
+    torch.testing.assert_close(got, autograd_gradient(model, x, 1))
+    torch.manual_seed(7)
+    assert [n.packet for n in relprop.trace(model, x).nodes] == ["t", "addmm", "mul", "t", "addmm"]
+
+
+def test_ops_random_only_in_training_are_plain_in_eval():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.Linear(4, 2)).eval(), torch.randn(6, 3)
+    assert_gradient_matches(model, x)
+    with pytest.warns(UserWarning, match="training mode"), pytest.raises(TraceError, match="rrelu_with_noise"):
+        relprop.trace(model.train(), x)  # the noise has a derivative through the activation: refused
+
+
 # ------------------------------------------------------------------------------ token models
 def test_token_model_with_frozen_weights_gradient_equals_autograd():
     """Integer inputs only, all weights frozen: the embedding output requires grad inside the dispatch mode,

@@ -720,7 +720,12 @@ class _Recorder(TorchDispatchMode):
                 self.add_node(aten.mul.Tensor, (x, const), {}, ins, [out])
             self.new_value(mask, "constant")
             return out, mask
-        # Random ops: what was drawn is a constant (recomputing it would draw again).
+        # Random ops: what was drawn is a constant (recomputing it would draw again). Ops that are random
+        # only in training (rrelu) are plain ops when told they are not training.
+        if kwargs.get("training", _training_arg(func, args)) is False:
+            if info.written:
+                return self.dispatch_write(func, info, args, kwargs, grad)
+            return self.dispatch_plain(func, args, kwargs, grad)
         inputs = []
         self.map_args(args, inputs)
         for v in kwargs.values():
@@ -860,6 +865,13 @@ class _Recorder(TorchDispatchMode):
                 "autograd keeps the tensor's old derivative for the new content, which relprop cannot record. "
                 "Use the out-of-place op (or detach the tensor first)."
             )
+
+
+def _training_arg(func, args: tuple) -> Any:
+    for i, a in enumerate(func._schema.arguments):
+        if a.name in ("training", "train"):
+            return args[i] if i < len(args) else a.default_value
+    return None
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
