@@ -113,7 +113,7 @@ def _save(plt, fig, path: Path, title: str, dpi: int, tight: bool = True) -> Pat
         fig.suptitle(title, fontsize=11)
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches=None if tight else "tight")
     plt.close(fig)
     return path
 

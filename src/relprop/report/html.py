@@ -171,7 +171,7 @@ def ci_text(summary: dict | None, digits: int = 3) -> str:
         return "–"
     txt = f"{summary['mean']:.{digits}f}"
     lo, hi = summary.get("ci") or (None, None)
-    if lo is not None and hi is not None and summary.get("n", 0) > 1:
+    if lo is not None and hi is not None and summary.get("n", 0) > 1 and hi > lo:
         txt += f' <span class="ci">[{lo:.{digits}f}, {hi:.{digits}f}]</span>'
     return txt
 
