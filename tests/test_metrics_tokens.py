@@ -2,6 +2,7 @@
 same formula as for images (one definition)."""
 
 import numpy as np
+import pytest
 import torch
 
 from relprop import metrics as M
@@ -79,3 +80,20 @@ def test_image_abpc_is_the_same_area_between_function():
     )
     # per step: the mean gap over the 5 intervals between steps 1..6
     np.testing.assert_allclose(r.per_step.numpy(), r.scores.numpy() / 5, rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_token_and_image_metrics_on_a_cuda_model_equal_the_cpu_numbers():
+    torch.manual_seed(0)
+    model = BagOfTokens()
+    ids = torch.randint(3, 20, (4, 7))
+    mask = torch.ones_like(ids)
+    attr = torch.randn(ids.shape)
+    cpu = M.token_perturbation(model, ids, attr, fill_id=2, attention_mask=mask, steps=3)
+    gpu = M.token_perturbation(model.cuda(), ids.cuda(), attr, fill_id=2, attention_mask=mask.cuda(), steps=3)
+    torch.testing.assert_close(gpu.morf, cpu.morf, rtol=1e-5, atol=1e-6)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(128, 3))
+    x, a = torch.rand(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    r_cpu = M.abpc(net, x, a, patch_size=2, regions=5)
+    r_gpu = M.abpc(net.cuda(), x.cuda(), a.cuda(), patch_size=2, regions=5)
+    torch.testing.assert_close(r_gpu.scores, r_cpu.scores, rtol=1e-4, atol=1e-5)

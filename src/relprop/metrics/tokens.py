@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._engine import evaluate_steps
-from ._utils import TargetLike, check_positive_int, check_targets
+from ._utils import TargetLike, check_positive_int, check_targets, model_device
 from .baselines import Fill
 from .perturbation import ABPCResult, InsertionDeletionResult
 
@@ -86,13 +86,19 @@ def token_perturbation(
     steps = check_positive_int(steps, "steps")
     bs = check_positive_int(batch_size, "batch_size")
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
-    content = mask.bool() & ~(torch.zeros_like(ids, dtype=torch.bool) if exclude is None else exclude.bool())
+    content = (mask.bool() & ~(torch.zeros_like(ids, dtype=torch.bool) if exclude is None else exclude.bool())).cpu()
     t = check_targets(target, ids.shape[0])
+
+    device = model_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    ids, mask = ids.cpu(), mask.cpu()  # copies are built on the CPU; each chunk goes to the model's device
 
     def fn(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = model(x, mask[rows]) if attention_mask is not None else model(x)
-        return out.float()
+            x = x.to(device)
+            out = model(x, mask[rows].to(device)) if attention_mask is not None else model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.detach().float().cpu()
 
     fill = Fill("scalar", torch.full((ids.shape[0],), int(fill_id), dtype=ids.dtype))
     curves = {}
