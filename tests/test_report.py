@@ -360,3 +360,21 @@ def test_randomisation_check_cannot_be_passed_by_a_sign_flip():
     assert all(abs(v - 1.0) < 1e-9 for v in sims)
     summary = cell_metrics.summary_of(res["per_example"], s)
     assert cell_metrics.randomisation_verdict(summary, 0.5) == "fail"
+
+
+def test_examples_file_can_be_appended_by_a_later_or_distributed_run(report, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from relprop.report import store
+
+    path = tmp_path / "all.parquet"
+    shutil.copy(report / "examples.parquet", path)
+    rows = pq.read_table(path).to_pylist()
+    extra = [dict(r, run="worker-2") for r in rows[:5]]
+    store.append_examples(path, extra)
+    t = pq.read_table(path)
+    assert t.num_rows == len(rows) + 5 and t.to_pylist()[-5:] == extra
+    assert t.schema.equals(store.schema())
+    pq.write_table(pa.table({"model": ["x"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="different schema"):
+        store.append_examples(tmp_path / "other.parquet", extra)
