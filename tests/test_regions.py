@@ -414,3 +414,18 @@ def test_bloom_gelu_is_one_nonlinearity():
     )
     assert e.layers[f"{mlp}.gelu_impl"].abs().max() > 0
     torch.testing.assert_close(e.layers[f"{mlp}.dense_h_to_4h"], e.layers[f"{mlp}.gelu_impl"], rtol=0, atol=0)
+
+
+def test_region_ending_in_a_cast_passes_relevance_in_the_input_dtype():
+    class SwishToDouble(nn.Module):
+        def forward(self, h):
+            return (h * torch.sigmoid(h)).to(torch.float64)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), SwishToDouble(), nn.Linear(16, 3).double()).eval()
+    x = torch.randn(5, 6)
+    (op,) = elementwise_regions(relprop.trace(model, x))
+    assert [n.packet for n in op.nodes] == ["sigmoid", "mul", "_to_copy"]
+    e = relprop.explain(model, x, target=1, method="lrp", composite="epsilon", layers=["0", "1"])
+    assert e.layers["0"].dtype == torch.float32 and e.layers["1"].dtype == torch.float64
+    torch.testing.assert_close(e.layers["0"], e.layers["1"].float(), rtol=0, atol=0)

@@ -23,9 +23,11 @@ class Identity:
         if acts and ctx.relevance[0] is not None:
             a = acts[0]
             r = ctx.relevance[0]
-            shape = ctx.node.inputs[a].shape  # only the shape: no need to touch (or recompute) the data
-            if r.shape != shape:
-                r = r.sum_to_size(shape) if r.dim() >= len(shape) else r.expand(shape)
+            v = ctx.node.inputs[a]  # only shape and dtype: no need to touch (or recompute) the data
+            if r.shape != v.shape:
+                r = r.sum_to_size(v.shape) if r.dim() >= len(v.shape) else r.expand(v.shape)
+            if v.dtype is not None and r.dtype != v.dtype:  # a region that ends in a cast (x -> f(x).double())
+                r = r.to(v.dtype)
             res[a] = r
         return res
 
