@@ -12,8 +12,10 @@ value, so a composite's nonlinearity rule sees the function, not its pieces.
 What may join a region (each condition keeps a rule that would otherwise be overruled):
 
 * **Element-wise ops only** (unary math, arithmetic, comparisons, ``where``, casts, clamps). A
-  reduction (``mean`` in RMSNorm), a view or a matrix product ends the region, so normalisers,
-  attention and ``x[:, None] * x[None]`` (views of ``x``: two variables) are never inside.
+  reduction (``mean`` in RMSNorm), a view or a matrix product ends the region, so attention,
+  ``x[:, None] * x[None]`` (views of ``x``: two variables) and a normaliser ``x * rsqrt(mean(x^2) + eps)``
+  are never one region (its ``rsqrt(. + eps)``, a function of the mean alone, may be; normaliser
+  detection follows the recorded producers, which regions leave in place, and still finds it).
 * **One variable.** Every value in the region is computed from the same tensor ``x`` (the same
   recorded value: ``x * x`` qualifies, a product of two different activations such as SwiGLU's
   ``silu(g) * u``, a gate or ``q * k`` does not and keeps the product rule). Every value has the
