@@ -162,8 +162,10 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     axes[3].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.grid(alpha=0.3)
+    for ax in axes[:3]:  # probabilities: the full range, so a flat curve looks flat
+        ax.set_ylim(-0.02, 1.02)
     axes[1].legend(fontsize=7, loc="best")
-    return _save(plt, fig, path, title, dpi=100)
+    return _save(plt, fig, path, _text(title), dpi=100)
 
 
 def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
@@ -247,7 +249,12 @@ def token_figure(tokens: list[str], scores: dict[str, Sequence[float]], path: Pa
     plt = _plt()
     from matplotlib import colormaps
 
+    from ..visualize import merge_wordpieces
+
     cmap = colormaps[CMAP]
+    merged = {k: merge_wordpieces(tokens, [float(v) for v in sc]) for k, sc in scores.items()}
+    tokens = next(iter(merged.values()))[0] if merged else list(tokens)
+    scores = {k: m[1] for k, m in merged.items()}
     rows = len(scores)
     label_w = 0.1 * max(len(k) for k in scores) + 0.4
     width = min(max(6.0, 0.11 * sum(len(t) + 2 for t in tokens) + label_w + 0.6), 24)
