@@ -39,11 +39,7 @@ Step = tuple[str, tuple[int, ...], dict[str, Any]]
 #: entry must be removed once the op works.
 KNOWN_FAILING: dict[str, str] = {
     # op_key(step) -> why it is not drawn (yet). Remove an entry when its regression test XPASSes.
-    "inplace.unsqueeze_": "trace: metadata-only in-place op; gradient shape mismatch (issue 8 finding 5, engineer A)",
-    "inplace.squeeze_": "trace: metadata-only in-place op; PropagationError shape mismatch (finding 5, engineer A)",
-    "inplace.transpose_": "trace: TraceError 'no functional counterpart' (finding 5, engineer A)",
-    "inplace.t_": "trace: y.t_() kept as the transposed value: LRP shape mismatch (finding 5, engineer A)",
-    "reduce.logsumexp": "rules: logsumexp treated as an element-wise op: LRP RuntimeError (engineer D)",
+    # (Empty: transpose_/t_/squeeze_/unsqueeze_ and logsumexp, listed while they were being fixed, now pass.)
 }
 if os.environ.get("RELPROP_FUZZ_SKIP"):  # exploring: RELPROP_FUZZ_SKIP=inplace.t_,reduce.var
     KNOWN_FAILING.update({k: "skipped by RELPROP_FUZZ_SKIP" for k in os.environ["RELPROP_FUZZ_SKIP"].split(",")})

@@ -993,6 +993,11 @@ def trace(model: torch.nn.Module | Any, *args: Any, **kwargs: Any) -> Graph:
     pass raises, and other threads may use the same model meanwhile. A model in training mode is
     recorded as it runs (dropout masks drawn once become constants; batch statistics are used) with a
     warning. Recording is not re-entrant within one thread (a forward that itself calls ``trace``).
+
+    A custom ``torch.autograd.Function`` becomes one region node (``node.region.kind ==
+    "autograd_function"``, packet = the Function's class name) whose VJP is the Function's own
+    ``backward``; the graph keeps that Function's autograd node (and what it saved, with the autograd
+    history before it) alive while the graph lives.
     """
     return record(model, args, kwargs)
 
