@@ -1,7 +1,8 @@
 """Model, data and method specs for the command line: parse a string, load a model or a dataset.
 
 - :mod:`.models`: the registry of model kinds (``zoo:``, ``torchvision:``, ``timm:``, ``hf:``,
-  ``python:``, files), safe loading, layer listing.
+  ``python:``, files) and the dispatch; :mod:`.loaders`: one loader per kind, safe loading;
+  :mod:`.loaded`: :class:`LoadedModel`; :mod:`.layers`: layer listing, Grad-CAM's default layer.
 - :mod:`.data`: image folders, text files, zoo datasets; images read at their declared bit depth.
 - :mod:`.labels`: data labels matched to the model's class names.
 - :mod:`.methods`: ``NAME:KEY=VALUE`` method specs, checked before any work.

@@ -1,0 +1,559 @@
+"""One loader per model kind: each turns the rest of a spec into a :class:`LoadedModel`.
+
+Pickled files load with ``weights_only=True``; a whole pickled module only with ``--trust-pickle``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SpecError, closest, first_line, install_hint, need
+from .hashing import file_sha256
+from .loaded import TEXT_ZOO, ImageClassifier, LoadedModel, LoadOptions, TextClassifier, _freeze
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+
+def _pickle_refused(path: Path) -> SpecError:
+    return SpecError(
+        f"{path} holds a whole pickled model: loading it runs code stored in the file (arbitrary code "
+        f"execution). If you made it or fully trust its source, pass --trust-pickle; better, save the weights "
+        f"(model.state_dict()) as .safetensors and give the architecture (see relprop --help)"
+    )
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.exists():
+        raise SpecError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except SpecError:
+        raise
+    except ImportError:
+        raise SpecError("reading .safetensors files needs 'safetensors' (pip install 'relprop[report]')") from None
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise SpecError(
+                f"weights file {path} is not a plain state dict (it pickles objects, and unpickling runs code "
+                f"from the file); save model.state_dict(), preferably as .safetensors"
+            ) from None
+        raise SpecError(f"cannot read weights file {path}: {first_line(e)}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpecError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_state(model: nn.Module, state: dict, path: Path, what: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        msg = str(e)
+        missing = msg.count("Missing key")
+        raise SpecError(
+            f"weights file {path} does not fit {what}: "
+            f"{'missing/unexpected keys' if missing or 'Unexpected key' in msg else 'shape mismatch'}"
+            f" ({first_line(msg.split(':', 1)[-1]).strip()[:160]})"
+        ) from None
+
+
+def _classifier_classes(state: dict, classifier: str | Sequence[str] | None) -> int | None:
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    for name in names:
+        w = state.get(f"{name}.weight")
+        if w is not None and w.dim() >= 1:
+            return int(w.shape[0])
+    return None
+
+
+def _zoo(name: str, spec: str) -> LoadedModel:
+    from .. import zoo
+
+    if name in TEXT_ZOO:
+        from ..zoo.text import SentenceSimilarity, load_minilm  # noqa: F401
+
+        try:
+            module, tok = load_minilm()
+        except (ImportError, FileNotFoundError) as e:
+            msg, mod = first_line(e), getattr(e, "name", None)
+            if isinstance(e, ImportError) and mod and "pip install" not in msg:
+                msg = f"{msg} ({install_hint(mod)})"
+            raise SpecError(f"zoo:{name}: {msg}") from None
+        return LoadedModel(
+            spec=spec,
+            name=name,
+            module=module,
+            kind="similarity",
+            tokenizer=tok,
+            info={
+                "source": "relprop.zoo.text (all-MiniLM-L6-v2)",
+                "num_params": sum(p.numel() for p in module.parameters()),
+            },
+        )
+    names = zoo.list_models()
+    if name not in names:
+        raise SpecError(
+            f"unknown zoo model '{name}' (available: {', '.join(names + list(TEXT_ZOO))}).{closest(name, names + list(TEXT_ZOO))}"
+        )
+    module = zoo.load_model(name)
+    info = zoo.model_info(name)
+    norm = info.get("normalization", {})
+    c, h, w = info["input_shape"]
+    pre = Preprocess(size=(h, w), channels=c, mean=(norm["mean"],), std=(norm["std"],), source="zoo metadata")
+    return LoadedModel(
+        spec=spec,
+        name=name,
+        module=module,
+        preprocess=pre,
+        class_names=list(info["class_names"]),
+        info={
+            "source": "relprop.zoo",
+            "architecture": info.get("architecture"),
+            "family": info.get("family"),
+            "dataset": info.get("dataset"),
+            "reported_accuracy": info.get("accuracy"),
+            "num_params": info.get("num_params"),
+        },
+    )
+
+
+def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
+    weights, num_classes = opts.weights, opts.num_classes
+    tvm = need("torchvision", "a torchvision: model").models
+    available = tvm.list_models()
+    if name not in available:
+        raise SpecError(f"unknown torchvision model '{name}'.{closest(name, available)}")
+    pre = Preprocess(
+        size=(224, 224),
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=224 / 256,
+        source="torchvision defaults (ImageNet)",
+    )
+    class_names = None
+    if weights:
+        path = Path(weights)
+        state = _read_state_dict(path)
+        n = num_classes or _classifier_classes(
+            state, ["fc", "classifier.6", "classifier.1", "classifier.3", "classifier", "head", "heads.head"]
+        )
+        kwargs = {"num_classes": n} if n else {}
+        if name.startswith("inception") or name.startswith("googlenet"):
+            kwargs["aux_logits"] = any(k.startswith("AuxLogits") or k.startswith("aux1") for k in state)
+            kwargs["init_weights"] = False
+        model = tvm.get_model(name, weights=None, **kwargs)
+        _load_state(model, state, path, f"torchvision:{name}")
+        source = f"torchvision:{name} + {path}"
+        files = [str(path)]
+    else:
+        wenum, cached = _torchvision_cached(name)
+        model = tvm.get_model(name, weights=wenum)
+        class_names = list(wenum.meta.get("categories") or []) or None
+        try:
+            t = wenum.transforms()
+            crop = int(t.crop_size[0])
+            resize = int(t.resize_size[0])
+            pre = Preprocess(
+                size=(crop, crop),
+                channels=3,
+                mean=tuple(t.mean),
+                std=tuple(t.std),
+                crop_pct=crop / resize,
+                source="torchvision weights transforms",
+            )
+        except Exception:
+            pass
+        source = f"torchvision:{name} pretrained ({cached.name})"
+        files = [str(cached)]
+    model = _freeze(model)
+    out = _out_features(model)
+    if class_names is None and out:
+        class_names = [str(i) for i in range(out)]
+    aliases, note = None, None
+    if len(class_names or []) == 1000 and (aliases := imagenet_aliases()):
+        if weights:
+            note = _assumed_imagenet(name)
+        else:
+            aliases = [[c, *a] for a, c in zip(aliases, class_names)]  # torchvision's name, WordNet id, ...
+    lm = LoadedModel(
+        spec=spec,
+        name=name,
+        module=model,
+        preprocess=pre,
+        class_names=class_names,
+        class_aliases=aliases,
+        source_files=files,
+        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
+    if note:
+        lm.class_names = [a[1] for a in aliases]
+        lm.info["class_names_note"] = note
+    return lm
+
+
+def _assumed_imagenet(name: str) -> str:
+    return (
+        f"{name}: 1000 outputs and no class names in the weights file: ImageNet-1k's classes are assumed "
+        f"for matching labels; pass --classes FILE if the model was trained on other classes"
+    )
+
+
+def _torchvision_cached(name: str):
+    """torchvision's default pretrained weights for ``name`` and their file, if already downloaded."""
+    tvm = need("torchvision", "a torchvision: model").models
+    if name not in tvm.list_models():
+        raise SpecError(f"unknown torchvision model '{name}'.{closest(name, tvm.list_models())}")
+    try:
+        wenum = tvm.get_model_weights(name).DEFAULT
+    except Exception:
+        raise SpecError(f"torchvision:{name} has no pretrained weights; pass --weights FILE") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(wenum.url)
+    if not cached.exists():
+        raise SpecError(
+            f"torchvision:{name}: no --weights FILE given and torchvision's pretrained weights are "
+            f"not on this machine ({cached}); pass --weights FILE"
+        )
+    return wenum, cached
+
+
+def _out_features(model: nn.Module) -> int | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+        elif isinstance(m, nn.Conv2d):
+            last = last if last else None
+    return last
+
+
+def imagenet_aliases() -> list[list[str]] | None:
+    """WordNet id and all names of each ImageNet-1k class, from timm's offline tables (None without timm)."""
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [[wnid, *info.index_to_description(i).split(", ")] for i, wnid in enumerate(info.label_names())]
+    except Exception:
+        return None
+
+
+def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
+    weights, num_classes = opts.weights, opts.num_classes
+    files: list[str] = []
+    timm = need("timm", "a timm: model")
+    if not timm.list_models(name) and not timm.is_model(name):
+        raise SpecError(f"unknown timm model '{name}'.{closest(name, timm.list_models())}")
+    if weights:
+        path = Path(weights)
+        state = _read_state_dict(path)
+        probe = timm.create_model(name, pretrained=False)
+        n = num_classes or _classifier_classes(state, probe.default_cfg.get("classifier")) or probe.num_classes
+        model = timm.create_model(name, pretrained=False, num_classes=n)
+        _load_state(model, state, path, f"timm:{name}")
+        source = f"timm:{name} + {path}"
+        files = [str(path)]
+    else:
+        saved = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            kwargs = {"num_classes": num_classes} if num_classes else {}
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception:
+            raise SpecError(
+                f"timm:{name}: no --weights FILE given and timm's pretrained weights are not in the "
+                f"local Hugging Face cache; pass --weights FILE"
+            ) from None
+        finally:
+            if saved is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = saved
+        source = f"timm:{name} pretrained (local cache)"
+    model = _freeze(model)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    c, h, w = cfg["input_size"]
+    pre = Preprocess(
+        size=(h, w),
+        channels=c,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bilinear"),
+        crop_pct=cfg.get("crop_pct"),
+        source="timm data config",
+    )
+    class_names, aliases, note = [str(i) for i in range(model.num_classes)], None, None
+    if model.num_classes == 1000 and (aliases := imagenet_aliases()):
+        class_names = [a[1] for a in aliases]  # the first English name; the WordNet id is an alias
+        note = _assumed_imagenet(name) if weights else None
+    lm = LoadedModel(
+        spec=spec,
+        name=name,
+        module=model,
+        preprocess=pre,
+        class_names=class_names,
+        class_aliases=aliases,
+        source_files=files,
+        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
+    if note:
+        lm.info["class_names_note"] = note
+    return lm
+
+
+def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise SpecError(f"Hugging Face model folder not found: {path}")
+    if not (path / "config.json").exists():
+        raise SpecError(f"{path} is not a Hugging Face model folder (no config.json)")
+    transformers = need("transformers", "an hf: model")
+    cfg = json.loads((path / "config.json").read_text())
+    arch = " ".join(cfg.get("architectures") or [])
+    from transformers.utils import logging as hf_logging
+
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        kw = {"local_files_only": True, "attn_implementation": "eager"}
+        if "ImageClassification" in arch:
+            hf = transformers.AutoModelForImageClassification.from_pretrained(str(path), **kw)
+            module, kind, tok = ImageClassifier(hf), "image", None
+        elif (
+            "SequenceClassification" in arch
+            or (path / "tokenizer_config.json").exists()
+            or (path / "vocab.txt").exists()
+        ):
+            hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            module, kind = TextClassifier(hf, pad), "text"
+        else:
+            raise SpecError(
+                f"{path}: config.json names architectures [{arch}]; expected an image or sequence "
+                f"classification model (…ForImageClassification / …ForSequenceClassification)"
+            )
+    except SpecError:
+        raise
+    except Exception as e:
+        raise SpecError(f"cannot load the Hugging Face model in {path}: {first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _freeze(module)
+    id2label = getattr(hf.config, "id2label", None) or {}
+    n = int(getattr(hf.config, "num_labels", len(id2label)) or len(id2label))
+    class_names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
+    pre = None
+    if kind == "image":
+        pre = _hf_image_preprocess(path, hf.config)
+    return LoadedModel(
+        spec=spec,
+        name=path.name,
+        module=module,
+        kind=kind,
+        preprocess=pre,
+        tokenizer=tok,
+        class_names=class_names,
+        source_files=sorted(
+            str(f) for f in path.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")
+        ),
+        info={"source": f"hf:{path}", "architecture": arch, "num_params": sum(p.numel() for p in module.parameters())},
+    )
+
+
+def _hf_image_preprocess(path: Path, config) -> Preprocess:
+    c = int(getattr(config, "num_channels", 3) or 3)
+    size = getattr(config, "image_size", None)
+    pre = Preprocess(
+        size=(size, size) if isinstance(size, int) else None,
+        channels=c,
+        mean=(0.5,) * c,
+        std=(0.5,) * c,
+        source="model config (image_size), mean/std 0.5",
+    )
+    pp = path / "preprocessor_config.json"
+    if pp.exists():
+        p = json.loads(pp.read_text())
+        s = p.get("crop_size") if p.get("do_center_crop") else p.get("size")
+        if isinstance(s, dict):
+            if "height" in s:
+                s = (int(s["height"]), int(s["width"]))
+            elif "shortest_edge" in s:
+                s = (int(s["shortest_edge"]),) * 2
+            else:
+                s = None
+        elif isinstance(s, int):
+            s = (s, s)
+        mean = tuple(p["image_mean"]) if p.get("do_normalize", True) and p.get("image_mean") else None
+        std = tuple(p["image_std"]) if p.get("do_normalize", True) and p.get("image_std") else None
+        pre = Preprocess(
+            size=s or pre.size,
+            channels=c,
+            mean=mean,
+            std=std,
+            interpolation="bicubic" if p.get("resample") == 3 else "bilinear",
+            source="Hugging Face image processor",
+        )
+    return pre
+
+
+def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
+    if ":" not in target:
+        raise SpecError(f"model spec '{spec}': expected python:MODULE:FUNCTION (e.g. python:mymodels:build)")
+    mod_name, fn_name = target.rsplit(":", 1)
+    saved_path = list(sys.path)
+    try:
+        if mod_name.endswith(".py") or os.sep in mod_name:
+            file = Path(mod_name)
+            if not file.exists():
+                raise SpecError(f"python file not found: {file}")
+            s = importlib.util.spec_from_file_location(file.stem, str(file))
+            mod = importlib.util.module_from_spec(s)
+            s.loader.exec_module(mod)
+            files = [str(file.resolve())]
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(mod_name)
+            files = [f] if (f := getattr(mod, "__file__", None)) else []
+    except SpecError:
+        raise
+    except ModuleNotFoundError as e:
+        raise SpecError(f"model spec '{spec}': cannot import module '{mod_name}' ({first_line(e)})") from None
+    except Exception as e:
+        raise SpecError(
+            f"model spec '{spec}': importing '{mod_name}' failed: {type(e).__name__}: {first_line(e)}"
+        ) from None
+    finally:
+        sys.path[:] = saved_path  # leave the process as found (the cwd was added for the import only)
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
+        raise SpecError(
+            f"model spec '{spec}': module '{mod_name}' has no function '{fn_name}'.{closest(fn_name, names)}"
+        )
+    try:
+        model = fn()
+    except Exception as e:
+        raise SpecError(f"model spec '{spec}': {fn_name}() failed: {type(e).__name__}: {first_line(e)}") from None
+    if isinstance(model, tuple) and model and isinstance(model[0], nn.Module):
+        model = model[0]
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model spec '{spec}': {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
+    lm = _generic(model, spec, f"{Path(mod_name).stem}:{fn_name}", f"python:{target}")
+    lm.source_files = files
+    return lm
+
+
+def _generic(model: nn.Module, spec: str, name: str, source: str) -> LoadedModel:
+    _freeze(model)
+    channels = None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            channels = m.in_channels
+            break
+    pre = Preprocess(channels=channels, source="inferred (first conv layer)" if channels else "defaults")
+    for attr in ("input_size", "input_shape"):
+        shape = getattr(model, attr, None)
+        if isinstance(shape, (tuple, list)) and len(shape) == 3:
+            pre.channels, pre.size = int(shape[0]), (int(shape[1]), int(shape[2]))
+            pre.source = f"model.{attr}"
+    for attr, key in (("mean", "mean"), ("std", "std")):
+        v = getattr(model, attr, None)
+        if isinstance(v, (tuple, list)):
+            setattr(pre, key, tuple(float(x) for x in v))
+    out = _out_features(model)
+    names = getattr(model, "class_names", None)
+    return LoadedModel(
+        spec=spec,
+        name=name,
+        module=model,
+        preprocess=pre,
+        class_names=list(names) if names else ([str(i) for i in range(out)] if out else None),
+        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
+    )
+
+
+def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
+    if not path.exists():
+        raise SpecError(f"model file not found: {path}")
+    if path.suffix == ".safetensors":
+        meta = path.with_suffix(".json")
+        if not meta.exists():
+            raise SpecError(
+                f"{path} holds only weights; give the architecture with --model torchvision:NAME or "
+                f"timm:NAME and --weights {path}, or put a {meta.name} (zoo format) next to it"
+            )
+        from ..zoo.models import ARCHITECTURES, build
+
+        info = json.loads(meta.read_text())
+        if info.get("architecture") not in ARCHITECTURES:
+            raise SpecError(
+                f"{meta}: unknown architecture {info.get('architecture')!r} (known: {', '.join(sorted(ARCHITECTURES))})"
+            )
+        model = build(info["architecture"], **info.get("arch_kwargs", {}))
+        _load_state(model, _read_state_dict(path), path, info["architecture"])
+        lm = _generic(model, spec, path.stem, str(path))
+        if "input_shape" in info:
+            c, h, w = info["input_shape"]
+            lm.preprocess.size, lm.preprocess.channels = (h, w), c
+        norm = info.get("normalization") or {}
+        if "mean" in norm:
+            lm.preprocess.mean, lm.preprocess.std = (norm["mean"],), (norm["std"],)
+        lm.preprocess.source = f"{meta.name}"
+        if info.get("class_names"):
+            lm.class_names = list(info["class_names"])
+        lm.source_files = [str(path), str(meta)]
+        return lm
+    # .pt / .pth / .bin: weights_only first; a whole pickled module only with --trust-pickle
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        if not ("weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e)):
+            raise SpecError(f"cannot read model file {path}: {first_line(e)}") from None
+        if not opts.trust_pickle:
+            raise _pickle_refused(path) from None
+        warnings.warn(
+            f"--trust-pickle: unpickling {path} runs any code stored in it (arbitrary code execution)",
+            stacklevel=2,
+        )
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise SpecError(f"cannot read model file {path}: {first_line(e2)}") from None
+    if isinstance(obj, dict):
+        raise SpecError(
+            f"{path} holds a state dict, not a model; give the architecture with "
+            f"--model torchvision:NAME or timm:NAME and --weights {path}"
+        )
+    if not isinstance(obj, nn.Module):
+        raise SpecError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
+    lm = _generic(obj, spec, path.stem, str(path))
+    lm.source_files = [str(path)]
+    lm.info["weights_sha256"] = file_sha256(path)
+    return lm
