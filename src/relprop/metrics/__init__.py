@@ -1,6 +1,12 @@
 """Evaluation metrics for explanations: perturbation curves (pixel flipping,
-region perturbation, ABPC, insertion/deletion), class sensitivity, model
-parameter randomisation, conservation and complexity, plus a Quantus adapter.
+region perturbation, ABPC, insertion/deletion, and the same for text models:
+``token_perturbation``), class sensitivity, model parameter randomisation,
+conservation and complexity, plus a Quantus adapter.
+
+All perturbation metrics run on one engine: ``_units`` (patches, features,
+tokens and their ranking), ``baselines`` (what a unit is replaced by) and
+``_engine`` (building and evaluating the perturbed copies; the one ABPC
+definition, ``area_between``).
 
 All functions accept tensors or NumPy arrays and return small result
 dataclasses holding plain numbers, per-sample tensors and curves; each result
