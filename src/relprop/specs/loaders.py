@@ -334,6 +334,8 @@ def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedMode
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would mix into relprop's own output
     try:
         kw = {"local_files_only": True, "attn_implementation": "eager"}
         if "ImageClassification" in arch:
@@ -359,6 +361,8 @@ def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedMode
         raise SpecError(f"cannot load the Hugging Face model in {path}: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
