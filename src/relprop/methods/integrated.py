@@ -85,6 +85,9 @@ def integrated_gradients(
             with the parameters frozen (the same gradient, without recording; float inputs only);
             ``"auto"`` (default): autograd for float inputs in eval mode, the graph otherwise.
 
+    ``Explanation.score`` and ``output`` are the model's on ``inputs`` (one extra point, alpha = 1 with
+    weight 0, is evaluated with the first internal batch).
+
     A model in training mode (active dropout or batch norm) gets a warning, because the path is then not
     a path through one function: each internal batch is a new forward pass, and dropout draws an
     independent mask for every row of it, i.e. for every (step, sample) pair; the gradient at a step is
