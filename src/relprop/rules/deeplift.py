@@ -31,6 +31,7 @@ from ..graph import Graph, Node
 from .base import PreparedGraph, Rule, RuleContext, vjp
 from .composites import GradientComposite
 from .gradient import gradient_rule
+from .reduction import logsumexp_multiplier
 
 #: Module types whose ops Captum's DeepLift rescales (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``).
 CAPTUM_NONLINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -130,6 +131,14 @@ class SoftmaxRescale(_ReferenceRule):
         return m - m.mean(ctx.node.arg(1, -1), keepdim=True)
 
 
+class LogSumExpRescale(_ReferenceRule):
+    """DeepLIFT for ``logsumexp``: the rescale rule on its ``exp -> sum -> log`` decomposition (sums to
+    delta exactly; :func:`relprop.rules.reduction.logsumexp_multiplier`). Captum has no such rule."""
+
+    def multiplier(self, ctx, g, x, y, x0, y0, a):
+        return logsumexp_multiplier(ctx.node, g, x, y, x0, y0, self.eps)
+
+
 def _in_module(types: tuple) -> Callable[[Node], bool]:
     return lambda node: node.module_type is not None and issubclass(node.module_type, types)
 
@@ -176,6 +185,7 @@ class DeepLiftComposite(GradientComposite):
         self.rescale = Rescale(eps)
         self.maxpool = MaxPoolRule(eps)
         self.softmax = SoftmaxRescale(eps)
+        self.logsumexp = LogSumExpRescale(eps)
 
     def prepare(self, graph: Graph) -> PreparedGraph:
         plain = super().prepare(graph)
@@ -234,6 +244,8 @@ class DeepLiftComposite(GradientComposite):
         elif fam == "softmax":
             if not captum or _in_module(CAPTUM_SOFTMAX)(node):
                 return self.softmax
+        elif fam == "smoothmax" and not captum:
+            return self.logsumexp
         return super().rule_for(prepared, node)
 
     def __repr__(self) -> str:
