@@ -426,6 +426,12 @@ def preflight(models: list[str], data, methods, settings, load, log) -> tuple[di
         if model.info.get("class_names_note"):
             job.warn(model.info["class_names_note"])
         prep = job.prepare(model, job.indices[:2])  # forward pass + label matching (errors name the fix)
+        present = set(data.labels.tolist())
+        if settings.target == "label" and present & set(job.label_map(model).unmatched):
+            raise CLIError(
+                f"--target label: some data labels match no class of '{model.name}' (--labels ignore); "
+                f"use --target pred or give the class names with --classes FILE"
+            )
         x = {k: v[:1] for k, v in prep.inputs.items()} if isinstance(prep.inputs, dict) else prep.inputs[:1]
         for m in methods:
             try:
