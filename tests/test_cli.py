@@ -318,6 +318,10 @@ def test_hf_text_model_compare_and_explain(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert "explained class 1 (pos)" in text and "good" in text and html.exists()
+    # an image file given to a text model is an error, not the text "x.png"
+    png = write_png(tmp_path / "x.png")
+    err = run_err(capsys, ["explain", "--model", f"hf:{model_dir}", "--input", str(png)])
+    assert "is a text model" in err and "image file" in err
 
 
 # ------------------------------------------------------------------------------------------- errors
