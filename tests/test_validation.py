@@ -357,3 +357,11 @@ def test_multi_forward_methods_in_training_mode_leave_buffers_untouched(method):
         e = relprop.explain(model, torch.randn(2, 3, 6, 6), target=0, method=method, **METHODS[method])
     assert torch.isfinite(e.attributions).all()
     _assert_same(model, snap)
+
+
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients", "occlusion"])
+def test_model_on_the_meta_device_is_rejected(method):
+    with torch.device("meta"):
+        model = Net().eval()
+    with pytest.raises(ValueError, match="parameter 'conv.weight' is on the 'meta' device"):
+        _explain(model, torch.randn(2, 3, 6, 6), method)
