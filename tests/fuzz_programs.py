@@ -392,6 +392,7 @@ class Program(nn.Module):
             final = self._run(example_input(in_shape, dtype), store)
         self.weights = nn.ParameterDict({k: nn.Parameter(t) for k, t in store.items()})
         self.head = nn.Parameter(_param(10_000, 0, (CLASSES, final.flatten(1).shape[1]), dtype))
+        self.eval()
 
     def _run(self, x: torch.Tensor, store: dict) -> torch.Tensor:
         pool = [x]
@@ -440,12 +441,13 @@ KEYS: list[str] = (
     + [f"index.{f}" for f in ("gather", "index_select", "index_put", "scatter_add")]
     + ["cat", "stack", "split", "softmax", "norm.layer_norm", "norm.rms_norm", "norm.group_norm"]
     + ["maxpool", "avgpool"]
+    + ["inplace.t_", "view.squeeze", "inplace.squeeze_"]  # twice: they need a 2-d value / a size-1 dim
 )
 
 
-def _draw_step(draw, pool: list[torch.Tensor], relu_net: bool, allowed: set[str]) -> Step | None:
+def _draw_step(draw, pool: list[torch.Tensor], relu_net: bool, allowed: set[str], keys=None) -> Step | None:
     """Draw one step that fits the current pool (``None``: nothing applicable was drawn)."""
-    step = _draw_any_step(draw, pool, relu_net, allowed)
+    step = _draw_any_step(draw, pool, relu_net, allowed, keys)
     if step is not None and (step[0] in KNOWN_FAILING or op_key(step) in KNOWN_FAILING):
         return None
     return step
@@ -457,8 +459,12 @@ def op_key(step: Step) -> str:
     return f"{step[0]}.{fn}" if fn else step[0]
 
 
-def _draw_any_step(draw, pool: list[torch.Tensor], relu_net: bool, allowed: set[str]) -> Step | None:
-    keys = [k for k in KEYS if k.split(".")[0] in allowed and (not relu_net or _in_relu_net(k))]
+def _draw_any_step(draw, pool: list[torch.Tensor], relu_net: bool, allowed: set[str], only=None) -> Step | None:
+    keys = [
+        k
+        for k in (KEYS if only is None else sorted(only))
+        if k.split(".")[0] in allowed and (not relu_net or _in_relu_net(k))
+    ]
     name, _, fn = draw(st.sampled_from(keys)).partition(".")
     usable = [i for i, t in enumerate(pool) if _ok(t)]
     # Mostly the newest value (deep programs), sometimes an older one (branches, reuse after in-place).
@@ -639,7 +645,7 @@ def _draw_any_step(draw, pool: list[torch.Tensor], relu_net: bool, allowed: set[
     raise AssertionError(name)
 
 
-IN_SHAPES = [(BATCH, 6), (BATCH, 4, 5), (BATCH, 3, 4, 4)]
+IN_SHAPES = [(BATCH, 6), (BATCH, 4, 5), (BATCH, 1, 6), (BATCH, 3, 4, 4)]
 
 
 def replay(steps: list[Step], in_shape, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -652,8 +658,16 @@ def replay(steps: list[Step], in_shape, dtype: torch.dtype = torch.float64) -> l
 
 
 @st.composite
-def programs(draw, relu_net: bool = False, max_steps: int = 8, allowed: frozenset[str] | None = None):
-    """A program ``(steps, input shape)`` drawn while running it, so every option fits the real shapes."""
+def programs(
+    draw,
+    relu_net: bool = False,
+    max_steps: int = 8,
+    allowed: frozenset[str] | None = None,
+    keys: frozenset[str] | None = None,
+):
+    """A program ``(steps, input shape)`` drawn while running it, so every option fits the real shapes.
+
+    ``allowed`` restricts the ops, ``keys`` the op variants (entries of :data:`KEYS`)."""
     allowed = set(OPS) if allowed is None else set(allowed)
     in_shape = draw(st.sampled_from(IN_SHAPES))
     pool = replay([], in_shape)
@@ -662,7 +676,7 @@ def programs(draw, relu_net: bool = False, max_steps: int = 8, allowed: frozense
     attempts = 0
     while len(steps) < n and attempts < 4 * n:
         attempts += 1
-        step = _draw_step(draw, pool, relu_net, allowed)
+        step = _draw_step(draw, pool, relu_net, allowed, keys)
         if step is None:
             continue
         try:
