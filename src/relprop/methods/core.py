@@ -178,6 +178,7 @@ def run_backward(
     keep_graph: bool = False,
     extra_values: Callable[[Graph], Sequence[Value]] | None = None,
     params: bool | Sequence[str] = False,
+    recorder: Callable[..., Graph] = record,
 ) -> Explanation:
     """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions.
 
@@ -187,6 +188,9 @@ def run_backward(
 
     ``extra_values(graph)`` names more values whose relevance the caller wants (e.g. a convolution's
     output for NormGrad); they come back in ``Explanation.at_values`` and the graph is kept.
+
+    ``recorder(model, args, kwargs, post=post) -> Graph`` makes the recording (default
+    :func:`relprop.trace.record`; a :class:`relprop.plan.Plan` passes its replay).
     """
     batch = validate_call(model, inputs, target)
     args, kwargs = split_inputs(inputs)
@@ -199,7 +203,7 @@ def run_backward(
 
     # The rule set's notes (families, constant operands, merged batch norms) live in the prepared
     # graph of this call; the recording itself is not modified.
-    prepared = composite.prepare(record(model, args, kwargs, post=post))
+    prepared = composite.prepare(recorder(model, args, kwargs, post=post))
     graph = prepared.graph
     if post is not None:
         out_t = graph.output
