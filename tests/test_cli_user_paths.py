@@ -311,12 +311,20 @@ def test_cache_is_keyed_by_code_and_image_bytes_and_survives_corruption(tmp_path
     assert main(args) == 0
     _, c = cells()
     assert c["reused"] is True
-    # edit forward(): a new model, the old cell is stale
-    sys.modules.pop("netmod", None)
+    # edit forward(): a new model, the old cell is stale (also in this process, which imported it already)
     src.write_text(MODEL_SRC.replace("{EXTRA}", " * 2"))
     assert main(args) == 0
     _, c = cells()
     assert c["reused"] is False
+    from relprop.specs import load_model
+
+    x = torch.rand(1, 1, 8, 8)
+    before = load_model("python:netmod:build").module(x)
+    src.write_text(MODEL_SRC.replace("{EXTRA}", " * -5"))
+    after = load_model("python:netmod:build").module(x)  # the edited code runs, as the key says
+    fresh = load_model(f"python:{src}:build").module(x)  # a .py path always runs the file as it is now
+    assert torch.equal(after, fresh) and not torch.allclose(after, before)
+    src.write_text(MODEL_SRC.replace("{EXTRA}", " * 2"))
     # flip every image upside down: same pixel sums, different inputs
     from PIL import Image
 

@@ -443,8 +443,12 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
+            known = mod_name in sys.modules
             mod = importlib.import_module(mod_name)
             files = [f] if (f := getattr(mod, "__file__", None)) else []
+            if known and files and Path(files[0]).resolve().is_relative_to(Path.cwd().resolve()):
+                # imported earlier in this process: run the code now on disk, the code the cache key hashes
+                mod = importlib.reload(mod)
     except SpecError:
         raise
     except ModuleNotFoundError as e:
