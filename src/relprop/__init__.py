@@ -7,6 +7,7 @@ it: the exact gradient, LRP composites, and the rest of the attribution family, 
 
 from .graph import Graph, Node, Value
 from .methods import METHODS, Coverage, Explanation, activation_profiles, coverage, explain, register_method
+from .plan import Plan, plan
 from .propagate import PropagationError, propagate
 from .rules import Composite, NoRuleError, RuleContext, named_composite, register_rule
 from .trace import TraceError, trace
@@ -21,6 +22,7 @@ __all__ = [
     "METHODS",
     "Node",
     "NoRuleError",
+    "Plan",
     "PropagationError",
     "RuleContext",
     "TraceError",
@@ -29,6 +31,7 @@ __all__ = [
     "coverage",
     "explain",
     "named_composite",
+    "plan",
     "propagate",
     "register_method",
     "register_rule",

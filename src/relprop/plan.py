@@ -1,0 +1,597 @@
+"""Pay for recording once per input shape: a caller-owned plan that replays the recorded op sequence.
+
+Why: :func:`relprop.explain` records every batch with a ``TorchDispatchMode`` tape, which costs tens of
+microseconds of Python per ATen op, although a dataset run executes the same op sequence batch after
+batch. A :class:`Plan` records once, then, for a batch that looks the same, re-runs each recorded
+node's ATen op on the new tensors in order (parameters and buffers read live from the model) and hands
+the result to the usual graph preparation and reverse pass. The plan is an object the caller holds: no
+hidden cache, nothing process-wide, and dropping the plan frees the recording.
+
+What the plan checks before (and while) replaying; anything that differs makes it record again
+(transparently: :attr:`Plan.rerecords` counts it, :attr:`Plan.last_reason` says why):
+
+* the inputs' structure, shapes, strides, dtypes and devices, and any non-tensor input (by value for
+  numbers/strings/dtypes/devices, by identity for other objects);
+* the ``training`` flag (and identity) of every module;
+* every parameter and buffer: the object, its ``_version`` (bumped by in-place edits such as
+  ``p.mul_()`` / ``p.copy_()`` under ``torch.no_grad()``), its data pointer, shape and dtype;
+* the autocast state, and (for a callable ``target``) the identity of the callable;
+* during the replay: every value the forward read back into Python through an ATen op
+  (``.item()``, ``bool(t)``, ``int(t)`` -> ``aten._local_scalar_dense``, ``torch.equal``...) must equal the
+  recorded one, and every op output must have the recorded shape, dtype and strides (this catches
+  data-dependent shapes such as ``nonzero``'s). A replay that diverges is abandoned for a recording.
+
+What it cannot see (document it for your model, or use ``verify=True`` / ``verify_every=N``, which record
+again and compare the op sequence and every value with the replay, warning on a mismatch):
+
+* branches on Python state that is not a tensor read: a flag attribute on the model, a global, the
+  time, a random module choice made with Python's ``random``;
+* tensor data read without an ATen op: ``.tolist()`` and ``.numpy()`` read memory directly;
+* tensors captured as constants that are not parameters or buffers (plain tensor attributes, closure
+  tensors) are read live, like parameters, but their edits are not checked;
+* an edit through ``p.data`` (``p.data.mul_(2)``) does not bump ``p._version``: the replay reads the
+  parameter live, so the result is still that of the edited model, but no re-recording happens;
+* random draws from an explicit ``torch.Generator`` (draws from the default generators are seen).
+
+Random forwards: if the recording drew random numbers from the default CPU/CUDA generator (dropout in
+training mode, ``torch.randn`` in ``forward``), the plan never replays it -- reusing the drawn mask would
+explain a forward that did not run. Every call then records (``Plan.replayable`` is False and
+``Plan.last_reason`` says why), so the result is what :func:`relprop.explain` gives. The same holds for a
+forward containing a custom ``torch.autograd.Function`` (its backward can only be evaluated at the
+recorded inputs).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .graph import Graph, Node, Value
+from .methods._validate import validate_call
+from .methods.core import Explanation, Inputs, Target, run_backward, split_inputs
+from .rules.composites import Composite, GradientComposite, resolve_composite
+from .trace import _flatten, _unwrap_compiled, record
+
+__all__ = ["Plan", "plan"]
+
+_UNSET: Any = object()
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+class _Slot:
+    """Placeholder for the i-th output value in an output skeleton."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+@dataclass
+class _Template:
+    """What one recording leaves behind for replays: structure and checks, not activations."""
+
+    graph: Graph  # the recording (its activation data is released by the reverse pass; structure kept)
+    signature: tuple
+    constants: dict[int, torch.Tensor]  # constant value index -> its tensor (live object where it was one)
+    leaves: list[tuple[int, str]]  # (value index, "param"/"buffer" name) read live from the model
+    strides: dict[int, tuple[int, ...] | None]
+    scalars: dict[int, tuple]  # node index -> the non-tensor results the forward read back
+    skeleton: Any  # the output structure with _Slot(i) for output value i
+    steps: list[_Step]  # the nodes, precompiled for replay
+    replayable: bool
+    reason: str | None
+
+
+class PlanMismatch(RuntimeWarning):
+    """``verify``: the replay and a fresh recording of the same batch differed (the plan records again)."""
+
+
+class Plan:
+    """A recording of ``model`` for one input shape, replayed for later batches that look the same.
+
+    Made by :func:`relprop.plan`; see the module docstring for what is checked and what is not.
+    Attributes: ``records`` (recordings made, the first included), ``rerecords`` (recordings after the
+    first because something differed or the forward is random), ``replays``, ``mismatches``
+    (``verify`` found the replay wrong), ``last_reason`` (why the latest call recorded), ``replayable``.
+    A plan is not shared state: calls on one plan are serialised by a lock; use one plan per thread
+    for parallelism.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        method: str,
+        composite: Composite,
+        times_output: bool,
+        target: Target,
+        verify: bool,
+        verify_every: int,
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.composite = composite
+        self.times_output = times_output
+        self.target = target
+        self.verify = bool(verify)
+        self.verify_every = int(verify_every or 0)
+        self.records = 0
+        self.rerecords = 0
+        self.replays = 0
+        self.mismatches = 0
+        self.last_reason: str | None = None
+        self._calls = 0
+        self._template: _Template | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def replayable(self) -> bool:
+        """False when the current recording is random or holds a custom autograd Function."""
+        return self._template is not None and self._template.replayable
+
+    # ------------------------------------------------------------------ public
+    def explain(
+        self,
+        inputs: Inputs,
+        *,
+        target: Target = _UNSET,
+        layers: Sequence[str] | None = None,
+        keep_graph: bool = False,
+        params: bool | Sequence[str] = False,
+    ) -> Explanation:
+        """The same :class:`~relprop.Explanation` as ``relprop.explain(model, inputs, target=..., method=...)``.
+
+        ``target`` defaults to the plan's. A batch that matches the recording is replayed, anything else
+        is recorded (and becomes the plan's recording for the next batches).
+        """
+        target = self.target if target is _UNSET else target
+        with self._lock, torch.inference_mode(False):
+            self._calls += 1
+            key = id(target) if callable(target) and not isinstance(target, torch.Tensor) else None
+
+            def recorder(model: Any, args: tuple, kwargs: dict, post: Any = None) -> Graph:
+                return self._graph_for(model, args, kwargs, post, key)
+
+            return run_backward(
+                self.model,
+                inputs,
+                target=target,
+                composite=self.composite,
+                method=self.method,
+                times_output=self.times_output,
+                layers=layers,
+                keep_graph=keep_graph,
+                params=params,
+                recorder=recorder,
+            )
+
+    # ------------------------------------------------------------------ recording / replay
+    def _record(self, model: Any, args: tuple, kwargs: dict, post: Any, sig: tuple, reason: str | None) -> Graph:
+        before = _rng_state()
+        graph = record(model, args, kwargs, post=post)
+        random = _rng_state() != before
+        self.records += 1
+        if self.records > 1:
+            self.rerecords += 1
+        self.last_reason = reason
+        self._template = _template(graph, sig, random)
+        return graph
+
+    def _graph_for(self, model: Any, args: tuple, kwargs: dict, post: Any, target_key: int | None) -> Graph:
+        sig, live = _signature(model, args, kwargs, target_key)
+        tpl = self._template
+        if tpl is None:
+            return self._record(model, args, kwargs, post, sig, "first recording")
+        if not tpl.replayable:
+            return self._record(model, args, kwargs, post, sig, tpl.reason)
+        if sig != tpl.signature:
+            return self._record(model, args, kwargs, post, sig, _what_differs(tpl.signature, sig))
+        env, why = _replay(tpl, args, kwargs, live)
+        if env is None:
+            return self._record(model, args, kwargs, post, sig, why)
+        verify = self.verify or (self.verify_every > 0 and self._calls % self.verify_every == 0)
+        if verify:
+            before = _rng_state()
+            fresh = record(model, args, kwargs, post=post)
+            random = _rng_state() != before
+            diff = _compare(tpl.graph, env, fresh)
+            if diff is not None:
+                self.mismatches += 1
+                warnings.warn(
+                    f"relprop.plan: the replay differs from a fresh recording of the same batch ({diff}); the "
+                    "forward depends on something the plan cannot see (see relprop.plan's docstring). Using the "
+                    "fresh recording and recording again from now on when needed.",
+                    PlanMismatch,
+                    stacklevel=4,
+                )
+                self.records += 1
+                self.rerecords += 1
+                self.last_reason = f"verify: {diff}"
+                self._template = _template(fresh, sig, random)
+                return fresh
+        self.replays += 1
+        self.last_reason = None
+        return _instantiate(tpl, env)
+
+
+def plan(
+    model: Any,
+    example_inputs: Inputs,
+    *,
+    method: str = "lrp",
+    target: Target = None,
+    verify: bool = False,
+    verify_every: int = 0,
+    **options: Any,
+) -> Plan:
+    """Record ``model`` on ``example_inputs`` once and return a :class:`Plan` that replays it.
+
+    ``plan.explain(batch, target=...)`` returns what ``relprop.explain(model, batch, target=...,
+    method=method, **options)`` returns; batches with the example's shapes (and an unchanged model) are
+    replayed without the recording's per-op bookkeeping. ``method`` is ``"lrp"`` (with ``composite=`` and
+    its options) or ``"gradient"``. ``verify=True`` records every call as well and compares (a safety net
+    for forwards that branch on what the plan cannot see); ``verify_every=N`` does so every N-th call.
+    """
+    if method == "lrp":
+        comp = resolve_composite(options.pop("composite", "epsilon"), options)
+        times_output = True
+    elif method == "gradient":
+        if options:
+            raise ValueError(f"method='gradient' takes no options, got {sorted(options)}")
+        comp = GradientComposite()
+        times_output = False
+    else:
+        raise ValueError(
+            f"relprop.plan supports method='lrp' and method='gradient', not {method!r}: call "
+            f"relprop.explain(model, inputs, method={method!r}, ...) for it"
+        )
+    if verify_every < 0:
+        raise ValueError(f"verify_every must be >= 0, got {verify_every}")
+    model = _unwrap_compiled(model)
+    p = Plan(
+        model,
+        method=method,
+        composite=comp,
+        times_output=times_output,
+        target=target,
+        verify=verify,
+        verify_every=verify_every,
+    )
+    validate_call(model, example_inputs, target)
+    args, kwargs = split_inputs(example_inputs)
+    key = id(target) if callable(target) and not isinstance(target, torch.Tensor) else None
+    sig, _ = _signature(model, args, kwargs, key)
+    post = None
+    if key is not None:
+        from .methods.core import check_callable_score
+
+        batch = validate_call(model, example_inputs, target)
+
+        def post(output):
+            return check_callable_score(target(output), batch)
+
+    with torch.inference_mode(False):
+        graph = p._record(model, args, kwargs, post, sig, "first recording")
+    for v in graph.values:  # the example's activations are not needed: only the structure is kept
+        v.data = None
+    return p
+
+
+# ---------------------------------------------------------------------- signature
+def _describe(obj: Any, out: list) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(("T", obj.shape, obj.stride(), obj.storage_offset(), obj.dtype, obj.device, obj.layout))
+    elif isinstance(obj, dict):
+        out.append(("D", tuple(obj.keys())))
+        for v in obj.values():
+            _describe(v, out)
+    elif isinstance(obj, (list, tuple)):
+        out.append(("L", type(obj), len(obj)))
+        for v in obj:
+            _describe(v, out)
+    elif isinstance(obj, _PLAIN):
+        out.append(("P", type(obj), obj))
+    else:
+        out.append(("O", id(obj)))
+
+
+def _signature(model: Any, args: tuple, kwargs: dict, target_key: int | None) -> tuple[tuple, dict]:
+    """What the plan compares between calls, and the model's live parameters/buffers by name."""
+    inputs: list = []
+    _describe((tuple(args), dict(kwargs)), inputs)
+    live: dict[str, torch.Tensor] = {}
+    modules: tuple = ()
+    tensors: list = []
+    if isinstance(model, torch.nn.Module):
+        modules = tuple((id(m), m.training) for m in model.modules())
+        for n, t in model.named_parameters(remove_duplicate=False):
+            live[n] = t
+            tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
+        for n, t in model.named_buffers(remove_duplicate=False):
+            live[n] = t
+            tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
+    else:
+        modules = (("callable", id(model)),)
+    autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), torch.get_default_dtype())
+    return (tuple(inputs), modules, tuple(tensors), autocast, target_key), live
+
+
+_PARTS = (
+    "inputs (structure, shapes, strides, dtypes or devices)",
+    "modules (a training flag or a module changed)",
+    "parameters or buffers (replaced, or edited in place: _version)",
+    "autocast state or default dtype",
+    "the callable target",
+)
+
+
+def _what_differs(old: tuple, new: tuple) -> str:
+    parts = [name for name, a, b in zip(_PARTS, old, new) if a != b]
+    return "changed: " + ", ".join(parts)
+
+
+def _rng_state() -> tuple:
+    """The default generators' states: a change during recording means the forward drew random numbers."""
+    state = [bytes(torch.random.default_generator.get_state().numpy())]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            state.append(bytes(torch.cuda.get_rng_state(i).numpy()))
+    return tuple(state)
+
+
+# ---------------------------------------------------------------------- template
+def _returns_non_tensor(op: Any) -> bool:
+    schema = getattr(op, "_schema", None)
+    return schema is not None and any(not str(r.type).startswith("Tensor") for r in schema.returns)
+
+
+def _skeleton(obj: Any, slots: dict[int, int], counter: list[int]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        i = counter[0]
+        counter[0] += 1
+        return _Slot(i)
+    if isinstance(obj, dict):
+        new = copy.copy(obj)
+        for k in list(obj.keys()):
+            new[k] = _skeleton(obj[k], slots, counter)
+        return new
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_skeleton(v, slots, counter) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_skeleton(v, slots, counter) for v in obj)
+    return obj
+
+
+def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, _Slot):
+        return tensors[obj.i]
+    if isinstance(obj, dict):
+        new = copy.copy(obj)
+        for k in list(obj.keys()):
+            new[k] = _fill(obj[k], tensors)
+        return new
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_fill(v, tensors) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill(v, tensors) for v in obj)
+    return obj
+
+
+def _template(graph: Graph, sig: tuple, random: bool) -> _Template:
+    reason = None
+    if random:
+        reason = "the forward draws random numbers (dropout in training mode?): every call records"
+    regions = [n.region for n in graph.nodes if n.region is not None]
+    if regions and reason is None:
+        reason = f"the forward runs custom autograd Function '{regions[0].name}': every call records"
+    constants = {v.index: v.data for v in graph.values if v.kind == "constant"}
+    if any(t is None for t in constants.values()):
+        reason = reason or "internal: a recorded constant has no data: every call records"
+    leaves = [(v.index, v.name) for v in graph.values if v.kind in ("param", "buffer")]
+    strides = {v.index: (tuple(v.data.stride()) if v.data is not None else None) for v in graph.values}
+    scalars: dict[int, tuple] = {}
+    if reason is None:
+        with torch.no_grad():
+            for node in graph.nodes:
+                if _returns_non_tensor(node.op):
+                    out = node.run([v.tensor for v in node.inputs])
+                    scalars[node.index] = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    skeleton = _skeleton(graph.output, {}, [0])
+    steps = [_Step(n, strides, scalars.get(n.index)) for n in graph.nodes] if reason is None else []
+    return _Template(graph, sig, constants, leaves, strides, scalars, skeleton, steps, reason is None, reason)
+
+
+# ---------------------------------------------------------------------- replay
+def _same_scalar(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # both NaN
+    return type(a) is type(b) and a == b
+
+
+class _Step:
+    """One recorded node, precompiled for replay: the op, its arguments with value slots, the checks."""
+
+    __slots__ = ("node", "fn", "args", "slots", "lists", "kwargs", "generic", "outs", "n_outs", "scalar")
+
+    def __init__(self, node: Node, strides: dict[int, tuple | None], scalar: tuple | None) -> None:
+        self.node = node
+        self.fn = getattr(node.op, "_op", node.op)  # the C++ callable behind an OpOverload (one frame less)
+        self.args = list(node.args)
+        self.slots: list[tuple[int, int]] = []
+        self.lists: list[tuple[int, type, list[tuple[bool, Any]]]] = []
+        self.generic = any(_has_value(v) for v in node.kwargs.values())
+        self.kwargs = node.kwargs
+        for i, a in enumerate(node.args):
+            if isinstance(a, Value):
+                self.slots.append((i, a.index))
+            elif isinstance(a, (list, tuple)) and any(_has_value(x) for x in a):
+                if any(isinstance(x, (list, tuple, dict)) and _has_value(x) for x in a):
+                    self.generic = True
+                items = [(True, x.index) if isinstance(x, Value) else (False, x) for x in a]
+                self.lists.append((i, type(a), items))
+        self.outs = [
+            (k, v.index, v.shape, v.dtype, strides.get(v.index)) for k, v in enumerate(node.outputs) if v is not None
+        ]
+        self.n_outs = len(node.outputs)
+        self.scalar = scalar
+
+
+def _has_value(obj: Any) -> bool:
+    if isinstance(obj, Value):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_has_value(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_has_value(x) for x in obj.values())
+    return False
+
+
+def _replay(tpl: _Template, args: tuple, kwargs: dict, live: dict[str, torch.Tensor]):
+    """Run the recorded ops on new inputs; ``(env, None)`` or ``(None, why it diverged)``."""
+    graph = tpl.graph
+    env: dict[int, torch.Tensor] = dict(tpl.constants)
+    new_inputs = _flatten((tuple(args), dict(kwargs)), [])
+    if len(new_inputs) != len(graph.inputs):
+        return None, "inputs: a different number of tensors"
+    for v, t in zip(graph.inputs, new_inputs):
+        if t.is_inference():
+            t = t.clone()
+        env[v.index] = t.detach()
+    for idx, name in tpl.leaves:
+        t = live.get(name)
+        if t is None:
+            return None, f"parameter/buffer '{name}' is gone"
+        env[idx] = t.detach()
+    Tensor = torch.Tensor
+    with torch.no_grad():
+        for step in tpl.steps:
+            if step.generic:
+                node = step.node
+                out = node.run([env[v.index] for v in node.inputs])
+            else:
+                a = step.args.copy()
+                for i, idx in step.slots:
+                    a[i] = env[idx]
+                for i, kind, items in step.lists:
+                    a[i] = kind([env[x] if is_value else x for is_value, x in items])
+                out = step.fn(*a, **step.kwargs)
+            if isinstance(out, Tensor):
+                if step.n_outs != 1:
+                    return None, _diverged(step, "returned a different number of outputs")
+                outs: Any = (out,)
+            elif isinstance(out, (tuple, list)):
+                outs = out
+                if len(outs) != step.n_outs:
+                    return None, _diverged(step, "returned a different number of outputs")
+            else:
+                outs = (out,)
+            if step.scalar is not None:
+                seen = step.scalar
+                if len(seen) != len(outs) or not all(_same_scalar(x, y) for x, y in zip(seen, outs)):
+                    return None, _diverged(
+                        step, f"read back a different value into Python (recorded {seen}, now {tuple(outs)})"
+                    )
+            for k, idx, shape, dtype, stride in step.outs:
+                o = outs[k]
+                if not isinstance(o, Tensor) or o.shape != shape or o.dtype != dtype:
+                    got = tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
+                    return None, _diverged(step, f"gave shape {got}, recorded {tuple(shape)} (a data-dependent shape)")
+                if stride is not None and o.stride() != stride:
+                    return None, _diverged(step, "gave other strides than recorded")
+                env[idx] = o
+    return env, None
+
+
+def _diverged(step: _Step, what: str) -> str:
+    return f"{step.node.op_name} in module '{step.node.module}' {what}"
+
+
+def _swap(obj: Any, values: list[Value]) -> Any:
+    if isinstance(obj, Value):
+        return values[obj.index]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap(x, values) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _swap(x, values) for k, x in obj.items()}
+    return obj
+
+
+def _instantiate(tpl: _Template, env: dict[int, torch.Tensor]) -> Graph:
+    """A fresh graph with the recording's structure and the replayed tensors (new Value/Node objects,
+    so what the reverse pass releases or a kept graph holds is never the plan's)."""
+    g = tpl.graph
+    values = [Value(v.index, env.get(v.index), v.kind, None, v.output_index, v.name, v.is_activation) for v in g.values]
+    for v, nv in zip(g.values, values):
+        if nv.data is None:  # never materialised (e.g. an unused leaf): keep the metadata
+            nv.dtype, nv.shape, nv.device = v.dtype, v.shape, v.device
+    nodes = []
+    for n in g.nodes:
+        ins = [values[v.index] for v in n.inputs]
+        outs = [None if o is None else values[o.index] for o in n.outputs]
+        node = Node(n.index, n.op, _swap(n.args, values), _swap(n.kwargs, values), ins, outs, n.module, n.module_type)
+        node.meta = dict(n.meta)
+        for o in outs:
+            if o is not None:
+                o.producer = node
+        for v in ins:
+            v.consumers.append(node)
+        nodes.append(node)
+    out_values = [values[v.index] for v in g.output_values]
+    output = _fill(tpl.skeleton, [v.data for v in out_values])
+    return Graph(
+        nodes,
+        values,
+        [values[v.index] for v in g.inputs],
+        _swap(g.input_spec, values),
+        output,
+        out_values,
+        {k: values[v.index] for k, v in g.params.items()},
+        dict(g.module_types),
+    )
+
+
+# ---------------------------------------------------------------------- verify
+def _static(obj: Any) -> Any:
+    if isinstance(obj, Value):
+        return ("V", obj.index)
+    if isinstance(obj, (list, tuple)):
+        return tuple(_static(x) for x in obj)
+    if isinstance(obj, dict):
+        return tuple((k, _static(x)) for k, x in obj.items())
+    if isinstance(obj, torch.Tensor):
+        return ("T", obj.shape, obj.dtype)
+    return obj
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return torch.equal(a, b)
+
+
+def _compare(old: Graph, env: dict[int, torch.Tensor], fresh: Graph) -> str | None:
+    """First difference between the replay (``old``'s structure, ``env``'s data) and ``fresh``, or None."""
+    if len(old.nodes) != len(fresh.nodes) or len(old.values) != len(fresh.values):
+        return f"{len(old.nodes)} recorded ops, {len(fresh.nodes)} now"
+    for a, b in zip(old.nodes, fresh.nodes):
+        if a.op_name != b.op_name or _static(a.args) != _static(b.args) or _static(a.kwargs) != _static(b.kwargs):
+            return f"op #{a.index}: {a.op_name} in '{a.module}' recorded, {b.op_name} in '{b.module}' now"
+    for v in fresh.values:
+        t = env.get(v.index)
+        if t is None or v.data is None:
+            continue
+        if not _close(t, v.data):
+            where = v.producer.op_name if v.producer is not None else v.kind
+            return f"value {v.index} ({where}) differs"
+    return None
