@@ -452,9 +452,7 @@ class Job:
         res["summary"] = cell_metrics.summary_of(per, self.s)
         for k, v in res["summary"].items():  # flat means: the keys older readers of results.json know
             res[k] = v["mean"]
-        res["randomisation_check"] = cell_metrics.randomisation_verdict(
-            res["summary"], self.s.randomisation_threshold
-        )
+        res["randomisation_check"] = cell_metrics.randomisation_verdict(res["summary"], self.s.randomisation_threshold)
         res["grid_attributions"] = grid
         res["explain_seconds_per_sample"] = round(t_explain / max(n, 1), 6)
         return res
