@@ -4,7 +4,8 @@ For each op and its first float64 sample inputs, a program writes the op into (o
 explained input and reads both the written tensor and the op's result; relprop's gradient must equal
 ``torch.autograd.grad`` of the same program. Cases autograd itself cannot differentiate are skipped;
 a few ops raise a clear ``TraceError`` instead of a silently different answer (listed below, each
-with why).
+with why). In-place ops without a derivative (``logical_and_`` on floats) keep the written tensor's old
+derivative in autograd: relprop records them as a "straight_through" region with the identity VJP.
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ SAMPLES = 2
 RAISES = {
     # rrelu in training mode draws its noise and has a derivative through it.
     "nn.functional.rrelu": "random operation",
-    # in-place logical ops on float tensors: no derivative, autograd keeps the old history (identity).
-    "logical_not": "has no derivative",
-    "logical_and": "has no derivative",
-    "logical_or": "has no derivative",
-    "logical_xor": "has no derivative",
     # polygamma_(self, n) vs polygamma(n, self): no functional twin with the same argument order.
     "polygamma": "no functional counterpart",
 }

@@ -188,6 +188,11 @@ class NoGradNet(nn.Module):
             h = h * s
         elif self.mode == "detach":
             h = h * h.detach().sigmoid()
+        elif self.mode == "no_grad_inplace":  # as aten::cosine_similarity clamps its norms
+            n = h.norm(dim=1, keepdim=True) * 1.0  # (norm saves its output: clamp a copy)
+            with torch.no_grad():
+                n.clamp_min_(1.5)
+            h = h / n
         elif self.mode == "enable_grad_inside_no_grad":
             with torch.no_grad():
                 c = h.mean()
@@ -197,10 +202,30 @@ class NoGradNet(nn.Module):
         return self.l2(torch.tanh(h))
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "detach", "enable_grad_inside_no_grad"])
+@pytest.mark.parametrize(
+    "mode", ["no_grad", "inference_mode", "detach", "no_grad_inplace", "enable_grad_inside_no_grad"]
+)
 def test_grad_mode_blocks_inside_forward(mode):
     torch.manual_seed(0)
     assert_gradient_matches(NoGradNet(mode).eval(), torch.randn(5, 4))
+
+
+def test_inplace_write_autograd_does_not_differentiate_keeps_the_old_derivative():
+    torch.manual_seed(0)
+    g = relprop.trace(NoGradNet("no_grad_inplace").eval(), torch.randn(5, 4))
+    regions = [n.region for n in g.nodes if n.region is not None and n.region.kind == "straight_through"]
+    assert [r.name for r in regions] == ["clamp_min_"]
+    cos = nn.Sequential(nn.Linear(4, 6))
+
+    class Cos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.ref = cos, torch.randn(6)
+
+        def forward(self, x):
+            return torch.nn.functional.cosine_similarity(self.body(x), self.ref[None], dim=-1)[:, None]
+
+    assert_gradient_matches(Cos().eval(), torch.randn(3, 4), target=0)
 
 
 def test_values_computed_under_no_grad_are_constants():

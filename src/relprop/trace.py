@@ -321,6 +321,14 @@ def _function_vjp(fn: Any, outputs: list[Value | None], positions: list[list[int
     return vjp
 
 
+def _identity_vjp(node: Node, grads, tensors, wrt):
+    """VJP of a write autograd does not differentiate: the gradient passes to the overwritten value."""
+    result: list = [None] * len(tensors)
+    for i in wrt:
+        result[i] = grads[0] if grads[0] is not None else torch.zeros_like(tensors[i])
+    return result
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, names: dict[int, str], module_names: dict[int, str], model_leaves: list) -> None:
         super().__init__()
@@ -350,8 +358,11 @@ class _Recorder(TorchDispatchMode):
         # Tensors that requiring-grad ops consumed under no-grad: autograd edge -> recorded value.
         self.edge_values: dict[tuple, tuple[Value, Any]] = {}
         self.functions: dict[int, RegionOp] = {}  # id(autograd node) -> region
-        # Values written in place under grad mode, until autograd is seen to have rebased their history.
-        self.rewritten: dict[int, tuple[torch.Tensor, Any, str]] = {}
+        # Values written in place, until autograd is seen to have rebased their history (grad mode), or to
+        # have kept it (no-grad writes, ops without derivative): new value index -> what a region needs.
+        self.rewritten: dict[int, tuple[torch.Tensor, Any, Value | None, list[Node], str]] = {}
+        self.straight: dict[int, tuple[Any, Value | None, list[Node], str]] = {}
+        self.regions: list[RegionOp] = []
 
     # ---------------------------------------------------------------- values
     def new_value(
@@ -523,10 +534,25 @@ class _Recorder(TorchDispatchMode):
         if isinstance(fn, torch.autograd.function.BackwardCFunction):
             self.function_region(fn)
             return
+        entry = self.straight.pop(v.index, None)
+        if entry is not None and entry[0] is fn and entry[1] is not None:
+            # In-place write under no_grad on a tensor autograd tracks (e.g. the clamp_min_ inside
+            # aten::cosine_similarity): the new content keeps the old derivative.
+            del self.pending[v.index]
+            self.straight_region(v, entry[1], entry[2], entry[3])
+            return
         raise TraceError(
             f"a tensor that requires grad was written in place under torch.no_grad() (module "
-            f"'{self.scope[-1] if self.scope else ''}', value {v!r}); autograd keeps the old derivative for "
-            f"the new content, which relprop cannot record. Write it out of place or outside no_grad."
+            f"'{self.scope[-1] if self.scope else ''}', value {v!r}) through a view or in part; autograd keeps the "
+            f"old derivative for the new content, which relprop cannot record there. Write it out of place."
+        )
+
+    def straight_region(self, new: Value, old: Value, nodes: list[Node], op: str) -> None:
+        """Autograd keeps ``old``'s derivative for ``new`` (an in-place write it does not differentiate):
+        a region whose VJP is the identity, treated by LRP as a nonlinearity of ``old``."""
+        new.is_activation = old.is_activation
+        self.regions.append(
+            RegionOp("straight_through", op, op, nodes, [old], [new], family="nonlinear", vjp=_identity_vjp)
         )
 
     def function_region(self, fn: Any) -> None:
@@ -626,7 +652,8 @@ class _Recorder(TorchDispatchMode):
                     )
                 self.pending.setdefault(v.index, t)
                 self.function_region(fn)
-        return sorted(self.functions.values(), key=lambda op: op.nodes[-1].index if op.nodes else -1)
+        regions = [*self.functions.values(), *self.regions]
+        return sorted(regions, key=lambda op: op.nodes[-1].index if op.nodes else -1)
 
     # ---------------------------------------------------------------- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -819,6 +846,18 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
             self.settle(written, [self.new_value(w.detach(), "constant") for w in written], roots)
             return out
+        # The value a single in-place write replaces, when it covers a whole tensor autograd tracks.
+        w0 = written[0] if len(written) == 1 else None
+        old_value = (
+            margs[info.written[0]]
+            if w0 is not None
+            and isinstance(info.written[0], int)
+            and w0.requires_grad
+            and not w0._is_view()
+            and _covers_storage(w0)
+            else None
+        )
+        mark = len(self.nodes)
         if not grad:
             margs, mkwargs, inputs = self.cut(margs, mkwargs, inputs, _flatten((args, read_kwargs), []))
         if info.metadata_only:
@@ -841,6 +880,7 @@ class _Recorder(TorchDispatchMode):
         # Autograd gives the written tensor a new grad_fn after this returns, unless the op has no
         # derivative: checked when the tensor is next used (see ``check_rewritten``).
         history = [w.grad_fn if grad and w.requires_grad and not w._is_view() else None for w in written]
+        before = w0.grad_fn if w0 is not None else None
         out = func(*args, **kwargs)
         rets = list(out) if isinstance(out, (tuple, list)) else [out]
         fouts = [written[i].detach() if kind == "w" else rets[i] for kind, i in info.outmap]
@@ -852,19 +892,24 @@ class _Recorder(TorchDispatchMode):
         if not grad:
             self.note_nograd(values, [written[i] if kind == "w" else rets[i] for kind, i in info.outmap])
         self.settle(written, news, roots)
+        name = func.overloadpacket.__name__
         for w, fn, v in zip(written, history, news):
             if fn is not None and v is not None:
-                self.rewritten[v.index] = (w, fn, str(func))
+                self.rewritten[v.index] = (w, fn, old_value if len(written) == 1 else None, [v.producer], name)
+        if not grad and old_value is not None and news[0] is not None:
+            self.straight[news[0].index] = (before, old_value, self.nodes[mark:], name)
         return out
 
     def check_rewritten(self, v: Value, t: torch.Tensor) -> None:
-        w, fn, op = self.rewritten.pop(v.index)
+        w, fn, old, nodes, op = self.rewritten.pop(v.index)
         if t is w and w.grad_fn is fn:
-            raise TraceError(
-                f"in-place operation {op} (value {v!r}) has no derivative and wrote a tensor that requires grad: "
-                "autograd keeps the tensor's old derivative for the new content, which relprop cannot record. "
-                "Use the out-of-place op (or detach the tensor first)."
-            )
+            if old is None:
+                raise TraceError(
+                    f"in-place operation {op} (value {v!r}) has no derivative and wrote part of a tensor that "
+                    "requires grad: autograd keeps the tensor's old derivative for the new content, which relprop "
+                    "cannot record there. Use the out-of-place op (or detach the tensor first)."
+                )
+            self.straight_region(v, old, nodes, op)  # an in-place op without derivative: autograd's identity
 
 
 def _training_arg(func, args: tuple) -> Any:
@@ -1056,6 +1101,7 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
     rec.edge_values.clear()
     rec.shadow.clear()
     rec.rewritten.clear()
+    rec.straight.clear()
     params = {v.name: v for v in rec.values if v.kind == "param"}
     graph = Graph(
         rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params, dict(rec.module_types)
