@@ -100,6 +100,7 @@ def check_composites(steps, in_shape, target: int, names=NAMES) -> dict[str, str
     return seen
 
 
+@pytest.mark.slow
 @_examples(250)
 @given(prog=programs(), target=st.integers(0, CLASSES - 1))
 def test_gradient_equals_autograd(prog, target):
@@ -108,6 +109,7 @@ def test_gradient_equals_autograd(prog, target):
     check_gradient(steps, in_shape, target)
 
 
+@pytest.mark.slow
 @_examples(250)
 @given(prog=programs(relu_net=True), target=st.integers(0, CLASSES - 1))
 def test_lrp0_is_gradient_times_input_on_relu_nets(prog, target):
@@ -116,6 +118,7 @@ def test_lrp0_is_gradient_times_input_on_relu_nets(prog, target):
     check_lrp0(steps, in_shape, target)
 
 
+@pytest.mark.slow
 @_examples(100)
 @given(prog=programs(max_steps=6), target=st.integers(0, CLASSES - 1))
 def test_every_composite_is_finite_or_refuses(prog, target):

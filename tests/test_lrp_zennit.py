@@ -140,6 +140,7 @@ def _input(arch: str) -> torch.Tensor:
     return torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("composite", list(ZENNIT))
 def test_matches_zennit(arch, composite):

@@ -27,6 +27,8 @@ from torch import nn
 import relprop
 from model_zoo import ZOO, build
 
+pytestmark = pytest.mark.slow  # ~1.5 min in all; CI runs it (`-m "not slow"` is the quick local loop)
+
 COMPOSITES = ["epsilon_plus_flat", "attnlrp", "cp_lrp"]
 
 CNNS_RELU = {"tv_resnet18", "tv_vgg11_bn", "tv_densenet121", "tv_inception_v3", "timm_resnet18", "timm_convnext"}
