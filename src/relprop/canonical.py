@@ -224,62 +224,84 @@ def merge_batch_norms(graph: Graph) -> Graph:
     )
 
 
-def _tensor(node: Node, argpos: int) -> torch.Tensor | None:
+def _value(node: Node, argpos: int) -> Value | None:
     a = node.arg(argpos)
-    return a.tensor if isinstance(a, Value) else None
+    return a if isinstance(a, Value) else None
 
 
-def _merged(kind: str, w: torch.Tensor, b: torch.Tensor | None, bn: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The linear op's weight and bias with the batch norm folded in, computed afresh on every call.
+class _MergeBatchNorm:
+    """``(weight, bias, gamma, beta, mean, var) -> (merged weight, merged bias)`` for a conv or dense op.
 
-    No cache: a cache keyed on tensor identity goes stale when a user edits ``param.data`` in place
-    (``.data`` has its own version counter) and keeps merged copies of every model alive; checking
-    freshness by content costs as much as the merge itself (one pass over the weights), which is
-    small next to the LRP pass (measured with ``bench/bench_lrp.py``, see the CHANGELOG).
+    The producer of a merged weight's Values: they start without data and are computed when a rule
+    first reads them (:func:`relprop.graph.recompute`), i.e. during the reverse pass, after most
+    activations were released, so the merged copies do not add to the peak memory.
+
+    No cache across calls: a cache keyed on tensor identity goes stale when a user edits
+    ``param.data`` in place (``.data`` has its own version counter) and keeps merged copies of every
+    model alive; checking freshness by content costs about as much as the merge itself (one pass over
+    the weights: 25-70 ms of CPU time for ResNet-50, measured with ``bench/bench_lrp.py``).
     """
-    eps_pos = 6 if bn.packet == "_native_batch_norm_legit_no_training" else 7
-    gamma, beta = _tensor(bn, 1), _tensor(bn, 2)
-    mean, var = _tensor(bn, 3), _tensor(bn, 4)
-    if mean is None or var is None:
+
+    def __init__(self, kind: str, eps: float) -> None:
+        self.kind, self.eps = kind, eps
+
+    def __call__(self, w, b, gamma, beta, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            scale = torch.rsqrt(var + self.eps)
+            if gamma is not None:
+                scale = scale * gamma
+            shift = -mean * scale + (beta if beta is not None else 0)
+            if self.kind == "conv":
+                w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
+            else:
+                w2 = w * scale.view(1, -1)
+            b2 = (b * scale if b is not None else 0) + shift
+        return w2, b2
+
+    def __str__(self) -> str:
+        return f"relprop.merge_batch_norm.{self.kind}"
+
+
+def _merged(kind: str, w: Value, b: Value | None, bn: Node, values: list[Value]) -> tuple[Value, Value] | None:
+    """Values for the merged weight and bias (computed on first read), or ``None`` if the norm cannot merge."""
+    gamma, beta = _value(bn, 1), _value(bn, 2)
+    mean, var = _value(bn, 3), _value(bn, 4)
+    if mean is None or var is None or not all(v.is_float for v in (w, mean, var)):
         return None
-    eps = bn.arg(eps_pos)
-    with torch.no_grad():
-        scale = torch.rsqrt(var + eps)
-        if gamma is not None:
-            scale = scale * gamma
-        shift = -mean * scale + (beta if beta is not None else 0)
-        if kind == "conv":
-            w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
-        else:
-            w2 = w * scale.view(1, -1)
-        b2 = (b * scale if b is not None else 0) + shift
-    return w2, b2
+    eps = bn.arg(6 if bn.packet == "_native_batch_norm_legit_no_training" else 7)
+    args = (w, b, gamma, beta, mean, var)
+    producer = Node(-1, _MergeBatchNorm(kind, eps), args, {}, [v for v in args if v is not None], [], bn.module, None)
+    out_shapes = (w.shape, torch.Size([w.shape[0] if kind == "conv" else w.shape[1]]))
+    outs = []
+    for j, shape in enumerate(out_shapes):
+        v = Value(len(values), None, "constant", producer=producer, output_index=j, name="merged_batch_norm")
+        v.dtype, v.shape, v.device = w.dtype, shape, w.device
+        values.append(v)
+        outs.append(v)
+    producer.outputs = outs
+    return outs[0], outs[1]
 
 
 def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
-    def const(t: torch.Tensor) -> Value:
-        v = Value(len(values), t.detach(), "constant", name="merged_batch_norm")
-        values.append(v)
-        return v
-
     acts = lin.activation_inputs()
     if len(acts) != 1:
         return None
     if lin.packet == "convolution" and acts[0] == 0 and not lin.args[6]:
-        w, b = _tensor(lin, 1), _tensor(lin, 2)
-        merged = _merged("conv", w, b, bn) if w is not None else None
+        w, b = _value(lin, 1), _value(lin, 2)
+        merged = _merged("conv", w, b, bn, values) if w is not None else None
         if merged is None:
             return None
-        wv, bv = const(merged[0]), const(merged[1])
+        wv, bv = merged
         args = (lin.args[0], wv, bv) + tuple(lin.args[3:])
         inputs = [lin.inputs[0], wv, bv]
     elif lin.packet in ("addmm", "mm") and lin.inputs[acts[0]] is lin.arg(0 if lin.packet == "mm" else 1):
-        wt = _tensor(lin, 1 if lin.packet == "mm" else 2)
-        b = _tensor(lin, 0) if lin.packet == "addmm" else None
-        merged = _merged("dense", wt, b, bn) if wt is not None and wt.dim() == 2 else None
+        wt = _value(lin, 1 if lin.packet == "mm" else 2)
+        b = _value(lin, 0) if lin.packet == "addmm" else None
+        ok = wt is not None and wt.shape is not None and len(wt.shape) == 2
+        merged = _merged("dense", wt, b, bn, values) if ok else None
         if merged is None:
             return None
-        wv, bv = const(merged[0]), const(merged[1])
+        wv, bv = merged
         x = lin.inputs[acts[0]]
         args, inputs = (bv, x, wv), [bv, x, wv]
         lin = Node(lin.index, aten.addmm.default, args, {}, inputs, [], lin.module, lin.module_type)

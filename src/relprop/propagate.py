@@ -58,6 +58,11 @@ def _release(node: Node, protected: set[int]) -> None:
     for v in node.outputs:
         if v is not None and v.index not in protected:
             v.data = None
+    # Constants a graph pass derived (merged batch-norm weights) are recomputable: drop them too, so
+    # they do not pile up over the pass.
+    for v in node.inputs:
+        if v.kind == "constant" and v.producer is not None and v.index not in protected:
+            v.data = None
 
 
 def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, check_finite, free, on_node=None):
