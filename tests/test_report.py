@@ -229,13 +229,15 @@ def test_heatmaps_are_overlays_with_a_colour_bar(report):
 
 def test_perturbation_settings_from_the_cli_and_saved_attributions(tmp_path):
     out = tmp_path / "r"
-    args = small(models="zoo:vgg_digits", methods="gradient", samples="6", randomisation_samples="0")
+    args = small(models="zoo:vgg_digits", methods="gradient,input_x_gradient", samples="6", randomisation_samples="0")
     args += ["--baseline", "zero", "--insertion-baseline", "mean", "--save-attributions", "npy", "--patch-grid", "4"]
+    args += ["--rank-by", "deletion"]
     assert main(["compare", *args, "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     s = res["settings"]
     assert (s["baseline"], s["insertion_baseline"], s["patch_grid"]) == ("zero", "mean", 4)
     c = res["models"][0]["methods"][0]
+    assert c["method"] == "gradient"
     assert "replaced by 'zero'" in c["perturbation"]["abpc"] and "from 'mean'" in c["perturbation"]["insertion"]
     assert c["perturbation"]["unit"].startswith("8x8-pixel patches (4x4 grid)")
     import numpy as np
@@ -254,7 +256,14 @@ def test_perturbation_settings_from_the_cli_and_saved_attributions(tmp_path):
         model, data.images[first["example"] : first["example"] + 1], target=first["target"], method="gradient"
     )
     np.testing.assert_allclose(a[0], e.attributions[0].detach().numpy(), rtol=1e-4, atol=1e-6)
-    assert "Perturbation settings" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "Perturbation settings" in page and "lower is better (ranked by)" in page
+    # ranked by deletion (lower is better): the metric is named and the best method has the lowest deletion AUC
+    r = res["ranking"][0]
+    assert r["metric"] == "deletion" and res["rankings_per_method"]["gradient"][0]["metric"] == "deletion"
+    cells = res["models"][0]["methods"]
+    assert r["best_method"] == min(cells, key=lambda c: c["deletion"])["method"]
+    assert r["faithfulness"] == pytest.approx(r["overall"]["deletion"]["mean"])
 
 
 def test_a_misspelt_baseline_fails_before_computing(tmp_path, capsys):

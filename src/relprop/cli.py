@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples per interval (default: 1000)"
     )
     c.add_argument(
+        "--rank-by",
+        choices=("abpc", "insertion", "deletion", "insertion_minus_deletion"),
+        default="abpc",
+        help="the metric the rankings use (default: abpc); every table shows all four",
+    )
+    c.add_argument(
         "--save-attributions",
         choices=("npy", "pt", "safetensors"),
         metavar="FMT",
@@ -510,6 +516,7 @@ def cmd_compare(args) -> int:
         insertion_baseline=_baseline_arg(args.insertion_baseline, "--insertion-baseline"),
         bootstrap=args.bootstrap,
         save_attributions=args.save_attributions,
+        rank_by=args.rank_by,
     )
     out = Path(args.out)
     log = (lambda s: None) if args.quiet else _say

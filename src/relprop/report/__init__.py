@@ -228,6 +228,7 @@ def run_compare(
                     [m for m in results["models"] if m.get("methods")],
                     [m.label for m in methods],
                     out / "figures" / "ranking.png",
+                    metric=settings.rank_by,
                 ).relative_to(out)
             )
         except Exception:
@@ -324,7 +325,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
 
     from .scores import BY_KEY, METRICS, RANK_METRIC, paired_difference, rank_models, summarise
 
-    spec = BY_KEY[RANK_METRIC]
+    spec = BY_KEY[getattr(settings, "rank_by", None) or RANK_METRIC]
     boot = dict(n_boot=settings.bootstrap, level=settings.confidence, seed=settings.seed)
 
     def values(m: dict, method: str, key: str) -> dict[int, float]:
@@ -354,7 +355,9 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         m["faithfulness"] = overall[spec.key]["mean"]
         for key in ("class_sensitivity", "randomisation_similarity"):
             m[key] = overall[key]["mean"]
-        best = max(oks, key=lambda c: c.get(spec.key) or float("-inf")) if oks else None
+        scored = [c for c in oks if c.get(spec.key) is not None]
+        pick = max if spec.higher_is_better else min
+        best = pick(scored, key=lambda c: c[spec.key]) if scored else None
         ranking.append(
             {
                 "model": m["spec"],

@@ -58,6 +58,7 @@ class Settings:
     confidence: float = 0.95
     randomisation_threshold: float = 0.5  # |a| Spearman similarity below which the check passes
     save_attributions: str | None = None  # "npy" | "pt" | "safetensors": OUT/attributions/
+    rank_by: str = "abpc"  # the metric of the rankings (relprop.report.scores.RANKABLE)
 
 
 # ------------------------------------------------------------------------------------ helpers

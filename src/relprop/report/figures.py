@@ -168,8 +168,12 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     return _save(plt, fig, path, _text(title), dpi=100)
 
 
-def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
-    """Left: ABPC per model x method; right: each model's faithfulness against its accuracy."""
+def ranking_figure(models: list[dict], methods: list[str], path: Path, metric: str = "abpc") -> Path:
+    """Left: the ranking metric per model x method; right: each model's mean of it against its accuracy."""
+    from .scores import BY_KEY
+
+    spec = BY_KEY[metric]
+    label = f"{spec.label} ({spec.direction})"
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
     n = max(len(methods), 1)
@@ -180,21 +184,19 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
         vals, errs = [], []
         for m in models:
             cell = next((c for c in m["methods"] if c["method"] == meth), None)
-            summ = (cell.get("summary") or {}).get("abpc") if cell and cell.get("status") == "ok" else None
+            summ = (cell.get("summary") or {}).get(metric) if cell and cell.get("status") == "ok" else None
             vals.append(np.nan if not summ or summ.get("mean") is None else summ["mean"])
             lo, hi = (summ or {}).get("ci") or (None, None)
             errs.append([0, 0] if lo is None or hi is None else [vals[-1] - lo, hi - vals[-1]])
         a1.bar(x + (j - (n - 1) / 2) * width, vals, width, label=_text(meth), yerr=np.asarray(errs).T, capsize=2)
     a1.set_xticks(x, names, rotation=15 if len(names) > 4 else 0, fontsize=9)
     a1.axhline(0, color="gray", lw=0.6)
-    a1.set(
-        ylabel="ABPC (mean gap per step)", title="ABPC per model and method, 95% bootstrap interval (higher is better)"
-    )
+    a1.set(ylabel=spec.label, title=f"{label} per model and method, 95% bootstrap interval")
     a1.legend(fontsize=8, ncols=min(n, 4))
     a1.grid(axis="y", alpha=0.3)
     for m in models:
         if m.get("faithfulness") is not None and m.get("accuracy") is not None:
-            lo, hi = ((m.get("overall") or {}).get("abpc") or {}).get("ci") or (None, None)
+            lo, hi = ((m.get("overall") or {}).get(metric) or {}).get("ci") or (None, None)
             err = None if lo is None or hi is None else [[m["faithfulness"] - lo], [hi - m["faithfulness"]]]
             a2.errorbar(m["accuracy"], m["faithfulness"], yerr=err, fmt="o", capsize=3)
             a2.annotate(
@@ -204,7 +206,7 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path) -> Path:
                 xytext=(5, 4),
                 fontsize=9,
             )
-    a2.set(xlabel="accuracy", ylabel="ABPC, mean over methods", title="Faithfulness vs accuracy (95% interval)")
+    a2.set(xlabel="accuracy", ylabel=f"{spec.label}, mean over methods", title=f"{label} vs accuracy (95% interval)")
     a2.grid(alpha=0.3)
     return _save(plt, fig, path, "", dpi=100)
 

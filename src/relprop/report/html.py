@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from .scores import BY_KEY, METRICS, RANK_METRIC
+from .scores import BY_KEY, METRICS, RANK_METRIC, RANKABLE
 
 #: (key, header, tip): the table columns, from the one metric list (relprop.report.scores.METRICS)
 METRIC_COLUMNS = [(m.key, m.label, f"{m.direction}: {m.tip}" if m.direction else m.tip) for m in METRICS]
@@ -244,9 +244,14 @@ def _perturbation_settings(m: dict, s: dict) -> str:
     )
 
 
+def _rank_spec(results: dict):
+    """The metric the rankings of this run used (``--rank-by``)."""
+    key = (results.get("settings") or {}).get("rank_by") or RANK_METRIC
+    return BY_KEY.get(key, BY_KEY[RANK_METRIC])
+
+
 def _ranking_rows(results: dict) -> list[str]:
     rows = []
-    spec = BY_KEY[RANK_METRIC]
     names = {r["anchor"]: r["name"] for r in results["ranking"]}
     for r in results["ranking"]:
         ov = r.get("overall") or {}
@@ -260,16 +265,15 @@ def _ranking_rows(results: dict) -> list[str]:
             f"<tr><td>{r['rank'] if r.get('rank') is not None else '–'}{tie}</td>"
             f'<td class="l"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
             f"<td>{fmt(r.get('mean_rank'), 2)}</td>"
-            f"<td>{ci_text(ov.get(spec.key))}</td><td>{ci_text(ov.get('insertion'))}</td>"
-            f"<td>{ci_text(ov.get('deletion'))}</td><td>{ci_text(ov.get('insertion_minus_deletion'))}</td>"
-            f'<td class="l">{e(r.get("best_method") or "–")}</td><td>{fmt(r.get("accuracy"))}</td>'
+            + "".join(f"<td>{ci_text(ov.get(k))}</td>" for k in RANKABLE)
+            + f'<td class="l">{e(r.get("best_method") or "–")}</td><td>{fmt(r.get("accuracy"))}</td>'
             f"<td>{ci_text(ov.get('class_sensitivity'))}</td><td>{ci_text(ov.get('randomisation_similarity'))}</td></tr>"
         )
     return rows
 
 
 def _ranking_intro(results: dict) -> str:
-    spec = BY_KEY[RANK_METRIC]
+    spec = _rank_spec(results)
     s, data = results["settings"], results["data"]
     n = data.get("n_metrics", s["samples"])
     return f"""<p class="muted">Rank: the mean over methods of each model's rank by <b>{e(spec.label)}</b>
@@ -281,17 +285,18 @@ examples per model.</p>"""
 
 
 def _ranking_table(results: dict, rows: list[str]) -> str:
-    spec = BY_KEY[RANK_METRIC]
+    spec = _rank_spec(results)
 
     def th(key: str, label: str | None = None) -> str:
         m = BY_KEY[key]
-        return f'<th title="{e(m.tip)}">{e(label or m.label)}<br><span class="dir">{e(m.direction)}</span></th>'
+        mark = " (ranked by)" if key == spec.key else ""
+        return f'<th title="{e(m.tip)}">{e(label or m.label)}<br><span class="dir">{e(m.direction)}{mark}</span></th>'
 
     return (
         f'<table id="ranking-table"><tr><th>#</th><th class="l">Model</th>'
         f'<th title="mean over methods of the rank by {e(spec.label)}">Mean rank<br><span class="dir">by {e(spec.label)}, lower is better</span></th>'
-        f"{th(spec.key)}{th('insertion')}{th('deletion')}{th('insertion_minus_deletion')}"
-        f'<th class="l">Best method<br><span class="dir">by {e(spec.label)}</span></th><th>Accuracy</th>'
+        + "".join(th(k) for k in RANKABLE)
+        + f'<th class="l">Best method<br><span class="dir">by {e(spec.label)}</span></th><th>Accuracy</th>'
         f"{th('class_sensitivity')}{th('randomisation_similarity')}</tr>{''.join(rows)}</table>"
     )
 
@@ -300,7 +305,7 @@ def _per_method_table(results: dict) -> str:
     per = results.get("rankings_per_method") or {}
     if not per:
         return ""
-    spec = BY_KEY[RANK_METRIC]
+    spec = _rank_spec(results)
     models = [r["anchor"] for r in results["ranking"]]
     names = {r["anchor"]: r["name"] for r in results["ranking"]}
     head = "".join(f"<th>{e(k)}</th>" for k in per)

@@ -95,8 +95,10 @@ METRICS: tuple[MetricSpec, ...] = (
 
 BY_KEY = {m.key: m for m in METRICS}
 
-#: The metric the rankings use (named in the report next to every rank).
+#: The metric the rankings use by default (named in the report next to every rank; ``--rank-by``).
 RANK_METRIC = "abpc"
+#: Metrics a ranking may use: the faithfulness metrics.
+RANKABLE = tuple(m.key for m in METRICS if m.group == "perturbation")
 
 #: Columns of ``examples.parquet``: one row per model x method x example. Appending rows with the same
 #: columns (e.g. one file per worker of a distributed run, read together as a ``pyarrow.dataset``)
