@@ -58,7 +58,7 @@ from .methods.core import Explanation, Inputs, Target, run_backward, split_input
 from .rules.composites import Composite, GradientComposite, resolve_composite
 from .trace import _flatten, _unwrap_compiled, record
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "PlanMismatch", "plan"]
 
 _UNSET: Any = object()
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -173,34 +173,38 @@ class Plan:
             )
 
     # ------------------------------------------------------------------ recording / replay
-    def _record(self, model: Any, args: tuple, kwargs: dict, post: Any, sig: tuple, reason: str | None) -> Graph:
+    def _record(self, model: Any, args: tuple, kwargs: dict, post: Any, key: int | None, reason: str | None) -> Graph:
         before = _rng_state()
         graph = record(model, args, kwargs, post=post)
         random = _rng_state() != before
+        # Taken after recording: the recording may bump version counters of buffers it never changes
+        # (batch norm's num_batches_tracked in training mode).
+        sig, _ = _signature(model, args, kwargs, key)
         self.records += 1
         if self.records > 1:
             self.rerecords += 1
-        self.last_reason = reason
         self._template = _template(graph, sig, random)
+        self.last_reason = reason if self._template.replayable else self._template.reason
         return graph
 
     def _graph_for(self, model: Any, args: tuple, kwargs: dict, post: Any, target_key: int | None) -> Graph:
         sig, live = _signature(model, args, kwargs, target_key)
         tpl = self._template
         if tpl is None:
-            return self._record(model, args, kwargs, post, sig, "first recording")
+            return self._record(model, args, kwargs, post, target_key, "first recording")
         if not tpl.replayable:
-            return self._record(model, args, kwargs, post, sig, tpl.reason)
+            return self._record(model, args, kwargs, post, target_key, tpl.reason)
         if sig != tpl.signature:
-            return self._record(model, args, kwargs, post, sig, _what_differs(tpl.signature, sig))
+            return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig))
         env, why = _replay(tpl, args, kwargs, live)
         if env is None:
-            return self._record(model, args, kwargs, post, sig, why)
+            return self._record(model, args, kwargs, post, target_key, why)
         verify = self.verify or (self.verify_every > 0 and self._calls % self.verify_every == 0)
         if verify:
             before = _rng_state()
             fresh = record(model, args, kwargs, post=post)
             random = _rng_state() != before
+            sig, _ = _signature(model, args, kwargs, target_key)
             diff = _compare(tpl.graph, env, fresh)
             if diff is not None:
                 self.mismatches += 1
@@ -218,6 +222,14 @@ class Plan:
                 return fresh
         self.replays += 1
         self.last_reason = None
+        training = sum(1 for _, tr in sig[1] if tr is True)
+        if training:  # as a recording warns (trace.record)
+            warnings.warn(
+                f"model is in training mode ({training} modules): the explanation is of this one forward "
+                "(batch statistics of these inputs); call model.eval() to explain the model's predictions",
+                UserWarning,
+                stacklevel=4,
+            )
         return _instantiate(tpl, env)
 
 
@@ -267,7 +279,6 @@ def plan(
     validate_call(model, example_inputs, target)
     args, kwargs = split_inputs(example_inputs)
     key = id(target) if callable(target) and not isinstance(target, torch.Tensor) else None
-    sig, _ = _signature(model, args, kwargs, key)
     post = None
     if key is not None:
         from .methods.core import check_callable_score
@@ -278,7 +289,7 @@ def plan(
             return check_callable_score(target(output), batch)
 
     with torch.inference_mode(False):
-        graph = p._record(model, args, kwargs, post, sig, "first recording")
+        graph = p._record(model, args, kwargs, post, key, "first recording")
     for v in graph.values:  # the example's activations are not needed: only the structure is kept
         v.data = None
     return p
@@ -349,7 +360,9 @@ def _rng_state() -> tuple:
 # ---------------------------------------------------------------------- template
 def _returns_non_tensor(op: Any) -> bool:
     schema = getattr(op, "_schema", None)
-    return schema is not None and any(not str(r.type).startswith("Tensor") for r in schema.returns)
+    return schema is not None and any(
+        "Tensor" not in str(r.type) for r in schema.returns
+    )  # int, float, bool, Scalar, int[]
 
 
 def _skeleton(obj: Any, slots: dict[int, int], counter: list[int]) -> Any:
