@@ -1,0 +1,154 @@
+"""Replayed plans vs recording every batch vs a plain gradient, side by side in one process.
+
+    python bench/bench_plan.py                       # ResNet-50 (batch 4, 160 px) + a small decoder, 2 threads
+    python bench/bench_plan.py --batches 20 --clock cpu
+    python bench/bench_plan.py --decoder 512,8,512   # the issue's Qwen2 size (hidden, layers, tokens)
+
+For each model, N different batches of the same shape are explained; per batch, in turn (so load on
+a shared machine hits all modes alike): a plain gradient (forward + backward with autograd),
+``relprop.explain`` (records the batch), and ``plan.explain`` (replays the recording made once from the
+first batch by ``relprop.plan``). Prints the median time per batch and the ratio to the gradient,
+plus the parts of one call: recording vs replaying the forward, and a no-grad forward for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import relprop
+from relprop.trace import record
+
+
+def _table(title: str, rows: dict[str, list[float]], base: str) -> None:
+    b = statistics.median(rows[base])
+    print(f"\n{title}")
+    print(f"  {'mode':34s} {'median s':>9s} {'min s':>8s} {'x grad':>7s}")
+    for label, ts in rows.items():
+        m = statistics.median(ts)
+        print(f"  {label:34s} {m:9.4f} {min(ts):8.4f} {m / b:7.2f}")
+
+
+def _timed(fn, clock) -> float:
+    t = clock()
+    fn()
+    return clock() - t
+
+
+def _run(title, model, batches, target, grad_fn, options, clock, parts_input) -> None:
+    plan = relprop.plan(model, batches[0], target=target, **options)
+    modes = {
+        "gradient (autograd fwd+bwd)": lambda b: grad_fn(b),
+        "relprop.explain (records)": lambda b: relprop.explain(model, b, target=target, **options),
+        "plan.explain (replays)": lambda b: plan.explain(b),
+    }
+    for fn in modes.values():  # warm-up (allocator, oneDNN primitives)
+        fn(batches[0])
+    rows: dict[str, list[float]] = {k: [] for k in modes}
+    for b in batches[1:]:
+        for label, fn in modes.items():
+            rows[label].append(_timed(lambda: fn(b), clock))
+    assert plan.rerecords == 0, plan.last_reason
+    _table(f"{title}: {len(batches) - 1} batches after the first, {plan.replays} replays", rows, next(iter(modes)))
+    # The parts: what recording costs over a forward, and what a replay costs.
+    args, kwargs = parts_input
+    mod = sys.modules["relprop.plan"]
+    tpl = plan._template
+    _, live = mod._signature(model, args, kwargs, None)
+    parts = {"forward, no grad": [], "record (trace)": [], "replay (plan)": []}
+    for _ in range(max(3, min(10, len(batches)))):
+        with torch.no_grad():
+            parts["forward, no grad"].append(_timed(lambda: model(*args, **kwargs), clock))
+        parts["record (trace)"].append(_timed(lambda: record(model, args, kwargs), clock))
+        parts["replay (plan)"].append(_timed(lambda: mod._replay(tpl, args, kwargs, live), clock))
+    ops = len(tpl.graph.nodes)
+    print(f"  parts of one call ({ops} recorded ops):")
+    f = statistics.median(parts["forward, no grad"])
+    for label, ts in parts.items():
+        m = statistics.median(ts)
+        print(f"    {label:32s} {m:9.4f} s   {(m - f) / ops * 1e6:7.1f} us/op over the forward")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=10, help="batches per model (the first builds the plan)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=160, help="ResNet-50 image size")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--decoder", default="256,4,128", help="hidden,layers,tokens of the random-init Qwen2")
+    ap.add_argument("--models", default="resnet50,decoder")
+    ap.add_argument("--composite", default="epsilon", help="LRP composite for ResNet-50")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock")
+    torch.manual_seed(0)
+    if "resnet50" in a.models:
+        import torchvision
+
+        model = torchvision.models.resnet50().eval()
+        batches = [torch.randn(a.batch, 3, a.size, a.size) for _ in range(a.batches)]
+
+        def grad(x):
+            xx = x.clone().requires_grad_()
+            out = model(xx)
+            return torch.autograd.grad(out[:, 1].sum(), xx)
+
+        _run(
+            f"ResNet-50, batch {a.batch}, {a.size} px, LRP {a.composite}",
+            model,
+            batches,
+            1,
+            grad,
+            {"method": "lrp", "composite": a.composite},
+            clock,
+            ((batches[0],), {}),
+        )
+    if "decoder" in a.models:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        hidden, layers, tokens = (int(v) for v in a.decoder.split(","))
+        cfg = Qwen2Config(
+            vocab_size=1000,
+            hidden_size=hidden,
+            intermediate_size=hidden * 3,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden // 64),
+            num_key_value_heads=max(1, hidden // 128),
+            max_position_embeddings=max(tokens, 32),
+            use_cache=False,
+        )
+        cfg._attn_implementation = "eager"
+        model = Qwen2ForCausalLM(cfg).eval()
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, 1000, (1, tokens), generator=g)} for _ in range(a.batches)]
+
+        def target(out):
+            return out.logits[:, -1, 7]
+
+        emb = model.get_input_embeddings()
+
+        def grad(b):
+            e = emb(b["input_ids"]).detach().requires_grad_()
+            out = model(inputs_embeds=e)
+            return torch.autograd.grad(target(out).sum(), e)
+
+        _run(
+            f"Qwen2 (random init, hidden {hidden}, {layers} layers, {tokens} tokens, eager), AttnLRP",
+            model,
+            batches,
+            target,
+            grad,
+            {"method": "lrp", "composite": "attnlrp"},
+            clock,
+            ((), batches[0]),
+        )
+
+
+if __name__ == "__main__":
+    main()
