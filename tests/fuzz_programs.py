@@ -159,6 +159,12 @@ UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "rsqrt1": lambda a: torch.rsqrt(a * a + 1.0),
     "log1abs": lambda a: torch.log(a.abs() + 1.0),
     "swish_written": lambda a: a * torch.sigmoid(a),
+    "clamp": lambda a: a.clamp(-0.5, 0.5),
+    "hardtanh": F.hardtanh,
+    "mish": F.mish,
+    "erf": torch.erf,
+    "sin": torch.sin,
+    "reciprocal1": lambda a: torch.reciprocal(a * a + 1.0),
     "gelu_new": lambda a: 0.5 * a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a.pow(3)))),
 }
 
@@ -310,6 +316,59 @@ def _index_op(v, o, P):
     raise ValueError(f)
 
 
+@op("route", relu_net=True)
+def _route(v, o, P):
+    """Ops that move, copy, select or add up values (linear and positively homogeneous)."""
+    a = v[0]
+    f, d = o["fn"], o.get("dim", 1)
+    if f == "roll":
+        return torch.roll(a, o["shift"], d)
+    if f == "flip":
+        return torch.flip(a, (d,))
+    if f == "repeat":
+        reps = [1] * a.dim()
+        reps[d] = 2
+        return a.repeat(*reps)
+    if f == "pad":
+        return F.pad(a, (1, o["right"]))
+    if f == "masked_fill":
+        return a.masked_fill(a < 0, 0.0)
+    if f == "where":
+        return torch.where(a > 0, a, v[1] * 0.5)
+    if f == "cumsum":
+        return torch.cumsum(a, d)
+    if f == "unfold":  # overlapping windows: every element copied up to `size` times
+        return a.unfold(d, o["size"], 1).flatten(d, d + 1) if d < a.dim() - 1 else a.unfold(d, o["size"], 1).flatten(-2)
+    if f == "topk":
+        return torch.topk(a, o["k"], d).values
+    if f == "sort":
+        return torch.sort(a, d, descending=o["desc"]).values
+    raise ValueError(f)
+
+
+@op("write", relu_net=True)
+def _write(v, o, P):
+    """Writes into part of a tensor: slice assignment (``copy_``), ``index_add``/``index_copy``, and an
+    in-place op on a view, which changes the viewed value too."""
+    a = v[0]
+    f = o["fn"]
+    if f == "setitem":
+        y = a.clone()
+        y[:, o["start"] :] = v[1][:, o["start"] :] * 0.5
+        return y
+    if f == "view_mul_":
+        base = a.clone() if o["fresh"] else a
+        base[:, o["start"] :].mul_(2.0)
+        return base
+    if f == "index_add":
+        idx = _index(o["seed"], a.shape[1], (v[1].shape[1],))
+        return a.index_add(1, idx, v[1])
+    if f == "index_copy":
+        idx = torch.tensor(_perm(o["seed"], a.shape[1]))
+        return a.index_copy(1, idx, v[1] * 0.5)
+    raise ValueError(f)
+
+
 @op("cat", relu_net=True)
 def _cat(v, o, P):
     return torch.cat(list(v), o["dim"])
@@ -441,6 +500,8 @@ KEYS: list[str] = (
     + [f"index.{f}" for f in ("gather", "index_select", "index_put", "scatter_add")]
     + ["cat", "stack", "split", "softmax", "norm.layer_norm", "norm.rms_norm", "norm.group_norm"]
     + ["maxpool", "avgpool"]
+    + [f"route.{f}" for f in ("roll", "flip", "repeat", "pad", "masked_fill", "where", "cumsum", "unfold", "topk")]
+    + ["route.sort", "write.setitem", "write.view_mul_", "write.index_add", "write.index_copy"]
     + ["inplace.t_", "view.squeeze", "inplace.squeeze_"]  # twice: they need a 2-d value / a size-1 dim
 )
 
@@ -608,6 +669,39 @@ def _draw_any_step(draw, pool: list[torch.Tensor], relu_net: bool, allowed: set[
         if f == "index_put":
             o["k"] = ints(1, a.shape[1])
             return name, (src, other()), o
+        return name, (src, other()), o
+    if name == "route":
+        d = nonbatch()
+        n = a.shape[d]
+        o = {"fn": fn, "dim": d}
+        if fn == "roll":
+            o["shift"] = ints(1, 3)
+        elif fn == "pad":
+            o["right"] = ints(0, 2)
+        elif fn == "where":
+            return name, (src, other()), o
+        elif fn == "unfold":
+            if n < 2:
+                return None
+            o["size"] = ints(2, min(3, n))
+        elif fn == "topk":
+            o["k"] = ints(1, n)
+        elif fn == "sort":
+            o["desc"] = draw(st.booleans())
+        return name, (src,), o
+    if name == "write":
+        n = a.shape[1]
+        o = {"fn": fn}
+        if fn in ("setitem", "view_mul_"):
+            o["start"] = ints(0, n - 1)
+            if fn == "view_mul_":
+                o["fresh"] = draw(st.booleans()) or _aliases_input(a, pool[0])
+                return name, (src,), o
+            return name, (src, other()), o
+        o["seed"] = ints(0, 99)
+        if fn == "index_add":
+            fits = [i for i in usable if pool[i].dim() == nd and pool[i].shape[2:] == a.shape[2:]]
+            return name, (src, draw(st.sampled_from(fits))), o
         return name, (src, other()), o
     if name in ("cat", "stack"):
         d = nonbatch() if name == "cat" else ints(1, nd)
