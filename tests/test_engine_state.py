@@ -273,3 +273,46 @@ def test_one_vjp_table():
     for mod in (base, gradient, linear):
         assert not hasattr(mod, "_FAST") and not hasattr(mod, "_VJP") and not hasattr(mod, "fast_vjp")
     assert "aten" not in vars(linear), "linear rules call ATen backward kernels themselves again"
+
+
+# ------------------------------------------------------------------------------------------ DeepLIFT
+class _Scale2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class _Branchy(nn.Module):
+    """A custom Function (a region node per recording) and a Python scalar read from the data, which makes
+    DeepLIFT's replay on the baseline untrusted, so the reference comes from a second recording."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(_Scale2.apply(self.a(x)))
+        return self.b(h) / (1.0 + float(x.abs().max()))
+
+
+def test_deeplift_reference_recording_matches_regions_and_takes_explicit_arguments():
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    x = torch.randn(3, 4)
+    base = torch.zeros_like(x)
+    e = relprop.explain(model, x, target=1, method="deeplift", baselines=base)
+    # Completeness along the recorded computation: the scalar read from the data is a constant of
+    # the explained run (1 + max|x|), the region's backward doubles, the ReLU secant telescopes.
+    with torch.no_grad():
+        h, h0 = torch.relu(2 * model.a(x)), torch.relu(2 * model.a(base))
+        expected = (h - h0) @ model.b.weight[1] / (1.0 + float(x.abs().max()))
+    torch.testing.assert_close(e.attributions.sum(1), expected, rtol=1e-5, atol=1e-6)
+    from relprop.rules.deeplift import DeepLiftComposite
+
+    with pytest.raises(TypeError):
+        DeepLiftComposite(lambda: None, [base])  # replay inputs are keyword-only

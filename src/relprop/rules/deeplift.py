@@ -220,7 +220,7 @@ class DeepLiftComposite(GradientComposite):
             )
         refs = {}
         for node, rnode in zip(graph.nodes, ref.nodes):
-            if node.op is not rnode.op or len(node.inputs) != len(rnode.inputs):
+            if not _same_op(node, rnode) or len(node.inputs) != len(rnode.inputs):
                 raise ValueError(
                     "baselines: the model runs different operations on the baseline than on the inputs "
                     f"(#{node.index} {node.op_name} vs {rnode.op_name}); DeepLIFT needs the same computation "
@@ -250,6 +250,14 @@ class DeepLiftComposite(GradientComposite):
 
     def __repr__(self) -> str:
         return f"DeepLiftComposite(eps={self.eps}, scope={self.scope!r})"
+
+
+def _same_op(a: Node, b: Node) -> bool:
+    """The same ATen overload; for region nodes (one per recording), the same kind of region."""
+    ra, rb = a.region, b.region
+    if ra is None or rb is None:
+        return ra is None and rb is None and a.op is b.op
+    return ra.kind == rb.kind and ra.packet == rb.packet and len(ra.nodes) == len(rb.nodes)
 
 
 #: Ops whose result Python code can branch on; a replay that changes them is not trusted.
