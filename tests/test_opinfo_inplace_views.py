@@ -31,9 +31,9 @@ RAISES = {
     # polygamma_(self, n) vs polygamma(n, self): no functional twin with the same argument order.
     "polygamma": "no functional counterpart",
 }
-#: The gradient rule set gives no gradient to the "stop" family, but fmod/remainder have derivative 1
-#: w.r.t. self (rules/elementwise.py, rules/gradient.py): a rule-set defect, not a recording one.
-XFAIL = {"fmod", "remainder"}
+#: Ops expected to fail (none: fmod/remainder moved from the "stop" family to "nonlinear", their
+#: derivative w.r.t. self is 1).
+XFAIL: set[str] = set()
 
 
 def _is_view(op) -> bool:

@@ -139,6 +139,9 @@ register_family(
     "xlogy",
     "special_erfcx",
     "lerp",
+    # derivative 1 w.r.t. self (piecewise shifts): routed by their exact VJP, identity under LRP
+    "fmod",
+    "remainder",
 )
 register_family("product", "mul", "div", "_weight_norm_interface")
 register_family(
@@ -183,8 +186,6 @@ register_family(
     "bucketize",
     "searchsorted",
     "floor_divide",
-    "remainder",
-    "fmod",
     "new_zeros",
     "new_ones",
     "new_empty",
