@@ -280,7 +280,7 @@ def run_backward(
         layers=layers_out,
         activations=activations if not keep else {n: v.tensor for n, v in layer_values.items()},
         graph=graph if keep else None,
-        prepared=prepared if keep else None,
+        prepared=prepared if keep_graph else None,
         at_values={v.index: rel.get(v.index, torch.zeros_like(v.tensor)) for v in extra},
         params=params_out,
     )
