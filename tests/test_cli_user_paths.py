@@ -466,7 +466,6 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, dig
     transformers = pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
     raw, labels = digits
-    save_png(tmp_path / "digit.png", (raw[3, 0].numpy() * 255).astype(np.uint8), "L")
     rng = np.random.RandomState(0)
     for cls in ("tabby", "goldfish"):  # ImageNet classes, named as users name folders
         for k in range(2):
@@ -519,6 +518,7 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, dig
         assert rc == 0, f"{cmd}\n{captured.err[-2000:]}"
         ran += 1
     assert ran >= len(cmds) - 1
+    assert (tmp_path / "digit.png").exists()  # written by the README's `relprop sample` line
 
 
 def importlib_missing(name: str) -> bool:

@@ -24,6 +24,7 @@ examples:
   relprop explain --model zoo:minilm-similarity --input "A man plays a guitar." --reference "Someone makes music."
   relprop list                                      # zoo models, datasets and methods
   relprop layers --model zoo:resnet_digits          # module names, e.g. for gradcam:layer=NAME
+  relprop sample zoo:digits --out digit.png         # one dataset image, an input for explain
 
 model specs:  zoo:NAME | torchvision:NAME [--weights FILE] | timm:NAME [--weights FILE] | hf:FOLDER |
               python:MODULE:FUNCTION | FILE.safetensors (+ FILE.json, zoo format) |
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain the predictions of PyTorch models and compare how faithfully they are explained.",
         epilog=EXAMPLES,
     )
-    sub = p.add_subparsers(dest="command", metavar="{explain,compare,list,layers}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{explain,compare,list,layers,sample}", parser_class=_Parser)
 
     # compare ---------------------------------------------------------------------------------------------
     c = sub.add_parser(
@@ -259,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     ly.add_argument("--input", metavar="FILE|TEXT", help="an input to run (default: zeros of the model's input size)")
     _common(ly)
     ly.set_defaults(func=cmd_layers)
+
+    sm = sub.add_parser(
+        "sample",
+        help="save one image of a dataset as a PNG (an input for relprop explain)",
+        formatter_class=_formatter,
+        description="Write example N of a data spec (zoo:NAME or an image folder) as an 8-bit PNG and print its label.",
+        epilog="examples:\n  relprop sample zoo:digits --out digit.png\n  relprop sample zoo:chest_xray --index 9\n",
+    )
+    sm.add_argument("data", metavar="DATA", help="data spec: zoo:NAME or a folder of class sub-folders")
+    sm.add_argument("--index", type=int, default=3, metavar="N", help="which example (default: 3)")
+    sm.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
+    sm.add_argument("--out", default="sample.png", metavar="FILE", help="PNG to write (default: %(default)s)")
+    sm.set_defaults(func=cmd_sample)
     return p
 
 
@@ -858,6 +872,31 @@ def cmd_layers(args) -> int:
             print(f"gradcam default layer (last spatial layer): {default_cam_layer(model.module, x)}")
         except SpecError as e:
             print(f"gradcam: {e}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from .specs import load_data
+
+    _need_report_deps("PIL")
+    from PIL import Image
+
+    data = load_data(args.data, split=args.split)
+    if data.kind != "image":
+        raise CLIError(f"relprop sample writes images; {data.spec} holds {data.kind}s")
+    if not 0 <= args.index < len(data):
+        raise CLIError(
+            f"--index {args.index} is out of range: {data.spec} has {len(data)} examples (0..{len(data) - 1})"
+        )
+    im = data.images[args.index].float().clamp(0, 1)
+    a = (im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(dest)
+    label = data.class_names[int(data.labels[args.index])]
+    print(f"saved {dest}: example {args.index} of {data.spec}, label {label}, {a.shape[1]}x{a.shape[0]} px")
     return 0
 
 
