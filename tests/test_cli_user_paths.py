@@ -6,6 +6,7 @@ one-line errors, results.json and the report page.
 """
 
 import json
+import os
 import struct
 import sys
 import zlib
@@ -120,6 +121,12 @@ def test_labels_matching_nothing_error_or_warn(tmp_path, capsys, digits):
     assert res["models"][0]["accuracy"] is None  # not "0.000"
     assert "match no class" in (out / "index.html").read_text()
     assert (out / res["models"][0]["grid_figure"]).stat().st_size > 1000
+    from relprop.report import browser
+
+    if browser.find_chromium() or os.environ.get("RELPROP_REQUIRE_CHROMIUM"):  # what a reader sees
+        dom = browser.rendered_dom(out / "index.html")
+        box = dom[dom.index('id="warnings"') :]
+        assert "'cats', 'dogs' match no class" in box[:2000]
 
 
 def test_classes_file_with_wordnet_ids(tmp_path, capsys, digits):
@@ -213,6 +220,11 @@ def test_a_cell_failing_while_computing_makes_the_run_incomplete(tmp_path, capsy
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "incomplete" and "batch too large" in res["problems"][0]
     assert 'id="incomplete"' in (out / "index.html").read_text()
+    from relprop.report import browser
+
+    if browser.find_chromium() or os.environ.get("RELPROP_REQUIRE_CHROMIUM"):
+        dom = browser.rendered_dom(out / "index.html")
+        assert "batch too large" in dom[dom.index('id="incomplete"') :][:3000]
 
 
 # ------------------------------------------------------------------------------------------- methods from the CLI
