@@ -59,10 +59,12 @@ def _run(title, model, batches, target, grad_fn, options, clock, parts_input) ->
     mod = sys.modules["relprop.plan"]
     tpl = plan._template
     _, live = mod._signature(model, args, kwargs, None)
-    parts = {"forward, no grad": [], "record (trace)": [], "replay (plan)": []}
+    parts = {"forward, no grad": [], "forward, autograd on": [], "record (trace)": [], "replay (plan)": []}
+    grad_args = tuple(t.detach().requires_grad_() if t.is_floating_point() else t for t in args)
     for _ in range(max(3, min(10, len(batches)))):
         with torch.no_grad():
             parts["forward, no grad"].append(_timed(lambda: model(*args, **kwargs), clock))
+        parts["forward, autograd on"].append(_timed(lambda: model(*grad_args, **kwargs), clock))
         parts["record (trace)"].append(_timed(lambda: record(model, args, kwargs), clock))
         parts["replay (plan)"].append(_timed(lambda: mod._replay(tpl, args, kwargs, live), clock))
     ops = len(tpl.graph.nodes)

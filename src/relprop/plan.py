@@ -418,6 +418,18 @@ def _template(graph: Graph, sig: tuple, random: bool) -> _Template:
                     scalars[node.index] = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     skeleton = _skeleton(graph.output, {}, [0])
     steps = [_Step(n, strides, scalars.get(n.index)) for n in graph.nodes] if reason is None else []
+    # Values the recording released because an in-place op overwrote them (``relu_`` after a batch norm)
+    # are released by the replay too, after their last use in the forward: the replay then holds the
+    # same memory as a recording, and a rule that reads such a value recomputes it the same way.
+    last: dict[int, int] = {}
+    for k, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            last[v.index] = k
+    pos = {id(n): k for k, n in enumerate(graph.nodes)}
+    out_idx = {v.index for v in graph.output_values}
+    for v in graph.values:
+        if steps and v.data is None and id(v.producer) in pos and v.index not in out_idx:
+            steps[last.get(v.index, pos[id(v.producer)])].free.append(v.index)
     return _Template(graph, sig, constants, leaves, strides, scalars, skeleton, steps, reason is None, reason)
 
 
@@ -433,7 +445,7 @@ def _same_scalar(a: Any, b: Any) -> bool:
 class _Step:
     """One recorded node, precompiled for replay: the op, its arguments with value slots, the checks."""
 
-    __slots__ = ("node", "fn", "args", "slots", "lists", "kwargs", "generic", "outs", "n_outs", "scalar")
+    __slots__ = ("node", "fn", "args", "slots", "lists", "kwargs", "generic", "outs", "n_outs", "scalar", "free")
 
     def __init__(self, node: Node, strides: dict[int, tuple | None], scalar: tuple | None) -> None:
         self.node = node
@@ -456,6 +468,7 @@ class _Step:
         ]
         self.n_outs = len(node.outputs)
         self.scalar = scalar
+        self.free: list[int] = []  # values to release after this step (see _template)
 
 
 def _has_value(obj: Any) -> bool:
@@ -521,6 +534,8 @@ def _replay(tpl: _Template, args: tuple, kwargs: dict, live: dict[str, torch.Ten
                 if stride is not None and o.stride() != stride:
                     return None, _diverged(step, "gave other strides than recorded")
                 env[idx] = o
+            for idx in step.free:
+                del env[idx]
     return env, None
 
 
