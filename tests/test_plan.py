@@ -350,3 +350,26 @@ def test_keep_graph_and_layers_through_a_plan():
 def test_unsupported_method_is_refused():
     with pytest.raises(ValueError, match="relprop.plan supports"):
         relprop.plan(_cnn(), torch.randn(1, 3, 8, 8), method="integrated_gradients", target=0)
+
+
+def test_replay_releases_what_the_recording_released():
+    # conv -> relu_ overwrites the conv output: the recording drops its data (recomputed if a rule reads
+    # it); the replay must not hold it either (it would double the activation memory), and gives the same
+    # relevance through the recomputation.
+    import sys
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3), nn.ReLU(inplace=True))
+    m = nn.Sequential(m, nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    p = relprop.plan(m, x, target=1)
+    mod = sys.modules["relprop.plan"]
+    _, live = mod._signature(m, (x,), {}, None)
+    env, why = mod._replay(p._template, (x,), {}, live)
+    assert why is None
+    replayed = mod._instantiate(p._template, env)
+    recorded = relprop.trace(m, x)
+    dropped = {v.index for v in recorded.values if v.data is None}
+    assert dropped  # the two in-place ReLUs
+    assert {v.index for v in replayed.values if v.data is None} == dropped
+    _same(p.explain(x), relprop.explain(m, x, target=1, method="lrp"))
