@@ -562,10 +562,20 @@ def _instantiate(tpl: _Template, env: dict[int, torch.Tensor]) -> Graph:
         if nv.data is None:  # never materialised (e.g. an unused leaf): keep the metadata
             nv.dtype, nv.shape, nv.device = v.dtype, v.shape, v.device
     nodes = []
-    for n in g.nodes:
+    for step in tpl.steps:
+        n = step.node
+        if step.generic:
+            args, kwargs = _swap(n.args, values), _swap(n.kwargs, values)
+        else:  # the replay's precompiled slots, filled with the new Values
+            a = step.args.copy()
+            for i, idx in step.slots:
+                a[i] = values[idx]
+            for i, kind, items in step.lists:
+                a[i] = kind([values[x] if is_value else x for is_value, x in items])
+            args, kwargs = tuple(a), dict(n.kwargs)
         ins = [values[v.index] for v in n.inputs]
         outs = [None if o is None else values[o.index] for o in n.outputs]
-        node = Node(n.index, n.op, _swap(n.args, values), _swap(n.kwargs, values), ins, outs, n.module, n.module_type)
+        node = Node(n.index, n.op, args, kwargs, ins, outs, n.module, n.module_type)
         node.meta = dict(n.meta)
         for o in outs:
             if o is not None:
