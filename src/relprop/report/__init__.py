@@ -91,8 +91,14 @@ def run_compare(
     load: Callable[[str], LoadedModel] | None = None,
     use_cache: bool = True,
     warnings: Sequence[str] = (),
+    engine: str = "local",
+    ray_options: Any = None,
 ) -> dict:
     """Run the comparison; return the results dict (also written to ``out/results.json``).
+
+    ``engine``: "local" (one process, the default) or "ray" (model x method x data shards on a Ray actor
+    pool, :mod:`relprop.report.distributed`; ``ray_options`` a :class:`~relprop.report.distributed.RayOptions`
+    or a dict of its fields), with the same numbers.
 
     ``load``: spec -> LoadedModel (the CLI's loader, with its options and display names); ``use_cache``:
     False neither reads nor writes ``out/cache``; ``warnings``: shown in the report (``results["warnings"]``).
@@ -112,7 +118,16 @@ def run_compare(
     status = "complete"
     grid_idx = job.indices[: settings.grid]
     current: dict[str, Any] = {}
+    pool = None
+    if engine not in ("local", "ray"):
+        raise SpecError(f"engine must be 'local' or 'ray', got {engine!r}")
     try:
+        if engine == "ray":
+            from .distributed import RayEngine, RayOptions, _Loader
+
+            opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
+            loader = _Loader(load, weights, num_classes, preprocess_overrides)
+            pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, command=command, log=log)
         for spec in models:
             entry: dict[str, Any] = {
                 "spec": spec,
@@ -166,10 +181,21 @@ def run_compare(
             prep = None
             cells: dict[str, dict] = {}
             current = {"entry": entry, "model": model, "cells": cells}
+            remote: dict[str, dict] = {}
+            if pool is not None:
+                bar.describe(f"{model.name}: on Ray")
+                remote = pool.cells(model, job, [m for m in methods if job.cached_cell(model, m) is None])
             for m in methods:
                 bar.describe(f"{model.name} × {m.label}")
-                cell = job.cached_cell(model, m)
-                if cell is None:
+                cell = None if m.label in remote else job.cached_cell(model, m)
+                if m.label in remote:
+                    cell = remote[m.label]
+                    if cell.get("status") == "failed":
+                        bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
+                    else:
+                        cell["status"] = "ok"
+                        bar.write(f"  {model.name} × {m.label}: {_summary(cell)} ({cell['seconds']:.1f} s, Ray)", log)
+                elif cell is None:
                     if prep is None:
                         prep = job.prepare(model, job.indices)
                     try:
@@ -209,6 +235,9 @@ def run_compare(
                 pass
     finally:
         bar.close()
+        if pool is not None:
+            engine_info = pool.info()
+            pool.close()
     failed = [
         f"{m.get('name')} × {c.get('method')}: {c.get('error')}"
         for m in results_models
@@ -219,6 +248,7 @@ def run_compare(
         status = "incomplete"
     results = _assemble(results_models, list(methods), data, settings, command, status, done, total, t_start, out)
     results["problems"] = failed
+    results["engine"] = engine_info if pool is not None else {"name": "local"}
     results["warnings"] = list(job.warnings)
     results["data"]["n_metrics"] = min(settings.samples, len(data))
     if results_models:

@@ -41,9 +41,18 @@ def wanted_groups(settings) -> set[str]:
 
 
 def image_perturbation(
-    module, x: torch.Tensor, attr: torch.Tensor, target: torch.Tensor, s, progress: bool = False
+    module,
+    x: torch.Tensor,
+    attr: torch.Tensor,
+    target: torch.Tensor,
+    s,
+    progress: bool = False,
+    rows: dict | None = None,
 ) -> dict:
-    """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch."""
+    """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch.
+
+    ``rows``: filled with the per-example curves (``morf``, ``lerf``, ``insertion``, ``deletion``) whose
+    means are the returned curves, so that a sharded run (:mod:`.distributed`) can average them in order."""
     from .. import metrics
 
     h, w = x.shape[-2:]
@@ -62,6 +71,8 @@ def image_perturbation(
         insertion_baseline=s.insertion_baseline,
         **kw,
     )
+    if rows is not None:
+        rows.update(morf=ab.morf_curve, lerf=ab.lerf_curve, insertion=idl.insertion, deletion=idl.deletion)
     return {
         "per_example": {
             "abpc": _list(ab.per_step),
@@ -132,8 +143,10 @@ def text_perturbation(
     }
 
 
-def sanity_checks(module, xf, efn: ExplainFn, target: torch.Tensor, n: int, s) -> dict:
+def sanity_checks(module, xf, efn: ExplainFn, target: torch.Tensor, n: int, s, rows: dict | None = None) -> dict:
     """Class sensitivity and the randomisation check, per example (``None`` where not computed).
+
+    ``rows``: filled with the per-layer x per-example similarities (``randomisation``) behind the curve.
 
     The randomisation similarity compares *absolute* maps (Spearman of ``|a|``): an explanation that only
     flips its sign under randomisation stays similar and fails, as it should.
@@ -152,6 +165,8 @@ def sanity_checks(module, xf, efn: ExplainFn, target: torch.Tensor, n: int, s) -
         layers = metrics.randomisable_layers(module)[-s.randomisation_layers :]
         rr = metrics.model_parameter_randomisation(module, xf[:k], efn, target[:k], layers=layers, abs=True)
         per["randomisation_similarity"] = _pad(_list(rr.similarity[-1]), n)
+        if rows is not None:
+            rows["randomisation"] = rr.similarity
         extra["randomisation_layers"] = list(rr.layers)
         extra["randomisation_curve"] = _list(rr.mean_similarity)
     return {"per_example": per, **extra}

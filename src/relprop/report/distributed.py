@@ -1,0 +1,498 @@
+"""The Ray engine of ``relprop compare --engine ray``: model x method x data shard on a pool of Ray actors.
+
+Why an actor pool (and not Ray tasks or Ray Data): a worker must load a model once and keep it for every
+method and shard of that model (loading a timm/HF model costs more than a shard's work); tasks would reload
+it per call, and Ray Data's ``map_batches`` streams one function over one dataset, while a cell here is a
+(model, method) pair with per-example metrics that need the whole shard at once. Actors with
+``max_restarts``/``max_task_retries`` give the fault tolerance: a worker that dies is restarted and the
+shard it held is run again by Ray; nothing else is lost.
+
+The unit of work is a shard of a cell's examples, aligned to ``--batch-size`` so that every explain call
+sees the same batch as in the single-process engine. Each shard writes two files under
+``OUT/shards/<model>__<method>__<cell key>/``: ``NNNNN.pt`` (per-example curves, grid attributions; loaded
+with ``weights_only=True``) and then ``NNNNN.parquet`` (one row per example in the schema of
+``examples.parquet``, :func:`relprop.report.store.schema`), both written atomically. The Parquet file is the
+commit mark: a shard whose Parquet reads back with this cell's key and row count is finished and is never
+recomputed (a re-run after Ctrl-C resumes; ``--force`` recomputes). The driver assembles each cell from its
+shards in shard order, with the same reductions as :meth:`relprop.report.compare.Job.compute_cell`, so the
+numbers equal the single-process engine's (see ``tests/test_ray_engine.py``; timings differ).
+
+Not supported, and refused with a message instead of giving different numbers: text data (a shard pads
+its texts to its own longest, the single-process engine to the longest of all) and the ``noise`` baseline
+(its noise is drawn for the whole batch at once, so it depends on the shard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..specs import LoadedModel, MethodSpec, SpecError
+from .compare import Job, Settings, atomic_write, slug
+
+#: the Ray version the engine is tested with (requirements-test.txt)
+RAY_VERSION = "2.60.0"
+#: test hook: a path; the first shard started anywhere os._exit()s its worker after creating this file
+CRASH_ENV = "RELPROP_RAY_CRASH_ONCE"
+#: the metric keys each group of :func:`relprop.report.cell_metrics.wanted_groups` fills
+_PERTURBATION = ("abpc", "insertion", "deletion", "insertion_minus_deletion")
+
+
+@dataclass
+class RayOptions:
+    """How ``--engine ray`` runs. ``address``: join this cluster (``"auto"`` or ``ray://...``), else start a
+    local instance with ``workers * cpus_per_worker`` CPUs; ``workers``: actors in the pool;
+    ``gpus_per_worker``: GPUs each actor reserves (the model then runs on ``cuda``); ``shard_size``: examples
+    per shard, a multiple of the batch size (default: the batch size)."""
+
+    address: str | None = None
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    shard_size: int | None = None
+    max_retries: int = 3
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SpecError(
+            f"--engine ray needs Ray: pip install 'relprop[ray]' (tested with ray=={RAY_VERSION})"
+        ) from None
+    return ray
+
+
+def check_supported(data, settings: Settings) -> None:
+    """Raise for runs whose numbers would depend on the sharding (see the module docstring)."""
+    if data.kind != "image":
+        raise SpecError(
+            f"--engine ray runs image data only for now ({data.spec} holds {data.kind}s: a shard would pad its "
+            f"texts differently from the single-process engine); use --engine local"
+        )
+    for name in ("baseline", "insertion_baseline"):
+        if str(getattr(settings, name)).split(":")[0] == "noise":
+            raise SpecError(
+                f"--engine ray: the 'noise' {name.replace('_', ' ')} is drawn per batch, so its numbers would "
+                f"depend on the shards; use another baseline or --engine local"
+            )
+
+
+@dataclass
+class _Loader:
+    """Picklable spec -> LoadedModel for the workers: the driver's ``load`` callable, or ``load_model`` with
+    the run's weights and class count; preprocessing overrides applied as in ``run_compare``."""
+
+    load: Callable[[str], LoadedModel] | None = None
+    weights: dict | None = None
+    num_classes: int | None = None
+    preprocess_overrides: dict | None = None
+
+    def __call__(self, spec: str) -> LoadedModel:
+        from ..specs import load_model, override_preprocess
+
+        if self.load is not None:
+            model = self.load(spec)
+        else:
+            model = load_model(spec, weights=(self.weights or {}).get(spec), num_classes=self.num_classes)
+        if model.kind == "image" and self.preprocess_overrides:
+            model.preprocess = override_preprocess(model.preprocess, **self.preprocess_overrides)
+        return model
+
+
+# ------------------------------------------------------------------------------------ shard files
+def _paths(shard_dir: Path, index: int) -> tuple[Path, Path]:
+    return shard_dir / f"{index:05d}.pt", shard_dir / f"{index:05d}.parquet"
+
+
+def read_shard(shard_dir: Path, index: int, key: str, n_rows: int) -> tuple[Any, dict] | None:
+    """(Parquet table, sidecar dict) of a finished shard, or None when absent, unreadable, foreign or short."""
+    import pyarrow.parquet as pq
+
+    from .store import schema
+
+    side, table_path = _paths(shard_dir, index)
+    if not table_path.exists() or not side.exists():
+        return None
+    try:
+        table = pq.read_table(table_path)
+        meta = json.loads((table.schema.metadata or {}).get(b"relprop_shard", b"{}"))
+        extra = torch.load(str(side), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not table.schema.equals(schema()) or meta.get("key") != key or table.num_rows != n_rows:
+        return None
+    if not isinstance(extra, dict) or extra.get("key") != key:
+        return None
+    return table, extra
+
+
+def _write_shard(shard_dir: Path, index: int, key: str, rows: list[dict], extra: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .store import schema
+
+    side, table_path = _paths(shard_dir, index)
+    atomic_write(side, lambda tmp: torch.save(dict(extra, key=key), tmp))
+    sch = schema().with_metadata({"relprop_shard": json.dumps({"key": key, "index": index})})
+    table = pa.Table.from_pylist(rows, schema=sch)
+    atomic_write(table_path, lambda tmp: pq.write_table(table, tmp))  # last: the commit mark
+
+
+# ------------------------------------------------------------------------------------ one shard
+def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, run: str) -> tuple[list[dict], dict]:
+    """Per-example rows and the sidecar of examples ``job.indices[a:b]`` (``a`` a multiple of the batch
+    size): the computation of :meth:`Job.compute_cell` restricted to them. The class-sensitivity and
+    randomisation examples (the first ``--sensitivity-samples``/``--randomisation-samples``) are computed
+    by the shards that hold them."""
+    from . import cell_metrics
+
+    s = job.s
+    opts = job.options(model, m)
+    idx = job.indices[a:b]
+    prep = job.prepare(model, idx)
+    fn = job.explain_fn(model, m, opts)
+    n = b - a
+    x, target = prep.inputs, prep.target
+    t0 = time.time()
+    attr = fn(model.module, x, target)
+    t_explain = time.time() - t0
+    t1 = time.perf_counter()
+    rows: dict[str, torch.Tensor] = {}
+    res = cell_metrics.image_perturbation(model.module, x, attr, target, s, False, rows=rows)
+    per = res["per_example"]
+    groups = cell_metrics.wanted_groups(s)
+    local = dataclasses.replace(
+        s,
+        sensitivity_samples=max(0, min(s.sensitivity_samples, b) - a),
+        randomisation_samples=max(0, min(s.randomisation_samples, b) - a),
+    )
+    extra: dict[str, Any] = {}
+    if {"sensitivity", "randomisation"} & cell_metrics.wanted_groups(local):
+        sc = cell_metrics.sanity_checks(model.module, x, fn, target, n, local, rows=rows)
+        per.update(sc.pop("per_example"))
+        if "randomisation_layers" in sc:
+            extra["randomisation_layers"] = sc["randomisation_layers"]
+    metric_seconds = time.perf_counter() - t1
+    g = max(0, min(s.grid, b) - a)
+    grid = attr[:g].sum(1).clone() if attr.dim() == 4 else attr[:g].clone()
+    values = {
+        "example": [int(i) for i in idx],
+        "label": [int(v) for v in prep.labels],
+        "prediction": [int(v) for v in prep.pred],
+        "target": [int(v) for v in target],
+        **per,
+        "explain_seconds": [t_explain / max(n, 1)] * n,
+    }
+    entry = {"spec": model.spec, "name": model.name}
+    cell = {"method": m.label, "examples": values}
+    from .store import example_rows
+
+    out_rows = example_rows(run, entry, cell)
+    extra.update(
+        rows={k: v.detach().cpu() for k, v in rows.items()},
+        grid=grid.detach().cpu(),
+        curves={k: res["curves"][k] for k in ("unit", "region_fractions", "fractions")},
+        perturbation=res["perturbation"],
+        groups=sorted(groups & ({"sensitivity", "randomisation"} | {"perturbation"})),
+        explain_seconds=t_explain,
+        metric_seconds=metric_seconds,
+        n=n,
+    )
+    if s.save_attributions:
+        extra["attributions"] = attr.detach().float().cpu()
+    return out_rows, extra
+
+
+class _Worker:
+    """One actor of the pool: the job and the model of the cells it is given, loaded once."""
+
+    def __init__(self, data_ref: list, methods, settings, out: str, loader: _Loader, threads: int, use_gpu: bool):
+        import ray
+
+        torch.set_num_threads(max(1, threads))
+        # the data comes as a reference nested in a list: Ray resolves it here, also after a restart (the
+        # driver holds the reference), instead of pinning it as a constructor argument
+        data = ray.get(data_ref[0])
+        self.job = Job(Path(out), data, list(methods), settings, use_cache=False, progress=False, log=lambda _: None)
+        self.loader = loader
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it reserved for this actor (--gpus-per-worker); the model
+        # stays where its loader puts it until the pipeline has a --device (Job.prepare feeds CPU tensors)
+        self.gpus = torch.cuda.device_count() if use_gpu else 0
+        self.model: LoadedModel | None = None
+
+    def _model(self, spec: str) -> LoadedModel:
+        if self.model is None or self.model.spec != spec:
+            self.model = None  # one model at a time: the previous one is released first
+            self.model = self.loader(spec)
+        return self.model
+
+    def run_shard(self, spec: str, m: MethodSpec, key: str, a: int, b: int, shard_dir: str, index: int, run: str):
+        marker = os.environ.get(CRASH_ENV)
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text(f"worker {os.getpid()} killed on shard {index} of {spec} x {m.label}\n")
+            os._exit(1)
+        model = self._model(spec)
+        mine = self.job.cell_key(model, m, self.job.options(model, m))
+        if mine != key:
+            raise SpecError(
+                f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its relprop "
+                f"source, model files or data differ; install the same relprop on every node"
+            )
+        rows, extra = compute_shard(self.job, model, m, a, b, run)
+        _write_shard(Path(shard_dir), index, key, rows, extra)
+        return index
+
+
+# ------------------------------------------------------------------------------------ the engine
+class RayEngine:
+    """The pool and the bookkeeping of one ``run_compare``: :meth:`cells` computes a model's cells."""
+
+    def __init__(
+        self,
+        data,
+        methods: Sequence[MethodSpec],
+        settings: Settings,
+        out: Path,
+        *,
+        options: RayOptions | None = None,
+        loader: _Loader | None = None,
+        command: str = "",
+        log: Callable[[str], None] = print,
+    ):
+        check_supported(data, settings)
+        ray = _ray()
+        self.ray = ray
+        self.o = o = options or RayOptions()
+        if o.workers < 1:
+            raise SpecError(f"--workers must be at least 1, got {o.workers}")
+        size = o.shard_size or settings.batch_size
+        if size % settings.batch_size:
+            raise SpecError(f"the shard size ({size}) must be a multiple of --batch-size ({settings.batch_size})")
+        self.shard_size = size
+        self.settings, self.out, self.log = settings, Path(out), log
+        from .store import run_id
+
+        self.run = run_id(command, dataclasses.asdict(settings))
+        self.started = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            kw: dict[str, Any] = dict(
+                include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True
+            )
+            if o.address:
+                ray.init(address=o.address, **kw)
+            else:
+                ray.init(num_cpus=o.workers * o.cpus_per_worker, **kw)
+            self.started = True
+        env = {k: os.environ[k] for k in (CRASH_ENV,) if k in os.environ}
+        remote = ray.remote(_Worker).options(
+            num_cpus=o.cpus_per_worker,
+            num_gpus=o.gpus_per_worker,
+            max_restarts=o.max_retries,
+            max_task_retries=o.max_retries,
+            runtime_env={"env_vars": env} if env else None,
+        )
+        self.data_ref = ray.put(data)
+        self.actors = [
+            remote.remote(
+                [self.data_ref], list(methods), settings, str(self.out), loader or _Loader(), o.cpus_per_worker,
+                o.gpus_per_worker > 0,
+            )
+            for _ in range(o.workers)
+        ]  # fmt: skip
+        self.shards_computed = 0
+        self.shards_reused = 0
+
+    def info(self) -> dict:
+        return {
+            "name": "ray",
+            "ray": self.ray.__version__,
+            "address": self.o.address or "local",
+            "workers": self.o.workers,
+            "cpus_per_worker": self.o.cpus_per_worker,
+            "gpus_per_worker": self.o.gpus_per_worker,
+            "shard_size": self.shard_size,
+            "shards_computed": self.shards_computed,
+            "shards_reused": self.shards_reused,
+        }
+
+    def shard_dir(self, model: LoadedModel, m: MethodSpec, key: str) -> Path:
+        return self.out / "shards" / f"{slug(model.spec)}__{slug(m.label)}__{key}"
+
+    def cells(self, model: LoadedModel, job: Job, methods: Sequence[MethodSpec]) -> dict[str, dict]:
+        """Cells of ``model`` for ``methods`` (label -> the dict :meth:`Job.compute_cell` returns, or a
+        failed cell), each saved in ``job``'s cache as the single-process engine does."""
+        bounds = shard_bounds(min(self.settings.samples, len(job.indices)), self.shard_size)
+        plan: dict[str, tuple[MethodSpec, dict, str, Path]] = {}
+        todo: list[tuple[str, int]] = []
+        errors: dict[str, str] = {}
+        for m in methods:
+            try:
+                opts = job.options(model, m)
+            except Exception as ex:
+                errors[m.label] = f"{type(ex).__name__}: {ex}"
+                continue
+            key = job.cell_key(model, m, opts)
+            d = self.shard_dir(model, m, key)
+            plan[m.label] = (m, opts, key, d)
+            for i, (a, b) in enumerate(bounds):
+                if not job.force and read_shard(d, i, key, b - a) is not None:
+                    self.shards_reused += 1
+                else:
+                    todo.append((m.label, i))
+        self._run(model, plan, bounds, todo, errors)
+        out: dict[str, dict] = {}
+        for m in methods:
+            if m.label in errors:
+                out[m.label] = _failed(m, errors[m.label])
+                continue
+            _, opts, key, d = plan[m.label]
+            try:
+                out[m.label] = self._assemble(job, model, m, opts, key, d, bounds)
+            except Exception as ex:
+                out[m.label] = _failed(m, f"{type(ex).__name__}: {ex}")
+        return out
+
+    def _run(self, model, plan, bounds, todo, errors) -> None:
+        ray = self.ray
+        free = list(self.actors)
+        pending = list(todo)
+        inflight: dict[Any, tuple[Any, str, int]] = {}
+        try:
+            while pending or inflight:
+                while free and pending:
+                    label, i = pending.pop(0)
+                    if label in errors:
+                        continue
+                    m, _, key, d = plan[label]
+                    actor = free.pop(0)
+                    a, b = bounds[i]
+                    ref = actor.run_shard.remote(model.spec, m, key, a, b, str(d), i, self.run)
+                    inflight[ref] = (actor, label, i)
+                if not inflight:
+                    break
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                actor, label, i = inflight.pop(done[0])
+                free.append(actor)
+                try:
+                    ray.get(done[0])
+                    self.shards_computed += 1
+                except Exception as ex:  # the method failed on this model (or retries ran out): the cell fails
+                    cause = getattr(ex, "cause", None) or ex
+                    msg = str(cause).strip().splitlines()
+                    errors.setdefault(label, f"{type(cause).__name__}: {msg[0] if msg else ''}"[:300])
+        except BaseException:
+            for ref in inflight:
+                ray.cancel(ref, force=False)
+            raise
+
+    def _assemble(self, job: Job, model, m: MethodSpec, opts: dict, key: str, d: Path, bounds) -> dict:
+        """One cell from its shards, reduced in shard order as :meth:`Job.compute_cell` reduces."""
+        from ..metrics._utils import nanmean
+        from . import cell_metrics
+
+        s = self.settings
+        parts = []
+        for i, (a, b) in enumerate(bounds):
+            got = read_shard(d, i, key, b - a)
+            if got is None:
+                raise RuntimeError(f"shard {i} of {model.spec} x {m.label} is missing or invalid in {d}")
+            parts.append(got)
+        n = bounds[-1][1] if bounds else 0
+        first = parts[0][1]
+        columns: dict[str, list] = {}
+        for table, _ in parts:
+            for name, vals in table.to_pydict().items():
+                columns.setdefault(name, []).extend(vals)
+        groups = set(first["groups"])
+        keys = list(_PERTURBATION)
+        if "sensitivity" in groups:
+            keys.append("class_sensitivity")
+        if "randomisation" in groups:
+            keys.append("randomisation_similarity")
+        per = {k: columns[k] for k in keys}
+        per["explain_seconds"] = columns["explain_seconds"]
+        t_explain = sum(e["explain_seconds"] for _, e in parts)
+
+        def cat(name: str, dim: int = 0) -> torch.Tensor | None:
+            got = [e["rows"][name] for _, e in parts if name in e["rows"]]
+            return torch.cat(got, dim) if got else None
+
+        c = first["curves"]
+        curves = {
+            "unit": c["unit"],
+            "region_fractions": c["region_fractions"],
+            "morf": cell_metrics._list(cat("morf").mean(0)),
+            "lerf": cell_metrics._list(cat("lerf").mean(0)),
+            "fractions": c["fractions"],
+            "insertion": cell_metrics._list(cat("insertion").mean(0)),
+            "deletion": cell_metrics._list(cat("deletion").mean(0)),
+        }
+        res: dict[str, Any] = {
+            "method": m.label,
+            "name": m.name,
+            "options": {k: str(v) for k, v in opts.items()},
+            "n_samples": n,
+            "key": key,
+            "curves": curves,
+            "perturbation": first["perturbation"],
+        }
+        sim = cat("randomisation", 1)
+        if sim is not None:
+            res["randomisation_layers"] = first["randomisation_layers"]
+            res["randomisation_curve"] = cell_metrics._list(
+                torch.tensor([nanmean(r) for r in sim], dtype=torch.float64)
+            )
+        res["metric_seconds"] = round(sum(e["metric_seconds"] for _, e in parts), 3)
+        res["examples"] = {k: columns[k] for k in ("example", "label", "prediction", "target")} | per
+        res["summary"] = cell_metrics.summary_of(per, s)
+        for k, v in res["summary"].items():
+            res[k] = v["mean"]
+        res["randomisation_check"] = cell_metrics.randomisation_verdict(res["summary"], s.randomisation_threshold)
+        res["grid_attributions"] = torch.cat([e["grid"] for _, e in parts])[: min(s.grid, n)]
+        res["explain_seconds_per_sample"] = round(t_explain / max(n, 1), 6)
+        if s.save_attributions:
+            from .store import save_attributions
+
+            attr = torch.cat([e["attributions"] for _, e in parts])
+            res["attributions_file"] = save_attributions(self.out, model.spec, m.label, attr, s.save_attributions)
+        res["seconds"] = round(t_explain + sum(e["metric_seconds"] for _, e in parts), 2)
+        if job.use_cache:
+            atomic_write(job.cell_path(model, m, key), lambda tmp: torch.save(res, tmp))
+        res["reused"] = False
+        return res
+
+    def close(self) -> None:
+        """Release the actors; shut Ray down when this engine started it."""
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:
+                pass
+        self.actors = []
+        self.data_ref = None
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def _failed(m: MethodSpec, error: str) -> dict:
+    return {"method": m.label, "name": m.name, "status": "failed", "error": error[:300], "reused": False}
+
+
+def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(n)`` in steps of ``size``."""
+    return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
+
+
+__all__ = ["CRASH_ENV", "RAY_VERSION", "RayEngine", "RayOptions", "check_supported", "compute_shard", "read_shard"]

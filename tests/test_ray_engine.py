@@ -1,0 +1,128 @@
+"""``relprop compare --engine ray`` on a local 2-worker Ray instance (started here, shut down after): the
+same results.json numbers and per-example rows as the single-process engine, a worker killed mid-run
+recovered with nothing lost, and a re-run that skips the finished shards.
+
+Compared: every value of results.json except timings (``seconds``, ``metric_seconds``, ``explain_seconds``,
+``explain_seconds_per_sample``), ``created``, ``environment``, ``engine`` and ``reused``. Tolerance: none,
+the numbers are equal as floats.
+"""
+
+import json
+import os
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from relprop.report import Settings, run_compare  # noqa: E402
+from relprop.report.distributed import CRASH_ENV, RayEngine, RayOptions, check_supported, read_shard  # noqa: E402
+from relprop.specs import SpecError, load_data, parse_methods  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["zoo:resnet_digits", "zoo:vgg_digits"]
+# batch 4, 8 samples: 2 shards per cell; the grid, class-sensitivity and randomisation examples span both
+SETTINGS = dict(
+    samples=8, grid=6, sensitivity_samples=6, randomisation_samples=5, randomisation_layers=2,
+    regions=8, steps=8, batch_size=4, bootstrap=200,
+)  # fmt: skip
+TIMING = {"seconds", "created", "metric_seconds", "explain_seconds_per_sample", "explain_seconds"}
+SKIP = TIMING | {"environment", "engine", "reused"}
+
+
+def _strip(o):
+    if isinstance(o, dict):
+        return {k: _strip(v) for k, v in o.items() if k not in SKIP}
+    if isinstance(o, list):
+        return [_strip(v) for v in o]
+    return o
+
+
+def _numbers(out) -> dict:
+    return _strip(json.loads((out / "results.json").read_text()))
+
+
+def _rows(out) -> list[dict]:
+    rows = pq.read_table(out / "examples.parquet").to_pylist()
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("zoo:digits")
+
+
+@pytest.fixture(scope="module")
+def methods():
+    return parse_methods("lrp,gradient", [])
+
+
+def _run(data, methods, out, models=MODELS, **kw):
+    return run_compare(
+        models, data, methods, out, Settings(**SETTINGS), progress=False, use_cache=False, command="test",
+        log=lambda _: None, **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, data, methods):
+    out = tmp_path_factory.mktemp("local")
+    _run(data, methods, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A quiet local instance of 2 CPUs (one per worker), shut down after the module."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_ray_engine_gives_the_single_process_numbers(local, cluster, tmp_path, data, methods):
+    res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    assert res["status"] == "complete" and res["engine"]["name"] == "ray"
+    assert res["engine"]["shards_computed"] == 2 * 2 * 2 and res["engine"]["shards_reused"] == 0
+    assert _numbers(tmp_path) == _numbers(local)
+    assert _rows(tmp_path) == _rows(local)
+    # the per-shard tables are in the examples.parquet schema, read together as one data set
+    import pyarrow.dataset as ds
+
+    files = sorted(str(p) for p in (tmp_path / "shards").rglob("*.parquet"))
+    assert len(files) == 8 and ds.dataset(files).to_table().num_rows == 2 * 2 * 8
+
+
+def test_killed_worker_loses_nothing(local, cluster, tmp_path, data, methods, monkeypatch):
+    marker = tmp_path / "killed.txt"
+    monkeypatch.setenv(CRASH_ENV, str(marker))  # the first shard's worker os._exit()s once
+    out = tmp_path / "r"
+    res = _run(data, methods, out, engine="ray", ray_options={"workers": 2})
+    assert marker.exists(), "the test hook did not kill a worker"
+    assert res["status"] == "complete" and not res["problems"]
+    assert res["engine"]["shards_computed"] == 8
+    assert _numbers(out) == _numbers(local)
+
+
+def test_rerun_resumes_from_finished_shards(local, cluster, tmp_path, data, methods):
+    first = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    assert first["engine"]["shards_computed"] == 8, (first["engine"], first["problems"], list(tmp_path.rglob("*")))
+    tables = sorted((tmp_path / "shards").rglob("*.parquet"))
+    tables[0].unlink()  # as if Ctrl-C came before this shard finished
+    tables[1].write_bytes(tables[1].read_bytes()[:100])  # a torn file is not trusted
+    res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    assert not res["problems"], res["problems"]
+    assert (res["engine"]["shards_computed"], res["engine"]["shards_reused"]) == (2, 6)
+    assert _numbers(tmp_path) == _numbers(local)
+    assert all(read_shard(p.parent, int(p.stem), p.parent.name.rsplit("__", 1)[1], 4) for p in tables)
+
+
+def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):
+    with pytest.raises(SpecError, match="noise"):
+        check_supported(data, Settings(baseline="noise"))
+    text = type("D", (), {"kind": "text", "spec": "t.csv"})()
+    with pytest.raises(SpecError, match="image data only"):
+        check_supported(text, Settings())
+    with pytest.raises(SpecError, match="multiple of --batch-size"):
+        RayEngine(data, [], Settings(batch_size=4), "unused", options=RayOptions(shard_size=6))
