@@ -373,3 +373,30 @@ def test_replay_releases_what_the_recording_released():
     assert dropped  # the two in-place ReLUs
     assert {v.index for v in replayed.values if v.data is None} == dropped
     _same(p.explain(x), relprop.explain(m, x, target=1, method="lrp"))
+
+
+def test_rerecords_when_a_forward_hook_is_added_or_removed():
+    m = _cnn()
+    x = torch.randn(2, 3, 12, 12)
+    p = relprop.plan(m, x, method="gradient", target=1)
+    handle = m[5].register_forward_hook(lambda mod, args, out: out * 3.0)
+    _same(p.explain(x), relprop.explain(m, x, target=1))
+    assert p.rerecords == 1 and "modules" in p.last_reason
+    handle.remove()
+    _same(p.explain(x), relprop.explain(m, x, target=1))
+    assert p.rerecords == 2
+
+
+def test_a_new_callable_target_is_recorded_even_if_its_id_is_reused():
+    m = _cnn()
+    x = torch.randn(2, 3, 12, 12)
+    p = relprop.plan(m, x, target=lambda out: out[:, 0])
+    for k in (1, 2, 3, 1):  # a new lambda per call: CPython may give it the id of a freed one
+        got = p.explain(x, target=lambda out, k=k: out[:, k])
+        want = relprop.explain(m, x, target=k, method="lrp")
+        torch.testing.assert_close(got.attributions, want.attributions, rtol=0, atol=1e-6)
+    assert p.rerecords == 4 and p.replays == 0
+    keep = lambda out: out[:, 4]  # noqa: E731 - the same object: replayed
+    p.explain(x, target=keep)
+    p.explain(x, target=keep)
+    assert p.replays == 1

@@ -84,6 +84,7 @@ class _Template:
     strides: dict[int, tuple[int, ...] | None]
     scalars: dict[int, tuple]  # node index -> the non-tensor results the forward read back
     skeleton: Any  # the output structure with _Slot(i) for output value i
+    target: Any  # a callable target, held so that its id (in the signature) cannot be reused by another object
     steps: list[_Step]  # the nodes, precompiled for replay
     replayable: bool
     reason: str | None
@@ -129,6 +130,7 @@ class Plan:
         self.last_reason: str | None = None
         self._calls = 0
         self._template: _Template | None = None
+        self._callable: Any = None  # the callable target of the call in progress
         self._lock = threading.Lock()
 
     @property
@@ -155,6 +157,7 @@ class Plan:
         with self._lock, torch.inference_mode(False):
             self._calls += 1
             key = id(target) if callable(target) and not isinstance(target, torch.Tensor) else None
+            self._callable = target if key is not None else None
 
             def recorder(model: Any, args: tuple, kwargs: dict, post: Any = None) -> Graph:
                 return self._graph_for(model, args, kwargs, post, key)
@@ -183,7 +186,7 @@ class Plan:
         self.records += 1
         if self.records > 1:
             self.rerecords += 1
-        self._template = _template(graph, sig, random)
+        self._template = _template(graph, sig, random, self._callable)
         self.last_reason = reason if self._template.replayable else self._template.reason
         return graph
 
@@ -218,11 +221,11 @@ class Plan:
                 self.records += 1
                 self.rerecords += 1
                 self.last_reason = f"verify: {diff}"
-                self._template = _template(fresh, sig, random)
+                self._template = _template(fresh, sig, random, self._callable)
                 return fresh
         self.replays += 1
         self.last_reason = None
-        training = sum(1 for _, tr in sig[1] if tr is True)
+        training = sum(1 for m in sig[1] if m[1] is True)
         if training:  # as a recording warns (trace.record)
             warnings.warn(
                 f"model is in training mode ({training} modules): the explanation is of this one forward "
@@ -276,14 +279,14 @@ def plan(
         verify=verify,
         verify_every=verify_every,
     )
-    validate_call(model, example_inputs, target)
+    batch = validate_call(model, example_inputs, target)
     args, kwargs = split_inputs(example_inputs)
     key = id(target) if callable(target) and not isinstance(target, torch.Tensor) else None
     post = None
     if key is not None:
         from .methods.core import check_callable_score
 
-        batch = validate_call(model, example_inputs, target)
+        p._callable = target
 
         def post(output):
             return check_callable_score(target(output), batch)
@@ -321,7 +324,10 @@ def _signature(model: Any, args: tuple, kwargs: dict, target_key: int | None) ->
     modules: tuple = ()
     tensors: list = []
     if isinstance(model, torch.nn.Module):
-        modules = tuple((id(m), m.training) for m in model.modules())
+        # A hook added or removed changes what the forward runs: its handle ids are part of the signature.
+        modules = tuple(
+            (id(m), m.training, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for m in model.modules()
+        )
         for n, t in model.named_parameters(remove_duplicate=False):
             live[n] = t
             tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
@@ -330,7 +336,14 @@ def _signature(model: Any, args: tuple, kwargs: dict, target_key: int | None) ->
             tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
     else:
         modules = (("callable", id(model)),)
-    autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), torch.get_default_dtype())
+    hooks = torch.nn.modules.module
+    autocast = (
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+        torch.get_default_dtype(),
+        tuple(hooks._global_forward_pre_hooks),
+        tuple(hooks._global_forward_hooks),
+    )
     return (tuple(inputs), modules, tuple(tensors), autocast, target_key), live
 
 
@@ -338,7 +351,7 @@ _PARTS = (
     "inputs (structure, shapes, strides, dtypes or devices)",
     "modules (a training flag or a module changed)",
     "parameters or buffers (replaced, or edited in place: _version)",
-    "autocast state or default dtype",
+    "autocast state, default dtype or global module hooks",
     "the callable target",
 )
 
@@ -397,7 +410,7 @@ def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
-def _template(graph: Graph, sig: tuple, random: bool) -> _Template:
+def _template(graph: Graph, sig: tuple, random: bool, target: Any = None) -> _Template:
     reason = None
     if random:
         reason = "the forward draws random numbers (dropout in training mode?): every call records"
@@ -430,7 +443,7 @@ def _template(graph: Graph, sig: tuple, random: bool) -> _Template:
     for v in graph.values:
         if steps and v.data is None and id(v.producer) in pos and v.index not in out_idx:
             steps[last.get(v.index, pos[id(v.producer)])].free.append(v.index)
-    return _Template(graph, sig, constants, leaves, strides, scalars, skeleton, steps, reason is None, reason)
+    return _Template(graph, sig, constants, leaves, strides, scalars, skeleton, target, steps, reason is None, reason)
 
 
 # ---------------------------------------------------------------------- replay
