@@ -400,3 +400,20 @@ def test_a_new_callable_target_is_recorded_even_if_its_id_is_reused():
     p.explain(x, target=keep)
     p.explain(x, target=keep)
     assert p.replays == 1
+
+
+def test_a_plain_function_with_a_closure_tensor():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3)
+
+    def f(x):
+        return torch.relu(x @ w)
+
+    x = torch.randn(2, 4)
+    p = relprop.plan(f, x, target=2)
+    x2 = torch.randn(2, 4)
+    _same(p.explain(x2), relprop.explain(f, x2, target=2, method="lrp"))
+    with torch.no_grad():
+        w.mul_(-1.0)  # a closure tensor is read live (not checked, documented): the replay sees the edit
+    _same(p.explain(x2), relprop.explain(f, x2, target=2, method="lrp"))
+    assert p.replays == 2 and p.rerecords == 0
