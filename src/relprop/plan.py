@@ -12,10 +12,11 @@ What the plan checks before (and while) replaying; anything that differs makes i
 
 * the inputs' structure, shapes, strides, dtypes and devices, and any non-tensor input (by value for
   numbers/strings/dtypes/devices, by identity for other objects);
-* the ``training`` flag (and identity) of every module;
+* the ``training`` flag (and identity) of every module, and its forward (pre-)hooks and the global ones;
 * every parameter and buffer: the object, its ``_version`` (bumped by in-place edits such as
   ``p.mul_()`` / ``p.copy_()`` under ``torch.no_grad()``), its data pointer, shape and dtype;
-* the autocast state, and (for a callable ``target``) the identity of the callable;
+* the autocast state and default dtype, and (for a callable ``target``, whose ops are part of the
+  recording) the identity of the callable (held by the plan, so a new lambda never passes for an old one);
 * during the replay: every value the forward read back into Python through an ATen op
   (``.item()``, ``bool(t)``, ``int(t)`` -> ``aten._local_scalar_dense``, ``torch.equal``...) must equal the
   recorded one, and every op output must have the recorded shape, dtype and strides (this catches
@@ -25,7 +26,7 @@ What it cannot see (document it for your model, or use ``verify=True`` / ``verif
 again and compare the op sequence and every value with the replay, warning on a mismatch):
 
 * branches on Python state that is not a tensor read: a flag attribute on the model, a global, the
-  time, a random module choice made with Python's ``random``;
+  time, a random module choice made with Python's ``random``, what a callable target closes over;
 * tensor data read without an ATen op: ``.tolist()`` and ``.numpy()`` read memory directly;
 * tensors captured as constants that are not parameters or buffers (plain tensor attributes, closure
   tensors) are read live, like parameters, but their edits are not checked;
