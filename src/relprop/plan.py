@@ -81,7 +81,7 @@ class _Template:
     graph: Graph  # the recording (its activation data is released by the reverse pass; structure kept)
     signature: tuple
     constants: dict[int, torch.Tensor]  # constant value index -> its tensor (live object where it was one)
-    leaves: list[tuple[int, str]]  # (value index, "param"/"buffer" name) read live from the model
+    leaves: list[tuple[int, str | None]]  # (value index, "param"/"buffer" name) read live from the model
     strides: dict[int, tuple[int, ...] | None]
     scalars: dict[int, tuple]  # node index -> the non-tensor results the forward read back
     skeleton: Any  # the output structure with _Slot(i) for output value i
@@ -287,10 +287,11 @@ def plan(
     if key is not None:
         from .methods.core import check_callable_score
 
-        p._callable = target
+        p._callable = fn = target
+        assert callable(fn)
 
         def post(output):
-            return check_callable_score(target(output), batch)
+            return check_callable_score(fn(output), batch)
 
     with torch.inference_mode(False):
         graph = p._record(model, args, kwargs, post, key, "first recording")
@@ -329,10 +330,9 @@ def _signature(model: Any, args: tuple, kwargs: dict, target_key: int | None) ->
         modules = tuple(
             (id(m), m.training, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for m in model.modules()
         )
-        for n, t in model.named_parameters(remove_duplicate=False):
-            live[n] = t
-            tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
-        for n, t in model.named_buffers(remove_duplicate=False):
+        named: list[tuple[str, torch.Tensor]] = [*model.named_parameters(remove_duplicate=False)]
+        named += model.named_buffers(remove_duplicate=False)
+        for n, t in named:
             live[n] = t
             tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
     else:
@@ -418,8 +418,8 @@ def _template(graph: Graph, sig: tuple, random: bool, target: Any = None) -> _Te
     regions = [n.region for n in graph.nodes if n.region is not None]
     if regions and reason is None:
         reason = f"the forward runs custom autograd Function '{regions[0].name}': every call records"
-    constants = {v.index: v.data for v in graph.values if v.kind == "constant"}
-    if any(t is None for t in constants.values()):
+    constants = {v.index: v.data for v in graph.values if v.kind == "constant" and v.data is not None}
+    if any(v.kind == "constant" and v.data is None for v in graph.values):
         reason = reason or "internal: a recorded constant has no data: every call records"
     leaves = [(v.index, v.name) for v in graph.values if v.kind in ("param", "buffer")]
     strides = {v.index: (tuple(v.data.stride()) if v.data is not None else None) for v in graph.values}
@@ -507,7 +507,7 @@ def _replay(tpl: _Template, args: tuple, kwargs: dict, live: dict[str, torch.Ten
             t = t.clone()
         env[v.index] = t.detach()
     for idx, name in tpl.leaves:
-        t = live.get(name)
+        t = live.get(name) if name is not None else None
         if t is None:
             return None, f"parameter/buffer '{name}' is gone"
         env[idx] = t.detach()
@@ -544,7 +544,9 @@ def _replay(tpl: _Template, args: tuple, kwargs: dict, live: dict[str, torch.Ten
                 o = outs[k]
                 if not isinstance(o, Tensor) or o.shape != shape or o.dtype != dtype:
                     got = tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
-                    return None, _diverged(step, f"gave shape {got}, recorded {tuple(shape)} (a data-dependent shape)")
+                    return None, _diverged(
+                        step, f"gave shape {got}, recorded {tuple(shape or ())} (a data-dependent shape)"
+                    )
                 if stride is not None and o.stride() != stride:
                     return None, _diverged(step, "gave other strides than recorded")
                 env[idx] = o
@@ -598,7 +600,7 @@ def _instantiate(tpl: _Template, env: dict[int, torch.Tensor]) -> Graph:
             v.consumers.append(node)
         nodes.append(node)
     out_values = [values[v.index] for v in g.output_values]
-    output = _fill(tpl.skeleton, [v.data for v in out_values])
+    output = _fill(tpl.skeleton, [v.tensor for v in out_values])
     return Graph(
         nodes,
         values,
