@@ -73,8 +73,8 @@ def non_finite_message(graph: Graph, index: int, method: str, rerun: Callable[[C
     except Exception as err:  # diagnosis only: never hide the original problem behind another one
         return f"{head} (the forward data needed to find the cause could not be recomputed: {err})"
     for node in graph.nodes:
-        for v in node.outputs:
-            if v is not None and v.data is not None and _bad(v.data):
+        for ov in node.outputs:
+            if ov is not None and ov.data is not None and _bad(ov.data):
                 return (
                     f"{head}: the forward pass itself produced non-finite values at {_where(node)}, so the "
                     "explanation cannot be finite (an overflow in float16/bfloat16? a log or division of 0 in "

@@ -426,6 +426,8 @@ def _layer_outputs(model, inputs, layer) -> list[torch.Tensor]:
     if root is None:
         return []
     mod = dict(root.named_modules()).get(layer_name(root, layer)) if not isinstance(layer, torch.nn.Module) else layer
+    if mod is None:
+        raise ValueError(f"layer {layer!r}: no such submodule in the model")
     box: dict = {}
     handle = mod.register_forward_hook(lambda m, i, o: box.setdefault("out", o))
     try:

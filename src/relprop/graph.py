@@ -10,7 +10,7 @@ and nothing else, so a graph can be inspected, filtered and re-used for many rul
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +48,16 @@ class Value:
 
     def zeros(self) -> torch.Tensor:
         """Zeros shaped like this value (without touching its data)."""
+        if self.shape is None:
+            raise RuntimeError(f"internal: value %{self.index} has no recorded shape")
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
     @property
     def tensor(self) -> torch.Tensor:
         if self.data is None:
             recompute(self)
+            if self.data is None:
+                raise RuntimeError(f"internal: recomputing {self!r} did not restore its data")
         return self.data
 
     @tensor.setter
@@ -89,7 +93,8 @@ class Node:
     """One ATen operation call."""
 
     index: int
-    op: torch._ops.OpOverload
+    #: The ATen overload that ran, or a :class:`RegionOp` for a region node.
+    op: torch._ops.OpOverload | RegionOp
     args: tuple
     kwargs: dict
     inputs: list[Value]
@@ -116,16 +121,24 @@ class Node:
         """The :class:`RegionOp` this node stands for, or ``None`` for a plain ATen op."""
         return self.op if isinstance(self.op, RegionOp) else None
 
-    def rebuild(self, tensors: list[torch.Tensor | None]) -> tuple[tuple, dict]:
+    def rebuild(self, tensors: Sequence[torch.Tensor | None]) -> tuple[tuple, dict]:
         """Arguments with the i-th input Value (in recording order) replaced by ``tensors[i]``."""
         it = iter(tensors)
         args = tuple(_substitute(a, it) for a in self.args)
         return args, {k: _substitute(v, it) for k, v in self.kwargs.items()}
 
-    def run(self, tensors: list[torch.Tensor | None]) -> Any:
+    def run(self, tensors: Sequence[torch.Tensor | None]) -> Any:
         """Re-execute the operation on ``tensors`` (one per input Value)."""
         args, kwargs = self.rebuild(tensors)
         return self.op(*args, **kwargs)
+
+    @property
+    def first_output(self) -> Value:
+        """The first output Value (what single-output ops produce); raises if it was not recorded."""
+        v = self.outputs[0] if self.outputs else None
+        if v is None:
+            raise RuntimeError(f"internal: node {self!r} has no recorded first output")
+        return v
 
     def arg(self, i: int, default: Any = None) -> Any:
         """Positional argument ``i`` of the schema (kwargs honoured), as recorded."""

@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
-from numbers import Number
+from numbers import Real
 
 import torch
 
@@ -111,7 +111,7 @@ def elementwise_regions(graph: Graph, keep_ops: Iterable[str] = ()) -> list[Regi
     if len(candidates) < 2:
         return []  # a region has two ops at least
     outputs = {v.index for v in graph.output_values}
-    consumers = _live_consumers(graph, outputs, {n.outputs[0].index for n in candidates})
+    consumers = _live_consumers(graph, outputs, {n.first_output.index for n in candidates})
     found: list[list[Node]] = []
     for cone in _cones(candidates, consumers, outputs):
         found.extend(_univariate(cone, consumers, outputs, variable))
@@ -183,11 +183,14 @@ def _memo(v: Value, memo: dict[int, bool], leaf, combine) -> bool:
             memo[u.index] = decided
             stack.pop()
             continue
-        todo = [w for w in u.producer.inputs if w.index not in memo]
+        producer = u.producer
+        if producer is None:  # every leaf rule decides producer-less values
+            raise RuntimeError(f"internal: no decision for leaf value {u!r}")
+        todo = [w for w in producer.inputs if w.index not in memo]
         if todo:
             stack.extend(todo)
             continue
-        memo[u.index] = bool(combine(memo[w.index] for w in u.producer.inputs))
+        memo[u.index] = bool(combine(memo[w.index] for w in producer.inputs))
         stack.pop()
     return memo[v.index]
 
@@ -249,12 +252,12 @@ def _cones(nodes: list[Node], consumers: dict[int, list[Node]], outputs: set[int
     cone_of: dict[int, int] = {}
     cones: list[list[Node]] = []
     for n in reversed(nodes):
-        out = n.outputs[0]
+        out = n.first_output
         cons = consumers.get(out.index, [])
         joined = None
         if out.index not in outputs and cons:
-            ids = {cone_of.get(id(c)) for c in cons}
-            if len(ids) == 1 and None not in ids:
+            ids = {cone_of.get(id(c), -1) for c in cons}
+            if len(ids) == 1 and -1 not in ids:
                 cid = ids.pop()
                 if cones[cid][0].module == n.module:
                     joined = cid
@@ -294,7 +297,7 @@ def _univariate(
         for u in n.inputs:
             if variable(u):
                 r = r | roots.get(u.index, frozenset((u.index,)))
-        roots[n.outputs[0].index] = r
+        roots[n.first_output.index] = r
         if len(r) == 1:
             groups[r].append(n)
     result = []
@@ -327,7 +330,7 @@ def _region(nodes: list[Node], variable: _Variable) -> RegionOp | None:
     ext = _external_variables(nodes, variable)
     if len(ext) != 1:
         return None
-    x, out = ext[0], nodes[-1].outputs[0]
+    x, out = ext[0], nodes[-1].first_output
     if not (x.is_float and out.is_float):
         return None
     if all(_affine(n, variable) for n in nodes):
@@ -393,6 +396,8 @@ def _backward_is_derivative(node: Node, op: RegionOp, x: Value, out: Value) -> b
     """Does the Function's ``backward`` give the VJP of its recorded forward ops (checked on one cotangent)?"""
     xt = x.tensor
     gen = torch.Generator(device=xt.device).manual_seed(0)  # a local generator: no global RNG state
+    if out.shape is None or op.vjp is None:
+        return False
     g = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
     try:
         custom = op.vjp(node, [g], [xt], [0])[0]
@@ -402,7 +407,7 @@ def _backward_is_derivative(node: Node, op: RegionOp, x: Value, out: Value) -> b
     env: dict[int, torch.Tensor] = {x.index: leaf}
     with torch.inference_mode(False), torch.enable_grad():
         for n in op.nodes:
-            name = n.op.overloadpacket.__name__
+            name = n.packet
             ins = [env[v.index] if v.index in env else v.tensor for v in n.inputs]
             if name in ("detach", "alias", "lift_fresh") and n.inputs and n.inputs[0].index in env:
                 res = ins[0]  # the Function reads its input through detach: differentiate through it
@@ -439,8 +444,8 @@ def expression(nodes: list[Node], x: Value) -> str:
             s, p = text.get(a.index) or (_const_text(a), 9)
         elif isinstance(a, bool) or a is None:
             s, p = str(a), 9
-        elif isinstance(a, Number):
-            s, p = f"{a:.5g}", 9 if a >= 0 else 0
+        elif isinstance(a, Real):
+            s, p = f"{a:.5g}", 9 if float(a) >= 0 else 0
         else:
             s, p = str(a), 9
         return f"({s})" if p < prec or (strict and p == prec) else s
@@ -466,8 +471,8 @@ def expression(nodes: list[Node], x: Value) -> str:
         else:
             inner = ", ".join(fmt(a, 0) for a in args if not isinstance(a, (list, tuple)))
             s, p = f"{packet}({inner})", 9
-        text[n.outputs[0].index] = (s, p)
-    return text[nodes[-1].outputs[0].index][0]
+        text[n.first_output.index] = (s, p)
+    return text[nodes[-1].first_output.index][0]
 
 
 def _const_text(v: Value) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -297,11 +298,11 @@ def _function_vjp(fn: Any, outputs: list[Value | None], positions: list[list[int
                 result[i] = torch.zeros_like(tensors[i])
             return result
         full = []
-        for v, g in zip(outputs, grads):
+        for out_v, g in zip(outputs, grads):
             if g is None:
-                if v is None:
+                if out_v is None:
                     raise TraceError(f"custom autograd Function '{name}': an output was not recorded")
-                g = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+                g = out_v.zeros()
             full.append(g)
         with torch.inference_mode(False), torch.no_grad():  # as autograd's engine runs a backward
             got = fn.apply(*full)
@@ -417,7 +418,7 @@ class _Recorder(TorchDispatchMode):
         # Stale alias (its storage was written since) or changed geometry: re-derive from the storage.
         root = self.root(st)
         node_args = (root, list(t.shape), list(t.stride()), t.storage_offset())
-        return self.add_node(aten.as_strided.default, node_args, {}, [root], [t.detach()])[0]
+        return self.add_node1(aten.as_strided.default, node_args, {}, [root], [t.detach()])
 
     def root(self, st: _Storage) -> Value:
         """A flat value spanning the whole storage at its current version."""
@@ -427,19 +428,26 @@ class _Recorder(TorchDispatchMode):
             if t.dim() == 1 and t.stride() == (1,) and t.storage_offset() == 0:
                 return owner
             flat = _flat_view(t)
-            return self.add_node(aten.as_strided.default, (owner, [flat.numel()], [1], 0), {}, [owner], [flat])[0]
+            return self.add_node1(aten.as_strided.default, (owner, [flat.numel()], [1], 0), {}, [owner], [flat])
         # No value covers the storage: start from a constant snapshot and scatter in the freshest alias.
         fresh = [v for v in st.values if self.version_of.get(v.index) == st.version]
-        some = max(fresh, key=lambda v: v.tensor.numel()) if fresh else None
-        base = some.tensor if some is not None else None
-        if base is None:
+        if not fresh:
             raise TraceError("internal: storage without any recorded value")
+        some = max(fresh, key=lambda v: v.tensor.numel())
+        base = some.tensor
         flat = _flat_view(base)
         const = self.new_value(flat.clone(), "constant")
         args = (const, some, list(base.shape), list(base.stride()), base.storage_offset())
-        return self.add_node(aten.as_strided_scatter.default, args, {}, [const, some], [flat])[0]
+        return self.add_node1(aten.as_strided_scatter.default, args, {}, [const, some], [flat])
 
     # ---------------------------------------------------------------- nodes
+    def add_node1(self, op, args, kwargs, inputs: list[Value], outs: list[Any], grad: bool = True) -> Value:
+        """:meth:`add_node` for an op whose first output is a tensor: that output's Value."""
+        v = self.add_node(op, args, kwargs, inputs, outs, grad)[0]
+        if v is None:
+            raise TraceError(f"internal: {op} recorded without a tensor output")
+        return v
+
     def add_node(self, op, args, kwargs, inputs: list[Value], outs: list[Any], grad: bool = True) -> list[Value | None]:
         scope = self.scope[-1] if self.scope else ""
         node = Node(len(self.nodes), op, args, kwargs, inputs, [], scope, self.module_types.get(scope))
@@ -490,6 +498,8 @@ class _Recorder(TorchDispatchMode):
             if snap is None:
                 snap = t.untyped_storage().clone()
             old = v.data
+            if old is None:
+                continue
             v.data = torch.empty(0, dtype=old.dtype, device=old.device).set_(
                 snap, old.storage_offset(), old.shape, old.stride()
             )
@@ -511,7 +521,7 @@ class _Recorder(TorchDispatchMode):
         for v in inputs:
             if v.is_activation and v.is_float and v.index not in table:
                 t = v.tensor
-                table[v.index] = self.add_node(aten.detach.default, (v,), {}, [v], [t.detach()], grad=False)[0]
+                table[v.index] = self.add_node1(aten.detach.default, (v,), {}, [v], [t.detach()], grad=False)
         if not table:
             return args, kwargs, inputs
         args = _swap_values(args, table)
@@ -796,14 +806,18 @@ class _Recorder(TorchDispatchMode):
     def partial_roots(self, written: list[torch.Tensor]) -> list[Value | None]:
         roots: list[Value | None] = []
         for w in written:
-            st = self.storages.get(_storage_key(w))
+            key = _storage_key(w)
+            st = self.storages.get(key) if key is not None else None
             roots.append(self.root(st) if st is not None and not _covers_storage(w) else None)
         return roots
 
-    def settle(self, written: list[torch.Tensor], news: list[Value], roots: list[Value | None]) -> None:
+    def settle(self, written: list[torch.Tensor], news: Sequence[Value | None], roots: list[Value | None]) -> None:
         """After a write: bump storage versions, scatter partial writes into their storage, re-point ids."""
         for w, new, old_root in zip(written, news, roots):
-            st = self.storages.get(_storage_key(w))
+            if new is None:
+                raise TraceError(f"internal: a written tensor of shape {tuple(w.shape)} got no recorded value")
+            key = _storage_key(w)
+            st = self.storages.get(key) if key is not None else None
             if st is not None:
                 st.version += 1
                 self.version_of[new.index] = st.version
@@ -814,9 +828,9 @@ class _Recorder(TorchDispatchMode):
             if old_root is not None and st is not None:
                 live = _flat_view(w)
                 geo = (list(w.shape), list(w.stride()), w.storage_offset())
-                root = self.add_node(
+                root = self.add_node1(
                     aten.as_strided_scatter.default, (old_root, new, *geo), {}, [old_root, new], [live]
-                )[0]
+                )
                 self.version_of[root.index] = st.version
                 st.owner = root
             self.by_id[id(w)] = new
@@ -863,14 +877,17 @@ class _Recorder(TorchDispatchMode):
         if info.metadata_only:
             w = written[0]
             # Old values must keep the geometry they had: re-point any that hold the caller's object.
-            st = self.storages.get(_storage_key(w))
+            key = _storage_key(w)
+            st = self.storages.get(key) if key is not None else None
             for v in st.values if st is not None else ():
-                if v.data is w:
-                    v.data = w.detach()
+                if v.data is not None and v.data is w:
+                    v.data = v.data.detach()
             out = func(*args, **kwargs)
             new = self.add_node(functional, margs, mkwargs, inputs, [w.detach()], grad=grad)
             if not grad:
                 self.note_nograd(new, [w])
+            if new[0] is None:
+                raise TraceError(f"internal: {func} recorded without a tensor output")
             self.by_id[id(w)] = new[0]
             self.keep.append(w)
             return out
@@ -883,19 +900,22 @@ class _Recorder(TorchDispatchMode):
         before = w0.grad_fn if w0 is not None else None
         out = func(*args, **kwargs)
         rets = list(out) if isinstance(out, (tuple, list)) else [out]
-        fouts = [written[i].detach() if kind == "w" else rets[i] for kind, i in info.outmap]
+        outmap = info.outmap
+        if outmap is None:  # _op_info sets functional only together with its output map
+            raise TraceError(f"internal: {func} has a functional counterpart but no output map")
+        fouts = [written[i].detach() if kind == "w" else rets[i] for kind, i in outmap]
         values = self.add_node(functional, margs, mkwargs, inputs, fouts, grad=grad)
-        news = [None] * len(written)
-        for (kind, i), v in zip(info.outmap, values):
+        news: list[Value | None] = [None] * len(written)
+        for (kind, i), fv in zip(outmap, values):
             if kind == "w":
-                news[i] = v
+                news[i] = fv
         if not grad:
-            self.note_nograd(values, [written[i] if kind == "w" else rets[i] for kind, i in info.outmap])
+            self.note_nograd(values, [written[i] if kind == "w" else rets[i] for kind, i in outmap])
         self.settle(written, news, roots)
         name = func.overloadpacket.__name__
-        for w, fn, v in zip(written, history, news):
-            if fn is not None and v is not None:
-                self.rewritten[v.index] = (w, fn, old_value if len(written) == 1 else None, [v.producer], name)
+        for w, fn, nv in zip(written, history, news):
+            if fn is not None and nv is not None and nv.producer is not None:
+                self.rewritten[nv.index] = (w, fn, old_value if len(written) == 1 else None, [nv.producer], name)
         if not grad and old_value is not None and news[0] is not None:
             self.straight[news[0].index] = (before, old_value, self.nodes[mark:], name)
         return out
@@ -1000,8 +1020,8 @@ def _prepare_inputs(obj, recorder: _Recorder, values: list[Value]):
         pairs = {k: _prepare_inputs(v, recorder, values) for k, v in obj.items()}
         return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
     if isinstance(obj, (list, tuple)):
-        pairs = [_prepare_inputs(v, recorder, values) for v in obj]
-        return type(obj)(p[0] for p in pairs), type(obj)(p[1] for p in pairs)
+        seq = [_prepare_inputs(v, recorder, values) for v in obj]
+        return type(obj)(p[0] for p in seq), type(obj)(p[1] for p in seq)
     return obj, obj
 
 
@@ -1102,7 +1122,7 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
     rec.shadow.clear()
     rec.rewritten.clear()
     rec.straight.clear()
-    params = {v.name: v for v in rec.values if v.kind == "param"}
+    params = {v.name: v for v in rec.values if v.kind == "param" and v.name is not None}
     graph = Graph(
         rec.nodes, rec.values, input_values, (arg_spec, kw_spec), output, output_values, params, dict(rec.module_types)
     )

@@ -398,8 +398,8 @@ def print_tokens(
         factors[k] = f
         table.add_column(f"{k} {label}".strip(), justify="right")
     scales = {k: Scale.of([np.asarray(v)], "all", 100.0) for k, v in merged.items()}
-    for i, w in enumerate(words):
-        cells = [Text(w)]
+    for i, word in enumerate(words):
+        cells = [Text(word)]
         for k, v in merged.items():
             bg, fg = _css_colour(v[i], scales[k], "all", cmap)
             cells.append(Text(f"{v[i] / factors[k]:+.2f}", style=f"{'black' if fg == '#000' else 'white'} on {bg}"))

@@ -54,6 +54,7 @@ def format_baselines(inputs: Inputs, baselines: Any, name: str = "baselines") ->
     (single input) ; a tuple/list with one entry per input tensor; a dict with the input dict's keys.
     """
     xs = leaves(inputs)
+    per: list[Any]
     if baselines is None:
         per = [None] * len(xs)
     elif isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
@@ -168,6 +169,8 @@ class Backward:
             s = (g if delta is None else delta(emb) * g).sum(-1)
             total = s if total is None else total + s
         if total is None:
+            if shape is None:
+                raise ValueError(f"internal: no embedding gradients recorded for input {i} and no shape given")
             return torch.zeros(shape)
         return total.reshape(shape) if shape is not None else total
 

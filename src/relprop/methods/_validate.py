@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, SupportsIndex, TypeGuard, cast
 
 import torch
 
@@ -43,7 +43,7 @@ Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
 _TARGET_KINDS = "an int class index, a per-sample sequence/tensor of indices, or a callable output -> (batch,) scores"
 
 
-def is_callable_target(target: Any) -> bool:
+def is_callable_target(target: Any) -> TypeGuard[Callable[[Any], torch.Tensor]]:
     """A callable target (a function of the model output), as opposed to indices."""
     return callable(target) and not isinstance(target, torch.Tensor)
 
@@ -160,8 +160,8 @@ def check_target(target: Target, batch: int | None = None, model: Any = None) ->
     if isinstance(target, int):
         return
     if not isinstance(target, torch.Tensor):  # a 0-d bool tensor has an __index__ too: checked below
-        try:  # numpy / other integer scalars
-            operator.index(target)
+        try:  # numpy / other integer scalars (anything else raises TypeError here)
+            operator.index(cast(SupportsIndex, target))
             return
         except TypeError:
             pass
@@ -236,7 +236,7 @@ def target_indices(target: Target, out: torch.Tensor) -> torch.Tensor:
     if is_callable_target(target):
         raise TypeError("internal: target_indices() got a callable target; use score()")
     if isinstance(target, int) or not isinstance(target, (torch.Tensor, list, tuple)) and _is_index(target):
-        t = torch.full((batch,), operator.index(target), dtype=torch.long)
+        t = torch.full((batch,), operator.index(cast(SupportsIndex, target)), dtype=torch.long)
     else:
         t = torch.as_tensor(target).long().reshape(-1)
         if t.numel() == 1:

@@ -45,7 +45,7 @@ def module_input_value(graph: Graph, name: str) -> Value:
     """The first activation entering module ``name`` from outside (its input)."""
     prefix = name + "."
     inside = lambda n: n.module == name or n.module.startswith(prefix)  # noqa: E731
-    produced = set()
+    produced: set[int] = set()
     for node in graph.nodes:
         if not inside(node):
             continue

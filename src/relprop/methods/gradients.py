@@ -161,6 +161,8 @@ def deeplift(
     )
     b = backward(model, inputs, target=target, composite=comp, method="deeplift", layers=layers, keep_graph=True)
     prepared = b.expl.prepared
+    if prepared is None:  # keep_graph=True keeps it
+        raise RuntimeError("internal: deeplift's backward kept no prepared graph")
     out = []
     for i, x in enumerate(xs):
         if is_float(x):
@@ -188,5 +190,8 @@ def _reference_of(prepared: PreparedGraph, tensor: torch.Tensor) -> torch.Tensor
     for node in prepared.graph.nodes:
         for j, v in enumerate(node.outputs):
             if v is not None and v.tensor is tensor:
-                return prepared.notes_of(node).reference[1][j]
+                ref = prepared.notes_of(node).reference
+                if ref is None:
+                    raise RuntimeError(f"internal: no DeepLIFT reference recorded for {node!r}")
+                return ref[1][j]
     raise RuntimeError("internal: embedding output not found in the graph")

@@ -10,6 +10,7 @@ Token inputs are interpolated in embedding space (each lookup of the token ids i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -193,6 +194,8 @@ def integrated_gradients(
                 d = (F.embedding(x, wmat) - F.embedding(base[i], wmat)) * g if multiply_by_inputs else g
                 scores = scores + d.sum(-1).reshape(x.shape)
             out.append(scores)
+    if expl is None:  # n_steps >= 1 is validated: at least one chunk ran
+        raise RuntimeError("internal: integrated gradients ran no step")
     output = expl.output[:batch] if not callable(target) else expl.output
     return dataclasses.replace(
         expl,
@@ -221,11 +224,12 @@ def autograd_backward(model, inputs, target, rows: int | None = None):
         raw = model(*args, **kwargs)
         score, idx = target_score(raw, target, rows)
         out = score if idx is None else select_output(raw)
+        raw_grads: Sequence[torch.Tensor | None]
         if score.requires_grad:
-            grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
+            raw_grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
         else:  # the score does not depend on the inputs (or on anything differentiable)
-            grads = (None,) * len(xs)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
+            raw_grads = (None,) * len(xs)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, raw_grads)]
     expl = Explanation(
         attributions=None,
         output=out.detach(),

@@ -132,6 +132,8 @@ def noise_tunnel(
         out = mean_sq
     else:
         out = [q - m * m for m, q in zip(mean, mean_sq)]
+    if first is None:  # nt_samples >= 1 is validated: at least one chunk ran
+        raise RuntimeError("internal: noise tunnel ran no noisy copy")
     return dataclasses.replace(
         first,
         attributions=rebuild(inputs, out),

@@ -75,7 +75,8 @@ def activation_profiles(
     def hook(_m, _i, out):
         store["a"] = out[0] if isinstance(out, (tuple, list)) else out
 
-    sums = counts = None
+    sums: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
@@ -102,14 +103,14 @@ def activation_profiles(
                 else:
                     units = a
                 k = num_classes or logits.shape[-1]
-                if sums is None:
+                if sums is None or counts is None:
                     sums = torch.zeros(k, units.shape[1], dtype=torch.float64)
                     counts = torch.zeros(k, dtype=torch.float64)
                 sums.index_add_(0, y, units.double())
                 counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
     finally:
         handle.remove()
-    if sums is None:
+    if sums is None or counts is None:
         raise ValueError("dataloader: yielded no batches")
     means = (sums / counts.clamp_min(1).unsqueeze(1)).float()
     return ActivationProfiles(name, means, counts.long(), list(range(means.shape[0])))

@@ -144,6 +144,7 @@ def run_schedule(
     """
     rank = rank_units(scores, order, seed)
     step_of_unit, soe = step_of_elements(rank, step_of_rank, units.uid)
+    fill: Fill | None
     if isinstance(baseline, Fill):
         desc_b, fill = "fill", baseline
     else:

@@ -130,7 +130,7 @@ def model_parameter_randomisation(
     pristine = copy.deepcopy(model.state_dict()) if not cascading else None
     with progress_bar(len(top_down), progress, "randomisation") as bar:
         for i, name in enumerate(top_down):
-            if not cascading:
+            if pristine is not None:  # not cascading: each layer is randomised alone
                 work.load_state_dict(pristine)
             _randomise(work.get_submodule(name), seed + i)
             a = _explain(explain_fn, work, x_dev, t.to(device), "explain_fn")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -123,13 +124,13 @@ EXAMPLE_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 # ------------------------------------------------------------------------------------ bootstrap
-def _clean(values: Sequence) -> np.ndarray:
+def _clean(values: Sequence | np.ndarray) -> np.ndarray:
     a = np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
     return a[np.isfinite(a)]
 
 
 def bootstrap_ci(
-    values: Sequence, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+    values: Sequence | np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean (seeded: the same data give the same interval)."""
     a = _clean(values)
@@ -160,7 +161,7 @@ def paired_difference(
     if d.size == 0:
         return {"mean": None, "ci": [None, None], "n": 0, "tie": True}
     lo, hi = bootstrap_ci(d, n_boot=n_boot, level=level, seed=seed)
-    tie = d.size < 2 or lo is None or (lo <= 0.0 <= hi)
+    tie = d.size < 2 or lo is None or hi is None or (lo <= 0.0 <= hi)
     return {"mean": float(d.mean()), "ci": [lo, hi], "n": int(d.size), "tie": bool(tie)}
 
 
@@ -176,7 +177,7 @@ def rank_models(
     of the per-example difference excludes 0). Models whose difference interval contains 0 share ranks
     (``ties_with``). ``per_example``: model -> {example index: value}."""
     means = {m: (float(np.mean(list(v.values()))) if v else None) for m, v in per_example.items()}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in per_example:
         if means[m] is None:
             rows.append({"model": m, "rank": None, "mean": None, "ties_with": [], "metric": spec.key})

@@ -68,7 +68,7 @@ def default_cam_layer(model: nn.Module, inputs: Any) -> str:
     for pos, (name, _, s) in enumerate(layers):
         if s is None:
             continue
-        if len(s) == 4 and s[-1] * s[-2] > 1 and (ih is None or (s[-2] <= ih and s[-1] <= iw)):
+        if len(s) == 4 and s[-1] * s[-2] > 1 and (ih is None or iw is None or (s[-2] <= ih and s[-1] <= iw)):
             spatial = (pos, name)
         elif len(s) == 3 and name.split(".")[-1].isdigit():
             n = s[1]
