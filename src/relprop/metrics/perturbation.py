@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -485,7 +486,7 @@ def insertion_deletion(
     units = _units.units_for(x, patch_size, pad)
     n_steps, schedule = _even_steps(units, steps)
     fn, scores = model_forward(model), _scores(a, units)
-    kw = dict(seed=seed, blur_sigma=blur_sigma, progress=progress)
+    kw: dict[str, Any] = dict(seed=seed, blur_sigma=blur_sigma, progress=progress)
     d = run_schedule(fn, x, scores, units, "morf", schedule, n_steps, deletion_baseline, t, bs, desc="deletion", **kw)
     i = run_schedule(
         fn, x, scores, units, "morf", schedule, n_steps, insertion_baseline, d.target, bs,

@@ -37,7 +37,7 @@ def quantus_explain_func(
         t = check_targets(targets, x.shape[0], "targets")
         opts = dict(options)
         opts.update({k: v for k, v in kwargs.items() if k not in _QUANTUS_KWARGS})
-        explanation = relprop.explain(model, x, target=t.to(x.device), method=method, **opts)
+        explanation = relprop.explain(model, x, target=t.to(x.device) if t is not None else None, method=method, **opts)
         a = explanation.attributions
         if not isinstance(a, torch.Tensor):
             a = torch.as_tensor(np.asarray(a))

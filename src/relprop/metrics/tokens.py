@@ -108,13 +108,13 @@ def token_perturbation(
         if ins:  # insertion starts from the fill on the content tokens only; the rest stays
             f = Fill("tensor", torch.where(content, torch.as_tensor(int(fill_id), dtype=ids.dtype), ids))
         c = evaluate_steps(fn, ids, soe, steps, f, t, bs, progress, f"token {name}", insertion=ins)
-        t = c.target
+        t = final_target = c.target
         curves[name] = c.prob
     return TokenPerturbationResult(
         torch.from_numpy(np.linspace(0, 1, steps + 1)),
         curves["morf"],
         curves["lerf"],
         curves["insertion"],
-        t,
+        final_target,
         int(fill_id),
     )

@@ -71,7 +71,7 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp_name)`` then rename over ``path``: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -198,10 +198,15 @@ class Job:
     def prepare(self, model: LoadedModel, idx: list[int]) -> Prepared:
         raw = self.data.labels[idx]
         tokens = None
+        inputs: torch.Tensor | dict
+        display: torch.Tensor | None
         if self.data.kind == "text":
             from ..specs import text_batch
 
-            inputs = text_batch(model, [self.data.texts[i] for i in idx])
+            texts = self.data.texts
+            if texts is None:
+                raise SpecError(f"internal: text data '{self.data.name}' without texts")
+            inputs = text_batch(model, [texts[i] for i in idx])
             tok = model.tokenizer
             tokens = [
                 tok.convert_ids_to_tokens(row[m.bool()].tolist())
@@ -209,15 +214,19 @@ class Job:
             ]
             display = None
         else:
+            ready, images = self.data.model_ready, self.data.images
+            if images is None:
+                raise SpecError(f"internal: image data '{self.data.name}' without images")
             if (
-                self.data.model_ready is not None
+                isinstance(ready, torch.Tensor)
+                and isinstance(images, torch.Tensor)
                 and model.info.get("source") == "relprop.zoo"
                 and model.info.get("dataset") == self.data.name
             ):
-                inputs = self.data.model_ready[idx]
-                display = self.data.images[idx]
+                inputs = ready[idx]
+                display = images[idx]
             else:
-                inputs, display = image_batch(model, [self.data.images[i] for i in idx])
+                inputs, display = image_batch(model, [images[i] for i in idx])
         logits = self.forward(model, inputs)
         pred = logits.argmax(-1)
         n = logits.shape[-1]
@@ -418,7 +427,7 @@ class Job:
         g = min(self.s.grid, n)
         if self.data.kind == "text":
             grid = [attr[i][prep.inputs["attention_mask"][i].bool()].clone() for i in range(g)]
-            module = _FloatIds(model.module, getattr(model.module, "pad_id", 0))
+            module: torch.nn.Module = _FloatIds(model.module, getattr(model.module, "pad_id", 0))
             xf = x["input_ids"].float()
 
             def efn(mod, xx, tt):

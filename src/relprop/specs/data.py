@@ -60,7 +60,8 @@ class Data:
                 for t in self.texts:
                     h.update(t.encode() + b"\x00")
             else:
-                ims = self.images if isinstance(self.images, list) else [self.images]
+                images = self.images
+                ims = images if isinstance(images, list) else [] if images is None else [images]
                 for im in ims:
                     tensor_bytes(h, im)
                 if self.model_ready is not None:
@@ -118,13 +119,14 @@ def read_image(path: Path, notes: list[str] | None = None) -> torch.Tensor:
     except ImportError:
         raise SpecError(f"reading images needs Pillow ({install_hint('PIL')})") from None
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with Image.open(path) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened)
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA")
                 mode = "RGBA"
+            a: np.ndarray  # float64 while scaling 16/32-bit data, float32 in the end
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 a = np.asarray(im).astype(np.float64)
                 dtype_bits = 16 if mode.startswith("I;16") else 32

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ def _pickle_refused(path: Path) -> SpecError:
 def _read_state_dict(path: Path) -> dict:
     if not path.exists():
         raise SpecError(f"weights file not found: {path}")
+    state: Any  # a flat state dict, or a checkpoint dict holding one
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -189,7 +191,7 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
     if class_names is None and out:
         class_names = [str(i) for i in range(out)]
     aliases, note = None, None
-    if len(class_names or []) == 1000 and (aliases := imagenet_aliases()):
+    if class_names is not None and len(class_names) == 1000 and (aliases := imagenet_aliases()):
         if weights:
             note = _assumed_imagenet(name)
         else:
@@ -204,7 +206,7 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
         source_files=files,
         info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
     )
-    if note:
+    if note and aliases:
         lm.class_names = [a[1] for a in aliases]
         lm.info["class_names_note"] = note
     return lm
@@ -300,8 +302,11 @@ def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
         crop_pct=cfg.get("crop_pct"),
         source="timm data config",
     )
-    class_names, aliases, note = [str(i) for i in range(model.num_classes)], None, None
-    if model.num_classes == 1000 and (aliases := imagenet_aliases()):
+    n_classes = model.num_classes
+    if not isinstance(n_classes, int):
+        raise SpecError(f"timm:{name}: model.num_classes is {n_classes!r}, not an int")
+    class_names, aliases, note = [str(i) for i in range(n_classes)], None, None
+    if n_classes == 1000 and (aliases := imagenet_aliases()):
         class_names = [a[1] for a in aliases]  # the first English name; the WordNet id is an alias
         note = _assumed_imagenet(name) if weights else None
     lm = LoadedModel(
@@ -340,7 +345,8 @@ def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedMode
         kw = {"local_files_only": True, "attn_implementation": "eager"}
         if "ImageClassification" in arch:
             hf = transformers.AutoModelForImageClassification.from_pretrained(str(path), **kw)
-            module, kind, tok = ImageClassifier(hf), "image", None
+            module: nn.Module = ImageClassifier(hf)
+            kind, tok = "image", None
         elif (
             "SequenceClassification" in arch
             or (path / "tokenizer_config.json").exists()
@@ -437,6 +443,8 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
             if not file.exists():
                 raise SpecError(f"python file not found: {file}")
             s = importlib.util.spec_from_file_location(file.stem, str(file))
+            if s is None or s.loader is None:
+                raise SpecError(f"cannot import python file {file}")
             mod = importlib.util.module_from_spec(s)
             s.loader.exec_module(mod)
             files = [str(file.resolve())]
@@ -527,13 +535,16 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
         model = build(info["architecture"], **info.get("arch_kwargs", {}))
         _load_state(model, _read_state_dict(path), path, info["architecture"])
         lm = _generic(model, spec, path.stem, str(path))
+        pre = lm.preprocess
+        if pre is None:  # _generic always infers one
+            raise SpecError(f"internal: no preprocessing inferred for {path}")
         if "input_shape" in info:
             c, h, w = info["input_shape"]
-            lm.preprocess.size, lm.preprocess.channels = (h, w), c
+            pre.size, pre.channels = (h, w), c
         norm = info.get("normalization") or {}
         if "mean" in norm:
-            lm.preprocess.mean, lm.preprocess.std = (norm["mean"],), (norm["std"],)
-        lm.preprocess.source = f"{meta.name}"
+            pre.mean, pre.std = (norm["mean"],), (norm["std"],)
+        pre.source = f"{meta.name}"
         if info.get("class_names"):
             lm.class_names = list(info["class_names"])
         lm.source_files = [str(path), str(meta)]

@@ -163,7 +163,8 @@ def allowed_options(name: str, options: dict | None = None) -> dict[str, inspect
         return {**params, **extra, "fallback": inspect.Parameter("fallback", inspect.Parameter.KEYWORD_ONLY)}
     if name in _NOISE or name == "noise_tunnel":
         nt, _ = _params(relprop.METHODS["noise_tunnel"])
-        base = (options or {}).get("base_method", params.get("base_method", nt.get("base_method")).default)
+        param = params.get("base_method") or nt.get("base_method")
+        base = (options or {}).get("base_method", param.default if param is not None else None)
         if isinstance(base, str) and base in relprop.METHODS and base not in _NOISE and base != "noise_tunnel":
             b, bvar = _params(relprop.METHODS[base])
             if not bvar:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,9 +113,11 @@ class SentenceSimilarity(nn.Module):
     ``b_unit`` is B's unit-length embedding (a buffer).
     """
 
+    reference: torch.Tensor  # buffer: B's unit-length embedding
+
     def __init__(self, model: nn.Module, reference_embedding: torch.Tensor):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers model: get_input_embeddings() and the BERT call
         ref = reference_embedding.detach().reshape(-1).to(torch.float32)
         self.register_buffer("reference", ref / ref.norm().clamp(min=1e-12))
 
