@@ -10,7 +10,9 @@ import difflib
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .specs import TRUST_PICKLE_HELP, SpecError
 
@@ -637,6 +639,7 @@ def cmd_explain(args) -> int:
     weights = _weights_map(args.weights, [args.model])
     _preprocess_overrides(args)
     model = _loader(args, weights)(args.model)
+    inputs: Any  # a tensor (images) or the tokenizer's dict of tensors (texts)
     if model.kind == "image":
         _need_report_deps("matplotlib", "PIL")
         path = Path(args.input).expanduser()
@@ -666,7 +669,7 @@ def cmd_explain(args) -> int:
     out = check_forward(model, inputs)
     if model.kind == "similarity":
         print(f"similarity of A to B: {float(out[0]):.4f} (cosine of mean-pooled all-MiniLM-L6-v2 embeddings)")
-        target = lambda o: o.reshape(-1)  # noqa: E731
+        target: int | Callable[[torch.Tensor], torch.Tensor] = lambda o: o.reshape(-1)  # noqa: E731
         target_desc = "similarity"
     else:
         probs = torch.softmax(out[0].float(), -1)
@@ -843,6 +846,7 @@ def cmd_layers(args) -> int:
     weights = _weights_map(args.weights, [spec])
     _preprocess_overrides(args)
     model = _loader(args, weights)(spec)
+    x: torch.Tensor | dict  # an image batch, or the tokenizer's dict of tensors
     if model.kind == "image":
         if args.input:
             x, _ = image_batch(model, [read_image(Path(args.input).expanduser())])
@@ -890,6 +894,8 @@ def cmd_sample(args) -> int:
         raise CLIError(
             f"--index {args.index} is out of range: {data.spec} has {len(data)} examples (0..{len(data) - 1})"
         )
+    if data.images is None:
+        raise CLIError(f"{data.spec}: image data without decoded images")
     im = data.images[args.index].float().clamp(0, 1)
     a = (im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     dest = Path(args.out)
