@@ -24,6 +24,11 @@ def _is_eval_batch_norm(node) -> bool:
     return False
 
 
+def _is_train_batch_norm(node) -> bool:
+    """A batch norm normalising by the statistics of the batch itself (training mode)."""
+    return node.packet in ("native_batch_norm", "_native_batch_norm_legit", "batch_norm") and bool(node.arg(5, False))
+
+
 class ConstantScale:
     """Epsilon rule on the normalisation with its scale held constant (LXT's LayerNorm/RMSNorm rule)."""
 
@@ -55,6 +60,17 @@ class ConstantScale:
             g = g * rstd
             g = g - g.mean(-1, keepdim=True)
             res[0] = x * g.reshape(x.shape)
+        elif _is_train_batch_norm(node):
+            # Batch statistics: y = (x - mean_batch(x)) * invstd * w + b, the layer-norm rule over the
+            # batch and spatial dims (centering kept, the scale invstd held constant).
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            dims = (0, *range(2, x.dim()))
+            w = node.arg(1)
+            g = s * ctx.outputs[2].view(shape)
+            if isinstance(w, Value):
+                g = g * _tensor_of(ctx, w).view(shape)
+            g = g - g.mean(dims, keepdim=True)
+            res[0] = x * g
         else:  # eval batch norm, fused RMS norm: no centering w.r.t. x, scale constant -> z-rule of x * c
             res[0] = x * _constant_scale(ctx) * s
         return res
