@@ -83,7 +83,7 @@ def cluster():
 
 def test_ray_engine_gives_the_single_process_numbers(local, cluster, tmp_path, data, methods):
     res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
-    assert res["status"] == "complete" and res["engine"]["name"] == "ray"
+    assert res["status"] == "complete" and res["engine"]["name"] == "ray", res["problems"]
     assert res["engine"]["shards_computed"] == 2 * 2 * 2 and res["engine"]["shards_reused"] == 0
     assert _numbers(tmp_path) == _numbers(local)
     assert _rows(tmp_path) == _rows(local)

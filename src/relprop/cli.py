@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="recompute every cell (ignore, then overwrite OUT/cache)")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write OUT/cache")
     c.add_argument(
+        "--engine", choices=["local", "ray"], default="local",
+        help="local: one process (default); ray: model x method x data shards on a Ray actor pool, the same numbers "
+        "(pip install 'relprop[ray]'); shards in OUT/shards, a re-run resumes",
+    )  # fmt: skip
+    c.add_argument("--address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: a local one)")
+    c.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: actors in the pool (default 2)")
+    c.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="--engine ray: GPUs per actor")
+    c.add_argument(
         "--baseline",
         default="black",
         metavar="B",
@@ -568,6 +576,8 @@ def cmd_compare(args) -> int:
         header=header,
         load=load_named,
         use_cache=not args.no_cache,
+        engine=args.engine,
+        ray_options=dict(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker),
         warnings=warnings,
     )
     reused = sum(1 for m in res["models"] for c in m.get("methods", []) if c.get("reused"))

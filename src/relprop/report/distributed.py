@@ -217,19 +217,26 @@ def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, r
 class _Worker:
     """One actor of the pool: the job and the model of the cells it is given, loaded once."""
 
-    def __init__(self, data_ref: list, methods, settings, out: str, loader: _Loader, threads: int, use_gpu: bool):
-        import ray
-
+    def __init__(self, methods, settings, out: str, loader: _Loader, threads: int, use_gpu: bool):
         torch.set_num_threads(max(1, threads))
-        # the data comes as a reference nested in a list: Ray resolves it here, also after a restart (the
-        # driver holds the reference), instead of pinning it as a constructor argument
-        data = ray.get(data_ref[0])
-        self.job = Job(Path(out), data, list(methods), settings, use_cache=False, progress=False, log=lambda _: None)
+        self.args = (list(methods), settings, Path(out))
+        self.job: Job | None = None
         self.loader = loader
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it reserved for this actor (--gpus-per-worker); the model
         # stays where its loader puts it until the pipeline has a --device (Job.prepare feeds CPU tensors)
         self.gpus = torch.cuda.device_count() if use_gpu else 0
         self.model: LoadedModel | None = None
+
+    def _job(self, data_ref: list) -> Job:
+        """The data arrive with the first shard, as a reference nested in a list (so Ray passes the reference
+        and this actor fetches it once), not as a constructor argument that a restart would need pinned."""
+        if self.job is None:
+            import ray
+
+            methods, settings, out = self.args
+            data = ray.get(data_ref[0])
+            self.job = Job(out, data, methods, settings, use_cache=False, progress=False, log=lambda _: None)
+        return self.job
 
     def _model(self, spec: str) -> LoadedModel:
         if self.model is None or self.model.spec != spec:
@@ -237,19 +244,36 @@ class _Worker:
             self.model = self.loader(spec)
         return self.model
 
-    def run_shard(self, spec: str, m: MethodSpec, key: str, a: int, b: int, shard_dir: str, index: int, run: str):
+    def run_shard(
+        self,
+        data_ref: list,
+        spec: str,
+        m: MethodSpec,
+        key: str,
+        identity: dict,
+        a: int,
+        b: int,
+        shard_dir: str,
+        index: int,
+        run: str,
+    ) -> int:
+        """Compute and write shard ``index`` (examples ``a:b``) of the cell ``spec`` x ``m``."""
+        job = self._job(data_ref)
         marker = os.environ.get(CRASH_ENV)
         if marker and not os.path.exists(marker):
             Path(marker).write_text(f"worker {os.getpid()} killed on shard {index} of {spec} x {m.label}\n")
             os._exit(1)
         model = self._model(spec)
-        mine = self.job.cell_key(model, m, self.job.options(model, m))
+        mine = job.cell_key(model, m, job.options(model, m))
         if mine != key:
+            got = _identity(job, model)
+            differ = [k for k in got if got[k] != identity.get(k)] or ["method options or settings"]
             raise SpecError(
-                f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its relprop "
-                f"source, model files or data differ; install the same relprop on every node"
+                f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its "
+                f"{', '.join(differ)} differ(s) from the driver's (relprop source edited during the run, or another "
+                f"relprop/model files/data on this node); run again with the same files on every node"
             )
-        rows, extra = compute_shard(self.job, model, m, a, b, run)
+        rows, extra = compute_shard(job, model, m, a, b, run)
         _write_shard(Path(shard_dir), index, key, rows, extra)
         return index
 
@@ -306,7 +330,7 @@ class RayEngine:
         self.data_ref = ray.put(data)
         self.actors = [
             remote.remote(
-                [self.data_ref], list(methods), settings, str(self.out), loader or _Loader(), o.cpus_per_worker,
+                list(methods), settings, str(self.out), loader or _Loader(), o.cpus_per_worker,
                 o.gpus_per_worker > 0,
             )
             for _ in range(o.workers)
@@ -351,6 +375,7 @@ class RayEngine:
                     self.shards_reused += 1
                 else:
                     todo.append((m.label, i))
+        self.job_of_run = job
         self._run(model, plan, bounds, todo, errors)
         out: dict[str, dict] = {}
         for m in methods:
@@ -366,6 +391,7 @@ class RayEngine:
 
     def _run(self, model, plan, bounds, todo, errors) -> None:
         ray = self.ray
+        ident = _identity(self.job_of_run, model)
         free = list(self.actors)
         pending = list(todo)
         inflight: dict[Any, tuple[Any, str, int]] = {}
@@ -378,7 +404,7 @@ class RayEngine:
                     m, _, key, d = plan[label]
                     actor = free.pop(0)
                     a, b = bounds[i]
-                    ref = actor.run_shard.remote(model.spec, m, key, a, b, str(d), i, self.run)
+                    ref = actor.run_shard.remote([self.data_ref], model.spec, m, key, ident, a, b, str(d), i, self.run)
                     inflight[ref] = (actor, label, i)
                 if not inflight:
                     break
@@ -484,6 +510,17 @@ class RayEngine:
         self.data_ref = None
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _identity(job: Job, model: LoadedModel) -> dict[str, str]:
+    """The parts of a cell key that a node can disagree on, to name the one that differs."""
+    from ..specs.hashing import relprop_source_hash
+
+    return {
+        "relprop source": relprop_source_hash(),
+        "model files": str(model.fingerprint()),
+        "data": str(job.data.fingerprint()),
+    }
 
 
 def _failed(m: MethodSpec, error: str) -> dict:

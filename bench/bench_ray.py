@@ -1,0 +1,102 @@
+"""Overhead of ``relprop compare --engine ray`` over the single-process engine on the same work.
+
+Runs the same comparison three ways, side by side in one process: the single-process engine with
+``W`` torch threads (``W`` = --workers), the Ray engine with ``W`` workers of one thread each, and both
+with one thread/one worker (the pure overhead: same compute, plus Ray's scheduling, pickling, actor start
+and model load per worker, Parquet shards and the assembly). Ray's start-up (``ray.init``) is timed
+separately: a cluster that is already up does not pay it. Checks that results.json numbers are identical
+(timings aside) and prints a table.
+
+    python bench/bench_ray.py                          # 2 zoo models x 2 methods x 16 examples
+    python bench/bench_ray.py --zoo-default            # the zoo default (4 models, 4 methods, 64 examples)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402
+
+SKIP = {"seconds", "created", "metric_seconds", "explain_seconds_per_sample", "explain_seconds"}
+SKIP |= {"environment", "engine", "reused"}
+
+
+def strip(o):
+    if isinstance(o, dict):
+        return {k: strip(v) for k, v in o.items() if k not in SKIP}
+    if isinstance(o, list):
+        return [strip(v) for v in o]
+    return o
+
+
+def main() -> None:
+    from relprop import zoo
+    from relprop.cli import default_methods
+    from relprop.report import Settings, run_compare
+    from relprop.specs import load_data, parse_methods
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--zoo-default", action="store_true", help="the zoo default models, methods and settings")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    a = p.parse_args()
+    if a.zoo_default:
+        models = [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
+        methods = parse_methods(None, default_methods())
+        settings = Settings()
+    else:
+        models = ["zoo:resnet_digits", "zoo:vgg_digits"]
+        methods = parse_methods("lrp,gradient", [])
+        settings = Settings(samples=a.samples, batch_size=a.batch_size, sensitivity_samples=8, randomisation_samples=4)
+    data = load_data(f"zoo:{zoo.DEFAULT_DATASET}")
+    root = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+
+    def run(name: str, threads: int, **kw) -> tuple[float, dict]:
+        torch.set_num_threads(threads)
+        out = root / name
+        t0 = time.perf_counter()
+        res = run_compare(models, data, methods, out, settings, progress=False, use_cache=False, command="bench",
+                          log=lambda _: None, **kw)  # fmt: skip
+        wall = time.perf_counter() - t0
+        assert res["status"] == "complete", res.get("problems")
+        return wall, strip(json.loads((out / "results.json").read_text()))
+
+    import ray
+
+    rows = []
+    t0 = time.perf_counter()
+    ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    t_init = time.perf_counter() - t0
+    try:
+        for w in sorted({1, a.workers}):
+            t_local, r_local = run(f"local{w}", w)
+            t_ray, r_ray = run(f"ray{w}", 1, engine="ray", ray_options={"workers": w})
+            rows.append((w, t_local, t_ray, r_local == r_ray))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    cells = len(models) * len(methods)
+    print(
+        f"\n{len(models)} models x {len(methods)} methods = {cells} cells, {min(settings.samples, len(data))} "
+        f"examples each, batch {settings.batch_size}; torch {torch.__version__}, ray {ray.__version__}, "
+        f"{os.cpu_count()} CPUs; ray.init {t_init:.1f} s (not included below)"
+    )
+    print(f"| {'workers':>7} | {'local (s)':>9} | {'ray (s)':>7} | {'ray / local':>11} | identical numbers |")
+    print(f"|{'-' * 9}|{'-' * 11}|{'-' * 9}|{'-' * 13}|{'-' * 19}|")
+    for w, tl, tr, same in rows:
+        print(f"| {w:>7} | {tl:>9.1f} | {tr:>7.1f} | {tr / tl:>10.2f}x | {'yes' if same else 'NO':<17} |")
+    print("local: one process with `workers` torch threads; ray: `workers` actors of one thread each")
+
+
+if __name__ == "__main__":
+    main()
