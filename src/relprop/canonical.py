@@ -110,7 +110,7 @@ def is_normalizer(candidate: Value, of: Value, max_nodes: int = 24) -> bool:
     """
     targets = _near_ancestors(of)
     frontier = [(candidate, False)]
-    seen = set()
+    seen: set[int] = set()
     while frontier and len(seen) < max_nodes:
         v, reduced = frontier.pop()
         p = v.producer
@@ -210,8 +210,8 @@ def merge_batch_norms(graph: Graph) -> Graph:
             # (the pre-norm output stays: a later rule that reads the norm output recomputes it from there)
     if not replace:
         return graph
-    nodes = [replace.get(n.index, n) for n in graph.nodes]
-    nodes = [n for n in nodes if n is not None]
+    replaced = [replace.get(n.index, n) for n in graph.nodes]
+    nodes = [n for n in replaced if n is not None]
     return Graph(
         nodes,
         values,
@@ -266,11 +266,12 @@ def _merged(kind: str, w: Value, b: Value | None, bn: Node, values: list[Value])
     """Values for the merged weight and bias (computed on first read), or ``None`` if the norm cannot merge."""
     gamma, beta = _value(bn, 1), _value(bn, 2)
     mean, var = _value(bn, 3), _value(bn, 4)
-    if mean is None or var is None or not all(v.is_float for v in (w, mean, var)):
+    if mean is None or var is None or w.shape is None or not all(v.is_float for v in (w, mean, var)):
         return None
     eps = bn.arg(6 if bn.packet == "_native_batch_norm_legit_no_training" else 7)
     args = (w, b, gamma, beta, mean, var)
-    producer = Node(-1, _MergeBatchNorm(kind, eps), args, {}, [v for v in args if v is not None], [], bn.module, None)
+    merge = _MergeBatchNorm(kind, eps)  # a pseudo-op: only graph.recompute runs this producer, rules never see it
+    producer = Node(-1, merge, args, {}, [v for v in args if v is not None], [], bn.module, None)  # type: ignore[arg-type]
     out_shapes = (w.shape, torch.Size([w.shape[0] if kind == "conv" else w.shape[1]]))
     outs = []
     for j, shape in enumerate(out_shapes):
@@ -278,7 +279,7 @@ def _merged(kind: str, w: Value, b: Value | None, bn: Node, values: list[Value])
         v.dtype, v.shape, v.device = w.dtype, shape, w.device
         values.append(v)
         outs.append(v)
-    producer.outputs = outs
+    producer.outputs = list(outs)
     return outs[0], outs[1]
 
 
@@ -298,7 +299,7 @@ def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
         wt = _value(lin, 1 if lin.packet == "mm" else 2)
         b = _value(lin, 0) if lin.packet == "addmm" else None
         ok = wt is not None and wt.shape is not None and len(wt.shape) == 2
-        merged = _merged("dense", wt, b, bn, values) if ok else None
+        merged = _merged("dense", wt, b, bn, values) if ok and wt is not None else None
         if merged is None:
             return None
         wv, bv = merged
