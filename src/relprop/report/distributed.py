@@ -287,7 +287,7 @@ class RayEngine:
         data,
         methods: Sequence[MethodSpec],
         settings: Settings,
-        out: Path,
+        out: str | Path,
         *,
         options: RayOptions | None = None,
         loader: _Loader | None = None,
@@ -455,15 +455,21 @@ class RayEngine:
             got = [e["rows"][name] for _, e in parts if name in e["rows"]]
             return torch.cat(got, dim) if got else None
 
+        def mean_curve(name: str) -> list:
+            rows = cat(name)
+            if rows is None:
+                raise RuntimeError(f"the shards of {model.spec} x {m.label} hold no {name} curves")
+            return cell_metrics._list(rows.mean(0))  # the single-process reduction over the same rows
+
         c = first["curves"]
         curves = {
             "unit": c["unit"],
             "region_fractions": c["region_fractions"],
-            "morf": cell_metrics._list(cat("morf").mean(0)),
-            "lerf": cell_metrics._list(cat("lerf").mean(0)),
+            "morf": mean_curve("morf"),
+            "lerf": mean_curve("lerf"),
             "fractions": c["fractions"],
-            "insertion": cell_metrics._list(cat("insertion").mean(0)),
-            "deletion": cell_metrics._list(cat("deletion").mean(0)),
+            "insertion": mean_curve("insertion"),
+            "deletion": mean_curve("deletion"),
         }
         res: dict[str, Any] = {
             "method": m.label,
