@@ -91,7 +91,7 @@ def split_inputs(inputs: Inputs) -> tuple[tuple, dict]:
     raise TypeError(f"inputs: expected a tensor, a tuple of tensors or a dict of tensors, got {type(inputs).__name__}")
 
 
-def like_inputs(inputs: Inputs, values: list[torch.Tensor | None]) -> Any:
+def like_inputs(inputs: Inputs, values: Sequence[torch.Tensor | None]) -> Any:
     """Rebuild the structure of ``inputs`` with ``values`` at its tensor leaves."""
     return _rebuild(inputs, iter(values))
 
@@ -254,7 +254,7 @@ def run_backward(
         else:
             # Token ids: relevance at their embedding output, summed over the hidden dim.
             # Other integer inputs (attention masks, positions) get zeros.
-            total = torch.zeros(v.shape, dtype=src[0].dtype if src else torch.float32, device=v.device)
+            total = v.zeros().to(src[0].dtype if src else torch.float32)
             for s in src:
                 r = rel.get(s.index)
                 if r is not None:

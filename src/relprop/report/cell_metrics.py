@@ -71,6 +71,9 @@ def image_perturbation(
         insertion_baseline=s.insertion_baseline,
         **kw,
     )
+    morf, lerf = ab.morf_curve, ab.lerf_curve
+    if morf is None or lerf is None:  # abpc() builds its result from the two curves: always set
+        raise RuntimeError("internal: ABPC result without its curves")
     if rows is not None:
         rows.update(morf=ab.morf_curve, lerf=ab.lerf_curve, insertion=idl.insertion, deletion=idl.deletion)
     return {
@@ -83,8 +86,8 @@ def image_perturbation(
         "curves": {
             "unit": "patches",
             "region_fractions": _list(torch.arange(regions + 1, dtype=torch.float64) / units),
-            "morf": _list(ab.morf_curve.mean(0)),
-            "lerf": _list(ab.lerf_curve.mean(0)),
+            "morf": _list(morf.mean(0)),
+            "lerf": _list(lerf.mean(0)),
             "fractions": _list(idl.fractions),
             "insertion": _list(idl.insertion.mean(0)),
             "deletion": _list(idl.deletion.mean(0)),

@@ -141,7 +141,14 @@ class RuleContext:
 
     @property
     def out(self) -> torch.Tensor:
-        return self.node.outputs[0].tensor
+        return self.node.first_output.tensor
+
+    def output(self, i: int) -> torch.Tensor:
+        """Output ``i``'s data (e.g. a norm's saved ``rstd``); an error if the op's output ``i`` was not recorded."""
+        v = self.node.outputs[i]
+        if v is None:
+            raise RuntimeError(f"internal: output {i} of {self.node!r} was not recorded")
+        return v.tensor
 
     @property
     def rel(self) -> torch.Tensor:

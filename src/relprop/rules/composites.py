@@ -150,8 +150,8 @@ class Composite:
         if rule is not None:
             return rule
         if prepared.first_node is not None and node.index == prepared.first_node:
-            rec = self.families.get(fam) if fam == "recurrent" else None
-            return rec.with_first(self.first) if hasattr(rec, "with_first") else self.first
+            with_first = getattr(self.families.get(fam), "with_first", None) if fam == "recurrent" else None
+            return with_first(self.first) if with_first is not None else self.first
         if fam is None:
             return self.fallback
         return self.families.get(fam, self.fallback)
@@ -199,7 +199,8 @@ class GradientComposite(Composite):
         """
         rule = self.ops.get(node.op_name) or self.ops.get(node.packet)
         if rule is None and self.families:
-            rule = self.families.get(prepared.notes_of(node).family)
+            family = prepared.notes_of(node).family
+            rule = self.families.get(family) if family is not None else None
         return rule or GRADIENT
 
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..graph import Graph, Node
+from ..graph import Graph, Node, RegionOp
 from .base import PreparedGraph, Rule, RuleContext, vjp
 from .composites import GradientComposite
 from .gradient import gradient_rule
@@ -60,7 +60,10 @@ def secant(
     small = dx.abs() < eps
     m = delta_out / torch.where(small, torch.ones_like(dx), dx)
     if small.any():
-        m = torch.where(small, gradient_rule(ctx)[a], m)
+        exact = gradient_rule(ctx)[a]
+        if exact is None:
+            raise RuntimeError(f"internal: no gradient for input {a} of {ctx.node!r}")
+        m = torch.where(small, exact, m)
     return m
 
 
@@ -114,11 +117,13 @@ class MaxPoolRule(_ReferenceRule):
     def multiplier(self, ctx, g, x, y, x0, y0, a):
         ymax = torch.maximum(y, y0)
         others = list(ctx.inputs)
-        grads = [None] * len(ctx.node.outputs)
+        grads: list[torch.Tensor | None] = [None] * len(ctx.node.outputs)
         grads[0] = g * (ymax - y0)
         through_x = vjp(ctx.node, grads, others, [0])[0]
         grads[0] = g * (y - ymax)
         through_x0 = vjp(ctx.node, grads, [x0] + others[1:], [0])[0]
+        if through_x is None or through_x0 is None:
+            raise RuntimeError(f"internal: no gradient through the max-pool input of {ctx.node!r}")
         return secant(ctx, through_x + through_x0, x, x0, self.eps, 0)
 
 
@@ -278,7 +283,7 @@ def replay_on(graph: Graph, inputs: list[torch.Tensor]) -> dict[int, torch.Tenso
             for node in graph.nodes:
                 if not any(v.index in ref for v in node.inputs):
                     continue
-                pos = () if node.region is not None else written_args(node.op)
+                pos = () if isinstance(node.op, RegionOp) else written_args(node.op)
                 tensors = [ref.get(v.index, v.tensor) for v in node.inputs]
                 if pos:
                     written = {id(node.args[i]) for i in pos if i < len(node.args)}

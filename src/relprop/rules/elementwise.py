@@ -24,7 +24,7 @@ class Identity:
             a = acts[0]
             r = ctx.relevance[0]
             v = ctx.node.inputs[a]  # only shape and dtype: no need to touch (or recompute) the data
-            if r.shape != v.shape:
+            if v.shape is not None and r.shape != v.shape:
                 r = r.sum_to_size(v.shape) if r.dim() >= len(v.shape) else r.expand(v.shape)
             if v.dtype is not None and r.dtype != v.dtype:  # a region that ends in a cast (x -> f(x).double())
                 r = r.to(v.dtype)

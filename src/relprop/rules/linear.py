@@ -25,6 +25,14 @@ from .vjps import input_index
 ParamMod = Callable[[torch.Tensor], torch.Tensor] | None
 
 
+def _asked(grads: Sequence[torch.Tensor | None], i: int) -> torch.Tensor:
+    """``grads[i]`` for a float input the VJP was asked for: always a tensor (``None`` is an internal error)."""
+    g = grads[i]
+    if g is None:
+        raise RuntimeError(f"internal: the VJP returned no gradient for input {i} it was asked for")
+    return g
+
+
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Denominator ``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention).
 
@@ -47,7 +55,7 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
     """
     s = ctx.rel / stabilize(ctx.out, eps)
     grads = vjp(ctx.node, [s], None, acts)
-    return {a: ctx.inputs[a] * grads[a] for a in acts}
+    return {a: ctx.inputs[a] * _asked(grads, a) for a in acts}
 
 
 _BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}
@@ -115,7 +123,7 @@ def input_vjp(ctx: RuleContext, ops: LinearOperands, s: torch.Tensor, pmod: Para
     kernels (:mod:`relprop.rules.vjps`) on the modified weights too.
     """
     tensors = _mod_tensors(ctx, ops, ctx.inputs[ops.act], pmod, False)
-    return vjp(ctx.node, [s], tensors, [ops.act])[ops.act]
+    return _asked(vjp(ctx.node, [s], tensors, [ops.act]), ops.act)
 
 
 def _pos(t: torch.Tensor) -> torch.Tensor:
@@ -143,7 +151,7 @@ class Epsilon:
         if wanted:  # weight relevance R_w = w * dz/dw^T s, asked for with explain(..., params=...)
             grads = vjp(ctx.node, [s], None, wanted)
             for p in wanted:
-                res[p] = ctx.inputs[p] * grads[p]
+                res[p] = ctx.inputs[p] * _asked(grads, p)
         return res
 
     def __repr__(self) -> str:
@@ -195,21 +203,21 @@ class AlphaBeta:
         has_neg = bool((x < 0).any())
         xp, xn = (_pos(x), _neg(x)) if has_neg else (x, None)
         z_pos = forward(ctx, ops, xp, _pos)
-        if has_neg:
+        if xn is not None:
             z_pos = z_pos + forward(ctx, ops, xn, _neg, no_bias=True)
         s = ctx.rel / stabilize(z_pos, self.stabilizer)
         r = xp * input_vjp(ctx, ops, s, _pos)
-        if has_neg:
+        if xn is not None:
             r = r + xn * input_vjp(ctx, ops, s, _neg)
         if self.alpha != 1:
             r = self.alpha * r
         if self.beta:
             z_neg = forward(ctx, ops, xp, _neg)
-            if has_neg:
+            if xn is not None:
                 z_neg = z_neg + forward(ctx, ops, xn, _pos, no_bias=True)
             s = ctx.rel / stabilize(z_neg, self.stabilizer)
             rn = xp * input_vjp(ctx, ops, s, _neg)
-            if has_neg:
+            if xn is not None:
                 rn = rn + xn * input_vjp(ctx, ops, s, _pos)
             r = r - self.beta * rn
         return _only(ctx, ops, r)
@@ -259,6 +267,7 @@ class WSquare:
     def __call__(self, ctx: RuleContext) -> list:
         ops = LinearOperands.of(ctx)
         x = ctx.inputs[ops.act]
+        pmod: Callable[[torch.Tensor], torch.Tensor]
         if self.flat:
             pmod, no_bias = torch.ones_like, True
         else:

@@ -47,7 +47,7 @@ class ConstantScale:
             shape = node.args[1]
             dims = tuple(range(x.dim() - len(shape), x.dim()))
             w = node.arg(2)
-            rstd = ctx.outputs[2]
+            rstd = ctx.output(2)
             g = s * (ctx.inputs[1] if isinstance(w, Value) else 1.0) * rstd
             g = g - g.mean(dims, keepdim=True)
             res[0] = x * g
@@ -55,7 +55,7 @@ class ConstantScale:
             n, c, _hw, groups = node.args[3], node.args[4], node.args[5], node.args[6]
             w = node.arg(1)
             scale = ctx.inputs[1].view(1, c, *[1] * (x.dim() - 2)) if isinstance(w, Value) else 1.0
-            rstd = ctx.outputs[2].view(n, groups, 1)
+            rstd = ctx.output(2).view(n, groups, 1)
             g = (s * scale).reshape(n, groups, -1)
             g = g * rstd
             g = g - g.mean(-1, keepdim=True)
@@ -66,7 +66,7 @@ class ConstantScale:
             shape = [1, -1] + [1] * (x.dim() - 2)
             dims = (0, *range(2, x.dim()))
             w = node.arg(1)
-            g = s * ctx.outputs[2].view(shape)
+            g = s * ctx.output(2).view(shape)
             if isinstance(w, Value):
                 g = g * _tensor_of(ctx, w).view(shape)
             g = g - g.mean(dims, keepdim=True)

@@ -109,7 +109,8 @@ def _run_layer(
     order = reversed(range(len(steps_at))) if layer.reverse else range(len(steps_at))
     xg = _lin(x, layer.w_ih, layer.b_ih)  # (N, G*H): the input part of every step at once
     h, c = h0, c0  # full batch; rows of inactive sequences hold their final (or initial) state
-    steps, outs = [], [None] * len(steps_at)
+    steps: list[dict] = []
+    outs: dict[int, torch.Tensor] = {}  # step -> its output rows (filled in processing order)
     for t in order:
         off, bs = steps_at[t]
         h_prev = h[:bs]
@@ -117,6 +118,8 @@ def _run_layer(
         B = xg[off : off + bs]
         rec = {"t": t, "h_prev": h_prev, "A": A, "B": B}
         if layer.mode == "lstm":
+            if c is None:
+                raise RuntimeError("internal: an LSTM layer re-run without its cell state")
             c_prev = c[:bs]
             z = A + B
             zi, zf, zg, zo = z.chunk(4, -1)
@@ -141,7 +144,7 @@ def _run_layer(
         h = torch.cat([h_new, h[bs:]]) if bs < h.shape[0] else h_new
         outs[t] = h_new
         steps.append(rec)
-    return steps, (torch.cat(outs), h, c)
+    return steps, (torch.cat([outs[t] for t in range(len(steps_at))]), h, c)
 
 
 def _share(parts: Sequence[torch.Tensor], total: torch.Tensor, rel: torch.Tensor, eps: float) -> list[torch.Tensor]:
@@ -189,6 +192,8 @@ def _lrp_layer(
         A, B = rec["A"][..., rows], rec["B"][..., rows]
         b_all[off : off + bs] = B
         if layer.mode == "lstm":
+            if r_c is None:
+                raise RuntimeError("internal: LSTM relevance without a cell-state relevance")
             rc = r_c[:bs] + rh  # h = o * tanh(c): the gate o gets nothing, tanh passes relevance on
             i, f, g = rec["i"], rec["f"], rec["g"]
             rc_prev, r_g = _share([f * rec["c_prev"], i * g], rec["c"], rc, stab)  # gates f, i: none
@@ -224,6 +229,7 @@ def _dense_rule(rule: Rule, owner: Node) -> Callable[..., torch.Tensor]:
     def apply(x, w, b, out, rel):
         xv = Value(0, x, "op", is_activation=True)
         wv = Value(1, w.t(), "param")
+        args: tuple[Value, ...]
         if b is None:
             op, args = aten.mm.default, (xv, wv)
         else:
@@ -432,6 +438,8 @@ class Recurrent:
                 r_hx[j] = r_h0
                 if r_cx is not None and r_c0 is not None:
                     r_cx[j] = r_c0
+            if r_in is None:
+                raise RuntimeError("internal: a recurrent layer without directions")
             r_next = r_in
         res: list = [None] * len(node.inputs)
         res[pos[id(args[0])]] = unflatten(r_next)

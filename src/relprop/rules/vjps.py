@@ -30,7 +30,7 @@ from ..graph import Node, Value
 aten = torch.ops.aten
 
 Grads = Sequence[torch.Tensor | None]
-VJP = Callable[[Node, Grads, list, list[int]], list | None]
+VJP = Callable[[Node, Grads, Sequence, list[int]], list | None]
 
 #: packet name (``convolution``, ``view``...) -> VJP kernel (see the module docstring).
 VJPS: dict[str, VJP] = {}
@@ -50,7 +50,7 @@ class RecordedInputs(Sequence):
     def __len__(self) -> int:
         return len(self.node.inputs)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [v.tensor for v in self.node.inputs[i]]
         return self.node.inputs[i].tensor
@@ -59,7 +59,10 @@ class RecordedInputs(Sequence):
 def shape_of(node: Node, tensors: Sequence, i: int) -> torch.Size:
     """Shape of input ``i`` without reading recorded data."""
     if isinstance(tensors, RecordedInputs):
-        return node.inputs[i].shape
+        shape = node.inputs[i].shape
+        if shape is None:
+            raise RuntimeError(f"internal: input {i} of {node!r} has no recorded shape")
+        return shape
     return tensors[i].shape
 
 
@@ -87,7 +90,7 @@ def input_index(node: Node, argpos: int) -> int | None:
     return None
 
 
-def autograd_vjp(node: Node, grads: Grads, tensors: list, wrt: Sequence[int]) -> list[torch.Tensor | None]:
+def autograd_vjp(node: Node, grads: Grads, tensors: Sequence, wrt: Sequence[int]) -> list[torch.Tensor | None]:
     """Re-run the op under autograd on detached ``tensors`` and differentiate w.r.t. inputs ``wrt``."""
     tensors = list(tensors)
     result: list[torch.Tensor | None] = [None] * len(tensors)
