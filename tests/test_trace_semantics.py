@@ -186,6 +186,10 @@ class NoGradNet(nn.Module):
             with torch.inference_mode():
                 s = float(h.abs().mean()) + 1
             h = h * s
+        elif self.mode == "inference_mode_tensor":  # an inference tensor used after the block
+            with torch.inference_mode():
+                s = h.abs().amax(1, keepdim=True) + 1
+            h = h / s.clone()
         elif self.mode == "detach":
             h = h * h.detach().sigmoid()
         elif self.mode == "no_grad_inplace":  # as aten::cosine_similarity clamps its norms
@@ -203,7 +207,8 @@ class NoGradNet(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "mode", ["no_grad", "inference_mode", "detach", "no_grad_inplace", "enable_grad_inside_no_grad"]
+    "mode",
+    ["no_grad", "inference_mode", "inference_mode_tensor", "detach", "no_grad_inplace", "enable_grad_inside_no_grad"],
 )
 def test_grad_mode_blocks_inside_forward(mode):
     torch.manual_seed(0)

@@ -99,6 +99,10 @@ def autograd_vjp(node: Node, grads: Grads, tensors: Sequence, wrt: Sequence[int]
     leaves = {}
     run_inputs = []
     for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            # Made inside a torch.inference_mode() block in forward: such a tensor can be neither a leaf
+            # nor saved for backward; a normal copy (same values) can.
+            t = t.clone()
         if i in wrt and i not in leaves:
             # The same Value may appear twice (x * x): one leaf per position keeps both gradients.
             leaf = t.detach().requires_grad_(True)
