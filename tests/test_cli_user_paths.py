@@ -286,6 +286,25 @@ def test_trust_pickle_help_says_what_it_means(capsys):
     assert "arbitrary code" in capsys.readouterr().out
 
 
+def test_weights_for_a_model_that_does_not_read_them_is_an_error(tmp_path, capsys, digits):
+    # Only torchvision:/timm: loaders read --weights; a python:/zoo: model given --weights used to run
+    # silently with its own weights (a random-init python: model explained as if trained).
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
+    img = tmp_path / "d.png"
+    save_png(img, (digits[0][0, 0].numpy() * 255).round().astype(np.uint8), "L")
+    (tmp_path / "mine.py").write_text(MODEL_SRC.format(EXTRA=""))
+    for model in ("zoo:resnet_digits", f"python:{tmp_path / 'mine.py'}:build"):
+        line = one_line_error(
+            capsys, ["explain", "--model", model, "--weights", str(tmp_path / "sd.pt"), "--input", str(img)]
+        )
+        assert "only torchvision:/timm: models take --weights" in line
+    line = one_line_error(
+        capsys,
+        ["compare", "--models", "zoo:resnet_digits", "--weights", f"zoo:resnet_digits={tmp_path / 'sd.pt'}", *FAST],
+    )
+    assert "does not take --weights" in line
+
+
 # ------------------------------------------------------------------------------------------- cache
 MODEL_SRC = """
 import torch

@@ -368,14 +368,23 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
         if sep and spec:
             if spec not in models:
                 raise CLIError(f"--weights {v}: '{spec}' is not one of the models ({', '.join(models)})")
+            if not takes_weights(spec):
+                raise CLIError(f"--weights {v}: '{spec}' does not take --weights (only torchvision:/timm: models do)")
             out[spec] = file
         else:
             plain.append(v)
     if plain:
         need = [m for m in models if takes_weights(m) and m not in out]
+        if not need:
+            # Loaders other than torchvision:/timm: never read --weights: accepting it would explain the
+            # model with its own (e.g. random-init) weights while the user believes theirs are used.
+            raise CLIError(
+                f"--weights {plain[0]}: only torchvision:/timm: models take --weights, not {', '.join(models)}; "
+                "a python: FUNCTION loads its own weights, a whole-model file is given as the model"
+            )
         if len(plain) > 1 or (len(need) > 1 and len(models) > 1):
             raise CLIError("several models need weights: give each as --weights SPEC=FILE")
-        for m in need or models:
+        for m in need:
             out.setdefault(m, plain[0])
     for m, f in out.items():
         if not Path(f).expanduser().exists():
