@@ -38,6 +38,31 @@ def strip(o):
     return o
 
 
+def differences(x, y, path: str = "") -> list[str]:
+    """Paths where two stripped results differ (for the report when they are not identical)."""
+    if type(x) is not type(y):
+        return [f"{path}: {x!r} != {y!r}"]
+    if isinstance(x, dict):
+        out = [f"{path}/{k}: only in one" for k in set(x) ^ set(y)]
+        for k in x.keys() & y.keys():
+            out += differences(x[k], y[k], f"{path}/{k}")
+        return out
+    if isinstance(x, list) and len(x) == len(y):
+        return [d for i, (u, v) in enumerate(zip(x, y)) for d in differences(u, v, f"{path}[{i}]")]
+    return [] if x == y else [f"{path}: {x!r} != {y!r}"]
+
+
+def max_relative(x, y) -> float:
+    """Largest |x - y| / max(|x|, 1e-12) over the numbers both results hold at the same place."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        return max([max_relative(x[k], y[k]) for k in x.keys() & y.keys()] or [0.0])
+    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        return max([max_relative(u, v) for u, v in zip(x, y)] or [0.0])
+    if isinstance(x, float) and isinstance(y, float):
+        return abs(x - y) / max(abs(x), 1e-12)
+    return 0.0 if x == y else float("inf")
+
+
 def main() -> None:
     from relprop import zoo
     from relprop.cli import default_methods
@@ -84,6 +109,11 @@ def main() -> None:
             t_ray, r_ray = run(f"ray{w}", 1, engine="ray", ray_options={"workers": w})
             t_local, r_local = run(f"local{w}", w)
             rows.append((w, t_local, t_ray, r_local == r_ray))
+            diffs = differences(r_local, r_ray)
+            for d in diffs[:10]:
+                print("differs:", d[:300])
+            if diffs:
+                print(f"{len(diffs)} values differ; largest relative difference {max_relative(r_local, r_ray):.2e}")
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
