@@ -418,3 +418,26 @@ def test_compiled_model_is_explained_through_its_original_module():
     a = relprop.explain(compiled, x, target=1, method="lrp", composite="epsilon").attributions
     b = relprop.explain(model, x, target=1, method="lrp", composite="epsilon").attributions
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("alias", ["data", "detach"])
+def test_inplace_write_through_untracked_alias_raises(alias):
+    """``y.data.clamp_()`` / ``y.detach().clamp_()``: autograd keeps y's old derivative for the new
+    content; relprop cannot record that, so it must refuse (it silently gave zero gradient and relevance)."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3, bias=False)
+            self.b = torch.nn.Linear(3, 2, bias=False)
+
+        def forward(self, x):
+            y = self.a(x) * 1
+            (y.data if alias == "data" else y.detach()).clamp_(-0.1, 0.1)
+            return self.b(y)
+
+    m = M().double().eval()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for method in ("gradient", "lrp"):
+        with pytest.raises(TraceError, match="alias autograd does not track"):
+            relprop.explain(m, x, target=0, method=method)

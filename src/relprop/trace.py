@@ -710,6 +710,25 @@ class _Recorder(TorchDispatchMode):
                 out.append(a)
         return out
 
+    def refuse_untracked_alias_write(self, func: Any, written: list[torch.Tensor]) -> None:
+        """An in-place write through an alias autograd does not track (``y.data.clamp_()``,
+        ``y.detach().round_()``) into an activation that requires grad: autograd keeps ``y``'s old
+        derivative for the new content. The tape cannot tell that alias apart, so refuse, never guess."""
+        for w in written:
+            if w.requires_grad or not (w.is_floating_point() or w.is_complex()):
+                continue
+            key = _storage_key(w)
+            st = self.storages.get(key) if key is not None else None
+            if st is None:
+                continue
+            if any(v.is_activation and v.is_float and v.data is not None and v.data.requires_grad for v in st.values):
+                raise TraceError(
+                    f"in-place operation {func} writes through an alias autograd does not track (`.data` or "
+                    f"`.detach()`) into a tensor that requires grad (module '{self.scope[-1] if self.scope else ''}'): "
+                    "autograd keeps that tensor's old derivative for the new content, which relprop cannot record. "
+                    "Write it out of place (e.g. `y = y.clamp(...)`, or a straight-through `y + (f(y) - y).detach()`)."
+                )
+
     def private_copies(self, written: list[Any]) -> bool:
         """Writes into the model's parameters/buffers go to per-call copies (another thread may be using them)."""
         done = False
@@ -841,6 +860,8 @@ class _Recorder(TorchDispatchMode):
         if self.private_copies(written):
             return self.__torch_dispatch__(func, (), args, kwargs)
         written = [w for w in written if isinstance(w, torch.Tensor)]
+        if grad:
+            self.refuse_untracked_alias_write(func, written)
         functional = info.functional
         # out= tensors are written, not read: they are not inputs of the functional twin.
         out_names = {k for k in info.written if isinstance(k, str)}
