@@ -44,7 +44,7 @@ class Settings:
     regions: int = 32
     steps: int = 16
     sensitivity_samples: int = 16
-    randomisation_samples: int = 4
+    randomisation_samples: int = 6  # >= MIN_RANDOMISATION_EXAMPLES (5), or the check is always inconclusive
     randomisation_layers: int = 3
     batch_size: int = 32
     composite: str = "auto"
