@@ -212,16 +212,7 @@ def merge_batch_norms(graph: Graph) -> Graph:
         return graph
     replaced = [replace.get(n.index, n) for n in graph.nodes]
     nodes = [n for n in replaced if n is not None]
-    return Graph(
-        nodes,
-        values,
-        graph.inputs,
-        graph.input_spec,
-        graph.output,
-        graph.output_values,
-        graph.params,
-        graph.module_types,
-    )
+    return graph.with_nodes(nodes, values)
 
 
 def _value(node: Node, argpos: int) -> Value | None:

@@ -254,16 +254,7 @@ def replace_with_regions(graph: Graph, regions: list[RegionOp]) -> Graph:
             nodes.append(at[id(n)])
         elif id(n) not in drop:
             nodes.append(n)
-    return Graph(
-        nodes,
-        graph.values,
-        graph.inputs,
-        graph.input_spec,
-        graph.output,
-        graph.output_values,
-        graph.params,
-        graph.module_types,
-    )
+    return graph.with_nodes(nodes)
 
 
 def _substitute(a: Any, it: Iterator) -> Any:
@@ -313,6 +304,22 @@ class Graph:
                 if any(not inside(c) for c in v.consumers) or any(v is o for o in self.output_values):
                     outs.append(v)
         return outs
+
+    def with_nodes(self, nodes: list[Node], values: list[Value] | None = None) -> Graph:
+        """A graph over ``nodes`` (and ``values``) with this graph's inputs, outputs and parameters.
+
+        Graph passes return such a copy instead of editing the recorded graph, which may be shared.
+        """
+        return Graph(
+            nodes,
+            self.values if values is None else values,
+            self.inputs,
+            self.input_spec,
+            self.output,
+            self.output_values,
+            self.params,
+            self.module_types,
+        )
 
     def find(self, predicate: Callable[[Node], bool]) -> list[Node]:
         return [n for n in self.nodes if predicate(n)]

@@ -87,6 +87,17 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def cell_header(m: MethodSpec, opts: dict[str, Any], n: int, key: str) -> dict[str, Any]:
+    """The identifying fields every computed cell starts with (both engines write the same ones)."""
+    return {
+        "method": m.label,
+        "name": m.name,
+        "options": {k: str(v) for k, v in opts.items()},
+        "n_samples": n,
+        "key": key,
+    }
+
+
 def sample_order(labels: torch.Tensor, seed: int) -> list[int]:
     """Indices that cycle through the classes (one of each class first), in a seeded random order."""
     rng = np.random.RandomState(seed)
@@ -402,13 +413,7 @@ class Job:
         target = prep.target[:n]
         attr = fn(model.module, x, target)
         t_explain = time.time() - t0
-        res: dict[str, Any] = {
-            "method": m.label,
-            "name": m.name,
-            "options": {k: str(v) for k, v in opts.items()},
-            "n_samples": n,
-            "key": key,
-        }
+        res = cell_header(m, opts, n, key)
         res.update(self._metrics(model, fn, prep, x, attr, target, n, t_explain))
         if self.s.save_attributions:
             from .store import save_attributions

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
-from .compare import Job, Settings, atomic_write, slug
+from .compare import Job, Settings, atomic_write, cell_header, slug
 
 #: the Ray version the engine is tested with (requirements-test.txt)
 RAY_VERSION = "2.60.0"
@@ -471,15 +471,13 @@ class RayEngine:
             "insertion": mean_curve("insertion"),
             "deletion": mean_curve("deletion"),
         }
-        res: dict[str, Any] = {
-            "method": m.label,
-            "name": m.name,
-            "options": {k: str(v) for k, v in opts.items()},
-            "n_samples": n,
-            "key": key,
-            "curves": curves,
-            "perturbation": first["perturbation"],
-        }
+        res: dict[str, Any] = cell_header(m, opts, n, key)
+        res.update(
+            {
+                "curves": curves,
+                "perturbation": first["perturbation"],
+            }
+        )
         sim = cat("randomisation", 1)
         if sim is not None:
             res["randomisation_layers"] = first["randomisation_layers"]
