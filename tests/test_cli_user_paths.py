@@ -556,3 +556,21 @@ def importlib_missing(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is None
+
+
+def test_whole_pickled_model_from_an_unimportable_module_says_how_to_fix(tmp_path, capsys, digits):
+    import subprocess
+
+    (tmp_path / "gone_model_mod.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.f = torch.nn.Flatten(); self.l = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n        return self.l(self.f(torch.nn.functional.adaptive_avg_pool2d(x, 8)))\n"
+    )
+    model = tmp_path / "whole.pt"
+    code = "import sys, torch; sys.path.insert(0, sys.argv[1]); import gone_model_mod; torch.save(gone_model_mod.Net(), sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(model)], check=True)
+    img = save_png(tmp_path / "d.png", (digits[0][0, 0].numpy() * 255).astype(np.uint8), "L")
+    with pytest.warns(UserWarning, match="arbitrary code"):
+        err = one_line_error(capsys, ["explain", "--model", str(model), "--input", str(img), "--trust-pickle",
+                                      "--image-size", "32", "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert "gone_model_mod" in err and "PYTHONPATH" in err

@@ -563,6 +563,12 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
         )
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as e2:
+            raise SpecError(
+                f"cannot read model file {path}: it refers to module '{e2.name}', which defines the model's class "
+                f"and is not importable here; run from the folder that holds it or add it to PYTHONPATH "
+                f"(e.g. PYTHONPATH=. relprop ...)"
+            ) from None
         except Exception as e2:
             raise SpecError(f"cannot read model file {path}: {first_line(e2)}") from None
     if isinstance(obj, dict):
