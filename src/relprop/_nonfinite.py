@@ -29,8 +29,7 @@ def _bad(t: Any) -> bool:
 
 
 def _where(node: Node) -> str:
-    mtype = f" ({node.module_type.__name__})" if node.module_type is not None else ""
-    return f"{node.op_name} (node #{node.index}) in module '{node.module or '<top level>'}'{mtype}"
+    return f"{node.op_name} (node #{node.index}) in {node.location}"
 
 
 def _leaf_name(v: Value) -> str:

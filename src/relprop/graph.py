@@ -105,6 +105,12 @@ class Node:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def location(self) -> str:
+        """``module 'encoder.layer.0' (BertLayer)``: where the op ran, for error messages."""
+        mtype = f" ({self.module_type.__name__})" if self.module_type is not None else ""
+        return f"module '{self.module or '<top level>'}'{mtype}"
+
+    @property
     def op_name(self) -> str:
         """``aten.convolution.default`` style name."""
         return str(self.op)

@@ -61,10 +61,8 @@ class NoRuleError(LookupError):
     """No rule is registered for an op the propagation has to pass through."""
 
     def __init__(self, node: Node, method: str):
-        where = node.module or "<top level>"
-        mtype = f" ({node.module_type.__name__})" if node.module_type is not None else ""
         super().__init__(
-            f"no {method} rule for operation {node.op_name} in module '{where}'{mtype}. "
+            f"no {method} rule for operation {node.op_name} in {node.location}. "
             f"Register one with relprop.register_rule('{node.packet}', rule, family=...) or pass "
             f"rules={{'{node.packet}': rule}} to explain(); to accept an approximation, pass "
             f"fallback='gradient' (routes relevance through the op's gradient and warns)."

@@ -58,10 +58,8 @@ class RecurrentRuleError(RuntimeError):
     """A fused recurrent kernel whose arguments this rule does not cover (names the op and module)."""
 
     def __init__(self, node: Node, what: str):
-        where = node.module or "<top level>"
-        mtype = f" ({node.module_type.__name__})" if node.module_type is not None else ""
         super().__init__(
-            f"relprop: LRP through {node.op_name} in module '{where}'{mtype}: {what}. The gradient is not "
+            f"relprop: LRP through {node.op_name} in {node.location}: {what}. The gradient is not "
             f"affected. Register your own rule with relprop.register_rule('{node.packet}', rule), or run the "
             f"model on CPU in float64 (PyTorch then records the recurrent cell as plain ops, which LRP covers)."
         )

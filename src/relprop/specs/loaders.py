@@ -196,6 +196,23 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
             note = _assumed_imagenet(name)
         else:
             aliases = [[c, *a] for a, c in zip(aliases, class_names)]  # torchvision's name, WordNet id, ...
+    if note and aliases:
+        class_names = [a[1] for a in aliases]
+    return _image_classifier(spec, name, model, pre, class_names, aliases, files, source, note)
+
+
+def _image_classifier(
+    spec: str,
+    name: str,
+    model: nn.Module,
+    pre: Any,
+    class_names: list[str] | None,
+    aliases: Any,
+    files: list[str],
+    source: str,
+    note: str | None,
+) -> LoadedModel:
+    """The loaded torchvision/timm classifier; ``note`` says when ImageNet's class names were assumed."""
     lm = LoadedModel(
         spec=spec,
         name=name,
@@ -206,8 +223,7 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
         source_files=files,
         info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
     )
-    if note and aliases:
-        lm.class_names = [a[1] for a in aliases]
+    if note:
         lm.info["class_names_note"] = note
     return lm
 
@@ -309,19 +325,7 @@ def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
     if n_classes == 1000 and (aliases := imagenet_aliases()):
         class_names = [a[1] for a in aliases]  # the first English name; the WordNet id is an alias
         note = _assumed_imagenet(name) if weights else None
-    lm = LoadedModel(
-        spec=spec,
-        name=name,
-        module=model,
-        preprocess=pre,
-        class_names=class_names,
-        class_aliases=aliases,
-        source_files=files,
-        info={"source": source, "num_params": sum(p.numel() for p in model.parameters())},
-    )
-    if note:
-        lm.info["class_names_note"] = note
-    return lm
+    return _image_classifier(spec, name, model, pre, class_names, aliases, files, source, note)
 
 
 def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
