@@ -166,6 +166,38 @@ def test_text_labels_match_model_names_ignoring_case():
     assert lm.index == [0, None] and "'zebra'" in lm.warnings[0]
 
 
+def test_text_labels_spelled_differently_are_one_class(tmp_path, capsys):
+    """ "Positive", "positive" and " positive" in a CSV are one class (as folder names are matched),
+    shown by the first spelling, with one warning naming the merged spellings."""
+    from relprop.specs import load_data
+
+    rows = [("a good film", "Positive"), ("a bad plot", "negative"), ("good plot", "positive"),
+            ("bad film", "Negative"), ("good good film", " positive"), ("bad bad plot", "negative")]  # fmt: skip
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    data = load_data(str(csv))
+    assert data.class_names == ["negative", "Positive"]
+    assert data.labels.tolist() == [1, 0, 1, 0, 1, 0]
+    assert len(data.warnings) == 1
+    note = data.warnings[0]
+    assert "'Positive' = 'positive' = ' positive'" in note and "'negative' = 'Negative'" in note
+    # one spelling per class: no note
+    csv.write_text("text,label\na good film,positive\na bad plot,negative\n")
+    assert load_data(str(csv)).warnings == []
+    # the CLI: two classes counted, the warning printed once and kept in the report
+    csv.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    bert = tiny_bert(tmp_path / "bert")
+    out = tmp_path / "r"
+    rc = main(["compare", "--models", f"hf:{bert}", "--data", str(csv), "--methods", "gradient", "--out", str(out),
+               *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("labels spelled differently are one class") == 1, err
+    res = json.loads((out / "results.json").read_text())
+    assert sum("labels spelled differently" in w for w in res["warnings"]) == 1
+    assert res["data"]["class_names"] == ["negative", "Positive"]
+
+
 # ------------------------------------------------------------------------------------------- fail fast
 def test_method_option_typo_fails_before_any_work(tmp_path, capsys):
     out = tmp_path / "r"
@@ -489,12 +521,27 @@ def readme_commands() -> list[str]:
     return cmds
 
 
+def tiny_bert(folder: Path) -> Path:
+    """A 1-layer BERT classifier with classes negative/positive and its tokenizer, saved as a Hugging Face folder."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "plot"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer.from_pretrained(str(folder)).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                                  id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, digits):
     """The new user's path: zoo demo, own folder of photos with a timm checkpoint, own text CSV with a
     Hugging Face folder, own model file; each README line runs (compare with reduced sample counts)."""
     timm = pytest.importorskip("timm")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
     raw, labels = digits
     rng = np.random.RandomState(0)
@@ -504,15 +551,7 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, dig
     torch.manual_seed(0)
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
     (tmp_path / "classes.txt").write_text("\n".join(["goldfish", "tabby"] + [f"c{i}" for i in range(998)]))
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "plot"]
-    bert = tmp_path / "my-bert"
-    bert.mkdir()
-    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizer.from_pretrained(str(bert)).save_pretrained(bert)
-    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32, num_labels=2,
-                                  id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
-    transformers.BertForSequenceClassification(cfg).save_pretrained(bert)
+    tiny_bert(tmp_path / "my-bert")
     rows = [
         ("a good film", "positive"),
         ("a bad plot", "negative"),

@@ -26,6 +26,7 @@ import torch
 
 from .errors import SpecError, closest, first_line, install_hint
 from .hashing import tensor_bytes
+from .labels import group_spellings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -234,6 +235,7 @@ def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Da
             )
     texts = [str(r[text_column]) for r in rows]
     raw = [r[label_column] for r in rows]
+    note: str | None = None
     if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw):
         ints = [int(v) for v in raw]
         if min(ints) < 0:
@@ -241,9 +243,9 @@ def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Da
         class_names = [str(i) for i in range(max(ints) + 1)]
         labels = torch.tensor(ints, dtype=torch.long)
         named = False
-    else:
-        class_names = sorted({str(v) for v in raw})
-        labels = torch.tensor([class_names.index(str(v)) for v in raw], dtype=torch.long)
+    else:  # spellings that differ only in case/spaces/underscores are one class, as for folders
+        class_names, index, note = group_spellings([str(v) for v in raw])
+        labels = torch.tensor(index, dtype=torch.long)
         named = True
     return Data(
         spec=spec,
@@ -253,6 +255,7 @@ def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Da
         class_names=class_names,
         texts=texts,
         info={"source": str(path), "named_labels": named, "classes_present": sorted(set(labels.tolist()))},
+        warnings=[note] if note else [],
     )
 
 

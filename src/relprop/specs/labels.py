@@ -31,6 +31,37 @@ def norm(label: str) -> str:
     return re.sub(r"[\s_\-]+", "", str(label)).casefold()
 
 
+def group_spellings(raw: list[str]) -> tuple[list[str], list[int], str | None]:
+    """Text labels grouped as :func:`norm` groups them: ``"Positive"``, ``"positive"`` and ``" positive"``
+    are one class, as folder names are matched to model classes.
+
+    Returns the class names (sorted by their normalised form, each shown with its first spelling in
+    ``raw``, stripped), each row's class index, and one note naming the merged spellings (None when every class
+    is spelled one way). Counting spellings as classes would split a class's examples and its accuracy.
+    """
+    first: dict[str, str] = {}
+    spellings: dict[str, list[str]] = {}
+    for v in raw:
+        k = norm(v)
+        first.setdefault(k, v.strip())
+        if v not in spellings.setdefault(k, []):
+            spellings[k].append(v)
+    keys = sorted(first)
+    names = [first[k] for k in keys]
+    where = {k: i for i, k in enumerate(keys)}
+    index = [where[norm(v)] for v in raw]
+    merged = [spellings[k] for k in keys if len(spellings[k]) > 1]
+    note = None
+    if merged:
+        shown = "; ".join(" = ".join(repr(s) for s in group) for group in merged[:4])
+        more = f" and {len(merged) - 4} more" if len(merged) > 4 else ""
+        note = (
+            f"labels spelled differently are one class (case, spaces, hyphens and underscores are ignored): "
+            f"{shown}{more}; each is shown by its first spelling"
+        )
+    return names, index, note
+
+
 def read_class_file(path: str | Path) -> tuple[list[str], list[list[str]]]:
     """Class names in output order, and every alias of each, from ``--classes FILE``.
 
