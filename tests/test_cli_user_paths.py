@@ -306,10 +306,51 @@ def test_pickled_model_payload_does_not_run_without_trust_pickle(tmp_path, capsy
     err = one_line_error(capsys, ["compare", "--models", str(model), "--out", str(tmp_path / "r")])
     assert not marker.exists() and "--trust-pickle" in err
     # with the flag the user accepts running the file's code: the model loads (and the payload runs)
-    with pytest.warns(UserWarning, match="arbitrary code"):
-        rc = main(["explain", "--model", str(model), "--input", str(img), "--method", "gradient", "--trust-pickle",
-                   "--image-size", "32", "--out", str(tmp_path / "h.png")])  # fmt: skip
+    rc, err = run_without_python_warnings(capsys, ["explain", "--model", str(model), "--input", str(img), "--method",
+                                                   "gradient", "--trust-pickle", "--image-size", "32", "--out",
+                                                   str(tmp_path / "h.png")])  # fmt: skip
     assert rc == 0 and marker.exists()
+    assert_one_trust_pickle_note(err, model)
+
+
+def run_without_python_warnings(capsys, args):
+    """``main(args)`` -> (exit code, stderr), asserting that no Python warning escaped to the terminal."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(args)
+    err = capsys.readouterr().err
+    trust = [w for w in caught if "trust-pickle" in str(w.message)]
+    assert not trust, [str(w.message) for w in trust]
+    return rc, err
+
+
+def assert_one_trust_pickle_note(err: str, model: Path) -> None:
+    """--trust-pickle is said once, in one plain line saying what it means, without warning noise."""
+    notes = [ln for ln in err.splitlines() if "--trust-pickle" in ln]
+    assert len(notes) == 1, err
+    assert notes[0].startswith("relprop: note: --trust-pickle: ") and str(model) in notes[0]
+    assert "runs the code stored in the file as you" in notes[0] and "arbitrary code" in notes[0]
+    assert "UserWarning" not in err and "Warning:" not in err and "warnings.warn" not in err
+
+
+def test_trust_pickle_note_once_per_run_and_a_warning_category_for_library_callers(tmp_path, capsys, digits):
+    from relprop.specs import TrustPickleWarning, load_model
+
+    model = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3)), model)
+    data = digit_folder(tmp_path / "d", digits, {"0": 0, "1": 1})
+    # compare loads each model twice (the up-front check, then the run): the note is printed once
+    rc, err = run_without_python_warnings(capsys, ["compare", "--models", str(model), "--trust-pickle", "--data",
+                                                   str(data), "--image-size", "32", "--methods", "gradient",
+                                                   "--out", str(tmp_path / "r"), *FAST])  # fmt: skip
+    assert rc == 0, err
+    assert_one_trust_pickle_note(err, model)
+    # library callers get a warning of relprop's own category, which they can filter
+    with pytest.warns(TrustPickleWarning, match="runs the code stored in the file as you"):
+        load_model(str(model), trust_pickle=True)
+    assert issubclass(TrustPickleWarning, UserWarning)
 
 
 def test_trust_pickle_help_says_what_it_means(capsys):
@@ -609,7 +650,10 @@ def test_whole_pickled_model_from_an_unimportable_module_says_how_to_fix(tmp_pat
     code = "import sys, torch; sys.path.insert(0, sys.argv[1]); import gone_model_mod; torch.save(gone_model_mod.Net(), sys.argv[2])"
     subprocess.run([sys.executable, "-c", code, str(tmp_path), str(model)], check=True)
     img = save_png(tmp_path / "d.png", (digits[0][0, 0].numpy() * 255).astype(np.uint8), "L")
-    with pytest.warns(UserWarning, match="arbitrary code"):
-        err = one_line_error(capsys, ["explain", "--model", str(model), "--input", str(img), "--trust-pickle",
-                                      "--image-size", "32", "--out", str(tmp_path / "h.png")])  # fmt: skip
-    assert "gone_model_mod" in err and "PYTHONPATH" in err
+    rc, err = run_without_python_warnings(capsys, ["explain", "--model", str(model), "--input", str(img),
+                                                   "--trust-pickle", "--image-size", "32", "--out",
+                                                   str(tmp_path / "h.png")])  # fmt: skip
+    assert rc == 2
+    line = [ln for ln in err.splitlines() if ln.startswith("relprop: error: ")]
+    assert len(line) == 1 and "gone_model_mod" in line[0] and "PYTHONPATH" in line[0]
+    assert_one_trust_pickle_note(err, model)  # the file's code did run before the import failed

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .specs import TRUST_PICKLE_HELP, SpecError
+from .specs import TRUST_PICKLE_HELP, SpecError, TrustPickleWarning
 
 EXAMPLES = """\
 examples:
@@ -413,18 +413,32 @@ def _positive(args, *names):
 
 def _loader(args, weights: dict[str, str]):
     """spec -> LoadedModel with every model option of the command line."""
+    import warnings
+
     from .specs import load_model, override_preprocess
 
     overrides = _preprocess_overrides(args)
+    noted: set[str] = set()
 
     def load(spec: str):
-        m = load_model(
-            spec,
-            weights=weights.get(spec),
-            num_classes=args.num_classes,
-            trust_pickle=args.trust_pickle,
-            classes_file=args.classes,
-        )
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", TrustPickleWarning)
+                m = load_model(
+                    spec,
+                    weights=weights.get(spec),
+                    num_classes=args.num_classes,
+                    trust_pickle=args.trust_pickle,
+                    classes_file=args.classes,
+                )
+        finally:  # --trust-pickle: one plain note per file (also when loading then fails), not a Python warning
+            for w in caught:
+                if not issubclass(w.category, TrustPickleWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in noted:
+                    noted.add(str(w.message))
+                    _say(f"relprop: note: {w.message}")
         if m.kind == "image":
             m.preprocess = override_preprocess(m.preprocess, **overrides)
         return m

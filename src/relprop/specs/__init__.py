@@ -13,7 +13,7 @@ Every user error raises :class:`SpecError` with a one-line message naming what w
 """
 
 from .data import IMAGE_SUFFIXES, Data, load_data, read_image
-from .errors import SpecError, install_hint
+from .errors import SpecError, TrustPickleWarning, install_hint
 from .inputs import check_forward, image_batch, text_batch
 from .labels import LabelMap, map_labels, read_class_file
 from .methods import METHOD_DEFAULTS, MethodSpec, check_method, parse_methods, split_methods
@@ -57,6 +57,7 @@ __all__ = [
     "Preprocess",
     "SpecError",
     "TextClassifier",
+    "TrustPickleWarning",
     "check_forward",
     "check_method",
     "check_model_spec",

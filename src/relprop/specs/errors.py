@@ -12,6 +12,12 @@ class SpecError(ValueError):
     """A user error in a model/data/method spec or an input: the message is one line, shown as is."""
 
 
+class TrustPickleWarning(UserWarning):
+    """A whole pickled model is being loaded because the caller passed ``trust_pickle=True``: the file's
+    code runs as the user. The command line shows it as a one-line note; library callers get a warning
+    of this category (filter it with ``warnings.filterwarnings("ignore", category=TrustPickleWarning)``)."""
+
+
 def closest(word: str, options: Sequence[str], cutoff: float = 0.5) -> str:
     """`` Did you mean 'x'?`` for the option closest to ``word``, or an empty string."""
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=cutoff)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpecError, closest, first_line, install_hint, need
+from .errors import SpecError, TrustPickleWarning, closest, first_line, install_hint, need
 from .hashing import file_sha256
 from .loaded import TEXT_ZOO, ImageClassifier, LoadedModel, LoadOptions, TextClassifier, _freeze
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -29,6 +29,14 @@ def _pickle_refused(path: Path) -> SpecError:
         f"{path} holds a whole pickled model: loading it runs code stored in the file (arbitrary code "
         f"execution). If you made it or fully trust its source, pass --trust-pickle; better, save the weights "
         f"(model.state_dict()) as .safetensors and give the architecture (see relprop --help)"
+    )
+
+
+def trust_pickle_note(path: Path) -> str:
+    """What loading ``path`` with ``--trust-pickle`` means, in one line."""
+    return (
+        f"--trust-pickle: unpickling {path} runs the code stored in the file as you, with your files and "
+        f"permissions (arbitrary code execution); use it only for files you made or fully trust"
     )
 
 
@@ -561,10 +569,7 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
             raise SpecError(f"cannot read model file {path}: {first_line(e)}") from None
         if not opts.trust_pickle:
             raise _pickle_refused(path) from None
-        warnings.warn(
-            f"--trust-pickle: unpickling {path} runs any code stored in it (arbitrary code execution)",
-            stacklevel=2,
-        )
+        warnings.warn(TrustPickleWarning(trust_pickle_note(path)), stacklevel=2)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except ModuleNotFoundError as e2:
