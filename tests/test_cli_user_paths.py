@@ -360,22 +360,86 @@ def test_trust_pickle_help_says_what_it_means(capsys):
 
 
 def test_weights_for_a_model_that_does_not_read_them_is_an_error(tmp_path, capsys, digits):
-    # Only torchvision:/timm: loaders read --weights; a python:/zoo: model given --weights used to run
-    # silently with its own weights (a random-init python: model explained as if trained).
+    # Only torchvision:/timm:/python: loaders read --weights; a zoo: model given --weights used to run
+    # silently with its own weights.
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
     img = tmp_path / "d.png"
     save_png(img, (digits[0][0, 0].numpy() * 255).round().astype(np.uint8), "L")
-    (tmp_path / "mine.py").write_text(MODEL_SRC.format(EXTRA=""))
-    for model in ("zoo:resnet_digits", f"python:{tmp_path / 'mine.py'}:build"):
-        line = one_line_error(
-            capsys, ["explain", "--model", model, "--weights", str(tmp_path / "sd.pt"), "--input", str(img)]
-        )
-        assert "only torchvision:/timm: models take --weights" in line
+    line = one_line_error(
+        capsys, ["explain", "--model", "zoo:resnet_digits", "--weights", str(tmp_path / "sd.pt"), "--input", str(img)]
+    )
+    assert "only torchvision:/timm:/python: models take --weights" in line
     line = one_line_error(
         capsys,
         ["compare", "--models", "zoo:resnet_digits", "--weights", f"zoo:resnet_digits={tmp_path / 'sd.pt'}", *FAST],
     )
     assert "does not take --weights" in line
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_python_model_with_weights_file(tmp_path, capsys, digits, fmt):
+    """python:FILE:build --weights FILE loads the state dict into the built module (safetensors or a
+    weights_only pickle), strictly, with the errors torchvision:/timm: give."""
+    (tmp_path / "mine.py").write_text(MODEL_SRC.format(EXTRA=""))
+    img = save_png(tmp_path / "d.png", (digits[0][3, 0].numpy() * 255).round().astype(np.uint8), "L")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        trained = importlib.import_module("mine").build()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mine", None)
+    with torch.no_grad():  # weights unlike the factory's seeded init: the explanation must use these
+        for p in trained.parameters():
+            p.copy_(torch.randn_like(p))
+    w = tmp_path / f"w.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(trained.state_dict(), str(w))
+    else:
+        torch.save(trained.state_dict(), w)
+    spec = f"python:{tmp_path / 'mine.py'}:build"
+
+    from relprop.specs import load_model
+
+    lm = load_model(spec, weights=str(w))
+    for k, v in trained.state_dict().items():
+        assert torch.equal(lm.module.state_dict()[k], v), k
+    assert str(w.resolve()) in lm.source_files  # the cache key covers the weights file
+    # the CLI: the logits printed are those of the trained weights, not of the factory's init
+    assert main(["explain", "--model", spec, "--weights", str(w), "--input", str(img), "--method", "gradient",
+                 "--out", str(tmp_path / "h.png")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    probs = torch.softmax(lm.module(_model_input(lm, img)), -1)[0]
+    init = load_model(spec).module  # the factory's own weights predict otherwise: the check can fail
+    assert not torch.allclose(torch.softmax(init(_model_input(lm, img)), -1)[0], probs)
+    assert f"prediction: {int(probs.argmax())} " in out and f"p = {float(probs.max()):.4f}" in out
+    # a state dict that does not fit: one line naming the mismatch, as for torchvision:/timm:
+    bad = dict(trained.state_dict())
+    bad["extra.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pt")
+    line = one_line_error(capsys, ["explain", "--model", spec, "--weights", str(tmp_path / "bad.pt"), "--input",
+                                   str(img), "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert "does not fit" in line and "missing/unexpected keys" in line and "extra.weight" in line
+    torch.save({"conv.weight": torch.zeros(4, 1, 5, 5)} | {k: v for k, v in trained.state_dict().items()
+                                                            if k != "conv.weight"}, tmp_path / "shape.pt")  # fmt: skip
+    line = one_line_error(capsys, ["explain", "--model", spec, "--weights", str(tmp_path / "shape.pt"), "--input",
+                                   str(img), "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert "does not fit" in line and "shape mismatch" in line
+    # a pickle holding objects is refused, as for the other kinds (weights_only)
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "obj.pt")
+    line = one_line_error(capsys, ["explain", "--model", spec, "--weights", str(tmp_path / "obj.pt"), "--input",
+                                   str(img), "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert "not a plain state dict" in line
+
+
+def _model_input(lm, img: Path) -> torch.Tensor:
+    from relprop.specs import image_batch, read_image
+
+    x, _ = image_batch(lm, [read_image(img)])
+    return x
 
 
 # ------------------------------------------------------------------------------------------- cache

@@ -29,7 +29,7 @@ examples:
   relprop sample zoo:digits --out digit.png         # one dataset image, an input for explain
 
 model specs:  zoo:NAME | torchvision:NAME [--weights FILE] | timm:NAME [--weights FILE] | hf:FOLDER |
-              python:MODULE:FUNCTION | FILE.safetensors (+ FILE.json, zoo format) |
+              python:MODULE:FUNCTION [--weights FILE] | FILE.safetensors (+ FILE.json, zoo format) |
               FILE.pt (torch.save(model): needs --trust-pickle, unpickling runs code from the file)
 data specs:   zoo:NAME | FOLDER with one sub-folder of images per class | FILE.csv / FILE.jsonl (text, label)
               folder names / labels are matched to the model's class names (--classes FILE, --labels)
@@ -292,8 +292,8 @@ def _common(p):
         "--weights",
         action="append",
         metavar="[SPEC=]FILE",
-        help="weights for torchvision:/timm: models (.pth/.pt/.safetensors state dict); SPEC=FILE for one "
-        "model of several",
+        help="a state dict (.safetensors, or .pth/.pt/.bin read with weights_only) for torchvision:/timm:/python: "
+        "models; SPEC=FILE for one model of several",
     )
     g.add_argument("--num-classes", type=int, metavar="N", help="classifier size when it cannot be read from --weights")
     g.add_argument(
@@ -359,7 +359,7 @@ def parse_methods(text: str | None):
 
 
 def _weights_map(values, models: list[str]) -> dict[str, str]:
-    from .specs import takes_weights
+    from .specs import takes_weights, weights_prefixes
 
     out: dict[str, str] = {}
     plain = []
@@ -369,18 +369,18 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
             if spec not in models:
                 raise CLIError(f"--weights {v}: '{spec}' is not one of the models ({', '.join(models)})")
             if not takes_weights(spec):
-                raise CLIError(f"--weights {v}: '{spec}' does not take --weights (only torchvision:/timm: models do)")
+                raise CLIError(f"--weights {v}: '{spec}' does not take --weights (only {weights_prefixes()} models do)")
             out[spec] = file
         else:
             plain.append(v)
     if plain:
         need = [m for m in models if takes_weights(m) and m not in out]
         if not need:
-            # Loaders other than torchvision:/timm: never read --weights: accepting it would explain the
-            # model with its own (e.g. random-init) weights while the user believes theirs are used.
+            # Other loaders never read --weights: accepting it would explain the model with its own
+            # weights while the user believes theirs are used.
             raise CLIError(
-                f"--weights {plain[0]}: only torchvision:/timm: models take --weights, not {', '.join(models)}; "
-                "a python: FUNCTION loads its own weights, a whole-model file is given as the model"
+                f"--weights {plain[0]}: only {weights_prefixes()} models take --weights, not {', '.join(models)}; "
+                "zoo: and hf: models come with their weights, a whole-model file is given as the model"
             )
         if len(plain) > 1 or (len(need) > 1 and len(models) > 1):
             raise CLIError("several models need weights: give each as --weights SPEC=FILE")

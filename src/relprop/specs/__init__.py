@@ -35,6 +35,7 @@ from .models import (
     spec_forms,
     takes_weights,
     unique_names,
+    weights_prefixes,
 )
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, override_preprocess
 
@@ -78,4 +79,5 @@ __all__ = [
     "takes_weights",
     "text_batch",
     "unique_names",
+    "weights_prefixes",
 ]

@@ -493,7 +493,13 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
         model = model[0]
     if not isinstance(model, nn.Module):
         raise SpecError(f"model spec '{spec}': {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
-    lm = _generic(model, spec, f"{Path(mod_name).stem}:{fn_name}", f"python:{target}")
+    source = f"python:{target}"
+    if opts is not None and opts.weights:  # the same reader and strict key/shape check as torchvision:/timm:
+        wpath = Path(opts.weights).expanduser()
+        _load_state(model, _read_state_dict(wpath), wpath, f"the model of {spec}")
+        files.append(str(wpath.resolve()))
+        source = f"{source} + {wpath}"
+    lm = _generic(model, spec, f"{Path(mod_name).stem}:{fn_name}", source)
     lm.source_files = files
     return lm
 

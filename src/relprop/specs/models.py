@@ -9,7 +9,8 @@ Model specs (``load_model``)::
     timm:NAME                a timm architecture; weights from --weights FILE, else timm's pretrained
                              weights if they are already in the local Hugging Face cache
     hf:PATH                  a local Hugging Face model folder (image or sequence classification)
-    python:MODULE:FUNCTION   FUNCTION() returns an nn.Module (MODULE may be a dotted name or a .py file)
+    python:MODULE:FUNCTION   FUNCTION() returns an nn.Module (MODULE may be a dotted name or a .py file);
+                             --weights FILE loads a state dict into it (strictly: every key must fit)
     FILE.safetensors         weights next to a FILE.json in the zoo's format (architecture, arch_kwargs, ...)
     FILE.pt / .pth / .bin    a state dict is refused (give the architecture); a whole pickled model
                              loads only with --trust-pickle, because unpickling runs code from the file
@@ -58,6 +59,7 @@ __all__ = [
     "spec_forms",
     "takes_weights",
     "unique_names",
+    "weights_prefixes",
 ]
 
 
@@ -114,7 +116,13 @@ KINDS: dict[str, ModelKind] = {
             takes_weights=True,
         ),
         ModelKind("hf", "hf:FOLDER", "a local Hugging Face image/sequence classifier", _hf, _check_hf),
-        ModelKind("python", "python:MODULE:FUNCTION", "FUNCTION() returns the nn.Module", _python),
+        ModelKind(
+            "python",
+            "python:MODULE:FUNCTION [--weights FILE]",
+            "FUNCTION() returns the nn.Module; --weights loads a state dict into it (strict)",
+            _python,
+            takes_weights=True,
+        ),
     )
 }
 MODEL_PREFIXES = tuple(KINDS)
@@ -200,6 +208,11 @@ def check_model_spec(spec: str, weights: str | None = None, **options: Any) -> N
 def takes_weights(spec: str) -> bool:
     kind = spec.partition(":")[0]
     return kind in KINDS and KINDS[kind].takes_weights
+
+
+def weights_prefixes() -> str:
+    """``torchvision:/timm:/python:``: the kinds that read ``--weights``, as messages name them."""
+    return "/".join(f"{k.prefix}:" for k in KINDS.values() if k.takes_weights)
 
 
 def unique_names(models: Sequence[tuple[str, str]]) -> dict[str, str]:
