@@ -171,7 +171,7 @@ class Backward:
         if total is None:
             if shape is None:
                 raise ValueError(f"internal: no embedding gradients recorded for input {i} and no shape given")
-            return torch.zeros(shape)
+            return torch.zeros(shape, device=self.expl.output.device)
         return total.reshape(shape) if shape is not None else total
 
 

@@ -236,7 +236,7 @@ def target_indices(target: Target, out: torch.Tensor) -> torch.Tensor:
     if is_callable_target(target):
         raise TypeError("internal: target_indices() got a callable target; use score()")
     if isinstance(target, int) or not isinstance(target, (torch.Tensor, list, tuple)) and _is_index(target):
-        t = torch.full((batch,), operator.index(cast(SupportsIndex, target)), dtype=torch.long)
+        t = torch.full((batch,), operator.index(cast(SupportsIndex, target)), dtype=torch.long, device=out.device)
     else:
         t = torch.as_tensor(target).long().reshape(-1)
         if t.numel() == 1:

@@ -16,7 +16,7 @@ import torch
 from .._errors import did_you_mean
 from ..graph import Graph, Value
 from ..propagate import propagate
-from ..rules.base import PreparedGraph
+from ..rules.base import HALF, PreparedGraph
 from ..rules.composites import Composite
 from ..trace import record
 from ._validate import (  # noqa: F401  (re-exported: the names methods and older callers import from here)
@@ -227,6 +227,9 @@ def run_backward(
         explained, idx = score(out_v.tensor, target, batch)
         seed = seed_for(out_v.tensor, idx, times_output)
         shown = out_v.tensor
+    if times_output and seed.dtype in HALF:
+        # LRP on a bfloat16/float16 model: relevance is carried in float32 from the seed on (rules.base.vjp).
+        seed = seed.float()
     pairs = sources_of(graph)
     if not any(src for _, src in pairs):
         raise ValueError(

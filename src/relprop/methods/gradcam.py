@@ -188,5 +188,5 @@ def guided_gradcam(
                 "returning an empty tensor for it",
                 stacklevel=2,
             )
-            out.append(torch.empty(0))
+            out.append(torch.empty(0, device=x.device))
     return dataclasses.replace(gb, attributions=rebuild(inputs, out), method="guided_gradcam")

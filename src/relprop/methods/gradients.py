@@ -58,7 +58,7 @@ def saliency(model, inputs, *, target, abs=True, layers=None, keep_graph=False) 
 
 
 def _token_abs(b: Backward, i: int, shape) -> torch.Tensor:
-    total = torch.zeros(shape)
+    total = torch.zeros(shape, device=b.expl.output.device)
     for _, g in b.grads[i]:
         total = total + g.abs().sum(-1).reshape(shape)
     return total
@@ -168,7 +168,7 @@ def deeplift(
         if is_float(x):
             out.append((x - base[i]) * b.grads[i] if multiply_by_inputs else b.grads[i])
         else:
-            total = torch.zeros(x.shape)
+            total = torch.zeros(x.shape, device=x.device)
             for emb, g in b.grads[i]:
                 ref_emb = _reference_of(prepared, emb)
                 d = (emb - ref_emb) * g if multiply_by_inputs else g

@@ -136,7 +136,7 @@ def integrated_gradients(
         a = alphas[start : start + per_chunk]
         w = sizes[start : start + per_chunk]
         k = len(a)
-        alpha_rows = torch.tensor(a, dtype=torch.float32).repeat_interleave(batch)
+        alpha_rows = torch.tensor(a, dtype=torch.float32, device=xs[0].device).repeat_interleave(batch)
         scaled = []
         for x, b0 in zip(xs, base):
             if is_float(x):
@@ -166,7 +166,7 @@ def integrated_gradients(
                     composite=GradientComposite(),
                     method="integrated_gradients",
                 )
-        wt = torch.tensor(w, dtype=torch.float64)
+        wt = torch.tensor(w, dtype=torch.float64, device=xs[0].device)
         for i, x in enumerate(xs):
             if is_float(x):
                 g = bw.grads[i]
@@ -189,7 +189,7 @@ def integrated_gradients(
         if is_float(x):
             out.append(total[i] * (x - base[i]) if multiply_by_inputs else total[i])
         else:
-            scores = torch.zeros(x.shape)
+            scores = torch.zeros(x.shape, device=x.device)
             for g, wmat in zip(total[i], weights.get(i, [])):
                 d = (F.embedding(x, wmat) - F.embedding(base[i], wmat)) * g if multiply_by_inputs else g
                 scores = scores + d.sum(-1).reshape(x.shape)

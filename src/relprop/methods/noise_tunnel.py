@@ -151,7 +151,7 @@ def noise_tunnel(
 def _expand_baselines(inputs, baselines, k, draw, batch):
     xs = leaves(inputs)
     if draw and isinstance(baselines, torch.Tensor) and len(xs) == 1:
-        idx = torch.randint(baselines.shape[0], (batch * k,))
+        idx = torch.randint(baselines.shape[0], (batch * k,), device=baselines.device)
         return (baselines[idx],)
     per = format_baselines(inputs, baselines)
     return tuple(b.repeat_interleave(k, dim=0) for b in per)

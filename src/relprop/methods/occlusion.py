@@ -109,12 +109,13 @@ def occlusion(
                 tuple(c * si for c, si in zip(reversed(combo), s))
                 for combo in itertools.product(*[range(c) for c in reversed(counts)])
             ]
-            total = torch.zeros((batch,) + dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-            weight = torch.zeros(dims, dtype=total.dtype)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            total = torch.zeros((batch,) + dims, dtype=dtype, device=x.device)
+            weight = torch.zeros(dims, dtype=total.dtype, device=x.device)
             for j in range(0, len(starts), perturbations_per_eval):
                 chunk = starts[j : j + perturbations_per_eval]
                 p = len(chunk)
-                mask = torch.zeros((p,) + dims, dtype=torch.bool)
+                mask = torch.zeros((p,) + dims, dtype=torch.bool, device=x.device)
                 for q, st in enumerate(chunk):
                     mask[(q,) + tuple(slice(a, a + wi) for a, wi in zip(st, w))] = True
                 m = mask.unsqueeze(1)

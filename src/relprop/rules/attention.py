@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import RuleContext, register_family
+from .base import HALF, RuleContext, register_family
 from .linear import stabilize
 
 
@@ -50,6 +50,9 @@ class AttentionRule:
         r = ctx.relevance[0]
         if r is None:
             return res
+        # Half-precision model, float32 relevance (LRP): the rule runs in float32 on the recorded values.
+        if r.dtype == torch.float32 and q.dtype in HALF:
+            q, k, v = q.float(), k.float(), v.float()
         mask_value = node.kwargs.get(
             "attn_mask", node.arg(3) if node.packet == "_scaled_dot_product_efficient_attention" else None
         )

@@ -24,6 +24,10 @@ from .vjps import VJPS, RecordedInputs, autograd_vjp
 
 Rule = Callable[["RuleContext"], Sequence["torch.Tensor | None"]]
 
+#: Half-precision dtypes: LRP on such a model carries its relevance in float32 (``linear.stabilize``
+#: divides in float32, :func:`vjp` then runs in float32 on the recorded values).
+HALF = (torch.bfloat16, torch.float16)
+
 #: packet name (``relu``, ``convolution``...) -> family name or ``classifier(node, constant_operands) -> family``.
 _FAMILIES: dict[str, str | Callable[[Node, tuple[int, ...]], str | None]] = {}
 
@@ -191,11 +195,21 @@ def vjp(
     Order: a region node's own ``vjp``; the op's entry in :data:`relprop.rules.vjps.VJPS` (a direct
     kernel, or a correction); else re-run the op under autograd on detached inputs and differentiate.
     """
+    # LRP on a bfloat16/float16 model: float32 relevance arrives at a half-precision output. The VJP runs
+    # in float32 on exact float32 copies of the recorded values (one op's operands at a time), so the
+    # relevance is never rounded to half precision; the gradient method (half-precision cotangents)
+    # keeps the op's dtype and equals autograd.
+    widen = any(
+        g is not None and g.dtype == torch.float32 and v is not None and v.dtype in HALF
+        for g, v in zip(grads, node.outputs)
+    )
+    if widen:
+        grads = [g.float() if g is not None else None for g in grads]
     if tensors is None:  # the recorded inputs, read only where a kernel needs them
-        tensors = RecordedInputs(node)
+        tensors = Float32Inputs(node) if widen else RecordedInputs(node)
         wrt = [i for i in wrt if node.inputs[i].is_float]
     else:
-        tensors = list(tensors)
+        tensors = [to_float32(t) for t in tensors] if widen else list(tensors)
         wrt = [i for i in wrt if _float(tensors[i])]
     if not wrt:
         return [None] * len(tensors)
@@ -208,3 +222,17 @@ def vjp(
         if res is not None:
             return res
     return autograd_vjp(node, grads, tensors, wrt)
+
+
+def to_float32(t: Any) -> Any:
+    """``t`` as float32 if it is a half-precision tensor (an exact copy), else ``t`` itself."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF else t
+
+
+class Float32Inputs(RecordedInputs):
+    """A node's recorded inputs with half-precision ones read as float32 copies (see :func:`vjp`)."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [to_float32(t) for t in super().__getitem__(i)]
+        return to_float32(super().__getitem__(i))

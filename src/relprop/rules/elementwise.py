@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
-from .base import RuleContext, register_family
+import torch
+
+from .base import HALF, RuleContext, register_family
 from .linear import contributions
 
 
@@ -27,7 +29,8 @@ class Identity:
             if v.shape is not None and r.shape != v.shape:
                 r = r.sum_to_size(v.shape) if r.dim() >= len(v.shape) else r.expand(v.shape)
             if v.dtype is not None and r.dtype != v.dtype:  # a region that ends in a cast (x -> f(x).double())
-                r = r.to(v.dtype)
+                if not (v.dtype in HALF and r.dtype == torch.float32):  # half model: relevance stays float32
+                    r = r.to(v.dtype)
             res[a] = r
         return res
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph import Node
-from .base import RuleContext, register_family, vjp
+from .base import HALF, RuleContext, register_family, to_float32, vjp
 from .vjps import input_index
 
 ParamMod = Callable[[torch.Tensor], torch.Tensor] | None
@@ -42,10 +42,51 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     a positive epsilon would absorb it). Dividing by ``finfo.tiny`` instead, as before, overflowed to
     inf wherever relevance arrived at a zero output (Flat puts relevance on every input, zeros too), and
     ``inf * 0`` in the VJP (a zero factor of a product) gave NaN, which no epsilon option could fix.
+
+    Half precision (bfloat16/float16 models): the denominator is made in float32, so ``R / stab(z)`` and
+    everything after it is float32 (relevance stays float32 through the pass, see :func:`.base.vjp`): a
+    stabiliser of 1e-6 is below float16's normal range, and float16's quotients overflow at 65504.
     """
+    if z.dtype in HALF:
+        z = z.float()
     if eps == 0:
         return z.masked_fill(z.abs() < torch.finfo(z.dtype).tiny, float("inf"))
     return torch.full_like(z, eps).copysign_(z).add_(z)
+
+
+def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rel / stabilize(z, eps)``, a new tensor; the quotient is written into the (new) denominator.
+
+    The same division as ``rel / stabilize(z, eps)`` (equal bits), one temporary the size of the output
+    fewer: on CPU a fresh large tensor costs page faults on top of the pass over it.
+    """
+    d = stabilize(z, eps)
+    if _writable(d, rel, d):
+        return torch.div(rel, d, out=d)
+    return rel / d
+
+
+def _writable(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """May ``a op b`` (element-wise) be written into ``out`` (a new tensor of ours, ``a`` or ``b``) with the same result?
+
+    Same shape as the broadcast result, same dtype as the promoted one, not a view, no autograd.
+    """
+    return (
+        out.shape == a.shape == b.shape
+        and torch.result_type(a, b) == out.dtype
+        and out._base is None
+        and not (a.requires_grad or b.requires_grad)
+    )
+
+
+def times(x: torch.Tensor, g: torch.Tensor, owned: bool) -> torch.Tensor:
+    """``x * g``; written into ``g`` when ``owned`` (``g`` is a new tensor nothing else holds) allows it.
+
+    Equal bits to ``x * g`` (IEEE products commute); one temporary fewer.
+    """
+    if owned and g is not x and _writable(g, x, g) and g.data_ptr() != x.data_ptr():
+        return g.mul_(x)
+    return x * g
 
 
 def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int, torch.Tensor]:
@@ -53,9 +94,12 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
 
     The parameter-free z-rule shared by sums (proportional split) and products (uniform split).
     """
-    s = ctx.rel / stabilize(ctx.out, eps)
+    s = ratio(ctx.rel, ctx.out, eps)
     grads = vjp(ctx.node, [s], None, acts)
-    return {a: ctx.inputs[a] * _asked(grads, a) for a in acts}
+    # The quotient and what the VJP makes of it are ours: the last share may be written into its gradient
+    # (a sum's VJP hands ``s`` itself to every operand, so not before the other shares are computed).
+    last = acts[-1] if acts else None
+    return {a: times(ctx.inputs[a], _asked(grads, a), owned=a == last) for a in acts}
 
 
 _BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}
@@ -91,6 +135,10 @@ def _mod_tensors(
 ) -> list[torch.Tensor]:
     tensors = list(ctx.inputs)
     tensors[ops.act] = x
+    if any(isinstance(t, torch.Tensor) and t.dtype in HALF for t in tensors):
+        # Half-precision model: modified weights and the forwards and VJPs on them in float32, like the
+        # division they feed (the modified weights p + gamma * p+ are not rounded to half precision).
+        tensors = [to_float32(t) for t in tensors]
     memo = ctx.memo
     for p in ops.params:
         t = tensors[p]
@@ -200,7 +248,8 @@ class AlphaBeta:
         ops = LinearOperands.of(ctx)
         x = ctx.inputs[ops.act]
         # After a ReLU the input has no negative part: skip its terms (they are exactly zero) and the copy.
-        has_neg = bool((x < 0).any())
+        # On an accelerator the check would be a host sync per layer: the terms are computed (zero there) instead.
+        has_neg = x.device.type != "cpu" or bool((x < 0).any())
         xp, xn = (_pos(x), _neg(x)) if has_neg else (x, None)
         z_pos = forward(ctx, ops, xp, _pos)
         if xn is not None:
