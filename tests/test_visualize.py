@@ -95,3 +95,49 @@ def test_terminal_scores_are_readable_and_coloured():
     assert rich.__version__ if hasattr(rich, "__version__") else True
     assert "×1e-5" in out and "+3.00" in out and "-0.50" in out and "guitar" in out
     assert "0.0000" not in out and "\x1b[" in out  # colour codes
+
+
+def test_tokens_figure_draws_every_section_with_merged_words_and_one_scale_per_method(tmp_path):
+    from matplotlib import colormaps
+    from PIL import Image
+
+    a = ["[CLS]", "a", "man", "plays", "a", "gui", "##tar", "[SEP]"]
+    b = ["[CLS]", "some", "##one", "makes", "music", "$5", "[SEP]"]
+    sections = [
+        ("sentence A", a, {"lrp": [0, 0.1, 0.5, 0.2, 0.0, 1.0, 1.0, 0], "gradient": [0, 1, 2, 3, 4, 5, 6, 7]}),
+        ("sentence B", b, {"lrp": [0, 0.5, 0.5, -4.0, 0.3, 0.1, 0], "gradient": [1, 1, 1, 1, 1, 1, 1]}),
+    ]
+    fig = V.tokens_figure(sections, title="pair")
+    rows = fig.relprop_rows
+    assert [(r.section, r.method) for r in rows] == [
+        ("sentence A", "lrp"), ("sentence A", "gradient"), ("sentence B", "lrp"), ("sentence B", "gradient")
+    ]  # fmt: skip
+    assert rows[0].words == ["[CLS]", "a", "man", "plays", "a", "guitar", "[SEP]"]
+    assert rows[0].scores[5] == pytest.approx(2.0)  # gui + ##tar
+    assert rows[2].words == ["[CLS]", "someone", "makes", "music", "$5", "[SEP]"]
+    # one colour scale per method over both sentences: A and B compare (|-4| in B sets lrp's scale)
+    assert rows[0].scale == rows[2].scale == V.Scale(-4.0, 4.0)
+    assert rows[1].scale == rows[3].scale == V.Scale(-11.0, 11.0)  # merged gui + ##tar = 5 + 6
+    drawn: dict = {}
+    for t in fig.texts:  # the first drawing of each word: the lrp row of its sentence
+        drawn.setdefault(t.get_text(), t)
+    assert {"pair", "sentence A", "sentence B", "guitar", "someone", "music", "$5"} <= set(drawn)
+    assert "##tar" not in drawn and "gui" not in drawn
+    red = drawn["makes"].get_bbox_patch().get_facecolor()
+    np.testing.assert_allclose(red[:3], colormaps["bwr"](0.0)[:3])  # -4: full blue ("against")
+    # the whole pair is in the picture: sentence B's lines lie below sentence A's, inside the figure
+    fig.canvas.draw()
+    ya, yb = drawn["guitar"].get_window_extent().y0, drawn["music"].get_window_extent().y0
+    assert 0 < yb < ya < fig.bbox.height
+    fig.savefig(tmp_path / "t.png", dpi=100)
+    one = V.tokens_figure(sections[:1], title="pair")
+    one.savefig(tmp_path / "one.png", dpi=100)
+    h2, h1 = Image.open(tmp_path / "t.png").size[1], Image.open(tmp_path / "one.png").size[1]
+    assert h2 > 1.6 * h1
+    # long texts wrap inside the width instead of running off the picture
+    long = V.tokens_figure([("", [f"word{i}" for i in range(60)], {"lrp": list(range(60))})], width=6)
+    long.canvas.draw()
+    assert max(t.get_window_extent().x1 for t in long.texts) <= long.bbox.width
+    assert len({round(t.get_position()[1], 3) for t in long.texts}) > 3  # several lines
+    with pytest.raises(ValueError, match="scale must be"):
+        V.tokens_figure(sections, scale="shared")

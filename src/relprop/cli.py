@@ -805,10 +805,21 @@ def cmd_explain(args) -> int:
         dest.write_text(page("relprop explain", sub, "", "".join(body)), encoding="utf-8")
     elif dest.suffix.lower() in (".png", ".pdf", ".svg", ".jpg"):
         _need_report_deps("matplotlib")
-        from .report.figures import token_figure
+        from .visualize import tokens_figure
 
-        tokens = model.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
-        token_figure(tokens, {k: v[0].tolist() for k, v in results.items()}, dest, title=f"{model.name}: {target_desc}")
+        drawn = [
+            (desc if len(sections) > 1 else "", model.tokenizer.convert_ids_to_tokens(inp["input_ids"][0].tolist()),
+             {k: v[0].tolist() for k, v in res.items()})
+            for _, inp, res, desc in sections
+        ]  # fmt: skip
+        try:  # both sentences of a pair, word pieces merged, one colour scale per method
+            fig = tokens_figure(drawn, title=f"{model.name}: {target_desc}", cmap=args.cmap, sign=args.sign)
+        except (KeyError, ValueError) as ex:  # an unknown colour map
+            raise CLIError(f"--cmap {args.cmap}: {str(ex).splitlines()[0][:200]}") from None
+        fig.savefig(dest, dpi=120)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     else:
         raise CLIError(f"--out {dest}: use .html or .png for token scores")
     print(f"token scores saved to {dest}")

@@ -13,7 +13,8 @@ relprop's attributions (or anyone's tensors):
 * **colour bar** and **any matplotlib colour map** (``cmap="coolwarm"``, a ``Colormap`` object).
 
 Tokens: :func:`merge_wordpieces` joins ``##`` pieces (and SentencePiece ``▁`` words) into words,
-summing their scores; :func:`tokens_html` colours words (raw scores on hover);
+summing their scores; :func:`tokens_html` colours words (raw scores on hover); :func:`tokens_figure`
+draws them (one or several texts, e.g. both sentences of a pair) as a matplotlib figure;
 :func:`print_tokens` prints a coloured table in the terminal with scores at a readable scale.
 
 Matplotlib is imported only when an image is drawn (``pip install 'relprop[report]'``).
@@ -38,6 +39,8 @@ __all__ = [
     "print_tokens",
     "readable_scale",
     "reduce_channels",
+    "TokenRow",
+    "tokens_figure",
     "tokens_html",
 ]
 
@@ -363,6 +366,114 @@ def tokens_html(
             f'data-score="{v:.6g}">{_html.escape(w)}</span>'
         )
     return " ".join(out)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One drawn line of words: a method's scores on one text (``section``), merged into ``words``."""
+
+    section: str
+    method: str
+    words: list[str]
+    scores: list[float]
+    scale: Scale
+
+
+def tokens_figure(
+    sections: Sequence[tuple[str, Sequence[str], Mapping[str, Sequence[float]]]],
+    *,
+    title: str | None = None,
+    merge: bool = True,
+    sign: str = "all",
+    cmap=None,
+    scale: str | float = "per-method",
+    width: float = 10.0,
+    fontsize: float = 10.0,
+):
+    """Words coloured by their scores, for one text or several (both sentences of a pair); returns the
+    matplotlib ``Figure``. Its ``relprop_rows`` attribute lists the drawn :class:`TokenRow` s.
+
+    ``sections``: ``(heading, tokens, {method: scores})`` per text; each gets its heading (none when
+    empty), then one line of words per method (wrapped at ``width`` inches). Word pieces are merged into words with their
+    scores added (``merge``). ``scale``: ``"per-method"`` (one colour scale per method over every
+    section, so sentence A and B compare), ``"per-row"`` or a number; the scale is max |score|.
+    """
+    sign = _check_sign(sign)
+    if not sections:
+        raise ValueError("tokens_figure needs at least one (heading, tokens, scores) section")
+    merged: list[tuple[str, str, list[str], list[float]]] = []
+    for heading, tokens, scores in sections:
+        for method, sc in scores.items():
+            raw = [float(v) for v in sc]
+            words, vals = (merge_wordpieces(tokens, raw)[:2]) if merge else (list(tokens), raw)
+            if not merge and len(raw) != len(tokens):
+                raise ValueError(f"{len(tokens)} tokens but {len(raw)} scores")
+            merged.append((str(heading), str(method), list(words), list(vals)))
+    if isinstance(scale, str) and scale not in ("per-method", "per-row"):
+        raise ValueError(f"scale must be 'per-method', 'per-row' or a number, got {scale!r}")
+
+    def scale_of(method: str, values: list[float]) -> Scale:
+        if not isinstance(scale, str):
+            return Scale(-float(scale), float(scale)) if sign == "all" else Scale(0.0, float(scale))
+        same = [r[3] for r in merged if r[1] == method] if scale == "per-method" else [values]
+        return Scale.of([np.asarray(v) for v in same], sign, 100.0)
+
+    rows = [TokenRow(h, m, w, v, scale_of(m, v)) for h, m, w, v in merged]
+
+    from matplotlib.font_manager import FontProperties
+
+    from .report.figures import _plt
+
+    plt = _plt()
+    cm = _cmap(cmap, sign)
+    fig = plt.figure(figsize=(width, 1.0))
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+
+    def text_width(t: str) -> float:  # inches
+        w, _, _ = renderer.get_text_width_height_descent(t, font, ismath=False)
+        return w / fig.dpi
+
+    line = fontsize * 2.0 / 72  # inches per line of words
+    margin, gap = 0.15, 0.06
+    label_w = max(text_width(r.method) for r in rows) + 0.25
+    right = width - margin
+    # lay out first (x, line number), then size the figure and draw from the top
+    items: list[tuple[str, float, int, dict]] = []
+    n = 1 if title else 0
+    last_section = None
+    used = 0.0  # the rightmost word's end
+    for r in rows:
+        if r.section != last_section and r.section:
+            items.append((r.section, margin, n, dict(weight="bold", size=fontsize + 1)))
+            used = max(used, margin + 1.15 * text_width(r.section))
+            n += 1
+        last_section = r.section
+        items.append((r.method, margin, n, dict(weight="bold", size=fontsize, color="0.3")))
+        x = margin + label_w
+        for word, v in zip(r.words, r.scores):
+            w = text_width(word) + 0.1
+            if x + w > right and x > margin + label_w:
+                n, x = n + 1, margin + label_w
+            rgba, _ = heatmap_rgba(np.array([[v]]), sign=sign, cmap=cm, scale=r.scale)
+            c = rgba[0, 0, :3]
+            fg = "black" if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 0.55 else "white"
+            box = dict(boxstyle="round,pad=0.2", fc=tuple(c), ec="none")
+            items.append((word, x + 0.05, n, dict(size=fontsize, color=fg, bbox=box)))
+            x += w + gap
+            used = max(used, x)
+        n += 1
+    height = line * (n + 0.6)
+    width = min(width, max(used, text_width(title or "") * 1.25 + margin) + margin)  # no empty right side
+    fig.set_size_inches(width, height)
+    if title:
+        fig.text(margin, height - 0.6 * line, title, transform=fig.dpi_scale_trans, va="center", parse_math=False,
+                 size=fontsize + 2, weight="bold")  # fmt: skip
+    for t, x, k, style in items:
+        fig.text(x, height - (k + 0.6) * line, t, transform=fig.dpi_scale_trans, va="center", parse_math=False,
+                 **style)  # fmt: skip
+    fig.relprop_rows = rows
+    return fig
 
 
 def print_tokens(
