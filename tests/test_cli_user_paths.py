@@ -120,6 +120,11 @@ def test_labels_matching_nothing_error_or_warn(tmp_path, capsys, digits):
     assert any("'cats', 'dogs'" in w for w in res["warnings"])
     assert res["models"][0]["accuracy"] is None  # not "0.000"
     assert "match no class" in (out / "index.html").read_text()
+    if not importlib_missing("pyarrow"):  # examples.parquet: -1 marks a label that matches no class
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(out / "examples.parquet").to_pylist()
+        assert rows and {r["label"] for r in rows} == {-1}
     assert (out / res["models"][0]["grid_figure"]).stat().st_size > 1000
     from relprop.report import browser
 
@@ -724,6 +729,16 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, dig
         ran += 1
     assert ran >= len(cmds) - 1
     assert (tmp_path / "digit.png").exists()  # written by the README's `relprop sample` line
+
+
+def test_readme_examples_schema_is_the_written_schema():
+    """The README lists examples.parquet's columns in order, and says what -1 in `label` means."""
+    from relprop.report.scores import EXAMPLE_COLUMNS
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    listed = text.split("`OUT/examples.parquet` holds")[1].split("columns `", 1)[1].split("`", 1)[0]
+    assert [c.strip() for c in listed.split(",")] == [c for c, _ in EXAMPLE_COLUMNS]
+    assert "`-1` where it matches no class of the model (`--labels ignore`)" in text
 
 
 def importlib_missing(name: str) -> bool:
