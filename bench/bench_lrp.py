@@ -2,6 +2,7 @@
 
     python bench/bench_lrp.py            # VGG-16 and ResNet-50, 224x224, batch 8
     python bench/bench_lrp.py --small    # batch 2, 112x112 (quick look)
+    python bench/bench_lrp.py --device cuda --no-zennit   # on a GPU (bench/gpu.sh)
 
 Prints, per model: time (best of --repeat runs) and peak extra memory of each method as ratios
 of the plain input gradient, all in one process. Memory is the peak RSS increase while the method
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--models", default="vgg16,resnet50")
     ap.add_argument("--no-zennit", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory: the CUDA allocator's peak there)")
     ap.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -104,12 +106,14 @@ def main() -> None:
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     batch, size = (2, 112) if a.small else (8, 224)
     torch.manual_seed(0)
+    device = torch.device(a.device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, {size}x{size}, {a.clock} clock"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
     )
     for name in a.models.split(","):
-        model = getattr(torchvision.models, name)().eval()
-        x = torch.randn(batch, 3, size, size)
+        model = getattr(torchvision.models, name)().eval().to(device)
+        x = torch.randn(batch, 3, size, size, device=device)
         target = 1
 
         def gradient():
@@ -131,11 +135,29 @@ def main() -> None:
         print(f"\n{name}")
         print(f"  {'method':32s} {'time s':>8s} {'x grad':>7s} {'peak MiB':>9s} {'x grad':>7s}")
         for label, fn in runs.items():
+            if device.type == "cuda":  # time the queued kernels too; memory from the CUDA allocator
+                fn = _synced(fn, device)
             t = best_time(fn, a.repeat, clock)
-            m = peak_mb(fn)
+            m = peak_mb(fn) if device.type != "cuda" else _cuda_peak_mb(fn, device)
             if base_t is None:
                 base_t, base_m = t, m
             print(f"  {label:32s} {t:8.3f} {t / base_t:7.2f} {m:9.1f} {m / base_m:7.2f}")
+
+
+def _synced(fn, device):
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def _cuda_peak_mb(fn, device) -> float:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _zennit_runs(model, x, target, name):

@@ -250,3 +250,97 @@ def test_half_gradient_equals_autograd_in_the_same_dtype(build, dtype):
     # the same kernels in the same dtype: equal up to the order of fan-out sums (one rounding of the dtype)
     tol = torch.finfo(dtype).eps * 4
     assert torch.allclose(a.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item()), (a - ref).abs().max()
+
+
+# ------------------------------------------------------------------ --device/--dtype of the report and the CLI
+def test_placed_model_explains_like_the_half_model_itself():
+    """``Placed`` (the report's and CLI's --dtype) casts float32 inputs at the entry: LRP through the cast equals
+    LRP of the bfloat16 model on the cast inputs exactly (the entry copy's VJP keeps float32 relevance), and the
+    gradient through it equals autograd through it."""
+    from relprop.report.device import place
+
+    model, x, target = _cnn()
+    placed = place(copy.deepcopy(model), "cpu", "bfloat16")
+    assert not placed.training and next(placed.parameters()).dtype == torch.bfloat16
+    direct = relprop.explain(placed.inner, x.to(torch.bfloat16), target=target, method="lrp", composite="epsilon")
+    via = relprop.explain(placed, x, target=target, method="lrp", composite="epsilon")
+    assert via.attributions.dtype == torch.float32 and via.attributions.device == x.device
+    assert torch.equal(via.attributions, direct.attributions)
+    g = relprop.explain(placed, x, target=target, method="gradient").attributions
+    xg = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(placed(xg).gather(1, target[:, None]).sum(), xg)
+    assert torch.equal(g, ref)
+
+
+def test_place_copy_leaves_the_users_module_untouched_and_default_is_a_no_op():
+    from relprop.report.device import place
+
+    model, _, _ = _cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    placed = place(model, "cpu", "float16", copy=True)
+    assert placed.inner is not model and next(placed.parameters()).dtype == torch.float16
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert place(model, "cpu", "float32") is model  # nothing to move: the module itself, no wrapper
+
+
+@pytest.mark.parametrize(
+    "device,dtype,message",
+    [("tpu", "float32", "expected one of auto, cpu, cuda"), ("cpu", "int8", "expected one of float32")],
+)
+def test_bad_device_or_dtype_is_one_clear_error(device, dtype, message):
+    from relprop.report.device import check_placement
+    from relprop.specs import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        check_placement(device, dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_says_so(tmp_path, capsys):
+    from relprop.cli import main
+
+    png = tmp_path / "d.png"
+    assert main(["sample", "zoo:digits", "--out", str(png)]) == 0
+    assert main(["explain", "--model", "zoo:resnet_digits", "--input", str(png), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_explain_in_bfloat16_and_auto_device(tmp_path, capsys):
+    from relprop.cli import main
+
+    png = tmp_path / "d.png"
+    assert main(["sample", "zoo:digits", "--out", str(png)]) == 0
+    sums = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.png"
+        args = ["explain", "--model", "zoo:resnet_digits", "--input", str(png), "--methods", "lrp", "--out", str(out)]
+        assert main([*args, "--dtype", dtype, "--device", "auto", "--save", str(tmp_path / f"{dtype}.pt")]) == 0
+        assert out.exists()
+        sums[dtype] = torch.load(tmp_path / f"{dtype}.pt", weights_only=True)["lrp"]
+    assert sums["bfloat16"].dtype == torch.float32  # attributions come back as float32
+    assert _rel_err(sums["bfloat16"], sums["float32"]) < 0.1  # a different forward (bfloat16): close, not equal
+
+
+def test_compare_in_bfloat16_runs_every_metric_and_agrees_with_float32(tmp_path):
+    """A tiny compare run with the model in bfloat16 (CPU): every cell complete, the metric means close to the
+    float32 run (the forward passes are in bfloat16: 8-bit mantissas)."""
+    from relprop.report import MethodSpec, Settings, run_compare
+    from relprop.specs import load_data
+
+    data = load_data("zoo:digits")
+    kw = dict(samples=6, grid=3, sensitivity_samples=3, randomisation_samples=5, randomisation_layers=1)
+    kw |= dict(regions=6, steps=6, bootstrap=50, batch_size=3)
+    means = {}
+    for dtype in ("float32", "bfloat16"):
+        res = run_compare(
+            ["zoo:resnet_digits"], data, [MethodSpec.parse(m) for m in ("saliency", "lrp")], tmp_path / dtype, Settings(**kw, dtype=dtype),
+            progress=False, log=lambda s: None, use_cache=False,
+        )  # fmt: skip
+        assert res["status"] == "complete", res.get("problems")
+        cells = res["models"][0]["methods"]
+        assert all(c["status"] == "ok" for c in cells)
+        means[dtype] = {(c["method"], k): v["mean"] for c in cells for k, v in c["summary"].items()}
+    for k in ("insertion", "deletion", "class_sensitivity"):
+        for m in ("saliency", "lrp"):
+            a, b = means["float32"][(m, k)], means["bfloat16"][(m, k)]
+            assert a is not None and b is not None and abs(a - b) < 0.05, (m, k, a, b)

@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unmatched labels get a warning and no accuracy)",
     )
     _common(c)
+    _placement(c)
     c.set_defaults(func=cmd_compare)
 
     # explain ---------------------------------------------------------------------------------------------
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save the raw attributions: FILE.npy, FILE.pt or FILE.safetensors (one entry per method)",
     )
     _common(e)
+    _placement(e)
     e.set_defaults(func=cmd_explain)
 
     lst = sub.add_parser("list", help="zoo models, zoo datasets and methods", formatter_class=_formatter)
@@ -284,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", default="sample.png", metavar="FILE", help="PNG to write (default: %(default)s)")
     sm.set_defaults(func=cmd_sample)
     return p
+
+
+def _placement(p):
+    g = p.add_argument_group("device and precision")
+    g.add_argument(
+        "--device", default="cpu", metavar="D",
+        help="cpu (default), cuda, cuda:N, or auto (cuda when available, else cpu)",
+    )  # fmt: skip
+    g.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="precision the models run in (default: float32); LRP divides and keeps relevance in float32",
+    )  # fmt: skip
 
 
 def _common(p):
@@ -524,8 +538,10 @@ def cmd_compare(args) -> int:
     _need_report_deps("matplotlib", "safetensors", "PIL")
     from . import zoo
     from .report import Settings, run_compare
+    from .report.device import check_placement, place_loaded
     from .specs import check_model_spec, load_data
 
+    check_placement(args.device, args.dtype)  # before the data is read
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap")
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
     if len(set(models)) != len(models):
@@ -564,6 +580,8 @@ def cmd_compare(args) -> int:
         bootstrap=args.bootstrap,
         save_attributions=args.save_attributions,
         rank_by=args.rank_by,
+        device=args.device,
+        dtype=args.dtype,
     )
     out = Path(args.out)
     log = (lambda s: None) if args.quiet else _say
@@ -573,7 +591,7 @@ def cmd_compare(args) -> int:
         _say(f"relprop: WARNING: {w}")
 
     def load_named(spec: str):
-        m = load(spec)
+        m = place_loaded(load(spec), args.device, args.dtype, copy=False)  # --device/--dtype (Ray workers too)
         m.name = names.get(spec, m.name)
         return m
 
@@ -672,6 +690,10 @@ def cmd_explain(args) -> int:
     weights = _weights_map(args.weights, [args.model])
     _preprocess_overrides(args)
     model = _loader(args, weights)(args.model)
+    from .report.device import check_placement, place_loaded
+
+    check_placement(args.device, args.dtype)
+    model = place_loaded(model, args.device, args.dtype, copy=False)
     inputs: Any  # a tensor (images) or the tokenizer's dict of tensors (texts)
     if model.kind == "image":
         _need_report_deps("matplotlib", "PIL")

@@ -105,6 +105,9 @@ def run_compare(
     """
     from ..specs import override_preprocess
     from . import figures, html
+    from .device import check_placement, place_loaded
+
+    check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
 
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -140,6 +143,7 @@ def run_compare(
             model: LoadedModel = (
                 load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
             )
+            model = place_loaded(model, settings.device, settings.dtype, copy=False)  # settings.device/dtype
             if model.kind == "similarity":
                 raise SpecError(
                     f"{spec} is a sentence-similarity model without classes; use it with "

@@ -59,6 +59,8 @@ class Settings:
     randomisation_threshold: float = 0.5  # |a| Spearman similarity below which the check passes
     save_attributions: str | None = None  # "npy" | "pt" | "safetensors": OUT/attributions/
     rank_by: str = "abpc"  # the metric of the rankings (relprop.report.scores.RANKABLE)
+    device: str = "cpu"  # --device: cpu | cuda | cuda:N | auto (relprop.report.device)
+    dtype: str = "float32"  # --dtype: float32 | bfloat16 | float16: the models run in it (LRP divides in float32)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -266,7 +268,7 @@ class Job:
             for i in range(batch, _len(inputs), batch):
                 x = _slice(inputs, i, i + batch)
                 outs.append(select_output(model.module(**x) if isinstance(x, dict) else model.module(x)))
-        return torch.cat(outs).float()
+        return torch.cat(outs).float().cpu()  # the report's labels and predictions live on the CPU
 
     # -------------------------------------------------------------------------------- accuracy
     def accuracy(self, model: LoadedModel) -> dict:

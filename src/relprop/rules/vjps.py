@@ -249,6 +249,21 @@ def _view(node, grads, tensors, wrt):
     return res
 
 
+@register_vjp("_to_copy")
+def _to_copy(node, grads, tensors, wrt):
+    """A dtype/device copy (``x.to(...)``): the cotangent goes back as a copy to the input's dtype and device,
+    autograd's formula without re-running the copy. Autograd would round a float32 cotangent to the copy's
+    half-precision output dtype first; here LRP's float32 relevance (``base.vjp`` hands float32 inputs) stays
+    exact through a model's entry cast (``relprop.report.device.Placed``)."""
+    g = grads[0]
+    if g is None or wrt != [0] or g.is_complex():
+        return None
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    return [g.to(device=x.device, dtype=x.dtype)] + [None] * (len(tensors) - 1)
+
+
 @register_vjp("t", "transpose", "permute")
 def _perm(node, grads, tensors, wrt):
     g = grads[0]
