@@ -2,51 +2,61 @@
 and the token metrics.
 
 A *schedule* says at which step each input element is replaced (``step_of_elem[b, e]``; a value
-``>= n_steps`` means never). :func:`evaluate_steps` builds the ``B * (S + 1)`` perturbed copies with one
-masked ``torch.where`` per chunk and evaluates them ``batch_size`` at a time; copies identical to the
-previous step are not evaluated again. :func:`run_schedule` goes from attributions to curves: units,
-ranking, schedule, baseline, evaluation. The public functions in :mod:`.perturbation` and
-:mod:`.tokens` only choose the units, the schedule and how to shape the result.
+``>= n_steps`` means never). :func:`evaluate_steps` builds the ``B * (S + 1)`` perturbed copies on the
+model's device, a chunk at a time with one masked ``torch.where``, and evaluates each chunk in one
+forward pass; copies identical to the previous step are not evaluated again. How many copies a chunk
+holds is the caller's ``batch_size`` or measured in the call (:mod:`._chunks`). Scores stay on the
+device until the end: the loop syncs with the host only while it measures chunk sizes.
+:func:`run_schedule` goes from attributions to curves: units, ranking, schedule, baseline, evaluation.
+The public functions in :mod:`.perturbation` and :mod:`.tokens` only choose the units, the schedule
+and how to shape the result.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ._chunks import MAX_START, ChunkPlan
 from ._units import Units, rank_units, step_of_elements
-from ._utils import check_target_range, forward, progress_bar
+from ._utils import check_target_range, forward_on_device, model_device, progress_bar, synchronize
 from .baselines import BaselineLike, Fill, drifting_mean, resolve
 
-#: ``fn(perturbed_inputs, sample_rows) -> logits``: rows index the original batch (for side inputs
-#: such as a text model's attention mask).
+#: ``fn(perturbed_inputs, sample_rows) -> logits``: inputs and rows on the evaluation device, logits
+#: left there; rows index the original batch (for side inputs such as a text model's attention mask).
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+#: a chunk of ``(sample, step)`` copies that did not fit in the device's memory
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+#: elements per row block when finding the steps that change nothing
+_BLOCK_ELEMENTS = 1 << 24
 
-def model_forward(model) -> ForwardFn:
-    """A float-input model as a :data:`ForwardFn` (no gradients, on the model's device)."""
-    return lambda xp, rows: forward(model, xp)
+
+def evaluation_device(model, x: torch.Tensor) -> torch.device:
+    """Where the copies are built and evaluated: the model's device (the inputs' for a plain callable)."""
+    return model_device(model) if isinstance(model, torch.nn.Module) else x.device
+
+
+def model_forward(model, device: torch.device) -> ForwardFn:
+    """A float-input model as a :data:`ForwardFn` (no gradients, scores left on ``device``)."""
+    return lambda xp, rows: forward_on_device(model, xp, device)
 
 
 @dataclass
 class Curves:
-    """Target logit, target probability and argmax prediction per copy: ``(B, n_steps + 1)`` each."""
+    """Target logit, target probability and argmax prediction per copy: ``(B, n_steps + 1)`` each;
+    ``batch_size`` the copies per forward pass most of the work ran at."""
 
     logit: torch.Tensor
     prob: torch.Tensor
     pred: torch.Tensor
     target: torch.Tensor
     baseline: str = ""
-
-
-def predicted_target(fn: ForwardFn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    b = x.shape[0]
-    return torch.cat(
-        [fn(x[i : i + batch_size], torch.arange(i, min(b, i + batch_size))).argmax(1) for i in range(0, b, batch_size)]
-    )
+    batch_size: int = 0
 
 
 def evaluate_steps(
@@ -56,66 +66,125 @@ def evaluate_steps(
     n_steps: int,
     fill: Fill,
     target: torch.Tensor | None,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool = False,
     desc: str = "",
     insertion: bool = False,
+    device: torch.device | None = None,
 ) -> Curves:
     """Evaluate the model on every ``(sample, step)`` copy.
 
     Copy ``k`` of sample ``b`` has element ``e`` replaced by the fill iff ``step_of_elem[b, e] < k``
     (``k = 0..n_steps``). With ``insertion`` the roles flip: the copy starts from the fill and gets
-    the input back in the same order.
+    the input back in the same order. ``batch_size``: copies per forward pass, ``None`` to measure the
+    fastest (:class:`~._chunks.ChunkPlan`). Everything runs on ``device`` (default: the inputs').
+    Results are on the CPU.
     """
+    dev = x.device if device is None else torch.device(device)
     b = x.shape[0]
     feat_shape = tuple(x.shape[1:])
-    xf = x.reshape(b, -1)
+    xf = x.reshape(b, -1).to(dev)
     n_points = n_steps + 1
-    if target is None:  # explain the predicted class
-        target = predicted_target(fn, x, batch_size)
-    se_all = step_of_elem.to(torch.int16 if n_points < 32000 else torch.int32)  # less memory traffic
+    se_all = step_of_elem.to(dev, torch.int16 if n_points < 32000 else torch.int32)  # less memory traffic
+    fill = Fill(fill.kind, fill.value.to(dev))
 
     def fill_values(rows: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
         return fill.values(rows, se, n_steps, x.dtype)
 
     # Steps that change nothing (e.g. replacing background pixels that already equal the baseline)
     # give the same copy as the previous step: evaluate only copies that differ, reuse the rest.
-    needed = torch.ones(b, n_points, dtype=torch.bool)
+    needed = torch.ones(b, n_points, dtype=torch.bool, device=dev)
     if n_steps:
-        changes = torch.zeros(b, n_points, dtype=torch.int64)
-        for sl in range(0, b, max(1, batch_size)):
-            rows = torch.arange(sl, min(b, sl + max(1, batch_size)))
+        changes = torch.zeros(b, n_points, dtype=torch.int64, device=dev)
+        block = max(1, _BLOCK_ELEMENTS // max(1, xf.shape[1]))
+        for sl in range(0, b, block):
+            rows = torch.arange(sl, min(b, sl + block), device=dev)
             se = se_all[rows]
             diff = fill_values(rows, se) != xf[rows]
-            changes[rows] = torch.zeros(len(rows), n_points, dtype=torch.int64).scatter_add_(
+            changes[rows] = torch.zeros(len(rows), n_points, dtype=torch.int64, device=dev).scatter_add_(
                 1, se.long().clamp(max=n_steps), diff.long()
             )
         needed[:, 1:] = changes[:, :n_steps] > 0
-    pairs = needed.nonzero()
-    logits = torch.zeros(b, n_points, dtype=torch.float64)
-    probs = torch.zeros(b, n_points, dtype=torch.float64)
-    preds = torch.zeros(b, n_points, dtype=torch.long)
-    checked = False
-    with progress_bar(pairs.shape[0], progress, desc) as bar:
-        for start in range(0, pairs.shape[0], batch_size):
-            rows = pairs[start : start + batch_size, 0]
-            ki = pairs[start : start + batch_size, 1]
-            se = se_all[rows]
-            mask = se < ki[:, None]
-            base, fv = xf[rows], fill_values(rows, se)
-            xp = torch.where(mask, base, fv) if insertion else torch.where(mask, fv, base)
-            out = fn(xp.reshape(-1, *feat_shape), rows)
-            if not checked:
+    logits = torch.zeros(b, n_points, dtype=torch.float64, device=dev)
+    probs = torch.zeros(b, n_points, dtype=torch.float64, device=dev)
+    preds = torch.zeros(b, n_points, dtype=torch.long, device=dev)
+
+    def record(out: torch.Tensor, rows: torch.Tensor, ki: torch.Tensor | int, t: torch.Tensor) -> None:
+        logits[rows, ki] = out.gather(1, t[:, None])[:, 0].to(torch.float64)
+        probs[rows, ki] = torch.softmax(out, dim=1).gather(1, t[:, None])[:, 0].to(torch.float64)
+        preds[rows, ki] = out.argmax(1)
+
+    # explain the predicted class: the clean input's argmax, found first; its scores are copy 0's
+    # (with insertion, copy 0 is all fill: evaluated with the rest)
+    explained = target is None
+    if explained and not insertion:
+        needed[:, 0] = False
+    pairs = needed.nonzero()  # the one host sync outside measuring: how many copies there are
+    plan = ChunkPlan(pairs.shape[0], batch_size, start=b, features=xf.shape[1])
+    if target is None:
+        tdev = torch.zeros(b, dtype=torch.long, device=dev)
+    else:
+        tdev = target.to(dev)
+    checked = target is None
+
+    def run_chunk(rows: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        se = se_all[rows]
+        mask = se < ki[:, None]
+        base, fv = xf[rows], fill_values(rows, se)
+        xp = torch.where(mask, base, fv) if insertion else torch.where(mask, fv, base)
+        return fn(xp.reshape(-1, *feat_shape), rows)
+
+    with progress_bar(pairs.shape[0] + (b if explained else 0), progress, desc) as bar:
+        if explained:
+            size = batch_size or min(b, MAX_START)
+            for sl in range(0, b, size):
+                rows = torch.arange(sl, min(b, sl + size), device=dev)
+                out = fn(xf[rows].reshape(-1, *feat_shape), rows)
+                tdev[rows] = out.argmax(1)
+                if not insertion:
+                    record(out, rows, 0, tdev[rows])
+                bar.update(len(rows))
+        pos = 0
+        while pos < plan.total:
+            n = plan.next()
+            rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
+            timed = plan.measuring
+            if timed:
+                synchronize(dev)
+                t0 = time.perf_counter()
+            too_big = False
+            try:
+                out = run_chunk(rows, ki)
+            except _OOM:
+                if not plan.too_big():
+                    raise
+                too_big = True  # the chunk's tensors are freed with the exception, after this block
+            if too_big:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if not checked and target is not None:
                 check_target_range(target, out.shape[1])
                 checked = True
-            t = target[rows]
-            logits[rows, ki] = out.gather(1, t[:, None])[:, 0].to(torch.float64)
-            probs[rows, ki] = torch.softmax(out, dim=1).gather(1, t[:, None])[:, 0].to(torch.float64)
-            preds[rows, ki] = out.argmax(1)
-            bar.update(len(rows))
-    src = torch.where(needed, torch.arange(n_points).expand(b, n_points), torch.zeros((), dtype=torch.long))
+            record(out, rows, ki, tdev[rows])
+            seconds = None
+            if timed:
+                synchronize(dev)
+                seconds = time.perf_counter() - t0
+            plan.record(n, seconds)
+            pos += n
+            bar.update(n)
+    src = torch.where(
+        needed, torch.arange(n_points, device=dev).expand(b, n_points), torch.zeros((), dtype=torch.long, device=dev)
+    )
     src = torch.cummax(src, dim=1).values
-    return Curves(logits.gather(1, src), probs.gather(1, src), preds.gather(1, src), target)
+    return Curves(
+        logits.gather(1, src).cpu(),
+        probs.gather(1, src).cpu(),
+        preds.gather(1, src).cpu(),
+        tdev.cpu(),
+        batch_size=plan.size,
+    )
 
 
 def run_schedule(
@@ -128,8 +197,9 @@ def run_schedule(
     n_steps: int,
     baseline: BaselineLike | Fill,
     target: torch.Tensor | None,
-    batch_size: int,
+    batch_size: int | None,
     *,
+    device: torch.device | None = None,
     seed: int | None = 0,
     blur_sigma: float = 2.0,
     noise_std: float | None = None,
@@ -140,10 +210,12 @@ def run_schedule(
     """Rank ``units`` by ``scores`` (``(B, U)``) in ``order``, replace them by ``baseline`` on the schedule
     ``step_of_rank`` (rank -> step) and evaluate every step.
 
-    Insertion starts from the baseline; a drifting ``"mean"`` then is the clean input's mean.
+    Insertion starts from the baseline; a drifting ``"mean"`` then is the clean input's mean. The ranking
+    is NumPy's (ties break as Quantus breaks them), once per call; the copies are built on ``device``.
     """
+    dev = x.device if device is None else torch.device(device)
     rank = rank_units(scores, order, seed)
-    step_of_unit, soe = step_of_elements(rank, step_of_rank, units.uid)
+    step_of_unit, soe = step_of_elements(rank, step_of_rank, units.uid, dev)
     fill: Fill | None
     if isinstance(baseline, Fill):
         desc_b, fill = "fill", baseline
@@ -153,10 +225,12 @@ def run_schedule(
         if insertion:
             fill = Fill("scalar", x.reshape(x.shape[0], -1).mean(1))
         else:
-            fill = drifting_mean(x, units, step_of_unit, n_steps)
+            fill = drifting_mean(x.cpu(), units, step_of_unit, n_steps)
     if insertion:
         fill = fill.as_tensor(x.shape[0], int(np.prod(x.shape[1:])))
-    curves = evaluate_steps(fn, x, soe, n_steps, fill, target, batch_size, progress, desc, insertion=insertion)
+    curves = evaluate_steps(
+        fn, x, soe, n_steps, fill, target, batch_size, progress, desc, insertion=insertion, device=dev
+    )
     curves.baseline = desc_b
     return curves
 

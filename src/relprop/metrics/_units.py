@@ -83,9 +83,9 @@ def units_for(x: torch.Tensor, patch_size: int, pad: bool) -> Units:
 def unit_scores(a_flat: torch.Tensor, units: Units) -> np.ndarray:
     """Attributions summed per unit: a ``(B, U)`` array (padding counts as zero)."""
     if units.is_identity:
-        return a_flat.cpu().numpy()
+        return a_flat.detach().cpu().numpy()
     sums = torch.zeros(a_flat.shape[0], units.n_units, dtype=torch.float64)
-    sums.index_add_(1, units.uid, a_flat.to(torch.float64))
+    sums.index_add_(1, units.uid, a_flat.detach().cpu().to(torch.float64))
     return sums.numpy()
 
 
@@ -118,11 +118,12 @@ def even_schedule(n_units: int, n_steps: int) -> np.ndarray:
 
 
 def step_of_elements(
-    rank: np.ndarray, step_of_rank: np.ndarray, uid: torch.Tensor
+    rank: np.ndarray, step_of_rank: np.ndarray, uid: torch.Tensor, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step of each unit ``(B, U)``, step of each flattened element ``(B, F)``)."""
+    """(step of each unit ``(B, U)`` on the CPU, step of each flattened element ``(B, F)`` on ``device``)."""
     step_of_unit = torch.from_numpy(step_of_rank[rank]).long()
-    return step_of_unit, step_of_unit[:, uid]
+    dev = torch.device("cpu") if device is None else device
+    return step_of_unit, step_of_unit.to(dev)[:, uid.to(dev)]
 
 
 def fractions_of(step_of_rank: np.ndarray, n_steps: int, n_units: int) -> torch.Tensor:

@@ -139,10 +139,10 @@ def check_positive_int(value: Any, name: str) -> int:
 # ---------------------------------------------------------------------------
 # Forward passes
 # ---------------------------------------------------------------------------
-def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    device = model_device(model)
+def forward_on_device(model: torch.nn.Module, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Class scores ``(batch, classes)`` without gradients, left on the model's device (no host sync)."""
     with torch.no_grad():
-        out = model(x.to(device))
+        out = model(x.to(model_device(model) if device is None else device))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -150,7 +150,24 @@ def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             f"model must return class scores of shape (batch, classes), got "
             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
         )
-    return out.detach().cpu()
+    return out.detach()
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return forward_on_device(model, x).cpu()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (to time it); nothing to wait for on the CPU."""
+    if device.type == "cpu":
+        return
+    mod = getattr(torch, device.type, None)
+    sync = getattr(mod, "synchronize", None)
+    if callable(sync):
+        if device.type == "cuda":
+            sync(device)
+        else:
+            sync()
 
 
 def forward_chunked(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:

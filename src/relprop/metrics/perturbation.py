@@ -2,8 +2,10 @@
 perturbation (MoRF / LeRF), ABPC, insertion / deletion.
 
 Everything is vectorised: for a batch of ``B`` samples and ``S`` perturbation
-steps, the ``B * (S + 1)`` perturbed copies are built with one masked
-``torch.where`` per chunk and evaluated ``batch_size`` at a time.
+steps, the ``B * (S + 1)`` perturbed copies are built on the model's device with
+one masked ``torch.where`` per chunk and evaluated ``batch_size`` at a time; by
+default (``batch_size=None``) the chunk size that runs fastest is measured in the
+call on the first chunks (see :mod:`._chunks`).
 
 Quantus compatibility (``region_perturbation``, ``pixel_flipping``, ``abpc``)
 ----------------------------------------------------------------------------
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from . import _units
-from ._engine import area_between, area_between_per_step, model_forward, run_schedule
+from ._engine import area_between, area_between_per_step, evaluation_device, model_forward, run_schedule
 from ._utils import (
     TargetLike,
     check_attributions,
@@ -71,6 +73,7 @@ class PerturbationCurve:
     order: str
     baseline: str
     patch_size: int
+    batch_size: int = 0
 
     @property
     def accuracy(self) -> torch.Tensor:
@@ -102,6 +105,7 @@ class PerturbationResult:
     raw scores for pixel flipping (as in Quantus). ``auc`` is the per-sample
     trapezoid AUC of ``scores`` (dx = 1) and ``mean_auc`` its mean (Quantus'
     ``get_auc_score``). ``clean_score`` is the unperturbed target score.
+    ``batch_size``: the copies per forward pass (the measured one when ``None`` was passed).
     """
 
     kind: str
@@ -115,6 +119,7 @@ class PerturbationResult:
     softmax: bool
     patch_size: int = 1
     features_in_step: int = 1
+    batch_size: int = 0
 
     @property
     def score_curve(self) -> torch.Tensor:
@@ -218,8 +223,8 @@ def _prepare(model, inputs, attributions, target, batch_size, abs_):
     if abs_:
         a = a.abs()
     t = check_targets(target, x.shape[0])
-    bs = check_positive_int(batch_size, "batch_size")
-    return x, a, t, bs
+    bs = None if batch_size is None else check_positive_int(batch_size, "batch_size")
+    return x, a, t, bs, evaluation_device(model, x)
 
 
 def _scores(a: torch.Tensor, units: _units.Units) -> np.ndarray:
@@ -254,7 +259,7 @@ def perturbation_curve(
     labels: TargetLike = None,
     abs: bool = False,
     pad: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     blur_sigma: float = 2.0,
     noise_std: float | None = None,
     seed: int | None = 0,
@@ -278,14 +283,15 @@ def perturbation_curve(
     ``target`` defaults to the predicted class; ``labels`` (for the accuracy
     curve) default to ``target``.
     """
-    x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
+    x, a, t, bs, dev = _prepare(model, inputs, attributions, target, batch_size, abs)
     order = _units.check_order(order)
     patch_size = check_positive_int(patch_size, "patch_size")
     units = _units.units_for(x, patch_size, pad)
     n_steps, schedule = _even_steps(units, steps)
     c = run_schedule(
-        model_forward(model), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
-        seed=seed, blur_sigma=blur_sigma, noise_std=noise_std, progress=progress, desc="perturbation curve",
+        model_forward(model, dev), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
+        device=dev, seed=seed, blur_sigma=blur_sigma, noise_std=noise_std, progress=progress,
+        desc="perturbation curve",
     )  # fmt: skip
     lab = check_targets(labels, x.shape[0], "labels")
     lab = c.target if lab is None else lab
@@ -299,6 +305,7 @@ def perturbation_curve(
         order=order,
         baseline=c.baseline,
         patch_size=patch_size,
+        batch_size=c.batch_size,
     )
 
 
@@ -315,7 +322,7 @@ def region_perturbation(
     softmax: bool = True,
     abs: bool = False,
     pad: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     seed: int | None = 0,
     progress: bool = False,
     **baseline_options,
@@ -330,8 +337,14 @@ def region_perturbation(
     ``.mean_auc`` their mean (Quantus ``RegionPerturbation.get_auc_score``).
     ``regions`` is capped at the number of patches. ``pad=True`` allows a
     ``patch_size`` that does not divide the image (centred padding like Quantus).
+
+    ``batch_size``: perturbed copies per forward pass. ``None`` (default) measures
+    it in the call: the inputs' batch (at most 256), then twice that and so on
+    while the time per copy drops by 10% or more (every chunk timed is real work).
+    The choice changes the scores only by float rounding; pass a number for
+    bit-for-bit repeatable runs. The same holds for every perturbation metric.
     """
-    x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
+    x, a, t, bs, dev = _prepare(model, inputs, attributions, target, batch_size, abs)
     if x.dim() != 4:
         raise ValueError(f"inputs must be images shaped (batch, channels, height, width), got shape {tuple(x.shape)}")
     order = _units.check_order(order)
@@ -341,8 +354,9 @@ def region_perturbation(
     n_steps = min(regions, units.n_units)
     schedule = np.minimum(np.arange(units.n_units), n_steps)  # one patch per step, the rest never
     c = run_schedule(
-        model_forward(model), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
-        seed=seed, progress=progress, desc="region perturbation", **_baseline_kw(baseline_options),
+        model_forward(model, dev), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
+        device=dev, seed=seed, progress=progress, desc="region perturbation",
+        **_baseline_kw(baseline_options),
     )  # fmt: skip
     score = c.prob if softmax else c.logit
     drops = score[:, :1] - score[:, 1:]
@@ -358,6 +372,7 @@ def region_perturbation(
         baseline=c.baseline,
         softmax=softmax,
         patch_size=patch_size,
+        batch_size=c.batch_size,
     )
 
 
@@ -372,7 +387,7 @@ def pixel_flipping(
     baseline: BaselineLike = "black",
     softmax: bool = True,
     abs: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     seed: int | None = 0,
     progress: bool = False,
     **baseline_options,
@@ -387,7 +402,7 @@ def pixel_flipping(
     ``.mean_auc`` the mean. Quantus only has MoRF; ``order="lerf"`` equals
     Quantus applied to negated attributions.
     """
-    x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
+    x, a, t, bs, dev = _prepare(model, inputs, attributions, target, batch_size, abs)
     order = _units.check_order(order)
     fis = check_positive_int(features_in_step, "features_in_step")
     units = _units.feature_units(x)
@@ -396,8 +411,9 @@ def pixel_flipping(
     n_steps = math.ceil(units.n_units / fis)
     schedule = np.arange(units.n_units) // fis
     c = run_schedule(
-        model_forward(model), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
-        seed=seed, progress=progress, desc="pixel flipping", **_baseline_kw(baseline_options),
+        model_forward(model, dev), x, _scores(a, units), units, order, schedule, n_steps, baseline, t, bs,
+        device=dev, seed=seed, progress=progress, desc="pixel flipping",
+        **_baseline_kw(baseline_options),
     )  # fmt: skip
     score = c.prob if softmax else c.logit
     curves = score[:, 1:].clone()
@@ -413,6 +429,7 @@ def pixel_flipping(
         baseline=c.baseline,
         softmax=softmax,
         features_in_step=fis,
+        batch_size=c.batch_size,
     )
 
 
@@ -428,7 +445,7 @@ def abpc(
     softmax: bool = True,
     abs: bool = False,
     pad: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     progress: bool = False,
     **baseline_options,
 ) -> ABPCResult:
@@ -453,6 +470,7 @@ def abpc(
         **baseline_options,
     )
     morf = region_perturbation(model, inputs, attributions, target, order="morf", **kw)
+    kw["batch_size"] = morf.batch_size  # measured once for both orders
     lerf = region_perturbation(model, inputs, attributions, morf.target, order="lerf", **kw)
     return ABPCResult.from_curves(morf.score_curve, lerf.score_curve, morf=morf, lerf=lerf)
 
@@ -469,7 +487,7 @@ def insertion_deletion(
     insertion_baseline: BaselineLike = "blur",
     abs: bool = False,
     pad: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     blur_sigma: float = 2.0,
     seed: int | None = 0,
     progress: bool = False,
@@ -481,15 +499,15 @@ def insertion_deletion(
     most-relevant first. AUCs are over the fraction of units in [0, 1].
     Higher insertion AUC and lower deletion AUC are better.
     """
-    x, a, t, bs = _prepare(model, inputs, attributions, target, batch_size, abs)
+    x, a, t, bs, dev = _prepare(model, inputs, attributions, target, batch_size, abs)
     patch_size = check_positive_int(patch_size, "patch_size")
     units = _units.units_for(x, patch_size, pad)
     n_steps, schedule = _even_steps(units, steps)
-    fn, scores = model_forward(model), _scores(a, units)
-    kw: dict[str, Any] = dict(seed=seed, blur_sigma=blur_sigma, progress=progress)
+    fn, scores = model_forward(model, dev), _scores(a, units)
+    kw: dict[str, Any] = dict(device=dev, seed=seed, blur_sigma=blur_sigma, progress=progress)
     d = run_schedule(fn, x, scores, units, "morf", schedule, n_steps, deletion_baseline, t, bs, desc="deletion", **kw)
     i = run_schedule(
-        fn, x, scores, units, "morf", schedule, n_steps, insertion_baseline, d.target, bs,
+        fn, x, scores, units, "morf", schedule, n_steps, insertion_baseline, d.target, d.batch_size,
         insertion=True, desc="insertion", **kw,
     )  # fmt: skip
     return InsertionDeletionResult.from_curves(_units.fractions_of(schedule, n_steps, units.n_units), i.prob, d.prob)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._engine import evaluate_steps
-from ._utils import TargetLike, check_positive_int, check_targets, model_device
+from ._engine import evaluate_steps, evaluation_device
+from ._utils import TargetLike, check_positive_int, check_targets
 from .baselines import Fill
 from .perturbation import ABPCResult, InsertionDeletionResult
 
@@ -67,7 +67,7 @@ def token_perturbation(
     attention_mask: torch.Tensor | None = None,
     exclude: torch.Tensor | None = None,
     steps: int = 16,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> TokenPerturbationResult:
     """MoRF and LeRF deletion curves and the MoRF insertion curve of a text model.
@@ -75,7 +75,8 @@ def token_perturbation(
     ``model(ids, attention_mask)`` (or ``model(ids)`` without a mask) returns logits ``(B, classes)``;
     ``attributions`` are per token ``(B, L)``; ``exclude`` marks positions never replaced (special
     tokens). Insertion starts from every content token replaced by ``fill_id`` and restores the most
-    relevant first.
+    relevant first. ``batch_size``: copies per forward pass, ``None`` to measure the fastest in the call
+    (as :func:`~relprop.metrics.region_perturbation` does).
     """
     ids = torch.as_tensor(input_ids)
     if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
@@ -84,31 +85,31 @@ def token_perturbation(
     if a.shape != ids.shape:
         raise ValueError(f"attributions must have the shape of input_ids {tuple(ids.shape)}, got {tuple(a.shape)}")
     steps = check_positive_int(steps, "steps")
-    bs = check_positive_int(batch_size, "batch_size")
+    bs = None if batch_size is None else check_positive_int(batch_size, "batch_size")
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
     content = (mask.bool() & ~(torch.zeros_like(ids, dtype=torch.bool) if exclude is None else exclude.bool())).cpu()
     t = check_targets(target, ids.shape[0])
 
-    device = model_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    ids, mask = ids.cpu(), mask.cpu()  # copies are built on the CPU; each chunk goes to the model's device
+    device = evaluation_device(model, ids)
+    ids, mask = ids.to(device), mask.to(device)  # copies are built on the model's device
 
     def fn(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = x.to(device)
-            out = model(x, mask[rows].to(device)) if attention_mask is not None else model(x)
+            out = model(x, mask[rows]) if attention_mask is not None else model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        return out.detach().float().cpu()
+        return out.detach().float()
 
-    fill = Fill("scalar", torch.full((ids.shape[0],), int(fill_id), dtype=ids.dtype))
+    fill = Fill("scalar", torch.full((ids.shape[0],), int(fill_id), dtype=ids.dtype, device=device))
     curves = {}
     for name, order, ins in (("morf", "morf", False), ("lerf", "lerf", False), ("insertion", "morf", True)):
         soe = _schedule(a, content, order, steps)
         f = fill
         if ins:  # insertion starts from the fill on the content tokens only; the rest stays
-            f = Fill("tensor", torch.where(content, torch.as_tensor(int(fill_id), dtype=ids.dtype), ids))
-        c = evaluate_steps(fn, ids, soe, steps, f, t, bs, progress, f"token {name}", insertion=ins)
+            f = Fill("tensor", torch.where(content.to(device), torch.as_tensor(int(fill_id), dtype=ids.dtype), ids))
+        c = evaluate_steps(fn, ids, soe, steps, f, t, bs, progress, f"token {name}", insertion=ins, device=device)
         t = final_target = c.target
+        bs = c.batch_size  # measured once (MoRF), kept for LeRF and insertion
         curves[name] = c.prob
     return TokenPerturbationResult(
         torch.from_numpy(np.linspace(0, 1, steps + 1)),

@@ -1,0 +1,215 @@
+"""The perturbation engine's chunked evaluation equals a plain one-step-at-a-time computation, for any
+chunk size (divisors or not, fixed or measured), and the chunk-size measurement (ChunkPlan) decides as
+documented: grow while the time per copy drops by >= 10%, fall back when a size runs out of memory."""
+
+import pytest
+import torch
+
+from relprop import metrics as M
+from relprop.metrics import _engine
+from relprop.metrics._chunks import MAX_START, ChunkPlan
+from relprop.metrics.baselines import Fill
+
+B, C, H, W, S = 5, 2, 6, 6, 7
+F = C * H * W
+
+
+def _model(classes=4):
+    torch.manual_seed(0)
+    return (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(C, 3, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(3 * H * W, classes),
+        )
+        .double()
+        .eval()
+    )
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    x[:, :, :2] = 0.0  # "background" equal to a zero fill: the steps replacing only it change nothing
+    # step of each element: 0..S-1, or >= S (never replaced); whole rows of zeros repeat earlier copies
+    se = torch.randint(0, S + 3, (B, F), generator=g)
+    return x, se
+
+
+def _fills(x, se):
+    g = torch.Generator().manual_seed(7)
+    return {
+        "scalar": Fill("scalar", torch.zeros(B, dtype=torch.float64)),
+        "step": Fill("step", torch.rand(B, S, generator=g, dtype=torch.float64)),
+        "tensor": Fill("tensor", torch.rand(B, F, generator=g, dtype=torch.float64)),
+    }
+
+
+def _plain(model, x, se, fill, target, insertion):
+    """One step at a time: copy k of the whole batch has the elements with step < k replaced, then one
+    forward pass of the batch per step."""
+    xf = x.reshape(B, -1)
+    if fill.kind == "scalar":
+        fv = fill.value[:, None].expand(B, F)
+    elif fill.kind == "step":
+        fv = fill.value.gather(1, se.clamp(max=S - 1))
+    else:
+        fv = fill.value
+    logit, prob, pred = [], [], []
+    with torch.no_grad():
+        if target is None:  # the clean input's predicted class
+            target = model(x).argmax(1)
+        for k in range(S + 1):
+            gone = se < k
+            xk = torch.where(gone, xf, fv) if insertion else torch.where(gone, fv, xf)
+            out = model(xk.reshape(x.shape))
+            logit.append(out[torch.arange(B), target])
+            prob.append(torch.softmax(out, 1)[torch.arange(B), target])
+            pred.append(out.argmax(1))
+    return torch.stack(logit, 1), torch.stack(prob, 1), torch.stack(pred, 1), target
+
+
+@pytest.mark.parametrize("kind", ["scalar", "step", "tensor"])
+@pytest.mark.parametrize("insertion", [False, True])
+@pytest.mark.parametrize("given_target", [False, True])
+def test_chunked_evaluation_equals_one_step_at_a_time(kind, insertion, given_target):
+    model = _model()
+    x, se = _data()
+    fill = _fills(x, se)[kind]
+    target = torch.tensor([0, 3, 1, 2, 3]) if given_target else None
+    want = _plain(model, x, se, fill, target, insertion)
+    fn = _engine.model_forward(model, torch.device("cpu"))
+    for bs in [1, 3, 7, B, B * (S + 1), 1000, None]:  # non-divisors, one step, all copies, more, measured
+        c = _engine.evaluate_steps(fn, x, se, S, fill, target, bs, insertion=insertion)
+        msg = f"batch_size={bs}"
+        torch.testing.assert_close(c.logit, want[0], rtol=1e-12, atol=1e-12, msg=msg)
+        torch.testing.assert_close(c.prob, want[1], rtol=1e-12, atol=1e-12, msg=msg)
+        assert torch.equal(c.pred, want[2]), msg
+        assert torch.equal(c.target, want[3]), msg
+        assert c.batch_size >= 1
+
+
+def test_region_perturbation_same_scores_for_every_chunk_size():
+    """The public path (ranking, Quantus' drifting mean, padding) end to end: every chunk size gives the
+    numbers of one forward pass per step."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    a = torch.randn(B, 1, H, W, generator=g, dtype=torch.float64)
+    runs = {
+        bs: M.region_perturbation(model, x, a, patch_size=4, pad=True, regions=4, baseline="mean", batch_size=bs)
+        for bs in [1, 2, 4, 7, None]
+    }
+    ref = runs[1]  # one copy per forward pass
+    for bs, r in runs.items():
+        torch.testing.assert_close(r.scores, ref.scores, rtol=1e-12, atol=1e-12, msg=f"batch_size={bs}")
+        assert torch.equal(r.target, ref.target)
+    assert runs[7].batch_size == 7 and runs[None].batch_size >= 1
+
+
+class _Clock:
+    """A fake ``time`` module: every forward pass costs one tick whatever its size (a GPU far from full)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_measured_size_grows_and_falls_back_when_out_of_memory(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(_engine, "time", clock)
+    model = _model()
+    x, se = _data()
+    fill = _fills(x, se)["scalar"]
+    sizes = []
+
+    def fn(xp, rows):
+        sizes.append(xp.shape[0])
+        if xp.shape[0] > B:
+            raise torch.cuda.OutOfMemoryError("fake: chunk too big")
+        clock.now += 1.0
+        return _engine.forward_on_device(model, xp, torch.device("cpu"))
+
+    c = _engine.evaluate_steps(fn, x, se, S, fill, torch.tensor([0, 1, 2, 3, 0]), None)
+    want = _plain(model, x, se, fill, torch.tensor([0, 1, 2, 3, 0]), False)
+    torch.testing.assert_close(c.prob, want[1], rtol=1e-12, atol=1e-12)
+    # 5 copies (the batch) twice, then 10 (a tick for twice the copies: worth trying) ran out of memory:
+    # back to 5 for the rest
+    assert sizes[:3] == [B, B, 2 * B]
+    assert c.batch_size == B and max(sizes[3:]) == B
+    # the caller's own size running out of memory is the caller's error
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _engine.evaluate_steps(fn, x, se, S, fill, None, 2 * B)
+
+
+def _drive(plan, cost):
+    """Run a plan with ``cost(size) -> seconds`` per chunk; the sizes it chose."""
+    out = []
+    while plan.done < plan.total:
+        n = plan.next()
+        out.append(n)
+        plan.record(n, cost(n) if plan.measuring else None)
+    return out
+
+
+def test_chunk_plan_decisions():
+    # fixed: the caller's size, the last chunk smaller
+    assert _drive(ChunkPlan(10, 4, start=3), lambda n: 1.0) == [4, 4, 2]
+    # a CPU-like device: twice the copies take more than twice the time -> stays at the inputs' batch
+    sizes = _drive(ChunkPlan(400, None, start=32), lambda n: n * (1.0 if n <= 32 else 1.3))
+    assert sizes[:4] == [32, 32, 64, 64] and set(sizes[4:-1]) == {32} and sum(sizes) == 400
+    # a GPU-like device: a fixed cost per pass -> doubles while there is enough work left to measure
+    plan = ChunkPlan(10_000, None, start=8)
+    sizes = _drive(plan, lambda n: 1.0)
+    assert sizes[:8] == [8, 8, 16, 16, 32, 32, 64, 64] and plan.size >= 512 and sum(sizes) == 10_000
+    # a gain under 10% is not worth a bigger chunk
+    plan = ChunkPlan(1000, None, start=10)
+    _drive(plan, lambda n: n * (1.0 if n <= 10 else 0.95))
+    assert plan.size == 10
+    # the start is the inputs' batch, capped; the measured size is capped by elements per chunk
+    assert ChunkPlan(10**6, None, start=10**4).size == MAX_START
+    plan = ChunkPlan(10**6, None, start=4, features=1 << 24)
+    assert plan.max_size == 4 and _drive(plan, lambda n: 1.0)[:4] == [4, 4, 4, 4]
+    # out of memory: only a size above a measured one falls back
+    plan = ChunkPlan(100, None, start=5)
+    assert not plan.too_big()
+    plan.record(5, 1.0)
+    plan.record(5, 1.0)
+    assert plan.size == 10 and plan.too_big() and plan.size == 5 and not plan.measuring
+    assert not ChunkPlan(100, 7, start=5).too_big()
+
+
+def _cuda_syncs(fn):
+    """(result, number of synchronising CUDA operations) of ``fn()``."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_chunks_equal_cpu_and_do_not_sync_per_chunk():
+    model = _model().float()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(16, C, H, W, generator=g)
+    a = torch.randn(16, 1, H, W, generator=g)
+    y = torch.arange(16) % 4
+    cpu = M.region_perturbation(model, x, a, y, patch_size=2, regions=9, batch_size=16)
+    gm, xc, ac = _model().float().cuda(), x.cuda(), a.cuda()
+    one, syncs_one = _cuda_syncs(lambda: M.region_perturbation(gm, xc, ac, y, patch_size=2, regions=9, batch_size=1))
+    all_, syncs_all = _cuda_syncs(lambda: M.region_perturbation(gm, xc, ac, y, patch_size=2, regions=9, batch_size=160))
+    measured = M.region_perturbation(gm, xc, ac, y, patch_size=2, regions=9)
+    for r in (one, all_, measured):
+        torch.testing.assert_close(r.scores, cpu.scores, rtol=1e-4, atol=1e-5)
+    # 160 chunks of one copy sync the host no more often than one chunk of 160
+    assert syncs_one == syncs_all
