@@ -466,7 +466,9 @@ def test_explain_similarity_png_draws_both_sentences(tmp_path, capsys, monkeypat
     out = tmp_path / "tokens.png"
     assert main(["explain", "--model", "zoo:minilm-similarity", "--input", "A man plays a guitar.", "--reference",
                  "Someone makes relprop music.", "--method", "lrp,gradient", "--out", str(out)]) == 0  # fmt: skip
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "lrp: explained similarity (sentence A, against B)" in printed  # each sentence named alike
+    assert "lrp: explained similarity (sentence B, against A)" in printed
     (rows,) = drawn
     assert [r.method for r in rows] == ["lrp", "gradient", "lrp", "gradient"]
     a, b = rows[0], rows[2]
@@ -726,9 +728,21 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, dig
         rc = main(args)
         captured = capsys.readouterr()
         assert rc == 0, f"{cmd}\n{captured.err[-2000:]}"
+        assert "same computation" not in captured.err, f"{cmd}: the README's example repeats a method\n{captured.err}"
         ran += 1
     assert ran >= len(cmds) - 1
     assert (tmp_path / "digit.png").exists()  # written by the README's `relprop sample` line
+
+
+def test_list_shows_every_model_kind_in_aligned_columns(capsys):
+    from relprop.specs import KINDS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = {k: next(ln for ln in out.splitlines() if ln.startswith(f"  {k.example} ")) for k in KINDS.values()}
+    starts = {ln.index(k.help) for k, ln in lines.items()}
+    assert len(starts) == 1, out  # the help texts start in one column, past the longest spec form
+    assert all(ln[ln.index(k.help) - 2 : ln.index(k.help)] == "  " for k, ln in lines.items())
 
 
 def test_readme_examples_schema_is_the_written_schema():

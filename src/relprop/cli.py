@@ -324,7 +324,7 @@ def _common(p):
         help="LRP composite (default: auto = attnlrp for transformers, else epsilon_plus_flat)",
     )
     g.add_argument(
-        "--image-size", type=int, nargs="+", metavar="H [W]", help="resize images (overrides the model's config)"
+        "--image-size", type=int, nargs="+", metavar=("H", "W"), help="resize images (overrides the model's config)"
     )
     g.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean per channel")
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std per channel")
@@ -725,7 +725,7 @@ def cmd_explain(args) -> int:
     if model.kind == "similarity":
         print(f"similarity of A to B: {float(out[0]):.4f} (cosine of mean-pooled all-MiniLM-L6-v2 embeddings)")
         target: int | Callable[[torch.Tensor], torch.Tensor] = lambda o: o.reshape(-1)  # noqa: E731
-        target_desc = "similarity"
+        target_desc = "similarity (sentence A, against B)"
     else:
         probs = torch.softmax(out[0].float(), -1)
         pred = int(probs.argmax())
@@ -800,7 +800,7 @@ def cmd_explain(args) -> int:
         module_b = SentenceSimilarity.from_sentence(similarity_base, model.tokenizer, text).eval()
         inputs_b = text_batch(model, [args.reference], max_length=512)
         desc_b = "similarity (sentence B, against A)"
-        sections = [(text, inputs, results, "similarity (sentence A, against B)")]
+        sections = [(text, inputs, results, target_desc)]
         sections.append((args.reference, inputs_b, run_methods(module_b, inputs_b, target, desc_b), desc_b))
     for sentence, inp, res, desc in sections:
         tokens = model.tokenizer.convert_ids_to_tokens(inp["input_ids"][0].tolist())
@@ -835,7 +835,8 @@ def cmd_explain(args) -> int:
             for _, inp, res, desc in sections
         ]  # fmt: skip
         try:  # both sentences of a pair, word pieces merged, one colour scale per method
-            fig = tokens_figure(drawn, title=f"{model.name}: {target_desc}", cmap=args.cmap, sign=args.sign)
+            title = f"{model.name}: " + ("similarity of sentence A and B" if len(drawn) > 1 else target_desc)
+            fig = tokens_figure(drawn, title=title, cmap=args.cmap, sign=args.sign)
         except (KeyError, ValueError) as ex:  # an unknown colour map
             raise CLIError(f"--cmap {args.cmap}: {str(ex).splitlines()[0][:200]}") from None
         fig.savefig(dest, dpi=120)
@@ -992,8 +993,9 @@ def cmd_list(args) -> int:
     print("default methods for compare: " + ", ".join(default_methods()))
     print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
     print("model specs:  " + spec_forms())
+    width = max(len(k.example) for k in KINDS.values()) + 2
     for k in KINDS.values():
-        print(f"  {k.example:<36} {k.help}")
+        print(f"  {k.example:<{width}} {k.help}")
     return 0
 
 
