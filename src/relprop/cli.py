@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", type=int, default=8, metavar="N", help="examples in the heatmap grid (default: 8, at least 1)"
     )
     c.add_argument(
+        "--limit", type=int, metavar="N",
+        help="use only the first N examples of the data (accuracy and metrics; not --samples, the metric examples)",
+    )  # fmt: skip
+    c.add_argument(
+        "--subset", type=int, metavar="N",
+        help="use N examples of the data drawn at random with --seed (after --limit), in data order",
+    )  # fmt: skip
+    c.add_argument(
+        "--data-workers", type=int, default=0, metavar="N",
+        help="processes that read and decode the data ahead during the accuracy pass (default: 0, none)",
+    )  # fmt: skip
+    c.add_argument(
         "--target",
         choices=("pred", "label"),
         default="pred",
@@ -332,6 +344,7 @@ def _common(p):
     g.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
     g.add_argument("--text-column", default="text", help="text column of a CSV/JSONL (default: text)")
     g.add_argument("--label-column", default="label", help="label column of a CSV/JSONL (default: label)")
+    g.add_argument("--image-column", default="image", help="image column of a table/saved dataset (default: image)")
     g.add_argument("--seed", type=int, default=0, help="sample selection and randomisation seed (default: 0)")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -414,12 +427,21 @@ def _preprocess_overrides(args) -> dict:
     return {"image_size": args.image_size, "mean": args.mean, "std": args.std, "channels": args.channels}
 
 
+def _selected(data) -> str:
+    """`` of N (--limit 100)``: how the examples were chosen, for the header line."""
+    sel = data.info.get("selection")
+    if not sel:
+        return ""
+    how = ", ".join(f"--{k} {v}" for k, v in sel.items() if v is not None and k != "seed")
+    return f" of {data.info.get('selected_from')} ({how}{', --seed ' + str(sel['seed']) if sel.get('subset') else ''})"
+
+
 def _positive(args, *names):
     for n in names:
         v = getattr(args, n)
         if v is not None and v < 0:
             raise CLIError(f"--{n.replace('_', '-')} must be >= 0, got {v}")
-    for n in ("samples", "batch_size", "regions", "steps", "patch_grid", "grid", "top"):
+    for n in ("samples", "batch_size", "regions", "steps", "patch_grid", "grid", "top", "limit", "subset"):
         v = getattr(args, n, None)
         if v is not None and v < 1:
             raise CLIError(f"--{n.replace('_', '-')} must be at least 1, got {v}")
@@ -542,7 +564,8 @@ def cmd_compare(args) -> int:
     from .specs import check_model_spec, load_data
 
     check_placement(args.device, args.dtype)  # before the data is read
-    _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap")
+    _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
+              "data_workers")  # fmt: skip
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
     if len(set(models)) != len(models):
         raise CLIError("a model is given twice in --models")
@@ -556,6 +579,12 @@ def cmd_compare(args) -> int:
         split=args.split,
         text_column=args.text_column,
         label_column=args.label_column,
+        image_column=args.image_column,
+        trust_pickle=args.trust_pickle,
+        limit=args.limit,
+        subset=args.subset,
+        seed=args.seed,
+        loader_workers=args.data_workers,
     )
     if len(data) == 0:
         raise CLIError(f"data {data.spec} is empty")
@@ -582,6 +611,8 @@ def cmd_compare(args) -> int:
         rank_by=args.rank_by,
         device=args.device,
         dtype=args.dtype,
+        limit=args.limit,
+        subset=args.subset,
     )
     out = Path(args.out)
     log = (lambda s: None) if args.quiet else _say
@@ -598,7 +629,7 @@ def cmd_compare(args) -> int:
     n_metrics = min(args.samples, len(data))
     header = (
         f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
-        f"({len(data)} examples, metrics on {n_metrics}) -> {out}/index.html"
+        f"({len(data)} examples{_selected(data)}, metrics on {n_metrics}) -> {out}/index.html"
     )
     command = "relprop " + " ".join(shlex.quote(a) for a in (args._argv or ["compare"]))
     res = run_compare(

@@ -112,6 +112,7 @@ def run_compare(
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)
+    data = job.data  # settings.limit/subset applied (Data.select)
     job.warnings.extend(w for w in warnings if w not in job.warnings)
     t_start = time.time()
     total = len(models) * len(methods)
@@ -458,6 +459,9 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
             "n": len(data),
             "class_names": data.class_names,
             "source": data.info.get("source"),
+            "selection": data.info.get("selection"),  # --limit/--subset (Data.select), else None
+            "selected_from": data.info.get("selected_from", len(data)),
+            "selected_indices": data.info.get("selected_indices"),  # --subset: the data's index of each example
         },
         "methods": [m.label for m in methods],
         "models": models,

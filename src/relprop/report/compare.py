@@ -31,6 +31,8 @@ from ..specs.hashing import relprop_source_hash
 from ..specs.labels import LabelMap, map_labels
 
 CACHE_FORMAT = 2
+#: examples per forward pass of the accuracy pass (lazy data: what is decoded and held at a time)
+ACCURACY_BATCH = 256
 #: methods whose default options depend on the input (see relprop.specs.methods.input_defaults)
 INPUT_DEPENDENT = ("occlusion", "gradcam", "grad_cam", "guided_gradcam", "guided_grad_cam")
 
@@ -61,6 +63,8 @@ class Settings:
     rank_by: str = "abpc"  # the metric of the rankings (relprop.report.scores.RANKABLE)
     device: str = "cpu"  # --device: cpu | cuda | cuda:N | auto (relprop.report.device)
     dtype: str = "float32"  # --dtype: float32 | bfloat16 | float16: the models run in it (LRP divides in float32)
+    limit: int | None = None  # --limit: only the first N examples of the data (relprop.specs.Data.select)
+    subset: int | None = None  # --subset: N examples drawn at random with ``seed`` (after ``limit``)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -172,7 +176,7 @@ class Job:
         self.warnings: list[str] = list(getattr(data, "warnings", []) or [])
         self._label_maps: dict[str, LabelMap] = {}
         self._options: dict[tuple[str, str], dict] = {}
-        self.data = data
+        self.data = data = data.select(settings.limit, settings.subset, settings.seed)  # --limit/--subset
         self.methods = methods
         self.s = settings
         self.force = force
@@ -208,7 +212,8 @@ class Job:
             self._label_maps[model.spec] = lm
         return self._label_maps[model.spec]
 
-    def prepare(self, model: LoadedModel, idx: list[int]) -> Prepared:
+    def prepare(self, model: LoadedModel, idx: list[int], items: list | None = None) -> Prepared:
+        """The inputs, labels and predictions of examples ``idx``; ``items``: their images/texts, already read."""
         raw = self.data.labels[idx]
         tokens = None
         inputs: torch.Tensor | dict
@@ -219,7 +224,7 @@ class Job:
             texts = self.data.texts
             if texts is None:
                 raise SpecError(f"internal: text data '{self.data.name}' without texts")
-            inputs = text_batch(model, [texts[i] for i in idx])
+            inputs = text_batch(model, items if items is not None else [texts[i] for i in idx])
             tok = model.tokenizer
             tokens = [
                 tok.convert_ids_to_tokens(row[m.bool()].tolist())
@@ -239,7 +244,7 @@ class Job:
                 inputs = ready[idx]
                 display = images[idx]
             else:
-                inputs, display = image_batch(model, [images[i] for i in idx])
+                inputs, display = image_batch(model, items if items is not None else [images[i] for i in idx])
         logits = self.forward(model, inputs)
         pred = logits.argmax(-1)
         n = logits.shape[-1]
@@ -291,10 +296,10 @@ class Job:
             return res
         t0 = time.time()
         correct, labelled, n = 0, 0, len(self.data)
-        chunk = 256
-        for i in range(0, n, chunk):
-            idx = list(range(i, min(n, i + chunk)))
-            p = self.prepare(model, idx)
+        from ..specs.sources import batches
+
+        for idx, items in batches(self.data, range(n), ACCURACY_BATCH):  # lazy data: a DataLoader reads ahead
+            p = self.prepare(model, idx, items)
             known = p.labels >= 0
             correct += int((p.pred == p.labels)[known].sum())
             labelled += int(known.sum())

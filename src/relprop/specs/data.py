@@ -1,10 +1,19 @@
-"""Data specs: an embedded dataset, a folder of class sub-folders, or a CSV/JSONL of texts.
+"""Data specs: an embedded dataset, an image folder, text/image tables, saved datasets and tar shards.
 
 Data specs (``load_data``)::
 
-    zoo:NAME                 an embedded dataset (digits, faces, chest_xray)
+    zoo:NAME                 an embedded dataset (digits, faces, chest_xray), held in memory
     DIR                      a folder of images with one sub-folder per class (DIR/CLASS/IMAGE.png)
     FILE.csv / FILE.jsonl    texts with labels (columns ``text`` and ``label`` by default)
+    FILE.parquet             a table: a text column, or an image column of encoded bytes, and labels
+    DIR (save_to_disk)       a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``; relprop[data])
+    FILE.tar / DIR of .tar   WebDataset shards (``KEY.png`` + ``KEY.cls`` members), also ``s-{000..009}.tar``
+
+Everything but ``zoo:`` is read lazily (:mod:`.sources`): ``Data.images`` / ``Data.texts`` are sequences
+that read and decode item ``i`` when it is asked for, so memory is bounded by the batch, not the dataset.
+Labels and class names are read up front from the cheap part (folder names, the label column alone, the
+tar members' names and ``.cls`` members). ``Data.select`` takes the first N (``--limit``) and/or a seeded
+random N (``--subset``).
 
 Images are read as they are stored: 16-bit files are scaled by the bit depth they declare (PNG
 ``sBIT``, TIFF ``BitsPerSample``) or else by their data type's range, palette and alpha images are
@@ -14,12 +23,14 @@ declared depth is reported (it often means a 12-bit image stored without ``sBIT`
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import io
 import json
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -33,36 +44,54 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class Data:
-    """A labelled dataset: raw images in [0, 1] (``(C, H, W)`` each) or texts."""
+    """A labelled dataset: raw images in [0, 1] (``(C, H, W)`` each) or texts.
+
+    ``images`` / ``texts`` are a tensor or list (in memory) or a lazy sequence of :mod:`.sources` that
+    reads item ``i`` on ``data.images[i]``; code that indexes them works with both. ``loader_workers``:
+    DataLoader worker processes that decode ahead during the accuracy pass (0: decode in this process).
+    """
 
     spec: str
     name: str
     kind: str  # "image" | "text"
     labels: torch.Tensor
     class_names: list[str]
-    images: list[torch.Tensor] | torch.Tensor | None = None
-    texts: list[str] | None = None
+    images: Sequence[torch.Tensor] | torch.Tensor | None = None
+    texts: Sequence[str] | None = None
     info: dict = field(default_factory=dict)
     model_ready: torch.Tensor | None = None  # zoo datasets: already-normalised inputs for zoo models
     #: notes about the inputs (e.g. 16-bit images using a small part of their range), shown to the user
     warnings: list[str] = field(default_factory=list)
+    loader_workers: int = 0
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def fingerprint(self) -> str:
-        """A hash of every value the models see: all image bytes (as decoded), texts, labels, class names."""
+        """A hash of every value the models see: the class names, labels, and every input.
+
+        In-memory data hashes the decoded values; lazy data (:mod:`.sources`) hashes each item's raw
+        stored bytes (file bytes, tar member, table cell; the text itself), streamed one item at a time
+        so that the hash never holds the dataset. Either way the selected items only (``select``).
+        """
         if self._fingerprint is None:
             h = hashlib.sha256(self.spec.encode())
             h.update(json.dumps(self.class_names).encode())
+            h.update(json.dumps(self.info.get("selection"), sort_keys=True).encode())
             tensor_bytes(h, self.labels)
-            if self.texts is not None:
+            seq = self.texts if self.texts is not None else self.images
+            digest = getattr(seq, "digest", None)
+            if digest is not None:  # lazy: raw bytes per item
+                h.update(b"raw")
+                for i in range(len(self)):
+                    digest(h, i)
+            elif self.texts is not None:
                 for t in self.texts:
                     h.update(t.encode() + b"\x00")
             else:
                 images = self.images
-                ims = images if isinstance(images, list) else [] if images is None else [images]
+                ims: Sequence[torch.Tensor] = [images] if isinstance(images, torch.Tensor) else images or []
                 for im in ims:
                     tensor_bytes(h, im)
                 if self.model_ready is not None:
@@ -70,37 +99,199 @@ class Data:
             self._fingerprint = h.hexdigest()[:20]
         return self._fingerprint
 
+    def select(self, limit: int | None = None, subset: int | None = None, seed: int = 0) -> Data:
+        """The first ``limit`` examples, then ``subset`` of them drawn at random with ``seed`` (kept in
+        dataset order); ``self`` when neither is given. Lazy inputs stay lazy (a view on the chosen
+        indices). Selecting again with the same arguments returns the selection unchanged, so a
+        :class:`~relprop.report.compare.Job` may apply its settings to data the caller already selected.
+        """
+        for v, flag in ((limit, "--limit"), (subset, "--subset")):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise SpecError(f"{flag} must be a positive whole number, got {v!r}")
+        if limit is None and subset is None:
+            return self
+        sel = {"limit": limit, "subset": subset, "seed": seed}
+        if self.info.get("selection") == sel:
+            return self
+        n = len(self)
+        idx = np.arange(min(n, limit) if limit else n)
+        if subset and subset < len(idx):
+            idx = np.sort(np.random.RandomState(seed).choice(len(idx), subset, replace=False))
+        from .sources import take
+
+        chosen = [int(i) for i in idx]
+        labels = self.labels[chosen]
+        info = dict(self.info, selection=sel, selected_from=n, classes_present=sorted(set(labels.tolist())))
+        # example i of the selection is example selected_indices[i] of the data (--limit: i itself)
+        base = self.info.get("selected_indices")
+        info["selected_indices"] = [base[i] for i in chosen] if base else chosen if subset else None
+        if "files" in self.info:
+            info["files"] = [self.info["files"][i] for i in chosen]
+        return replace(
+            self,
+            labels=labels,
+            images=take(self.images, chosen),
+            texts=take(self.texts, chosen),
+            model_ready=None if self.model_ready is None else self.model_ready[chosen],
+            info=info,
+            warnings=list(self.warnings),
+            _fingerprint=None,
+        )
+
+
+def labels_from_values(raw: Sequence, where: str, column: str) -> tuple[torch.Tensor, list[str], bool, str | None]:
+    """Labels of a table/shard column: ``(labels, class_names, named, note)``.
+
+    Whole numbers (ints or digit strings) are class indices (class names "0".."max"); anything else is a
+    class name, and spellings that differ only in case/spaces/underscores are one class, as for folders
+    (``note`` names the merged spellings).
+    """
+    note: str | None = None
+    if not len(raw):
+        raise SpecError(f"{where} has no rows")
+    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw):
+        ints = [int(v) for v in raw]
+        if min(ints) < 0:
+            raise SpecError(f"{where}: negative class index {min(ints)} in column '{column}'")
+        class_names = [str(i) for i in range(max(ints) + 1)]
+        labels = torch.tensor(ints, dtype=torch.long)
+        named = False
+    else:  # spellings that differ only in case/spaces/underscores are one class, as for folders
+        class_names, index, note = group_spellings([str(v) for v in raw])
+        labels = torch.tensor(index, dtype=torch.long)
+        named = True
+    return labels, class_names, named, note
+
 
 # ------------------------------------------------------------------------------------ images
-def _png_sbit(path: Path) -> int | None:
+def _png_sbit(fh: BinaryIO) -> int | None:
     """Significant bits declared by a PNG's ``sBIT`` chunk (the largest over channels), else None."""
     try:
-        with open(path, "rb") as fh:
-            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+        fh.seek(0)
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
                 return None
-            while True:
-                head = fh.read(8)
-                if len(head) < 8:
-                    return None
-                length, ctype = struct.unpack(">I4s", head)
-                if ctype == b"sBIT":
-                    data = fh.read(length)
-                    return max(data) if data else None
-                if ctype in (b"IDAT", b"IEND"):
-                    return None
-                fh.seek(length + 4, 1)
+            length, ctype = struct.unpack(">I4s", head)
+            if ctype == b"sBIT":
+                data = fh.read(length)
+                return max(data) if data else None
+            if ctype in (b"IDAT", b"IEND"):
+                return None
+            fh.seek(length + 4, 1)
     except OSError:
         return None
 
 
-def _declared_bits(im, path: Path) -> int | None:
-    if path.suffix.lower() == ".png":
-        return _png_sbit(path)
+def _declared_bits(im, fh: BinaryIO, fmt: str | None) -> int | None:
+    if fmt == "PNG":
+        return _png_sbit(fh)
     tags = getattr(im, "tag_v2", None)
     if tags is not None and 258 in tags:
         bps = tags[258]
         return int(max(bps) if isinstance(bps, tuple) else bps)
     return None
+
+
+def _scale_int(a: np.ndarray, dtype_bits: int, declared: int | None, name: str, notes: list[str] | None) -> np.ndarray:
+    """Integer pixels -> float32 in [0, 1], divided by ``2**bits - 1`` (the declared depth, else the type's)."""
+    a = a.astype(np.float64)
+    bits = declared or dtype_bits
+    scale = float(2**bits - 1)
+    peak = float(a.max()) if a.size else 0.0
+    if a.size and a.min() < 0:
+        raise SpecError(f"cannot read image {name}: negative pixel values")
+    if peak > scale:  # the declared depth is wrong; the data type's range is not
+        bits, scale = dtype_bits, float(2**dtype_bits - 1)
+    if notes is not None and 0 < peak < scale / 16 and dtype_bits > 8:
+        notes.append(
+            f"{name}: values use {100 * peak / scale:.1f}% of the {bits}-bit range (max {peak:.0f}); "
+            f"scaled by {2**bits - 1:.0f} "
+            + ("as the file declares" if declared == bits else "(the file declares no bit depth)")
+            + ", so the image is dark"
+        )
+    return (a / scale).astype(np.float32)
+
+
+def _check_float(a: np.ndarray, name: str) -> np.ndarray:
+    a = a.astype(np.float32)
+    if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
+        raise SpecError(
+            f"cannot read image {name}: a floating-point image with values in "
+            f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]; relprop expects floats in [0, 1]"
+        )
+    return a
+
+
+def _to_chw(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t[None].contiguous() if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def array_image(a: np.ndarray, name: str, notes: list[str] | None = None) -> torch.Tensor:
+    """A stored array (``.npy``) as an image ``(C, H, W)`` in [0, 1]: ``(H, W)``, ``(H, W, 1)`` or
+    ``(H, W, 3)`` (the layout PIL and NumPy image code use), scaled as :func:`read_image` scales files:
+    8-bit by 255, 16/32-bit integers by their type's range (no file declares a depth here), floats must
+    already be in [0, 1]."""
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+        raise SpecError(
+            f"cannot read image {name}: an array of shape {tuple(a.shape)}; relprop reads (H, W) or (H, W, 3) arrays"
+        )
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    if a.dtype.kind in "ui":
+        bits = 8 * a.dtype.itemsize
+        if bits == 8:
+            if a.dtype.kind == "i" and a.size and a.min() < 0:
+                raise SpecError(f"cannot read image {name}: negative pixel values")
+            return _to_chw(a.astype(np.float32) / 255.0)
+        return _to_chw(_scale_int(a, bits, None, name, notes))
+    if a.dtype.kind == "f":
+        return _to_chw(_check_float(a, name))
+    raise SpecError(f"cannot read image {name}: an array of {a.dtype}; relprop reads integer or float pixels")
+
+
+def decode_image(source: Path | bytes, notes: list[str] | None = None, name: str | None = None) -> torch.Tensor:
+    """An encoded image (a file, or its bytes) as a float tensor ``(C, H, W)`` in [0, 1]; see :func:`read_image`."""
+    name = str(name if name is not None else source if isinstance(source, Path) else "<bytes>")
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise SpecError(f"reading images needs Pillow ({install_hint('PIL')})") from None
+    try:
+        fh: BinaryIO = open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)
+        with fh, Image.open(fh) as opened:
+            opened.load()
+            fmt = opened.format
+            im = ImageOps.exif_transpose(opened)
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA")
+                mode = "RGBA"
+            a: np.ndarray
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                dtype_bits = 16 if mode.startswith("I;16") else 32
+                a = _scale_int(np.asarray(im), dtype_bits, _declared_bits(im, fh, fmt), name, notes)
+            elif mode == "F":
+                a = _check_float(np.asarray(im, dtype=np.float32), name)
+            else:
+                if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+                    base = "L" if mode.startswith("L") else "RGB"
+                    bg = Image.new(base, im.size, 0)
+                    bg.paste(im.convert(base), mask=im.getchannel("A"))
+                    im = bg
+                gray = im.mode in ("L", "1")
+                a = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
+    except SpecError:
+        raise
+    except Exception as e:
+        raise SpecError(f"cannot read image {name}: {first_line(e)}") from None
+    return _to_chw(a)
 
 
 def read_image(path: Path, notes: list[str] | None = None) -> torch.Tensor:
@@ -115,156 +306,37 @@ def read_image(path: Path, notes: list[str] | None = None) -> torch.Tensor:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"input file not found: {path}")
-    try:
-        from PIL import Image, ImageOps
-    except ImportError:
-        raise SpecError(f"reading images needs Pillow ({install_hint('PIL')})") from None
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            im = ImageOps.exif_transpose(opened)
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA")
-                mode = "RGBA"
-            a: np.ndarray  # float64 while scaling 16/32-bit data, float32 in the end
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                a = np.asarray(im).astype(np.float64)
-                dtype_bits = 16 if mode.startswith("I;16") else 32
-                declared = _declared_bits(im, path)
-                bits = declared or dtype_bits
-                scale = float(2**bits - 1)
-                peak = float(a.max()) if a.size else 0.0
-                if a.size and a.min() < 0:
-                    raise SpecError(f"cannot read image {path}: negative pixel values in a {mode} image")
-                if peak > scale:  # the declared depth is wrong; the data type's range is not
-                    bits, scale = dtype_bits, float(2**dtype_bits - 1)
-                if notes is not None and 0 < peak < scale / 16:
-                    notes.append(
-                        f"{path.name}: values use {100 * peak / scale:.1f}% of the {bits}-bit range (max {peak:.0f}); "
-                        f"scaled by {2**bits - 1:.0f} "
-                        + ("as the file declares" if declared == bits else "(the file declares no bit depth)")
-                        + ", so the image is dark"
-                    )
-                a = (a / scale).astype(np.float32)
-            elif mode == "F":
-                a = np.asarray(im, dtype=np.float32)
-                if a.size and (a.min() < 0 or a.max() > 1):
-                    raise SpecError(
-                        f"cannot read image {path}: a floating-point image with values in "
-                        f"[{a.min():.3g}, {a.max():.3g}]; relprop expects floats in [0, 1]"
-                    )
-            else:
-                if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-                    base = "L" if mode.startswith("L") else "RGB"
-                    bg = Image.new(base, im.size, 0)
-                    bg.paste(im.convert(base), mask=im.getchannel("A"))
-                    im = bg
-                gray = im.mode in ("L", "1")
-                a = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
-    except SpecError:
-        raise
-    except Exception as e:
-        raise SpecError(f"cannot read image {path}: {first_line(e)}") from None
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t[None].contiguous() if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    return decode_image(path, notes, name=str(path))
 
 
-def _image_folder(path: Path, spec: str) -> Data:
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[Path, int]] = []
-    for i, c in enumerate(classes):
-        for f in sorted((path / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((f, i))
-    if not files:
-        loose = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-        why = (
-            f"its {len(loose)} image(s) are not in class sub-folders"
-            if loose
-            else "no images found"
-            if classes
-            else "it is empty"
-        )
-        raise SpecError(f"data folder {path} has no images in class sub-folders ({why}); expected DIR/CLASS/IMAGE.png")
-    notes: list[str] = []
-    images = [read_image(f, notes) for f, _ in files]
-    warnings = []
-    if notes:
-        warnings.append(
-            f"{len(notes)} of {len(files)} images use less than 1/16 of their declared bit depth "
-            f"(first: {notes[0]}); if they are 12-bit images, save them with a PNG sBIT chunk"
-        )
-    labels = torch.tensor([lab for _, lab in files], dtype=torch.long)
-    present = sorted({c for _, c in files})
-    return Data(
-        spec=spec,
-        name=path.name,
-        kind="image",
-        labels=labels,
-        class_names=classes,
-        images=images,
-        info={"source": str(path), "files": [str(f.relative_to(path)) for f, _ in files], "classes_present": present},
-        warnings=warnings,
-    )
+def load_data(
+    spec: str,
+    *,
+    split: str = "test",
+    text_column: str = "text",
+    label_column: str = "label",
+    image_column: str = "image",
+    trust_pickle: bool = False,
+    limit: int | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    loader_workers: int = 0,
+) -> Data:
+    """Load a dataset from a spec string (see the module docstring).
 
-
-def _text_file(path: Path, spec: str, text_column: str, label_column: str) -> Data:
-    rows: list[dict] = []
-    try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-        else:
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise SpecError(f"{path}: line {n} is not valid JSON") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path} is not a UTF-8 text file") from None
-    if not rows:
-        raise SpecError(f"data file {path} has no rows")
-    cols = list(rows[0].keys())
-    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if col not in rows[0]:
-            raise SpecError(
-                f"data file {path} has no column '{col}' (columns: {', '.join(map(str, cols))}).{closest(col, cols)} "
-                f"Choose one with {flag}"
-            )
-    texts = [str(r[text_column]) for r in rows]
-    raw = [r[label_column] for r in rows]
-    note: str | None = None
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw):
-        ints = [int(v) for v in raw]
-        if min(ints) < 0:
-            raise SpecError(f"data file {path}: negative class index {min(ints)} in column '{label_column}'")
-        class_names = [str(i) for i in range(max(ints) + 1)]
-        labels = torch.tensor(ints, dtype=torch.long)
-        named = False
-    else:  # spellings that differ only in case/spaces/underscores are one class, as for folders
-        class_names, index, note = group_spellings([str(v) for v in raw])
-        labels = torch.tensor(index, dtype=torch.long)
-        named = True
-    return Data(
-        spec=spec,
-        name=path.stem,
-        kind="text",
-        labels=labels,
-        class_names=class_names,
-        texts=texts,
-        info={"source": str(path), "named_labels": named, "classes_present": sorted(set(labels.tolist()))},
-        warnings=[note] if note else [],
-    )
-
-
-def load_data(spec: str, *, split: str = "test", text_column: str = "text", label_column: str = "label") -> Data:
-    """Load a dataset from a spec string (see the module docstring)."""
+    ``split``: of a zoo dataset or a saved ``DatasetDict``; ``text_column``/``image_column``/``label_column``:
+    the columns of a table or saved dataset (and the ``.json`` key of a shard's label); ``trust_pickle``:
+    read pickled shard members (``.pyd``/``.pickle``/``.pt``/``.pth``), which can run code; ``limit``/
+    ``subset``/``seed``: :meth:`Data.select`; ``loader_workers``: see :class:`Data`.
+    """
     from .. import zoo
+    from . import sources
 
+    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
+        raise SpecError(f"loader workers must be a whole number >= 0, got {loader_workers!r}")
     spec = spec.strip()
     prefix, _, rest = spec.partition(":")
+    data: Data
     if prefix == "zoo" and rest:
         names = zoo.list_datasets()
         if rest not in names:
@@ -280,7 +352,7 @@ def load_data(spec: str, *, split: str = "test", text_column: str = "text", labe
             raise SpecError(f"zoo:{rest}: {msg}") from None
         except (ValueError, FileNotFoundError) as e:
             raise SpecError(f"zoo:{rest}: {first_line(e)}") from None
-        return Data(
+        data = Data(
             spec=spec,
             name=rest,
             kind="image",
@@ -290,15 +362,33 @@ def load_data(spec: str, *, split: str = "test", text_column: str = "text", labe
             info={"source": f"relprop.zoo ({ds.info.get('source')})", "split": ds.split},
             model_ready=ds.images,
         )
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec in zoo.list_datasets():
-            return load_data(f"zoo:{spec}", split=split)
-        raise SpecError(
-            f"data not found: {spec} (expected zoo:NAME, a folder of class sub-folders, or a .csv/.jsonl file)"
-        )
-    if path.is_dir():
-        return _image_folder(path, spec)
-    if path.suffix.lower() in (".csv", ".jsonl", ".json", ".ndjson"):
-        return _text_file(path, spec, text_column, label_column)
-    raise SpecError(f"data spec {spec}: expected zoo:NAME, a folder of class sub-folders, or a .csv/.jsonl file")
+    else:
+        shards = sources.shard_paths(spec)
+        path = Path(spec).expanduser()
+        if shards is None and not path.exists():
+            if spec in zoo.list_datasets():
+                return load_data(
+                    f"zoo:{spec}", split=split, limit=limit, subset=subset, seed=seed, loader_workers=loader_workers
+                )
+            raise SpecError(f"data not found: {spec} (expected {FORMS})")
+        columns = sources.Columns(text=text_column, label=label_column, image=image_column)
+        if shards is not None:
+            data = sources.tar_shards(shards, spec, columns, trust_pickle)
+        elif path.is_dir() and sources.is_saved_dataset(path):
+            data = sources.saved_dataset(path, spec, columns, split)
+        elif path.is_dir():
+            data = sources.image_folder(path, spec)
+        elif path.suffix.lower() in (".csv", ".jsonl", ".json", ".ndjson"):
+            data = sources.text_file(path, spec, columns)
+        elif path.suffix.lower() in (".parquet", ".pq"):
+            data = sources.parquet_table(path, spec, columns)
+        else:
+            raise SpecError(f"data spec {spec}: expected {FORMS}")
+    data.loader_workers = loader_workers
+    return data.select(limit=limit, subset=subset, seed=seed)
+
+
+FORMS = (
+    "zoo:NAME, a folder of class sub-folders, a .csv/.jsonl/.parquet file, a saved Hugging Face dataset folder "
+    "or WebDataset .tar shards"
+)
