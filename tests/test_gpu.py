@@ -27,10 +27,11 @@ from test_dtype import CASES, HALVES, TIGHT, _float_inputs, _oracle, _rel_err, _
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA")
 
-#: Host syncs per explain call (gradient or LRP-epsilon, one float input, a CPU target): the input's finiteness
-#: check (twice: explain() and the backward pass validate), the target copied to the device, the relevance's
-#: finiteness check at the end. README "GPU" states this number.
-MAX_SYNCS = 4
+#: Host syncs per explain call (gradient or LRP-epsilon, one float input, a CPU target). By design 4: the input's
+#: finiteness check (twice: explain() and the backward pass validate), the target copied to the device, the
+#: relevance's finiteness check at the end; 2 more allowed for syncs inside torch's own kernels (not yet measured
+#: on a GPU). README "GPU" states this number.
+MAX_SYNCS = 6
 #: The same reads counted on the CPU (every ``bool(tensor)``/``.item()``/``.tolist()``... of an explain call).
 MAX_HOST_READS = 4
 #: relative L2 error of float32 on the GPU against float64 on the CPU (TF32 switched off for the comparison).
@@ -110,12 +111,8 @@ def test_half_gradient_on_cuda_equals_autograd(dtype):
     assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("method,options", [("gradient", {}), ("lrp", {"composite": "epsilon"})])
-@pytest.mark.gpu
-@requires_cuda
-def test_host_syncs_per_explain_on_cuda(method, options):
-    model, x, target, _ = res_cnn()
-    model, x = copy.deepcopy(model).cuda(), x.cuda()  # the target stays on the CPU, as the report passes it
+def _syncs(model, x, target, method, options) -> list[str]:
+    """The synchronising CUDA calls of one explain call (after a warm-up), as torch's sync debug mode reports them."""
     relprop.explain(model, x, target=target, method=method, **options)  # warm-up (cuDNN plans, allocator)
     torch.cuda.synchronize()
     old = torch.cuda.get_sync_debug_mode()
@@ -126,14 +123,32 @@ def test_host_syncs_per_explain_on_cuda(method, options):
             relprop.explain(model, x, target=target, method=method, **options)
         finally:
             torch.cuda.set_sync_debug_mode(old)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return [f"{str(w.message)[:100]} @ {w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("method,options", [("gradient", {}), ("lrp", {"composite": "epsilon"})])
+@pytest.mark.gpu
+@requires_cuda
+def test_host_syncs_per_explain_on_cuda(method, options):
+    """At most MAX_SYNCS per explain call, and none per layer: a 12-block model syncs as often as a 2-layer one."""
+    model, x, target, _ = res_cnn()
+    model, x = copy.deepcopy(model).cuda(), x.cuda()  # the target stays on the CPU, as the report passes it
+    syncs = _syncs(model, x, target, method, options)
     print(f"host syncs per explain ({method}): {len(syncs)}")
-    assert len(syncs) <= MAX_SYNCS, [str(w.message)[:120] + f" @ {w.filename}:{w.lineno}" for w in syncs]
+    assert len(syncs) <= MAX_SYNCS, syncs
+    blocks = [torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()) for _ in range(12)]
+    deep = torch.nn.Sequential(*blocks, torch.nn.Linear(16, 3)).eval().cuda()
+    shallow = torch.nn.Sequential(blocks[0], torch.nn.Linear(16, 3)).eval().cuda()
+    xs = torch.randn(2, 16, device="cuda")
+    t = torch.tensor([0, 2])
+    assert len(_syncs(deep, xs, t, method, options)) == len(_syncs(shallow, xs, t, method, options))
 
 
 @pytest.mark.gpu
 @requires_cuda
 def test_compare_on_cuda_equals_the_cpu_run(tmp_path):
+    for mod in ("matplotlib", "pyarrow", "safetensors", "sklearn"):  # the report's and zoo:digits' extras
+        pytest.importorskip(mod, reason=f"{mod} is not installed (relprop[report,zoo])")
     from relprop.report import MethodSpec, Settings, run_compare
     from relprop.specs import load_data
 
