@@ -203,3 +203,60 @@ def test_host_reads_per_explain(method, options):
     with _CountReads() as deep_reads:
         relprop.explain(deeper.eval(), torch.randn(2, 16), target=0, method=method, **options)
     assert sum(deep_reads.counts.values()) <= MAX_HOST_READS, deep_reads.counts
+
+
+_FACTORIES = {"zeros", "ones", "full", "empty", "tensor", "arange", "linspace", "rand", "randn", "randint", "randperm"}
+_FACTORIES |= {"eye", "as_tensor", "normal"}
+
+
+class _FindFactories(TorchFunctionMode):
+    """Tensor factories called from relprop's code without ``device=`` (those make CPU tensors on a GPU run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: set[tuple[str, str]] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _FACTORIES and kwargs.get("device") is None:
+            import traceback
+
+            frames = [f for f in traceback.extract_stack() if "/relprop/" in f.filename.replace("\\", "/")]
+            frames = [f for f in frames if "/tests/" not in f.filename]
+            if frames:
+                self.sites.add((name, f"{frames[-1].filename.rsplit('relprop/', 1)[-1]}:{frames[-1].lineno}"))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("gradient", {}),
+        ("lrp", {"composite": "epsilon_gamma_box"}),
+        ("lrp", {"composite": "epsilon_plus_flat"}),
+        ("integrated_gradients", {"n_steps": 4}),
+        ("smoothgrad", {"nt_samples": 2}),
+        ("occlusion", {"sliding_window_shapes": (3, 4, 4)}),
+        ("deeplift", {}),
+        ("guided_grad_cam", {"layer": "conv"}),
+        ("normgrad", {}),
+    ],
+)
+def test_methods_create_no_tensor_without_a_device(method, options):
+    """The CPU twin of the device tests: no tensor factory in relprop's methods or rules runs without ``device=``
+    during an explain call (on a GPU such a tensor lands on the CPU and the next op fails or copies), except
+    ``as_tensor`` of the caller's target (it keeps the target's device; moved to the output's device after) and
+    ``normal`` with a std tensor made on the input's device."""
+    model, x, target, _ = res_cnn()
+    with _FindFactories() as found:
+        relprop.explain(model, x, target=target, method=method, **options)
+    allowed = {"as_tensor", "normal"}
+    assert {s for s in found.sites if s[0] not in allowed} == set()
+
+
+def test_attnlrp_creates_no_tensor_without_a_device():
+    model, ids, target = _transformer()
+    with _FindFactories() as found:
+        relprop.explain(model, ids, target=target, method="lrp", composite="attnlrp")
+    assert {s for s in found.sites if s[0] != "as_tensor"} == set()
