@@ -3,6 +3,7 @@
     python bench/bench_plan.py                       # ResNet-50 (batch 4, 160 px) + a small decoder, 2 threads
     python bench/bench_plan.py --batches 20 --clock cpu
     python bench/bench_plan.py --decoder 512,8,512   # the Qwen2 size (hidden, layers, tokens)
+    python bench/bench_plan.py --device cuda --models resnet50   # on a GPU (bench/gpu.sh)
 
 For each model, N different batches of the same shape are explained; per batch, in turn (so load on
 a shared machine hits all modes alike): a plain gradient (forward + backward with autograd),
@@ -33,9 +34,13 @@ def _table(title: str, rows: dict[str, list[float]], base: str) -> None:
         print(f"  {label:34s} {m:9.4f} {min(ts):8.4f} {m / b:7.2f}")
 
 
+_SYNC = [lambda: None]  # torch.cuda.synchronize with --device cuda: time the queued kernels too
+
+
 def _timed(fn, clock) -> float:
     t = clock()
     fn()
+    _SYNC[0]()
     return clock() - t
 
 
@@ -83,18 +88,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--decoder", default="256,4,128", help="hidden,layers,tokens of the random-init Qwen2")
     ap.add_argument("--models", default="resnet50,decoder")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
     ap.add_argument("--composite", default="epsilon", help="LRP composite for ResNet-50")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock")
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        _SYNC[0] = lambda: torch.cuda.synchronize(device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock, {device}")
     torch.manual_seed(0)
     if "resnet50" in a.models:
         import torchvision
 
-        model = torchvision.models.resnet50().eval()
-        batches = [torch.randn(a.batch, 3, a.size, a.size) for _ in range(a.batches)]
+        model = torchvision.models.resnet50().eval().to(device)
+        batches = [torch.randn(a.batch, 3, a.size, a.size, device=device) for _ in range(a.batches)]
 
         def grad(x):
             xx = x.clone().requires_grad_()
@@ -126,9 +135,9 @@ def main() -> None:
             use_cache=False,
         )
         cfg._attn_implementation = "eager"
-        model = Qwen2ForCausalLM(cfg).eval()
+        model = Qwen2ForCausalLM(cfg).eval().to(device)
         g = torch.Generator().manual_seed(0)
-        batches = [{"input_ids": torch.randint(0, 1000, (1, tokens), generator=g)} for _ in range(a.batches)]
+        batches = [{"input_ids": torch.randint(0, 1000, (1, tokens), generator=g).to(device)} for _ in range(a.batches)]
 
         def target(out):
             return out.logits[:, -1, 7]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # relprop on a GPU machine: the gpu-marked tests and the benchmarks, then one table.
 #
-#   bench/gpu.sh              # tests (tests/test_gpu.py -m gpu) + bench_lrp on cuda; about 3-6 minutes
+#   bench/gpu.sh              # tests (tests/test_gpu.py -m gpu), bench_lrp and bench_plan on cuda; <= 8 minutes
 #   bench/gpu.sh --dry-run    # check python, torch, CUDA and the wheels; install nothing, run nothing
 #   PYTHON=/opt/py/bin/python bench/gpu.sh
 #
@@ -110,7 +110,7 @@ if [[ -z "$gpuname" ]]; then
   exit 2
 fi
 if ((dry)); then
-  say "dry run: would run 'pytest -m gpu tests/test_gpu.py' and 'bench/bench_lrp.py --device cuda' on $gpuname"
+  say "dry run: would run 'pytest -m gpu tests/test_gpu.py', bench_lrp.py and bench_plan.py --device cuda on $gpuname"
   exit 0
 fi
 
@@ -119,12 +119,16 @@ logs="$root/bench/.gpu-logs"
 mkdir -p "$logs"
 status=0
 say "running the gpu tests (log: bench/.gpu-logs/tests.log)"
-if ! timeout 300 "$py" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -s -rs > "$logs/tests.log" 2>&1; then
+if ! timeout 240 "$py" -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -q -s -rs > "$logs/tests.log" 2>&1; then
   status=1
 fi
 say "running bench/bench_lrp.py --device cuda (log: bench/.gpu-logs/bench_lrp.log)"
-if ! timeout 240 "$py" bench/bench_lrp.py --device cuda --no-zennit --repeat 5 --models resnet50,vgg16 \
+if ! timeout 150 "$py" bench/bench_lrp.py --device cuda --no-zennit --repeat 5 --models resnet50,vgg16 \
   > "$logs/bench_lrp.log" 2>&1; then
+  status=1
+fi
+say "running bench/bench_plan.py --device cuda --models resnet50 (log: bench/.gpu-logs/bench_plan.log)"
+if ! timeout 90 "$py" bench/bench_plan.py --device cuda --models resnet50 --batches 8 > "$logs/bench_plan.log" 2>&1; then
   status=1
 fi
 
@@ -150,6 +154,15 @@ for line in bench.splitlines():
         rows.append((f"{model} {m.group(1)}", f"time {m.group(3)}x gradient, memory {m.group(5)}x"))
 if not any(" relprop " in r[0] for r in rows):
     rows.append(("bench_lrp", "no figures (see bench/.gpu-logs/bench_lrp.log)"))
+plan = (logs / "bench_plan.log").read_text(errors="replace") if (logs / "bench_plan.log").exists() else ""
+found = False
+for line in plan.splitlines():
+    m = re.match(r"\s+(relprop\.explain \(records\)|plan\.explain \(replays\))\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", line)
+    if m:
+        found = True
+        rows.append((f"resnet50 LRP {m.group(1)}", f"time {m.group(4)}x gradient (median per batch)"))
+if not found:
+    rows.append(("bench_plan", "no figures (see bench/.gpu-logs/bench_plan.log)"))
 w = max(len(k) for k, _ in rows)
 print()
 print(f"{'relprop on GPU':{w}}  value")
