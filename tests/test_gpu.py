@@ -166,11 +166,15 @@ def test_compare_on_cuda_equals_the_cpu_run(tmp_path):
             cells = res["models"][0]["methods"]
             means[device] = {(c["method"], k): v["mean"] for c in cells for k, v in c["summary"].items()}
     assert means["cpu"].keys() == means["cuda"].keys()
+    # Not compared: the times, and the randomisation check, whose re-initialised weights come from the
+    # device's own random generator (CUDA draws other numbers than the CPU for the same seed).
+    skip = {"explain_seconds", "randomisation_similarity"}
     for k, a in means["cpu"].items():
         b = means["cuda"][k]
-        if k[1] == "explain_seconds" or a is None:
+        if k[1] in skip or a is None:
             continue
-        assert b is not None and abs(a - b) <= 1e-4 * max(1.0, abs(a)), (k, a, b)
+        # float32 on both; pixels whose attributions nearly tie may swap places in the perturbation order
+        assert b is not None and abs(a - b) <= 5e-3, (k, a, b)
 
 
 # ------------------------------------------------------------------------------ everywhere (CPU too)
