@@ -402,6 +402,8 @@ def test_source_errors_are_one_line_and_name_the_fix(tmp_path, monkeypatch, digi
         load_data(str(tmp_path / "b.tar"))
     with pytest.raises(SpecError, match="shard not found"):
         load_data(str(tmp_path / "s-{000..002}.tar"))
+    with pytest.raises(SpecError, match="data not found"):  # braces are a shard pattern only
+        load_data(str(tmp_path / "t-{0..2}.csv"))
     (tmp_path / "t.csv").write_text("txt,label\nhello,1\n")
     with pytest.raises(SpecError, match="no column 'text'.*--text-column"):
         load_data(str(tmp_path / "t.csv"))

@@ -622,16 +622,15 @@ def shard_paths(spec: str) -> list[Path] | None:
     """The shards of a tar spec (``FILE.tar``, ``DIR`` of ``.tar`` files, ``s-{000..009}.tar``), else None."""
     if spec.startswith("zoo:"):
         return None
-    paths = [Path(s).expanduser() for s in _expand(spec)]
-    low = spec.lower()
-    if len(paths) > 1 or low.endswith((".tar", ".tar.gz", ".tgz")):
+    if spec.lower().endswith((".tar", ".tar.gz", ".tgz")):  # braces expand in shard specs only
+        paths = [Path(s).expanduser() for s in _expand(spec)]
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise SpecError(
                 f"shard not found: {missing[0]}" + (f" ({len(missing)} missing)" if len(missing) > 1 else "")
             )
         return paths
-    p = paths[0]
+    p = Path(spec).expanduser()
     if p.is_dir() and not is_saved_dataset(p):
         tars = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".tar")
         if tars and not any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir()):
