@@ -200,6 +200,10 @@ def test_report_opens_in_headless_chromium(report):
     assert 'id="warnings"' in dom and "randomisation check is inconclusive" in dom
     assert 'id="per-method-ranks"' in dom and "Mean rank" in dom
     assert dom.count("Perturbation settings") == 2 and "drawn over its input" in dom
+    # no table header wraps (the time column's "Metric s" used to break after "Metric"); units on a 2nd line
+    heads = browser.header_lines(report / "index.html", width=1400)
+    assert {"Metric time", "Explain time", "ABPC", "Randomisation"} <= {h["text"] for h in heads}
+    assert [h for h in heads if h["lines"] > 1] == []
     shot = browser.screenshot(report / "index.html", report / "screenshot.png", height=2000)
     assert shot.stat().st_size > 50_000
     from PIL import Image

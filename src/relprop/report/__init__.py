@@ -4,10 +4,25 @@
 server), ``out/results.json`` (every number), ``out/figures/*.png`` and ``out/cache/`` (one file per
 finished model x method cell, reused by the next run with the same settings). ``relprop compare``
 on the command line is this function. Needs matplotlib (``pip install 'relprop[report]'``).
+
+Models and data may be your own PyTorch objects::
+
+    from relprop.report import Settings, run_compare
+
+    res = run_compare({"small": net_a, "wide": net_b}, (images, labels), ["lrp", "saliency"], "report",
+                      Settings(samples=32))
+    res["ranking"][0]["name"]
+
+models: spec strings (as on the command line), ``nn.Module`` s (a mapping name -> module, or a list) or
+:class:`~relprop.specs.LoadedModel` s; data: a spec string, ``(inputs, labels)`` or ``(inputs, labels,
+class_names)`` tensors (the models' inputs as they are), a map-style ``Dataset`` of ``(input, label)`` or a
+:class:`~relprop.specs.Data`; methods: ``"NAME[:KEY=VALUE...]"`` strings or :class:`MethodSpec` s. The
+conversion happens once, in :mod:`relprop.specs.adapters`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -20,9 +35,10 @@ from typing import Any
 import torch
 
 from ..specs import LoadedModel, SpecError, load_model
-from .compare import Job, MethodSpec, Settings, slug
+from ..specs.adapters import MODEL_INPUTS, from_dataset, from_module, from_tensors
+from .compare import Job, MethodSpec, Settings, dedupe_methods, method_identity, slug
 
-__all__ = ["MethodSpec", "Settings", "run_compare"]
+__all__ = ["MethodSpec", "Settings", "from_dataset", "from_module", "from_tensors", "run_compare"]
 
 
 class _Bar:
@@ -74,11 +90,11 @@ def _summary(res: dict) -> str:
 
 
 def run_compare(
-    models: Sequence[str],
-    data,
-    methods: Sequence[MethodSpec],
+    models: Any,
+    data: Any,
+    methods: Sequence[str | MethodSpec],
     out: str | Path,
-    settings: Settings,
+    settings: Settings | None = None,
     *,
     weights: dict[str, str] | None = None,
     num_classes: int | None = None,
@@ -96,6 +112,12 @@ def run_compare(
 ) -> dict:
     """Run the comparison; return the results dict (also written to ``out/results.json``).
 
+    ``models``: spec strings, ``nn.Module`` s (mapping name -> module, or a list) or loaded models; ``data``:
+    a spec string, ``(inputs, labels[, class_names])`` tensors, a map-style ``Dataset`` or a ``Data``;
+    ``methods``: method spec strings or :class:`MethodSpec` s (see the module docstring). A model that fails
+    to load is reported like a failed cell (the run goes on; ``status`` "incomplete"). Two methods that are
+    the same computation are computed once, with a warning naming both.
+
     ``engine``: "local" (one process, the default) or "ray" (model x method x data shards on a Ray actor
     pool, :mod:`relprop.report.distributed`; ``ray_options`` a :class:`~relprop.report.distributed.RayOptions`
     or a dict of its fields), with the same numbers.
@@ -103,19 +125,39 @@ def run_compare(
     ``load``: spec -> LoadedModel (the CLI's loader, with its options and display names); ``use_cache``:
     False neither reads nor writes ``out/cache``; ``warnings``: shown in the report (``results["warnings"]``).
     """
-    from ..specs import override_preprocess
-    from . import figures, html
+    from ..specs import check_method, override_preprocess
+    from ..specs.adapters import frozen, to_data, to_models
+    from . import cell_metrics, figures, html
     from .device import check_placement, place_loaded
 
+    settings = settings if settings is not None else Settings()
     check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
+    items = to_models(models)  # the one boundary: user objects -> specs and LoadedModels
+    data = to_data(data)
+    parsed = [m if isinstance(m, MethodSpec) else MethodSpec.parse(str(m)) for m in methods]
+    for m in parsed:
+        check_method(m)
+    methods, same = dedupe_methods(parsed)
+    if not methods:
+        raise SpecError("no methods given")
+    given = {m.spec: m for m in items if isinstance(m, LoadedModel)}
+
+    def load_any(spec: str) -> LoadedModel:
+        if spec in given:  # the user's own: a placed copy (settings.device/dtype), the original untouched
+            return place_loaded(given[spec], settings.device, settings.dtype, copy=True)
+        m = load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
+        return place_loaded(m, settings.device, settings.dtype, copy=False)
 
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)
     data = job.data  # settings.limit/subset applied (Data.select)
     job.warnings.extend(w for w in warnings if w not in job.warnings)
+    for w in same:
+        job.warn(w)
+    off = cell_metrics.not_run(settings)
     t_start = time.time()
-    total = len(models) * len(methods)
+    total = len(items) * len(methods)
     bar = _Bar(total, progress)
     results_models: list[dict] = []
     done = 0
@@ -123,6 +165,7 @@ def run_compare(
     grid_idx = job.indices[: settings.grid]
     current: dict[str, Any] = {}
     pool = None
+    restore = contextlib.ExitStack()  # the user's own modules go back to their train/grad state at the end
     if engine not in ("local", "ray"):
         raise SpecError(f"engine must be 'local' or 'ray', got {engine!r}")
     try:
@@ -130,9 +173,10 @@ def run_compare(
             from .distributed import RayEngine, RayOptions, _Loader
 
             opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
-            loader = _Loader(load, weights, num_classes, preprocess_overrides)
+            loader = _Loader(load_any, weights, num_classes, preprocess_overrides)
             pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, command=command, log=log)
-        for spec in models:
+        for item in items:
+            spec = item if isinstance(item, str) else item.spec
             entry: dict[str, Any] = {
                 "spec": spec,
                 "name": spec.split(":", 1)[-1].rstrip("/").split("/")[-1],
@@ -140,25 +184,40 @@ def run_compare(
             }
             entry["anchor"] = "m-" + slug(spec)
             results_models.append(entry)
-            bar.describe(f"loading {spec}")
-            model: LoadedModel = (
-                load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
-            )
-            model = place_loaded(model, settings.device, settings.dtype, copy=False)  # settings.device/dtype
-            if model.kind == "similarity":
-                raise SpecError(
-                    f"{spec} is a sentence-similarity model without classes; use it with "
-                    f"relprop explain --model {spec} --input TEXT --reference TEXT"
-                )
-            if model.kind != data.kind:
-                raise SpecError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
-            if model.kind == "image" and preprocess_overrides:
-                model.preprocess = override_preprocess(model.preprocess, **preprocess_overrides)
             if header:
                 log(header)
                 header = None
+                for why in off.values():
+                    log(f"  note: {why}")
+            bar.describe(f"loading {spec}")
+            try:  # a model that fails to load or does not fit the data is reported, like a failed cell
+                model: LoadedModel = load_any(spec)
+                if not isinstance(item, str):
+                    restore.enter_context(frozen(model.module))
+                if model.kind == "similarity":
+                    raise SpecError(
+                        f"{spec} is a sentence-similarity model without classes; use it with "
+                        f"relprop explain --model {spec} --input TEXT --reference TEXT"
+                    )
+                if model.kind != data.kind:
+                    raise SpecError(
+                        f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s"
+                    )
+                if model.kind == "image" and preprocess_overrides:
+                    model.preprocess = override_preprocess(model.preprocess, **preprocess_overrides)
+            except KeyboardInterrupt:
+                raise
+            except Exception as ex:
+                entry["error"] = f"could not load the model: {_one_line(ex)}"
+                bar.write(f"  {spec}: failed ({entry['error']})", log)
+                done += len(methods)
+                bar.update(len(methods))
+                continue
+            if model.info.get("no_cache") and job.use_cache:
+                job.warn(f"{model.name}: results are not cached ({model.info['no_cache']})")
             if (
                 model.kind == "image"
+                and not data.info.get(MODEL_INPUTS)  # tensors are the inputs as given: nothing is preprocessed
                 and model.preprocess
                 and model.preprocess.source in ("defaults", "inferred (first conv layer)")
             ):
@@ -186,14 +245,44 @@ def run_compare(
             prep = None
             cells: dict[str, dict] = {}
             current = {"entry": entry, "model": model, "cells": cells}
+            # methods that resolve to one computation on this model (e.g. lrp and lrp:composite=<its default>)
+            first: dict[str, MethodSpec] = {}
+            twin: dict[str, str] = {}
+            for m in methods:
+                try:
+                    ident = method_identity(m, job.options(model, m))
+                except Exception:  # noqa: BLE001 - options that cannot be resolved fail in their cell below
+                    continue
+                if ident in first:
+                    twin[m.label] = first[ident].label
+                    job.warn(
+                        f"on {model.name}, methods '{first[ident].label}' and '{m.label}' are the same computation "
+                        f"(same method and options); computed once"
+                    )
+                else:
+                    first[ident] = m
             remote: dict[str, dict] = {}
             if pool is not None:
                 bar.describe(f"{model.name}: on Ray")
-                remote = pool.cells(model, job, [m for m in methods if job.cached_cell(model, m) is None])
+                todo = [m for m in methods if m.label not in twin and job.cached_cell(model, m) is None]
+                remote = pool.cells(model, job, todo)
             for m in methods:
+                cell: dict | None
                 bar.describe(f"{model.name} × {m.label}")
-                cell = None if m.label in remote else job.cached_cell(model, m)
-                if m.label in remote:
+                if m.label in twin:
+                    src = cells[twin[m.label]]
+                    cells[m.label] = dict(src, method=m.label, name=m.name, duplicate_of=twin[m.label])
+                    bar.write(f"  {model.name} × {m.label}: the same as {twin[m.label]} (not computed again)", log)
+                    done += 1
+                    bar.update(1)
+                    continue
+                try:
+                    cell = None if m.label in remote else job.cached_cell(model, m)
+                except Exception as ex:  # noqa: BLE001 - e.g. no default Grad-CAM layer: a failed cell
+                    cell = _failed_cell(m, ex)
+                if cell is not None and cell.get("status") == "failed":
+                    bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
+                elif m.label in remote:
                     cell = remote[m.label]
                     if cell.get("status") == "failed":
                         bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
@@ -208,14 +297,7 @@ def run_compare(
                     except KeyboardInterrupt:
                         raise
                     except Exception as ex:  # a method that fails on a model is reported, not fatal
-                        msg = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-                        cell = {
-                            "method": m.label,
-                            "name": m.name,
-                            "status": "failed",
-                            "error": f"{type(ex).__name__}: {msg}"[:300],
-                            "reused": False,
-                        }
+                        cell = _failed_cell(m, ex)
                         bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
                     else:
                         cell["status"] = "ok"
@@ -240,10 +322,11 @@ def run_compare(
                 pass
     finally:
         bar.close()
+        restore.close()
         if pool is not None:
             engine_info = pool.info()
             pool.close()
-    failed = [
+    failed = [f"{m.get('spec')}: {m['error']}" for m in results_models if m.get("error")] + [
         f"{m.get('name')} × {c.get('method')}: {c.get('error')}"
         for m in results_models
         for c in m.get("methods", [])
@@ -255,6 +338,7 @@ def run_compare(
     results["problems"] = failed
     results["engine"] = engine_info if pool is not None else {"name": "local"}
     results["warnings"] = list(job.warnings)
+    results["not_run"] = off
     results["data"]["n_metrics"] = min(settings.samples, len(data))
     if results_models:
         try:
@@ -285,6 +369,15 @@ def run_compare(
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     html.render(results, out)
     return results
+
+
+def _failed_cell(m: MethodSpec, ex: BaseException) -> dict:
+    return {"method": m.label, "name": m.name, "status": "failed", "error": _one_line(ex), "reused": False}
+
+
+def _one_line(ex: BaseException) -> str:
+    msg = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
+    return f"{type(ex).__name__}: {msg}"[:300] if msg else type(ex).__name__
 
 
 def _write_examples(results: dict, out: Path, job: Job) -> None:
@@ -358,7 +451,15 @@ def _cls(model: LoadedModel, i: int) -> str:
 def _assemble(models, methods, data, settings, command, status, done, total, t_start, out) -> dict:
     import relprop
 
-    from .scores import BY_KEY, METRICS, RANK_METRIC, paired_difference, rank_models, summarise
+    from .scores import (
+        BY_KEY,
+        METRICS,
+        RANK_METRIC,
+        paired_difference,
+        rank_models,
+        summarise_metric,
+        tied_for_best,
+    )
 
     spec = BY_KEY[getattr(settings, "rank_by", None) or RANK_METRIC]
     boot = dict(n_boot=settings.bootstrap, level=settings.confidence, seed=settings.seed)
@@ -385,7 +486,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
             for c in oks:
                 for i, v in values(m, c["method"], metric.key).items():
                     by_example.setdefault(i, []).append(v)
-            overall[metric.key] = summarise([sum(v) / len(v) for v in by_example.values()], **boot)
+            overall[metric.key] = summarise_metric(metric, [sum(v) / len(v) for v in by_example.values()], **boot)
         m["overall"] = overall
         m["faithfulness"] = overall[spec.key]["mean"]
         for key in ("class_sensitivity", "randomisation_similarity"):
@@ -411,17 +512,36 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
                 "randomisation_similarity": m.get("randomisation_similarity"),
             }
         )
-    # overall: sorted by mean rank; a model's rank is 1 + the models with a better mean rank whose
-    # method-averaged per-example metric is significantly better (paired bootstrap), so ties stay ties
-    averaged = {}
-    for m in models:
+
+    def method_mean(m: dict, key: str) -> dict[int, float]:
+        """Per example, the mean over the model's finished methods (examples all of them have)."""
         per_ex: dict[int, list[float]] = {}
         for c in m.get("methods", []):
             if c.get("status") == "ok":
-                for i, v in values(m, c["method"], spec.key).items():
+                for i, v in values(m, c["method"], key).items():
                     per_ex.setdefault(i, []).append(v)
         n_ok = sum(1 for c in m.get("methods", []) if c.get("status") == "ok")
-        averaged[m["anchor"]] = {i: sum(v) / len(v) for i, v in per_ex.items() if len(v) == n_ok}
+        return {i: sum(v) / len(v) for i, v in per_ex.items() if len(v) == n_ok}
+
+    # bold in the tables: every row tied for best by the ranks' paired-bootstrap test (scores.tied_for_best)
+    for m in models:
+        oks = [c for c in m.get("methods", []) if c.get("status") == "ok"]
+        for c in oks:
+            c["best"] = []
+        for metric in METRICS:
+            for label in tied_for_best({c["method"]: values(m, c["method"], metric.key) for c in oks}, metric, **boot):
+                next(c for c in oks if c["method"] == label)["best"].append(metric.key)
+    for r in ranking:
+        r["best"] = []
+    for metric in METRICS:
+        best = tied_for_best({m["anchor"]: method_mean(m, metric.key) for m in models}, metric, **boot)
+        for r in ranking:
+            if r["anchor"] in best:
+                r["best"].append(metric.key)
+
+    # overall: sorted by mean rank; a model's rank is 1 + the models with a better mean rank whose
+    # method-averaged per-example metric is significantly better (paired bootstrap), so ties stay ties
+    averaged = {m["anchor"]: method_mean(m, spec.key) for m in models}
     for r in ranking:
         if r["mean_rank"] is None:
             r["rank"], r["tied_with"] = None, []

@@ -79,6 +79,50 @@ def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
     return json.loads(html.unescape(m.group(1)))
 
 
+_HEADERS = """<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('th').forEach(function (th) {
+    th.childNodes.forEach(function (node) {
+      if (node.nodeType !== 3 || !node.textContent.trim()) return;
+      var r = document.createRange();
+      r.selectNodeContents(node);
+      var tops = {};
+      Array.prototype.forEach.call(r.getClientRects(), function (b) { tops[Math.round(b.top)] = 1; });
+      out.push({text: node.textContent.trim(), lines: Object.keys(tops).length});
+    });
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'relprop-header-check';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def header_lines(index_html: str | Path, timeout: float = 60, width: int = 1400) -> list[dict]:
+    """Every table header's own text (the words before its ``<br>``) with the number of lines Chromium
+    lays it out on at ``width`` pixels: more than 1 means the header wraps."""
+    index_html = Path(index_html).resolve()
+    if not index_html.is_file():
+        raise FileNotFoundError(f"no report page at {index_html}")
+    probe = index_html.with_name(".relprop-header-check.html")
+    text = index_html.read_text(encoding="utf-8")
+    probe.write_text(text.replace("</body>", _HEADERS + "</body>"), encoding="utf-8")
+    try:
+        res = _run(
+            [f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], timeout
+        )
+    finally:
+        probe.unlink(missing_ok=True)
+    m = re.search(r'<pre id="relprop-header-check">(.*?)</pre>', res.stdout, re.S)
+    if not m:
+        raise RuntimeError(f"chromium did not render the page (exit {res.returncode}): {res.stderr.strip()[-300:]}")
+    import html
+
+    return json.loads(html.unescape(m.group(1)))
+
+
 def rendered_dom(index_html: str | Path, timeout: float = 60) -> str:
     """The page's DOM after Chromium loaded and laid it out (what a reader's browser shows)."""
     index_html = Path(index_html).resolve()

@@ -31,13 +31,33 @@ def _pad(values: list, n: int) -> list:
     return list(values) + [None] * (n - len(values))
 
 
+def not_run(settings) -> dict[str, str]:
+    """Metric groups the settings switch off -> why, in words the report and the terminal show (a check
+    that did not run is said to be off, not shown as an empty column)."""
+
+    def get(name: str, default=None):
+        return settings.get(name, default) if isinstance(settings, dict) else getattr(settings, name, default)
+
+    out: dict[str, str] = {}
+    if not get("sensitivity", True) or get("sensitivity_samples", 1) <= 0:
+        out["sensitivity"] = (
+            "the class-sensitivity check was not run: sensitivity_samples is 0 (--sensitivity-samples 0)"
+        )
+    why = None
+    if get("randomisation_samples", 1) <= 0:
+        why = "randomisation_samples is 0 (--randomisation-samples 0)"
+    elif get("randomisation_layers", 1) <= 0:
+        why = "randomisation_layers is 0 (--randomisation-layers 0)"
+    elif not get("randomisation", True):
+        why = "Settings.randomisation is False"
+    if why:
+        out["randomisation"] = f"the randomisation check was not run: {why}"
+    return out
+
+
 def wanted_groups(settings) -> set[str]:
-    groups = {m.group for m in METRICS}
-    if not (settings.sensitivity and settings.sensitivity_samples > 0):
-        groups.discard("sensitivity")
-    if not (settings.randomisation and settings.randomisation_samples > 0 and settings.randomisation_layers > 0):
-        groups.discard("randomisation")
-    return groups
+    """The metric groups a cell computes (every group but those :func:`not_run` names)."""
+    return {m.group for m in METRICS} - set(not_run(settings))
 
 
 def image_perturbation(
@@ -205,12 +225,20 @@ def compute(
     return res
 
 
+def per_batch_seconds(timing: list[tuple[int, float]]) -> list[float]:
+    """Per-example explanation time from ``(batch size, seconds)`` per batch: each example gets its batch's
+    time divided by the batch size. One measurement per batch, not per example: the summary gives the mean
+    without an interval (``MetricSpec.ci`` False)."""
+    return [t / b for b, t in timing for _ in range(b)]
+
+
 def summary_of(per_example: dict[str, list], s) -> dict[str, dict]:
-    """Mean, bootstrap interval and count of each metric (the numbers every table shows)."""
-    from .scores import summarise
+    """Mean, bootstrap interval and count of each metric (the numbers every table shows); no interval for
+    a metric whose spec says its values are not independent measurements (explanation time)."""
+    from .scores import BY_KEY, summarise_metric
 
     return {
-        k: summarise(v, n_boot=s.bootstrap, level=s.confidence, seed=s.seed)
+        k: summarise_metric(BY_KEY[k], v, n_boot=s.bootstrap, level=s.confidence, seed=s.seed)
         for k, v in per_example.items()
         if any(x is not None for x in v)
     }

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..specs import METHOD_DEFAULTS, Data, LoadedModel, MethodSpec, SpecError, check_forward, image_batch
+from ..specs.adapters import MODEL_INPUTS
 from ..specs.hashing import relprop_source_hash
 from ..specs.labels import LabelMap, map_labels
 
@@ -102,6 +103,37 @@ def cell_header(m: MethodSpec, opts: dict[str, Any], n: int, key: str) -> dict[s
         "n_samples": n,
         "key": key,
     }
+
+
+def method_identity(m: MethodSpec, opts: dict | None = None) -> str:
+    """What a method computes: its function (aliases such as ``ig`` resolved) and its options (``opts``, or
+    compare's defaults plus the spec's own options). Equal identities are one computation."""
+    import relprop
+
+    fn = relprop.METHODS.get(m.name)
+    name = next((k for k, v in relprop.METHODS.items() if v is fn), m.name) if fn is not None else m.name
+    if opts is None:
+        opts = dict(METHOD_DEFAULTS.get(m.name, {})) | dict(m.options)
+    return json.dumps([name, opts], sort_keys=True, default=str)
+
+
+def dedupe_methods(methods: list[MethodSpec]) -> tuple[list[MethodSpec], list[str]]:
+    """``methods`` without repeats (the same spec twice, or two specs of one computation such as ``ig`` and
+    ``integrated_gradients:n_steps=16``), and a warning naming both for each one left out. The first keeps
+    its place; computing a repeat would only cost time and count the method twice in the ranks."""
+    kept: list[MethodSpec] = []
+    seen: dict[str, MethodSpec] = {}
+    notes: list[str] = []
+    for m in methods:
+        ident = method_identity(m)
+        if ident in seen:
+            a = seen[ident].label
+            why = "given twice" if a == m.label else "the same computation (same method and options)"
+            notes.append(f"methods '{a}' and '{m.label}' are {why}: computed once, as '{a}'")
+            continue
+        seen[ident] = m
+        kept.append(m)
+    return kept, notes
 
 
 def sample_order(labels: torch.Tensor, seed: int) -> list[int]:
@@ -195,6 +227,10 @@ class Job:
     def label_map(self, model: LoadedModel, n_outputs: int | None = None) -> LabelMap:
         """Data class -> model class by name (see :mod:`relprop.specs.labels`); raises on no match
         unless ``settings.labels`` is "ignore" or "sorted"."""
+        if model.spec not in self._label_maps and self.data.info.get(MODEL_INPUTS):
+            # tensors from Python: the labels are the model's class indices (class_names only name them)
+            k = len(self.data.class_names)
+            self._label_maps[model.spec] = LabelMap(list(range(k)), ["index"] * k)
         if model.spec not in self._label_maps:
             n = n_outputs or len(model.class_names or [])
             present = self.data.info.get("classes_present") or sorted(set(self.data.labels.tolist()))
@@ -238,8 +274,10 @@ class Job:
             if (
                 isinstance(ready, torch.Tensor)
                 and isinstance(images, torch.Tensor)
-                and model.info.get("source") == "relprop.zoo"
-                and model.info.get("dataset") == self.data.name
+                and (
+                    self.data.info.get(MODEL_INPUTS)  # tensors from the Python API: every model's inputs as given
+                    or (model.info.get("source") == "relprop.zoo" and model.info.get("dataset") == self.data.name)
+                )
             ):
                 inputs = ready[idx]
                 display = images[idx]
@@ -290,7 +328,7 @@ class Job:
             ]
         )
         path = self.cache / f"{slug(model.spec)}__accuracy__{key}.json"
-        res = self._read_cached(path, key, "json", ("accuracy", "n", "n_labelled"))
+        res = self._read_cached(path, key, "json", ("accuracy", "n", "n_labelled"), model)
         if res is not None:
             res["reused"] = True
             return res
@@ -310,14 +348,21 @@ class Job:
             "n_labelled": labelled,
             "seconds": round(time.time() - t0, 2),
         }
-        if self.use_cache:
+        if self.caches(model):
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(res)))
         res["reused"] = False
         return res
 
-    def _read_cached(self, path: Path, key: str, fmt: str, required: tuple[str, ...]) -> dict | None:
+    def caches(self, model: LoadedModel) -> bool:
+        """Whether ``model``'s results are read from and written to the cache: not when the cache is off, or
+        when its code cannot be hashed (classes defined in a notebook: ``info["no_cache"]``)."""
+        return self.use_cache and not model.info.get("no_cache")
+
+    def _read_cached(
+        self, path: Path, key: str, fmt: str, required: tuple[str, ...], model: LoadedModel
+    ) -> dict | None:
         """A cached result, or None (recompute) when absent, forced off, unreadable or not this key's."""
-        if self.force or not self.use_cache or not path.exists():
+        if self.force or not self.caches(model) or not path.exists():
             return None
         try:
             if fmt == "json":
@@ -370,12 +415,16 @@ class Job:
     def cached_cell(self, model: LoadedModel, m: MethodSpec, opts: dict | None = None) -> dict | None:
         opts = self.options(model, m) if opts is None else opts
         key = self.cell_key(model, m, opts)
-        res = self._read_cached(self.cell_path(model, m, key), key, "pt", ("grid_attributions", "method", "n_samples"))
+        res = self._read_cached(
+            self.cell_path(model, m, key), key, "pt", ("grid_attributions", "method", "n_samples"), model
+        )
         if res is not None:
             res["reused"] = True
         return res
 
-    def explain_fn(self, model: LoadedModel, m: MethodSpec, opts: dict):
+    def explain_fn(self, model: LoadedModel, m: MethodSpec, opts: dict, timing: list | None = None):
+        """``fn(module, x, target) -> attributions`` in batches of ``--batch-size``; ``timing``: gets one
+        ``(batch size, seconds)`` per batch (the explanation time is measured per batch, not per example)."""
         import relprop
 
         bs = self.s.batch_size
@@ -395,6 +444,7 @@ class Job:
                 xb = _slice(x, i, i + bs)
                 tb = t[i : i + bs] if isinstance(t, torch.Tensor) else t
                 self.explain_calls += 1
+                t0 = time.perf_counter()
                 e = relprop.explain(module, xb, target=tb, method=m.name, **opts)
                 a = e.attributions
                 if isinstance(a, dict):
@@ -402,6 +452,8 @@ class Job:
                 elif isinstance(a, (tuple, list)):
                     a = a[0]
                 parts.append(a.detach().float().cpu())
+                if timing is not None:
+                    timing.append((_len(xb), time.perf_counter() - t0))
                 if bar is not None:
                     bar.update(_len(xb))
             if bar is not None:
@@ -418,22 +470,23 @@ class Job:
         n = min(self.s.samples, _len(prep.inputs))
         x = _slice(prep.inputs, 0, n)
         target = prep.target[:n]
-        attr = fn(model.module, x, target)
-        t_explain = time.time() - t0
+        timing: list[tuple[int, float]] = []
+        attr = self.explain_fn(model, m, opts, timing)(model.module, x, target)
         res = cell_header(m, opts, n, key)
-        res.update(self._metrics(model, fn, prep, x, attr, target, n, t_explain))
+        res.update(self._metrics(model, fn, prep, x, attr, target, n, timing))
         if self.s.save_attributions:
             from .store import save_attributions
 
             res["attributions_file"] = save_attributions(self.out, model.spec, m.label, attr, self.s.save_attributions)
         res["seconds"] = round(time.time() - t0, 2)
-        if self.use_cache:
+        if self.caches(model):
             atomic_write(self.cell_path(model, m, key), lambda tmp: torch.save(res, tmp))
         res["reused"] = False
         return res
 
-    def _metrics(self, model: LoadedModel, fn, prep: Prepared, x, attr, target, n: int, t_explain: float) -> dict:
-        """Grid attributions, every metric per example (:mod:`.cell_metrics`) and their summaries."""
+    def _metrics(self, model: LoadedModel, fn, prep: Prepared, x, attr, target, n: int, timing: list) -> dict:
+        """Grid attributions, every metric per example (:mod:`.cell_metrics`) and their summaries.
+        ``timing``: ``(batch size, seconds)`` of each explanation batch."""
         from . import cell_metrics
 
         g = min(self.s.grid, n)
@@ -463,7 +516,7 @@ class Job:
             progress=self.progress,
         )
         per = res.pop("per_example")
-        per["explain_seconds"] = [t_explain / max(n, 1)] * n
+        per["explain_seconds"] = cell_metrics.per_batch_seconds(timing)
         res["examples"] = {
             "example": [int(i) for i in self.indices[:n]],
             "label": [int(v) for v in prep.labels[:n]],
@@ -476,7 +529,7 @@ class Job:
             res[k] = v["mean"]
         res["randomisation_check"] = cell_metrics.randomisation_verdict(res["summary"], self.s.randomisation_threshold)
         res["grid_attributions"] = grid
-        res["explain_seconds_per_sample"] = round(t_explain / max(n, 1), 6)
+        res["explain_seconds_per_sample"] = round(sum(t for _, t in timing) / max(n, 1), 6)
         return res
 
 
@@ -488,4 +541,14 @@ def _slice(x, a: int, b: int):
     return {k: v[a:b] for k, v in x.items()} if isinstance(x, dict) else x[a:b]
 
 
-__all__ = ["METHOD_DEFAULTS", "Job", "MethodSpec", "Settings", "atomic_write", "sample_order", "slug"]
+__all__ = [
+    "METHOD_DEFAULTS",
+    "Job",
+    "MethodSpec",
+    "Settings",
+    "atomic_write",
+    "dedupe_methods",
+    "method_identity",
+    "sample_order",
+    "slug",
+]

@@ -131,9 +131,11 @@ def _wrap(label: str, width: int = 14) -> str:
 
 
 def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
-    """Region perturbation (MoRF/LeRF), deletion, insertion and randomisation curves, one colour per method."""
+    """Region perturbation (MoRF/LeRF), deletion, insertion and randomisation curves, one colour per method
+    (no randomisation panel when no cell has that curve: the check was switched off)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    rand = any(res.get("randomisation_curve") for res in cells.values())
+    fig, axes = plt.subplots(1, 4 if rand else 3, figsize=(16 if rand else 12, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     unit = "patches"
     for i, (label, res) in enumerate(cells.items()):
@@ -146,7 +148,7 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
             axes[1].plot(cv["fractions"], cv["deletion"], color=c, label=label)
             axes[2].plot(cv["fractions"], cv["insertion"], color=c, label=label)
         rc = res.get("randomisation_curve")
-        if rc:
+        if rc and rand:
             axes[3].plot(range(1, len(rc) + 1), rc, color=c, marker="o", label=label)
     axes[0].set(
         title="Region perturbation: MoRF —, LeRF - -",
@@ -157,9 +159,12 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     axes[2].set(
         title="Insertion (higher is better)", xlabel=f"fraction of {unit} inserted", ylabel="target probability"
     )
-    axes[3].set(title="Randomisation (lower is better)", xlabel="top layers randomised", ylabel="Spearman similarity")
-    axes[3].axhline(0, color="gray", lw=0.5)
-    axes[3].xaxis.get_major_locator().set_params(integer=True)
+    if rand:
+        axes[3].set(
+            title="Randomisation (lower is better)", xlabel="top layers randomised", ylabel="Spearman similarity"
+        )
+        axes[3].axhline(0, color="gray", lw=0.5)
+        axes[3].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.grid(alpha=0.3)
     for ax in axes[:3]:  # probabilities: the full range, so a flat curve looks flat

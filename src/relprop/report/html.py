@@ -88,7 +88,7 @@ def render(results: dict, out: Path) -> Path:
             parts.append(head + f'<p class="bad">Failed: {e(m["error"])}</p></section>')
             continue
         rows = _metric_rows(m, s)
-        header = _metric_header()
+        header = _metric_header(s)
         body = [head, "<h3>Heatmaps</h3>"]
         if m.get("grid_figure"):
             body.append(_img(m["grid_figure"], f"heatmaps of {m['name']}: inputs x methods"))
@@ -106,7 +106,8 @@ def render(results: dict, out: Path) -> Path:
         )
         body.append(
             f'<p class="muted">Mean over the examples with its {int(s.get("confidence", 0.95) * 100)}% bootstrap '
-            "interval in brackets. Hover a column name for its definition. Bold: best of the column.</p>"
+            "interval in brackets (the explanation time has none: it is measured per batch). Hover a column "
+            f"name for its definition. {e(bold_legend(s))}</p>"
         )
         body.append(_perturbation_settings(m, s))
         if m.get("curves_figure"):
@@ -176,29 +177,50 @@ def ci_text(summary: dict | None, digits: int = 3) -> str:
     return txt
 
 
-def _metric_header() -> str:
+def shown_metrics(s: dict) -> list:
+    """The metric columns of this run: every metric whose group ran (a check switched off by the settings
+    has no column; the report says it was not run, :func:`relprop.report.cell_metrics.not_run`)."""
+    off = _not_run(s)
+    return [m for m in METRICS if m.group not in off]
+
+
+def _sub(m) -> str:
+    """A header's second line: the direction, or the unit and note of a number that is not a quality."""
+    text = m.direction or ", ".join(x for x in (m.unit, m.note) if x)
+    return f'<br><span class="dir">{e(text)}</span>' if text else ""
+
+
+def _metric_header(s: dict) -> str:
     cells = []
-    for m in METRICS:
-        sub = f'<br><span class="dir">{e(m.direction)}</span>' if m.direction else ""
+    for m in shown_metrics(s):
         tip = f"{m.direction}: {m.tip}" if m.direction else m.tip
-        cells.append(f'<th title="{e(tip)}">{e(m.label)}{sub}</th>')
-    cells.append('<th title="metric computation time of the cell (apart from the explanations)">Metric s</th>')
+        cells.append(f'<th title="{e(tip)}">{e(m.label)}{_sub(m)}</th>')
     cells.append(
-        '<th title="pass: the whole interval of the |a| similarity is below the threshold; fail: above; '
-        'inconclusive: the interval straddles it (use more --randomisation-samples)">Randomisation check</th>'
+        '<th title="metric computation time of the cell (apart from the explanations)">Metric time'
+        '<br><span class="dir">s per cell</span></th>'
     )
+    if "randomisation" not in _not_run(s):
+        cells.append(
+            '<th title="pass: the whole interval of the |a| similarity is below the threshold; fail: above; '
+            'inconclusive: the interval straddles it (use more --randomisation-samples)">Randomisation'
+            '<br><span class="dir">check</span></th>'
+        )
     return "".join(cells)
 
 
+def _not_run(s: dict) -> dict[str, str]:
+    from .cell_metrics import not_run
+
+    return not_run(s)
+
+
 def _metric_rows(m: dict, s: dict) -> list[str]:
-    oks = [c for c in m["methods"] if c.get("status") == "ok"]
-    best = {}
-    for spec in METRICS:
-        vals = [c.get(spec.key) for c in oks if c.get(spec.key) is not None]
-        if vals and spec.higher_is_better is not None:
-            best[spec.key] = max(vals) if spec.higher_is_better else min(vals)
+    """One row per method; bold: the cell's ``best`` flags (every method tied for best by the paired
+    bootstrap of the ranks, computed where the per-example values are: ``run_compare``)."""
+    metrics = shown_metrics(s)
+    rand = "randomisation" not in _not_run(s)
     rows = []
-    ncol = len(METRICS) + 2
+    ncol = len(metrics) + 1 + rand
     for c in m["methods"]:
         if c.get("status") != "ok":
             rows.append(
@@ -207,22 +229,32 @@ def _metric_rows(m: dict, s: dict) -> list[str]:
             )
             continue
         tds = []
-        for spec in METRICS:
+        best = set(c.get("best") or ())
+        for spec in metrics:
             summ = (c.get("summary") or {}).get(spec.key)
             if summ is None and c.get(spec.key) is not None:  # older results.json: a mean only
                 summ = {"mean": c[spec.key], "ci": [None, None], "n": 1}
             txt = ci_text(summ, spec.digits)
-            v = c.get(spec.key)
-            if spec.key in best and v is not None and v == best[spec.key] and len(oks) > 1:
+            if spec.key in best:
                 txt = f"<b>{txt}</b>"
             tds.append(f"<td>{txt}</td>")
         tds.append(f"<td>{fmt(c.get('metric_seconds'), 1)}</td>")
-        verdict = c.get("randomisation_check")
-        cls = {"pass": "ok", "fail": "bad"}.get(verdict or "", "muted")
-        tds.append(f'<td class="{cls}">{e(verdict or "–")}</td>')
+        if rand:
+            verdict = c.get("randomisation_check")
+            cls = {"pass": "ok", "fail": "bad"}.get(verdict or "", "muted")
+            tds.append(f'<td class="{cls}">{e(verdict or "–")}</td>')
         reused = ' <span class="pill">reused</span>' if c.get("reused") else ""
         rows.append(f'<tr><td class="l">{e(c["method"])}{reused}</td>{"".join(tds)}</tr>')
     return rows
+
+
+def bold_legend(s: dict) -> str:
+    """What bold means in a table (the same test as the ranks)."""
+    level = int(s.get("confidence", 0.95) * 100)
+    return (
+        "Bold: best of the column and every row tied with it: no other row is significantly better (the "
+        f"{level}% paired-bootstrap interval of the per-example difference contains 0, the test of the ranks)."
+    )
 
 
 def _perturbation_settings(m: dict, s: dict) -> str:
@@ -233,13 +265,19 @@ def _perturbation_settings(m: dict, s: dict) -> str:
     p = c["perturbation"]
     items = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in p.items())
     thr = s.get("randomisation_threshold", 0.5)
+    off = _not_run(s)
+    if "randomisation" in off:
+        rand = f'<li class="not-run"><b>randomisation check</b>: not run ({e(off["randomisation"].split(": ", 1)[-1])})</li>'
+    else:
+        rand = (
+            f"<li><b>randomisation check</b>: Spearman similarity of |attributions| before and after randomising "
+            f"the top {e(s.get('randomisation_layers'))} layers on {e(s.get('randomisation_samples'))} examples; "
+            f"passes when its interval lies below {thr}</li>"
+        )
     return (
         f'<div class="settings" id="perturbation-{e(m["anchor"])}"><b>Perturbation settings</b> '
         f"(set with <code>--baseline</code>, <code>--insertion-baseline</code>, <code>--patch-grid</code>, "
-        f"<code>--regions</code>, <code>--steps</code>):<ul>{items}"
-        f"<li><b>randomisation check</b>: Spearman similarity of |attributions| before and after randomising the "
-        f"top {e(s.get('randomisation_layers'))} layers on {e(s.get('randomisation_samples'))} examples; passes "
-        f"when its interval lies below {thr}</li>"
+        f"<code>--regions</code>, <code>--steps</code>):<ul>{items}{rand}"
         f"<li><b>intervals</b>: {e(s.get('bootstrap'))} bootstrap resamples (seed {e(s.get('seed'))})</li></ul></div>"
     )
 
@@ -250,11 +288,23 @@ def _rank_spec(results: dict):
     return BY_KEY.get(key, BY_KEY[RANK_METRIC])
 
 
+def _ranking_columns(s: dict) -> list[str]:
+    """The metric columns of the ranking table: the rankable ones, then the checks that ran."""
+    off = _not_run(s)
+    return list(RANKABLE) + [k for k in ("class_sensitivity", "randomisation_similarity") if BY_KEY[k].group not in off]
+
+
 def _ranking_rows(results: dict) -> list[str]:
     rows = []
     names = {r["anchor"]: r["name"] for r in results["ranking"]}
+    s = results["settings"]
+    cols = _ranking_columns(s)
+
+    def cell(r: dict, k: str) -> str:
+        txt = ci_text((r.get("overall") or {}).get(k))
+        return f"<td><b>{txt}</b></td>" if k in (r.get("best") or ()) else f"<td>{txt}</td>"
+
     for r in results["ranking"]:
-        ov = r.get("overall") or {}
         ties = ", ".join(names.get(t, t) for t in r.get("tied_with", []))
         tie = (
             f' <span class="tie" title="paired bootstrap interval of the difference contains 0">tie with {e(ties)}</span>'
@@ -265,9 +315,10 @@ def _ranking_rows(results: dict) -> list[str]:
             f"<tr><td>{r['rank'] if r.get('rank') is not None else '–'}{tie}</td>"
             f'<td class="l"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
             f"<td>{fmt(r.get('mean_rank'), 2)}</td>"
-            + "".join(f"<td>{ci_text(ov.get(k))}</td>" for k in RANKABLE)
+            + "".join(cell(r, k) for k in cols if k in RANKABLE)
             + f'<td class="l">{e(r.get("best_method") or "–")}</td><td>{fmt(r.get("accuracy"))}</td>'
-            f"<td>{ci_text(ov.get('class_sensitivity'))}</td><td>{ci_text(ov.get('randomisation_similarity'))}</td></tr>"
+            + "".join(cell(r, k) for k in cols if k not in RANKABLE)
+            + "</tr>"
         )
     return rows
 
@@ -281,7 +332,16 @@ def _ranking_intro(results: dict) -> str:
 significantly better: two models tie when the {int(s.get("confidence", 0.95) * 100)}% paired-bootstrap interval
 of their per-example difference contains 0. Every number is a mean over methods and examples with its bootstrap
 interval in brackets. Accuracy on all {data["n"]} examples of <code>{e(data["spec"])}</code>; metrics on {n}
-examples per model.</p>"""
+examples per model. {e(bold_legend(s))}</p>{_not_run_note(s)}"""
+
+
+def _not_run_note(s: dict) -> str:
+    """The checks the settings switched off, said once at the top (their columns are left out)."""
+    off = _not_run(s)
+    if not off:
+        return ""
+    items = "".join(f"<li>{e(v[0].upper() + v[1:])}.</li>" for v in off.values())
+    return f'<ul class="muted" id="not-run">{items}</ul>'
 
 
 def _ranking_table(results: dict, rows: list[str]) -> str:
@@ -297,7 +357,8 @@ def _ranking_table(results: dict, rows: list[str]) -> str:
         f'<th title="mean over methods of the rank by {e(spec.label)}">Mean rank<br><span class="dir">by {e(spec.label)}, lower is better</span></th>'
         + "".join(th(k) for k in RANKABLE)
         + f'<th class="l">Best method<br><span class="dir">by {e(spec.label)}</span></th><th>Accuracy</th>'
-        f"{th('class_sensitivity')}{th('randomisation_similarity')}</tr>{''.join(rows)}</table>"
+        + "".join(th(k) for k in _ranking_columns(results["settings"]) if k not in RANKABLE)
+        + f"</tr>{''.join(rows)}</table>"
     )
 
 

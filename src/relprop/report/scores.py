@@ -23,7 +23,9 @@ class MetricSpec:
 
     ``group`` names the computation that produces it (``"perturbation"``, ``"sensitivity"``,
     ``"randomisation"``, ``"time"``): a cell runs a group only when one of its metrics is wanted.
-    ``higher_is_better`` is ``None`` for numbers that are not a quality (time).
+    ``higher_is_better`` is ``None`` for numbers that are not a quality (time). ``ci``: False where the
+    per-example values are not independent measurements (the explanation time is one timing per batch,
+    shared by its examples), so an interval would show precision that was never measured; ``note`` says why.
     """
 
     key: str
@@ -32,6 +34,9 @@ class MetricSpec:
     tip: str
     group: str
     digits: int = 3
+    ci: bool = True
+    note: str = ""
+    unit: str = ""
 
     @property
     def direction(self) -> str:
@@ -86,11 +91,15 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "explain_seconds",
-        "Explain s/example",
+        "Explain time",
         None,
-        "time of the explanation alone per example (batched); metric time is apart",
+        "time of the explanation alone per example: each batch's time divided by its size (per-batch "
+        "timing, so no interval); metric time is apart",
         "time",
         digits=4,
+        ci=False,
+        note="per-batch timing",
+        unit="s per example",
     ),
 )
 
@@ -151,6 +160,16 @@ def summarise(values: Sequence, *, n_boot: int = 1000, level: float = 0.95, seed
     return {"mean": float(a.mean()) if a.size else None, "ci": [lo, hi], "n": int(a.size)}
 
 
+def summarise_metric(spec: MetricSpec, values: Sequence, *, n_boot: int = 1000, level: float = 0.95, seed=0) -> dict:
+    """:func:`summarise` as ``spec`` allows: no interval (``ci: [None, None]``) and its ``note`` where the
+    per-example values are not independent measurements (``spec.ci`` False)."""
+    out = summarise(values, n_boot=n_boot if spec.ci else 0, level=level, seed=seed)
+    if not spec.ci:
+        out["ci"] = [None, None]
+        out["note"] = spec.note
+    return out
+
+
 def paired_difference(
     a: dict[int, float], b: dict[int, float], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> dict:
@@ -195,3 +214,16 @@ def rank_models(
     sign = -1.0 if spec.higher_is_better else 1.0
     rows.sort(key=lambda r: (r["rank"] is None, r["rank"] or 0, sign * (r["mean"] or 0.0)))
     return rows
+
+
+def tied_for_best(
+    per_example: dict[str, dict[int, float]], spec: MetricSpec, *, n_boot: int = 1000, level: float = 0.95, seed=0
+) -> list[str]:
+    """The rows a table marks best in ``spec``'s column: every one of rank 1 in :func:`rank_models`, i.e.
+    no other row is significantly better (the ranks' own paired-bootstrap test), so two rows whose
+    difference interval contains 0 are both marked. Nothing with fewer than two rows with values, or for a
+    metric without a direction."""
+    if spec.higher_is_better is None or sum(1 for v in per_example.values() if v) < 2:
+        return []
+    rows = rank_models(per_example, spec, n_boot=n_boot, level=level, seed=seed)
+    return [r["model"] for r in rows if r["rank"] == 1]
