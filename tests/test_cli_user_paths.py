@@ -433,6 +433,10 @@ def test_python_model_with_weights_file(tmp_path, capsys, digits, fmt):
     line = one_line_error(capsys, ["explain", "--model", spec, "--weights", str(tmp_path / "shape.pt"), "--input",
                                    str(img), "--out", str(tmp_path / "h.png")])  # fmt: skip
     assert "does not fit" in line and "shape mismatch" in line
+    # with two models that both read --weights, a plain --weights is ambiguous: the error says how to choose
+    line = one_line_error(capsys, ["compare", "--models", f"{spec},torchvision:resnet18", "--weights", str(w),
+                                   "--out", str(tmp_path / "r")])  # fmt: skip
+    assert f"{spec}, torchvision:resnet18 all take --weights" in line and f"--weights {spec}={w}" in line
     # a pickle holding objects is refused, as for the other kinds (weights_only)
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "obj.pt")
     line = one_line_error(capsys, ["explain", "--model", spec, "--weights", str(tmp_path / "obj.pt"), "--input",

@@ -410,7 +410,10 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
                 "zoo: and hf: models come with their weights, a whole-model file is given as the model"
             )
         if len(plain) > 1 or (len(need) > 1 and len(models) > 1):
-            raise CLIError("several models need weights: give each as --weights SPEC=FILE")
+            raise CLIError(
+                f"--weights {plain[0]}: {', '.join(need)} all take --weights; say which model's file it is with "
+                f"--weights SPEC=FILE (e.g. --weights {need[0]}={plain[0]})"
+            )
         for m in need:
             out.setdefault(m, plain[0])
     for m, f in out.items():
