@@ -738,6 +738,41 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch, dig
     assert (tmp_path / "digit.png").exists()  # written by the README's `relprop sample` line
 
 
+def test_python_model_declares_its_inputs_as_the_readme_says(tmp_path, capsys, digits):
+    """README: a python: model's input_size, mean, std and class_names attributes are read; without them
+    the channels come from the first Conv2d, images keep their size and classes are numbered."""
+    from relprop.specs import image_batch, load_model, read_image
+
+    (tmp_path / "declared.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    input_size = (1, 16, 16)\n"
+        "    mean, std = (0.5,), (0.25,)\n"
+        "    class_names = ['zero', 'one', 'two']\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(3, 2, 3)\n"
+        "        self.fc = torch.nn.Linear(2, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.conv(x.expand(-1, 3, -1, -1)).mean((2, 3)))\n"
+        "def build():\n"
+        "    return Net()\n"
+        "def plain():\n"
+        "    m = Net(); del type(m).input_size, type(m).mean, type(m).std, type(m).class_names\n"
+        "    return m\n"
+    )
+    img = read_image(save_png(tmp_path / "d.png", (digits[0][0, 0].numpy() * 255).round().astype(np.uint8), "L"))
+    lm = load_model(f"python:{tmp_path / 'declared.py'}:build")
+    assert lm.class_names == ["zero", "one", "two"]
+    x, disp = image_batch(lm, [img])
+    assert x.shape == (1, 1, 16, 16)  # resized to input_size
+    torch.testing.assert_close(x, (disp - 0.5) / 0.25)
+    lm = load_model(f"python:{tmp_path / 'declared.py'}:plain")
+    assert lm.class_names == ["0", "1", "2"] and lm.preprocess.channels == 3  # from the first Conv2d
+    x, _ = image_batch(lm, [img])
+    assert x.shape[-2:] == img.shape[-2:]  # not resized
+
+
 def test_list_shows_every_model_kind_in_aligned_columns(capsys):
     from relprop.specs import KINDS
 
