@@ -285,6 +285,20 @@ def test_batches_with_worker_processes_give_the_same_items(folder):
     assert all(items is None for _, items in sources_mod.batches(zoo, range(10), 4))
 
 
+def test_accuracy_with_loader_workers_equals_in_process(monkeypatch, folder):
+    from relprop.report import compare
+    from relprop.specs import load_model
+
+    model = load_model("zoo:resnet_digits")
+    monkeypatch.setattr(compare, "ACCURACY_BATCH", 16)
+    got = []
+    for workers in (0, 2):
+        data = load_data(str(folder), loader_workers=workers)
+        job = compare.Job(tmp_path_for(folder), data, [], compare.Settings(samples=2, grid=1), use_cache=False)
+        got.append((job.accuracy(model)["accuracy"], job.prepare(model, list(range(len(data)))).pred.tolist()))
+    assert got[0] == got[1]
+
+
 def test_fingerprint_follows_the_stored_bytes(tmp_path, digits):
     arrays, labels = digits
     root = tmp_path / "d"
@@ -348,7 +362,7 @@ def test_compare_limit_subset_in_settings_results_and_cache_key(tmp_path, folder
     assert res["data"]["selected_indices"] == chosen and len(chosen) == 12
     assert run("--subset", "12", "--seed", "1")[1]["reused"] is True
     assert run("--subset", "11", "--seed", "1")[1]["reused"] is False  # in the key
-    res, cell = run("--limit", "10")
+    res, cell = run("--limit", "10", "--data-workers", "1")
     assert res["data"]["n"] == 10 and res["settings"]["limit"] == 10 and cell["reused"] is False
     assert "Settings of this run" in (out / "index.html").read_text()
     assert main([*base, "--limit", "0"]) == 2 and "--limit must be at least 1" in capsys.readouterr().err
