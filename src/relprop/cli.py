@@ -289,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="save one image of a dataset as a PNG (an input for relprop explain)",
         formatter_class=_formatter,
-        description="Write example N of a data spec (zoo:NAME or an image folder) as an 8-bit PNG and print its label.",
+        description="Write example N of an image data spec (zoo:NAME, an image folder, a table, a saved dataset or "
+        "tar shards) as an 8-bit PNG and print its label.",
         epilog="examples:\n  relprop sample zoo:digits --out digit.png\n  relprop sample zoo:chest_xray --index 9\n",
     )
-    sm.add_argument("data", metavar="DATA", help="data spec: zoo:NAME or a folder of class sub-folders")
+    sm.add_argument("data", metavar="DATA", help="data spec of images (as for compare --data)")
     sm.add_argument("--index", type=int, default=3, metavar="N", help="which example (default: 3)")
     sm.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
     sm.add_argument("--out", default="sample.png", metavar="FILE", help="PNG to write (default: %(default)s)")
