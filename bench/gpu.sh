@@ -9,7 +9,7 @@
 # finds (PYTHON, else python3), imports relprop from src/ (PYTHONPATH; nothing is installed into that
 # python), and installs the few small wheels it lacks (pytest...) from bench/wheels into bench/.deps,
 # offline (pip --no-index --find-links; unzipped when the python has no pip). Fill bench/wheels beforehand,
-# where PyPI is reachable, with scripts/fetch_gpu_wheels.sh.
+# where PyPI is reachable, with scripts/fetch_gpu_wheels.sh (gitignored: copy it along with the tree).
 #
 # Exit status: 0 all ran and passed; 1 a test failed or a benchmark broke (the table says which);
 # 2 it cannot run here (no python/torch, no CUDA device, missing wheels), with a message saying why.
@@ -23,7 +23,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) dry=1 ;;
     -h | --help)
-      sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
