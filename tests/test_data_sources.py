@@ -248,6 +248,13 @@ def test_loading_and_hashing_decode_nothing(monkeypatch, folder, tmp_path, digit
     data.images[3]
     assert seen.count == 2  # no cache: asked twice, read twice
     assert load_data(str(folder)).fingerprint() == fp
+    shipped = pickle.loads(pickle.dumps(data))  # to Ray workers: with its key, nothing is read again to hash
+
+    def no_reading(self, i):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(sources_mod.Images, "raw", no_reading)
+    assert shipped.fingerprint() == fp
 
 
 def test_accuracy_pass_holds_a_batch_not_the_dataset(monkeypatch, folder):

@@ -99,6 +99,12 @@ class Data:
             self._fingerprint = h.hexdigest()[:20]
         return self._fingerprint
 
+    def __getstate__(self) -> dict:
+        """Pickled (the Ray engine ships the data to its workers) with its cache key, so that a worker does not
+        read every stored item again to hash it."""
+        self.fingerprint()
+        return dict(self.__dict__)
+
     def select(self, limit: int | None = None, subset: int | None = None, seed: int = 0) -> Data:
         """The first ``limit`` examples, then ``subset`` of them drawn at random with ``seed`` (kept in
         dataset order); ``self`` when neither is given. Lazy inputs stay lazy (a view on the chosen
