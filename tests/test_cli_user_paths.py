@@ -358,6 +358,35 @@ def test_trust_pickle_note_once_per_run_and_a_warning_category_for_library_calle
     assert issubclass(TrustPickleWarning, UserWarning)
 
 
+HF_EVIL = """
+import os, sys, torch
+from safetensors.torch import load_file
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+sd = dict(load_file(sys.argv[1]))
+sd["payload"] = Evil()
+torch.save(sd, sys.argv[3])
+os.remove(sys.argv[1])
+"""
+
+
+def test_hf_folder_with_a_pickled_payload_in_its_bin_does_not_run_it(tmp_path, capsys):
+    """A Hugging Face folder whose pytorch_model.bin pickles an object: the payload does not run, and the
+    one-line error says what to do (not transformers' advice to load with weights_only=False)."""
+    import subprocess
+
+    bert = tiny_bert(tmp_path / "bert")
+    marker = tmp_path / "PWNED"
+    subprocess.run([sys.executable, "-c", HF_EVIL, str(bert / "model.safetensors"), str(marker),
+                    str(bert / "pytorch_model.bin")], check=True)  # fmt: skip
+    err = one_line_error(capsys, ["explain", "--model", f"hf:{bert}", "--input", "a good film", "--method",
+                                  "gradient", "--out", str(tmp_path / "t.html")])  # fmt: skip
+    assert not marker.exists(), "the pickle's payload ran"
+    assert "would run code from the file" in err and "save_pretrained() (safetensors)" in err
+    assert "weights_only` set to `False`" not in err and "weights_only=False" not in err
+
+
 def test_trust_pickle_help_says_what_it_means(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])

@@ -40,6 +40,12 @@ def trust_pickle_note(path: Path) -> str:
     )
 
 
+def _is_weights_only_refusal(e: BaseException) -> bool:
+    """torch.load(weights_only=True) refused a pickle that holds more than tensors."""
+    msg = str(e)
+    return "weights_only" in msg or "Unsupported global" in msg or "WeightsUnpickler" in msg
+
+
 def _read_state_dict(path: Path) -> dict:
     if not path.exists():
         raise SpecError(f"weights file not found: {path}")
@@ -56,7 +62,7 @@ def _read_state_dict(path: Path) -> dict:
     except ImportError:
         raise SpecError("reading .safetensors files needs 'safetensors' (pip install 'relprop[report]')") from None
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if _is_weights_only_refusal(e):
             raise SpecError(
                 f"weights file {path} is not a plain state dict (it pickles objects, and unpickling runs code "
                 f"from the file); save model.state_dict(), preferably as .safetensors"
@@ -376,6 +382,13 @@ def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedMode
     except SpecError:
         raise
     except Exception as e:
+        if _is_weights_only_refusal(e):  # transformers loads .bin with weights_only=True; its message says
+            # "re-run with weights_only=False", which would run the file's code
+            raise SpecError(
+                f"{path}: a pickled weights file (.bin) holds objects besides tensors, and unpickling them "
+                f"would run code from the file; relprop loads it only as plain tensors. Save the model with "
+                f"save_pretrained() (safetensors) from a source you trust"
+            ) from None
         raise SpecError(f"cannot load the Hugging Face model in {path}: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -571,7 +584,7 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        if not ("weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e)):
+        if not _is_weights_only_refusal(e):
             raise SpecError(f"cannot read model file {path}: {first_line(e)}") from None
         if not opts.trust_pickle:
             raise _pickle_refused(path) from None
