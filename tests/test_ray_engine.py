@@ -1,6 +1,6 @@
 """``relprop compare --engine ray`` on a local 2-worker Ray instance (started here, shut down after): the
 same results.json numbers and per-example rows as the single-process engine, a worker killed mid-run
-recovered with nothing lost, and a re-run that skips the finished shards.
+recovered with nothing lost, and a re-run that skips the finished shards (shards at a ``file://`` URL).
 
 Compared: every value of results.json except timings (``seconds``, ``metric_seconds``, ``explain_seconds``,
 ``explain_seconds_per_sample``), ``created``, ``environment``, ``engine`` and ``reused``. Tolerance: none,
@@ -21,11 +21,14 @@ from relprop.specs import SpecError, load_data, parse_methods  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-MODELS = ["zoo:resnet_digits", "zoo:vgg_digits"]
-# batch 4, 8 samples: 2 shards per cell; the grid, class-sensitivity and randomisation examples span both
+# DenseNet: its CPU kernels round a perturbed copy's score by its place in the forward pass, which gave
+# ~1e-8 differences while the metrics mixed the copies of several batches (tests/test_sharding.py)
+MODELS = ["zoo:resnet_digits", "zoo:densenet_digits"]
+# batch 4, 8 samples: 2 shards per cell; the grid, class-sensitivity and randomisation examples span both;
+# insertion starts from noise (drawn per example: the same draws in a shard as in the whole batch)
 SETTINGS = dict(
     samples=8, grid=6, sensitivity_samples=6, randomisation_samples=5, randomisation_layers=2,
-    regions=8, steps=8, batch_size=4, bootstrap=200,
+    regions=8, steps=8, batch_size=4, bootstrap=200, insertion_baseline="noise",
 )  # fmt: skip
 TIMING = {"seconds", "created", "metric_seconds", "explain_seconds_per_sample", "explain_seconds"}
 SKIP = TIMING | {"environment", "engine", "reused"}
@@ -106,21 +109,23 @@ def test_killed_worker_loses_nothing(local, cluster, tmp_path, data, methods, mo
 
 
 def test_rerun_resumes_from_finished_shards(local, cluster, tmp_path, data, methods):
-    first = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    pytest.importorskip("fsspec")
+    opts = {"workers": 2, "shards": (tmp_path / "elsewhere").as_uri()}  # file:///...: any fsspec URL
+    first = _run(data, methods, tmp_path / "r", engine="ray", ray_options=opts)
     assert first["engine"]["shards_computed"] == 8, (first["engine"], first["problems"], list(tmp_path.rglob("*")))
-    tables = sorted((tmp_path / "shards").rglob("*.parquet"))
+    assert not (tmp_path / "r" / "shards").exists()
+    tables = sorted((tmp_path / "elsewhere").rglob("*.parquet"))
     tables[0].unlink()  # as if Ctrl-C came before this shard finished
     tables[1].write_bytes(tables[1].read_bytes()[:100])  # a torn file is not trusted
-    res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    res = _run(data, methods, tmp_path / "r", engine="ray", ray_options=opts)
     assert not res["problems"], res["problems"]
     assert (res["engine"]["shards_computed"], res["engine"]["shards_reused"]) == (2, 6)
-    assert _numbers(tmp_path) == _numbers(local)
+    assert _numbers(tmp_path / "r") == _numbers(local)
     assert all(read_shard(p.parent, int(p.stem), p.parent.name.rsplit("__", 1)[1], 4) for p in tables)
 
 
 def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):
-    with pytest.raises(SpecError, match="noise"):
-        check_supported(data, Settings(baseline="noise"))
+    check_supported(data, Settings(baseline="noise", insertion_baseline="noise"))  # drawn per example: allowed
     text = type("D", (), {"kind": "text", "spec": "t.csv"})()
     with pytest.raises(SpecError, match="image data only"):
         check_supported(text, Settings())

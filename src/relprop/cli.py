@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: actors in the pool (default 2)")
     c.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="--engine ray: GPUs per actor")
     c.add_argument(
+        "--shards",
+        metavar="URL",
+        help="--engine ray: where the per-example Parquet shards go, a folder or any fsspec URL (s3://, gs://, "
+        "file://...; default OUT/shards)",
+    )
+    c.add_argument(
         "--baseline",
         default="black",
         metavar="B",
@@ -653,7 +659,9 @@ def cmd_compare(args) -> int:
         load=load_named,
         use_cache=not args.no_cache,
         engine=args.engine,
-        ray_options=dict(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker),
+        ray_options=dict(
+            address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker, shards=args.shards
+        ),
         warnings=warnings,
     )
     reused = sum(1 for m in res["models"] for c in m.get("methods", []) if c.get("reused"))

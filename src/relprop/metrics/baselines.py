@@ -9,7 +9,7 @@ sample (``"scalar"``), one per sample and step (``"step"``, the drifting mean), 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -86,6 +86,35 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def example_seeds(seed: int, examples: Sequence[int]) -> list[int]:
+    """One seed per example from (``seed``, example index), for :func:`noise`: an example's noise then does
+    not depend on the other examples of its batch, so a run split into shards draws what the whole batch
+    draws (``relprop compare --engine ray``)."""
+    return [int(np.random.SeedSequence([int(seed), int(e)]).generate_state(1, np.uint64)[0]) for e in examples]
+
+
+def noise(x: torch.Tensor, seed: int | Sequence[int] | None = 0, std: float | None = None) -> torch.Tensor:
+    """The ``"noise"`` baseline, ``(B, F)``: Gaussian noise with each sample's mean and std (or ``std``).
+    ``seed``: one generator for the whole batch (an int), or one seed per sample (each row drawn from its
+    own generator, e.g. :func:`example_seeds`)."""
+    b = x.shape[0]
+    xf = x.reshape(b, -1)
+    if seed is None or isinstance(seed, (int, np.integer)):
+        g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        z = torch.randn(xf.shape, generator=g, dtype=torch.float64)
+    else:
+        seeds = [int(v) for v in seed]
+        if len(seeds) != b:
+            raise ValueError(f"noise: {len(seeds)} seeds for a batch of {b}")
+        rows = [
+            torch.randn(xf.shape[1], generator=torch.Generator().manual_seed(v), dtype=torch.float64) for v in seeds
+        ]
+        z = torch.stack(rows) if rows else torch.zeros(xf.shape, dtype=torch.float64)
+    mean = xf.mean(1, keepdim=True)
+    sd = xf.std(1, keepdim=True) if std is None else torch.full_like(mean, float(std))
+    return mean + sd * z.to(device=x.device, dtype=x.dtype)
+
+
 def _bad(baseline) -> ValueError:
     return ValueError(f"baseline must be one of {ALL_BASELINES}, a number, a tensor or a callable, got {baseline!r}")
 
@@ -113,11 +142,7 @@ def resolve(
         if name == "blur":
             return name, Fill("tensor", gaussian_blur(x, blur_sigma).reshape(b, -1))
         if name == "noise":
-            g = torch.Generator().manual_seed(0 if seed is None else int(seed))
-            noise = torch.randn(xf.shape, generator=g, dtype=torch.float64).to(x.dtype)
-            mean = xf.mean(1, keepdim=True)
-            std = xf.std(1, keepdim=True) if noise_std is None else torch.full_like(mean, float(noise_std))
-            return name, Fill("tensor", mean + std * noise)
+            return name, Fill("tensor", noise(x, seed, noise_std))
         raise _bad(baseline)
     if callable(baseline):
         value, desc = baseline(x.clone()), getattr(baseline, "__name__", "callable")

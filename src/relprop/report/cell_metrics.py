@@ -68,40 +68,78 @@ def image_perturbation(
     s,
     progress: bool = False,
     rows: dict | None = None,
+    examples: list[int] | None = None,
 ) -> dict:
     """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch.
 
     ``rows``: filled with the per-example curves (``morf``, ``lerf``, ``insertion``, ``deletion``) whose
-    means are the returned curves, so that a sharded run (:mod:`.distributed`) can average them in order."""
+    means are the returned curves, so that a sharded run (:mod:`.distributed`) can average them in order.
+    ``examples``: the data index of each row (default: the row); the ``noise`` baseline draws each
+    example's noise from (``s.seed``, its index), so a shard of the batch draws what the whole batch does."""
     from .. import metrics
+    from ..metrics.baselines import example_seeds
+    from ..metrics.baselines import noise as draw_noise
+
+    seeds = example_seeds(s.seed, range(x.shape[0]) if examples is None else examples)
+
+    def fill(name, part: slice):
+        if not (isinstance(name, str) and name.lower() == "noise"):
+            return name
+
+        def noise(xx: torch.Tensor) -> torch.Tensor:
+            return draw_noise(xx, seeds[part]).reshape(xx.shape)
+
+        return noise
 
     h, w = x.shape[-2:]
     patch = max(1, min(h, w) // s.patch_grid)
     units = math.ceil(h / patch) * math.ceil(w / patch)
     regions, steps = min(s.regions, units), min(s.steps, units)
     kw = dict(patch_size=patch, pad=True, batch_size=256, progress=progress)
-    ab = metrics.abpc(module, x, attr, target, regions=regions, baseline=s.baseline, **kw)
-    idl = metrics.insertion_deletion(
-        module,
-        x,
-        attr,
-        target,
-        steps=steps,
-        deletion_baseline=s.baseline,
-        insertion_baseline=s.insertion_baseline,
-        **kw,
-    )
-    morf, lerf = ab.morf_curve, ab.lerf_curve
-    if morf is None or lerf is None:  # abpc() builds its result from the two curves: always set
-        raise RuntimeError("internal: ABPC result without its curves")
+    # One explain batch (--batch-size examples) at a time: its perturbed copies never share a forward pass
+    # with another batch's. A copy's score can depend on its place in the forward pass (CPU kernels round
+    # differently at tile edges, ~1e-7), so this makes every example's values independent of the examples
+    # outside its batch, and the Ray engine's shards (aligned to batches) get the single-process numbers.
+    bs = max(1, int(s.batch_size))
+    got: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, max(1, x.shape[0]), bs):
+        r = slice(i, i + bs)
+        xb, ab_, tb = x[r], attr[r], target[r]
+        ab = metrics.abpc(module, xb, ab_, tb, regions=regions, baseline=fill(s.baseline, r), **kw)
+        idl = metrics.insertion_deletion(
+            module,
+            xb,
+            ab_,
+            tb,
+            steps=steps,
+            deletion_baseline=fill(s.baseline, r),
+            insertion_baseline=fill(s.insertion_baseline, r),
+            **kw,
+        )
+        if ab.morf_curve is None or ab.lerf_curve is None or ab.per_step is None:  # abpc() always sets them
+            raise RuntimeError("internal: ABPC result without its curves")
+        parts = {
+            "morf": ab.morf_curve,
+            "lerf": ab.lerf_curve,
+            "insertion": idl.insertion,
+            "deletion": idl.deletion,
+            "abpc": ab.per_step,
+            "insertion_auc": idl.insertion_auc,
+            "deletion_auc": idl.deletion_auc,
+            "difference": idl.difference_per_sample,
+        }
+        for k, v in parts.items():
+            got.setdefault(k, []).append(torch.as_tensor(v))
+    c = {k: torch.cat(v) for k, v in got.items()}
+    morf, lerf = c["morf"], c["lerf"]
     if rows is not None:
-        rows.update(morf=ab.morf_curve, lerf=ab.lerf_curve, insertion=idl.insertion, deletion=idl.deletion)
+        rows.update(morf=morf, lerf=lerf, insertion=c["insertion"], deletion=c["deletion"])
     return {
         "per_example": {
-            "abpc": _list(ab.per_step),
-            "insertion": _list(idl.insertion_auc),
-            "deletion": _list(idl.deletion_auc),
-            "insertion_minus_deletion": _list(idl.difference_per_sample),
+            "abpc": _list(c["abpc"]),
+            "insertion": _list(c["insertion_auc"]),
+            "deletion": _list(c["deletion_auc"]),
+            "insertion_minus_deletion": _list(c["difference"]),
         },
         "curves": {
             "unit": "patches",
@@ -109,8 +147,8 @@ def image_perturbation(
             "morf": _list(morf.mean(0)),
             "lerf": _list(lerf.mean(0)),
             "fractions": _list(idl.fractions),
-            "insertion": _list(idl.insertion.mean(0)),
-            "deletion": _list(idl.deletion.mean(0)),
+            "insertion": _list(c["insertion"].mean(0)),
+            "deletion": _list(c["deletion"].mean(0)),
         },
         "perturbation": {
             "unit": f"{patch}x{patch}-pixel patches ({math.ceil(h / patch)}x{math.ceil(w / patch)} grid)",
@@ -208,6 +246,7 @@ def compute(
     sanity_inputs=None,
     sanity_explain: ExplainFn | None = None,
     progress: bool = False,
+    examples: list[int] | None = None,
 ) -> dict:
     """Every metric of one cell: ``per_example`` (metric key -> list over the examples), ``curves``,
     ``perturbation`` (the settings in words) and ``metric_seconds``."""
@@ -216,7 +255,7 @@ def compute(
     if kind == "text":
         res = text_perturbation(module, tokenizer, x, attr, target, s, progress)
     else:
-        res = image_perturbation(module, x, attr, target, s, progress)
+        res = image_perturbation(module, x, attr, target, s, progress, examples=examples)
     if sanity_explain is not None:
         sc = sanity_checks(sanity_module, sanity_inputs, sanity_explain, target, n, s)
         res["per_example"].update(sc.pop("per_example"))

@@ -514,6 +514,7 @@ class Job:
             sanity_inputs=xf,
             sanity_explain=efn if sanity else None,
             progress=self.progress,
+            examples=[int(i) for i in self.indices[:n]],
         )
         per = res.pop("per_example")
         per["explain_seconds"] = cell_metrics.per_batch_seconds(timing)

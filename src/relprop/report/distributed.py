@@ -9,17 +9,19 @@ shard it held is run again by Ray; nothing else is lost.
 
 The unit of work is a shard of a cell's examples, aligned to ``--batch-size`` so that every explain call
 sees the same batch as in the single-process engine. Each shard writes two files under
-``OUT/shards/<model>__<method>__<cell key>/``: ``NNNNN.pt`` (per-example curves, grid attributions; loaded
+``OUT/shards/<model>__<method>__<cell key>/`` (or under ``RayOptions.shards``, any fsspec URL): ``NNNNN.pt`` (per-example curves, grid attributions; loaded
 with ``weights_only=True``) and then ``NNNNN.parquet`` (one row per example in the schema of
 ``examples.parquet``, :func:`relprop.report.store.schema`), both written atomically. The Parquet file is the
 commit mark: a shard whose Parquet reads back with this cell's key and row count is finished and is never
 recomputed (a re-run after Ctrl-C resumes; ``--force`` recomputes). The driver assembles each cell from its
 shards in shard order, with the same reductions as :meth:`relprop.report.compare.Job.compute_cell`, so the
-numbers equal the single-process engine's (see ``tests/test_ray_engine.py``; timings differ).
+numbers equal the single-process engine's bit for bit (``tests/test_ray_engine.py``; timings differ). That
+needs every per-example value to depend on its own explain batch only: the perturbation metrics evaluate
+one batch's copies at a time and the ``noise`` baseline draws per example
+(:func:`relprop.report.cell_metrics.image_perturbation`, ``tests/test_sharding.py``).
 
 Not supported, and refused with a message instead of giving different numbers: text data (a shard pads
-its texts to its own longest, the single-process engine to the longest of all) and the ``noise`` baseline
-(its noise is drawn for the whole batch at once, so it depends on the shard).
+its texts to its own longest, the single-process engine to the longest of all).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class RayOptions:
     """How ``--engine ray`` runs. ``address``: join this cluster (``"auto"`` or ``ray://...``), else start a
     local instance with ``workers * cpus_per_worker`` CPUs; ``workers``: actors in the pool;
     ``gpus_per_worker``: GPUs each actor reserves (the model then runs on ``cuda``); ``shard_size``: examples
-    per shard, a multiple of the batch size (default: the batch size)."""
+    per shard, a multiple of the batch size (default: the batch size); ``shards``: where the Parquet shards
+    go, a folder or any fsspec URL (default ``OUT/shards``; the report itself is written to ``OUT``)."""
 
     address: str | None = None
     workers: int = 2
@@ -60,6 +63,7 @@ class RayOptions:
     gpus_per_worker: float = 0.0
     shard_size: int | None = None
     max_retries: int = 3
+    shards: str | None = None
 
 
 def _ray():
@@ -79,12 +83,6 @@ def check_supported(data, settings: Settings) -> None:
             f"--engine ray runs image data only for now ({data.spec} holds {data.kind}s: a shard would pad its "
             f"texts differently from the single-process engine); use --engine local"
         )
-    for name in ("baseline", "insertion_baseline"):
-        if str(getattr(settings, name)).split(":")[0] == "noise":
-            raise SpecError(
-                f"--engine ray: the 'noise' {name.replace('_', ' ')} is drawn per batch, so its numbers would "
-                f"depend on the shards; use another baseline or --engine local"
-            )
 
 
 @dataclass
@@ -110,23 +108,53 @@ class _Loader:
 
 
 # ------------------------------------------------------------------------------------ shard files
-def _paths(shard_dir: Path, index: int) -> tuple[Path, Path]:
-    return shard_dir / f"{index:05d}.pt", shard_dir / f"{index:05d}.parquet"
+def shard_fs(url: str | Path):
+    """(fsspec filesystem, path) of a shard folder: a local path or any fsspec URL (``file://``, ``s3://``,
+    ``gs://``, ...; credentials as fsspec finds them on each node: environment, ``FSSPEC_*`` variables,
+    config files). On a multi-node cluster the URL must reach every node (workers write, the driver reads)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise SpecError("--engine ray writes its shards through fsspec: pip install 'relprop[ray]'") from None
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path.rstrip("/") or path
 
 
-def read_shard(shard_dir: Path, index: int, key: str, n_rows: int) -> tuple[Any, dict] | None:
-    """(Parquet table, sidecar dict) of a finished shard, or None when absent, unreadable, foreign or short."""
+def _paths(root: str, index: int) -> tuple[str, str]:
+    return f"{root}/{index:05d}.pt", f"{root}/{index:05d}.parquet"
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    """Write ``data`` so that no reader sees half of it: rename a temporary file on a local disk; a single
+    ``pipe_file`` elsewhere (an object store's put is atomic; on other file systems a torn file fails the
+    checks of :func:`read_shard`)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    else:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+
+
+def read_shard(shard_dir: str | Path, index: int, key: str, n_rows: int) -> tuple[Any, dict] | None:
+    """(Parquet table, sidecar dict) of a finished shard, or None when absent, unreadable, foreign or short.
+    ``shard_dir``: a local folder or an fsspec URL."""
+    import io
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .store import schema
 
-    side, table_path = _paths(shard_dir, index)
-    if not table_path.exists() or not side.exists():
-        return None
+    fs, root = shard_fs(shard_dir)
+    side, table_path = _paths(root, index)
     try:
-        table = pq.read_table(table_path)
+        if not fs.exists(table_path) or not fs.exists(side):
+            return None
+        table = pq.read_table(pa.BufferReader(fs.cat_file(table_path)))
         meta = json.loads((table.schema.metadata or {}).get(b"relprop_shard", b"{}"))
-        extra = torch.load(str(side), map_location="cpu", weights_only=True)
+        extra = torch.load(io.BytesIO(fs.cat_file(side)), map_location="cpu", weights_only=True)
     except Exception:
         return None
     if not table.schema.equals(schema()) or meta.get("key") != key or table.num_rows != n_rows:
@@ -136,17 +164,24 @@ def read_shard(shard_dir: Path, index: int, key: str, n_rows: int) -> tuple[Any,
     return table, extra
 
 
-def _write_shard(shard_dir: Path, index: int, key: str, rows: list[dict], extra: dict) -> None:
+def write_shard(shard_dir: str | Path, index: int, key: str, rows: list[dict], extra: dict) -> None:
+    """Shard ``index`` of a cell: the sidecar first, then the Parquet table (the commit mark)."""
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .store import schema
 
-    side, table_path = _paths(shard_dir, index)
-    atomic_write(side, lambda tmp: torch.save(dict(extra, key=key), tmp))
+    fs, root = shard_fs(shard_dir)
+    side, table_path = _paths(root, index)
+    buf = io.BytesIO()
+    torch.save(dict(extra, key=key), buf)
+    _put(fs, side, buf.getvalue())
     sch = schema().with_metadata({"relprop_shard": json.dumps({"key": key, "index": index})})
-    table = pa.Table.from_pylist(rows, schema=sch)
-    atomic_write(table_path, lambda tmp: pq.write_table(table, tmp))  # last: the commit mark
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=sch), sink)
+    _put(fs, table_path, sink.getvalue().to_pybytes())  # last: the commit mark
 
 
 # ------------------------------------------------------------------------------------ one shard
@@ -169,7 +204,7 @@ def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, r
     t_explain = time.time() - t0
     t1 = time.perf_counter()
     rows: dict[str, torch.Tensor] = {}
-    res = cell_metrics.image_perturbation(model.module, x, attr, target, s, False, rows=rows)
+    res = cell_metrics.image_perturbation(model.module, x, attr, target, s, False, rows=rows, examples=list(idx))
     per = res["per_example"]
     groups = cell_metrics.wanted_groups(s)
     local = dataclasses.replace(
@@ -223,7 +258,7 @@ class _Worker:
         self.job: Job | None = None
         self.loader = loader
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it reserved for this actor (--gpus-per-worker); the model
-        # stays where its loader puts it until the pipeline has a --device (Job.prepare feeds CPU tensors)
+        # goes to settings.device/dtype as run_compare places it (relprop.report.device)
         self.gpus = torch.cuda.device_count() if use_gpu else 0
         self.model: LoadedModel | None = None
 
@@ -240,8 +275,11 @@ class _Worker:
 
     def _model(self, spec: str) -> LoadedModel:
         if self.model is None or self.model.spec != spec:
+            from .device import place_loaded
+
             self.model = None  # one model at a time: the previous one is released first
-            self.model = self.loader(spec)
+            s = self.args[1]
+            self.model = place_loaded(self.loader(spec), s.device, s.dtype, copy=False)
         return self.model
 
     def run_shard(
@@ -274,7 +312,7 @@ class _Worker:
                 f"relprop/model files/data on this node); run again with the same files on every node"
             )
         rows, extra = compute_shard(job, model, m, a, b, run)
-        _write_shard(Path(shard_dir), index, key, rows, extra)
+        write_shard(shard_dir, index, key, rows, extra)
         return index
 
 
@@ -305,6 +343,8 @@ class RayEngine:
             raise SpecError(f"the shard size ({size}) must be a multiple of --batch-size ({settings.batch_size})")
         self.shard_size = size
         self.settings, self.out, self.log = settings, Path(out), log
+        self.shards = str(o.shards or self.out / "shards").rstrip("/")
+        shard_fs(self.shards)  # fsspec present, the URL's protocol known: fail before Ray starts
         from .store import run_id
 
         self.run = run_id(command, dataclasses.asdict(settings))
@@ -347,18 +387,20 @@ class RayEngine:
             "cpus_per_worker": self.o.cpus_per_worker,
             "gpus_per_worker": self.o.gpus_per_worker,
             "shard_size": self.shard_size,
+            "shards": self.shards,
             "shards_computed": self.shards_computed,
             "shards_reused": self.shards_reused,
         }
 
-    def shard_dir(self, model: LoadedModel, m: MethodSpec, key: str) -> Path:
-        return self.out / "shards" / f"{slug(model.spec)}__{slug(m.label)}__{key}"
+    def shard_dir(self, model: LoadedModel, m: MethodSpec, key: str) -> str:
+        """The folder (or URL) of one cell's shards."""
+        return f"{self.shards}/{slug(model.spec)}__{slug(m.label)}__{key}"
 
     def cells(self, model: LoadedModel, job: Job, methods: Sequence[MethodSpec]) -> dict[str, dict]:
         """Cells of ``model`` for ``methods`` (label -> the dict :meth:`Job.compute_cell` returns, or a
         failed cell), each saved in ``job``'s cache as the single-process engine does."""
         bounds = shard_bounds(min(self.settings.samples, len(job.indices)), self.shard_size)
-        plan: dict[str, tuple[MethodSpec, dict, str, Path]] = {}
+        plan: dict[str, tuple[MethodSpec, dict, str, str]] = {}
         todo: list[tuple[str, int]] = []
         errors: dict[str, str] = {}
         for m in methods:
@@ -404,7 +446,7 @@ class RayEngine:
                     m, _, key, d = plan[label]
                     actor = free.pop(0)
                     a, b = bounds[i]
-                    ref = actor.run_shard.remote([self.data_ref], model.spec, m, key, ident, a, b, str(d), i, self.run)
+                    ref = actor.run_shard.remote([self.data_ref], model.spec, m, key, ident, a, b, d, i, self.run)
                     inflight[ref] = (actor, label, i)
                 if not inflight:
                     break
@@ -423,7 +465,7 @@ class RayEngine:
                 ray.cancel(ref, force=False)
             raise
 
-    def _assemble(self, job: Job, model, m: MethodSpec, opts: dict, key: str, d: Path, bounds) -> dict:
+    def _assemble(self, job: Job, model, m: MethodSpec, opts: dict, key: str, d: str, bounds) -> dict:
         """One cell from its shards, reduced in shard order as :meth:`Job.compute_cell` reduces."""
         from ..metrics._utils import nanmean
         from . import cell_metrics
