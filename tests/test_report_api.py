@@ -124,6 +124,8 @@ def test_own_module_and_tensors_equal_the_cli_on_the_same_model_file(user, tmp_p
     # the report page is written from the same path
     page = (tmp_path / "api" / "index.html").read_text()
     assert "tensors:tensors" in page and "mine" in page
+    assert api["models"][0]["preprocess"]["source"] == "none (the tensors given are its inputs)"
+    assert cli["models"][0]["preprocess"]["source"] == "inferred (first conv layer)"
 
 
 def test_normalised_tensors_go_in_as_given_and_are_shown_rescaled(user, tmp_path):

@@ -232,7 +232,9 @@ def run_compare(
                 kind=model.kind,
                 num_params=model.info.get("num_params"),
                 source=model.info.get("source"),
-                preprocess=model.preprocess.describe()
+                preprocess={"source": "none (the tensors given are its inputs)"}
+                if data.info.get(MODEL_INPUTS)
+                else model.preprocess.describe()
                 if model.preprocess
                 else {"source": "its tokenizer" if model.tokenizer is not None else "–"},
             )
