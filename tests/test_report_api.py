@@ -342,3 +342,42 @@ def test_method_specs_live_in_the_specs_layer():
     import relprop.specs.methods
 
     assert relprop.report.MethodSpec is relprop.specs.methods.MethodSpec
+
+
+def test_own_modules_are_cached_by_weights_and_code(user, tmp_path):
+    """A module from Python is cached like a model file: reused while its weights and code are the same,
+    recomputed when a weight changes, and never cached when its class is defined in no file (a notebook)."""
+    import copy
+
+    net = copy.deepcopy(user["net"])
+    data = (user["x"], user["y"])
+
+    def run(model, out="r"):
+        res = run_compare([model], data, ["saliency"], tmp_path / out, Settings(**SETTINGS), progress=False, log=quiet)
+        return res, res["models"][0]["methods"][0]
+
+    _, first = run(net)
+    res, again = run(net)
+    assert first["reused"] is False and again["reused"] is True
+    with torch.no_grad():
+        net.fc.bias[0] += 1.0
+    _, changed = run(net)
+    assert changed["reused"] is False and changed["summary"]["abpc"] != first["summary"]["abpc"]
+
+    scope: dict = {"nn": nn, "torch": torch}
+    exec(  # noqa: S102 - a class whose source is in no file, as in a notebook
+        "class Cell(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 3, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x).mean((2, 3))\n",
+        scope,
+    )
+    cell = scope["Cell"]()
+    res, one = run(cell, "nb")
+    _, two = run(cell, "nb")
+    assert one["reused"] is False and two["reused"] is False
+    assert any("Cell: results are not cached" in w and "in no file" in w for w in res["warnings"])
+    cache = tmp_path / "nb" / "cache"
+    assert not cache.exists() or not any(cache.iterdir())  # nothing written that a later run could trust
