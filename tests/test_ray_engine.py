@@ -131,3 +131,5 @@ def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):
         check_supported(text, Settings())
     with pytest.raises(SpecError, match="multiple of --batch-size"):
         RayEngine(data, [], Settings(batch_size=4), "unused", options=RayOptions(shard_size=6))
+    with pytest.raises(SpecError, match="memory:// file system lives in one process"):
+        RayEngine(data, [], Settings(), "unused", options=RayOptions(shards="memory://shards"))

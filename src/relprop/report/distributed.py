@@ -344,7 +344,12 @@ class RayEngine:
         self.shard_size = size
         self.settings, self.out, self.log = settings, Path(out), log
         self.shards = str(o.shards or self.out / "shards").rstrip("/")
-        shard_fs(self.shards)  # fsspec present, the URL's protocol known: fail before Ray starts
+        fs, _ = shard_fs(self.shards)  # fsspec present, the URL's protocol known: fail before Ray starts
+        if "memory" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+            raise SpecError(
+                f"--shards {self.shards}: a memory:// file system lives in one process, and Ray's workers are "
+                f"other processes; use a folder or a URL that every worker reaches"
+            )
         from .store import run_id
 
         self.run = run_id(command, dataclasses.asdict(settings))
