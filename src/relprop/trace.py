@@ -30,14 +30,17 @@ models that ``torch.fx``/``torch.export`` cannot capture. What it takes to make 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .graph import Graph, Node, RegionOp, Value, replace_with_regions
@@ -351,6 +354,11 @@ class _Recorder(TorchDispatchMode):
             if key is not None:
                 self.model_storages.setdefault(key, []).append(t)
         self.shadow: dict[int, torch.Tensor] = {}  # id(model tensor) -> private copy written instead
+        # Autograd still bumps the version counter of a model tensor whose write went to its copy:
+        # id(model tensor) -> (tensor, version before, storage key); storage key -> writes redirected.
+        self.model_versions: dict[int, tuple[torch.Tensor, int, int]] = {}
+        self.copy_keys: dict[int, int] = {}  # id(private copy) -> the model storage's key
+        self.model_writes: dict[int, int] = {}
         # Autograd semantics: outputs of ops run with grad disabled, until known not to be the output of
         # a custom autograd Function (value index -> the tensor object the model holds).
         self.pending: dict[int, torch.Tensor] = {}
@@ -359,6 +367,8 @@ class _Recorder(TorchDispatchMode):
         # Tensors that requiring-grad ops consumed under no-grad: autograd edge -> recorded value.
         self.edge_values: dict[tuple, tuple[Value, Any]] = {}
         self.functions: dict[int, RegionOp] = {}  # id(autograd node) -> region
+        self.reran: set[int] = set()  # id(autograd node) of reentrant checkpoints recorded through
+        self.top_keys = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
         # Values written in place, until autograd is seen to have rebased their history (grad mode), or to
         # have kept it (no-grad writes, ops without derivative): new value index -> what a region needs.
         self.rewritten: dict[int, tuple[torch.Tensor, Any, Value | None, list[Node], str]] = {}
@@ -403,6 +413,7 @@ class _Recorder(TorchDispatchMode):
         if v is not None:
             if self.pending and v.index in self.pending:
                 self.classify(v, t)
+                v = self.by_id.get(id(t), v)  # a checkpoint recorded through: the re-run's value
             if self.rewritten and v.index in self.rewritten:
                 self.check_rewritten(v, t)
         key = _storage_key(t)
@@ -567,9 +578,12 @@ class _Recorder(TorchDispatchMode):
 
     def function_region(self, fn: Any) -> None:
         """Make the region node of a custom autograd Function from its autograd node ``fn``."""
-        if id(fn) in self.functions:
+        if id(fn) in self.functions or id(fn) in self.reran:
             return
         cls = getattr(fn, "_forward_cls", None)
+        if cls is not None and cls is getattr(torch.utils.checkpoint, "CheckpointFunction", None):
+            self.record_through_checkpoint(fn)
+            return
         name = cls.__name__ if cls is not None else type(fn).__name__.removesuffix("Backward")
         outs: dict[int, Value] = {}
         for idx, o in list(self.pending.items()):
@@ -632,6 +646,81 @@ class _Recorder(TorchDispatchMode):
         )
         self.functions[id(fn)] = op
 
+    def record_through_checkpoint(self, fn: Any) -> None:
+        """Reentrant ``torch.utils.checkpoint`` is the identity wrapper around its function, but runs it under
+        no-grad (recorded as constants, maybe with inference-only kernels): re-run the function with grad
+        enabled, as the checkpoint's own backward does (same RNG state and autocast), and make the outputs
+        the model holds stand for the re-run's. The no-grad ops stay in the tape, unused."""
+        self.reran.add(id(fn))
+        outs = {idx: o for idx, o in self.pending.items() if o.grad_fn is fn}
+        for idx in outs:
+            del self.pending[idx]
+        where = f"torch.utils.checkpoint (module '{self.scope_of(list(outs))}')"
+        args = list(fn.inputs)
+        for i, t in zip(fn.tensor_indices, fn.saved_tensors):
+            args[i] = t
+        preserve = bool(getattr(fn, "preserve_rng_state", False))
+        had_device = preserve and getattr(fn, "had_device_in_fwd", False)
+        device_type = getattr(fn, "device_type", "cuda")
+        devices = fn.fwd_devices if had_device else []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch._C._ForceDispatchKeyGuard(*self.top_keys))  # as at the model call
+            stack.enter_context(torch.random.fork_rng(devices=devices, enabled=preserve, device_type=device_type))
+            if preserve:
+                torch.set_rng_state(fn.fwd_cpu_state)
+                if had_device:
+                    torch.utils.checkpoint.set_device_states(
+                        fn.fwd_devices, fn.fwd_device_states, device_type=device_type
+                    )
+            if torch.amp.is_autocast_available(device_type):
+                stack.enter_context(torch.amp.autocast(device_type=device_type, **fn.device_autocast_kwargs))
+            stack.enter_context(torch.amp.autocast("cpu", **fn.cpu_autocast_kwargs))
+            stack.enter_context(torch.enable_grad())
+            self.scope.append(self.scope_of(list(outs)))
+            stack.callback(self.scope.pop)
+            stack.enter_context(self)
+            new = fn.run_function(*args)
+        tensors = [t for t in (new if isinstance(new, tuple) else (new,)) if isinstance(t, torch.Tensor)]
+        for idx, orig in outs.items():
+            t = tensors[orig.output_nr] if orig.output_nr < len(tensors) else None
+            if (
+                t is None
+                or _geometry(t) != _geometry(orig)
+                or t.untyped_storage().nbytes() != orig.untyped_storage().nbytes()
+                or not torch.allclose(t, orig, rtol=1e-4, atol=1e-5, equal_nan=True)
+            ):
+                raise TraceError(
+                    f"{where}: re-running the checkpointed function with grad enabled gave another output than "
+                    "its forward (random ops without preserve_rng_state=True, or a different layout); relprop "
+                    "records it re-run. Call model.eval(), pass preserve_rng_state=True, or use_reentrant=False."
+                )
+            v = self.lookup(t)
+            self.by_id[id(orig)] = v
+            key, key_new = _storage_key(orig), _storage_key(t)
+            st = self.storages.get(key_new) if key_new is not None else None
+            if key is not None and st is not None:
+                self.storages[key] = st  # the model's tensor is the re-run's value
+            self.keep.append(orig)
+
+    def scope_of(self, values: list[int]) -> str:
+        """The module path shared by the no-grad ops that computed ``values`` (value indices)."""
+        parts: list[str] | None = None
+        todo = [self.values[i] for i in values]
+        seen: set[int] = set()
+        while todo:
+            p = todo.pop().producer
+            if p is None or p.index not in self.nograd_nodes or p.index in seen:
+                continue
+            seen.add(p.index)
+            mine = p.module.split(".") if p.module else []
+            if parts is None:
+                parts = mine
+            else:
+                n = next((i for i, (a, b) in enumerate(zip(parts, mine)) if a != b), min(len(parts), len(mine)))
+                parts = parts[:n]
+            todo.extend(p.inputs)
+        return ".".join(parts or [])
+
     def find_edge(self, f: Any, nr: int) -> Value | None:
         if type(f).__name__ == "AccumulateGrad":
             var = f.variable
@@ -654,7 +743,11 @@ class _Recorder(TorchDispatchMode):
             self.check_rewritten(self.values[idx], self.rewritten[idx][0])
         for v, t in self.nograd_outputs:
             fn = t.grad_fn
-            if isinstance(fn, torch.autograd.function.BackwardCFunction) and id(fn) not in self.functions:
+            if (
+                isinstance(fn, torch.autograd.function.BackwardCFunction)
+                and id(fn) not in self.functions
+                and id(fn) not in self.reran
+            ):
                 if any(u.index not in self.nograd_nodes for u in v.consumers):
                     raise TraceError(
                         f"custom autograd Function '{type(fn).__name__.removesuffix('Backward')}': its output was "
@@ -668,10 +761,12 @@ class _Recorder(TorchDispatchMode):
     # ---------------------------------------------------------------- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        info = _op_info(func)
         if self.shadow:
             args = _swap_tensors(args, self.shadow)
             kwargs = _swap_tensors(kwargs, self.shadow)
-        info = _op_info(func)
+            if info.written:
+                self.count_model_writes(info, args, kwargs)
         grad = torch.is_grad_enabled()
         if info.special is not None:
             return self.dispatch_special(func, info, args, kwargs, grad)
@@ -737,7 +832,7 @@ class _Recorder(TorchDispatchMode):
                 continue
             key = _storage_key(w)
             owners = self.model_storages.get(key) if key is not None else None
-            if not owners or id(w) in self.shadow:
+            if key is None or not owners or id(w) in self.shadow:
                 continue
             storage = w.untyped_storage().clone()
             for t in [*owners, w]:
@@ -745,9 +840,26 @@ class _Recorder(TorchDispatchMode):
                     storage, t.storage_offset(), t.shape, t.stride()
                 )
                 self.shadow[id(t)] = copy
+                self.copy_keys[id(copy)] = key
+                self.model_versions.setdefault(id(t), (t, t._version, key))
                 self.keep.append(t)
             done = True
         return done
+
+    def count_model_writes(self, info: _OpInfo, args, kwargs) -> None:
+        """A write into private copies (arguments already swapped): autograd bumps the model tensors' counters."""
+        for w in self.written_tensors(info, args, kwargs):
+            key = self.copy_keys.get(id(w)) if isinstance(w, torch.Tensor) else None
+            if key is not None:
+                self.model_writes[key] = self.model_writes.get(key, 0) + 1
+
+    def restore_versions(self) -> None:
+        """Undo the version-counter bumps of writes that went to private copies (the model's content never
+        changed, and a bumped counter would fail the user's own backward through a saved buffer, or make
+        :func:`relprop.plan` record again). Only where every bump was one of ours (compare, then set)."""
+        for t, v0, key in self.model_versions.values():
+            if t._version == v0 + self.model_writes.get(key, 0) != v0:
+                torch._C._autograd._unsafe_set_version_counter((t,), (v0,))
 
     def dispatch_special(self, func, info: _OpInfo, args, kwargs, grad: bool):
         if info.special == "batch_norm":
@@ -1084,22 +1196,80 @@ def trace(model: torch.nn.Module | Any, *args: Any, **kwargs: Any) -> Graph:
     "autograd_function"``, packet = the Function's class name) whose VJP is the Function's own
     ``backward``; the graph keeps that Function's autograd node (and what it saved, with the autograd
     history before it) alive while the graph lives.
+
+    A dict as the only argument holds keyword arguments, as in :func:`relprop.explain`:
+    ``trace(model, {"input_ids": ids})`` runs ``model(input_ids=ids)``. To pass a dict as one argument,
+    name that argument: ``trace(model, batch=d)``.
     """
+    if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
+        _check_keywords(model, args[0])
+        return record(model, (), dict(args[0]))
     return record(model, args, kwargs)
 
 
-def record(model: torch.nn.Module | Any, args: tuple, kwargs: dict, post: Any = None) -> Graph:
-    """:func:`trace` with explicit arguments; ``post(output)`` runs inside the recording too."""
+def _check_keywords(model: Any, inputs: Mapping) -> None:
+    """A clear error when ``model`` does not take the dict's keys as keyword arguments."""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: let the call say it
+        return
+    try:
+        sig.bind(**inputs)
+    except TypeError as err:
+        first = next(iter(sig.parameters), "inputs")
+        raise TypeError(
+            f"relprop.trace(model, inputs): a dict is the model's keyword arguments (model(**inputs)), as in "
+            f"relprop.explain, and {type(model).__name__} does not take them ({err}); to pass the dict as one "
+            f"argument, name it: relprop.trace(model, {first}=inputs)"
+        ) from None
+
+
+def record(model: torch.nn.Module | Any, args: tuple, kwargs: dict, post: Any = None, warn: bool = True) -> Graph:
+    """:func:`trace` with explicit arguments; ``post(output)`` runs inside the recording too.
+
+    ``warn=False``: no training-mode warning (for a method that recorded many forwards and warned once).
+    """
     with torch.inference_mode(False):
-        return _record(_unwrap_compiled(model), args, kwargs, post)
+        return _record(_unwrap_compiled(model), args, kwargs, post, warn)
 
 
-def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
+#: What a recording in training mode explains (:func:`warn_training`'s default).
+RECORDED_IN_TRAINING = (
+    "the explanation is of this one forward: the dropout masks it draws are recorded as constants, and batch "
+    "norm normalises with the statistics of these inputs (its running statistics are left unchanged)"
+)
+
+
+def warn_training(model: Any, what: str = RECORDED_IN_TRAINING, who: str = "relprop", stacklevel: int = 3) -> bool:
+    """The one training-mode warning (the trace's and every method's): warn when a module of ``model`` is in
+    training mode, saying ``what`` that means for ``who``'s result and how to avoid it; return whether it warned.
+
+    Dropout and batch norm are named first; any module counts, since a forward may branch on
+    ``self.training`` itself (functional dropout in Hugging Face attention, stochastic depth).
+    """
+    if not isinstance(model, torch.nn.Module):
+        return False
+    names = [(n or type(m).__name__, m) for n, m in model.named_modules() if m.training]
+    if not names:
+        return False
+    kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+    noted = [repr(n) for n, m in names if isinstance(m, kinds)] or [repr(n) for n, _ in names]
+    shown = ", ".join(noted[:3]) + (" ..." if len(noted) > 3 else "")
+    warnings.warn(
+        f"{who}: the model is in training mode ({len(names)} modules, e.g. {shown}): {what}. Call model.eval() to "
+        "explain the model's predictions.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+    return True
+
+
+def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True) -> Graph:
     module = model if isinstance(model, torch.nn.Module) else None
     names: dict[int, str] = {}
     module_names: dict[int, str] = {}
     leaves: list[torch.Tensor] = []
-    training: list[str] = []
     if module is not None:
         for n, p in module.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), f"param:{n}")
@@ -1109,27 +1279,22 @@ def _record(model, args: tuple, kwargs: dict, post: Any) -> Graph:
             leaves.append(b)
         for n, m in module.named_modules(remove_duplicate=False):
             module_names.setdefault(id(m), n)
-            if m.training:
-                training.append(n or type(m).__name__)
-    if training:
-        warnings.warn(
-            f"model is in training mode ({len(training)} modules, e.g. '{training[0]}'): the explanation is of "
-            "this one forward (dropout masks drawn now, batch statistics of these inputs); call model.eval() "
-            "to explain the model's predictions",
-            UserWarning,
-            stacklevel=3,
-        )
+    if warn:
+        warn_training(model, stacklevel=5)
     rec = _Recorder(names, module_names, leaves)
     input_values: list[Value] = []
     args2, arg_spec = _prepare_inputs(tuple(args), rec, input_values)
     kwargs2, kw_spec = _prepare_inputs(dict(kwargs), rec, input_values)
     with torch.inference_mode(False), torch.enable_grad(), _module_scope(rec):
-        with rec:
-            output = model(*args2, **kwargs2)
-            if post is not None:
-                output = post(output)
-        output_values = [rec.lookup(t) for t in _flatten(output, [])]
-        regions = rec.finish()
+        try:
+            with rec:
+                output = model(*args2, **kwargs2)
+                if post is not None:
+                    output = post(output)
+            output_values = [rec.lookup(t) for t in _flatten(output, [])]
+            regions = rec.finish()
+        finally:
+            rec.restore_versions()
     # The output's autograd history would keep every tensor autograd saved alive (the whole
     # forward): the graph holds detached data only.
     output = _detached(output)

@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..rules.composites import Composite
+from ..trace import record
 from .core import Explanation, Inputs, Target, _leaves, embedding_outputs, like_inputs, run_backward
 
 aten = torch.ops.aten
@@ -186,6 +187,7 @@ def backward(
     layers: Sequence[str] | None = None,
     extra_values: Callable | None = None,
     keep_graph: bool = False,
+    recorder: Callable[..., Any] = record,
 ) -> Backward:
     """:func:`run_backward` that also returns the gradient at the embedding outputs of token inputs."""
     xs = leaves(inputs)
@@ -215,6 +217,7 @@ def backward(
         layers=layers,
         keep_graph=keep_graph,
         extra_values=extra if need_extra else None,
+        recorder=recorder,
     )
     grads: list[Any] = []
     atts = expl.tensors()

@@ -36,6 +36,7 @@ from typing import Any, SupportsIndex, TypeGuard, cast
 import torch
 
 from .._errors import did_you_mean
+from ..trace import warn_training as warn
 
 Target = int | Sequence[int] | torch.Tensor | Callable[[Any], torch.Tensor] | None
 Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
@@ -343,21 +344,11 @@ def updating_norms(model: Any) -> list[str]:
 
 
 def warn_training(model: Any, method: str, masks: str) -> bool:
-    """Warn once per call when ``model`` has dropout or batch norm in training mode; return whether it has.
-
-    ``masks`` says which dropout masks the method uses (for methods that run several forward passes).
-    """
-    names = active_dropout(model) + updating_norms(model)
-    if not names:
-        return False
-    import warnings
-
-    shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-    warnings.warn(
-        f"{method}: the model is in training mode (dropout/batch norm active in {shown}): {masks}, and batch norm "
-        "normalises with the statistics of each forward's batch, so the attributions are random and depend on how "
-        "the batch is made up. Call model.eval() to explain the model's predictions.",
-        UserWarning,
-        stacklevel=3,
+    """:func:`relprop.trace.warn_training` for a method that runs several forward passes (and records
+    them without warning again); ``masks`` says which dropout masks the method uses."""
+    what = (
+        f"{masks}, and batch norm normalises with the statistics of each forward's batch (its running statistics "
+        "are left unchanged where relprop records the forward), so the attributions are random and depend on how "
+        "the batch is made up"
     )
-    return True
+    return warn(model, what, method, stacklevel=4)

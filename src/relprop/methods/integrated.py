@@ -10,6 +10,7 @@ Token inputs are interpolated in embedding space (each lookup of the token ids i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rules.composites import GradientComposite
+from ..trace import record
 from ._common import (
     backward,
     check_positive_int,
@@ -165,6 +167,7 @@ def integrated_gradients(
                     target=expand_target(target, batch, k),
                     composite=GradientComposite(),
                     method="integrated_gradients",
+                    recorder=functools.partial(record, warn=False),  # warned once above
                 )
         wt = torch.tensor(w, dtype=torch.float64, device=xs[0].device)
         for i, x in enumerate(xs):
