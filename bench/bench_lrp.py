@@ -2,6 +2,10 @@
 
     python bench/bench_lrp.py            # VGG-16 and ResNet-50, 224x224, batch 8
     python bench/bench_lrp.py --small    # batch 2, 112x112 (quick look)
+    python bench/bench_lrp.py --models resnet50 --batch 4 --size 160 --threads 2 --repeat 7   # issue 10's case
+
+Time: median and best of --repeat rounds; each round runs every method once, in turn, so load from
+other processes on a shared machine hits all methods alike.
     python bench/bench_lrp.py --device cuda --no-zennit   # on a GPU (bench/gpu.sh)
 
 Prints, per model: time (best of --repeat runs) and peak extra memory of each method as ratios
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import statistics
 import time
 
 import torch
@@ -78,19 +83,25 @@ def peak_mb(fn) -> float:
     return max(peak[0], _in_use_mb()) - base
 
 
-def best_time(fn, repeat: int, clock=time.perf_counter) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = clock()
+def interleaved_times(runs: dict, repeat: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per run of each function: ``repeat`` rounds, each running every function once, in turn."""
+    for fn in runs.values():  # warm-up (allocator, oneDNN primitives)
         fn()
-        times.append(clock() - t)
-    return min(times)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for label, fn in runs.items():
+            t = clock()
+            fn()
+            times[label].append(clock() - t)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="batch 2 at 112x112")
+    ap.add_argument("--batch", type=int, help="batch size (default 8, --small 2)")
+    ap.add_argument("--size", type=int, help="image size (default 224, --small 112)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--models", default="vgg16,resnet50")
     ap.add_argument("--no-zennit", action="store_true")
@@ -105,6 +116,9 @@ def main() -> None:
     a = ap.parse_args()
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     batch, size = (2, 112) if a.small else (8, 224)
+    batch, size = a.batch or batch, a.size or size
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     device = torch.device(a.device)
     print(
@@ -131,17 +145,21 @@ def main() -> None:
         }
         if not a.no_zennit:
             runs.update(_zennit_runs(model, x, target, name))
-        base_t = base_m = None
-        print(f"\n{name}")
-        print(f"  {'method':32s} {'time s':>8s} {'x grad':>7s} {'peak MiB':>9s} {'x grad':>7s}")
+        if device.type == "cuda":  # time the queued kernels too; memory from the CUDA allocator
+            runs = {k: _synced(fn, device) for k, fn in runs.items()}
+        times = interleaved_times(runs, a.repeat, clock)
+        base = next(iter(runs))
+        base_t, base_b = statistics.median(times[base]), min(times[base])
+        base_m = None
+        print(f"\n{name} (median and best of {a.repeat} interleaved rounds)")
+        print(
+            f"  {'method':32s} {'median s':>9s} {'x grad':>7s} {'best s':>7s} {'x grad':>7s} {'peak MiB':>9s} {'x grad':>7s}"
+        )
         for label, fn in runs.items():
-            if device.type == "cuda":  # time the queued kernels too; memory from the CUDA allocator
-                fn = _synced(fn, device)
-            t = best_time(fn, a.repeat, clock)
+            t, b = statistics.median(times[label]), min(times[label])
             m = peak_mb(fn) if device.type != "cuda" else _cuda_peak_mb(fn, device)
-            if base_t is None:
-                base_t, base_m = t, m
-            print(f"  {label:32s} {t:8.3f} {t / base_t:7.2f} {m:9.1f} {m / base_m:7.2f}")
+            base_m = base_m or m
+            print(f"  {label:32s} {t:9.3f} {t / base_t:7.2f} {b:7.3f} {b / base_b:7.2f} {m:9.1f} {m / base_m:7.2f}")
 
 
 def _synced(fn, device):

@@ -16,9 +16,11 @@ rule sets, from several threads. The batch-norm merge builds new nodes and leave
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .graph import Graph, Node, Value
+from .graph import Graph, Node, RegionOp, Value
 
 aten = torch.ops.aten
 
@@ -152,6 +154,15 @@ def normalizer_operands(graph: Graph, constant: dict[int, tuple[int, ...]] | Non
 _GATES = {"silu", "gelu", "sigmoid", "tanh", "relu", "hardswish", "hardsigmoid", "mish", "elu", "softplus"}
 
 
+def _is_gate(p: Node) -> bool:
+    """An activation as one op (``silu``) or as a region standing for one written out (T5 v1.1's ``gelu_new``
+    ``0.5*x*(1+tanh(...))``, a fused ``autograd.Function``): LXT's CP-LRP stops the gradient at the gate's
+    pre-activation (``act(stop_gradient(gate_proj(x))) * up_proj(x)``), however the activation is written."""
+    if isinstance(p.op, RegionOp):
+        return p.op.kind in ("elementwise", "autograd_function") and p.op.family == "nonlinear"
+    return p.packet in _GATES
+
+
 def attention_weight_operands(
     graph: Graph, constant: dict[int, tuple[int, ...]] | None = None
 ) -> dict[int, tuple[int, ...]]:
@@ -171,9 +182,7 @@ def attention_weight_operands(
                 p = v.producer
                 if p is None:
                     break
-                if p.packet in ("_softmax", "softmax", "_safe_softmax") or (
-                    node.packet == "mul" and p.packet in _GATES
-                ):
+                if p.packet in ("_softmax", "softmax", "_safe_softmax") or (node.packet == "mul" and _is_gate(p)):
                     const.add(i)
                     break
                 if p.packet not in _PASSTHROUGH | {"expand", "clone", "_unsafe_view"} or not p.inputs:
@@ -236,11 +245,15 @@ class _MergeBatchNorm:
     def __init__(self, kind: str, eps: float) -> None:
         self.kind, self.eps = kind, eps
 
-    def __call__(self, w, b, gamma, beta, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale(self, gamma: torch.Tensor | None, var: torch.Tensor) -> torch.Tensor:
+        """The norm's per-channel factor ``gamma / sqrt(var + eps)`` (one place for the merge and the fast path)."""
         with torch.no_grad():
             scale = torch.rsqrt(var + self.eps)
-            if gamma is not None:
-                scale = scale * gamma
+            return scale * gamma if gamma is not None else scale
+
+    def __call__(self, w, b, gamma, beta, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            scale = self.scale(gamma, var)
             shift = -mean * scale + (beta if beta is not None else 0)
             if self.kind == "conv":
                 w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
@@ -251,6 +264,43 @@ class _MergeBatchNorm:
 
     def __str__(self) -> str:
         return f"relprop.merge_batch_norm.{self.kind}"
+
+
+@dataclass(frozen=True)
+class MergedScale:
+    """A merged node's linear op before the merge: ``op(x, W * scale) == op(x, W) * scale`` per output channel.
+
+    What the epsilon rule needs on a merged node: ``J^T s`` with the merged weight is ``J_W^T (scale * s)``
+    with the model's weight, so it never builds the merged weight (one pass over every weight of the model
+    per call) and scales the (smaller, or similar) relevance quotient instead.
+    """
+
+    #: Input position of the merged weight in the merged node (``W`` goes there instead).
+    weight_pos: int
+    #: The model's weight (the merge's input).
+    weight: Value
+    #: Per-channel factor shaped to broadcast against the node's output.
+    scale: torch.Tensor
+
+
+def merged_scale(node: Node) -> MergedScale | None:
+    """For a node made by :func:`merge_batch_norms` whose merged weight was not built yet: its parts, else None."""
+    if "merged_batch_norm" not in node.meta:
+        return None
+    pos = 1 if node.packet == "convolution" else 2
+    if len(node.inputs) <= pos:
+        return None
+    wv = node.inputs[pos]
+    prod = wv.producer
+    merge = prod.op if prod is not None else None
+    if not isinstance(merge, _MergeBatchNorm) or wv.data is not None or prod is None:
+        return None
+    w, _, gamma, _, _, var = prod.args
+    scale = merge.scale(gamma.tensor if isinstance(gamma, Value) else None, var.tensor)
+    out = node.outputs[0]
+    if merge.kind == "conv" and out is not None and out.shape is not None:
+        scale = scale.view(-1, *[1] * (len(out.shape) - 2))
+    return MergedScale(pos, w, scale)
 
 
 def _merged(kind: str, w: Value, b: Value | None, bn: Node, values: list[Value]) -> tuple[Value, Value] | None:

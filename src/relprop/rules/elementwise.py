@@ -62,7 +62,7 @@ class Uniform:
             res[acts[0]] = ctx.relevance[0]  # x * c: the z-rule share of x is all of R
             return res
         for a, r in contributions(ctx, acts, self.epsilon).items():
-            res[a] = r / len(acts)
+            res[a] = r.div_(len(acts))  # a new tensor of ours (contributions): no temporary
         return res
 
     def __repr__(self) -> str:

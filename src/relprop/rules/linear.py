@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..graph import Node
+from ..canonical import merged_scale
+from ..graph import Node, Value
 from .base import HALF, RuleContext, register_family, to_float32, vjp
 from .vjps import input_index
 
@@ -50,7 +51,12 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     if z.dtype in HALF:
         z = z.float()
     if eps == 0:
-        return z.masked_fill(z.abs() < torch.finfo(z.dtype).tiny, float("inf"))
+        d = z.abs()
+        inf = torch.full((), float("inf"), dtype=z.dtype, device=z.device)
+        if z.requires_grad:
+            return torch.where(d < torch.finfo(z.dtype).tiny, inf, z)
+        # Written into the temporary ``|z|`` (equal bits to ``z.masked_fill(|z| < tiny, inf)``, one temporary fewer).
+        return torch.where(d < torch.finfo(z.dtype).tiny, inf, z, out=d)
     return torch.full_like(z, eps).copysign_(z).add_(z)
 
 
@@ -60,23 +66,43 @@ def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
     The same division as ``rel / stabilize(z, eps)`` (equal bits), one temporary the size of the output
     fewer: on CPU a fresh large tensor costs page faults on top of the pass over it.
     """
+    if (
+        eps == 0
+        and z.dtype not in HALF
+        and rel.shape == z.shape
+        and torch.result_type(rel, z) == z.dtype
+        and not (rel.requires_grad or z.requires_grad)
+    ):
+        # LRP-0 (AttnLRP's products and sums): R / where(|z| < tiny, inf, z) is where(|z| < tiny, R * 0, R / z)
+        # (R / inf and R * 0 are the same IEEE result), and outputs below ``tiny`` are rare: divide first,
+        # patch only if there are any (one pass fewer than building the denominator).
+        q = z.abs()
+        small = q < torch.finfo(z.dtype).tiny
+        torch.div(rel, z, out=q)
+        return torch.where(small, rel * 0.0, q) if bool(small.any()) else q
     d = stabilize(z, eps)
-    if _writable(d, rel, d):
+    if writable(d, rel, d):
         return torch.div(rel, d, out=d)
     return rel / d
 
 
-def _writable(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """May ``a op b`` (element-wise) be written into ``out`` (a new tensor of ours, ``a`` or ``b``) with the same result?
+def writable(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """May ``a op b`` (element-wise) be written into ``out`` (a new tensor of ours that is ``a`` or ``b``)?
 
-    Same shape as the broadcast result, same dtype as the promoted one, not a view, no autograd.
+    The other operand broadcasts to ``out``'s shape, the promoted dtype is ``out``'s, ``out`` is not a view,
+    no autograd: then the in-place op computes the same values as the out-of-place one.
     """
+    other = b if out is a else a
     return (
-        out.shape == a.shape == b.shape
+        (other.shape == out.shape or _broadcasts_to(other.shape, out.shape))
         and torch.result_type(a, b) == out.dtype
         and out._base is None
         and not (a.requires_grad or b.requires_grad)
     )
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    return len(shape) <= len(target) and all(d == 1 or d == t for d, t in zip(reversed(shape), reversed(target)))
 
 
 def times(x: torch.Tensor, g: torch.Tensor, owned: bool) -> torch.Tensor:
@@ -84,7 +110,7 @@ def times(x: torch.Tensor, g: torch.Tensor, owned: bool) -> torch.Tensor:
 
     Equal bits to ``x * g`` (IEEE products commute); one temporary fewer.
     """
-    if owned and g is not x and _writable(g, x, g) and g.data_ptr() != x.data_ptr():
+    if owned and g is not x and writable(g, x, g) and g.data_ptr() != x.data_ptr():
         return g.mul_(x)
     return x * g
 
@@ -174,6 +200,13 @@ def input_vjp(ctx: RuleContext, ops: LinearOperands, s: torch.Tensor, pmod: Para
     return _asked(vjp(ctx.node, [s], tensors, [ops.act]), ops.act)
 
 
+def _placeholder(v: Value) -> torch.Tensor:
+    """Stand-in for an input a VJP does not read (a merged bias): zeros of its shape, without computing it."""
+    if v.data is not None:
+        return v.data
+    return torch.zeros(v.shape if v.shape is not None else (), dtype=v.dtype, device=v.device)
+
+
 def _pos(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(min=0)
 
@@ -190,12 +223,23 @@ class Epsilon:
 
     def __call__(self, ctx: RuleContext) -> list:
         ops = LinearOperands.of(ctx)
-        x = ctx.inputs[ops.act]
-        s = ctx.rel / stabilize(ctx.out, self.epsilon)
-        res = _only(ctx, ops, x * input_vjp(ctx, ops, s))
+        node = ctx.node
+        x = node.inputs[ops.act].tensor
+        s = ratio(ctx.rel, ctx.out, self.epsilon)
         # Parameters only: an activation held constant (CP-LRP's attention weights in eager attention)
         # must get no relevance, or some leaks into the softmax and q, k.
-        wanted = [p for p in ops.params if ctx.needs[p] and p != ops.bias and not ctx.node.inputs[p].is_activation]
+        wanted = [p for p in ops.params if ctx.needs[p] and p != ops.bias and not node.inputs[p].is_activation]
+        merged = merged_scale(node) if not wanted and x.dtype not in HALF else None
+        if merged is not None:
+            # A batch norm merged into this op: J^T s with the merged weight W * scale is J_W^T (scale * s)
+            # with the model's W, so the merged weight is never built (tests/test_lrp_fast.py: equal to it).
+            s = times(merged.scale, s, owned=True)
+            tensors = [_placeholder(v) for v in node.inputs]
+            tensors[ops.act], tensors[merged.weight_pos] = x, merged.weight.tensor
+            g = _asked(vjp(node, [s], tensors, [ops.act]), ops.act)
+            return _only(ctx, ops, times(x, g, owned=g is not s))
+        g = input_vjp(ctx, ops, s)
+        res = _only(ctx, ops, times(x, g, owned=g is not s))
         if wanted:  # weight relevance R_w = w * dz/dw^T s, asked for with explain(..., params=...)
             grads = vjp(ctx.node, [s], None, wanted)
             for p in wanted:

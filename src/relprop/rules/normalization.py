@@ -13,7 +13,7 @@ import torch
 
 from ..graph import Value
 from .base import RuleContext, register_family
-from .linear import stabilize
+from .linear import ratio
 
 
 def _is_eval_batch_norm(node) -> bool:
@@ -41,7 +41,7 @@ class ConstantScale:
         if ctx.relevance[0] is None or not ctx.needs[0]:
             return res
         x, y = ctx.inputs[0], ctx.out
-        s = ctx.rel / stabilize(y, self.stabilizer)
+        s = ratio(ctx.rel, y, self.stabilizer)
         p = node.packet
         if p == "native_layer_norm":
             shape = node.args[1]

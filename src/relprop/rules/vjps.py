@@ -21,6 +21,7 @@ Two kinds of entries: *shortcuts* (a direct backward kernel, equal to autograd's
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -239,13 +240,86 @@ def _addmm(node, grads, tensors, wrt):
     return res
 
 
-@register_vjp("view", "_unsafe_view", "reshape", "_reshape_alias")
+@register_vjp("view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze")
 def _view(node, grads, tensors, wrt):
     g = grads[0]
     if g is None:
         return None
     res: list = [None] * len(tensors)
     res[0] = g.reshape(shape_of(node, tensors, 0))
+    return res
+
+
+# The routing ops of a decoder layer (rotary halves, GQA's repeat_kv, contiguous copies): autograd's own
+# backward formulas, called directly instead of re-running the op under autograd (tests/test_lrp_fast.py
+# compares each with autograd_vjp).
+def _single(node, grads, wrt) -> torch.Tensor | None:
+    g = grads[0]
+    return g if g is not None and list(wrt) == [0] and not node.kwargs else None
+
+
+@register_vjp("expand")
+def _expand(node, grads, tensors, wrt):
+    g = _single(node, grads, wrt)
+    if g is None:
+        return None
+    shape = shape_of(node, tensors, 0)
+    return [g.sum_to_size(shape) if g.shape != shape else g] + [None] * (len(tensors) - 1)  # ExpandBackward0
+
+
+@register_vjp("clone", "alias")
+def _identity(node, grads, tensors, wrt):
+    g = _single(node, grads, wrt)
+    if g is None or g.shape != shape_of(node, tensors, 0):
+        return None
+    return [g] + [None] * (len(tensors) - 1)
+
+
+@register_vjp("slice")
+def _slice(node, grads, tensors, wrt):
+    g = _single(node, grads, wrt)
+    if g is None or node.op_name != "aten.slice.Tensor":
+        return None
+    dim, start, end, step = node.arg(1, 0), node.arg(2), node.arg(3), node.arg(4, 1)
+    start = 0 if start is None else start
+    end = sys.maxsize if end is None else end
+    if not all(type(a) is int for a in (dim, start, end, step)):
+        return None
+    return [aten.slice_backward(g, list(shape_of(node, tensors, 0)), dim, start, end, step)]
+
+
+@register_vjp("select")
+def _select(node, grads, tensors, wrt):
+    g = _single(node, grads, wrt)
+    if g is None or node.op_name != "aten.select.int":
+        return None
+    dim, index = node.arg(1), node.arg(2)
+    if not (type(dim) is int and type(index) is int):
+        return None
+    return [aten.select_backward(g, list(shape_of(node, tensors, 0)), dim, index)]
+
+
+@register_vjp("cat")
+def _cat(node, grads, tensors, wrt):
+    g = grads[0]
+    items = node.args[0] if node.args else None
+    if g is None or node.op_name != "aten.cat.default" or node.kwargs or not isinstance(items, (list, tuple)):
+        return None
+    if len(items) != len(node.inputs) or any(a is not v for a, v in zip(items, node.inputs)):
+        return None  # a non-Value entry: inputs do not map one to one
+    dim = node.arg(1, 0)
+    if type(dim) is not int:
+        return None
+    dim %= g.dim()
+    res: list = [None] * len(tensors)
+    offset = 0
+    for i in range(len(items)):
+        shape = shape_of(node, tensors, i)
+        if len(shape) != g.dim():
+            return None  # a legacy empty (0,) operand: autograd's formula skips it
+        if i in wrt:
+            res[i] = g.narrow(dim, offset, shape[dim])  # CatBackward0: slices of the cotangent
+        offset += shape[dim]
     return res
 
 
