@@ -3,10 +3,13 @@
 A perturbation metric needs ``B * (S + 1)`` forward passes' worth of copies. How many of them one
 forward pass should take depends on the model and the device: on a CPU a chunk much larger than the
 user's batch can run *slower* per copy (activations fall out of cache), on a GPU a larger chunk is
-often much faster. So :class:`ChunkPlan` measures it on the work itself: the first chunks run at the
-starting size (the inputs' batch), then at twice, four times ... that size, each size for ``reps``
-chunks, while the time per copy drops by at least ``gain``; the rest runs at the fastest size seen.
-Every measured chunk is real work (nothing is evaluated twice), and nothing is kept across calls.
+often much faster. So :class:`ChunkPlan` measures it on the work itself: the first ``reps`` chunks
+run at the starting size (the inputs' batch; the least disturbed of them counts, the first one also
+pays the model's first-call costs), then one chunk at twice, four times ... that size while the time per
+copy drops by at least ``gain``; the rest runs at the fastest size seen. Every measured chunk is real
+work (nothing is evaluated twice), and nothing is kept across calls. The engine times CPU work by the
+process' CPU time (robust to other processes on a shared machine) and accelerators by the wall clock
+after a sync.
 
 The chunk size changes no result beyond float rounding (a kernel may sum in another order for
 another batch size, ~1e-7 relative); pass a fixed ``batch_size`` for bit-for-bit repeatable runs.
@@ -65,14 +68,14 @@ class ChunkPlan:
             self._stop()
             return
         self._times.append(seconds / n)
-        if len(self._times) < self.reps:
+        if len(self._times) < (self.reps if self.best == math.inf else 1):
             return
         per_copy = min(self._times)  # the least disturbed of the repeats
         self._times = []
         if per_copy < self.best * (1 - self.gain):
             self.best, self.best_size = per_copy, self.size
             bigger = self.size * 2
-            if bigger <= self.max_size and self.total - self.done >= self.reps * bigger:
+            if bigger <= self.max_size and self.total - self.done >= bigger:
                 self.size = bigger
                 return
         self._stop()
