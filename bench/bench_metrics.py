@@ -1,159 +1,189 @@
-"""Benchmark: relprop.metrics pixel flipping / region perturbation vs Quantus.
+"""Benchmark: relprop's perturbation metrics against the forward-pass floor and Quantus.
 
-Same model, same 64 images, same attributions and settings, one process.
-Prints wall times, the speed-up ratio and the max difference of the curves.
+For each case, in one process with interleaved repeats (floor, relprop, Quantus, floor, ...):
 
-    python bench/bench_metrics.py [--repeats 3] [--batch-size 64] [--threads N]
+* **floor**: the bare forward passes the metric needs: the same images, once clean and once per step,
+  at the batch size given (``S + 1`` passes of the batch; no perturbation, no bookkeeping);
+* **relprop**: ``relprop.metrics.region_perturbation`` (or ``pixel_flipping``) with the default
+  ``batch_size=None`` (copies per forward pass measured in the call) and, as ``relprop@B``, with the
+  batch size fixed to the inputs' batch;
+* **quantus**: ``quantus.RegionPerturbation`` / ``PixelFlipping`` with the same settings (``batch_size`` B),
+  skipped where Quantus is not installed (e.g. a GPU machine without it).
+
+Prints medians of wall time and of the process' CPU time (less sensitive to other processes on a
+shared machine) and the ratios as tables, plus relprop's measured chunk size and the largest
+difference from Quantus' scores.
+
+    python bench/bench_metrics.py [--repeats 3] [--threads 2] [--device cpu|cuda] [--cases cnn,resnet50]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 
-def make_small_model() -> torch.nn.Module:
-    """The digits CNN of the tests (8x8 inputs)."""
+def cnn() -> torch.nn.Module:
+    """A 4-conv CNN for 64 px RGB images (about 25 M multiply-adds per image)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32 * 4 * 4, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
     ).eval()
 
 
-def make_model() -> torch.nn.Module:
-    """A LeNet-sized CNN for 32x32 inputs."""
+def resnet50() -> torch.nn.Module:
+    import torchvision
+
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32 * 8 * 8, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    ).eval()
+    return torchvision.models.resnet50(weights=None).eval()
 
 
-def make_data(n: int = 64, upscale: int = 4):
-    try:
-        from sklearn.datasets import load_digits
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], torch.nn.Module]
+    batch: int
+    size: int
+    kind: str  # "rp" (region perturbation) or "pf" (pixel flipping)
+    kw: dict = field(default_factory=dict)
+    classes: int = 10
 
-        d = load_digits()
-        x = torch.tensor(d.images[:n], dtype=torch.float32)[:, None] / 16.0
-        x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)  # 8x8 -> 32x32
-        y = torch.tensor(d.target[:n])
-    except ImportError:  # pragma: no cover
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand(n, 1, 8 * upscale, 8 * upscale, generator=g)
-        y = torch.randint(0, 10, (n,), generator=g)
-    return x, y
+    @property
+    def steps(self) -> int:
+        if self.kind == "rp":
+            return min(self.kw["regions"], (self.size // self.kw["patch_size"]) ** 2)
+        return -(-3 * self.size * self.size // self.kw["features_in_step"])
 
 
-def best_of(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+CASES = {
+    "cnn": Case("4-conv CNN, 32 x 64 px, region perturbation (patch 8, 40 regions, MoRF, black)",
+                cnn, 32, 64, "rp", dict(patch_size=8, regions=40)),
+    "cnn-pf": Case("4-conv CNN, 32 x 32 px, pixel flipping (features_in_step 64, 48 steps, black)",
+                   cnn, 32, 32, "pf", dict(features_in_step=64)),
+    "resnet50": Case("ResNet-50, 4 x 64 px, region perturbation (patch 8, 20 regions, MoRF, black)",
+                     resnet50, 4, 64, "rp", dict(patch_size=8, regions=20), classes=1000),
+}  # fmt: skip
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for both tools (0: torch default)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", default="cnn,cnn-pf,resnet50", help=f"comma-separated, of {sorted(CASES)}")
     args = ap.parse_args()
-
-    import quantus
-
-    from relprop import metrics as M
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, quantus {quantus.__version__}, threads {torch.get_num_threads()}")
-    for label, model, upscale, cases in [
-        (
-            "digits 8x8, test CNN",
-            make_small_model(),
-            1,
-            [
-                ("pixel flipping (features_in_step=1, 64 steps, black)", "pf", dict(features_in_step=1)),
-                ("region perturbation (patch 2, 16 regions, black, MoRF)", "rp", dict(patch_size=2, regions=16)),
-            ],
-        ),
-        (
-            "digits upscaled to 32x32, LeNet-sized CNN",
-            make_model(),
-            4,
-            [
-                ("pixel flipping (features_in_step=16, 64 steps, black)", "pf", dict(features_in_step=16)),
-                ("region perturbation (patch 4, 64 regions, black, MoRF)", "rp", dict(patch_size=4, regions=64)),
-            ],
-        ),
-    ]:
-        x, y = make_data(64, upscale)
-        # input x gradient attributions
-        xg = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(model(xg).gather(1, y[:, None]).sum(), xg)
-        a = (g * x).detach()
-        xn, yn, an = x.numpy(), y.numpy(), a.numpy()
-        print(f"\n== {label}: 64 images {tuple(x.shape[1:])}, input x gradient maps ==")
-        for name, kind, kw in cases:
-            if kind == "pf":
-                make_q = lambda kw=kw: quantus.PixelFlipping(
-                    features_in_step=kw["features_in_step"], perturb_baseline="black", disable_warnings=True
-                )
-                ours = lambda kw=kw: M.pixel_flipping(
-                    model, x, a, y, baseline="black", batch_size=args.batch_size, **kw
-                ).scores.numpy()
-            else:
-                make_q = lambda kw=kw: quantus.RegionPerturbation(
-                    patch_size=kw["patch_size"],
-                    regions_evaluation=kw["regions"],
-                    perturb_baseline="black",
-                    disable_warnings=True,
-                )
-                ours = lambda kw=kw: M.region_perturbation(
-                    model, x, a, y, baseline="black", batch_size=args.batch_size, **kw
-                ).scores.numpy()
+    from relprop import metrics as M
 
-            def run_quantus(make_q=make_q):
+    try:
+        import quantus
+    except ImportError:
+        quantus = None
+    dev = torch.device(args.device)
+    print(
+        f"torch {torch.__version__}, quantus {getattr(quantus, '__version__', 'not installed')}, "
+        f"threads {torch.get_num_threads()}, device {dev}"
+        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+        + f", {args.repeats} interleaved repeats, medians",
+        flush=True,
+    )
+    rows: list = []
+    rows_cpu: list = []
+    for key in args.cases.split(","):
+        case = CASES[key]
+        model = case.make().to(dev)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(case.batch, 3, case.size, case.size, generator=g)
+        a = torch.randn(case.batch, 1, case.size, case.size, generator=g)
+        y = torch.arange(case.batch) % case.classes
+        xd, ad = x.to(dev), a.to(dev)
+        metric = M.region_perturbation if case.kind == "rp" else M.pixel_flipping
+
+        def floor(case=case, model=model, xd=xd):
+            with torch.no_grad():
+                for _ in range(case.steps + 1):
+                    model(xd)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        def ours(bs=None, case=case, model=model, xd=xd, ad=ad, y=y, metric=metric):
+            return metric(model, xd, ad, y, baseline="black", batch_size=bs, **case.kw)
+
+        tools: dict[str, Callable] = {"floor": floor, "relprop": ours, "relprop@B": lambda case=case: ours(case.batch)}
+        if quantus is not None and dev.type == "cpu":
+            q_kw = (
+                dict(patch_size=case.kw["patch_size"], regions_evaluation=case.kw["regions"])
+                if case.kind == "rp"
+                else dict(features_in_step=case.kw["features_in_step"])
+            )
+            q_cls = quantus.RegionPerturbation if case.kind == "rp" else quantus.PixelFlipping
+
+            def run_q(model=model, x=x, a=a, y=y, q_cls=q_cls, q_kw=q_kw, case=case):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    m = q_cls(perturb_baseline="black", disable_warnings=True, **q_kw)
                     return np.asarray(
-                        make_q()(model=model, x_batch=xn, y_batch=yn, a_batch=an, softmax=True, batch_size=64)
-                    )
+                        m(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy(), softmax=True,
+                          batch_size=case.batch, device="cpu")
+                    )  # fmt: skip
 
-            def floor(n_copies=None):
-                # forward passes alone on as many copies (clean + one per step), same batch size
-                copies = x.repeat(n_copies // len(x), 1, 1, 1)
-                with torch.no_grad():
-                    for i in range(0, len(copies), args.batch_size):
-                        model(copies[i : i + args.batch_size])
-
-            tq, q = best_of(run_quantus, args.repeats)
-            tr, r = best_of(ours, args.repeats)
-            tf, _ = best_of(lambda: floor(len(x) * (q.shape[1] + 1)), args.repeats)
+            tools["quantus"] = run_q
+        times: dict[str, list[float]] = {k: [] for k in tools}
+        cpu: dict[str, list[float]] = {k: [] for k in tools}
+        out: dict[str, object] = {}
+        ours()  # warm-up: first-call costs of the model and the libraries
+        for _ in range(args.repeats):
+            for k, fn in tools.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                out[k] = fn()
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        res = out["relprop"]
+        diff = float("nan")
+        if "quantus" in out:
+            diff = float(np.abs(np.asarray(out["quantus"]) - res.scores.numpy()).max())
+        print(f"{key}: wall medians " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()), flush=True)
+        rows.append((key, case, med, res.batch_size, diff, times))
+        rows_cpu.append((key, case, med_cpu, res.batch_size, diff, cpu))
+    print()
+    for key, case, _, _, _, times in rows:
+        print(f"{key}: {case.name}; {case.steps + 1} passes of {case.batch}")
+        print("  wall (s): " + "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
+    for title, table in (("wall time", rows), ("CPU time of the process", rows_cpu)):
+        print(f"\nmedian {title}")
+        head = f"{'case':10} {'floor s':>8} {'relprop s':>10} {'relprop@B s':>12} {'quantus s':>10} "
+        head += f"{'relprop/floor':>14} {'relprop@B/floor':>16} {'quantus/floor':>14} {'quantus/relprop':>16} "
+        head += f"{'chunk':>6} {'max|diff|':>10}"
+        print(head)
+        for key, _, med, chunk, diff, _ in table:
+            q = med.get("quantus", float("nan"))
             print(
-                f"{name}:\n  quantus {tq * 1e3:8.1f} ms   relprop {tr * 1e3:8.1f} ms   "
-                f"speed-up {tq / tr:5.1f}x   max |diff| {np.abs(q - r).max():.2e}\n"
-                f"  (model forward alone on the {len(x) * (q.shape[1] + 1)} copies: {tf * 1e3:.1f} ms)"
+                f"{key:10} {med['floor']:8.2f} {med['relprop']:10.2f} {med['relprop@B']:12.2f} {q:10.2f} "
+                f"{med['relprop'] / med['floor']:14.2f} {med['relprop@B'] / med['floor']:16.2f} "
+                f"{q / med['floor']:14.2f} {q / med['relprop']:16.2f} {chunk:6d} {diff:10.1e}"
             )
 
 
