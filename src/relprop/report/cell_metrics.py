@@ -173,7 +173,16 @@ def text_perturbation(
     for sid in tok.all_special_ids:
         special |= ids == sid
     res = metrics.token_perturbation(
-        module, ids, attr, target, fill_id=fill, attention_mask=mask, exclude=special, steps=s.steps, progress=progress
+        module,
+        ids,
+        attr,
+        target,
+        fill_id=fill,
+        attention_mask=mask,
+        exclude=special,
+        steps=s.steps,
+        progress=progress,
+        batch_size=128,  # fixed (the former default), as for images: a measured size could differ between runs
     )
     ab, idl = res.abpc, res.insertion_deletion
     fr = _list(res.fractions)
