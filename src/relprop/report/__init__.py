@@ -86,6 +86,8 @@ def _summary(res: dict) -> str:
             out.append(f"{m.label} {v['mean']:.3f}{ci}")
     if res.get("randomisation_check"):
         out.append(f"randomisation check: {res['randomisation_check']}")
+    if (res.get("perturbation") or {}).get("warning"):
+        out.append("perturbation metrics uninformative (see the warnings)")
     return ", ".join(out)
 
 
@@ -354,6 +356,9 @@ def run_compare(
             )
         except Exception:
             pass
+    for w in cell_metrics.flat_warnings(results_models):
+        job.warn(w)
+        results["warnings"] = list(job.warnings)
     unsure = [
         f"{m.get('name')} × {c.get('method')}"
         for m in results_models

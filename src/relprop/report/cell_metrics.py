@@ -160,6 +160,40 @@ def image_perturbation(
     }
 
 
+#: below this change of the explained class's probability (the report's three decimals) on every copy, the
+#: perturbation curves are flat: ABPC, insertion and deletion read 0.000 / equal for any method
+FLAT_TOLERANCE = 1e-3
+
+
+def flat_warning(*curves: torch.Tensor) -> str | None:
+    """The words the report shows when no perturbed copy moves the score: every ``(B, S + 1)`` curve (MoRF,
+    LeRF, insertion) stays within :data:`FLAT_TOLERANCE` of the clean input's probability (MoRF's step 0)
+    for every example. The metrics are then honest but cannot tell methods apart (a randomly initialised
+    transformer gives ~1e-6), so they are flagged instead of read as a tie at 0.000."""
+    if curves[0].numel() == 0:
+        return None
+    clean = curves[0][:, :1].to(torch.float64)
+    change = max(float((c.to(torch.float64) - clean).abs().nan_to_num(0.0).max()) for c in curves)
+    if change >= FLAT_TOLERANCE:
+        return None
+    return (
+        f"the model's output does not change under perturbation (the explained class's probability moves by "
+        f"{change:.1e} at most on any perturbed copy, all tokens replaced included): faithfulness metrics (ABPC, "
+        f"insertion, deletion) are uninformative for this model"
+    )
+
+
+def flat_warnings(models: list[dict]) -> list[str]:
+    """One warning per model whose cells :func:`flat_warning` flagged (``perturbation['warning']``)."""
+    out = []
+    for m in models:
+        cells = [c for c in m.get("methods", []) if c.get("status") == "ok"]
+        flagged = [c for c in cells if (c.get("perturbation") or {}).get("warning")]
+        if flagged:
+            out.append(f"{m.get('name')}: {flagged[0]['perturbation']['warning']}")
+    return out
+
+
 def text_perturbation(
     module, tokenizer, x: dict, attr: torch.Tensor, target: torch.Tensor, s, progress: bool = False
 ) -> dict:
@@ -186,6 +220,7 @@ def text_perturbation(
     )
     ab, idl = res.abpc, res.insertion_deletion
     fr = _list(res.fractions)
+    flat = flat_warning(res.morf, res.lerf, res.insertion)
     name = tok.convert_ids_to_tokens([fill])[0] if hasattr(tok, "convert_ids_to_tokens") else str(fill)
     return {
         "per_example": {
@@ -209,6 +244,7 @@ def text_perturbation(
             "deletion": f"{s.steps} steps to all tokens replaced by {name!r}",
             "insertion": f"{s.steps} steps from all tokens {name!r} back to the text",
             "score": "softmax probability of the explained class",
+            **({"warning": flat} if flat else {}),
         },
     }
 
