@@ -171,6 +171,8 @@ def attention_weight_operands(
     Returns node index -> constant input positions (``constant`` merged in); the graph is not modified.
     """
     out = dict(constant or {})
+    # A region's output keeps its inner producer (data is recomputed through it): look the region up.
+    region_of = {v.index: n for n in graph.nodes if isinstance(n.op, RegionOp) for v in n.outputs if v is not None}
     for node in graph.nodes:
         acts = node.activation_inputs()
         if len(acts) < 2 or node.packet not in ("mul", "bmm", "mm", "matmul", "baddbmm", "einsum"):
@@ -179,7 +181,7 @@ def attention_weight_operands(
         for i in acts:
             v = node.inputs[i]
             for _ in range(8):
-                p = v.producer
+                p = region_of.get(v.index, v.producer)
                 if p is None:
                     break
                 if p.packet in ("_softmax", "softmax", "_safe_softmax") or (node.packet == "mul" and _is_gate(p)):

@@ -1257,8 +1257,8 @@ def warn_training(model: Any, what: str = RECORDED_IN_TRAINING, who: str = "relp
     noted = [repr(n) for n, m in names if isinstance(m, kinds)] or [repr(n) for n, _ in names]
     shown = ", ".join(noted[:3]) + (" ..." if len(noted) > 3 else "")
     warnings.warn(
-        f"{who}: the model is in training mode ({len(names)} modules, e.g. {shown}): {what}. Call model.eval() to "
-        "explain the model's predictions.",
+        f"{who}: the model is in training mode ({len(names)} module{'s' if len(names) > 1 else ''}, e.g. {shown}): "
+        f"{what}. Call model.eval() to explain the model's predictions.",
         UserWarning,
         stacklevel=stacklevel,
     )
