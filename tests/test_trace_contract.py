@@ -108,7 +108,7 @@ def test_plan_in_training_mode_replays_instead_of_recording_again():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = relprop.explain(model, x, target=0).attributions
-        for _ in range(2):
-            got = p.explain(x).attributions
-            torch.testing.assert_close(got, want)
+    for _ in range(2):
+        msgs = _training_warnings(lambda: torch.testing.assert_close(p.explain(x).attributions, want))
+        assert len(msgs) == 1 and msgs[0].startswith("relprop: the model is in training mode"), msgs  # the same one
     assert p.rerecords == 0 and p.replays == 2, p.last_reason

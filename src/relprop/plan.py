@@ -57,7 +57,7 @@ from .graph import Graph, Node, Value
 from .methods._validate import validate_call
 from .methods.core import Explanation, Inputs, Target, run_backward, split_inputs
 from .rules.composites import Composite, GradientComposite, resolve_composite
-from .trace import _flatten, _unwrap_compiled, record
+from .trace import _flatten, _unwrap_compiled, record, warn_training
 
 __all__ = ["Plan", "PlanMismatch", "plan"]
 
@@ -228,14 +228,7 @@ class Plan:
                 return fresh
         self.replays += 1
         self.last_reason = None
-        training = sum(1 for m in sig[1] if m[1] is True)
-        if training:  # as a recording warns (trace.record)
-            warnings.warn(
-                f"model is in training mode ({training} modules): the explanation is of this one forward "
-                "(batch statistics of these inputs); call model.eval() to explain the model's predictions",
-                UserWarning,
-                stacklevel=4,
-            )
+        warn_training(model, stacklevel=5)  # as a recording warns (trace.record)
         return _instantiate(tpl, env)
 
 
