@@ -4,8 +4,10 @@ Runs the same comparison three ways, side by side in one process: the single-pro
 ``W`` torch threads (``W`` = --workers), the Ray engine with ``W`` workers of one thread each, and both
 with one thread/one worker (the pure overhead: same compute, plus Ray's scheduling, pickling, actor start
 and model load per worker, Parquet shards and the assembly). Ray's start-up (``ray.init``) is timed
-separately: a cluster that is already up does not pay it. Checks that results.json numbers are identical
-(timings aside) and prints a table.
+separately: a cluster that is already up does not pay it. Compares the results.json numbers (timings aside):
+identical at one thread/one worker; with two threads against one-thread workers torch's CPU kernels may
+round some values differently (README states the tolerance), so the table prints the largest relative
+difference. Prints a table.
 
     python bench/bench_ray.py                          # 2 zoo models x 2 methods x 16 examples
     python bench/bench_ray.py --zoo-default --no-single   # the zoo default (4 models, 4 methods, 64 examples)
@@ -108,7 +110,7 @@ def main() -> None:
             # Ray first: its workers check that they run the driver's relprop source (hashed once per process)
             t_ray, r_ray = run(f"ray{w}", 1, engine="ray", ray_options={"workers": w})
             t_local, r_local = run(f"local{w}", w)
-            rows.append((w, t_local, t_ray, r_local == r_ray))
+            rows.append((w, t_local, t_ray, max_relative(r_local, r_ray) if r_local != r_ray else 0.0))
             diffs = differences(r_local, r_ray)
             for d in diffs[:10]:
                 print("differs:", d[:300])
@@ -123,10 +125,11 @@ def main() -> None:
         f"examples each, batch {settings.batch_size}; torch {torch.__version__}, ray {ray.__version__}, "
         f"{os.cpu_count()} CPUs; ray.init {t_init:.1f} s (not included below)"
     )
-    print(f"| {'workers':>7} | {'local (s)':>9} | {'ray (s)':>7} | {'ray / local':>11} | identical numbers |")
-    print(f"|{'-' * 9}|{'-' * 11}|{'-' * 9}|{'-' * 13}|{'-' * 19}|")
-    for w, tl, tr, same in rows:
-        print(f"| {w:>7} | {tl:>9.1f} | {tr:>7.1f} | {tr / tl:>10.2f}x | {'yes' if same else 'NO':<17} |")
+    print(f"| {'workers':>7} | {'local (s)':>9} | {'ray (s)':>7} | {'ray / local':>11} | numbers vs local        |")
+    print(f"|{'-' * 9}|{'-' * 11}|{'-' * 9}|{'-' * 13}|{'-' * 25}|")
+    for w, tl, tr, rel in rows:
+        same = "identical" if rel == 0 else f"{rel:.1e} relative at most"
+        print(f"| {w:>7} | {tl:>9.1f} | {tr:>7.1f} | {tr / tl:>10.2f}x | {same:<23} |")
     print("local: one process with `workers` torch threads; ray: `workers` actors of one thread each")
 
 
