@@ -85,12 +85,13 @@ def child(a) -> None:
                 return plan.explain({"input_ids": ids})
             return relprop.explain(model, {"input_ids": ids}, target=target, method="lrp", composite="attnlrp")
 
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     run(batches[0])  # warm-up (and the plan's recording)
     seconds = []
     for ids in batches[1:]:
-        t = time.perf_counter()
+        t = clock()
         run(ids)
-        seconds.append(time.perf_counter() - t)
+        seconds.append(clock() - t)
     if a.mode == "plan" and plan.rerecords:
         raise SystemExit(f"the plan recorded again: {plan.last_reason}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -106,6 +107,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="processes per mode, alternated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: the process's CPU time (steadier on a loaded machine; use with --threads 1)",
+    )
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # a child process
     a = ap.parse_args()
     if a.mode:
@@ -116,7 +123,7 @@ def main() -> None:
     for r in range(a.runs):
         for m in modes:
             cmd = [sys.executable, __file__, "--mode", m] + [
-                f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "tokens", "batches", "threads")
+                f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "tokens", "batches", "threads", "clock")
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
@@ -128,7 +135,7 @@ def main() -> None:
 
     print(
         f"\nQwen2 random init, hidden {a.hidden}, {a.layers} layers, {a.tokens} tokens, eager attention, float32; "
-        f"torch {torch.__version__}, {a.threads} threads; {a.runs} processes per mode x {a.batches} batches"
+        f"torch {torch.__version__}, {a.threads} threads, {a.clock} clock; {a.runs} processes per mode x {a.batches} batches"
     )
     t = {m: statistics.median(statistics.median(x["seconds"]) for x in results[m]) for m in modes}
     rss = {m: statistics.median(x["peak_rss_mib"] for x in results[m]) for m in modes}
