@@ -215,18 +215,19 @@ def run_schedule(
     is NumPy's (ties break as Quantus breaks them), once per call; the copies are built on ``device``.
     """
     dev = x.device if device is None else torch.device(device)
+    xc = x.detach().cpu()  # baselines are made once per call on the CPU (a callable gets CPU inputs)
     rank = rank_units(scores, order, seed)
     step_of_unit, soe = step_of_elements(rank, step_of_rank, units.uid, dev)
     fill: Fill | None
     if isinstance(baseline, Fill):
         desc_b, fill = "fill", baseline
     else:
-        desc_b, fill = resolve(baseline, x, blur_sigma=blur_sigma, noise_std=noise_std, seed=seed)
+        desc_b, fill = resolve(baseline, xc, blur_sigma=blur_sigma, noise_std=noise_std, seed=seed)
     if fill is None:
         if insertion:
-            fill = Fill("scalar", x.reshape(x.shape[0], -1).mean(1))
+            fill = Fill("scalar", xc.reshape(x.shape[0], -1).mean(1))
         else:
-            fill = drifting_mean(x.cpu(), units, step_of_unit, n_steps)
+            fill = drifting_mean(xc, units, step_of_unit, n_steps)
     if insertion:
         fill = fill.as_tensor(x.shape[0], int(np.prod(x.shape[1:])))
     curves = evaluate_steps(

@@ -278,7 +278,7 @@ def perturbation_curve(
     (per-sample max), ``"mean"`` (Quantus' running mean), ``"blur"`` (Gaussian
     blur, ``blur_sigma``), ``"noise"`` (Gaussian noise with the sample's
     mean/std, or ``noise_std``), a number, a tensor broadcastable to the
-    inputs, or a callable ``f(inputs) -> tensor``.
+    inputs, or a callable ``f(inputs) -> tensor`` (given the inputs on the CPU).
 
     ``target`` defaults to the predicted class; ``labels`` (for the accuracy
     curve) default to ``target``.
