@@ -840,6 +840,7 @@ def test_whole_pickled_model_from_an_unimportable_module_says_how_to_fix(tmp_pat
     model = tmp_path / "whole.pt"
     code = "import sys, torch; sys.path.insert(0, sys.argv[1]); import gone_model_mod; torch.save(gone_model_mod.Net(), sys.argv[2])"
     subprocess.run([sys.executable, "-c", code, str(tmp_path), str(model)], check=True)
+    (tmp_path / "gone_model_mod.py").unlink()  # next to the file or in the cwd it would be found
     img = save_png(tmp_path / "d.png", (digits[0][0, 0].numpy() * 255).astype(np.uint8), "L")
     rc, err = run_without_python_warnings(capsys, ["explain", "--model", str(model), "--input", str(img),
                                                    "--trust-pickle", "--image-size", "32", "--out",

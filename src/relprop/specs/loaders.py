@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,21 @@ def trust_pickle_note(path: Path) -> str:
         f"--trust-pickle: unpickling {path} runs the code stored in the file as you, with your files and "
         f"permissions (arbitrary code execution); use it only for files you made or fully trust"
     )
+
+
+@contextmanager
+def _importable_from(*folders: str | Path) -> Iterator[None]:
+    """Put ``folders`` (not already there) first on ``sys.path`` for an import, then restore ``sys.path``
+    exactly: the ``relprop`` console script does not search the current folder, but a user's own model
+    code (``python:MODULE``, the class of a trusted pickle) lives there. The process is left as found."""
+    saved = list(sys.path)
+    try:
+        for f in reversed([str(f) for f in folders]):
+            if f not in sys.path:
+                sys.path.insert(0, f)
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def _is_weights_only_refusal(e: BaseException) -> bool:
@@ -461,7 +477,6 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
     if ":" not in target:
         raise SpecError(f"model spec '{spec}': expected python:MODULE:FUNCTION (e.g. python:mymodels:build)")
     mod_name, fn_name = target.rsplit(":", 1)
-    saved_path = list(sys.path)
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
             file = Path(mod_name)
@@ -474,14 +489,13 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
             s.loader.exec_module(mod)
             files = [str(file.resolve())]
         else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
             known = mod_name in sys.modules
-            mod = importlib.import_module(mod_name)
-            files = [f] if (f := getattr(mod, "__file__", None)) else []
-            if known and files and Path(files[0]).resolve().is_relative_to(Path.cwd().resolve()):
-                # imported earlier in this process: run the code now on disk, the code the cache key hashes
-                mod = importlib.reload(mod)
+            with _importable_from(os.getcwd()):
+                mod = importlib.import_module(mod_name)
+                files = [f] if (f := getattr(mod, "__file__", None)) else []
+                if known and files and Path(files[0]).resolve().is_relative_to(Path.cwd().resolve()):
+                    # imported earlier in this process: run the code now on disk, the code the cache key hashes
+                    mod = importlib.reload(mod)
     except SpecError:
         raise
     except ModuleNotFoundError as e:
@@ -490,8 +504,6 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
         raise SpecError(
             f"model spec '{spec}': importing '{mod_name}' failed: {type(e).__name__}: {first_line(e)}"
         ) from None
-    finally:
-        sys.path[:] = saved_path  # leave the process as found (the cwd was added for the import only)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
@@ -589,20 +601,22 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
         if not opts.trust_pickle:
             raise _pickle_refused(path) from None
         warnings.warn(TrustPickleWarning(trust_pickle_note(path)), stacklevel=2)
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        try:  # the model's class is looked up next to the file and in the current folder, as python: specs
+            with _importable_from(path.resolve().parent, os.getcwd()):
+                obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except ModuleNotFoundError as e2:
             raise SpecError(
                 f"cannot read model file {path}: it refers to module '{e2.name}', which defines the model's class "
-                f"and is not importable here; run from the folder that holds it or add it to PYTHONPATH "
-                f"(e.g. PYTHONPATH=. relprop ...)"
+                f"and is found neither next to the file nor in the current folder; add its folder to the search "
+                f"path (PYTHONPATH=<folder holding {e2.name}.py> relprop ...)"
             ) from None
         except Exception as e2:
             raise SpecError(f"cannot read model file {path}: {first_line(e2)}") from None
     if isinstance(obj, dict):
         raise SpecError(
-            f"{path} holds a state dict, not a model; give the architecture with "
-            f"--model torchvision:NAME or timm:NAME and --weights {path}"
+            f"{path} holds a state dict (weights only), not a model; give the architecture that builds the "
+            f"model: your own code with --model python:MODULE:FUNCTION --weights {path}, or --model "
+            f"torchvision:NAME or timm:NAME with --weights {path}"
         )
     if not isinstance(obj, nn.Module):
         raise SpecError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")

@@ -1,0 +1,134 @@
+"""Items of a new-user review of the CLI, each written as the correct behaviour: a trusted whole pickled
+model whose class lives next to it, the advice for a bare state dict, pip hints that keep the user's
+torch, output paths checked before any work, true label-mismatch messages, help texts."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relprop.cli import main
+
+MODEL_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class TinyCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(2)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+    def build():
+        torch.manual_seed(0)
+        return TinyCNN()
+    """
+)
+
+
+def one_line_error(capsys, args, rc=2) -> str:
+    got = main(args)
+    err = capsys.readouterr().err.strip()
+    assert got == rc, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("relprop: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def user_folder(root: Path) -> Path:
+    """A folder as the reviewer had it: mymodel.py, a whole pickle, a state dict and an image."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "reviewmodel.py").write_text(MODEL_PY)
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import reviewmodel; m = reviewmodel.build(); "
+        "torch.save(m, sys.argv[1] + '/tiny_whole.pt'); torch.save(m.state_dict(), sys.argv[1] + '/tiny_sd.pth')"
+    )
+    subprocess.run([sys.executable, "-c", script, str(root)], check=True)
+    Image.fromarray((np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)).save(root / "x.png")
+    return root
+
+
+def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m relprop`` with ``cwd``: like the console script, sys.path[0] is not the current folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    code = "import sys; sys.path.remove('') if '' in sys.path else None; from relprop.cli import main; sys.exit(main())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_trusted_whole_pickle_finds_its_class_in_its_folder_and_restores_sys_path(tmp_path):
+    folder = user_folder(tmp_path / "mymodels")
+    for cwd, model in ((folder, "tiny_whole.pt"), (tmp_path, str(folder / "tiny_whole.pt"))):
+        r = run_cli(
+            [
+                "explain",
+                "--model",
+                model,
+                "--trust-pickle",
+                "--input",
+                str(folder / "x.png"),
+                "--out",
+                str(tmp_path / "h.png"),
+                "--quiet",
+            ],
+            cwd,
+        )
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "h.png").exists()
+        (tmp_path / "h.png").unlink()
+    # in-process: sys.path is left exactly as it was
+    from relprop.specs import TrustPickleWarning, load_model
+
+    sys.modules.pop("reviewmodel", None)
+    before = list(sys.path)
+    with pytest.warns(TrustPickleWarning):
+        lm = load_model(str(folder / "tiny_whole.pt"), trust_pickle=True)
+    assert type(lm.module).__name__ == "TinyCNN"
+    assert sys.path == before
+
+
+def test_trusted_pickle_whose_module_is_nowhere_says_pythonpath(tmp_path, capsys):
+    folder = user_folder(tmp_path / "mymodels")
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (folder / "tiny_whole.pt").rename(moved / "tiny_whole.pt")
+    sys.modules.pop("reviewmodel", None)
+    msg = one_line_error(
+        capsys,
+        [
+            "explain",
+            "--model",
+            str(moved / "tiny_whole.pt"),
+            "--trust-pickle",
+            "--input",
+            str(folder / "x.png"),
+            "--out",
+            str(tmp_path / "h.png"),
+        ],
+    )
+    assert "reviewmodel" in msg and "PYTHONPATH=" in msg, msg
+    assert "run from the folder" not in msg
+
+
+def test_state_dict_error_suggests_the_users_own_architecture(tmp_path, capsys):
+    folder = user_folder(tmp_path / "mymodels")
+    sd = str(folder / "tiny_sd.pth")
+    msg = one_line_error(
+        capsys, ["explain", "--model", sd, "--input", str(folder / "x.png"), "--out", str(tmp_path / "h.png")]
+    )
+    assert f"python:MODULE:FUNCTION --weights {sd}" in msg, msg
+    assert "torchvision:NAME" in msg
