@@ -132,3 +132,21 @@ def test_state_dict_error_suggests_the_users_own_architecture(tmp_path, capsys):
     )
     assert f"python:MODULE:FUNCTION --weights {sd}" in msg, msg
     assert "torchvision:NAME" in msg
+
+
+def test_install_hints_keep_the_users_torch_and_install_extras_from_the_clone(tmp_path, capsys, monkeypatch):
+    import fnmatch
+
+    import torchvision
+
+    from relprop.specs import install_hint
+
+    pin = install_hint("torchvision").split("'")[1]  # torchvision==0.N.*
+    assert fnmatch.fnmatch(torchvision.__version__.split("+")[0], pin.split("==")[1]), (pin, torchvision.__version__)
+    assert install_hint("transformers") == "pip install '.[text]' from your relprop clone"
+    assert "relprop[" not in install_hint("sklearn")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    assert install_hint("timm").startswith(f"pip install timm '{pin}'")
+    msg = one_line_error(capsys, ["explain", "--model", "torchvision:resnet18", "--input", "x.png",
+                                  "--out", str(tmp_path / "h.png")])  # fmt: skip
+    assert pin in msg and "a plain 'pip install torchvision' may replace torch" in msg, msg

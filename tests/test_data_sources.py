@@ -439,7 +439,7 @@ def test_source_errors_are_one_line_and_name_the_fix(tmp_path, monkeypatch, digi
         load_data(str(tmp_path / "hf"))
     assert load_data(str(tmp_path / "hf"), split="train").texts[0] == "a"
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(SpecError, match=r"pip install 'relprop\[data\]'"):
+    with pytest.raises(SpecError, match=r"pip install '\.\[data\]' from your relprop clone"):
         load_data(str(tmp_path / "hf"))
 
 

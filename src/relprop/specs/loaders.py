@@ -76,7 +76,7 @@ def _read_state_dict(path: Path) -> dict:
     except SpecError:
         raise
     except ImportError:
-        raise SpecError("reading .safetensors files needs 'safetensors' (pip install 'relprop[report]')") from None
+        raise SpecError(f"reading .safetensors files needs 'safetensors' ({install_hint('safetensors')})") from None
     except Exception as e:
         if _is_weights_only_refusal(e):
             raise SpecError(

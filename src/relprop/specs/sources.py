@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 from .data import IMAGE_SUFFIXES, Data, array_image, decode_image, labels_from_values
-from .errors import SpecError, closest, first_line
+from .errors import SpecError, closest, extra_hint, first_line
 
 T = TypeVar("T")
-DATA_EXTRA = "pip install 'relprop[data]'"
+DATA_EXTRA = extra_hint("data")
 #: images checked for a 16-bit range that fills little of its depth at load time (spread over the data)
 PROBE = 16
 
