@@ -150,3 +150,29 @@ def test_install_hints_keep_the_users_torch_and_install_extras_from_the_clone(tm
     msg = one_line_error(capsys, ["explain", "--model", "torchvision:resnet18", "--input", "x.png",
                                   "--out", str(tmp_path / "h.png")])  # fmt: skip
     assert pin in msg and "a plain 'pip install torchvision' may replace torch" in msg, msg
+
+
+def test_explain_refuses_bad_output_paths_before_loading_or_computing(tmp_path, capsys, monkeypatch):
+    import relprop
+
+    folder = user_folder(tmp_path / "mymodels")
+    never = ["--model", "python:no_such_module_here:build", "--input", str(folder / "x.png")]  # fails if loaded
+    msg = one_line_error(capsys, ["explain", *never, "--out", str(tmp_path / "heat.txt")])
+    assert "--out" in msg and ".png" in msg and "no_such_module" not in msg, msg
+    msg = one_line_error(capsys, ["explain", *never, "--out", "/dev/null/heat.png"])
+    assert "--out /dev/null/heat.png: cannot write there" in msg, msg
+    (tmp_path / "dir.png").mkdir()
+    msg = one_line_error(capsys, ["explain", *never, "--out", str(tmp_path / "dir.png")])
+    assert "is a folder" in msg, msg
+    msg = one_line_error(capsys, ["explain", *never, "--out", str(tmp_path / "h.png"), "--save", "attr.txt"])
+    assert msg.startswith("relprop: error: --save attr.txt"), msg
+    # the image/text choice is made once the model is loaded, still before computing
+    monkeypatch.chdir(folder)
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed before refusing the output path")
+
+    monkeypatch.setattr(relprop, "explain", no_compute)
+    msg = one_line_error(capsys, ["explain", "--model", "python:reviewmodel:build", "--input", "x.png",
+                                  "--out", str(tmp_path / "tokens.html")])  # fmt: skip
+    assert "image heatmaps" in msg, msg

@@ -722,6 +722,41 @@ def _resolve_target(target: str | None, model, pred: int, n: int) -> int:
     return k
 
 
+IMAGE_OUT = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # explain --out for image heatmaps
+TEXT_OUT = (".html", ".htm", ".png", ".pdf", ".svg", ".jpg")  # explain --out for token scores
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Refuse an output file before any work: a folder, or a place under a file or a read-only folder."""
+    dest = Path(path).expanduser()
+    if dest.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name")
+    parent = dest.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+
+
+def _check_explain_outputs(args, kind: str | None) -> None:
+    """``--out``/``--save`` checked before the model is loaded (``kind`` None: any suffix explain writes)
+    and again once its kind is known, before computing: a bad name never costs a run."""
+    if args.out:
+        allowed = IMAGE_OUT if kind == "image" else TEXT_OUT if kind else tuple(sorted({*IMAGE_OUT, *TEXT_OUT}))
+        if Path(args.out).suffix.lower() not in allowed:
+            what = {"image": "image heatmaps", None: "heatmaps or token scores"}.get(kind, "token scores")
+            raise CLIError(f"--out {args.out}: use a {', '.join(allowed)} file for {what}")
+        _check_writable("--out", args.out)
+    if args.save and kind is None:
+        from .report.store import attribution_format
+
+        try:
+            attribution_format(args.save)
+        except ValueError as ex:
+            raise CLIError(f"--save {args.save}: {ex}") from None
+        _check_writable("--save", args.save)
+
+
 def cmd_explain(args) -> int:
     import torch
 
@@ -729,6 +764,7 @@ def cmd_explain(args) -> int:
 
     from .specs import IMAGE_SUFFIXES, check_forward, image_batch, read_image, text_batch
 
+    _check_explain_outputs(args, None)
     methods = parse_methods(args.methods)
     weights = _weights_map(args.weights, [args.model])
     _preprocess_overrides(args)
@@ -737,6 +773,7 @@ def cmd_explain(args) -> int:
 
     check_placement(args.device, args.dtype)
     model = place_loaded(model, args.device, args.dtype, copy=False)
+    _check_explain_outputs(args, "image" if model.kind == "image" else "text")
     inputs: Any  # a tensor (images) or the tokenizer's dict of tensors (texts)
     if model.kind == "image":
         _need_report_deps("matplotlib", "PIL")
@@ -784,13 +821,6 @@ def cmd_explain(args) -> int:
         target = k
         target_desc = f"class {k} ({names[k]})"
         print(f"explaining {target_desc}: logit {float(out[0][k]):.4f}, p = {float(probs[k]):.4f}")
-    if args.save:
-        from .report.store import attribution_format
-
-        try:
-            attribution_format(args.save)
-        except ValueError as ex:
-            raise CLIError(f"--save {args.save}: {ex}") from None
 
     def run_methods(module, inputs, target, target_desc) -> dict:
         results = {}
@@ -815,8 +845,6 @@ def cmd_explain(args) -> int:
         from .report.figures import explain_figure
 
         dest = Path(args.out or "heatmap.png")
-        if dest.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
-            raise CLIError(f"--out {dest}: use a .png, .jpg, .pdf or .svg file for image heatmaps")
         dest.parent.mkdir(parents=True, exist_ok=True)
         heat = {k: (r[0].sum(0) if r[0].dim() == 3 else r[0]).numpy() for k, r in results.items()}
         try:
@@ -868,7 +896,7 @@ def cmd_explain(args) -> int:
         )
         sub = esc(args.input) + (f" ↔ {esc(args.reference)}" if args.reference else "")
         dest.write_text(page("relprop explain", sub, "", "".join(body)), encoding="utf-8")
-    elif dest.suffix.lower() in (".png", ".pdf", ".svg", ".jpg"):
+    elif dest.suffix.lower() in TEXT_OUT:
         _need_report_deps("matplotlib")
         from .visualize import tokens_figure
 
