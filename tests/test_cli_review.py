@@ -176,3 +176,23 @@ def test_explain_refuses_bad_output_paths_before_loading_or_computing(tmp_path, 
     msg = one_line_error(capsys, ["explain", "--model", "python:reviewmodel:build", "--input", "x.png",
                                   "--out", str(tmp_path / "tokens.html")])  # fmt: skip
     assert "image heatmaps" in msg, msg
+
+
+def test_label_mismatch_message_is_true_when_some_labels_match_by_index(tmp_path, capsys):
+    from PIL import Image
+
+    img = (np.arange(32 * 32) % 200).reshape(32, 32).astype(np.uint8)
+    for c in ("cats", "3"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        Image.fromarray(img).save(tmp_path / "d" / c / "a.png")
+    msg = one_line_error(capsys, ["compare", "--models", "zoo:resnet_digits", "--data", str(tmp_path / "d"),
+                                  "--methods", "saliency", "--out", str(tmp_path / "r"), "--quiet"])  # fmt: skip
+    assert "data labels 'cats' match no class of the model" in msg, msg
+    assert "names its 10 classes only by their index (0 to 9) ('3' matched)" in msg, msg
+    assert "no class names" not in msg and "unnamed" not in msg
+
+
+def test_a_model_given_twice_is_named(tmp_path, capsys):
+    msg = one_line_error(capsys, ["compare", "--models", "zoo:resnet_digits,zoo:mlp_digits,zoo:resnet_digits",
+                                  "--out", str(tmp_path / "r")])  # fmt: skip
+    assert msg == "relprop: error: a model is given twice in --models: zoo:resnet_digits", msg

@@ -155,7 +155,8 @@ def test_classes_file_with_wordnet_ids(tmp_path, capsys, digits):
     # the same model without --classes has no names: a clear error naming both fixes
     err = one_line_error(capsys, ["compare", "--models", f"python:{tmp_path / 'mlp.py'}:build", "--image-size", "32",
                                   "--data", str(data), "--methods", "gradient", "--out", str(out), *FAST])  # fmt: skip
-    assert "has no class names" in err and "--classes FILE" in err and "--labels sorted" in err
+    assert "names its 3 classes only by their index (0 to 2)" in err and "--classes FILE" in err
+    assert "--labels sorted" in err and "matched" not in err  # none did
 
 
 def test_text_labels_match_model_names_ignoring_case():

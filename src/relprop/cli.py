@@ -577,8 +577,8 @@ def cmd_compare(args) -> int:
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
               "data_workers")  # fmt: skip
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
-    if len(set(models)) != len(models):
-        raise CLIError("a model is given twice in --models")
+    if dup := sorted({m for m in models if models.count(m) > 1}):
+        raise CLIError(f"a model is given twice in --models: {', '.join(dup)}")
     methods = parse_methods(args.methods)
     weights = _weights_map(args.weights, models)
     for m in models:

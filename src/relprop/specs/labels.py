@@ -183,11 +183,12 @@ def map_labels(
             if generic
             else "rename them to class names of the model, or give the names with --classes FILE"
         )
+        matched = [f"'{data_classes[i]}'" for i in present if index[i] is not None]
         what = (
-            f"'{model_name}' has no class names (outputs {n_outputs} unnamed classes)"
+            f"'{model_name}' names its {n_outputs} classes only by their index (0 to {n_outputs - 1})"
             if generic
             else (f"'{model_name}' has classes {examples}")
-        )
+        ) + (f" ({', '.join(matched[:3])}{', ...' if len(matched) > 3 else ''} matched)" if matched else "")
         msg = f"data labels {shown} match no class of the model: {what}; {fix}"
         if policy == "names":
             raise SpecError(msg + "; or pass --labels ignore to run without accuracy for them")
