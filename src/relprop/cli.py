@@ -571,6 +571,7 @@ def cmd_compare(args) -> int:
     from . import zoo
     from .report import Settings, run_compare
     from .report.device import check_placement, place_loaded
+    from .report.html import accuracy_count
     from .specs import check_model_spec, load_data
 
     check_placement(args.device, args.dtype)  # before the data is read
@@ -652,7 +653,7 @@ def cmd_compare(args) -> int:
         num_classes=args.num_classes,
         preprocess_overrides=None,
         force=args.force,
-        progress=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("RELPROP_PROGRESS")),
+        progress=not args.quiet,  # run_compare: a bar only on a terminal (or RELPROP_PROGRESS), else one line per cell
         command=command,
         log=log,
         header=header,
@@ -679,13 +680,17 @@ def cmd_compare(args) -> int:
         if lo is not None and hi is not None:
             faith += f" [{lo:.3f}, {hi:.3f}]"
         acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        if r.get("n_total") is not None and r.get("n_eval") != r["n_total"]:
+            acc += f" on {accuracy_count(r)}"
+        if r.get("uninformative"):
+            faith += " (perturbation metrics uninformative)"
         mr = "–" if r.get("mean_rank") is None else f"{r['mean_rank']:.2f}"
         tie = ", ".join(names_by_anchor.get(t, t) for t in r.get("tied_with", []))
         print(
             f"  {r['rank'] or '-'}. {r['name']:<24} mean rank {mr}  {r.get('metric_label', 'ABPC')} {faith}  "
             f"accuracy {acc}{'  (tie with ' + tie + ')' if tie else ''}"
         )
-    for w in res.get("warnings", []):
+    for w in res.get("warnings", []) if args.quiet else ():  # else run_compare said each once, at its end
         if w not in warnings:
             _say(f"relprop: WARNING: {w}")
     if res["status"] == "incomplete":
@@ -1049,7 +1054,7 @@ def cmd_list(args) -> int:
 
     from . import zoo
     from .rules.composites import NAMES as COMPOSITES
-    from .specs import KINDS, TEXT_ZOO, spec_forms
+    from .specs import KINDS, TEXT_ZOO
 
     by_data: dict[str, list[str]] = {}
     for m in zoo.list_models():
@@ -1063,10 +1068,14 @@ def cmd_list(args) -> int:
     print("methods:      " + ", ".join(sorted(relprop.METHODS)))
     print("default methods for compare: " + ", ".join(default_methods()))
     print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
-    print("model specs:  " + spec_forms())
-    width = max(len(k.example) for k in KINDS.values()) + 2
-    for k in KINDS.values():
-        print(f"  {k.example:<{width}} {k.help}")
+    print("model specs:")  # each form once, with what it means
+    rows = [(k.example, k.help) for k in KINDS.values()] + [
+        ("FILE.safetensors", "weights with a FILE.json (the zoo's format) next to it"),
+        ("FILE.pt / .pth / .bin", "a whole model (torch.save(model)), only with --trust-pickle"),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    for example, text in rows:
+        print(f"  {example:<{width}} {text}")
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -41,8 +42,14 @@ from .compare import Job, MethodSpec, Settings, dedupe_methods, method_identity,
 __all__ = ["MethodSpec", "Settings", "from_dataset", "from_module", "from_tensors", "run_compare"]
 
 
+def _bars_wanted(progress: bool) -> bool:
+    """Progress bars (the cells', the metrics') only when asked for and stderr is a terminal, or the
+    environment variable ``RELPROP_PROGRESS`` is set: redirected logs get one line per cell instead."""
+    return bool(progress) and (sys.stderr.isatty() or bool(os.environ.get("RELPROP_PROGRESS")))
+
+
 class _Bar:
-    """tqdm when available, else nothing."""
+    """A tqdm bar when ``enabled`` and tqdm is installed; else nothing, and :meth:`write` logs the line."""
 
     def __init__(self, total: int, enabled: bool):
         self.bar = None
@@ -124,13 +131,18 @@ def run_compare(
     pool, :mod:`relprop.report.distributed`; ``ray_options`` a :class:`~relprop.report.distributed.RayOptions`
     or a dict of its fields), with the same numbers.
 
+    ``progress``: a tqdm bar over the cells while stderr is a terminal (or the environment variable
+    ``RELPROP_PROGRESS`` is set); otherwise, and with False, no bar: one ``log`` line per cell (the CLI
+    passes ``not --quiet``, so both behave the same). ``log``: where the per-cell lines, notes and, at the
+    end, each warning once go (default ``print``).
+
     ``load``: spec -> LoadedModel (the CLI's loader, with its options and display names); ``use_cache``:
     False neither reads nor writes ``out/cache``; ``warnings``: shown in the report (``results["warnings"]``).
     """
     from ..specs import check_method, override_preprocess
     from ..specs.adapters import frozen, to_data, to_models
     from . import cell_metrics, figures, html
-    from .device import check_placement, place_loaded
+    from .device import check_placement, place_loaded, resolve_device, resolve_dtype
 
     settings = settings if settings is not None else Settings()
     check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
@@ -152,6 +164,7 @@ def run_compare(
 
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
+    progress = _bars_wanted(progress)
     job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)
     data = job.data  # settings.limit/subset applied (Data.select)
     job.warnings.extend(w for w in warnings if w not in job.warnings)
@@ -245,7 +258,8 @@ def run_compare(
             entry["composite"] = settings.composite if settings.composite != "auto" else default_composite(model)
             bar.describe(f"{model.name}: accuracy")
             acc = job.accuracy(model)
-            entry.update(accuracy=acc["accuracy"], n_eval=acc["n"])
+            # n_eval: the examples the accuracy is over (those with a model class); n_total: all of them
+            entry.update(accuracy=acc["accuracy"], n_eval=acc["n_labelled"], n_total=acc["n"])
             prep = None
             cells: dict[str, dict] = {}
             current = {"entry": entry, "model": model, "cells": cells}
@@ -343,6 +357,9 @@ def run_compare(
     results["engine"] = engine_info if pool is not None else {"name": "local"}
     results["warnings"] = list(job.warnings)
     results["not_run"] = off
+    # what --device/--dtype resolved to (auto -> cpu or cuda), next to what was asked for
+    results["settings"]["device_used"] = str(resolve_device(settings.device))
+    results["settings"]["dtype_used"] = str(resolve_dtype(settings.dtype)).replace("torch.", "")
     results["data"]["n_metrics"] = min(settings.samples, len(data))
     if results_models:
         try:
@@ -359,23 +376,66 @@ def run_compare(
     for w in cell_metrics.flat_warnings(results_models):
         job.warn(w)
         results["warnings"] = list(job.warnings)
-    unsure = [
-        f"{m.get('name')} × {c.get('method')}"
-        for m in results_models
-        for c in m.get("methods", [])
-        if c.get("randomisation_check") == "inconclusive"
-    ]
-    if unsure:
-        job.warn(
-            f"the randomisation check is inconclusive for {len(unsure)} cell(s) ({', '.join(unsure[:4])}"
-            f"{', ...' if len(unsure) > 4 else ''}): its interval straddles {settings.randomisation_threshold} or it "
-            f"ran on fewer than 5 examples; use more --randomisation-samples"
-        )
-        results["warnings"] = list(job.warnings)
+    results["notes"] = []
+    note = _inconclusive(results_models, settings)
+    if note is not None:
+        text, is_default = note
+        if is_default:  # the default setting's own limit: said as a note, not a warning
+            results["notes"].append(text)
+        else:
+            job.warn(text)
+            results["warnings"] = list(job.warnings)
     _write_examples(results, out, job)
+    for w in results["warnings"]:  # each once, at the end (the caller's own ``warnings`` it has shown itself)
+        if w not in warnings:
+            log(f"relprop: WARNING: {w}")
+    for n in results["notes"]:
+        log(f"relprop: note: {n}")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     html.render(results, out)
     return results
+
+
+def _inconclusive(models: list[dict], settings: Settings) -> tuple[str, bool] | None:
+    """The words for the cells whose randomisation check is inconclusive, each with its reason (too few
+    examples, or an interval that straddles the threshold), and whether only the default
+    ``randomisation_samples`` is to blame (then a note: the default demo does not warn about its defaults).
+    The pass/fail rule itself is :func:`relprop.report.cell_metrics.randomisation_verdict`, unchanged."""
+    from dataclasses import fields
+
+    from .cell_metrics import MIN_RANDOMISATION_EXAMPLES, inconclusive_reason
+
+    thr = settings.randomisation_threshold
+    why: dict[str, list[str]] = {"few": [], "straddles": []}
+    for m in models:
+        for c in m.get("methods", []):
+            if c.get("status") == "ok" and c.get("randomisation_check") == "inconclusive":
+                reason = inconclusive_reason(c.get("summary") or {}, thr) or "straddles"
+                why[reason].append(f"{m.get('name')} × {c.get('method')}")
+
+    def cells(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+    parts = []
+    if why["straddles"]:
+        parts.append(
+            f"for {len(why['straddles'])} cell(s) ({cells(why['straddles'])}) the interval of the similarity "
+            f"straddles the threshold {thr}: neither clearly below (pass) nor above (fail)"
+        )
+    if why["few"]:
+        parts.append(
+            f"for {len(why['few'])} cell(s) ({cells(why['few'])}) it ran on fewer than "
+            f"{MIN_RANDOMISATION_EXAMPLES} examples"
+        )
+    if not parts:
+        return None
+    k = settings.randomisation_samples
+    text = (
+        f"the randomisation check is inconclusive: {'; '.join(parts)}; more --randomisation-samples "
+        f"(now {k}) narrow the interval"
+    )
+    default = next(f.default for f in fields(Settings) if f.name == "randomisation_samples")
+    return text, (k == default and not why["few"])
 
 
 def _failed_cell(m: MethodSpec, ex: BaseException) -> dict:
@@ -392,7 +452,7 @@ def _write_examples(results: dict, out: Path, job: Job) -> None:
     pyarrow they stay in results.json and the report says why."""
     from . import store
 
-    run = store.run_id(results["command"], results["settings"])
+    run = store.run_id(results["command"], asdict(job.s))  # as the Ray engine's rows (settings as given)
     results["run"] = run
     rows = [r for m in results["models"] for c in m.get("methods", []) if c.get("status") == "ok"
             for r in store.example_rows(run, m, c)]  # fmt: skip
@@ -514,7 +574,11 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
                 "faithfulness": m["faithfulness"],
                 "overall": overall,
                 "accuracy": m.get("accuracy"),
+                "n_eval": m.get("n_eval"),
+                "n_total": m.get("n_total"),
                 "best_method": best["method"] if best else None,
+                # every perturbation metric of the model's finished cells is flagged uninformative
+                "uninformative": bool(oks) and all((c.get("perturbation") or {}).get("warning") for c in oks),
                 "class_sensitivity": m.get("class_sensitivity"),
                 "randomisation_similarity": m.get("randomisation_similarity"),
             }
@@ -538,6 +602,12 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         for metric in METRICS:
             for label in tied_for_best({c["method"]: values(m, c["method"], metric.key) for c in oks}, metric, **boot):
                 next(c for c in oks if c["method"] == label)["best"].append(metric.key)
+    # the best method of a model: every method tied for best on the rank metric (all names on a tie)
+    for r in ranking:
+        m = next(m for m in models if m["anchor"] == r["anchor"])
+        tied = [c for c in m.get("methods", []) if spec.key in (c.get("best") or ()) and c.get(spec.key) is not None]
+        tied.sort(key=lambda c: -c[spec.key] if spec.higher_is_better else c[spec.key])  # best mean first
+        r["best_methods"] = [c["method"] for c in tied] or ([r["best_method"]] if r["best_method"] else [])
     for r in ranking:
         r["best"] = []
     for metric in METRICS:

@@ -348,6 +348,16 @@ def randomisation_verdict(summary: dict, threshold: float) -> str | None:
     return "inconclusive"
 
 
+def inconclusive_reason(summary: dict, threshold: float) -> str | None:
+    """Why :func:`randomisation_verdict` said ``inconclusive``: ``"few"`` (fewer than
+    :data:`MIN_RANDOMISATION_EXAMPLES` examples) or ``"straddles"`` (the interval contains ``threshold``);
+    None for any other verdict."""
+    if randomisation_verdict(summary, threshold) != "inconclusive":
+        return None
+    r = summary["randomisation_similarity"]
+    return "few" if r.get("n", 0) < MIN_RANDOMISATION_EXAMPLES else "straddles"
+
+
 def np_float(v) -> float | None:
     try:
         v = float(v)

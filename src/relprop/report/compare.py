@@ -220,9 +220,10 @@ class Job:
 
     # -------------------------------------------------------------------------------- inputs
     def warn(self, text: str) -> None:
+        """Keep a warning for the report; :func:`relprop.report.run_compare` prints each once, at its end
+        (after the per-cell lines, so none scrolls away), not here as well."""
         if text not in self.warnings:
             self.warnings.append(text)
-            self.log(f"  WARNING: {text}")
 
     def label_map(self, model: LoadedModel, n_outputs: int | None = None) -> LabelMap:
         """Data class -> model class by name (see :mod:`relprop.specs.labels`); raises on no match

@@ -69,6 +69,12 @@ def render(results: dict, out: Path) -> Path:
             + "".join(f"<li>{e(w)}</li>" for w in results["warnings"])
             + "</ul></div>"
         )
+    if results.get("notes"):  # informational (e.g. the default settings' own limits), not warnings
+        banner += (
+            '<div class="settings" id="notes"><b>Notes</b><ul>'
+            + "".join(f"<li>{e(n)}</li>" for n in results["notes"])
+            + "</ul></div>"
+        )
     parts.append(f"""<section id="ranking"><h2>Ranking of models by the faithfulness of their explanations</h2>{banner}
 {_ranking_intro(results)}
 {_ranking_table(results, rows)}
@@ -80,7 +86,7 @@ def render(results: dict, out: Path) -> Path:
     for m in models:
         head = (
             f'<section id="{e(m["anchor"])}"><h2>{e(m["name"])}<span class="pill">{e(m["spec"])}</span></h2>'
-            f'<p class="muted">accuracy {fmt(m.get("accuracy"))} on {m.get("n_eval", "–")} examples · '
+            f'<p class="muted">accuracy {fmt(m.get("accuracy"))} on {e(accuracy_count(m))} · '
             f"{fmt(m.get('num_params'))} parameters · LRP composite <code>{e(m.get('composite') or '–')}</code> · "
             f"preprocessing from {e((m.get('preprocess') or {}).get('source', '–'))}</p>"
         )
@@ -109,7 +115,7 @@ def render(results: dict, out: Path) -> Path:
             "interval in brackets (the explanation time has none: it is measured per batch). Hover a column "
             f"name for its definition. {e(bold_legend(s))}</p>"
         )
-        body.append(_perturbation_settings(m, s))
+        body.append(_perturbation_settings(m, s, m.get("kind") or data["kind"]))
         if m.get("curves_figure"):
             body.append(
                 "<h3>Perturbation curves</h3>" + _img(m["curves_figure"], f"perturbation curves of {m['name']}")
@@ -121,7 +127,7 @@ def render(results: dict, out: Path) -> Path:
     srows = "".join(
         f'<tr><td class="l">{e(k)}</td><td class="l"><code>{e(json.dumps(v) if not isinstance(v, str) else v)}'
         f"</code></td></tr>"
-        for k, v in s.items()
+        for k, v in shown_settings(s, data["kind"]).items()
     )
     env = "".join(
         f'<tr><td class="l">{e(k)}</td><td class="l">{e(v)}</td></tr>' for k, v in results["environment"].items()
@@ -248,16 +254,56 @@ def _metric_rows(m: dict, s: dict) -> list[str]:
     return rows
 
 
+def best_methods(r: dict) -> str:
+    """A ranking row's best method, or every method tied for best: "input_x_gradient = lrp (tied)"."""
+    names = r.get("best_methods") or ([r["best_method"]] if r.get("best_method") else [])
+    if len(names) > 1:
+        return " = ".join(names) + " (tied)"
+    return names[0] if names else "–"
+
+
+def accuracy_count(m: dict) -> str:
+    """The examples an accuracy is over: "12 examples", or "6 of 12 examples (6 have no model class)" when
+    some labels match no class of the model (``--labels ignore``) and so are left out of it."""
+    n, total = m.get("n_eval"), m.get("n_total", m.get("n_eval"))
+    if n is None:
+        return "– examples"
+    if total is None or total == n:
+        return f"{n} examples"
+    return f"{n} of {total} examples ({total - n} have no model class)"
+
+
 def bold_legend(s: dict) -> str:
     """What bold means in a table (the same test as the ranks)."""
     level = int(s.get("confidence", 0.95) * 100)
     return (
         "Bold: best of the column and every row tied with it: no other row is significantly better (the "
-        f"{level}% paired-bootstrap interval of the per-example difference contains 0, the test of the ranks)."
+        f"{level}% paired-bootstrap interval of the per-example difference contains 0, the test of the ranks). "
+        "Ties are pairwise, so not transitive: a value can tie the best while another value between them does not."
     )
 
 
-def _perturbation_settings(m: dict, s: dict) -> str:
+#: settings that only image data uses (text perturbs tokens, ``--steps`` of them; no patches or baselines)
+IMAGE_ONLY_SETTINGS = ("patch_grid", "regions", "baseline", "insertion_baseline")
+#: the options that set the perturbation metrics, per data kind
+PERTURBATION_FLAGS = {
+    "image": ("--baseline", "--insertion-baseline", "--patch-grid", "--regions", "--steps"),
+    "text": ("--steps",),
+}
+
+
+def shown_settings(s: dict, kind: str) -> dict:
+    """The settings that apply to ``kind`` data, for display; ``device``/``dtype`` as requested → used
+    (``auto → cpu``) where the run resolved them (``device_used``/``dtype_used``)."""
+    out = {k: v for k, v in s.items() if not (kind != "image" and k in IMAGE_ONLY_SETTINGS)}
+    for k in ("device", "dtype"):
+        used = out.pop(f"{k}_used", None)
+        if used is not None and k in out and str(out[k]) != str(used):
+            out[k] = f"{out[k]} → {used}"
+    return out
+
+
+def _perturbation_settings(m: dict, s: dict, kind: str = "image") -> str:
     """The perturbation settings in words, next to the numbers they produced."""
     c = next((c for c in m["methods"] if c.get("status") == "ok" and c.get("perturbation")), None)
     if c is None:
@@ -276,8 +322,7 @@ def _perturbation_settings(m: dict, s: dict) -> str:
         )
     return (
         f'<div class="settings" id="perturbation-{e(m["anchor"])}"><b>Perturbation settings</b> '
-        f"(set with <code>--baseline</code>, <code>--insertion-baseline</code>, <code>--patch-grid</code>, "
-        f"<code>--regions</code>, <code>--steps</code>):<ul>{items}{rand}"
+        f"(set with {', '.join(f'<code>{f}</code>' for f in PERTURBATION_FLAGS[kind])}):<ul>{items}{rand}"
         f"<li><b>intervals</b>: {e(s.get('bootstrap'))} bootstrap resamples (seed {e(s.get('seed'))})</li></ul></div>"
     )
 
@@ -316,7 +361,7 @@ def _ranking_rows(results: dict) -> list[str]:
             f'<td class="l"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
             f"<td>{fmt(r.get('mean_rank'), 2)}</td>"
             + "".join(cell(r, k) for k in cols if k in RANKABLE)
-            + f'<td class="l">{e(r.get("best_method") or "–")}</td><td>{fmt(r.get("accuracy"))}</td>'
+            + f'<td class="l">{e(best_methods(r))}</td><td>{fmt(r.get("accuracy"))}</td>'
             + "".join(cell(r, k) for k in cols if k not in RANKABLE)
             + "</tr>"
         )
@@ -331,7 +376,8 @@ def _ranking_intro(results: dict) -> str:
 ({e(spec.direction)}; {e(spec.tip)}). Within a method, a model's rank is 1 + the number of models that are
 significantly better: two models tie when the {int(s.get("confidence", 0.95) * 100)}% paired-bootstrap interval
 of their per-example difference contains 0. Every number is a mean over methods and examples with its bootstrap
-interval in brackets. Accuracy on all {data["n"]} examples of <code>{e(data["spec"])}</code>; metrics on {n}
+interval in brackets. Accuracy on those of the {data["n"]} examples of <code>{e(data["spec"])}</code> that have a model
+class (per model below); metrics on {n}
 examples per model. {e(bold_legend(s))}</p>{_not_run_note(s)}"""
 
 
