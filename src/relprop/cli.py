@@ -1054,7 +1054,7 @@ def cmd_list(args) -> int:
 
     from . import zoo
     from .rules.composites import NAMES as COMPOSITES
-    from .specs import KINDS, TEXT_ZOO
+    from .specs import KINDS, TEXT_ZOO, spec_forms
 
     by_data: dict[str, list[str]] = {}
     for m in zoo.list_models():
@@ -1068,14 +1068,10 @@ def cmd_list(args) -> int:
     print("methods:      " + ", ".join(sorted(relprop.METHODS)))
     print("default methods for compare: " + ", ".join(default_methods()))
     print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
-    print("model specs:")  # each form once, with what it means
-    rows = [(k.example, k.help) for k in KINDS.values()] + [
-        ("FILE.safetensors", "weights with a FILE.json (the zoo's format) next to it"),
-        ("FILE.pt / .pth / .bin", "a whole model (torch.save(model)), only with --trust-pickle"),
-    ]
-    width = max(len(r[0]) for r in rows) + 2
-    for example, text in rows:
-        print(f"  {example:<{width}} {text}")
+    print("model specs:  " + spec_forms())
+    width = max(len(k.example) for k in KINDS.values()) + 2
+    for k in KINDS.values():
+        print(f"  {k.example:<{width}} {k.help}")
     return 0
 
 
