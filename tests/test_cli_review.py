@@ -196,3 +196,20 @@ def test_a_model_given_twice_is_named(tmp_path, capsys):
     msg = one_line_error(capsys, ["compare", "--models", "zoo:resnet_digits,zoo:mlp_digits,zoo:resnet_digits",
                                   "--out", str(tmp_path / "r")])  # fmt: skip
     assert msg == "relprop: error: a model is given twice in --models: zoo:resnet_digits", msg
+
+
+def test_help_offers_only_what_each_command_uses(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    specs = out[out.index("model specs:") :]
+    for form in ("torchvision:NAME [--weights FILE]", "python:MODULE:FUNCTION", "FILE.safetensors", "FILE.pt"):
+        assert specs.count(form) == 1, (form, specs)  # each form once
+    for cmd, has in (("explain", False), ("layers", False), ("compare", True)):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        for opt in ("--split", "--text-column", "--label-column", "--image-column", "--seed"):
+            assert (opt in text) == has, (cmd, opt)
+    with pytest.raises(SystemExit):
+        main(["explain", "--model", "zoo:resnet_digits", "--input", "x.png", "--seed", "1"])
+    assert "unrecognized arguments: --seed" in capsys.readouterr().err

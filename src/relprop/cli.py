@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--limit", type=int, metavar="N",
-        help="use only the first N examples of the data (accuracy and metrics; not --samples, the metric examples)",
+        help="use only the first N examples of the data (for everything: accuracy, grid and metrics); --subset N "
+        "draws N at random with --seed; --samples is how many of them the metrics explain",
     )  # fmt: skip
     c.add_argument(
         "--subset", type=int, metavar="N",
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unmatched labels get a warning and no accuracy)",
     )
     _common(c)
+    _data_options(c)
     _placement(c)
     c.set_defaults(func=cmd_compare)
 
@@ -261,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         choices=("shared", "per-image"),
         default="per-image",
-        help="each method's heatmap by its own range (default: methods differ in units) or one colour scale "
-        "for all (shared)",
+        help="per-image (default): each method's heatmap on its own colour range (methods differ in units); "
+        "shared: one colour range for all methods",
     )
     v.add_argument(
         "--save",
@@ -319,6 +321,16 @@ def _placement(p):
     )  # fmt: skip
 
 
+def _data_options(p):
+    """What reads --data: compare only (explain and layers take one --input)."""
+    g = p.add_argument_group("data options")
+    g.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
+    g.add_argument("--text-column", default="text", help="text column of a CSV/JSONL (default: text)")
+    g.add_argument("--label-column", default="label", help="label column of a CSV/JSONL (default: label)")
+    g.add_argument("--image-column", default="image", help="image column of a table/saved dataset (default: image)")
+    g.add_argument("--seed", type=int, default=0, help="sample selection and randomisation seed (default: 0)")
+
+
 def _common(p):
     g = p.add_argument_group("model and preprocessing options")
     g.add_argument(
@@ -348,11 +360,6 @@ def _common(p):
     g.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean per channel")
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std per channel")
     g.add_argument("--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels")
-    g.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
-    g.add_argument("--text-column", default="text", help="text column of a CSV/JSONL (default: text)")
-    g.add_argument("--label-column", default="label", help="label column of a CSV/JSONL (default: label)")
-    g.add_argument("--image-column", default="image", help="image column of a table/saved dataset (default: image)")
-    g.add_argument("--seed", type=int, default=0, help="sample selection and randomisation seed (default: 0)")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -1054,7 +1061,7 @@ def cmd_list(args) -> int:
 
     from . import zoo
     from .rules.composites import NAMES as COMPOSITES
-    from .specs import KINDS, TEXT_ZOO, spec_forms
+    from .specs import KINDS, TEXT_ZOO
 
     by_data: dict[str, list[str]] = {}
     for m in zoo.list_models():
@@ -1068,10 +1075,14 @@ def cmd_list(args) -> int:
     print("methods:      " + ", ".join(sorted(relprop.METHODS)))
     print("default methods for compare: " + ", ".join(default_methods()))
     print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
-    print("model specs:  " + spec_forms())
-    width = max(len(k.example) for k in KINDS.values()) + 2
-    for k in KINDS.values():
-        print(f"  {k.example:<{width}} {k.help}")
+    print("model specs:")  # each form once, with what it means
+    rows = [(k.example, k.help) for k in KINDS.values()] + [
+        ("FILE.safetensors", "weights with a FILE.json (the zoo's format) next to it"),
+        ("FILE.pt / .pth / .bin", "a whole model (torch.save(model)), only with --trust-pickle"),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    for example, text in rows:
+        print(f"  {example:<{width}} {text}")
     return 0
 
 
