@@ -146,3 +146,29 @@ def test_inconclusive_randomisation_says_why_and_is_a_note_at_the_default_settin
     text, note = _inconclusive(few, Settings(randomisation_samples=3))
     assert not note and "fewer than 5 examples" in text and "straddles" not in text
     assert _inconclusive([{"name": "m", "methods": [_cell("lrp", 6, 0.1, 0.3)]}], Settings()) is None
+
+
+def test_tables_fit_at_1400_px_or_scroll_with_a_hint_and_names_do_not_break(tmp_path):
+    """Every table of the page at 1400 px: inside its container, or in a container that scrolls sideways
+    with a visible hint; model and method names on one line (a name like "my-/bert-base-uncased")."""
+    from relprop.report import browser
+
+    if not browser.find_chromium():
+        pytest.skip("chromium is not installed")
+    torch.manual_seed(1)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    s = Settings(samples=6, grid=2, sensitivity_samples=2, randomisation_samples=2, randomisation_layers=1,
+                 regions=4, steps=4, bootstrap=50)  # fmt: skip
+    models = {"my-/bert-base-uncased-finetuned": Linear(), "another-long-model-name": Linear()}
+    run_compare(models, (x, y), ["saliency", "input_x_gradient"], tmp_path / "r", s, progress=False,
+                log=lambda _: None)  # fmt: skip
+    tables = browser.table_fit(tmp_path / "r" / "index.html", width=1400)
+    data = [t for t in tables if t["id"] in ("ranking-table", "per-method-ranks", "metrics")]
+    assert {t["id"] for t in data} == {"ranking-table", "per-method-ranks", "metrics"}, tables
+    for t in data:
+        assert t["scrollable"], t  # in a container that scrolls, not cut off by the page
+        assert t["right"] <= t["box_right"] + 1 or t["hint"], t  # wider than its box: the hint shows
+        assert t["hint"] == t["scrolls"], t  # and only then
+        assert t["name_lines"] == 1, t
+    narrow = browser.table_fit(tmp_path / "r" / "index.html", width=700)  # too narrow: scrolls, with the hint
+    assert any(t["scrolls"] and t["hint"] for t in narrow if t["id"] == "ranking-table"), narrow

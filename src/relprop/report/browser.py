@@ -34,7 +34,7 @@ window.addEventListener('load', function () {
     out.push({src: im.getAttribute('src'), complete: im.complete, width: im.naturalWidth, height: im.naturalHeight});
   });
   var pre = document.createElement('pre');
-  pre.id = 'relprop-image-check';
+  pre.id = 'PRE_ID';
   pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
 });
@@ -59,24 +59,31 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         )
 
 
-def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
-    """Load the page (from a copy with a probe script, next to it) and return every <img>'s natural size."""
+def _probe(index_html: str | Path, script: str, name: str, timeout: float, width: int | None = None):
+    """Load a copy of the page (next to it, so relative paths hold) with ``script`` added, which writes a
+    JSON value into ``<pre id="NAME">`` on load; return that value."""
     index_html = Path(index_html).resolve()
     if not index_html.is_file():
         raise FileNotFoundError(f"no report page at {index_html}")
-    probe = index_html.with_name(".relprop-image-check.html")
+    probe = index_html.with_name(f".{name}.html")
     text = index_html.read_text(encoding="utf-8")
-    probe.write_text(text.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    probe.write_text(text.replace("</body>", script.replace("PRE_ID", name) + "</body>"), encoding="utf-8")
+    size = [f"--window-size={width},1000"] if width else []
     try:
-        res = _run(["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], timeout)
+        res = _run([*size, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], timeout)
     finally:
         probe.unlink(missing_ok=True)
-    m = re.search(r'<pre id="relprop-image-check">(.*?)</pre>', res.stdout, re.S)
+    m = re.search(rf'<pre id="{name}">(.*?)</pre>', res.stdout, re.S)
     if not m:
         raise RuntimeError(f"chromium did not render the page (exit {res.returncode}): {res.stderr.strip()[-300:]}")
     import html
 
     return json.loads(html.unescape(m.group(1)))
+
+
+def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
+    """Load the page (from a copy with a probe script, next to it) and return every <img>'s natural size."""
+    return _probe(index_html, _PROBE, "relprop-image-check", timeout)
 
 
 _HEADERS = """<script>
@@ -93,7 +100,7 @@ window.addEventListener('load', function () {
     });
   });
   var pre = document.createElement('pre');
-  pre.id = 'relprop-header-check';
+  pre.id = 'PRE_ID';
   pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
 });
@@ -103,24 +110,44 @@ window.addEventListener('load', function () {
 def header_lines(index_html: str | Path, timeout: float = 60, width: int = 1400) -> list[dict]:
     """Every table header's own text (the words before its ``<br>``) with the number of lines Chromium
     lays it out on at ``width`` pixels: more than 1 means the header wraps."""
-    index_html = Path(index_html).resolve()
-    if not index_html.is_file():
-        raise FileNotFoundError(f"no report page at {index_html}")
-    probe = index_html.with_name(".relprop-header-check.html")
-    text = index_html.read_text(encoding="utf-8")
-    probe.write_text(text.replace("</body>", _HEADERS + "</body>"), encoding="utf-8")
-    try:
-        res = _run(
-            [f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], timeout
-        )
-    finally:
-        probe.unlink(missing_ok=True)
-    m = re.search(r'<pre id="relprop-header-check">(.*?)</pre>', res.stdout, re.S)
-    if not m:
-        raise RuntimeError(f"chromium did not render the page (exit {res.returncode}): {res.stderr.strip()[-300:]}")
-    import html
+    return _probe(index_html, _HEADERS, "relprop-header-check", timeout, width)
 
-    return json.loads(html.unescape(m.group(1)))
+
+_TABLES = """<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('table').forEach(function (t) {
+    var box = t.closest('.table-wrap') || t.closest('section') || document.body;
+    var first = t.querySelector('tr:nth-child(2) td.name, tr:nth-child(2) td.l');
+    var lines = 0;
+    if (first) {
+      var r = document.createRange();
+      r.selectNodeContents(first.querySelector('a') || first);
+      var tops = {};
+      Array.prototype.forEach.call(r.getClientRects(), function (b) { tops[Math.round(b.top)] = 1; });
+      lines = Object.keys(tops).length;
+    }
+    var hint = box.previousElementSibling;
+    out.push({id: t.id || t.className, right: t.getBoundingClientRect().right,
+              box_right: box.getBoundingClientRect().right, scrolls: box.scrollWidth > box.clientWidth,
+              scrollable: getComputedStyle(box).overflowX === 'auto' || getComputedStyle(box).overflowX === 'scroll',
+              hint: !!(hint && hint.classList.contains('scroll-hint') && hint.offsetParent !== null),
+              name_lines: lines});
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'PRE_ID';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def table_fit(index_html: str | Path, timeout: float = 60, width: int = 1400) -> list[dict]:
+    """Every table laid out at ``width`` pixels: its right edge and its container's (``.table-wrap``, else
+    the section), whether the container scrolls sideways (``scrolls``: wider content; ``scrollable``:
+    overflow-x auto), whether a visible scroll hint precedes it, and the lines of the first row's name cell
+    (the model or method name: more than 1 means it breaks)."""
+    return _probe(index_html, _TABLES, "relprop-table-check", timeout, width)
 
 
 def rendered_dom(index_html: str | Path, timeout: float = 60) -> str:

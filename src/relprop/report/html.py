@@ -108,7 +108,8 @@ def render(results: dict, out: Path) -> Path:
         else:
             body.append('<p class="muted">No heatmaps (no method finished).</p>')
         body.append(
-            f'<h3>Metrics</h3><table class="metrics"><tr><th class="l">Method</th>{header}</tr>{"".join(rows)}</table>'
+            "<h3>Metrics</h3>"
+            + scrolling(f'<table class="metrics"><tr><th class="l">Method</th>{header}</tr>{"".join(rows)}</table>')
         )
         body.append(
             f'<p class="muted">Mean over the examples with its {int(s.get("confidence", 0.95) * 100)}% bootstrap '
@@ -230,7 +231,7 @@ def _metric_rows(m: dict, s: dict) -> list[str]:
     for c in m["methods"]:
         if c.get("status") != "ok":
             rows.append(
-                f'<tr><td class="l">{e(c["method"])}</td><td class="l bad" colspan="{ncol}">'
+                f'<tr><td class="l name">{e(c["method"])}</td><td class="l bad" colspan="{ncol}">'
                 f"{e(c.get('status'))}: {e(c.get('error', ''))}</td></tr>"
             )
             continue
@@ -250,8 +251,17 @@ def _metric_rows(m: dict, s: dict) -> list[str]:
             cls = {"pass": "ok", "fail": "bad"}.get(verdict or "", "muted")
             tds.append(f'<td class="{cls}">{e(verdict or "–")}</td>')
         reused = ' <span class="pill">reused</span>' if c.get("reused") else ""
-        rows.append(f'<tr><td class="l">{e(c["method"])}{reused}</td>{"".join(tds)}</tr>')
+        rows.append(f'<tr><td class="l name">{e(c["method"])}{reused}</td>{"".join(tds)}</tr>')
     return rows
+
+
+def scrolling(table: str) -> str:
+    """A table in a container that scrolls sideways when the table is wider than the page, with a hint above
+    it that the page's script shows only then (the last columns are never cut off)."""
+    return (
+        '<p class="muted scroll-hint" hidden>Scroll sideways for more columns →</p>'
+        f'<div class="table-wrap" tabindex="0">{table}</div>'
+    )
 
 
 def best_methods(r: dict) -> str:
@@ -358,7 +368,7 @@ def _ranking_rows(results: dict) -> list[str]:
         )
         rows.append(
             f"<tr><td>{r['rank'] if r.get('rank') is not None else '–'}{tie}</td>"
-            f'<td class="l"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
+            f'<td class="l name"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
             f"<td>{fmt(r.get('mean_rank'), 2)}</td>"
             + "".join(cell(r, k) for k in cols if k in RANKABLE)
             + f'<td class="l">{e(best_methods(r))}</td><td>{fmt(r.get("accuracy"))}</td>'
@@ -398,7 +408,7 @@ def _ranking_table(results: dict, rows: list[str]) -> str:
         mark = " (ranked by)" if key == spec.key else ""
         return f'<th title="{e(m.tip)}">{e(label or m.label)}<br><span class="dir">{e(m.direction)}{mark}</span></th>'
 
-    return (
+    return scrolling(
         f'<table id="ranking-table"><tr><th>#</th><th class="l">Model</th>'
         f'<th title="mean over methods of the rank by {e(spec.label)}">Mean rank<br><span class="dir">by {e(spec.label)}, lower is better</span></th>'
         + "".join(th(k) for k in RANKABLE)
@@ -426,8 +436,8 @@ def _per_method_table(results: dict) -> str:
                 continue
             tie = " =" if r.get("ties_with") else ""
             tds.append(f'<td title="{e(spec.label)} {fmt(r.get("mean"))}">{r["rank"]}{tie}</td>')
-        body.append(f'<tr><td class="l">{e(names[a])}</td>{"".join(tds)}</tr>')
+        body.append(f'<tr><td class="l name">{e(names[a])}</td>{"".join(tds)}</tr>')
     return (
         f'<h3>Rank per method (by {e(spec.label)}, {e(spec.direction)}; "=": tied with another model)</h3>'
-        f'<table id="per-method-ranks"><tr><th class="l">Model</th>{head}</tr>{"".join(body)}</table>'
+        + scrolling(f'<table id="per-method-ranks"><tr><th class="l">Model</th>{head}</tr>{"".join(body)}</table>')
     )
