@@ -172,3 +172,30 @@ def test_tables_fit_at_1400_px_or_scroll_with_a_hint_and_names_do_not_break(tmp_
         assert t["name_lines"] == 1, t
     narrow = browser.table_fit(tmp_path / "r" / "index.html", width=700)  # too narrow: scrolls, with the hint
     assert any(t["scrolls"] and t["hint"] for t in narrow if t["id"] == "ranking-table"), narrow
+
+
+def test_heatmap_grid_columns_line_up_with_the_input_row(tmp_path, monkeypatch):
+    """The colour bars take their width from the heatmap rows; the input row takes the same, so every
+    column's images have the same left and right edge (they drifted left and were narrower)."""
+    from relprop.report import figures
+
+    edges: list[list[tuple[float, float]]] = []
+    save = figures._save
+
+    def spy(plt, fig, path, title, dpi, tight=True):
+        fig.canvas.draw()
+        rows = sorted({round(ax.get_position().y0, 3) for ax in fig.axes if ax.images}, reverse=True)
+        for y in rows:
+            row = [ax for ax in fig.axes if ax.images and round(ax.get_position().y0, 3) == y]
+            edges.append([(a.images[0].get_window_extent().x0, a.images[0].get_window_extent().x1) for a in row])
+        return save(plt, fig, path, title, dpi, tight)
+
+    monkeypatch.setattr(figures, "_save", spy)
+    torch.manual_seed(0)
+    display = torch.rand(4, 3, 16, 16)
+    heat = {"saliency": torch.randn(4, 16, 16), "lrp": torch.randn(4, 16, 16)}
+    figures.heatmap_grid(display, heat, [f"ex {j}" for j in range(4)], tmp_path / "g.png", title="grid")
+    assert len(edges) == 3 and all(len(r) == 4 for r in edges)
+    for row in edges[1:]:
+        for (a0, a1), (b0, b1) in zip(edges[0], row):
+            assert abs(a0 - b0) < 1.0 and abs(a1 - b1) < 1.0, (edges[0], row)

@@ -99,6 +99,10 @@ def heatmap_grid(
         if sc is not None:
             V._colorbar(fig, list(axes[i, :]), cm, sc, sign)
         axes[i, 0].set_ylabel(_wrap(_text(label)), fontsize=9, rotation=0, ha="right", va="center")
+    if rows > 1:  # each colour bar took its width from its own row: the input row (none) the same, so columns align
+        for j in range(g):
+            box, ref = axes[0, j].get_position(), axes[1, j].get_position()
+            axes[0, j].set_position([ref.x0, box.y0, ref.width, box.height])
     return _save(plt, fig, path, _text(title), dpi=110, tight=False)
 
 
@@ -233,9 +237,7 @@ def explain_figure(
 
     plt = _plt()
     k = 1 + len(heatmaps)
-    # constrained layout: each colour bar and its label get their own room (they overlapped the next
-    # panel), and the panel titles stay clear of the figure title
-    fig, axes = plt.subplots(1, k, figsize=(3.7 * k, 3.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, k, figsize=(3.7 * k, 3.2), squeeze=False)
     _show_image(axes[0, 0], display)
     axes[0, 0].set_title("input", fontsize=10)
     V.image(
