@@ -1,6 +1,7 @@
 """Benchmark: relprop's perturbation metrics against the forward-pass floor and Quantus.
 
-For each case, in one process with interleaved repeats (floor, relprop, Quantus, floor, ...):
+For each case, in one process with interleaved repeats (floor, relprop, Quantus; the next repeat
+starts with the next tool):
 
 * **floor**: the bare forward passes the metric needs: the same images, once clean and once per step,
   at the batch size given (``S + 1`` passes of the batch; no perturbation, no bookkeeping);
@@ -153,8 +154,10 @@ def main() -> None:
         cpu: dict[str, list[float]] = {k: [] for k in tools}
         out: dict[str, object] = {}
         ours()  # warm-up: first-call costs of the model and the libraries
-        for _ in range(args.repeats):
-            for k, fn in tools.items():
+        names = list(tools)
+        for r in range(args.repeats):
+            for k in names[r % len(names) :] + names[: r % len(names)]:  # each tool first in turn
+                fn = tools[k]
                 t0, c0 = time.perf_counter(), time.process_time()
                 out[k] = fn()
                 times[k].append(time.perf_counter() - t0)
