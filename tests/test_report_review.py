@@ -145,6 +145,9 @@ def test_inconclusive_randomisation_says_why_and_is_a_note_at_the_default_settin
     assert few[0]["methods"][0]["randomisation_check"] == "inconclusive"
     text, note = _inconclusive(few, Settings(randomisation_samples=3))
     assert not note and "fewer than 5 examples" in text and "straddles" not in text
+    assert "more --randomisation-samples (now 3)" in text
+    text, _ = _inconclusive(few, Settings(samples=3))  # --samples caps the default 6: raise that
+    assert "more --samples (now 3" in text
     assert _inconclusive([{"name": "m", "methods": [_cell("lrp", 6, 0.1, 0.3)]}], Settings()) is None
 
 

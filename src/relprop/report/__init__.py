@@ -430,10 +430,10 @@ def _inconclusive(models: list[dict], settings: Settings) -> tuple[str, bool] | 
     if not parts:
         return None
     k = settings.randomisation_samples
-    text = (
-        f"the randomisation check is inconclusive: {'; '.join(parts)}; more --randomisation-samples "
-        f"(now {k}) narrow the interval"
-    )
+    more = f"more --randomisation-samples (now {k})"
+    if settings.samples < k:  # the check runs on the metric examples' first ones: --samples caps it
+        more = f"more --samples (now {settings.samples}, which caps the check's {k} --randomisation-samples)"
+    text = f"the randomisation check is inconclusive: {'; '.join(parts)}; {more} narrow the interval"
     default = next(f.default for f in fields(Settings) if f.name == "randomisation_samples")
     return text, (k == default and not why["few"])
 
