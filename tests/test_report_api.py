@@ -306,7 +306,7 @@ def test_bold_marks_every_row_tied_for_best(tmp_path):
     assert "abpc" in got["lrp"] and "abpc" in got["saliency"] and "abpc" not in got["gradient"]
     html.render(res, tmp_path)
     page = (tmp_path / "index.html").read_text()
-    rows = {r.split("</td>")[0]: r for r in page.split('<tr><td class="l">')[1:]}
+    rows = {r.split("</td>")[0]: r for r in page.split('<tr><td class="l name">')[1:]}
     assert rows["lrp"].count("<b>") == rows["saliency"].count("<b>") >= 3 and "<b>" not in rows["gradient"]
     assert "every row tied with it" in page and "paired-bootstrap interval" in page
 
