@@ -213,3 +213,36 @@ def test_help_offers_only_what_each_command_uses(capsys):
     with pytest.raises(SystemExit):
         main(["explain", "--model", "zoo:resnet_digits", "--input", "x.png", "--seed", "1"])
     assert "unrecognized arguments: --seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods", [["lrp"], ["lrp", "gradient"], ["lrp", "gradient", "saliency"]])
+def test_explain_figure_labels_overlap_nothing(tmp_path, monkeypatch, methods):
+    import torch
+
+    from relprop.report import figures
+
+    saved = []
+    real_save = figures._save
+
+    def keep(plt, fig, *a, **k):
+        saved.append(fig)
+        return real_save(plt, fig, *a, **k)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    rng = np.random.default_rng(0)
+    heat = {m: rng.standard_normal((32, 32)) for m in methods}
+    figures.explain_figure(torch.rand(32, 32, 3), heat, tmp_path / "h.png", title="resnet_digits: class 6 (6)")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = saved[0]
+    r = FigureCanvasAgg(fig).get_renderer()  # the figure as saved (closing it dropped its canvas)
+    fig.draw(r)
+    image_axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(image_axes) == 1 + len(methods) and len(bars) == len(methods)
+    for bar in bars:  # the colour bar and its "relevance" label stay out of every image panel
+        box = bar.get_tightbbox(r)
+        assert all(not box.overlaps(ax.get_window_extent(r)) for ax in image_axes), methods
+    top = fig._suptitle.get_window_extent(r)
+    for ax in image_axes:  # panel titles stay clear of the figure title
+        assert not ax.title.get_window_extent(r).overlaps(top), ax.title.get_text()

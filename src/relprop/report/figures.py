@@ -237,7 +237,9 @@ def explain_figure(
 
     plt = _plt()
     k = 1 + len(heatmaps)
-    fig, axes = plt.subplots(1, k, figsize=(3.7 * k, 3.2), squeeze=False)
+    # constrained layout: each colour bar and its label get their own room (they overlapped the next
+    # panel), and the panel titles stay clear of the figure title
+    fig, axes = plt.subplots(1, k, figsize=(3.7 * k, 3.4), squeeze=False, layout="constrained")
     _show_image(axes[0, 0], display)
     axes[0, 0].set_title("input", fontsize=10)
     V.image(
