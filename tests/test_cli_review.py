@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import one_line_error
 from relprop.cli import main
 
 MODEL_PY = textwrap.dedent(
@@ -33,16 +34,6 @@ MODEL_PY = textwrap.dedent(
         return TinyCNN()
     """
 )
-
-
-def one_line_error(capsys, args, rc=2) -> str:
-    got = main(args)
-    err = capsys.readouterr().err.strip()
-    assert got == rc, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("relprop: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def user_folder(root: Path) -> Path:

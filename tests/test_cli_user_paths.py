@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import one_line_error
 from relprop.cli import main
 
 FAST = [
@@ -33,16 +34,6 @@ FAST = [
     "4",
     "--quiet",
 ]
-
-
-def one_line_error(capsys, args, rc=2):
-    got = main(args)
-    err = capsys.readouterr().err.strip()
-    assert got == rc, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("relprop: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
