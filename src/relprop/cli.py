@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--engine", choices=["local", "ray"], default="local",
         help="local: one process (default); ray: model x method x data shards on a Ray actor pool, the same numbers "
-        "(pip install 'relprop[ray]'); shards in OUT/shards, a re-run resumes",
+        "(pip install '.[ray]' from the clone); shards in OUT/shards, a re-run resumes",
     )  # fmt: skip
     c.add_argument("--address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: a local one)")
     c.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: actors in the pool (default 2)")

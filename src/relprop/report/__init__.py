@@ -3,7 +3,7 @@
 ``run_compare(models, data, methods, out)`` writes ``out/index.html`` (opens in a browser with no
 server), ``out/results.json`` (every number), ``out/figures/*.png`` and ``out/cache/`` (one file per
 finished model x method cell, reused by the next run with the same settings). ``relprop compare``
-on the command line is this function. Needs matplotlib (``pip install 'relprop[report]'``).
+on the command line is this function. Needs matplotlib (``pip install '.[report]'`` from the clone).
 
 Models and data may be your own PyTorch objects::
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
+from ..specs.errors import extra_hint
 from .compare import Job, Settings, atomic_write, cell_header, slug
 
 #: the Ray version the engine is tested with (requirements-test.txt)
@@ -70,9 +71,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise SpecError(
-            f"--engine ray needs Ray: pip install 'relprop[ray]' (tested with ray=={RAY_VERSION})"
-        ) from None
+        raise SpecError(f"--engine ray needs Ray: {extra_hint('ray')} (tested with ray=={RAY_VERSION})") from None
     return ray
 
 
@@ -115,7 +114,7 @@ def shard_fs(url: str | Path):
     try:
         import fsspec
     except ImportError:
-        raise SpecError("--engine ray writes its shards through fsspec: pip install 'relprop[ray]'") from None
+        raise SpecError(f"--engine ray writes its shards through fsspec: {extra_hint('ray')}") from None
     fs, path = fsspec.core.url_to_fs(str(url))
     return fs, path.rstrip("/") or path
 

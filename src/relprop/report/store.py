@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..specs.errors import extra_hint
 from .scores import EXAMPLE_COLUMNS
 
 ATTRIBUTION_FORMATS = ("npy", "pt", "safetensors")
@@ -27,7 +28,7 @@ def _pa():
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(
-            "per-example values are written as Parquet and need pyarrow: pip install 'relprop[report]'"
+            f"per-example values are written as Parquet and need pyarrow: {extra_hint('report')}"
         ) from None
     return pa, pq
 
