@@ -74,12 +74,13 @@ def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
         and not (rel.requires_grad or z.requires_grad)
     ):
         # LRP-0 (AttnLRP's products and sums): R / where(|z| < tiny, inf, z) is where(|z| < tiny, R * 0, R / z)
-        # (R / inf and R * 0 are the same IEEE result), and outputs below ``tiny`` are rare: divide first,
-        # patch only if there are any (one pass fewer than building the denominator).
+        # (R / inf and R * 0 are the same IEEE result): divide first, then patch those outputs in place.
+        # Always patched, never "if any": that test reads a value back into Python, a host sync per layer
+        # on a GPU (tests/test_gpu.py counts them).
         q = z.abs()
         small = q < torch.finfo(z.dtype).tiny
         torch.div(rel, z, out=q)
-        return torch.where(small, rel * 0.0, q) if bool(small.any()) else q
+        return torch.where(small, rel * 0.0, q, out=q)
     d = stabilize(z, eps)
     if writable(d, rel, d):
         return torch.div(rel, d, out=d)
