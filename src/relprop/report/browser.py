@@ -27,18 +27,30 @@ FLAGS = [
     "--allow-file-access-from-files",
 ]
 
-_PROBE = """<script>
+# What every probe shares: a line counter and the <pre> the result is written into. A probe's script
+# (BODY) fills the array ``out`` on load.
+_PAGE = """<script>
+function lineCount(node) {
+  var r = document.createRange();
+  r.selectNodeContents(node);
+  var tops = {};
+  Array.prototype.forEach.call(r.getClientRects(), function (b) { tops[Math.round(b.top)] = 1; });
+  return Object.keys(tops).length;
+}
 window.addEventListener('load', function () {
   var out = [];
-  document.querySelectorAll('img').forEach(function (im) {
-    out.push({src: im.getAttribute('src'), complete: im.complete, width: im.naturalWidth, height: im.naturalHeight});
-  });
+BODY
   var pre = document.createElement('pre');
   pre.id = 'PRE_ID';
   pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
 });
 </script>"""
+
+_PROBE = """  document.querySelectorAll('img').forEach(function (im) {
+    out.push({src: im.getAttribute('src'), complete: im.complete, width: im.naturalWidth, height: im.naturalHeight});
+  });
+"""
 
 
 def find_chromium() -> str | None:
@@ -67,7 +79,8 @@ def _probe(index_html: str | Path, script: str, name: str, timeout: float, width
         raise FileNotFoundError(f"no report page at {index_html}")
     probe = index_html.with_name(f".{name}.html")
     text = index_html.read_text(encoding="utf-8")
-    probe.write_text(text.replace("</body>", script.replace("PRE_ID", name) + "</body>"), encoding="utf-8")
+    page = _PAGE.replace("BODY", script).replace("PRE_ID", name)
+    probe.write_text(text.replace("</body>", page + "</body>"), encoding="utf-8")
     size = [f"--window-size={width},1000"] if width else []
     try:
         res = _run([*size, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], timeout)
@@ -86,25 +99,13 @@ def image_check(index_html: str | Path, timeout: float = 60) -> list[dict]:
     return _probe(index_html, _PROBE, "relprop-image-check", timeout)
 
 
-_HEADERS = """<script>
-window.addEventListener('load', function () {
-  var out = [];
-  document.querySelectorAll('th').forEach(function (th) {
+_HEADERS = """  document.querySelectorAll('th').forEach(function (th) {
     th.childNodes.forEach(function (node) {
       if (node.nodeType !== 3 || !node.textContent.trim()) return;
-      var r = document.createRange();
-      r.selectNodeContents(node);
-      var tops = {};
-      Array.prototype.forEach.call(r.getClientRects(), function (b) { tops[Math.round(b.top)] = 1; });
-      out.push({text: node.textContent.trim(), lines: Object.keys(tops).length});
+      out.push({text: node.textContent.trim(), lines: lineCount(node)});
     });
   });
-  var pre = document.createElement('pre');
-  pre.id = 'PRE_ID';
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
+"""
 
 
 def header_lines(index_html: str | Path, timeout: float = 60, width: int = 1400) -> list[dict]:
@@ -113,20 +114,10 @@ def header_lines(index_html: str | Path, timeout: float = 60, width: int = 1400)
     return _probe(index_html, _HEADERS, "relprop-header-check", timeout, width)
 
 
-_TABLES = """<script>
-window.addEventListener('load', function () {
-  var out = [];
-  document.querySelectorAll('table').forEach(function (t) {
+_TABLES = """  document.querySelectorAll('table').forEach(function (t) {
     var box = t.closest('.table-wrap') || t.closest('section') || document.body;
     var first = t.querySelector('tr:nth-child(2) td.name, tr:nth-child(2) td.l');
-    var lines = 0;
-    if (first) {
-      var r = document.createRange();
-      r.selectNodeContents(first.querySelector('a') || first);
-      var tops = {};
-      Array.prototype.forEach.call(r.getClientRects(), function (b) { tops[Math.round(b.top)] = 1; });
-      lines = Object.keys(tops).length;
-    }
+    var lines = first ? lineCount(first.querySelector('a') || first) : 0;
     var hint = box.previousElementSibling;
     out.push({id: t.id || t.className, right: t.getBoundingClientRect().right,
               box_right: box.getBoundingClientRect().right, scrolls: box.scrollWidth > box.clientWidth,
@@ -134,12 +125,7 @@ window.addEventListener('load', function () {
               hint: !!(hint && hint.classList.contains('scroll-hint') && hint.offsetParent !== null),
               name_lines: lines});
   });
-  var pre = document.createElement('pre');
-  pre.id = 'PRE_ID';
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
+"""
 
 
 def table_fit(index_html: str | Path, timeout: float = 60, width: int = 1400) -> list[dict]:
