@@ -4,16 +4,23 @@ Layers are re-initialised one after another, cascading from the top (output)
 layer down; after each, the explanations are recomputed and compared with the
 original ones. An explanation that does not depend on the model keeps
 similarity 1. The user's model is never modified: all work happens on a
-``copy.deepcopy`` and the global RNG state is restored.
+``copy.deepcopy``.
+
+The new weights are drawn on the CPU from a local ``torch.Generator`` seeded from the call's ``seed`` and
+then moved to the model's device, so a seed gives the same weights on every device, and no global random
+generator (CPU or CUDA) is seeded, read or advanced: relprop is called from threads, servers and notebooks.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ._utils import (
     TargetLike,
@@ -57,21 +64,75 @@ def randomisable_layers(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
 
+#: Random ops that take a ``generator=`` (tensor methods and ``torch`` functions); ``torch.nn.init``'s
+#: functions are recognised by their ``generator`` parameter.
+_RANDOM_OPS = frozenset(
+    {"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "cauchy_", "log_normal_"}
+    | {"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson", "binomial"}
+    | {"rand_like", "randn_like", "randint_like"}
+)
+
+
+def _takes_generator(func: Callable) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _RANDOM_OPS:
+        return True
+    if getattr(func, "__module__", None) != torch.nn.init.__name__:
+        return False
+    try:
+        return "generator" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _LocalGenerator(TorchFunctionMode):
+    """Give every random draw without an explicit ``generator=`` the local one, so that a module's own
+    ``reset_parameters`` (which calls ``torch.nn.init`` or ``tensor.uniform_`` with the global generator)
+    draws from ``generator`` instead. A torch function mode is per thread: other threads are unaffected."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is None and _takes_generator(func):
+            kwargs["generator"] = self.generator
+        return func(*args, **kwargs)
+
+
+def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` with its parameters and buffers on the CPU (no second copy on the device)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(module, memo)
+
+
 def _randomise(module: torch.nn.Module, seed: int) -> None:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
-                module.reset_parameters()
-                # reset_parameters may be deterministic (e.g. norm layers: 1 / 0)
-                params = [p for p in module.parameters(recurse=False)]
-                if all(torch.all(p == p.reshape(-1)[0]) for p in params if p.numel() > 1):
-                    for p in params:
-                        p.normal_(0.0, 1.0)
-            else:
-                for p in module.parameters(recurse=False):
-                    std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.1
-                    p.normal_(0.0, std)
+    """Re-initialise ``module``'s own parameters (its ``reset_parameters``, or a normal draw at the
+    parameter's scale) from a CPU generator seeded with ``seed``, and copy them to ``module``'s device."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cpu = _cpu_copy(module)
+    with torch.no_grad(), _LocalGenerator(gen):
+        if hasattr(cpu, "reset_parameters") and callable(cpu.reset_parameters):
+            cpu.reset_parameters()
+            # reset_parameters may be deterministic (e.g. norm layers: 1 / 0)
+            params = [p for p in cpu.parameters(recurse=False)]
+            if all(torch.all(p == p.reshape(-1)[0]) for p in params if p.numel() > 1):
+                for p in params:
+                    p.normal_(0.0, 1.0, generator=gen)
+        else:
+            for p in cpu.parameters(recurse=False):
+                std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.1
+                p.normal_(0.0, std, generator=gen)
+    # reset_parameters may also reset children and buffers (batch norm's running statistics)
+    with torch.no_grad():
+        pairs = [*zip(module.parameters(), cpu.parameters()), *zip(module.buffers(), cpu.buffers())]
+        for dst, src in pairs:
+            dst.copy_(src)
 
 
 def model_parameter_randomisation(
