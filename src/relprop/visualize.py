@@ -220,9 +220,8 @@ def image(
     else:
         shared = Scale.of([np.array([float(scale)])], sign, 100)
 
-    from .report.figures import _plt
+    import matplotlib.pyplot as plt  # the user's backend, as it is (no switch: process-wide state)
 
-    plt = _plt()
     n = len(maps)
     if axes is None:
         ncols = ncols or min(n, 6)
@@ -420,14 +419,13 @@ def tokens_figure(
 
     rows = [TokenRow(h, m, w, v, scale_of(m, v)) for h, m, w, v in merged]
 
+    import matplotlib.pyplot as plt  # the user's backend, as it is (no switch: process-wide state)
+    from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
 
-    from .report.figures import _plt
-
-    plt = _plt()
     cm = _cmap(cmap, sign)
     fig = plt.figure(figsize=(width, 1.0))
-    renderer = fig.canvas.get_renderer()
+    renderer = RendererAgg(1, 1, fig.dpi)  # measures text as Agg does, whatever the figure's backend
     font = FontProperties(size=fontsize)
 
     def text_width(t: str) -> float:  # inches
