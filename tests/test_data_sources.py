@@ -454,3 +454,52 @@ def test_16_bit_note_at_load_time_without_decoding_8_bit_images(tmp_path, monkey
     seen = Decodes(monkeypatch)
     data = load_data(str(root))
     assert seen.count == 1 and any("16-bit" in w and "1 of 2 images" in w for w in data.warnings)
+
+
+# ------------------------------------------------------------------------------------ other processes
+def test_shipped_items_decode_to_the_same_inputs_where_the_source_is_gone(tmp_path, digits):
+    """What the Ray engine sends its workers (:func:`detach` + :func:`pack_items`): the data without paths
+    or readers, and each shard's stored items read where the source is; decoded by the same decoder they
+    equal the items read from the source, after the source is moved away (a worker on another node)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    arrays, labels = digits
+    src = tmp_path / "src"
+    for n, (a, c) in enumerate(zip(arrays[:12], labels[:12])):
+        (src / "folder" / str(c)).mkdir(parents=True, exist_ok=True)
+        (src / "folder" / str(c) / f"{n:03d}.png").write_bytes(png_bytes(a))
+    pq.write_table(pa.table({"image": [png_bytes(a) for a in arrays], "label": labels}), src / "d.parquet",
+                   row_group_size=7)  # fmt: skip
+    tar_shards(src / "npys", digits, encode=lambda a: ("npy", npy_bytes(a)))
+    tar_shards(src / "pts", digits, encode=lambda a: ("pt", _torch_bytes(torch.from_numpy(a)[None].clone())))
+    texts, tlabels = text_rows()
+    (src / "t.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(texts, tlabels))
+    )
+    specs = ["folder", "d.parquet", "npys", "pts", "t.jsonl"]
+    loaded = {spec: load_data(str(src / spec)) for spec in specs}
+    loaded["subset"] = load_data(str(src / "d.parquet"), subset=9, seed=3)  # a lazy view (Take) ships too
+    sent = {}
+    for name, data in loaded.items():
+        seq = data.texts if data.kind == "text" else data.images
+        assert isinstance(seq, sources_mod.Lazy), name
+        ref = [seq[i] for i in range(len(data))]
+        some = list(range(0, len(data), 2))
+        shipped = sources_mod.detach(data)
+        assert shipped.fingerprint() == data.fingerprint() and torch.equal(shipped.labels, data.labels)
+        sent[name] = (ref, some, pickle.dumps(shipped), pickle.dumps(sources_mod.pack_items(data, some)))
+    src.rename(tmp_path / "gone")
+    for name, (ref, some, shipped_b, items_b) in sent.items():
+        data = pickle.loads(shipped_b)
+        with pytest.raises(SpecError, match="not shipped"):
+            (data.texts if data.kind == "text" else data.images)[0]
+        sources_mod.hold_items(data, pickle.loads(items_b))
+        seq = data.texts if data.kind == "text" else data.images
+        for i in some:
+            got = seq[i]
+            assert got == ref[i] if isinstance(got, str) else torch.equal(got, ref[i]), (name, i)
+        if len(ref) > 1:
+            with pytest.raises(SpecError, match="not shipped"):
+                seq[1]
+    memory = load_data("zoo:digits")  # in-memory data travels whole: nothing to pack
+    assert sources_mod.detach(memory) is memory and sources_mod.pack_items(memory, [0, 1]) is None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import dataclasses
 import io
 import json
 import operator
@@ -80,6 +81,14 @@ class Lazy(Sequence[T]):
     def name(self, i: int) -> str:
         return str(i)
 
+    #: whether pickled members may be loaded (tar shards with ``--trust-pickle``); decoding follows it
+    trust_pickle: bool = False
+
+    def pack(self, i: int) -> Any:
+        """Item ``i`` as stored, for a process that may not reach the source (:class:`Shipped`): a text
+        itself, an image member as ``(kind, stored bytes, name)``; :func:`unpack` decodes it as ``read(i)``."""
+        raise NotImplementedError
+
     def digest(self, h, i: int) -> None:
         """Feed item ``i``'s name and stored bytes into hash ``h``."""
         r = self.raw(i)
@@ -112,6 +121,7 @@ class Take(Lazy[T]):
 
     def __init__(self, base: Sequence[T], indices: list[int]):
         self.base, self.indices = base, list(indices)
+        self.trust_pickle = bool(getattr(base, "trust_pickle", False))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -124,6 +134,9 @@ class Take(Lazy[T]):
 
     def name(self, i: int) -> str:
         return self.base.name(self.indices[i])  # type: ignore[attr-defined]
+
+    def pack(self, i: int) -> Any:
+        return self.base.pack(self.indices[i])  # type: ignore[attr-defined]
 
 
 def take(seq, indices: list[int]):
@@ -184,6 +197,9 @@ class Texts(Lazy[str]):
     def raw(self, i: int) -> bytes:
         return self.read(i).encode()
 
+    def pack(self, i: int) -> str:
+        return self.read(i)
+
     def name(self, i: int) -> str:
         return self.cells.name(i)
 
@@ -227,19 +243,33 @@ class Images(Lazy[torch.Tensor]):
         _, src = self._source(i)
         return src.read_bytes() if isinstance(src, Path) else src
 
-    def read(self, i: int) -> torch.Tensor:
+    def _named(self, i: int) -> tuple[str, bytes | Path, str]:
         kind, src = self._source(i)
-        name = f"{self.where}:{self.name(i)}" if not isinstance(src, Path) else str(src)
-        if kind == "image":
-            return decode_image(src, name=name)
-        assert isinstance(src, bytes)
-        if kind == "npy":
-            try:
-                a = np.load(io.BytesIO(src), allow_pickle=False)
-            except ValueError as e:  # an object array: a pickle inside the .npy
-                raise SpecError(f"cannot read {name}: {first_line(e)} (relprop reads .npy without pickles)") from None
-            return array_image(a, name)
-        return array_image(_unpickle(kind, src, name, self.trust_pickle), name)
+        return kind, src, f"{self.where}:{self.name(i)}" if not isinstance(src, Path) else str(src)
+
+    def read(self, i: int) -> torch.Tensor:
+        kind, src, name = self._named(i)
+        return decode_member(kind, src, name, self.trust_pickle)
+
+    def pack(self, i: int) -> tuple[str, bytes, str]:
+        kind, src, name = self._named(i)
+        return kind, src.read_bytes() if isinstance(src, Path) else src, name
+
+
+def decode_member(kind: str, src: bytes | Path, name: str, trust_pickle: bool = False) -> torch.Tensor:
+    """One stored image as ``(C, H, W)`` in [0, 1]: ``kind`` "image" (encoded: a file or its bytes), "npy",
+    "pt" or "pickle" (bytes). The one decoder of :class:`Images` and of items shipped to other processes."""
+    if kind == "image":
+        return decode_image(src, name=name)
+    if isinstance(src, Path):
+        src = src.read_bytes()
+    if kind == "npy":
+        try:
+            a = np.load(io.BytesIO(src), allow_pickle=False)
+        except ValueError as e:  # an object array: a pickle inside the .npy
+            raise SpecError(f"cannot read {name}: {first_line(e)} (relprop reads .npy without pickles)") from None
+        return array_image(a, name)
+    return array_image(_unpickle(kind, src, name, trust_pickle), name)
 
 
 def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
@@ -295,6 +325,85 @@ def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
         f"{len(notes)} of {checked} images use less than 1/16 of their declared bit depth "
         f"(first: {notes[0]}); if they are 12-bit images, save them with a PNG sBIT chunk"
     ]
+
+
+# ------------------------------------------------------------------------------------ other processes
+def unpack(item: Any, trust_pickle: bool = False) -> Any:
+    """An item of :meth:`Lazy.pack` decoded as the source's ``read`` decodes it (:func:`decode_member`)."""
+    if isinstance(item, str):
+        return item
+    kind, b, name = item
+    return decode_member(kind, b, name, trust_pickle)
+
+
+class Shipped(Lazy[Any]):
+    """A lazy sequence's stand-in in a process that may not reach its source (a Ray worker on another node):
+    the same length, no paths, file handles or readers; it holds the packed items it is given
+    (:meth:`hold`, replacing the previous ones) and decodes them with the source's decoder (:func:`unpack`)."""
+
+    def __init__(self, n: int, trust_pickle: bool = False):
+        self.n, self.trust_pickle = n, trust_pickle
+        self.items: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def hold(self, items: dict[int, Any]) -> None:
+        self.items = dict(items)
+
+    def _item(self, i: int) -> Any:
+        if i not in self.items:
+            raise SpecError(f"internal: example {i} was not shipped to this process (it holds {sorted(self.items)})")
+        return self.items[i]
+
+    def read(self, i: int) -> Any:
+        return unpack(self._item(i), self.trust_pickle)
+
+    def pack(self, i: int) -> Any:
+        return self._item(i)
+
+    def raw(self, i: int) -> bytes:
+        item = self._item(i)
+        return item.encode() if isinstance(item, str) else item[1]
+
+    def name(self, i: int) -> str:
+        item = self.items.get(i)
+        return item[2] if isinstance(item, tuple) else str(i)
+
+
+def _inputs(data: Data):
+    return data.texts if data.kind == "text" else data.images
+
+
+def detach(data: Data) -> Data:
+    """``data`` for processes that may not reach its files: lazy inputs replaced by an empty :class:`Shipped`
+    (fed with :func:`pack_items` per unit of work); labels, class names and the cache key (computed here,
+    where the source is) kept. In-memory data is returned as is."""
+    seq = _inputs(data)
+    if not isinstance(seq, Lazy):
+        return data
+    data.fingerprint()
+    shipped = Shipped(len(seq), seq.trust_pickle)
+    text = data.kind == "text"
+    return dataclasses.replace(data, images=None if text else shipped, texts=shipped if text else None)
+
+
+def pack_items(data: Data, indices: Sequence[int]) -> dict[int, Any] | None:
+    """``{i: stored item}`` of examples ``indices`` for :meth:`Shipped.hold` (read here, one at a time), or
+    None for in-memory data (shipped whole)."""
+    seq = _inputs(data)
+    if not isinstance(seq, Lazy):
+        return None
+    return {int(i): seq.pack(int(i)) for i in dict.fromkeys(indices)}
+
+
+def hold_items(data: Data, items: dict[int, Any] | None) -> None:
+    """Give ``data``'s :class:`Shipped` inputs (see :func:`detach`) the items of :func:`pack_items`."""
+    seq = _inputs(data)
+    if items is not None:
+        if not isinstance(seq, Shipped):
+            raise SpecError("internal: items shipped for data that was not detached")
+        seq.hold(items)
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -781,14 +890,20 @@ __all__ = [
     "Columns",
     "Images",
     "Lazy",
+    "Shipped",
     "Take",
     "Texts",
     "batches",
+    "decode_member",
+    "detach",
+    "hold_items",
     "image_folder",
+    "pack_items",
     "parquet_table",
     "saved_dataset",
     "shard_paths",
     "tar_shards",
     "take",
     "text_file",
+    "unpack",
 ]
