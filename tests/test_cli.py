@@ -257,8 +257,10 @@ def test_hf_text_model_compare_and_explain(tmp_path, capsys):
         num_labels=2,
         id2label={0: "neg", 1: "pos"},
         label2id={"neg": 0, "pos": 1},
+        initializer_range=0.5,  # a random BERT whose output moves when words are masked (0.02: by ~1e-5)
     )
-    transformers.BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    hf = transformers.BertForSequenceClassification(cfg).eval()
+    hf.save_pretrained(model_dir)
     data = tmp_path / "reviews.jsonl"
     rows = [
         ("a very good film", "pos"),
@@ -293,8 +295,30 @@ def test_hf_text_model_compare_and_explain(tmp_path, capsys):
     m = res["models"][0]
     assert m["kind"] == "text" and m["composite"] == "attnlrp"
     assert [c["status"] for c in m["methods"]] == ["ok", "ok"], m["methods"]
+    # Oracle: the Hugging Face model itself on each text of the file, as typed (its predicted class): the
+    # curves start at the mean probability of the predicted class and end, every word masked (special tokens
+    # kept), at the same mean on the masked texts; the reported scores are the areas of those curves.
+    start, end = [], []
+    for text, _ in rows:
+        enc = tok(text, return_tensors="pt")
+        masked = enc["input_ids"].clone()
+        masked[~torch.isin(masked, torch.tensor(tok.all_special_ids))] = tok.mask_token_id
+        with torch.no_grad():
+            p = hf(**enc).logits.softmax(-1)[0]
+            q = hf(input_ids=masked, attention_mask=enc["attention_mask"]).logits.softmax(-1)[0]
+        start.append(float(p.max()))
+        end.append(float(q[p.argmax()]))
     for c in m["methods"]:
-        assert isinstance(c["abpc"], float)
+        cv = c["curves"]
+        morf, lerf, ins = (np.array(cv[k]) for k in ("morf", "lerf", "insertion"))
+        np.testing.assert_allclose([morf[0], lerf[0], ins[-1]], np.mean(start), rtol=1e-5)
+        np.testing.assert_allclose([morf[-1], lerf[-1], ins[0]], np.mean(end), rtol=1e-5)
+        assert abs(np.mean(start) - np.mean(end)) > 0.05  # the check above tells text from masked text
+        fr = np.array(cv["fractions"])
+        np.testing.assert_allclose(c["deletion"], np.trapezoid(morf, fr), rtol=1e-6)
+        np.testing.assert_allclose(c["insertion"], np.trapezoid(ins, fr), rtol=1e-6)
+        steps = len(fr) - 1  # ABPC: the mean gap per step between the LeRF and MoRF curves
+        np.testing.assert_allclose(c["abpc"], np.trapezoid((lerf - morf)[1:]) / (steps - 1), rtol=1e-6, atol=1e-9)
     assert 'class="tok"' in (out / "index.html").read_text()
     capsys.readouterr()
     html = tmp_path / "t.html"
