@@ -223,6 +223,7 @@ def image(
     import matplotlib.pyplot as plt  # the user's backend, as it is (no switch: process-wide state)
 
     n = len(maps)
+    fig: Any  # a matplotlib Figure that also carries ``_relprop_scale``
     if axes is None:
         ncols = ncols or min(n, 6)
         nrows = math.ceil(n / ncols)
@@ -424,7 +425,7 @@ def tokens_figure(
     from matplotlib.font_manager import FontProperties
 
     cm = _cmap(cmap, sign)
-    fig = plt.figure(figsize=(width, 1.0))
+    fig: Any = plt.figure(figsize=(width, 1.0))  # also carries ``relprop_rows``
     renderer = RendererAgg(1, 1, fig.dpi)  # measures text as Agg does, whatever the figure's backend
     font = FontProperties(size=fontsize)
 
