@@ -31,6 +31,7 @@ models that ``torch.fx``/``torch.export`` cannot capture. What it takes to make 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import threading
@@ -1241,9 +1242,26 @@ RECORDED_IN_TRAINING = (
 )
 
 
+#: Set while a method that runs other methods has warned once for its whole call (:func:`training_warned`);
+#: a context variable, so per thread and per task (no process-wide state).
+_TRAINING_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("relprop_training_warned", default=False)
+
+
+@contextmanager
+def training_warned():
+    """Within: :func:`warn_training` stays silent (it still returns whether the model is in training mode);
+    for a method that warned once for its whole call and then runs other methods (the noise tunnel)."""
+    token = _TRAINING_WARNED.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_WARNED.reset(token)
+
+
 def warn_training(model: Any, what: str = RECORDED_IN_TRAINING, who: str = "relprop", stacklevel: int = 3) -> bool:
     """The one training-mode warning (the trace's and every method's): warn when a module of ``model`` is in
-    training mode, saying ``what`` that means for ``who``'s result and how to avoid it; return whether it warned.
+    training mode, saying ``what`` that means for ``who``'s result and how to avoid it; return whether a module is
+    in training mode (it warned, or stayed silent within :func:`training_warned`).
 
     Dropout and batch norm are named first; any module counts, since a forward may branch on
     ``self.training`` itself (functional dropout in Hugging Face attention, stochastic depth).
@@ -1253,6 +1271,8 @@ def warn_training(model: Any, what: str = RECORDED_IN_TRAINING, who: str = "relp
     names = [(n or type(m).__name__, m) for n, m in model.named_modules() if m.training]
     if not names:
         return False
+    if _TRAINING_WARNED.get():
+        return True
     kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
     noted = [repr(n) for n, m in names if isinstance(m, kinds)] or [repr(n) for n, _ in names]
     shown = ", ".join(noted[:3]) + (" ..." if len(noted) > 3 else "")

@@ -170,14 +170,20 @@ def guided_gradcam(
 ) -> Explanation:
     """Guided Grad-CAM: guided backprop times the (ReLU'd) Grad-CAM map upsampled to each input (Captum's
     ``GuidedGradCam``)."""
+    from ..trace import training_warned
     from ._common import is_float, leaves, rebuild
+    from ._validate import warn_training
     from .gradients import guided_backprop
 
-    grad, act, _ = layer_gradient(
-        model, inputs, target=target, layer=layer, attribute_to_layer_input=attribute_to_layer_input
+    warn_training(
+        model, "guided_gradcam", "Grad-CAM and guided backprop run a forward pass each, with its own dropout masks"
     )
-    cam = grad_cam_map(to_grid(grad, reshape, prefix_tokens), to_grid(act, reshape, prefix_tokens), True)
-    gb = guided_backprop(model, inputs, target=target)
+    with training_warned():  # one warning for the call, not one per recording
+        grad, act, _ = layer_gradient(
+            model, inputs, target=target, layer=layer, attribute_to_layer_input=attribute_to_layer_input
+        )
+        cam = grad_cam_map(to_grid(grad, reshape, prefix_tokens), to_grid(act, reshape, prefix_tokens), True)
+        gb = guided_backprop(model, inputs, target=target)
     out = []
     for x, a in zip(leaves(inputs), gb.tensors()):
         if is_float(x) and x.dim() > 2:

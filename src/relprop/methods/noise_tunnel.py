@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..trace import training_warned
 from ._common import check_positive_int, embedding_edit, expand_target, format_baselines, is_float, leaves, rebuild
 from ._validate import validate_call, warn_training
 from .core import Explanation
@@ -109,7 +110,7 @@ def noise_tunnel(
         def edit(j, emb, weight, sd=sd, int_pos=int_pos):
             return emb + torch.normal(0.0, sd[int_pos[j]], emb.shape).to(emb.dtype)
 
-        with embedding_edit(ids, edit):
+        with embedding_edit(ids, edit), training_warned():  # warned once above, for the whole call
             e = fn(model, rebuild(inputs, noisy), target=expand_target(target, batch, k, interleave=True), **opts)
         if first is None:
             first = e
