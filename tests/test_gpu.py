@@ -166,8 +166,9 @@ def test_compare_on_cuda_equals_the_cpu_run(tmp_path):
             cells = res["models"][0]["methods"]
             means[device] = {(c["method"], k): v["mean"] for c in cells for k, v in c["summary"].items()}
     assert means["cpu"].keys() == means["cuda"].keys()
-    # Not compared: the times, and the randomisation check, whose re-initialised weights come from the
-    # device's own random generator (CUDA draws other numbers than the CPU for the same seed).
+    # Not compared: the times, and the randomisation check: its re-initialised weights are the same CPU draws on
+    # both devices (test_randomisation_rng), but its rank correlation over near-tied attributions has not yet been
+    # held to this tolerance on a GPU.
     skip = {"explain_seconds", "randomisation_similarity"}
     for k, a in means["cpu"].items():
         b = means["cuda"][k]
