@@ -16,6 +16,12 @@ shared machine) and the ratios as tables, plus relprop's measured chunk size and
 difference from Quantus' scores.
 
     python bench/bench_metrics.py [--repeats 3] [--threads 2] [--device cpu|cuda] [--cases cnn,resnet50]
+
+``--zoo-chunks 256,32,64``: instead, ``relprop compare``'s image metrics
+(:func:`relprop.report.cell_metrics.image_perturbation`, default settings: 64 examples in explain batches of
+``--batch-size``, 32 regions, 16 steps) on the zoo default's models at each copies-per-pass chunk given,
+against the floor (the same number of copies forwarded ``--batch-size`` at a time, unperturbed), with the
+largest difference of each chunk's values from the first chunk's.
 """
 
 from __future__ import annotations
@@ -92,9 +98,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default="cnn,cnn-pf,resnet50", help=f"comma-separated, of {sorted(CASES)}")
+    ap.add_argument("--zoo-chunks", default="", help="e.g. 256,32,64: compare's metrics on the zoo default")
+    ap.add_argument("--batch-size", type=int, default=32, help="--zoo-chunks: compare's --batch-size")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.zoo_chunks:
+        return zoo_chunks([int(c) for c in args.zoo_chunks.split(",")], args.batch_size, args.repeats)
     from relprop import metrics as M
 
     try:
@@ -188,6 +198,81 @@ def main() -> None:
                 f"{med['relprop'] / med['floor']:14.2f} {med['relprop@B'] / med['floor']:16.2f} "
                 f"{q / med['floor']:14.2f} {q / med['relprop']:16.2f} {chunk:6d} {diff:10.1e}"
             )
+
+
+class _Counting(torch.nn.Module):
+    """The model, counting the examples it is run on (the copies a metric forwards)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.seen = inner, 0
+
+    def forward(self, x):
+        self.seen += int(x.shape[0])
+        return self.inner(x)
+
+
+def zoo_chunks(chunks: list[int], batch: int, repeats: int) -> None:
+    """compare's image metrics on the zoo default's models at each chunk (copies per forward pass)."""
+    from relprop import zoo
+    from relprop.report.cell_metrics import image_perturbation
+    from relprop.report.compare import Settings
+
+    s = Settings(batch_size=batch)
+    data = zoo.load_dataset(zoo.DEFAULT_DATASET)
+    n = s.samples
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}; compare's image metrics, {n} examples, "
+        f"--batch-size {batch}, {s.regions} regions, {s.steps} steps; CPU time of the process, medians of "
+        f"{repeats} interleaved repeats",
+        flush=True,
+    )
+    table = []
+    for name in zoo.DEFAULT_MODELS:
+        model = _Counting(zoo.load_model(name))
+        x = data.images[:n]
+        with torch.no_grad():
+            target = model(x).argmax(-1)
+        attr = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        model.seen = 0
+        ref = image_perturbation(model, x, attr, target, s, chunk=chunks[0])
+        copies = model.seen
+        xs = x[:batch]
+
+        def floor(xs=xs, model=model, copies=copies):
+            with torch.no_grad():
+                for _ in range(-(-copies // xs.shape[0])):
+                    model(xs)
+
+        tools: dict[str, Callable] = {"floor": floor}
+        for c in chunks:
+            tools[f"chunk {c}"] = lambda c=c, model=model, x=x, attr=attr, target=target: image_perturbation(
+                model, x, attr, target, s, chunk=c
+            )
+        cpu: dict[str, list[float]] = {k: [] for k in tools}
+        diff: dict[str, float] = {}
+        names = list(tools)
+        for r in range(repeats):
+            for k in names[r % len(names) :] + names[: r % len(names)]:
+                c0 = time.process_time()
+                got = tools[k]()
+                cpu[k].append(time.process_time() - c0)
+                if got is not None:
+                    diff[k] = max(
+                        max(abs(a - b) for a, b in zip(got["per_example"][m], ref["per_example"][m]))
+                        for m in ref["per_example"]
+                    )
+        med = {k: statistics.median(v) for k, v in cpu.items()}
+        print(f"{name}: {copies} copies; " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()), flush=True)
+        table.append((name, copies, med, diff))
+    print(f"\nmedian CPU time (s) and ratio to the floor ({batch} copies per pass, unperturbed)")
+    print(f"{'model':16} {'copies':>7} " + " ".join(f"{k:>18}" for k in table[0][2]))
+    for name, copies, med, _ in table:
+        cells = [f"{v:8.2f} ({v / med['floor']:5.2f}x)" for v in med.values()]
+        print(f"{name:16} {copies:7d} " + " ".join(f"{c:>18}" for c in cells))
+    print("\nlargest |difference| of a per-example value from the first chunk's")
+    for name, _, _, diff in table:
+        print(f"{name:16} " + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_report_text_metrics_on_a_trained_bert_equal_hand_curves_and_rank_the_de
     with torch.no_grad():
         target = hf(input_ids=ids, attention_mask=mask).logits.argmax(1)
     assert target.tolist() == [1, 0, 1, 0]  # trained: 'good'/'bad' decide
-    s = type("S", (), {"steps": 3})()
+    s = type("S", (), {"steps": 3, "batch_size": 32})()  # the Settings fields text_perturbation reads
     special = torch.zeros_like(ids, dtype=torch.bool)
     for sid in tok.all_special_ids:
         special |= ids == sid

@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="method specs, comma-separated (default: lrp, saliency or "
         "gradient, input_x_gradient, integrated_gradients)",
     )
-    c.add_argument("--out", default="relprop-report", metavar="DIR", help="report folder (default: %(default)s)")
+    c.add_argument(
+        "--out",
+        default="relprop-report",
+        metavar="DIR",
+        help="report folder or any fsspec URL, e.g. s3://bucket/run (default: %(default)s)",
+    )
     c.add_argument(
         "--samples", type=int, default=64, metavar="N", help="examples per model for the metrics (default: 64)"
     )
@@ -579,9 +584,11 @@ def cmd_compare(args) -> int:
     from .report import Settings, run_compare
     from .report.device import check_placement, place_loaded
     from .report.html import accuracy_count
+    from .report.store import Output
     from .specs import check_model_spec, load_data
 
     check_placement(args.device, args.dtype)  # before the data is read
+    out = Output(args.out)  # a folder or any fsspec URL: a bad URL fails here, before any work
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
               "data_workers")  # fmt: skip
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
@@ -632,7 +639,6 @@ def cmd_compare(args) -> int:
         limit=args.limit,
         subset=args.subset,
     )
-    out = Path(args.out)
     log = (lambda s: None) if args.quiet else _say
     load = _loader(args, weights)
     names, warnings = preflight(models, data, methods, settings, load, log)
@@ -647,7 +653,7 @@ def cmd_compare(args) -> int:
     n_metrics = min(args.samples, len(data))
     header = (
         f"relprop compare: {len(models)} model(s) x {len(methods)} method(s) on {data.spec} "
-        f"({len(data)} examples{_selected(data)}, metrics on {n_metrics}) -> {out}/index.html"
+        f"({len(data)} examples{_selected(data)}, metrics on {n_metrics}) -> {out.where('index.html')}"
     )
     command = "relprop " + " ".join(shlex.quote(a) for a in (args._argv or ["compare"]))
     res = run_compare(
@@ -674,7 +680,7 @@ def cmd_compare(args) -> int:
     )
     reused = sum(1 for m in res["models"] for c in m.get("methods", []) if c.get("reused"))
     print(
-        f"report: {out / 'index.html'}  ({res['cells_done']}/{res['cells_total']} cells, {reused} reused, "
+        f"report: {out.where('index.html')}  ({res['cells_done']}/{res['cells_total']} cells, {reused} reused, "
         f"{res['seconds']:.0f} s)"
     )
     names_by_anchor = {r["anchor"]: r["name"] for r in res["ranking"]}
@@ -706,7 +712,7 @@ def cmd_compare(args) -> int:
         _say(f"relprop: the report is incomplete ({len(res.get('problems', []))} failed cell(s))")
         return 1
     if res["status"] != "complete":
-        _say(f"interrupted: finished cells are kept in {out / 'cache'}; run the same command again to continue")
+        _say(f"interrupted: finished cells are kept in {out.where('cache')}; run the same command again to continue")
         return 130
     return 0
 

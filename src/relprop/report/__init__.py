@@ -2,8 +2,9 @@
 
 ``run_compare(models, data, methods, out)`` writes ``out/index.html`` (opens in a browser with no
 server), ``out/results.json`` (every number), ``out/figures/*.png`` and ``out/cache/`` (one file per
-finished model x method cell, reused by the next run with the same settings). ``relprop compare``
-on the command line is this function. Needs matplotlib (``pip install '.[report]'`` from the clone).
+finished model x method cell, reused by the next run with the same settings); ``out`` is a folder
+or any fsspec URL (:class:`~relprop.report.store.Output`). ``relprop compare`` on the command line
+is this function. Needs matplotlib (``pip install '.[report]'`` from the clone).
 
 Models and data may be your own PyTorch objects::
 
@@ -38,6 +39,7 @@ import torch
 from ..specs import LoadedModel, SpecError, load_model
 from ..specs.adapters import MODEL_INPUTS, from_dataset, from_module, from_tensors
 from .compare import Job, MethodSpec, Settings, dedupe_methods, method_identity, slug
+from .store import Output
 
 __all__ = ["MethodSpec", "Settings", "from_dataset", "from_module", "from_tensors", "run_compare"]
 
@@ -102,7 +104,7 @@ def run_compare(
     models: Any,
     data: Any,
     methods: Sequence[str | MethodSpec],
-    out: str | Path,
+    out: str | Path | Output,
     settings: Settings | None = None,
     *,
     weights: dict[str, str] | None = None,
@@ -119,7 +121,8 @@ def run_compare(
     engine: str = "local",
     ray_options: Any = None,
 ) -> dict:
-    """Run the comparison; return the results dict (also written to ``out/results.json``).
+    """Run the comparison; return the results dict (also written to ``out/results.json``). ``out``: a
+    folder, or any fsspec URL (``file://``, ``memory://``, ``s3://``, ...: :class:`~relprop.report.store.Output`).
 
     ``models``: spec strings, ``nn.Module`` s (mapping name -> module, or a list) or loaded models; ``data``:
     a spec string, ``(inputs, labels[, class_names])`` tensors, a map-style ``Dataset`` or a ``Data``;
@@ -162,8 +165,7 @@ def run_compare(
         m = load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
         return place_loaded(m, settings.device, settings.dtype, copy=False)
 
-    out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    out = Output(out, flag="out")  # a bad URL: one clear error before any work (the CLI passes its own)
     progress = _bars_wanted(progress)
     job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)
     data = job.data  # settings.limit/subset applied (Data.select)
@@ -185,11 +187,13 @@ def run_compare(
         raise SpecError(f"engine must be 'local' or 'ray', got {engine!r}")
     try:
         if engine == "ray":
+            if out.local is None:  # the Ray engine writes its cells through local paths (report/distributed.py)
+                raise SpecError(f"--engine ray writes the report to a local folder for now, not {out.url}")
             from .distributed import RayEngine, RayOptions, _Loader
 
             opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
             loader = _Loader(load_any, weights, num_classes, preprocess_overrides)
-            pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, command=command, log=log)
+            pool = RayEngine(data, methods, settings, out.local, options=opts, loader=loader, command=command, log=log)
         for item in items:
             spec = item if isinstance(item, str) else item.spec
             entry: dict[str, Any] = {
@@ -363,13 +367,14 @@ def run_compare(
     results["data"]["n_metrics"] = min(settings.samples, len(data))
     if results_models:
         try:
-            results["figures"]["ranking"] = str(
-                figures.ranking_figure(
+            results["figures"]["ranking"] = out.write(
+                "figures/ranking.png",
+                lambda tmp: figures.ranking_figure(
                     [m for m in results["models"] if m.get("methods")],
                     [m.label for m in methods],
-                    out / "figures" / "ranking.png",
+                    Path(tmp),
                     metric=settings.rank_by,
-                ).relative_to(out)
+                ),
             )
         except Exception:
             pass
@@ -391,7 +396,7 @@ def run_compare(
             log(f"relprop: WARNING: {w}")
     for n in results["notes"]:
         log(f"relprop: note: {n}")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    out.write_text("results.json", json.dumps(results, indent=2, default=_json_default))
     html.render(results, out)
     return results
 
@@ -447,7 +452,7 @@ def _one_line(ex: BaseException) -> str:
     return f"{type(ex).__name__}: {msg}"[:300] if msg else type(ex).__name__
 
 
-def _write_examples(results: dict, out: Path, job: Job) -> None:
+def _write_examples(results: dict, out: Output, job: Job) -> None:
     """Per-example values to ``OUT/examples.parquet`` (the record every mean is computed from); without
     pyarrow they stay in results.json and the report says why."""
     from . import store
@@ -457,7 +462,7 @@ def _write_examples(results: dict, out: Path, job: Job) -> None:
     rows = [r for m in results["models"] for c in m.get("methods", []) if c.get("status") == "ok"
             for r in store.example_rows(run, m, c)]  # fmt: skip
     try:
-        store.write_examples(out / "examples.parquet", rows)
+        store.write_examples("examples.parquet", rows, out=out)
     except ImportError as e:
         job.warn(f"{e}; per-example values are kept in results.json instead")
         results["warnings"] = list(job.warnings)
@@ -476,9 +481,8 @@ def _json_default(o):
     return str(o)
 
 
-def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Path, figures, html):
+def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Output, figures, html):
     """Figures and the JSON view of one model's cells."""
-    fig_dir = out / "figures"
     ok = {k: c for k, c in cells.items() if c.get("status") == "ok"}
     for label, c in cells.items():
         entry["methods"].append({k: v for k, v in c.items() if k not in ("grid_attributions",)})
@@ -492,22 +496,21 @@ def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Path
     titles = [f"true {names[j]} / pred {_cls(model, int(prep.pred[j]))}" for j in range(g)]
     if data.kind == "image":
         heat = {k: c["grid_attributions"][:g] for k, c in ok.items()}
-        p = fig_dir / f"{slug(model.spec)}_grid.png"
-        figures.heatmap_grid(
-            prep.display[:g], heat, titles, p, title=f"{model.name}: heatmaps of the predicted class (rows: methods)"
+        title = f"{model.name}: heatmaps of the predicted class (rows: methods)"
+        entry["grid_figure"] = out.write(
+            f"figures/{slug(model.spec)}_grid.png",
+            lambda tmp: figures.heatmap_grid(prep.display[:g], heat, titles, Path(tmp), title=title),
         )
-        entry["grid_figure"] = str(p.relative_to(out))
     else:
         toks = prep.tokens[:g]
         entry["grid_text"] = html.text_grid(
             toks, titles, {k: [a.tolist() for a in c["grid_attributions"][:g]] for k, c in ok.items()}
         )
         entry["grid_tokens"] = toks
-    p = fig_dir / f"{slug(model.spec)}_curves.png"
-    figures.curves_figure(
-        ok, p, title=f"{model.name}: perturbation curves (mean over {min(job.s.samples, len(job.indices))} examples)"
+    title = f"{model.name}: perturbation curves (mean over {min(job.s.samples, len(job.indices))} examples)"
+    entry["curves_figure"] = out.write(
+        f"figures/{slug(model.spec)}_curves.png", lambda tmp: figures.curves_figure(ok, Path(tmp), title=title)
     )
-    entry["curves_figure"] = str(p.relative_to(out))
 
 
 def _cls(model: LoadedModel, i: int) -> str:

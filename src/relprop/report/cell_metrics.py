@@ -69,6 +69,7 @@ def image_perturbation(
     progress: bool = False,
     rows: dict | None = None,
     examples: list[int] | None = None,
+    chunk: int = 256,
 ) -> dict:
     """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch.
 
@@ -95,7 +96,7 @@ def image_perturbation(
     patch = max(1, min(h, w) // s.patch_grid)
     units = math.ceil(h / patch) * math.ceil(w / patch)
     regions, steps = min(s.regions, units), min(s.steps, units)
-    kw = dict(patch_size=patch, pad=True, batch_size=256, progress=progress)
+    kw = dict(patch_size=patch, pad=True, batch_size=int(chunk), progress=progress)
     # One explain batch (--batch-size examples) at a time: its perturbed copies never share a forward pass
     # with another batch's. A copy's score can depend on its place in the forward pass (CPU kernels round
     # differently at tile edges, ~1e-7), so this makes every example's values independent of the examples
@@ -195,10 +196,22 @@ def flat_warnings(models: list[dict]) -> list[str]:
 
 
 def text_perturbation(
-    module, tokenizer, x: dict, attr: torch.Tensor, target: torch.Tensor, s, progress: bool = False
+    module,
+    tokenizer,
+    x: dict,
+    attr: torch.Tensor,
+    target: torch.Tensor,
+    s,
+    progress: bool = False,
+    rows: dict | None = None,
 ) -> dict:
-    """The same metrics on token ids: tokens replaced by the mask token (special tokens never)."""
+    """The same metrics on token ids: tokens replaced by the mask token (special tokens never).
+
+    One explain batch (``s.batch_size`` texts) at a time, as :func:`image_perturbation`: a text's values never
+    depend on the texts outside its batch. ``rows``: filled with the per-example curves (``morf``, ``lerf``,
+    ``insertion``, ``deletion``) whose means are the returned curves (the Ray engine averages them in order)."""
     from .. import metrics
+    from ..metrics.perturbation import ABPCResult, InsertionDeletionResult
 
     ids, mask = x["input_ids"], x["attention_mask"]
     tok = tokenizer
@@ -206,21 +219,31 @@ def text_perturbation(
     special = torch.zeros_like(ids, dtype=torch.bool)
     for sid in tok.all_special_ids:
         special |= ids == sid
-    res = metrics.token_perturbation(
-        module,
-        ids,
-        attr,
-        target,
-        fill_id=fill,
-        attention_mask=mask,
-        exclude=special,
-        steps=s.steps,
-        progress=progress,
-        batch_size=128,  # fixed (the former default), as for images: a measured size could differ between runs
-    )
-    ab, idl = res.abpc, res.insertion_deletion
+    bs = max(1, int(s.batch_size))
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, max(1, ids.shape[0]), bs):
+        r = slice(i, i + bs)
+        res = metrics.token_perturbation(
+            module,
+            ids[r],
+            attr[r],
+            target[r],
+            fill_id=fill,
+            attention_mask=mask[r],
+            exclude=special[r],
+            steps=s.steps,
+            progress=progress,
+            batch_size=128,  # fixed (the former default), as for images: a measured size could differ between runs
+        )
+        for k in ("morf", "lerf", "insertion"):
+            parts.setdefault(k, []).append(getattr(res, k))
+    morf, lerf, insertion = (torch.cat(parts[k]) for k in ("morf", "lerf", "insertion"))
+    if rows is not None:
+        rows.update(morf=morf, lerf=lerf, insertion=insertion, deletion=morf)
+    ab = ABPCResult.from_curves(morf, lerf)
+    idl = InsertionDeletionResult.from_curves(res.fractions, insertion, morf)
     fr = _list(res.fractions)
-    flat = flat_warning(res.morf, res.lerf, res.insertion)
+    flat = flat_warning(morf, lerf, insertion)
     name = tok.convert_ids_to_tokens([fill])[0] if hasattr(tok, "convert_ids_to_tokens") else str(fill)
     return {
         "per_example": {
@@ -232,11 +255,11 @@ def text_perturbation(
         "curves": {
             "unit": "tokens",
             "region_fractions": fr,
-            "morf": _list(res.morf.mean(0)),
-            "lerf": _list(res.lerf.mean(0)),
+            "morf": _list(morf.mean(0)),
+            "lerf": _list(lerf.mean(0)),
             "fractions": fr,
-            "insertion": _list(res.insertion.mean(0)),
-            "deletion": _list(res.morf.mean(0)),
+            "insertion": _list(insertion.mean(0)),
+            "deletion": _list(morf.mean(0)),
         },
         "perturbation": {
             "unit": "tokens (special tokens and padding never replaced)",

@@ -5,18 +5,18 @@
 model's weights and code (the source files of its classes, a ``python:`` spec's file, the checkpoint
 bytes), relprop's own source, the samples, the method and its options and the metric settings. A
 saved cell is reused on the next run; a corrupt or foreign cache file is recomputed with a
-warning, never trusted. Files are written atomically (temporary file, then rename). A Ctrl-C keeps
-every finished cell; the report is written from what is there.
+warning, never trusted. Files are written atomically (temporary file, then rename; one put on an
+object store) through :class:`relprop.report.store.Output`, so ``OUT`` may be a folder or any fsspec
+URL. A Ctrl-C keeps every finished cell; the report is written from what is there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +30,7 @@ from ..specs import METHOD_DEFAULTS, Data, LoadedModel, MethodSpec, SpecError, c
 from ..specs.adapters import MODEL_INPUTS
 from ..specs.hashing import relprop_source_hash
 from ..specs.labels import LabelMap, map_labels
+from .store import Output, atomic_write
 
 CACHE_FORMAT = 2
 #: examples per forward pass of the accuracy pass (lazy data: what is decoded and held at a time)
@@ -76,22 +77,6 @@ def slug(text: str) -> str:
 
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp_name)`` then rename over ``path``: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def cell_header(m: MethodSpec, opts: dict[str, Any], n: int, key: str) -> dict[str, Any]:
@@ -191,7 +176,7 @@ class Prepared:
 class Job:
     def __init__(
         self,
-        out: Path,
+        out: str | Path | Output,
         data: Data,
         methods: list[MethodSpec],
         settings: Settings,
@@ -201,8 +186,7 @@ class Job:
         progress: bool = True,
         use_cache: bool = True,
     ):
-        self.out = Path(out)
-        self.cache = self.out / "cache"
+        self.out = Output(out)  # a folder or any fsspec URL: every file of the report goes through it
         self.use_cache = use_cache
         #: messages for the terminal and the report (label mismatches, ignored cache files, ...)
         self.warnings: list[str] = list(getattr(data, "warnings", []) or [])
@@ -326,9 +310,10 @@ class Job:
                 self.data.fingerprint(),
                 model.preprocess.describe() if model.preprocess else None,
                 self.s.labels,
+                self._placement(),  # predictions in bfloat16 or on a GPU can differ from float32 on the CPU
             ]
         )
-        path = self.cache / f"{slug(model.spec)}__accuracy__{key}.json"
+        path = f"cache/{slug(model.spec)}__accuracy__{key}.json"
         res = self._read_cached(path, key, "json", ("accuracy", "n", "n_labelled"), model)
         if res is not None:
             res["reused"] = True
@@ -350,7 +335,7 @@ class Job:
             "seconds": round(time.time() - t0, 2),
         }
         if self.caches(model):
-            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(res)))
+            self.out.write_text(path, json.dumps(res))
         res["reused"] = False
         return res
 
@@ -359,22 +344,23 @@ class Job:
         when its code cannot be hashed (classes defined in a notebook: ``info["no_cache"]``)."""
         return self.use_cache and not model.info.get("no_cache")
 
-    def _read_cached(
-        self, path: Path, key: str, fmt: str, required: tuple[str, ...], model: LoadedModel
-    ) -> dict | None:
-        """A cached result, or None (recompute) when absent, forced off, unreadable or not this key's."""
-        if self.force or not self.caches(model) or not path.exists():
+    def _read_cached(self, path: str, key: str, fmt: str, required: tuple[str, ...], model: LoadedModel) -> dict | None:
+        """A cached result (``path``: its name in the output), or None (recompute) when absent, forced off,
+        unreadable or not this key's."""
+        if self.force or not self.caches(model) or not self.out.exists(path):
             return None
+        name = path.rsplit("/", 1)[-1]
         try:
+            raw = self.out.read_bytes(path)
             if fmt == "json":
-                res = json.loads(path.read_text())
+                res = json.loads(raw.decode("utf-8"))
             else:
-                res = torch.load(str(path), map_location="cpu", weights_only=True)
+                res = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, corrupt, or not ours: never trusted, never fatal
-            self.warn(f"cache file {path.name} is unreadable ({type(e).__name__}); recomputing it")
+            self.warn(f"cache file {name} is unreadable ({type(e).__name__}); recomputing it")
             return None
         if not isinstance(res, dict) or res.get("key") != key or any(k not in res for k in required):
-            self.warn(f"cache file {path.name} does not hold this result (foreign or incomplete); recomputing it")
+            self.warn(f"cache file {name} does not hold this result (foreign or incomplete); recomputing it")
             return None
         return res
 
@@ -395,12 +381,32 @@ class Job:
                 self.indices,
                 m.name,
                 opts,
-                asdict(self.s) | {"composite": None},
+                asdict(self.s) | {"composite": None} | self._placement(),
             ]
         )
 
+    def _placement(self) -> dict[str, str]:
+        """``--device``/``--dtype`` as they resolve (``auto`` -> ``cpu`` or ``cuda``): a cached result is
+        keyed on where it was computed, not on the words asked for (``auto`` on a CPU machine and then on
+        a GPU machine are two results)."""
+        from .device import resolve_device, resolve_dtype
+
+        return {"device": str(resolve_device(self.s.device)), "dtype": str(resolve_dtype(self.s.dtype))}
+
+    def cell_name(self, model: LoadedModel, m: MethodSpec, key: str) -> str:
+        """The cell's cache file, relative to the output."""
+        return f"cache/{slug(model.spec)}__{slug(m.label)}__{key}.pt"
+
     def cell_path(self, model: LoadedModel, m: MethodSpec, key: str) -> Path:
-        return self.cache / f"{slug(model.spec)}__{slug(m.label)}__{key}.pt"
+        """The cell's cache file in a local output (use :meth:`save_cell` to write one to any output)."""
+        if self.out.local is None:
+            raise SpecError(f"internal: the output {self.out.url} is not a local folder; use Job.save_cell")
+        return self.out.local / self.cell_name(model, m, key)
+
+    def save_cell(self, model: LoadedModel, m: MethodSpec, key: str, res: dict) -> None:
+        """Cache a computed cell (when ``model``'s results are cached), written whole or not at all."""
+        if self.caches(model):
+            self.out.write(self.cell_name(model, m, key), lambda tmp: torch.save(res, tmp))
 
     def options(self, model: LoadedModel, m: MethodSpec) -> dict:
         """The options of ``m`` on ``model``, with the defaults that depend on the input (occlusion's
@@ -417,7 +423,7 @@ class Job:
         opts = self.options(model, m) if opts is None else opts
         key = self.cell_key(model, m, opts)
         res = self._read_cached(
-            self.cell_path(model, m, key), key, "pt", ("grid_attributions", "method", "n_samples"), model
+            self.cell_name(model, m, key), key, "pt", ("grid_attributions", "method", "n_samples"), model
         )
         if res is not None:
             res["reused"] = True
@@ -480,10 +486,23 @@ class Job:
 
             res["attributions_file"] = save_attributions(self.out, model.spec, m.label, attr, self.s.save_attributions)
         res["seconds"] = round(time.time() - t0, 2)
-        if self.caches(model):
-            atomic_write(self.cell_path(model, m, key), lambda tmp: torch.save(res, tmp))
+        self.save_cell(model, m, key, res)
         res["reused"] = False
         return res
+
+    def sanity_setup(self, model: LoadedModel, fn, x) -> tuple[torch.nn.Module, Any, Callable]:
+        """(module, inputs, explain fn) of the sanity checks, which perturb float inputs: for text the model
+        behind :class:`_FloatIds` (float token ids), the ids as floats and an explain fn that rounds them
+        back; for images the model, ``x`` and ``fn`` as they are. The Ray engine's shards call this too."""
+        if self.data.kind != "text":
+            return model.module, x, fn
+        module = _FloatIds(model.module, getattr(model.module, "pad_id", 0))
+
+        def efn(mod, xx, tt):
+            ids = xx.round().long()
+            return fn(mod.inner, {"input_ids": ids, "attention_mask": (ids != mod.pad_id).long()}, tt)
+
+        return module, x["input_ids"].float(), efn
 
     def _metrics(self, model: LoadedModel, fn, prep: Prepared, x, attr, target, n: int, timing: list) -> dict:
         """Grid attributions, every metric per example (:mod:`.cell_metrics`) and their summaries.
@@ -493,15 +512,9 @@ class Job:
         g = min(self.s.grid, n)
         if self.data.kind == "text":
             grid = [attr[i][prep.inputs["attention_mask"][i].bool()].clone() for i in range(g)]
-            module: torch.nn.Module = _FloatIds(model.module, getattr(model.module, "pad_id", 0))
-            xf = x["input_ids"].float()
-
-            def efn(mod, xx, tt):
-                ids = xx.round().long()
-                return fn(mod.inner, {"input_ids": ids, "attention_mask": (ids != mod.pad_id).long()}, tt)
         else:
             grid = attr[:g].sum(1).clone() if attr.dim() == 4 else attr[:g].clone()
-            module, xf, efn = model.module, x, fn
+        module, xf, efn = self.sanity_setup(model, fn, x)
         sanity = {"sensitivity", "randomisation"} & cell_metrics.wanted_groups(self.s)
         res = cell_metrics.compute(
             self.data.kind,
@@ -546,6 +559,7 @@ def _slice(x, a: int, b: int):
 __all__ = [
     "METHOD_DEFAULTS",
     "Job",
+    "Output",
     "MethodSpec",
     "Settings",
     "atomic_write",

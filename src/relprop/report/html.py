@@ -6,7 +6,6 @@ import html
 import json
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 from string import Template
 
 from .scores import BY_KEY, METRICS, RANK_METRIC, RANKABLE
@@ -41,7 +40,11 @@ def page(title: str, subtitle: str, nav: str, body: str) -> str:
     return tpl.safe_substitute(title=e(title), subtitle=subtitle, nav=nav, body=body)
 
 
-def render(results: dict, out: Path) -> Path:
+def render(results: dict, out) -> str:
+    """Write ``OUT/index.html`` (``out``: a folder, a URL or an :class:`~relprop.report.store.Output`);
+    returns where it went."""
+    from .store import Output
+
     models = results["models"]
     methods = results["methods"]
     s = results["settings"]
@@ -144,12 +147,11 @@ Methods: {", ".join(f"<code>{e(x)}</code>" for x in methods)}.</p>
         f"{len(models)} model(s) × {len(methods)} method(s) on <code>{e(data['spec'])}</code> · "
         f"{e(results['created'])} · {e(status)}"
     )
-    path = out / "index.html"
-    path.write_text(
-        page("relprop: how models explain their predictions", subtitle, "".join(nav), "\n".join(parts)),
-        encoding="utf-8",
+    o = Output(out)
+    o.write_text(
+        "index.html", page("relprop: how models explain their predictions", subtitle, "".join(nav), "\n".join(parts))
     )
-    return path
+    return o.where("index.html")
 
 
 def _img(rel: str | None, alt: str) -> str:
