@@ -115,21 +115,23 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
     """Re-initialise ``module``'s own parameters (its ``reset_parameters``, or a normal draw at the
     parameter's scale) from a CPU generator seeded with ``seed``, and copy them to ``module``'s device."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    cpu = _cpu_copy(module)
-    with torch.no_grad(), _LocalGenerator(gen):
-        if hasattr(cpu, "reset_parameters") and callable(cpu.reset_parameters):
-            cpu.reset_parameters()
-            # reset_parameters may be deterministic (e.g. norm layers: 1 / 0)
-            params = [p for p in cpu.parameters(recurse=False)]
-            if all(torch.all(p == p.reshape(-1)[0]) for p in params if p.numel() > 1):
-                for p in params:
-                    p.normal_(0.0, 1.0, generator=gen)
-        else:
-            for p in cpu.parameters(recurse=False):
-                std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.1
-                p.normal_(0.0, std, generator=gen)
-    # reset_parameters may also reset children and buffers (batch norm's running statistics)
     with torch.no_grad():
+        if not callable(getattr(module, "reset_parameters", None)):
+            # no module copy: a root module owning parameters (a ViT's cls_token) would copy the whole model
+            for p in module.parameters(recurse=False):
+                std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.1
+                p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, std, generator=gen))
+            return
+        cpu = _cpu_copy(module)
+        reset: Callable[[], None] = getattr(cpu, "reset_parameters")  # noqa: B009 (a module attribute is typed Tensor | Module)
+        with _LocalGenerator(gen):
+            reset()
+        # reset_parameters may be deterministic (e.g. norm layers: 1 / 0)
+        params = [p for p in cpu.parameters(recurse=False)]
+        if all(torch.all(p == p.reshape(-1)[0]) for p in params if p.numel() > 1):
+            for p in params:
+                p.normal_(0.0, 1.0, generator=gen)
+        # reset_parameters may also reset children and buffers (batch norm's running statistics)
         pairs = [*zip(module.parameters(), cpu.parameters()), *zip(module.buffers(), cpu.buffers())]
         for dst, src in pairs:
             dst.copy_(src)
