@@ -14,7 +14,11 @@ What the plan checks before (and while) replaying; anything that differs makes i
   numbers/strings/dtypes/devices, by identity for other objects);
 * the ``training`` flag (and identity) of every module, and its forward (pre-)hooks and the global ones;
 * every parameter and buffer: the object, its ``_version`` (bumped by in-place edits such as
-  ``p.mul_()`` / ``p.copy_()`` under ``torch.no_grad()``), its data pointer, shape and dtype;
+  ``p.mul_()`` / ``p.copy_()`` under ``torch.no_grad()``), its data pointer, shape and dtype. A forward
+  that writes a buffer in place (batch norm's ``num_batches_tracked`` in training mode) has the write
+  redirected to a private copy by every recording, but autograd still bumps the buffer's ``_version``:
+  the plan notes which tensors its recording bumped, with their content, and takes a later bump of
+  one of them (by ``relprop.explain`` or a ``verify`` recording) as no edit while the content is equal;
 * the autocast state and default dtype, and (for a callable ``target``, whose ops are part of the
   recording) the identity of the callable (held by the plan, so a new lambda never passes for an old one);
 * during the replay: every value the forward read back into Python through an ATen op
@@ -48,7 +52,7 @@ import copy
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,6 +95,10 @@ class _Template:
     steps: list[_Step]  # the nodes, precompiled for replay
     replayable: bool
     reason: str | None
+    # Parameters/buffers whose version counter the recording bumped without changing them (a write the
+    # recorder redirected to a private copy: batch norm's num_batches_tracked in training mode) -> a copy
+    # of their content. A later bump of one of them is accepted where the content still equals the copy.
+    bumped: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class PlanMismatch(RuntimeWarning):
@@ -180,16 +188,18 @@ class Plan:
 
     # ------------------------------------------------------------------ recording / replay
     def _record(self, model: Any, args: tuple, kwargs: dict, post: Any, key: int | None, reason: str | None) -> Graph:
+        sig0, _ = _signature(model, args, kwargs, key)
         before = _rng_state()
         graph = record(model, args, kwargs, post=post)
         random = _rng_state() != before
         # Taken after recording: the recording may bump version counters of buffers it never changes
-        # (batch norm's num_batches_tracked in training mode).
-        sig, _ = _signature(model, args, kwargs, key)
+        # (batch norm's num_batches_tracked in training mode); those tensors are noted with their content.
+        sig, live = _signature(model, args, kwargs, key)
         self.records += 1
         if self.records > 1:
             self.rerecords += 1
         self._template = _template(graph, sig, random, self._callable)
+        self._template.bumped = _bumped(sig0, sig, live)
         self.last_reason = reason if self._template.replayable else self._template.reason
         return graph
 
@@ -201,16 +211,19 @@ class Plan:
         if not tpl.replayable:
             return self._record(model, args, kwargs, post, target_key, tpl.reason)
         if sig != tpl.signature:
-            return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig))
+            if not _own_bumps(tpl, sig, live):
+                return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig))
+            tpl.signature = sig  # only recordings' bumps (another explain, a verify) since: content unchanged
         env, why = _replay(tpl, args, kwargs, live)
         if env is None:
             return self._record(model, args, kwargs, post, target_key, why)
         verify = self.verify or (self.verify_every > 0 and self._calls % self.verify_every == 0)
         if verify:
+            sig0 = sig
             before = _rng_state()
             fresh = record(model, args, kwargs, post=post)
             random = _rng_state() != before
-            sig, _ = _signature(model, args, kwargs, target_key)
+            sig, live = _signature(model, args, kwargs, target_key)
             diff = _compare(tpl.graph, env, fresh)
             if diff is not None:
                 self.mismatches += 1
@@ -225,7 +238,9 @@ class Plan:
                 self.rerecords += 1
                 self.last_reason = f"verify: {diff}"
                 self._template = _template(fresh, sig, random, self._callable)
+                self._template.bumped = _bumped(sig0, sig, live)
                 return fresh
+            tpl.signature = sig  # this verify recording's own version bumps (contents unchanged)
         self.replays += 1
         self.last_reason = None
         warn_training(model, stacklevel=5)  # as a recording warns (trace.record)
@@ -341,6 +356,35 @@ def _signature(model: Any, args: tuple, kwargs: dict, target_key: int | None) ->
         tuple(hooks._global_forward_hooks),
     )
     return (tuple(inputs), modules, tuple(tensors), autocast, target_key), live
+
+
+def _bumped(before: tuple, after: tuple, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors whose version counter changed between two signatures, with a copy of their content."""
+    old = {t[0]: t[2] for t in before[2]}
+    return {t[0]: live[t[0]].detach().clone() for t in after[2] if old.get(t[0], t[2]) != t[2]}
+
+
+def _own_bumps(tpl: _Template, sig: tuple, live: dict[str, torch.Tensor]) -> bool:
+    """Does ``sig`` differ from the template's only by version bumps that recordings make (see
+    :attr:`_Template.bumped`), on tensors whose content is still the recorded one?
+
+    Why not restore the counters instead: that needs a private autograd setter on the user's tensors. A
+    user's own write (``bn.num_batches_tracked.add_(1)``) changes the content and is still seen; one
+    that writes back the same content changes nothing the replay could read (it reads buffers live).
+    A host read (``torch.equal``) per bumped tensor, only when the counters moved.
+    """
+    old = tpl.signature
+    if not tpl.bumped or sig[:2] != old[:2] or sig[3:] != old[3:] or len(sig[2]) != len(old[2]):
+        return False
+    for a, b in zip(old[2], sig[2]):
+        if a == b:
+            continue
+        if a[:2] != b[:2] or a[3:] != b[3:] or a[0] not in tpl.bumped:
+            return False
+        t, saved = live[a[0]], tpl.bumped[a[0]]
+        if t.dtype != saved.dtype or t.shape != saved.shape or not torch.equal(t.detach(), saved):
+            return False
+    return True
 
 
 _PARTS = (

@@ -354,12 +354,10 @@ class _Recorder(TorchDispatchMode):
             key = _storage_key(t)
             if key is not None:
                 self.model_storages.setdefault(key, []).append(t)
-        self.shadow: dict[int, torch.Tensor] = {}  # id(model tensor) -> private copy written instead
-        # Autograd still bumps the version counter of a model tensor whose write went to its copy:
-        # id(model tensor) -> (tensor, version before, storage key); storage key -> writes redirected.
-        self.model_versions: dict[int, tuple[torch.Tensor, int, int]] = {}
-        self.copy_keys: dict[int, int] = {}  # id(private copy) -> the model storage's key
-        self.model_writes: dict[int, int] = {}
+        # id(model tensor) -> private copy written instead. Autograd still bumps the model tensor's version
+        # counter (its in-place bookkeeping runs before this mode sees the op): the content is untouched,
+        # and a relprop.plan tells such bumps from edits by the content (plan._own_bumps).
+        self.shadow: dict[int, torch.Tensor] = {}
         # Autograd semantics: outputs of ops run with grad disabled, until known not to be the output of
         # a custom autograd Function (value index -> the tensor object the model holds).
         self.pending: dict[int, torch.Tensor] = {}
@@ -766,8 +764,6 @@ class _Recorder(TorchDispatchMode):
         if self.shadow:
             args = _swap_tensors(args, self.shadow)
             kwargs = _swap_tensors(kwargs, self.shadow)
-            if info.written:
-                self.count_model_writes(info, args, kwargs)
         grad = torch.is_grad_enabled()
         if info.special is not None:
             return self.dispatch_special(func, info, args, kwargs, grad)
@@ -841,26 +837,9 @@ class _Recorder(TorchDispatchMode):
                     storage, t.storage_offset(), t.shape, t.stride()
                 )
                 self.shadow[id(t)] = copy
-                self.copy_keys[id(copy)] = key
-                self.model_versions.setdefault(id(t), (t, t._version, key))
                 self.keep.append(t)
             done = True
         return done
-
-    def count_model_writes(self, info: _OpInfo, args, kwargs) -> None:
-        """A write into private copies (arguments already swapped): autograd bumps the model tensors' counters."""
-        for w in self.written_tensors(info, args, kwargs):
-            key = self.copy_keys.get(id(w)) if isinstance(w, torch.Tensor) else None
-            if key is not None:
-                self.model_writes[key] = self.model_writes.get(key, 0) + 1
-
-    def restore_versions(self) -> None:
-        """Undo the version-counter bumps of writes that went to private copies (the model's content never
-        changed, and a bumped counter would fail the user's own backward through a saved buffer, or make
-        :func:`relprop.plan` record again). Only where every bump was one of ours (compare, then set)."""
-        for t, v0, key in self.model_versions.values():
-            if t._version == v0 + self.model_writes.get(key, 0) != v0:
-                torch._C._autograd._unsafe_set_version_counter((t,), (v0,))
 
     def dispatch_special(self, func, info: _OpInfo, args, kwargs, grad: bool):
         if info.special == "batch_norm":
@@ -1306,15 +1285,12 @@ def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True) -> G
     args2, arg_spec = _prepare_inputs(tuple(args), rec, input_values)
     kwargs2, kw_spec = _prepare_inputs(dict(kwargs), rec, input_values)
     with torch.inference_mode(False), torch.enable_grad(), _module_scope(rec):
-        try:
-            with rec:
-                output = model(*args2, **kwargs2)
-                if post is not None:
-                    output = post(output)
-            output_values = [rec.lookup(t) for t in _flatten(output, [])]
-            regions = rec.finish()
-        finally:
-            rec.restore_versions()
+        with rec:
+            output = model(*args2, **kwargs2)
+            if post is not None:
+                output = post(output)
+        output_values = [rec.lookup(t) for t in _flatten(output, [])]
+        regions = rec.finish()
     # The output's autograd history would keep every tensor autograd saved alive (the whole
     # forward): the graph holds detached data only.
     output = _detached(output)
