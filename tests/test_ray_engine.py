@@ -1,6 +1,9 @@
 """``relprop compare --engine ray`` on a local 2-worker Ray instance (started here, shut down after): the
 same results.json numbers and per-example rows as the single-process engine, a worker killed mid-run
-recovered with nothing lost, and a re-run that skips the finished shards (shards at a ``file://`` URL).
+recovered with nothing lost, and a re-run that skips the finished shards (shards at a ``file://`` URL);
+text data (padded to the single-process engine's length) and data the workers cannot reach: the instance
+runs its workers in an empty working directory (``runtime_env``), and the image folder and the CSV are
+given by relative paths from the test's own directory, so a worker that opened a data file would fail.
 
 Compared: every value of results.json except timings (``seconds``, ``metric_seconds``, ``explain_seconds``,
 ``explain_seconds_per_sample``), ``created``, ``environment``, ``engine`` and ``reused``. Tolerance: none,
@@ -19,7 +22,7 @@ ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from relprop.report import Settings, run_compare  # noqa: E402
-from relprop.report.distributed import CRASH_ENV, RayEngine, RayOptions, check_supported, read_shard  # noqa: E402
+from relprop.report.distributed import CRASH_ENV, RayEngine, RayOptions, read_shard  # noqa: E402
 from relprop.specs import SpecError, load_data, parse_methods  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -103,10 +106,13 @@ def local(tmp_path_factory, data, methods):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A quiet local instance of 2 CPUs (one per worker), shut down after the module."""
+def cluster(tmp_path_factory):
+    """A quiet local instance of 2 CPUs (one per worker), shut down after the module. Its workers run in an
+    empty working directory: relative data paths of the driver do not exist there (another node's view)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    empty = tmp_path_factory.mktemp("worker_cwd")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"working_dir": str(empty)})  # fmt: skip
     yield
     ray.shutdown()
 
@@ -160,11 +166,99 @@ def test_rerun_resumes_from_finished_shards(local, cluster, tmp_path, data, meth
 
 
 def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):
-    check_supported(data, Settings(baseline="noise", insertion_baseline="noise"))  # drawn per example: allowed
-    text = type("D", (), {"kind": "text", "spec": "t.csv"})()
-    with pytest.raises(SpecError, match="image data only"):
-        check_supported(text, Settings())
     with pytest.raises(SpecError, match="multiple of --batch-size"):
         RayEngine(data, [], Settings(batch_size=4), "unused", options=RayOptions(shard_size=6))
     with pytest.raises(SpecError, match="memory:// file system lives in one process"):
         RayEngine(data, [], Settings(), "unused", options=RayOptions(shards="memory://shards"))
+
+
+# ------------------------------------------------------------------------------------ text, unreachable data
+TEXTS = [  # one text far longer than the rest: the shard without it would pad shorter on its own
+    ("a good film", "positive"), ("bad plot", "negative"), ("good", "positive"), ("a bad film", "negative"),
+    ("film plot good a good film good plot a film good good a plot", "positive"), ("bad", "negative"),
+    ("good plot film", "positive"), ("a bad bad plot", "negative"),
+]  # fmt: skip
+
+
+def _text_data(tmp_path, monkeypatch):
+    """A tiny BERT (absolute path: model files are on every node) and a CSV by a relative path."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_cli_user_paths import tiny_bert
+
+    sys.path.pop(0)
+    bert = tiny_bert(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in TEXTS))
+    data = load_data("reviews.csv")
+    return f"hf:{bert}", data
+
+
+def test_text_data_gives_the_single_process_numbers_and_resumes(cluster, tmp_path, monkeypatch, methods):
+    pytest.importorskip("transformers")
+    model, data = _text_data(tmp_path, monkeypatch)
+    with _threads(1):
+        _run(data, methods, tmp_path / "local", models=[model])
+    res = _run(data, methods, tmp_path / "ray", models=[model], engine="ray", ray_options={"workers": 2})
+    assert res["status"] == "complete" and not res["problems"], res["problems"]
+    assert (res["engine"]["shards_computed"], res["engine"]["shards_reused"]) == (4, 0)
+    local = _numbers(tmp_path / "local")
+    assert _numbers(tmp_path / "ray") == local
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    cell = local["models"][0]["methods"][0]
+    assert (
+        cell["n_samples"] == 8
+        and cell["class_sensitivity"] is not None
+        and cell["randomisation_similarity"] is not None
+    )
+    # resume: one shard lost; the other three are read back, the numbers stay
+    tables = sorted((tmp_path / "ray" / "shards").rglob("*.parquet"))
+    tables[-1].unlink()
+    again = _run(data, methods, tmp_path / "ray", models=[model], engine="ray", ray_options={"workers": 2})
+    assert (again["engine"]["shards_computed"], again["engine"]["shards_reused"]) == (1, 3), again["problems"]
+    assert _numbers(tmp_path / "ray") == local
+
+
+def test_the_padding_of_the_whole_run_matters(tmp_path, monkeypatch):
+    """Why the driver hands its padding length to the shards: padded to its own batch's longest, a text's
+    explanation differs in its bits from the one padded to the longest of all the samples."""
+    pytest.importorskip("transformers")
+    import torch
+
+    import relprop
+    from relprop.specs import load_model, text_batch
+
+    model, _ = _text_data(tmp_path, monkeypatch)
+    m = load_model(model)
+    texts = [t for t, _ in TEXTS]
+    whole = text_batch(m, texts)
+    own = text_batch(m, texts[:4])
+    assert own["input_ids"].shape[1] < whole["input_ids"].shape[1]
+    with _threads(1):
+        a_whole = relprop.explain(m.module, {k: v[:4] for k, v in whole.items()}, target=0, method="lrp")
+        a_own = relprop.explain(m.module, own, target=0, method="lrp")
+    n = own["input_ids"].shape[1]
+    assert not torch.equal(a_whole.attributions["input_ids"][:, :n], a_own.attributions["input_ids"])
+
+
+def test_image_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, methods):
+    """An image folder given by a relative path (the workers run elsewhere): the driver ships each shard's
+    PNG bytes and the workers decode them as the single-process engine decodes the files."""
+    from PIL import Image
+
+    digits = load_data("zoo:digits")
+    for i in range(12):
+        c = int(digits.labels[i])
+        (tmp_path / "imgs" / str(c)).mkdir(parents=True, exist_ok=True)
+        a = (digits.images[i][0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(a, "L").save(tmp_path / "imgs" / str(c) / f"{i:02d}.png")
+    monkeypatch.chdir(tmp_path)
+    data = load_data("imgs")
+    with _threads(1):
+        _run(data, methods, tmp_path / "local", models=MODELS[:1])
+    res = _run(data, methods, tmp_path / "ray", models=MODELS[:1], engine="ray", ray_options={"workers": 2})
+    assert res["status"] == "complete" and not res["problems"], res["problems"]
+    assert res["engine"]["shards_computed"] == 4
+    assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")

@@ -20,12 +20,28 @@ needs every per-example value to depend on its own explain batch only: the pertu
 one batch's copies at a time and the ``noise`` baseline draws per example
 (:func:`relprop.report.cell_metrics.image_perturbation`, ``tests/test_sharding.py``).
 
-Not supported, and refused with a message instead of giving different numbers: text data (a shard pads
-its texts to its own longest, the single-process engine to the longest of all).
+Text data: the single-process engine pads every text of a model's samples to the longest of them, and the
+padding length changes an explanation's bits (~1e-13 on a BERT), so the driver computes that length and
+every shard pads its texts to it (:class:`_PadTo`); the text metrics run one explain batch at a time as
+the image metrics do (:func:`relprop.report.cell_metrics.text_perturbation`).
+
+Data on a cluster: the workers never open the data's files. The driver, which reads the data anyway (its
+labels, the cache key, the accuracy pass), reads each shard's stored items (file bytes, tar members, table
+cells, texts: :meth:`relprop.specs.sources.Lazy.pack`) when it hands the shard out, puts them in Ray's
+object store, and the worker decodes them with the decoder relprop uses in one process
+(:func:`relprop.specs.sources.decode_member`), so a cluster needs the data on the driver's machine only and
+the numbers stay the same. Why this and not Ray Data: Ray Data's readers (``read_binary_files``,
+``read_parquet``, ...) run on the cluster's nodes and need the files there or at a shared URL, which is
+the requirement this removes, and they cover only some of relprop's sources (not saved Hugging Face
+datasets with relprop's column rules, nor WebDataset members chosen by relprop's order of preference);
+``from_items`` would put the same items in the object store with a streaming executor between a shard
+and its actor that the actor pool does not need. One mechanism serves every source kind; the driver
+holds the items of the shards in flight only (one per worker), read one item at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -75,13 +91,45 @@ def _ray():
     return ray
 
 
-def check_supported(data, settings: Settings) -> None:
-    """Raise for runs whose numbers would depend on the sharding (see the module docstring)."""
-    if data.kind != "image":
-        raise SpecError(
-            f"--engine ray runs image data only for now ({data.spec} holds {data.kind}s: a shard would pad its "
-            f"texts differently from the single-process engine); use --engine local"
-        )
+class _PadTo:
+    """A tokenizer that pads every batch to ``length`` tokens: the longest of the model's samples, which the
+    single-process engine pads all of them to (the texts are truncated at the same 128 tokens, so none is
+    longer). Everything else is the tokenizer's own."""
+
+    def __init__(self, tokenizer, length: int):
+        self.tokenizer, self.length = tokenizer, int(length)
+
+    def __call__(self, texts, **kw):
+        return self.tokenizer(texts, **dict(kw, padding="max_length", max_length=self.length))
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+@contextlib.contextmanager
+def _padded(model: LoadedModel, length: int | None):
+    """``model``'s tokenizer pads to ``length`` inside the block (nothing changes for ``None``)."""
+    if length is None:
+        yield
+        return
+    tok = model.tokenizer
+    model.tokenizer = _PadTo(tok, length)
+    try:
+        yield
+    finally:
+        model.tokenizer = tok
+
+
+def pad_length(job: Job, model: LoadedModel) -> int | None:
+    """The token length the single-process engine pads ``model``'s samples to (``Job.prepare`` on all of
+    ``job.indices``), for text data; None for images."""
+    if job.data.kind != "text":
+        return None
+    from ..specs import text_batch
+
+    texts = job.data.texts
+    assert texts is not None
+    return int(text_batch(model, [texts[i] for i in job.indices])["input_ids"].shape[1])
 
 
 @dataclass
@@ -184,17 +232,20 @@ def write_shard(shard_dir: str | Path, index: int, key: str, rows: list[dict], e
 
 
 # ------------------------------------------------------------------------------------ one shard
-def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, run: str) -> tuple[list[dict], dict]:
+def compute_shard(
+    job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, run: str, pad_to: int | None = None
+) -> tuple[list[dict], dict]:
     """Per-example rows and the sidecar of examples ``job.indices[a:b]`` (``a`` a multiple of the batch
     size): the computation of :meth:`Job.compute_cell` restricted to them. The class-sensitivity and
     randomisation examples (the first ``--sensitivity-samples``/``--randomisation-samples``) are computed
-    by the shards that hold them."""
+    by the shards that hold them. ``pad_to``: texts are padded to this length (:func:`pad_length`)."""
     from . import cell_metrics
 
     s = job.s
     opts = job.options(model, m)
     idx = job.indices[a:b]
-    prep = job.prepare(model, idx)
+    with _padded(model, pad_to):
+        prep = job.prepare(model, idx)
     fn = job.explain_fn(model, m, opts)
     n = b - a
     x, target = prep.inputs, prep.target
@@ -203,7 +254,11 @@ def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, r
     t_explain = time.time() - t0
     t1 = time.perf_counter()
     rows: dict[str, torch.Tensor] = {}
-    res = cell_metrics.image_perturbation(model.module, x, attr, target, s, False, rows=rows, examples=list(idx))
+    text = job.data.kind == "text"
+    if text:
+        res = cell_metrics.text_perturbation(model.module, model.tokenizer, x, attr, target, s, rows=rows)
+    else:
+        res = cell_metrics.image_perturbation(model.module, x, attr, target, s, False, rows=rows, examples=list(idx))
     per = res["per_example"]
     groups = cell_metrics.wanted_groups(s)
     local = dataclasses.replace(
@@ -213,13 +268,17 @@ def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, r
     )
     extra: dict[str, Any] = {}
     if {"sensitivity", "randomisation"} & cell_metrics.wanted_groups(local):
-        sc = cell_metrics.sanity_checks(model.module, x, fn, target, n, local, rows=rows)
+        module, xf, efn = job.sanity_setup(model, fn, x)
+        sc = cell_metrics.sanity_checks(module, xf, efn, target, n, local, rows=rows)
         per.update(sc.pop("per_example"))
         if "randomisation_layers" in sc:
             extra["randomisation_layers"] = sc["randomisation_layers"]
     metric_seconds = time.perf_counter() - t1
     g = max(0, min(s.grid, b) - a)
-    grid = attr[:g].sum(1).clone() if attr.dim() == 4 else attr[:g].clone()
+    if text:  # each text's tokens without the padding, as Job._metrics keeps them
+        grid: Any = [attr[i][x["attention_mask"][i].bool()].clone() for i in range(g)]
+    else:
+        grid = (attr[:g].sum(1) if attr.dim() == 4 else attr[:g]).detach().cpu().clone()
     values = {
         "example": [int(i) for i in idx],
         "label": [int(v) for v in prep.labels],
@@ -235,7 +294,7 @@ def compute_shard(job: Job, model: LoadedModel, m: MethodSpec, a: int, b: int, r
     out_rows = example_rows(run, entry, cell)
     extra.update(
         rows={k: v.detach().cpu() for k, v in rows.items()},
-        grid=grid.detach().cpu(),
+        grid=grid,
         curves={k: res["curves"][k] for k in ("unit", "region_fractions", "fractions")},
         perturbation=res["perturbation"],
         groups=sorted(groups & ({"sensitivity", "randomisation"} | {"perturbation"})),
@@ -284,6 +343,8 @@ class _Worker:
     def run_shard(
         self,
         data_ref: list,
+        items: dict | None,
+        pad_to: int | None,
         spec: str,
         m: MethodSpec,
         key: str,
@@ -294,8 +355,12 @@ class _Worker:
         index: int,
         run: str,
     ) -> int:
-        """Compute and write shard ``index`` (examples ``a:b``) of the cell ``spec`` x ``m``."""
+        """Compute and write shard ``index`` (examples ``a:b``) of the cell ``spec`` x ``m``; ``items``: the
+        stored items of its examples (:func:`relprop.specs.sources.pack_items`; None: in-memory data)."""
+        from ..specs.sources import hold_items
+
         job = self._job(data_ref)
+        hold_items(job.data, items)
         marker = os.environ.get(CRASH_ENV)
         if marker and not os.path.exists(marker):
             Path(marker).write_text(f"worker {os.getpid()} killed on shard {index} of {spec} x {m.label}\n")
@@ -310,7 +375,7 @@ class _Worker:
                 f"{', '.join(differ)} differ(s) from the driver's (relprop source edited during the run, or another "
                 f"relprop/model files/data on this node); run again with the same files on every node"
             )
-        rows, extra = compute_shard(job, model, m, a, b, run)
+        rows, extra = compute_shard(job, model, m, a, b, run, pad_to)
         write_shard(shard_dir, index, key, rows, extra)
         return index
 
@@ -331,7 +396,6 @@ class RayEngine:
         command: str = "",
         log: Callable[[str], None] = print,
     ):
-        check_supported(data, settings)
         ray = _ray()
         self.ray = ray
         self.o = o = options or RayOptions()
@@ -371,7 +435,7 @@ class RayEngine:
             max_task_retries=o.max_retries,
             runtime_env={"env_vars": env} if env else None,
         )
-        self.data_ref = ray.put(data)
+        self.data_ref: Any = None  # the run's data without its readers (sources.detach), put by the first cells()
         self.actors = [
             remote.remote(
                 list(methods), settings, str(self.out), loader or _Loader(), o.cpus_per_worker,
@@ -422,7 +486,12 @@ class RayEngine:
                 else:
                     todo.append((m.label, i))
         self.job_of_run = job
-        self._run(model, plan, bounds, todo, errors)
+        if self.data_ref is None:
+            from ..specs.sources import detach
+
+            self.data_ref = self.ray.put(detach(job.data))
+        pad = pad_length(job, model) if todo else None
+        self._run(model, plan, bounds, todo, errors, pad)
         out: dict[str, dict] = {}
         for m in methods:
             if m.label in errors:
@@ -435,9 +504,12 @@ class RayEngine:
                 out[m.label] = _failed(m, f"{type(ex).__name__}: {ex}")
         return out
 
-    def _run(self, model, plan, bounds, todo, errors) -> None:
+    def _run(self, model, plan, bounds, todo, errors, pad: int | None) -> None:
+        from ..specs.sources import pack_items
+
         ray = self.ray
-        ident = _identity(self.job_of_run, model)
+        job = self.job_of_run
+        ident = _identity(job, model)
         free = list(self.actors)
         pending = list(todo)
         inflight: dict[Any, tuple[Any, str, int]] = {}
@@ -450,7 +522,13 @@ class RayEngine:
                     m, _, key, d = plan[label]
                     actor = free.pop(0)
                     a, b = bounds[i]
-                    ref = actor.run_shard.remote([self.data_ref], model.spec, m, key, ident, a, b, d, i, self.run)
+                    # the shard's stored items, read here and freed when it is done (job.indices[0] as well: a
+                    # worker resolves input-dependent method options on the first sample)
+                    got = pack_items(job.data, [*job.indices[a:b], job.indices[0]])
+                    items = None if got is None else ray.put(got)
+                    ref = actor.run_shard.remote(
+                        [self.data_ref], items, pad, model.spec, m, key, ident, a, b, d, i, self.run
+                    )
                     inflight[ref] = (actor, label, i)
                 if not inflight:
                     break
@@ -501,11 +579,14 @@ class RayEngine:
             got = [e["rows"][name] for _, e in parts if name in e["rows"]]
             return torch.cat(got, dim) if got else None
 
-        def mean_curve(name: str) -> list:
+        def curve_rows(name: str) -> torch.Tensor:
             rows = cat(name)
             if rows is None:
                 raise RuntimeError(f"the shards of {model.spec} x {m.label} hold no {name} curves")
-            return cell_metrics._list(rows.mean(0))  # the single-process reduction over the same rows
+            return rows
+
+        def mean_curve(name: str) -> list:
+            return cell_metrics._list(curve_rows(name).mean(0))  # the single-process reduction, same rows
 
         c = first["curves"]
         curves = {
@@ -518,12 +599,13 @@ class RayEngine:
             "deletion": mean_curve("deletion"),
         }
         res: dict[str, Any] = cell_header(m, opts, n, key)
-        res.update(
-            {
-                "curves": curves,
-                "perturbation": first["perturbation"],
-            }
-        )
+        perturbation = dict(first["perturbation"])
+        if job.data.kind == "text":  # the flag over all of the cell's curves, as text_perturbation sets it
+            perturbation.pop("warning", None)
+            flat = cell_metrics.flat_warning(*(curve_rows(k) for k in ("morf", "lerf", "insertion")))
+            if flat:
+                perturbation["warning"] = flat
+        res.update({"curves": curves, "perturbation": perturbation})
         sim = cat("randomisation", 1)
         if sim is not None:
             res["randomisation_layers"] = first["randomisation_layers"]
@@ -536,7 +618,10 @@ class RayEngine:
         for k, v in res["summary"].items():
             res[k] = v["mean"]
         res["randomisation_check"] = cell_metrics.randomisation_verdict(res["summary"], s.randomisation_threshold)
-        res["grid_attributions"] = torch.cat([e["grid"] for _, e in parts])[: min(s.grid, n)]
+        grids = [e["grid"] for _, e in parts]
+        res["grid_attributions"] = (
+            [g for grid in grids for g in grid] if isinstance(grids[0], list) else torch.cat(grids)
+        )[: min(s.grid, n)]
         res["explain_seconds_per_sample"] = round(t_explain / max(n, 1), 6)
         if s.save_attributions:
             from .store import save_attributions
@@ -545,7 +630,7 @@ class RayEngine:
             res["attributions_file"] = save_attributions(self.out, model.spec, m.label, attr, s.save_attributions)
         res["seconds"] = round(t_explain + sum(e["metric_seconds"] for _, e in parts), 2)
         if job.use_cache:
-            atomic_write(job.cell_path(model, m, key), lambda tmp: torch.save(res, tmp))
+            job.save_cell(model, m, key, res)
         res["reused"] = False
         return res
 
@@ -582,4 +667,4 @@ def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
 
 
-__all__ = ["CRASH_ENV", "RAY_VERSION", "RayEngine", "RayOptions", "check_supported", "compute_shard", "read_shard"]
+__all__ = ["CRASH_ENV", "RAY_VERSION", "RayEngine", "RayOptions", "compute_shard", "pad_length", "read_shard"]
