@@ -231,12 +231,22 @@ def _value(node: Node, argpos: int) -> Value | None:
     return a if isinstance(a, Value) else None
 
 
+#: Half-precision dtypes: a merge computes in float32 for them (see :class:`_MergeBatchNorm`).
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class _MergeBatchNorm:
     """``(weight, bias, gamma, beta, mean, var) -> (merged weight, merged bias)`` for a conv or dense op.
 
     The producer of a merged weight's Values: they start without data and are computed when a rule
     first reads them (:func:`relprop.graph.recompute`), i.e. during the reverse pass, after most
-    activations were released, so the merged copies do not add to the peak memory.
+    activations were released, so the merged copies do not add to the peak memory. Rules that modify
+    weights (z+, alpha-beta, gamma, flat) build them one block of output channels at a time through
+    :class:`MergedScale` instead, with the same arithmetic (equal bits).
+
+    Half-precision models (bfloat16/float16): the merge is computed in float32 and the merged weight
+    and bias stay float32, as the rest of the LRP rule pass (rounding ``W * gamma / sqrt(var + eps)``
+    to 8 bits of mantissa leaked conservation: ``tests/test_dtype_batch_norm.py``).
 
     No cache across calls: a cache keyed on tensor identity goes stale when a user edits
     ``param.data`` in place (``.data`` has its own version counter) and keeps merged copies of every
@@ -246,26 +256,43 @@ class _MergeBatchNorm:
 
     def __init__(self, kind: str, eps: float) -> None:
         self.kind, self.eps = kind, eps
+        #: The merged weight's output-channel dim (a dense op's weight is ``mat2``: ``in x out``).
+        self.dim = 0 if kind == "conv" else 1
 
     def scale(self, gamma: torch.Tensor | None, var: torch.Tensor) -> torch.Tensor:
-        """The norm's per-channel factor ``gamma / sqrt(var + eps)`` (one place for the merge and the fast path)."""
+        """The norm's per-channel factor ``gamma / sqrt(var + eps)`` (one place for the merge and the fast path).
+
+        Float32 for a half-precision norm (everything computed from it then promotes to float32).
+        """
         with torch.no_grad():
+            if var.dtype in _HALF:
+                var = var.float()
             scale = torch.rsqrt(var + self.eps)
             return scale * gamma if gamma is not None else scale
 
-    def __call__(self, w, b, gamma, beta, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``w`` (or a block of its output channels) times the matching factors ``scale`` (1-D)."""
         with torch.no_grad():
-            scale = self.scale(gamma, var)
-            shift = -mean * scale + (beta if beta is not None else 0)
             if self.kind == "conv":
-                w2 = w * scale.view(-1, *[1] * (w.dim() - 1))
-            else:
-                w2 = w * scale.view(1, -1)
-            b2 = (b * scale if b is not None else 0) + shift
-        return w2, b2
+                return w * scale.view(-1, *[1] * (w.dim() - 1))
+            return w * scale.view(1, -1)
+
+    def bias(self, b, beta, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The merged bias ``b * scale + beta - mean * scale`` (``b``, ``beta`` may be ``None``)."""
+        with torch.no_grad():
+            shift = -mean * scale + (beta if beta is not None else 0)
+            return (b * scale if b is not None else 0) + shift
+
+    def __call__(self, w, b, gamma, beta, mean, var) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale(gamma, var)
+        return self.weight(w, scale), self.bias(b, beta, mean, scale)
 
     def __str__(self) -> str:
         return f"relprop.merge_batch_norm.{self.kind}"
+
+
+def _data(a):
+    return a.tensor if isinstance(a, Value) else a
 
 
 @dataclass(frozen=True)
@@ -273,8 +300,10 @@ class MergedScale:
     """A merged node's linear op before the merge: ``op(x, W * scale) == op(x, W) * scale`` per output channel.
 
     What the epsilon rule needs on a merged node: ``J^T s`` with the merged weight is ``J_W^T (scale * s)``
-    with the model's weight, so it never builds the merged weight (one pass over every weight of the model
-    per call) and scales the (smaller, or similar) relevance quotient instead.
+    with the model's W, so it never builds the merged weight (one pass over every weight of the model
+    per call) and scales the (smaller, or similar) relevance quotient instead. Rules that modify the
+    weights build blocks of the merged weight (:meth:`merged_weight`) and the merged bias on their own,
+    never the whole merged weight next to its modified copy.
     """
 
     #: Input position of the merged weight in the merged node (``W`` goes there instead).
@@ -283,13 +312,37 @@ class MergedScale:
     weight: Value
     #: Per-channel factor shaped to broadcast against the node's output.
     scale: torch.Tensor
+    #: Input position of the merged bias in the merged node.
+    bias_pos: int
+    #: The per-channel factor, 1-D (float32 under half precision).
+    factor: torch.Tensor
+    #: The merge and its arguments ``(w, b, gamma, beta, mean, var)`` (Values or ``None``).
+    merge: _MergeBatchNorm
+    args: tuple
+
+    @property
+    def dim(self) -> int:
+        """The output-channel dim of the weight."""
+        return self.merge.dim
+
+    def merged_weight(self, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Output channels ``start:start + length`` (all by default) of the merged weight: the merge's bits."""
+        w, f = self.weight.tensor, self.factor
+        if length is not None:
+            w, f = w.narrow(self.dim, start, length), f.narrow(0, start, length)
+        return self.merge.weight(w, f)
+
+    def merged_bias(self) -> torch.Tensor:
+        """The merged bias (the merge's bits), without building the merged weight."""
+        _, b, _, beta, mean, _ = (_data(a) for a in self.args)
+        return self.merge.bias(b, beta, mean, self.factor)
 
 
 def merged_scale(node: Node) -> MergedScale | None:
     """For a node made by :func:`merge_batch_norms` whose merged weight was not built yet: its parts, else None."""
     if "merged_batch_norm" not in node.meta:
         return None
-    pos = 1 if node.packet == "convolution" else 2
+    pos, bias_pos = (1, 2) if node.packet == "convolution" else (2, 0)
     if len(node.inputs) <= pos:
         return None
     wv = node.inputs[pos]
@@ -298,11 +351,12 @@ def merged_scale(node: Node) -> MergedScale | None:
     if not isinstance(merge, _MergeBatchNorm) or wv.data is not None or prod is None:
         return None
     w, _, gamma, _, _, var = prod.args
-    scale = merge.scale(gamma.tensor if isinstance(gamma, Value) else None, var.tensor)
+    factor = merge.scale(_data(gamma), var.tensor)
+    scale = factor
     out = node.outputs[0]
     if merge.kind == "conv" and out is not None and out.shape is not None:
-        scale = scale.view(-1, *[1] * (len(out.shape) - 2))
-    return MergedScale(pos, w, scale)
+        scale = factor.view(-1, *[1] * (len(out.shape) - 2))
+    return MergedScale(pos, w, scale, bias_pos, factor, merge, tuple(prod.args))
 
 
 def _merged(kind: str, w: Value, b: Value | None, bn: Node, values: list[Value]) -> tuple[Value, Value] | None:
@@ -317,9 +371,10 @@ def _merged(kind: str, w: Value, b: Value | None, bn: Node, values: list[Value])
     producer = Node(-1, merge, args, {}, [v for v in args if v is not None], [], bn.module, None)  # type: ignore[arg-type]
     out_shapes = (w.shape, torch.Size([w.shape[0] if kind == "conv" else w.shape[1]]))
     outs = []
+    dtype = torch.float32 if w.dtype in _HALF else w.dtype  # merged in float32 under half precision
     for j, shape in enumerate(out_shapes):
         v = Value(len(values), None, "constant", producer=producer, output_index=j, name="merged_batch_norm")
-        v.dtype, v.shape, v.device = w.dtype, shape, w.device
+        v.dtype, v.shape, v.device = dtype, shape, w.device
         values.append(v)
         outs.append(v)
     producer.outputs = list(outs)

@@ -153,33 +153,135 @@ class LinearOperands:
         return LinearOperands(a, params, bias)
 
 
-def _mod_tensors(
-    ctx: RuleContext,
-    ops: LinearOperands,
-    x: torch.Tensor,
-    pmod: ParamMod,
-    no_bias: bool,
-) -> list[torch.Tensor]:
-    tensors = list(ctx.inputs)
-    tensors[ops.act] = x
-    if any(isinstance(t, torch.Tensor) and t.dtype in HALF for t in tensors):
-        # Half-precision model: modified weights and the forwards and VJPs on them in float32, like the
-        # division they feed (the modified weights p + gamma * p+ are not rounded to half precision).
-        tensors = [to_float32(t) for t in tensors]
-    memo = ctx.memo
-    for p in ops.params:
-        t = tensors[p]
-        if no_bias and p == ops.bias:
-            t = torch.zeros_like(t)
-        elif pmod is not None:
-            # A rule evaluates the same modified weights in its forward and its VJP: modify once per node.
-            key = (p, pmod)
-            hit = memo.get(key)
-            if hit is None:
-                hit = memo[key] = pmod(t)
-            t = hit
-        tensors[p] = t
-    return tensors
+#: Rules that modify a conv/dense op's weights (z+, alpha-beta, gamma, flat, w^2) build the modified copies one
+#: block of output channels at a time, each no larger than the op's input or output or this many bytes: on
+#: ResNet-50's last stage the weights are ten times the activations, and a whole modified copy (plus the
+#: merged weight it was made from, plus the kernel's own reordered copy) set the peak memory of the pass.
+MIN_BLOCK_BYTES = 1 << 20
+
+
+class _Params:
+    """A conv/dense node's parameters as the linear rules read them, whole or by blocks of output channels.
+
+    * Half-precision model: everything in float32 (modified weights ``p + gamma * p+`` are not rounded to
+      half precision, and the forwards and VJPs on them run in float32, like the division they feed).
+    * A merged batch norm whose merged weight was not built (:func:`.canonical.merged_scale`): the merged
+      weight is computed from the model's weight block by block, with the merge's own arithmetic (equal bits),
+      and never kept whole next to its modified copy; the merged bias is computed without the weight.
+    * Blocks (:meth:`blocks`) exist for ``convolution`` (not transposed, one group) and ``mm``/``addmm``
+      against a 2-D weight, whose output channels are independent slices of the weight and the bias.
+    """
+
+    def __init__(self, node: Node, ops: LinearOperands) -> None:
+        # (no reference to the RuleContext: this object lives in its memo, and a cycle would keep every
+        # modified weight alive until the garbage collector ran)
+        self.ops, self.node = ops, node
+        self.merged = merged_scale(node)
+        self.half = any(v.dtype in HALF for v in node.inputs if v.is_float)
+        self.layout = _block_layout(node, ops)
+        self._bias: torch.Tensor | None = None
+
+    def param(self, p: int) -> torch.Tensor:
+        """Parameter input ``p``, unmodified and whole (float32 under half precision)."""
+        m = self.merged
+        if m is not None and p == m.weight_pos:
+            t = m.merged_weight()
+        elif m is not None and p == m.bias_pos:
+            if self._bias is None:
+                self._bias = m.merged_bias()
+            t = self._bias
+        else:
+            t = self.node.inputs[p].tensor
+        return to_float32(t) if self.half else t
+
+    def block(self, p: int, start: int, length: int) -> torch.Tensor:
+        """Output channels ``start:start + length`` of the weight or the bias (``p``), unmodified."""
+        m = self.merged
+        w_pos, w_dim = self.layout if self.layout is not None else (-1, 0)
+        if m is not None and p == m.weight_pos:
+            t = m.merged_weight(start, length)
+        elif p == w_pos:
+            t = self.node.inputs[p].tensor.narrow(w_dim, start, length)
+        else:  # the bias (1-D)
+            t = self.param(p).narrow(0, start, length)
+        return to_float32(t) if self.half else t
+
+    def blocks(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """``(start, length)`` of output-channel blocks whose weights take at most ``max(|x|, |out|, 1 MiB)``."""
+        out = self.node.outputs[0]
+        if self.layout is None or out is None or out.shape is None:
+            return []
+        w_pos, w_dim = self.layout
+        shape = self.node.inputs[w_pos].shape
+        if shape is None:
+            return []
+        channels = shape[w_dim]
+        size = 4 if self.half else x.element_size()
+        budget = max(x.numel() * size, out.shape.numel() * size, MIN_BLOCK_BYTES)
+        n = -(-shape.numel() * size // budget)  # blocks needed
+        if n <= 1 or channels < 2:
+            return []
+        step = -(-channels // min(n, channels))
+        return [(c, min(step, channels - c)) for c in range(0, channels, step)]
+
+    def tensors(
+        self, x: torch.Tensor, pmod: ParamMod, no_bias: bool, memo: dict, block: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """The node's inputs with activation ``x`` and parameters ``pmod(param)`` (all output channels or a block).
+
+        ``memo`` holds the modified parameters, so a rule's forward and its VJP modify each once.
+        """
+        node, ops = self.node, self.ops
+        tensors: list = [None] * len(node.inputs)
+        for i, v in enumerate(node.inputs):
+            if i == ops.act:
+                tensors[i] = to_float32(x) if self.half else x
+            elif i not in ops.params:
+                tensors[i] = to_float32(v.tensor) if self.half else v.tensor
+            elif no_bias and i == ops.bias:
+                shape = v.shape if block is None or v.shape is None else (block[1],)
+                dtype = torch.float32 if self.half else v.dtype
+                tensors[i] = torch.zeros(shape if shape is not None else (), dtype=dtype, device=v.device)
+            else:
+                key = (i, pmod)
+                t = memo.get(key)
+                if t is None:
+                    t = self.param(i) if block is None else self.block(i, *block)
+                    t = memo[key] = t if pmod is None else pmod(t)
+                tensors[i] = t
+        return tensors
+
+
+def _block_layout(node: Node, ops: LinearOperands) -> tuple[int, int] | None:
+    """``(weight input, its output-channel dim)`` where blocks of output channels are independent, else None."""
+    p = node.packet
+    if p == "convolution":
+        if len(node.args) != 9 or node.args[6] or node.args[8] != 1 or node.kwargs:
+            return None
+        w = input_index(node, 1)
+        b = input_index(node, 2)
+        if w is None or w == ops.act or set(ops.params) - {w, b}:
+            return None
+        return w, 0
+    if p in ("mm", "addmm") and not node.kwargs and len(node.args) == (2 if p == "mm" else 3):
+        w, a = (1, 0) if p == "mm" else (2, 1)
+        wi, ai = input_index(node, w), input_index(node, a)
+        bi = input_index(node, 0) if p == "addmm" else None
+        if wi is None or ai != ops.act or set(ops.params) - {wi, bi}:
+            return None
+        ws = node.inputs[wi].shape
+        bs = node.inputs[bi].shape if bi is not None else None
+        if ws is None or len(ws) != 2 or (bi is not None and (bs is None or tuple(bs) != (ws[1],))):
+            return None
+        return wi, 1
+    return None
+
+
+def _params(ctx: RuleContext, ops: LinearOperands) -> _Params:
+    hit = ctx.memo.get(_Params)
+    if hit is None:
+        hit = ctx.memo[_Params] = _Params(ctx.node, ops)
+    return hit
 
 
 def forward(
@@ -187,7 +289,7 @@ def forward(
 ) -> torch.Tensor:
     """The op's first output for a modified activation ``x`` and parameters ``pmod(param)``."""
     with torch.no_grad():
-        out = ctx.node.run(_mod_tensors(ctx, ops, x, pmod, no_bias))
+        out = ctx.node.run(_params(ctx, ops).tensors(x, pmod, no_bias, ctx.memo))
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -197,8 +299,77 @@ def input_vjp(ctx: RuleContext, ops: LinearOperands, s: torch.Tensor, pmod: Para
     Goes through the shared :func:`vjp`, so convolutions and matmuls get their direct backward
     kernels (:mod:`relprop.rules.vjps`) on the modified weights too.
     """
-    tensors = _mod_tensors(ctx, ops, ctx.inputs[ops.act], pmod, False)
+    tensors = _params(ctx, ops).tensors(ctx.node.inputs[ops.act].tensor, pmod, False, ctx.memo)
     return _asked(vjp(ctx.node, [s], tensors, [ops.act]), ops.act)
+
+
+#: One term of a modified linear op: ``(activation, parameter modifier, drop the bias)``.
+Term = tuple[torch.Tensor, ParamMod, bool]
+
+
+def shares(
+    ctx: RuleContext, ops: LinearOperands, groups: Sequence[tuple[torch.Tensor, Sequence[Term]]], stabilizer: float
+) -> list[list[torch.Tensor]]:
+    """For each group ``(rel, terms)``: ``J_i^T (rel / stabilize(sum_i op(x_i; p_i)))`` for each term ``i``.
+
+    Each returned tensor is new and the caller's (it may write into it, e.g. with :func:`times`).
+
+    The pattern of every rule that modifies weights: z+ and alpha-beta (terms for the positive and negative
+    inputs), gamma (two groups), flat and w^2 (one term). Where the weights are larger than the activations
+    (:meth:`_Params.blocks`) the modified weights are made, used and dropped one block of output channels at
+    a time: the blocks' outputs are independent, and the VJPs of the blocks add up to the whole one
+    (``tests/test_lrp_blocks.py``: equal to the whole computation to rounding, float64 1e-12). Otherwise the
+    whole op, with the same operations as before blocks existed (equal bits).
+    """
+    params = _params(ctx, ops)
+    blocks = params.blocks(groups[0][1][0][0]) if groups and groups[0][1] else []
+    res: list[list[torch.Tensor]] = []
+    if not blocks:
+        for rel, terms in groups:
+            z = None
+            for x, pmod, no_bias in terms:
+                f = forward(ctx, ops, x, pmod, no_bias)
+                z = f if z is None else z + f
+            assert z is not None
+            s = ratio(rel, z, stabilizer)  # = rel / stabilize(z) (equal bits), z dropped before the VJPs
+            del z
+            res.append(_owned([input_vjp(ctx, ops, s, pmod) for _, pmod, _ in terms], s))
+        return res
+    node, act = ctx.node, ops.act
+    out_dim = 1 if node.packet == "convolution" else -1
+    x_rec = node.inputs[act].tensor  # the VJP w.r.t. the activation reads only its shape
+    acc: list[list[torch.Tensor | None]] = [[None] * len(terms) for _, terms in groups]
+    for block in blocks:
+        memo: dict = {}  # this block's modified parameters, dropped after it
+        for gi, (rel, terms) in enumerate(groups):
+            z = None
+            with torch.no_grad():
+                for x, pmod, no_bias in terms:
+                    f = node.run(params.tensors(x, pmod, no_bias, memo, block))
+                    f = f[0] if isinstance(f, (tuple, list)) else f
+                    z = f if z is None else z.add_(f)
+            assert z is not None
+            d = stabilize(z, stabilizer)
+            r = rel.narrow(out_dim, *block)
+            s = torch.div(r, d, out=d) if writable(d, r, d) else r / d
+            for ti, (_, pmod, _) in enumerate(terms):
+                g = _asked(vjp(node, [s], params.tensors(x_rec, pmod, False, memo, block), [act]), act)
+                prev = acc[gi][ti]
+                acc[gi][ti] = g if prev is None else prev.add_(g)
+    return [[_asked(row, i) for i in range(len(row))] for row in acc]
+
+
+def _owned(grads: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor]:
+    """``grads`` as new tensors of their own (a rule may write into them): a copy of any that is ``s``, a view or
+    shares memory with another (a linear op's VJP makes a new tensor; this guards the exception)."""
+    seen = {s.data_ptr()}
+    out = []
+    for g in grads:
+        if g._base is not None or g.data_ptr() in seen:
+            g = g.clone()
+        seen.add(g.data_ptr())
+        out.append(g)
+    return out
 
 
 def _placeholder(v: Value) -> torch.Tensor:
@@ -230,7 +401,7 @@ class Epsilon:
         # Parameters only: an activation held constant (CP-LRP's attention weights in eager attention)
         # must get no relevance, or some leaks into the softmax and q, k.
         wanted = [p for p in ops.params if ctx.needs[p] and p != ops.bias and not node.inputs[p].is_activation]
-        merged = merged_scale(node) if not wanted and x.dtype not in HALF else None
+        merged = merged_scale(node) if not wanted else None
         if merged is not None:
             # A batch norm merged into this op: J^T s with the merged weight W * scale is J_W^T (scale * s)
             # with the model's W, so the merged weight is never built (tests/test_lrp_fast.py: equal to it).
@@ -262,19 +433,15 @@ class Gamma:
         g = self.gamma
         gp = lambda p: p + g * p.clamp(min=0)  # noqa: E731
         gn = lambda p: p + g * p.clamp(max=0)  # noqa: E731
-        x = ctx.inputs[ops.act]
+        x = ctx.node.inputs[ops.act].tensor
         xp, xn = _pos(x), _neg(x)
         z = ctx.out
-        z_pos = forward(ctx, ops, xp, gp) + forward(ctx, ops, xn, gn, no_bias=True)
-        z_neg = forward(ctx, ops, xp, gn) + forward(ctx, ops, xn, gp, no_bias=True)
-        s_pos = (z > 0) * ctx.rel / stabilize(z_pos, self.stabilizer)
-        s_neg = (z < 0) * ctx.rel / stabilize(z_neg, self.stabilizer)
-        r = (
-            xp * input_vjp(ctx, ops, s_pos, gp)
-            + xn * input_vjp(ctx, ops, s_pos, gn)
-            + xp * input_vjp(ctx, ops, s_neg, gn)
-            + xn * input_vjp(ctx, ops, s_neg, gp)
-        )
+        pos = ((z > 0) * ctx.rel, [(xp, gp, False), (xn, gn, True)])
+        neg = ((z < 0) * ctx.rel, [(xp, gn, False), (xn, gp, True)])
+        (pp, pn), (np_, nn) = shares(ctx, ops, [pos, neg], self.stabilizer)
+        # xp * pp + xn * pn + xp * np_ + xn * nn, in this order (equal bits), into the tensors shares made
+        r = _add(_signed_sum(xp, xn, [pp, pn]), times(xp, np_, owned=True))
+        r = _add(r, times(xn, nn, owned=True))
         return _only(ctx, ops, r)
 
     def __repr__(self) -> str:
@@ -291,33 +458,40 @@ class AlphaBeta:
 
     def __call__(self, ctx: RuleContext) -> list:
         ops = LinearOperands.of(ctx)
-        x = ctx.inputs[ops.act]
+        x = ctx.node.inputs[ops.act].tensor
         # After a ReLU the input has no negative part: skip its terms (they are exactly zero) and the copy.
         # On an accelerator the check would be a host sync per layer: the terms are computed (zero there) instead.
         has_neg = x.device.type != "cpu" or bool((x < 0).any())
         xp, xn = (_pos(x), _neg(x)) if has_neg else (x, None)
-        z_pos = forward(ctx, ops, xp, _pos)
-        if xn is not None:
-            z_pos = z_pos + forward(ctx, ops, xn, _neg, no_bias=True)
-        s = ctx.rel / stabilize(z_pos, self.stabilizer)
-        r = xp * input_vjp(ctx, ops, s, _pos)
-        if xn is not None:
-            r = r + xn * input_vjp(ctx, ops, s, _neg)
+
+        def terms(p: ParamMod, n: ParamMod) -> list[Term]:
+            # z = op(x+; p(W), p(b)) + op(x-; n(W)): the contributions of one sign
+            return [(xp, p, False)] + ([(xn, n, True)] if xn is not None else [])
+
+        groups = [(ctx.rel, terms(_pos, _neg))]
+        if self.beta:
+            groups.append((ctx.rel, terms(_neg, _pos)))
+        g = shares(ctx, ops, groups, self.stabilizer)
+        r = _signed_sum(xp, xn, g[0])
         if self.alpha != 1:
             r = self.alpha * r
         if self.beta:
-            z_neg = forward(ctx, ops, xp, _neg)
-            if xn is not None:
-                z_neg = z_neg + forward(ctx, ops, xn, _pos, no_bias=True)
-            s = ctx.rel / stabilize(z_neg, self.stabilizer)
-            rn = xp * input_vjp(ctx, ops, s, _neg)
-            if xn is not None:
-                rn = rn + xn * input_vjp(ctx, ops, s, _pos)
-            r = r - self.beta * rn
+            r = r - self.beta * _signed_sum(xp, xn, g[1])
         return _only(ctx, ops, r)
 
     def __repr__(self) -> str:
         return f"AlphaBeta(alpha={self.alpha}, beta={self.beta})"
+
+
+def _signed_sum(xp: torch.Tensor, xn: torch.Tensor | None, g: list[torch.Tensor]) -> torch.Tensor:
+    """``x+ * g[0] (+ x- * g[1])``, written into ``g`` (the caller's, from :func:`shares`): equal bits."""
+    r = times(xp, g[0], owned=True)
+    return r if xn is None else _add(r, times(xn, g[1], owned=True))
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, into ``a`` (a new tensor of the caller's) where :func:`writable` allows: equal bits."""
+    return a.add_(b) if writable(a, a, b) else a + b
 
 
 class ZPlus(AlphaBeta):
@@ -338,7 +512,7 @@ class ZBox:
 
     def __call__(self, ctx: RuleContext) -> list:
         ops = LinearOperands.of(ctx)
-        x = ctx.inputs[ops.act]
+        x = ctx.node.inputs[ops.act].tensor
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
         z = forward(ctx, ops, x) - forward(ctx, ops, low, _pos) - forward(ctx, ops, high, _neg)
@@ -360,16 +534,14 @@ class WSquare:
 
     def __call__(self, ctx: RuleContext) -> list:
         ops = LinearOperands.of(ctx)
-        x = ctx.inputs[ops.act]
+        x = ctx.node.inputs[ops.act].tensor
         pmod: Callable[[torch.Tensor], torch.Tensor]
         if self.flat:
             pmod, no_bias = torch.ones_like, True
         else:
             pmod, no_bias = (lambda p: p * p), False
-        ones = torch.ones_like(x)
-        z = forward(ctx, ops, ones, pmod, no_bias=no_bias)
-        s = ctx.rel / stabilize(z, self.stabilizer)
-        return _only(ctx, ops, input_vjp(ctx, ops, s, pmod))
+        ((r,),) = shares(ctx, ops, [(ctx.rel, [(torch.ones_like(x), pmod, no_bias)])], self.stabilizer)
+        return _only(ctx, ops, r)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -430,4 +602,5 @@ __all__: Sequence[str] = [
     "LinearOperands",
     "forward",
     "input_vjp",
+    "shares",
 ]
