@@ -56,7 +56,8 @@ import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
 from ..specs.errors import extra_hint
-from .compare import Job, Settings, atomic_write, cell_header, slug
+from .compare import Job, Settings, cell_header, slug
+from .store import Output, atomic_write
 
 #: the Ray version the engine is tested with (requirements-test.txt)
 RAY_VERSION = "2.60.0"
@@ -312,7 +313,7 @@ class _Worker:
 
     def __init__(self, methods, settings, out: str, loader: _Loader, threads: int, use_gpu: bool):
         torch.set_num_threads(max(1, threads))
-        self.args = (list(methods), settings, Path(out))
+        self.args = (list(methods), settings, out)  # a folder or URL; workers write nothing under it
         self.job: Job | None = None
         self.loader = loader
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it reserved for this actor (--gpus-per-worker); the model
@@ -389,7 +390,7 @@ class RayEngine:
         data,
         methods: Sequence[MethodSpec],
         settings: Settings,
-        out: str | Path,
+        out: str | Path | Output,
         *,
         options: RayOptions | None = None,
         loader: _Loader | None = None,
@@ -405,8 +406,8 @@ class RayEngine:
         if size % settings.batch_size:
             raise SpecError(f"the shard size ({size}) must be a multiple of --batch-size ({settings.batch_size})")
         self.shard_size = size
-        self.settings, self.out, self.log = settings, Path(out), log
-        self.shards = str(o.shards or self.out / "shards").rstrip("/")
+        self.settings, self.out, self.log = settings, Output(out), log
+        self.shards = str(o.shards or self.out.where("shards")).rstrip("/")
         fs, _ = shard_fs(self.shards)  # fsspec present, the URL's protocol known: fail before Ray starts
         if "memory" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
             raise SpecError(
@@ -438,7 +439,7 @@ class RayEngine:
         self.data_ref: Any = None  # the run's data without its readers (sources.detach), put by the first cells()
         self.actors = [
             remote.remote(
-                list(methods), settings, str(self.out), loader or _Loader(), o.cpus_per_worker,
+                list(methods), settings, self.out.where(), loader or _Loader(), o.cpus_per_worker,
                 o.gpus_per_worker > 0,
             )
             for _ in range(o.workers)
