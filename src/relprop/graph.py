@@ -9,6 +9,7 @@ and nothing else, so a graph can be inspected, filtered and re-used for many rul
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,12 +111,14 @@ class Node:
         mtype = f" ({self.module_type.__name__})" if self.module_type is not None else ""
         return f"module '{self.module or '<top level>'}'{mtype}"
 
-    @property
+    # Cached: a node's op never changes, and the rule pass, graph passes and the plan ask for these
+    # names thousands of times per call (``str(OpOverload)`` builds a new string each time).
+    @functools.cached_property
     def op_name(self) -> str:
         """``aten.convolution.default`` style name."""
         return str(self.op)
 
-    @property
+    @functools.cached_property
     def packet(self) -> str:
         """Overload packet name without namespace (``convolution``); a region's own packet name."""
         if isinstance(self.op, RegionOp):
