@@ -73,6 +73,11 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
     for v, t in seeds.items():
         _accumulate(rel, v, t, None)
     protected = wanted | {v.index for v in seeds} | {v.index for v in graph.output_values}
+
+    def may_skip(v: Value) -> bool:
+        """May a rule explaining several nodes at once pass over ``v`` (no relevance of its own wanted or held)?"""
+        return v.index not in protected and v.index not in rel
+
     for node in reversed(graph.nodes):
         outs = node.outputs
         if not any(v is not None and v.index in rel for v in outs):
@@ -90,7 +95,20 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
         rule = resolve(node)
         if rule is None:
             raise NoRuleError(node, method)
-        result = rule(RuleContext(node, relevance, needs, prepared.notes_of(node)))
+        ctx = RuleContext(node, relevance, needs, prepared.notes_of(node))
+        through = getattr(rule, "through", None) if on_node is None else None
+        hit = through(ctx, prepared, resolve, may_skip) if through is not None else None
+        if hit is not None:
+            # The rule explained a chain of nodes in one step (rules.attention.ScoreChain): relevance lands on
+            # the inputs of the chain's first node; the nodes in between get none and are passed over.
+            first, result = hit
+            for v, r in zip(first.inputs, result):
+                if r is not None and v.index in reach:
+                    _accumulate(rel, v, r, first)
+            if free:
+                _release(node, protected)
+            continue
+        result = rule(ctx)
         if on_node is not None:  # diagnosis of a non-finite result (relprop._nonfinite)
             on_node(node, relevance, result, rule)
         for v, need, r in zip(node.inputs, needs, result):

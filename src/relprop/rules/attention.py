@@ -10,14 +10,23 @@ rule. CP-LRP (Ali et al. 2022) holds the attention weights constant: all relevan
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import HALF, RuleContext, register_family
-from .linear import stabilize, writable
+from ..graph import Node, Value
+from .base import HALF, PreparedGraph, RuleContext, register_family, vjp
+from .linear import stabilize, times, writable
+from .routing import Route
 
 
 class SoftmaxRule:
+    def through(self, ctx: RuleContext, prepared: PreparedGraph, resolve, may_skip) -> tuple[Node, list] | None:
+        """Relevance of the score product's operands, past the score chain (see :func:`score_chain`)."""
+        chain = score_chain(ctx, prepared, resolve, may_skip)
+        r = ctx.relevance[0]
+        return None if chain is None or r is None else (chain.product, chain.relevance(r, ctx.out))
+
     def __call__(self, ctx: RuleContext) -> list:
         res: list = [None] * len(ctx.node.inputs)
         if ctx.relevance[0] is None or not ctx.needs[0]:
@@ -37,10 +46,146 @@ def _softmax_input_relevance(x: torch.Tensor, s: torch.Tensor, r: torch.Tensor, 
         # The same operations written into the one new tensor (attention-score sized: five temporaries
         # fewer); equal bits to the expression below (tests/test_lrp_fast.py).
         torch.sub(r, g, out=g)
+        if x.device.type == "cpu" and _finite(x):
+            return g.mul_(x)  # no score to zero (the usual case): the boolean passes below would change nothing
         # ``not |x| < inf`` is ``not isfinite(x)`` (NaN compares false), in fewer passes than isfinite's.
         return g.mul_(x).masked_fill_(torch.lt(x.abs(), float("inf")).logical_not_(), 0.0)
     g = r - g
     return torch.where(torch.isfinite(x), x * g, torch.zeros_like(g))
+
+
+_VIEWS = ("view", "_unsafe_view", "reshape")
+
+
+@dataclass
+class ScoreChain:
+    """Eager attention's scores, ``softmax(bmm(q, k^T) [viewed] * c + mask)``, explained in one step.
+
+    The rules of the chain's nodes, applied one after another (``Uniform(0)`` on the product, a view,
+    ``Uniform`` on ``* c``, ``Proportional(0)`` on ``+ mask``, :class:`SoftmaxRule`), make ``R / z1`` at the
+    product's output equal, in exact arithmetic, to ``c * h`` with ``h = r - s * sum(r)`` (the softmax rule
+    in gradient form): each rule multiplies by the value the next one divides by (``z3 * h / z3``,
+    ``z2 / z1 = c``). Computed in about six passes over the attention-sized tensors instead of about twenty,
+    and the scaled scores ``z2`` are never read. The chain's zero sets are kept: 0 where the softmax input
+    is not finite or where ``|z3|`` or ``|z1|`` is below the smallest normal number (the LRP-0 absorption
+    of :func:`.linear.ratio`). Equal to the step-by-step rules to rounding (tests/test_decoder_fast.py:
+    float64 1e-12, float32 1e-5, zero sets included).
+    """
+
+    product: Node  # the bmm q @ k^T
+    acts: list[int]  # its activation operands
+    scale: float  # c
+    z1: Value  # the product's output
+    z3: Value  # the softmax input
+
+    def relevance(self, r: torch.Tensor, s: torch.Tensor) -> list:
+        """The product operands' relevance from the relevance ``r`` at the softmax output ``s``."""
+        z3, z1 = self.z3.tensor, self.z1.tensor
+        tiny = torch.finfo(z3.dtype).tiny
+        q = s * r.sum(-1, keepdim=True)
+        torch.sub(r, q, out=q)  # h, in gradient form
+        a = z3.abs().contiguous()
+        if z3.device.type == "cpu" and _normal(a) and _normal(torch.abs(z1, out=a.view(z1.shape))):
+            # Every score finite and normal (the usual case; a NaN fails the test): the zero sets below are
+            # empty, and finding that out with two reductions is much cheaper than the boolean passes on CPU.
+            # (On a GPU the test would read a number back per layer, a host sync: the masks are always made.)
+            q.mul_(self.scale)
+        else:
+            torch.abs(z3, out=a)
+            drop = torch.lt(a, float("inf")).logical_not_()  # softmax rule: 0 where the input is not finite
+            drop.logical_or_(torch.lt(a, tiny))  # sum rule: |z3| < tiny absorbs
+            drop.logical_or_(torch.lt(torch.abs(z1, out=a.view(z1.shape)), tiny).view(drop.shape))  # product rule
+            q.mul_(self.scale).masked_fill_(drop, 0.0)
+            del drop
+        del a
+        shape = self.z1.tensor.shape
+        q = q.view(shape) if q.is_contiguous() else q.reshape(shape)
+        grads = vjp(self.product, [q], None, self.acts)
+        last = self.acts[-1]
+        res: list = [None] * len(self.product.inputs)
+        for i in self.acts:
+            g = grads[i]
+            if g is None:
+                raise RuntimeError(f"internal: no gradient for input {i} of {self.product!r}")
+            res[i] = times(self.product.inputs[i].tensor, g, owned=i == last).div_(len(self.acts))
+        return res
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Is every element of ``x`` finite (False for NaN)? Two reductions in one pass; CPU callers only: on a GPU
+    the answer is a read-back, a host sync per call (tests/test_gpu.py counts them)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(lo > float("-inf")) and bool(hi < float("inf"))
+
+
+def _normal(a: torch.Tensor) -> bool:
+    """Are all of ``a`` (absolute values) finite and at least the smallest normal number (False for NaN)?"""
+    if a.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(a)
+    return bool(lo >= torch.finfo(a.dtype).tiny) and bool(hi < float("inf"))
+
+
+def score_chain(ctx: RuleContext, prepared: PreparedGraph, resolve, may_skip) -> ScoreChain | None:
+    """The :class:`ScoreChain` ending at softmax node ``ctx.node``, or ``None`` (then each rule runs on its own).
+
+    Only where every node of the chain gets exactly the rule the one-step formula stands for (AttnLRP's
+    defaults), each intermediate value has that one consumer and nothing else asks for its relevance
+    (``may_skip``), shapes do not broadcast and everything is in the relevance's dtype.
+    """
+    from .elementwise import Uniform
+    from .reduction import Proportional
+
+    node, r = ctx.node, ctx.relevance[0]
+    if r is None or not ctx.needs[0] or node.packet != "_softmax" or node.arg(2) is not False:
+        return None
+    z3 = node.inputs[0]
+    dim = node.arg(1)
+    if z3.shape is None or dim not in (-1, len(z3.shape) - 1):
+        return None
+
+    def single(v: Value, consumer: Node) -> Node | None:
+        p = v.producer
+        if p is None or p.region is not None or len(v.consumers) != 1 or v.consumers[0] is not consumer:
+            return None
+        return p if may_skip(v) else None
+
+    def acts_of(n: Node) -> list[int]:
+        return RuleContext(n, [None], [True] * len(n.inputs), prepared.notes_of(n)).activation_inputs()
+
+    add = single(z3, node)
+    if add is None or add.op_name != "aten.add.Tensor" or add.kwargs or len(add.args) != 2:
+        return None
+    rule = resolve(add)
+    if type(rule) is not Proportional or rule.stabilizer != 0 or acts_of(add) != [0]:
+        return None
+    z2 = add.inputs[0]
+    if z2.shape != z3.shape or not isinstance(add.args[1], Value):
+        return None
+    mul = single(z2, add)
+    if mul is None or mul.op_name != "aten.mul.Tensor" or mul.kwargs or len(mul.inputs) != 1:
+        return None
+    c = mul.args[1]
+    rule = resolve(mul)
+    if type(c) is not float or type(rule) is not Uniform or acts_of(mul) != [0] or mul.inputs[0].shape != z2.shape:
+        return None
+    view = single(mul.inputs[0], mul)
+    if view is None or view.packet not in _VIEWS or type(resolve(view)) is not Route or view.kwargs:
+        return None
+    z1 = view.inputs[0]
+    product = single(z1, view)
+    if product is None or product.op_name != "aten.bmm.default" or product.kwargs:
+        return None
+    rule = resolve(product)
+    acts = acts_of(product)
+    if type(rule) is not Uniform or rule.epsilon != 0 or not acts:
+        return None
+    dtypes = {z1.dtype, z3.dtype, node.first_output.dtype, r.dtype} | {product.inputs[a].dtype for a in acts}
+    if len(dtypes) != 1 or r.dtype not in (torch.float32, torch.float64):
+        return None
+    return ScoreChain(product, acts, c, z1, z3)
 
 
 class AttentionRule:

@@ -58,8 +58,11 @@ class Uniform:
         res: list = [None] * len(ctx.node.inputs)
         if not acts or ctx.relevance[0] is None:
             return res
-        if len(acts) == 1 and ctx.node.packet in ("mul", "div") and ctx.inputs[acts[0]].shape == ctx.out.shape:
-            res[acts[0]] = ctx.relevance[0]  # x * c: the z-rule share of x is all of R
+        node = ctx.node
+        if len(acts) == 1 and node.packet in ("mul", "div") and node.inputs[acts[0]].shape == node.first_output.shape:
+            # x * c: the z-rule share of x is all of R. Shapes from the Values: the data (an attention-sized
+            # score tensor) is neither read nor recomputed.
+            res[acts[0]] = ctx.relevance[0]
             return res
         for a, r in contributions(ctx, acts, self.epsilon).items():
             res[a] = r.div_(len(acts))  # a new tensor of ours (contributions): no temporary

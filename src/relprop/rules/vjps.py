@@ -192,6 +192,27 @@ def _add(node, grads, tensors, wrt):
     return res
 
 
+@register_vjp("mul")
+def _mul(node, grads, tensors, wrt):
+    """``a * b`` of two tensors of one real dtype: ``(g * b, g * a)`` reduced to each operand's shape.
+
+    Autograd's ``MulBackward0`` formula (``grad * other``, then the engine's ``sum_to`` for a broadcast
+    operand), without re-running the product under autograd (equal bits: tests/test_decoder_fast.py).
+    """
+    g = grads[0]
+    if g is None or len(tensors) != 2 or len(node.args) != 2 or node.kwargs:
+        return None  # a Python scalar operand: autograd
+    a, b = tensors[0], tensors[1]
+    if not (a.dtype == b.dtype == g.dtype and a.is_floating_point()):
+        return None  # promotion / complex: autograd casts and conjugates
+    res: list = [None] * 2
+    for i in wrt:
+        gi = g * (b if i == 0 else a)
+        shape = shape_of(node, tensors, i)
+        res[i] = gi.sum_to_size(shape) if gi.shape != shape else gi
+    return res
+
+
 @register_vjp("convolution")
 def _conv(node, grads, tensors, wrt):
     g = grads[0]
@@ -269,7 +290,8 @@ def _expand(node, grads, tensors, wrt):
 
 @register_vjp("clone", "alias")
 def _identity(node, grads, tensors, wrt):
-    g = _single(node, grads, wrt)
+    # ``clone(x, memory_format=...)`` (``.contiguous()``, GQA's repeat_kv): CloneBackward0 passes the gradient as is.
+    g = grads[0] if list(wrt) == [0] and set(node.kwargs) <= {"memory_format"} else None
     if g is None or g.shape != shape_of(node, tensors, 0):
         return None
     return [g] + [None] * (len(tensors) - 1)
