@@ -51,7 +51,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,7 @@ class Plan:
         target: Target,
         verify: bool,
         verify_every: int,
+        release: Callable[[Node], bool] | None = None,
     ) -> None:
         self.model = model
         self.method = method
@@ -134,6 +135,8 @@ class Plan:
         self.target = target
         self.verify = bool(verify)
         self.verify_every = int(verify_every or 0)
+        #: The recordings' release policy (:func:`relprop.trace.record`); the replay frees what they released.
+        self.release = release
         self.records = 0
         self.rerecords = 0
         self.replays = 0
@@ -170,7 +173,9 @@ class Plan:
             key = id(target) if callable(target) and not isinstance(target, torch.Tensor) else None
             self._callable = target if key is not None else None
 
-            def recorder(model: Any, args: tuple, kwargs: dict, post: Any = None) -> Graph:
+            def recorder(model: Any, args: tuple, kwargs: dict, post: Any = None, release: Any = None) -> Graph:
+                if release is not None:
+                    self.release = release
                 return self._graph_for(model, args, kwargs, post, key)
 
             return run_backward(
@@ -190,7 +195,7 @@ class Plan:
     def _record(self, model: Any, args: tuple, kwargs: dict, post: Any, key: int | None, reason: str | None) -> Graph:
         sig0, _ = _signature(model, args, kwargs, key)
         before = _rng_state()
-        graph = record(model, args, kwargs, post=post)
+        graph = record(model, args, kwargs, post=post, release=self.release)
         random = _rng_state() != before
         # Taken after recording: the recording may bump version counters of buffers it never changes
         # (batch norm's num_batches_tracked in training mode); those tensors are noted with their content.
@@ -221,7 +226,7 @@ class Plan:
         if verify:
             sig0 = sig
             before = _rng_state()
-            fresh = record(model, args, kwargs, post=post)
+            fresh = record(model, args, kwargs, post=post, release=self.release)
             random = _rng_state() != before
             sig, live = _signature(model, args, kwargs, target_key)
             diff = _compare(tpl.graph, env, fresh)
@@ -255,6 +260,7 @@ def plan(
     target: Target = None,
     verify: bool = False,
     verify_every: int = 0,
+    release: Callable[[Node], bool] | None = None,
     **options: Any,
 ) -> Plan:
     """Record ``model`` on ``example_inputs`` once and return a :class:`Plan` that replays it.
@@ -264,6 +270,9 @@ def plan(
     replayed without the recording's per-op bookkeeping. ``method`` is ``"lrp"`` (with ``composite=`` and
     its options) or ``"gradient"``. ``verify=True`` records every call as well and compares (a safety net
     for forwards that branch on what the plan cannot see); ``verify_every=N`` does so every N-th call.
+    ``release(node) -> bool``: nodes whose outputs the recordings need not hold (see
+    :func:`relprop.trace.record`); the replay frees them after their last use in the forward too, and a
+    rule that reads one recomputes it (equal bits, tests/test_plan_release.py).
     """
     if method == "lrp":
         comp = resolve_composite(options.pop("composite", "epsilon"), options)
@@ -289,6 +298,7 @@ def plan(
         target=target,
         verify=verify,
         verify_every=verify_every,
+        release=release,
     )
     batch = validate_call(model, example_inputs, target)
     args, kwargs = split_inputs(example_inputs)

@@ -36,7 +36,8 @@ import functools
 import inspect
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -335,8 +336,17 @@ def _identity_vjp(node: Node, grads, tensors, wrt):
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, names: dict[int, str], module_names: dict[int, str], model_leaves: list) -> None:
+    def __init__(
+        self,
+        names: dict[int, str],
+        module_names: dict[int, str],
+        model_leaves: list,
+        release: Callable[[Node], bool] | None = None,
+    ) -> None:
         super().__init__()
+        # Values whose tensor the tape does not hold (see :meth:`release_outputs`): value index -> weak reference.
+        self.release = release
+        self.released: dict[int, weakref.ref] = {}
         self.nodes: list[Node] = []
         self.values: list[Value] = []
         self.by_id: dict[int, Value] = {}
@@ -409,6 +419,8 @@ class _Recorder(TorchDispatchMode):
 
     def lookup(self, t: torch.Tensor) -> Value:
         v = self.by_id.get(id(t))
+        if v is not None and self.released and v.index in self.released and self.released[v.index]() is not t:
+            v = None  # a released tensor died and another one got its id
         if v is not None:
             if self.pending and v.index in self.pending:
                 self.classify(v, t)
@@ -734,6 +746,10 @@ class _Recorder(TorchDispatchMode):
         for t in self.keep:  # not touched by the Function's forward ops: any recorded tensor with that edge
             if t.grad_fn is f and t.output_nr == nr and id(t) in self.by_id:
                 return self.by_id[id(t)]
+        for ref in self.released.values():  # released values whose tensor is still alive
+            r = ref()
+            if r is not None and r.grad_fn is f and r.output_nr == nr and id(r) in self.by_id:
+                return self.by_id[id(r)]
         return None
 
     def finish(self) -> list[RegionOp]:
@@ -789,6 +805,8 @@ class _Recorder(TorchDispatchMode):
             # later op takes its autograd kernels (never the inference-only paths).
             out = _requiring_grad(out)
         self.add_node(func, margs, mkwargs, inputs, list(out) if isinstance(out, (tuple, list)) else [out])
+        if self.release is not None and self.release(self.nodes[-1]):
+            self.release_outputs(self.nodes[-1])
         return out
 
     def written_tensors(self, info: _OpInfo, args, kwargs) -> list[Any]:
@@ -912,7 +930,48 @@ class _Recorder(TorchDispatchMode):
             self.note_nograd(self.add_node(func, margs, mkwargs, inputs, outs, grad=False), outs)
         else:
             self.add_node(func, margs, mkwargs, inputs, outs)
+            if self.release is not None and self.release(self.nodes[-1]):
+                self.release_outputs(self.nodes[-1])
         return out
+
+    def release_outputs(self, node: Node) -> None:
+        """Do not hold ``node``'s outputs: their data is recomputed from the node's inputs if a rule reads them
+        (:attr:`Value.tensor`), and the memory is the model's to free, as without a recording.
+
+        Only an output in a storage of its own (no input's, no other value's): a view or an alias would keep
+        the memory anyway, and the tape's alias bookkeeping (storage -> values) stays exact. Once such a
+        tensor dies, the allocator may give its address (``id``, storage key) to a new tensor: the storage's
+        entry is dropped when the last of its values dies (a weak reference's callback, before the memory
+        is freed), and :meth:`lookup` checks a released value's weak reference before matching an ``id``.
+        """
+        own = {_storage_key(v.data) for v in node.inputs if v.data is not None}
+        for v in node.outputs:
+            t = v.data if v is not None else None
+            if t is None or v is None:
+                continue
+            key = _storage_key(t)
+            st = self.storages.get(key) if key is not None else None
+            if key is None or key in own or st is None or st.values != [v] or v.index in self.pending:
+                continue
+            for i in range(len(self.keep) - 1, max(-1, len(self.keep) - 1 - len(node.outputs)), -1):
+                if self.keep[i] is t:
+                    del self.keep[i]
+                    break
+            else:
+                continue  # not held by the tape's list: leave it as it is
+            v.data = None
+            self.released[v.index] = weakref.ref(t, functools.partial(self._forget, key, st))
+            del t
+
+    def _forget(self, key: int, st: _Storage, _ref: Any) -> None:
+        """A released tensor died: forget its storage when no value of it is alive (its key may be reused)."""
+        if self.storages.get(key) is not st:
+            return
+        for v in st.values:
+            ref = self.released.get(v.index)
+            if ref is None or ref() is not None:
+                return
+        del self.storages[key]
 
     def partial_roots(self, written: list[torch.Tensor]) -> list[Value | None]:
         roots: list[Value | None] = []
@@ -1205,13 +1264,24 @@ def _check_keywords(model: Any, inputs: Mapping) -> None:
         ) from None
 
 
-def record(model: torch.nn.Module | Any, args: tuple, kwargs: dict, post: Any = None, warn: bool = True) -> Graph:
+def record(
+    model: torch.nn.Module | Any,
+    args: tuple,
+    kwargs: dict,
+    post: Any = None,
+    warn: bool = True,
+    release: Callable[[Node], bool] | None = None,
+) -> Graph:
     """:func:`trace` with explicit arguments; ``post(output)`` runs inside the recording too.
 
     ``warn=False``: no training-mode warning (for a method that recorded many forwards and warned once).
+    ``release(node) -> bool``: a policy (the rule set's) naming recorded nodes whose outputs the tape need
+    not hold; their data is dropped right away and recomputed from the node's inputs if a rule reads it
+    (same op, same inputs: same bits), so a large intermediate a rule rarely reads (attention scores) is
+    freed during the forward as without a recording. A relprop.plan's replay frees them too.
     """
     with torch.inference_mode(False):
-        return _record(_unwrap_compiled(model), args, kwargs, post, warn)
+        return _record(_unwrap_compiled(model), args, kwargs, post, warn, release)
 
 
 #: What a recording in training mode explains (:func:`warn_training`'s default).
@@ -1264,7 +1334,7 @@ def warn_training(model: Any, what: str = RECORDED_IN_TRAINING, who: str = "relp
     return True
 
 
-def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True) -> Graph:
+def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True, release: Any = None) -> Graph:
     module = model if isinstance(model, torch.nn.Module) else None
     names: dict[int, str] = {}
     module_names: dict[int, str] = {}
@@ -1280,7 +1350,7 @@ def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True) -> G
             module_names.setdefault(id(m), n)
     if warn:
         warn_training(model, stacklevel=5)
-    rec = _Recorder(names, module_names, leaves)
+    rec = _Recorder(names, module_names, leaves, release)
     input_values: list[Value] = []
     args2, arg_spec = _prepare_inputs(tuple(args), rec, input_values)
     kwargs2, kw_spec = _prepare_inputs(dict(kwargs), rec, input_values)
@@ -1289,7 +1359,11 @@ def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True) -> G
             output = model(*args2, **kwargs2)
             if post is not None:
                 output = post(output)
-        output_values = [rec.lookup(t) for t in _flatten(output, [])]
+        flat = _flatten(output, [])
+        output_values = [rec.lookup(t) for t in flat]
+        for v, t in zip(output_values, flat):  # a released output is alive (returned): the tape holds it now
+            if v.data is None and v.index in rec.released and rec.released[v.index]() is t:
+                v.data = t
         regions = rec.finish()
     # The output's autograd history would keep every tensor autograd saved alive (the whole
     # forward): the graph holds detached data only.
@@ -1298,6 +1372,7 @@ def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True) -> G
         if v.data is not None and v.data.requires_grad:
             v.data = v.data.detach()
     rec.keep.clear()
+    rec.released.clear()  # (the weak references' callbacks hold the recorder: not after this call)
     rec.pending.clear()
     rec.nograd_outputs.clear()
     rec.edge_values.clear()
