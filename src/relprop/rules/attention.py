@@ -82,22 +82,24 @@ class ScoreChain:
         """The product operands' relevance from the relevance ``r`` at the softmax output ``s``."""
         z3, z1 = self.z3.tensor, self.z1.tensor
         tiny = torch.finfo(z3.dtype).tiny
-        q = s * r.sum(-1, keepdim=True)
-        torch.sub(r, q, out=q)  # h, in gradient form
+        # The zero sets first, so that at most two attention-sized temporaries of ours live at once.
         a = z3.abs().contiguous()
-        if z3.device.type == "cpu" and _normal(a) and _normal(torch.abs(z1, out=a.view(z1.shape))):
-            # Every score finite and normal (the usual case; a NaN fails the test): the zero sets below are
-            # empty, and finding that out with two reductions is much cheaper than the boolean passes on CPU.
-            # (On a GPU the test would read a number back per layer, a host sync: the masks are always made.)
-            q.mul_(self.scale)
-        else:
+        drop = None
+        if not (z3.device.type == "cpu" and _normal(a) and _normal(torch.abs(z1, out=a.view(z1.shape)))):
+            # (On CPU, every score finite and normal, the usual case, leaves the zero sets empty: finding that out
+            # with two reductions is much cheaper than the boolean passes. On a GPU the test would read a number
+            # back per layer, a host sync: the masks are always made.)
             torch.abs(z3, out=a)
             drop = torch.lt(a, float("inf")).logical_not_()  # softmax rule: 0 where the input is not finite
             drop.logical_or_(torch.lt(a, tiny))  # sum rule: |z3| < tiny absorbs
             drop.logical_or_(torch.lt(torch.abs(z1, out=a.view(z1.shape)), tiny).view(drop.shape))  # product rule
-            q.mul_(self.scale).masked_fill_(drop, 0.0)
-            del drop
         del a
+        q = s * r.sum(-1, keepdim=True)
+        torch.sub(r, q, out=q)  # h, in gradient form
+        q.mul_(self.scale)
+        if drop is not None:
+            q.masked_fill_(drop, 0.0)
+            del drop
         shape = self.z1.tensor.shape
         q = q.view(shape) if q.is_contiguous() else q.reshape(shape)
         grads = vjp(self.product, [q], None, self.acts)
