@@ -7,9 +7,19 @@ and model load per worker, Parquet shards and the assembly). Ray's start-up (``r
 separately: a cluster that is already up does not pay it. Compares the results.json numbers (timings aside):
 identical at one thread/one worker; with two threads against one-thread workers torch's CPU kernels may
 round some values differently (README states the tolerance), so the table prints the largest relative
-difference. Prints a table.
+difference. Prints a table: the median wall time of ``--repeat`` runs per mode, the modes interleaved
+(ray, local, ray, local, ...) so that a change in the machine's load hits both, and the load average;
+and the CPU time of the run: this process and every process under it (Ray's GCS, raylet and workers; read
+from ``/proc`` every 0.1 s, so Linux only, and a worker's last 0.1 s before it is killed may be missed),
+which a loaded machine disturbs far less than the wall clock.
+
+``--folder``: the digits as an image folder of PNGs (streamed data, read on access) instead of the
+in-memory zoo tensors, so the Ray engine ships each shard's PNG bytes to its workers
+(:func:`relprop.specs.sources.pack_items`) and the workers decode them; the single-process engine decodes
+the same files.
 
     python bench/bench_ray.py                          # 2 zoo models x 2 methods x 16 examples
+    python bench/bench_ray.py --folder --repeat 3      # the same on a PNG folder, 3 interleaved runs per mode
     python bench/bench_ray.py --zoo-default --no-single   # the zoo default (4 models, 4 methods, 64 examples)
 """
 
@@ -19,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +76,61 @@ def max_relative(x, y) -> float:
     return 0.0 if x == y else float("inf")
 
 
+class TreeCpu:
+    """CPU seconds (user + system) used by this process and its descendants between start() and stop():
+    ``/proc/PID/stat`` of the tree polled every 0.1 s, each process counted from its value at start (0 for
+    processes started later) to the last value seen."""
+
+    def __init__(self):
+        import threading
+
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+
+    def _tree(self) -> dict[int, float]:
+        parent: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)] = int(f[1])
+            cpu[int(d)] = (int(f[11]) + int(f[12])) / self.tick
+        mine, todo = {os.getpid()}, [os.getpid()]
+        children: dict[int, list[int]] = {}
+        for pid, pp in parent.items():
+            children.setdefault(pp, []).append(pid)
+        while todo:
+            for c in children.get(todo.pop(), []):
+                if c not in mine:
+                    mine.add(c)
+                    todo.append(c)
+        return {pid: cpu[pid] for pid in mine if pid in cpu}
+
+    def _poll(self) -> None:
+        while not self.stop_event.wait(0.1):
+            self.last.update(self._tree())
+
+    def start(self) -> TreeCpu:
+        self.first = self._tree()
+        self.last = dict(self.first)
+        self.thread.start()
+        return self
+
+    def stop(self) -> float:
+        self.stop_event.set()
+        self.thread.join()
+        self.last.update(self._tree())
+        return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
+
+
 def main() -> None:
     from relprop import zoo
     from relprop.cli import default_methods
@@ -77,6 +143,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-single", action="store_true", help="skip the 1-worker / 1-thread pair")
+    p.add_argument("--folder", action="store_true", help="the digits as a PNG folder (streamed, shipped as bytes)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per mode, interleaved; the table shows medians")
     a = p.parse_args()
     if a.zoo_default:
         models = [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
@@ -88,34 +156,54 @@ def main() -> None:
         settings = Settings(samples=a.samples, batch_size=a.batch_size, sensitivity_samples=8, randomisation_samples=4)
     data = load_data(f"zoo:{zoo.DEFAULT_DATASET}")
     root = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    if a.folder:
+        from PIL import Image
 
-    def run(name: str, threads: int, **kw) -> tuple[float, dict]:
+        for i in range(len(data)):
+            d = root / "pngs" / data.class_names[int(data.labels[i])]
+            d.mkdir(parents=True, exist_ok=True)
+            im = (data.images[i][0].numpy() * 255).round().astype("uint8")
+            Image.fromarray(im, "L").save(d / f"{i:04d}.png")
+        data = load_data(str(root / "pngs"))
+
+    def run(name: str, threads: int, **kw) -> tuple[float, float, dict]:
         torch.set_num_threads(threads)
         out = root / name
+        meter = TreeCpu().start()
         t0 = time.perf_counter()
         res = run_compare(models, data, methods, out, settings, progress=False, use_cache=False, command="bench",
                           log=lambda _: None, **kw)  # fmt: skip
         wall = time.perf_counter() - t0
+        cpu = meter.stop()
         assert res["status"] == "complete", res.get("problems")
-        return wall, strip(json.loads((out / "results.json").read_text()))
+        return wall, cpu, strip(json.loads((out / "results.json").read_text()))
 
     import ray
 
     rows = []
+    load0 = os.getloadavg()
     t0 = time.perf_counter()
     ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     t_init = time.perf_counter() - t0
     try:
         for w in sorted({a.workers} if a.no_single else {1, a.workers}):
-            # Ray first: its workers check that they run the driver's relprop source (hashed once per process)
-            t_ray, r_ray = run(f"ray{w}", 1, engine="ray", ray_options={"workers": w})
-            t_local, r_local = run(f"local{w}", w)
-            rows.append((w, t_local, t_ray, max_relative(r_local, r_ray) if r_local != r_ray else 0.0))
-            diffs = differences(r_local, r_ray)
-            for d in diffs[:10]:
-                print("differs:", d[:300])
-            if diffs:
-                print(f"{len(diffs)} values differ; largest relative difference {max_relative(r_local, r_ray):.2e}")
+            times: dict[str, list[float]] = {"ray": [], "local": [], "ray cpu": [], "local cpu": []}
+            for k in range(max(1, a.repeat)):
+                # Ray first: its workers check that they run the driver's relprop source (hashed once per process)
+                t_ray, c_ray, r_ray = run(f"ray{w}_{k}", 1, engine="ray", ray_options={"workers": w})
+                t_local, c_local, r_local = run(f"local{w}_{k}", w)
+                for key, v in (("ray", t_ray), ("local", t_local), ("ray cpu", c_ray), ("local cpu", c_local)):
+                    times[key].append(v)
+                print(f"workers {w}, run {k}: ray {t_ray:.1f} s ({c_ray:.1f} s CPU), local {t_local:.1f} s "
+                      f"({c_local:.1f} s CPU), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+                diffs = differences(r_local, r_ray)
+                for d in diffs[:10]:
+                    print("differs:", d[:300])
+                if diffs:
+                    print(f"{len(diffs)} values differ; largest relative difference {max_relative(r_local, r_ray):.2e}")
+            rel = max_relative(r_local, r_ray) if r_local != r_ray else 0.0
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append((w, med["local"], med["ray"], med["local cpu"], med["ray cpu"], rel))
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
@@ -123,14 +211,26 @@ def main() -> None:
     print(
         f"\n{len(models)} models x {len(methods)} methods = {cells} cells, {min(settings.samples, len(data))} "
         f"examples each, batch {settings.batch_size}; torch {torch.__version__}, ray {ray.__version__}, "
-        f"{os.cpu_count()} CPUs; ray.init {t_init:.1f} s (not included below)"
+        f"{os.cpu_count()} CPUs; ray.init {t_init:.1f} s (not included below); data {data.spec}"
+        f"{' (PNG files, shipped to the workers as bytes)' if a.folder else ' (in memory)'}; median of "
+        f"{max(1, a.repeat)} interleaved run(s) per mode; load average {load0[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end"
     )
-    print(f"| {'workers':>7} | {'local (s)':>9} | {'ray (s)':>7} | {'ray / local':>11} | numbers vs local        |")
-    print(f"|{'-' * 9}|{'-' * 11}|{'-' * 9}|{'-' * 13}|{'-' * 25}|")
-    for w, tl, tr, rel in rows:
+    print(
+        f"| {'workers':>7} | {'local (s)':>9} | {'ray (s)':>7} | {'ray / local':>11} | {'local CPU (s)':>13} | "
+        f"{'ray CPU (s)':>11} | {'CPU ray / local':>15} | numbers vs local        |"
+    )
+    print(f"|{'-' * 9}|{'-' * 11}|{'-' * 9}|{'-' * 13}|{'-' * 15}|{'-' * 13}|{'-' * 17}|{'-' * 25}|")
+    for w, tl, tr, cl, cr, rel in rows:
         same = "identical" if rel == 0 else f"{rel:.1e} relative at most"
-        print(f"| {w:>7} | {tl:>9.1f} | {tr:>7.1f} | {tr / tl:>10.2f}x | {same:<23} |")
-    print("local: one process with `workers` torch threads; ray: `workers` actors of one thread each")
+        print(
+            f"| {w:>7} | {tl:>9.1f} | {tr:>7.1f} | {tr / tl:>10.2f}x | {cl:>13.1f} | {cr:>11.1f} | "
+            f"{cr / cl:>14.2f}x | {same:<23} |"
+        )
+    print(
+        "local: one process with `workers` torch threads; ray: `workers` actors of one thread each; CPU: this "
+        "process and every process under it (Ray's daemons and workers included)"
+    )
 
 
 if __name__ == "__main__":
