@@ -9,15 +9,25 @@ other processes on a shared machine hits all methods alike.
     python bench/bench_lrp.py --device cuda --no-zennit   # on a GPU (bench/gpu.sh)
 
 Prints, per model: time (best of --repeat runs) and peak extra memory of each method as ratios
-of the plain input gradient, all in one process. Memory is the peak RSS increase while the method
-runs once, from glibc's allocator statistics (CPU tensors are not visible to tracemalloc).
+of the plain input gradient, all in one process. Memory is the peak increase of malloc'd memory while
+the method runs once, from glibc's allocator statistics (CPU tensors are not visible to tracemalloc).
+
+    python bench/bench_lrp.py --models resnet50 --batch 4 --size 160 --threads 1 --no-zennit --fresh 5
+
+--fresh N: memory measured in N fresh processes per method, methods alternated run after run (no
+method inherits another's heap), medians: the peak RSS increase while the method runs once (the
+process's high-water mark reset just before, /proc/self/clear_refs), and the peak malloc'd increase
+of a second run.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -113,7 +123,12 @@ def main() -> None:
         help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine; use with "
         "OMP_NUM_THREADS=1, where it equals the compute time)",
     )
+    ap.add_argument("--fresh", type=int, default=0, help="memory only: N fresh processes per method (see above)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one fresh process of --fresh
     a = ap.parse_args()
+    if a.child:
+        _child(a, a.child)
+        return
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     batch, size = (2, 112) if a.small else (8, 224)
     batch, size = a.batch or batch, a.size or size
@@ -128,23 +143,10 @@ def main() -> None:
     for name in a.models.split(","):
         model = getattr(torchvision.models, name)().eval().to(device)
         x = torch.randn(batch, 3, size, size, device=device)
-        target = 1
-
-        def gradient():
-            xx = x.clone().requires_grad_()
-            out = model(xx)
-            torch.autograd.grad(out[:, target].sum(), xx)
-
-        runs = {
-            "gradient (autograd)": gradient,
-            "relprop gradient": lambda: relprop.explain(model, x, target=target, method="gradient"),
-            "relprop epsilon": lambda: relprop.explain(model, x, target=target, method="lrp", composite="epsilon"),
-            "relprop epsilon_plus_flat": lambda: relprop.explain(
-                model, x, target=target, method="lrp", composite="epsilon_plus_flat"
-            ),
-        }
-        if not a.no_zennit:
-            runs.update(_zennit_runs(model, x, target, name))
+        runs = _runs(model, x, name, zennit=not a.no_zennit)
+        if a.fresh:
+            _fresh(a, name, list(runs), batch, size)
+            continue
         if device.type == "cuda":  # time the queued kernels too; memory from the CUDA allocator
             runs = {k: _synced(fn, device) for k, fn in runs.items()}
         times = interleaved_times(runs, a.repeat, clock)
@@ -160,6 +162,86 @@ def main() -> None:
             m = peak_mb(fn) if device.type != "cuda" else _cuda_peak_mb(fn, device)
             base_m = base_m or m
             print(f"  {label:32s} {t:9.3f} {t / base_t:7.2f} {b:7.3f} {b / base_b:7.2f} {m:9.1f} {m / base_m:7.2f}")
+
+
+def _runs(model, x, name: str, zennit: bool) -> dict:
+    """The methods compared, by label; the first is the baseline."""
+    target = 1
+
+    def gradient():
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        torch.autograd.grad(out[:, target].sum(), xx)
+
+    runs = {
+        "gradient (autograd)": gradient,
+        "relprop gradient": lambda: relprop.explain(model, x, target=target, method="gradient"),
+        "relprop epsilon": lambda: relprop.explain(model, x, target=target, method="lrp", composite="epsilon"),
+        "relprop epsilon_plus_flat": lambda: relprop.explain(
+            model, x, target=target, method="lrp", composite="epsilon_plus_flat"
+        ),
+    }
+    if zennit:
+        runs.update(_zennit_runs(model, x, target, name))
+    return runs
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE / 2**20
+
+
+def _hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+_PAGE = __import__("os").sysconf("SC_PAGE_SIZE")
+
+
+def _child(a, label: str) -> None:
+    """One fresh process, one method: prints {"rss": peak RSS increase of the first run, "malloc": ...}."""
+    import gc
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    name = a.models.split(",")[0]
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    fn = _runs(model, x, name, zennit=label.startswith("zennit"))[label]
+    # Imports and one-time set-up (lazy modules, kernel caches) on a tiny input, so they are not counted
+    _runs(model, torch.randn(1, 3, 32, 32), name, zennit=label.startswith("zennit"))[label]()
+    gc.collect()
+    base = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    fn()
+    rss = _hwm_mib() - base
+    print(json.dumps({"rss": rss, "malloc": peak_mb(fn)}))
+
+
+def _fresh(a, name: str, labels: list[str], batch: int, size: int) -> None:
+    """Memory of each method in ``a.fresh`` fresh processes, methods alternated; medians and ratios."""
+    res: dict[str, list[dict]] = {k: [] for k in labels}
+    for _ in range(a.fresh):
+        for label in labels:
+            cmd = [sys.executable, __file__, "--child", label, "--models", name, f"--batch={batch}", f"--size={size}"]
+            cmd += [f"--threads={a.threads}"] if a.threads else []
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[label].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"\n{name}: memory in {a.fresh} fresh processes per method, alternated (medians)")
+    print(f"  {'method':32s} {'peak RSS MiB':>12s} {'x grad':>7s} {'peak malloc MiB':>15s} {'x grad':>7s}")
+    base = labels[0]
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rss", "malloc")} for k, v in res.items()}
+    for label in labels:
+        r, m = med[label]["rss"], med[label]["malloc"]
+        each = ", ".join(f"{v['rss']:.0f}" for v in res[label])
+        print(
+            f"  {label:32s} {r:12.1f} {r / med[base]['rss']:7.2f} {m:15.1f} {m / med[base]['malloc']:7.2f}"
+            f"   (RSS runs: {each})"
+        )
 
 
 def _synced(fn, device):

@@ -11,7 +11,8 @@ Proven against plain computations, in float64:
 * z+ on a conv -> BN and on a linear -> BN1d written out by hand (clamped merged weights, autograd for
   ``J^T``): equal to 1e-12;
 * no modified copy larger than a block is made, and no whole merged weight is built;
-* the rule's scratch (modified weights) is freed when the rule returns, not left to the garbage collector.
+* the rule's scratch (modified weights) is freed when the rule returns, not left to the garbage collector;
+* z+/alpha-beta know from the graph that a ReLU's output has no negative part (same bits as looking).
 """
 
 from __future__ import annotations
@@ -196,3 +197,24 @@ def test_rule_scratch_is_freed_when_the_rule_returns():
         gc.garbage.clear()
         gc.enable()
     assert leaked == []
+
+
+def test_nonnegative_inputs_known_from_the_graph(monkeypatch):
+    """z+/alpha-beta skip their negative-input terms where the input has no negative value; the graph shows
+    it after a ReLU (through pooling, means, views) without a pass over the values: the same bits."""
+    m, x, t = _wide()
+    seen: list[tuple[str, bool]] = []
+    known = linear.nonnegative
+
+    def spy(v):
+        k = known(v)
+        assert not (k and bool((v.tensor < 0).any()))  # never claims it for a value with a negative entry
+        seen.append((v.producer.packet if v.producer is not None else "input", k))
+        return k
+
+    monkeypatch.setattr(linear, "nonnegative", spy)
+    fast = _explain(m, x, t, "alpha_beta")
+    # fc2 <- relu; fc1 <- t(mean(relu)) seen through views; c3 <- BN output (signed); c2 <- relu; c1 <- input
+    assert [k for _, k in seen] == [True, True, False, True, False], seen
+    monkeypatch.setattr(linear, "nonnegative", lambda v: False)
+    assert torch.equal(fast, _explain(m, x, t, "alpha_beta"))
