@@ -8,8 +8,10 @@
 For each model, N different batches of the same shape are explained; per batch, in turn (so load on
 a shared machine hits all modes alike): a plain gradient (forward + backward with autograd),
 ``relprop.explain`` (records the batch), and ``plan.explain`` (replays the recording made once from the
-first batch by ``relprop.plan``). Prints the median time per batch and the ratio to the gradient,
-plus the parts of one call: recording vs replaying the forward, and a no-grad forward for scale.
+first batch by ``relprop.plan``). Prints the median time per batch and the ratio to the gradient, where
+the time goes (the gradient's forward and backward, the plan's replayed forward and the rest: preparation,
+rule pass, attributions; each as a ratio to the whole gradient), plus the parts of one call: recording vs
+replaying the forward, and a no-grad forward for scale.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import relprop
 from relprop.trace import record
 
 
-def _table(title: str, rows: dict[str, list[float]], base: str) -> None:
-    b = statistics.median(rows[base])
+def _table(title: str, rows: dict[str, list[float]], base: str, scale: list[float] | None = None) -> None:
+    b = statistics.median(scale if scale is not None else rows[base])
     print(f"\n{title}")
     print(f"  {'mode':34s} {'median s':>9s} {'min s':>8s} {'x grad':>7s}")
     for label, ts in rows.items():
@@ -46,19 +48,51 @@ def _timed(fn, clock) -> float:
 
 def _run(title, model, batches, target, grad_fn, options, clock, parts_input) -> None:
     plan = relprop.plan(model, batches[0], target=target, **options)
+    # Split of each call: the gradient's forward vs backward, the plan's replayed forward (signature check,
+    # replay, graph instance) vs the rest (graph preparation, rule pass, collecting the attributions).
+    split: dict[str, list[float]] = {"gradient: forward": [], "gradient: backward": [], "plan: replayed forward": []}
+    graph_for = plan._graph_for
+
+    def timed_graph_for(*a, **k):
+        t = clock()
+        g = graph_for(*a, **k)
+        split["plan: replayed forward"].append(clock() - t)
+        return g
+
+    plan._graph_for = timed_graph_for  # type: ignore[method-assign]
+
+    def gradient(b):
+        t = clock()
+        score, leaf = grad_fn(b)
+        t1 = clock()
+        torch.autograd.grad(score, leaf)
+        _SYNC[0]()
+        split["gradient: forward"].append(t1 - t)
+        split["gradient: backward"].append(clock() - t1)
+
     modes = {
-        "gradient (autograd fwd+bwd)": lambda b: grad_fn(b),
+        "gradient (autograd fwd+bwd)": gradient,
         "relprop.explain (records)": lambda b: relprop.explain(model, b, target=target, **options),
         "plan.explain (replays)": lambda b: plan.explain(b),
     }
     for fn in modes.values():  # warm-up (allocator, oneDNN primitives)
         fn(batches[0])
+    for v in split.values():
+        v.clear()
     rows: dict[str, list[float]] = {k: [] for k in modes}
     for b in batches[1:]:
         for label, fn in modes.items():
             rows[label].append(_timed(lambda: fn(b), clock))
     assert plan.rerecords == 0, plan.last_reason
     _table(f"{title}: {len(batches) - 1} batches after the first, {plan.replays} replays", rows, next(iter(modes)))
+    whole = rows["plan.explain (replays)"]
+    split["plan: rules and the rest"] = [w - f for w, f in zip(whole, split["plan: replayed forward"])]
+    _table(
+        "  where the time goes (ratios to the whole gradient)",
+        {**split},
+        "gradient: forward",
+        scale=rows[next(iter(modes))],
+    )
     # The parts: what recording costs over a forward, and what a replay costs.
     args, kwargs = parts_input
     mod = sys.modules["relprop.plan"]
@@ -105,10 +139,9 @@ def main() -> None:
         model = torchvision.models.resnet50().eval().to(device)
         batches = [torch.randn(a.batch, 3, a.size, a.size, device=device) for _ in range(a.batches)]
 
-        def grad(x):
+        def grad(x):  # the forward of the gradient: (score, leaf); the bench times autograd.grad apart
             xx = x.clone().requires_grad_()
-            out = model(xx)
-            return torch.autograd.grad(out[:, 1].sum(), xx)
+            return model(xx)[:, 1].sum(), xx
 
         _run(
             f"ResNet-50, batch {a.batch}, {a.size} px, LRP {a.composite}",
@@ -146,8 +179,7 @@ def main() -> None:
 
         def grad(b):
             e = emb(b["input_ids"]).detach().requires_grad_()
-            out = model(inputs_embeds=e)
-            return torch.autograd.grad(target(out).sum(), e)
+            return target(model(inputs_embeds=e)).sum(), e
 
         _run(
             f"Qwen2 (random init, hidden {hidden}, {layers} layers, {tokens} tokens, eager), AttnLRP",
