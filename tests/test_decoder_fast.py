@@ -6,6 +6,8 @@
 * Eager attention's score chain ``softmax(q @ k^T * c + mask)`` explained in one step
   (``rules.attention.ScoreChain``) equals the rules applied node by node (float64 1e-12, float32 1e-5),
   zero sets included (zero queries, ``-inf`` masks, subnormal scores); anything else falls back to them.
+* ``attention.release_scores`` (a recording's release policy) drops the scaled and masked scores during the
+  forward: explanations equal bits to a recording that holds them (recomputed where read).
 """
 
 from __future__ import annotations
@@ -214,3 +216,44 @@ def test_softmax_rule_on_finite_scores_equals_plain_expression(monkeypatch):
     want = torch.where(torch.isfinite(x), x * g, torch.zeros_like(g))
     torch.testing.assert_close(attention._softmax_input_relevance(x, s, r, -1), want, rtol=0, atol=0, equal_nan=True)
     assert finite == [True, False]
+
+
+def _qwen2(tokens=20):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(cfg).eval(), torch.randint(0, 50, (2, tokens))
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "epsilon"])
+def test_released_scores_give_equal_bits(composite):
+    import functools
+
+    from relprop.methods.core import run_backward
+    from relprop.rules.attention import release_scores
+    from relprop.rules.composites import resolve_composite
+
+    model, ids = _qwen2()  # 20 tokens, head dim 8: the scores (20 x 20) outweigh q and k (2 x 20 x 8)
+    target = lambda out: out.logits[:, -1, 3]  # noqa: E731
+    graph = record(model, (), {"input_ids": ids}, post=target, release=release_scores)
+    released = [n.packet for n in graph.nodes if n.outputs and n.outputs[0] is not None and n.outputs[0].data is None]
+    assert sorted(released) == ["add", "add", "mul", "mul"]  # per layer: * scaling, + causal mask
+    comp = resolve_composite(composite, {})
+    kw = dict(target=target, composite=comp, method="lrp", times_output=True)
+    held = run_backward(model, {"input_ids": ids}, **kw).attributions["input_ids"]
+    rec = functools.partial(record, release=release_scores)
+    freed = run_backward(model, {"input_ids": ids}, recorder=rec, **kw).attributions["input_ids"]
+    assert torch.equal(freed, held)
+    small = _qwen2(tokens=9)  # scores smaller than q and k together: nothing to gain, nothing released
+    graph = record(small[0], (), {"input_ids": small[1]}, post=target, release=release_scores)
+    assert all(v.data is not None for n in graph.nodes for v in n.outputs if v is not None)

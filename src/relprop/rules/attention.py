@@ -77,22 +77,38 @@ class ScoreChain:
     scale: float  # c
     z1: Value  # the product's output
     z3: Value  # the softmax input
+    scaled: Node  # z2 = view(z1) * c
+    masked: Node  # z3 = z2 + mask
+
+    def _abs_z3(self) -> torch.Tensor:
+        """``|z3|`` in a new contiguous tensor; released scores (:func:`release_scores`) are recomputed into it with
+        the recorded ops (same bits), not cached on the graph."""
+        if self.z3.data is not None:
+            return self.z3.data.abs().contiguous()
+        a = self.scaled.run([self.scaled.inputs[0].tensor])  # z2, new
+        mask = self.masked.inputs[1].tensor
+        if not (isinstance(a, torch.Tensor) and a.is_contiguous() and a.shape == self.z3.shape):
+            return self.z3.tensor.abs().contiguous()
+        if mask.dtype != a.dtype or a.dtype != self.z3.dtype:
+            return self.z3.tensor.abs().contiguous()
+        return a.add_(mask).abs_()  # z2 + mask (the mask broadcasts to z2's shape): aten.add's own bits
 
     def relevance(self, r: torch.Tensor, s: torch.Tensor) -> list:
         """The product operands' relevance from the relevance ``r`` at the softmax output ``s``."""
-        z3, z1 = self.z3.tensor, self.z1.tensor
-        tiny = torch.finfo(z3.dtype).tiny
-        # The zero sets first, so that at most two attention-sized temporaries of ours live at once.
-        a = z3.abs().contiguous()
-        drop = None
-        if not (z3.device.type == "cpu" and _normal(a) and _normal(torch.abs(z1, out=a.view(z1.shape)))):
-            # (On CPU, every score finite and normal, the usual case, leaves the zero sets empty: finding that out
-            # with two reductions is much cheaper than the boolean passes. On a GPU the test would read a number
-            # back per layer, a host sync: the masks are always made.)
-            torch.abs(z3, out=a)
-            drop = torch.lt(a, float("inf")).logical_not_()  # softmax rule: 0 where the input is not finite
-            drop.logical_or_(torch.lt(a, tiny))  # sum rule: |z3| < tiny absorbs
-            drop.logical_or_(torch.lt(torch.abs(z1, out=a.view(z1.shape)), tiny).view(drop.shape))  # product rule
+        z1 = self.z1.tensor
+        tiny = torch.finfo(z1.dtype).tiny
+        # The zero sets first, so that at most two attention-sized temporaries of ours live at once. On CPU, a
+        # tensor of finite normal numbers (the usual case) has empty zero sets: finding that out with two
+        # reductions is much cheaper than the boolean passes. (On a GPU it would read a number back per layer,
+        # a host sync: the masks are always made there.)
+        cpu = z1.device.type == "cpu"
+        a = self._abs_z3()
+        drop = None if cpu and _normal(a) else torch.lt(a, float("inf")).logical_not_().logical_or_(torch.lt(a, tiny))
+        shape = a.shape  # softmax rule: 0 where the input is not finite; sum rule: |z3| < tiny absorbs
+        torch.abs(z1, out=a.view(z1.shape))
+        if not (cpu and _normal(a)):
+            small = torch.lt(a, tiny).view(shape)  # product rule: |z1| < tiny absorbs
+            drop = small if drop is None else drop.logical_or_(small)
         del a
         q = s * r.sum(-1, keepdim=True)
         torch.sub(r, q, out=q)  # h, in gradient form
@@ -128,6 +144,48 @@ def _normal(a: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(a)
     return bool(lo >= torch.finfo(a.dtype).tiny) and bool(hi < float("inf"))
+
+
+def _scores_source(v: Value) -> bool:
+    """Is ``v`` (through views) the output of a product of two activations larger than both factors together?
+
+    Attention scores ``q @ k^T`` are (tokens x tokens) per head, the factors (tokens x head dim): at 2,048 tokens
+    a layer's scores are 32 times its queries and keys.
+    """
+    p = v.producer
+    while p is not None and p.region is None and p.packet in _VIEWS and len(p.inputs) == 1:
+        p = p.inputs[0].producer
+    if p is None or p.region is not None or p.op_name != "aten.bmm.default" or len(p.inputs) != 2:
+        return False
+    a, b, out = p.inputs[0].shape, p.inputs[1].shape, p.outputs[0].shape if p.outputs[0] is not None else None
+    if not (p.inputs[0].is_activation and p.inputs[1].is_activation) or a is None or b is None or out is None:
+        return False
+    return out.numel() > a.numel() + b.numel()
+
+
+def release_scores(node: Node) -> bool:
+    """Release policy for :func:`relprop.trace.record`: the scaled and the masked attention scores.
+
+    Eager attention's ``(q @ k^T) * c`` and ``... + mask`` are two more tensors of the scores' size per layer that
+    a gradient does not keep (autograd saves the softmax only). The one-step :class:`ScoreChain` never reads the
+    scaled scores and reads the masked ones only for its zero sets (recomputed there in one buffer); a
+    rule that does read them gets them recomputed from the same op and inputs (same bits).
+    """
+    if node.region is not None or node.kwargs or not node.outputs or node.outputs[0] is None:
+        return False
+    if node.op_name == "aten.mul.Tensor" and len(node.inputs) == 1 and type(node.args[1]) is float:
+        return node.inputs[0].is_activation and _scores_source(node.inputs[0])
+    if node.op_name == "aten.add.Tensor" and len(node.inputs) == 2 and len(node.args) == 2:
+        z, mask = node.inputs
+        scaled = z.producer
+        return (
+            z.is_activation
+            and not mask.is_activation
+            and z.shape == node.outputs[0].shape
+            and scaled is not None
+            and release_scores(scaled)
+        )
+    return False
 
 
 def score_chain(ctx: RuleContext, prepared: PreparedGraph, resolve, may_skip) -> ScoreChain | None:
@@ -187,7 +245,7 @@ def score_chain(ctx: RuleContext, prepared: PreparedGraph, resolve, may_skip) ->
     dtypes = {z1.dtype, z3.dtype, node.first_output.dtype, r.dtype} | {product.inputs[a].dtype for a in acts}
     if len(dtypes) != 1 or r.dtype not in (torch.float32, torch.float64):
         return None
-    return ScoreChain(product, acts, c, z1, z3)
+    return ScoreChain(product, acts, c, z1, z3, mul, add)
 
 
 class AttentionRule:
