@@ -42,10 +42,14 @@ class Value:
     dtype: torch.dtype | None = None
     shape: torch.Size | None = None
     device: torch.device | None = None
+    #: The recorded tensor's strides, kept when the data is dropped (a plan checks a replay's against them).
+    strides: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.data is not None:
             self.dtype, self.shape, self.device = self.data.dtype, self.data.shape, self.data.device
+            if self.strides is None and self.data.layout == torch.strided:
+                self.strides = tuple(self.data.stride())
 
     def zeros(self) -> torch.Tensor:
         """Zeros shaped like this value (without touching its data)."""

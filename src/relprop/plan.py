@@ -471,7 +471,7 @@ def _template(graph: Graph, sig: tuple, random: bool, target: Any = None) -> _Te
     if any(v.kind == "constant" and v.data is None for v in graph.values):
         reason = reason or "internal: a recorded constant has no data: every call records"
     leaves = [(v.index, v.name) for v in graph.values if v.kind in ("param", "buffer")]
-    strides = {v.index: (tuple(v.data.stride()) if v.data is not None else None) for v in graph.values}
+    strides = {v.index: v.strides for v in graph.values}  # kept for values the recording released too
     scalars: dict[int, tuple] = {}
     if reason is None:
         with torch.no_grad():
@@ -696,7 +696,7 @@ def _instantiate(tpl: _Template, env: dict[int, torch.Tensor]) -> Graph:
     values = [Value(v.index, env.get(v.index), v.kind, None, v.output_index, v.name, v.is_activation) for v in g.values]
     for v, nv in zip(g.values, values):
         if nv.data is None:  # never materialised (e.g. an unused leaf): keep the metadata
-            nv.dtype, nv.shape, nv.device = v.dtype, v.shape, v.device
+            nv.dtype, nv.shape, nv.device, nv.strides = v.dtype, v.shape, v.device, v.strides
     nodes = []
     for step in tpl.steps:
         n = step.node
