@@ -216,3 +216,16 @@ def test_custom_autograd_functions_equal_bits(kind):
     torch.manual_seed(0)
     m, x = FnNet(kind).eval(), torch.randn(5, 4)
     _equal(_explain(m, x, 1, "gradient", _all), relprop.explain(m, x, target=1, method="gradient"))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_model_equal_bits(reentrant):
+    # torch.utils.checkpoint is recorded through (a reentrant one by re-running the block with grad).
+    from test_checkpoint import _pair
+
+    plain, ck = _pair(reentrant)
+    x = torch.randn(4, 8)
+    for composite in ("epsilon", "gradient"):
+        kw = {"composite": composite} if composite != "gradient" else {}
+        want = relprop.explain(plain, x, target=1, method="lrp" if kw else "gradient", **kw)
+        _equal(_explain(ck, x, 1, composite, _all), want)
