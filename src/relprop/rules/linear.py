@@ -66,21 +66,6 @@ def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
     The same division as ``rel / stabilize(z, eps)`` (equal bits), one temporary the size of the output
     fewer: on CPU a fresh large tensor costs page faults on top of the pass over it.
     """
-    if (
-        eps == 0
-        and z.dtype not in HALF
-        and rel.shape == z.shape
-        and torch.result_type(rel, z) == z.dtype
-        and not (rel.requires_grad or z.requires_grad)
-    ):
-        # LRP-0 (AttnLRP's products and sums): R / where(|z| < tiny, inf, z) is where(|z| < tiny, R * 0, R / z)
-        # (R / inf and R * 0 are the same IEEE result): divide first, then patch those outputs in place.
-        # Always patched, never "if any": that test reads a value back into Python, a host sync per layer
-        # on a GPU (tests/test_gpu.py counts them).
-        q = z.abs()
-        small = q < torch.finfo(z.dtype).tiny
-        torch.div(rel, z, out=q)
-        return torch.where(small, rel * 0.0, q, out=q)
     d = stabilize(z, eps)
     if writable(d, rel, d):
         return torch.div(rel, d, out=d)
@@ -418,8 +403,8 @@ class Epsilon:
             # A batch norm merged into this op: J^T s with the merged weight W * scale is J_W^T (scale * s)
             # with the model's W, so the merged weight is never built (tests/test_lrp_fast.py: equal to it).
             s = times(merged.scale, s, owned=True)
-            tensors = [_placeholder(v) for v in node.inputs]
-            tensors[ops.act], tensors[merged.weight_pos] = x, merged.weight.tensor
+            given = {ops.act: x, merged.weight_pos: merged.weight.tensor}
+            tensors = [given[i] if i in given else _placeholder(v) for i, v in enumerate(node.inputs)]
             g = _asked(vjp(node, [s], tensors, [ops.act]), ops.act)
             return _only(ctx, ops, times(x, g, owned=g is not s))
         g = input_vjp(ctx, ops, s)
