@@ -374,7 +374,8 @@ class _Worker:
             raise SpecError(
                 f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its "
                 f"{', '.join(differ)} differ(s) from the driver's (relprop source edited during the run, or another "
-                f"relprop/model files/data on this node); run again with the same files on every node"
+                f"relprop or other model files on this node; the data travel with the shards); run again with the "
+                f"same relprop and model files on every node"
             )
         rows, extra = compute_shard(job, model, m, a, b, run, pad_to)
         write_shard(shard_dir, index, key, rows, extra)
