@@ -182,12 +182,8 @@ TEXTS = [  # one text far longer than the rest: the shard without it would pad s
 
 def _text_data(tmp_path, monkeypatch):
     """A tiny BERT (absolute path: model files are on every node) and a CSV by a relative path."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
     from test_cli_user_paths import tiny_bert
 
-    sys.path.pop(0)
     bert = tiny_bert(tmp_path / "bert")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in TEXTS))
