@@ -104,7 +104,10 @@ def _run(title, model, batches, target, grad_fn, options, clock, parts_input) ->
         with torch.no_grad():
             parts["forward, no grad"].append(_timed(lambda: model(*args, **kwargs), clock))
         parts["forward, autograd on"].append(_timed(lambda: model(*grad_args, **kwargs), clock))
-        parts["record (trace)"].append(_timed(lambda: record(model, args, kwargs), clock))
+        held: list = []
+        parts["record (trace)"].append(_timed(lambda: held.append(record(model, args, kwargs)), clock))
+        for v in held.pop().values:  # values and nodes form cycles: free the tape now, not at the next GC
+            v.data = None
         parts["replay (plan)"].append(_timed(lambda: mod._replay(tpl, args, kwargs, live), clock))
     ops = len(tpl.graph.nodes)
     print(f"  parts of one call ({ops} recorded ops):")
