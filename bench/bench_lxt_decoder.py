@@ -78,7 +78,8 @@ def child(a) -> None:
     else:
         import relprop
 
-        plan = relprop.plan(model, {"input_ids": batches[0]}, target=target, method="lrp", composite="attnlrp")
+        if a.mode == "plan":  # (only there: a plan records at once, which would count in relprop's peak)
+            plan = relprop.plan(model, {"input_ids": batches[0]}, target=target, method="lrp", composite="attnlrp")
 
         def run(ids):
             if a.mode == "plan":
