@@ -20,6 +20,7 @@ the same files.
 
     python bench/bench_ray.py                          # 2 zoo models x 2 methods x 16 examples
     python bench/bench_ray.py --folder --repeat 3      # the same on a PNG folder, 3 interleaved runs per mode
+    python bench/bench_ray.py --text --repeat 3        # a random-init 2-layer BERT on a CSV of 64 texts
     python bench/bench_ray.py --zoo-default --no-single   # the zoo default (4 models, 4 methods, 64 examples)
 """
 
@@ -131,6 +132,30 @@ class TreeCpu:
         return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
 
 
+def text_case(root: Path) -> tuple[list[str], object]:
+    """A random-init 2-layer BERT (hidden 32, vocabulary of 12 words, classes negative/positive) saved as a
+    Hugging Face folder, and a CSV of 64 texts of 2-24 words (read lazily, shipped to Ray's workers)."""
+    import numpy as np
+    import transformers
+
+    from relprop.specs import load_data
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "plot", "very", "not"]
+    folder = root / "bert"
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer.from_pretrained(str(folder)).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                                  id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    rng = np.random.RandomState(0)
+    rows = [(" ".join(rng.choice(words[5:], rng.randint(2, 25))), ["negative", "positive"][k % 2]) for k in range(64)]
+    (root / "texts.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    return [f"hf:{folder}"], load_data(str(root / "texts.csv"))
+
+
 def main() -> None:
     from relprop import zoo
     from relprop.cli import default_methods
@@ -145,6 +170,7 @@ def main() -> None:
     p.add_argument("--no-single", action="store_true", help="skip the 1-worker / 1-thread pair")
     p.add_argument("--folder", action="store_true", help="the digits as a PNG folder (streamed, shipped as bytes)")
     p.add_argument("--repeat", type=int, default=1, help="runs per mode, interleaved; the table shows medians")
+    p.add_argument("--text", action="store_true", help="a random-init BERT on a CSV of texts (read lazily)")
     a = p.parse_args()
     if a.zoo_default:
         models = [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
@@ -156,6 +182,8 @@ def main() -> None:
         settings = Settings(samples=a.samples, batch_size=a.batch_size, sensitivity_samples=8, randomisation_samples=4)
     data = load_data(f"zoo:{zoo.DEFAULT_DATASET}")
     root = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    if a.text:
+        models, data = text_case(root)
     if a.folder:
         from PIL import Image
 
@@ -212,7 +240,7 @@ def main() -> None:
         f"\n{len(models)} models x {len(methods)} methods = {cells} cells, {min(settings.samples, len(data))} "
         f"examples each, batch {settings.batch_size}; torch {torch.__version__}, ray {ray.__version__}, "
         f"{os.cpu_count()} CPUs; ray.init {t_init:.1f} s (not included below); data {data.spec}"
-        f"{' (PNG files, shipped to the workers as bytes)' if a.folder else ' (in memory)'}; median of "
+        f"{' (PNG files, shipped to the workers as bytes)' if a.folder else ' (texts read lazily, shipped)' if a.text else ' (in memory)'}; median of "
         f"{max(1, a.repeat)} interleaved run(s) per mode; load average {load0[0]:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end"
     )
