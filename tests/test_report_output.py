@@ -207,3 +207,32 @@ def test_cache_key_holds_the_resolved_device_and_dtype(case, tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     on_gpu = keys(device="auto")
     assert on_gpu[1]["device"].startswith("cuda") and on_gpu[0] != cpu[0]
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_its_report_to_a_url(tmp_path):
+    """``--engine ray`` with ``--out`` at a URL (memory://: the driver's own process writes the report; the
+    workers' shards go to a folder every worker reaches): the local engine's report, number for number."""
+    pytest.importorskip("ray")
+    from relprop.specs import load_data
+
+    data = load_data("zoo:digits")
+    s = dict(samples=4, grid=2, sensitivity_samples=2, randomisation_samples=5, randomisation_layers=1)
+    s |= dict(regions=4, steps=4, batch_size=2, bootstrap=50)
+    kw = dict(progress=False, use_cache=False, command="test", log=quiet)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: the condition for identical numbers
+    try:
+        local = run_compare(["zoo:resnet_digits"], data, ["gradient"], tmp_path / "local", Settings(**s), **kw)
+    finally:
+        torch.set_num_threads(torch_threads)
+    url = memory_url()
+    ray_opts = {"workers": 1, "shards": str(tmp_path / "shards")}
+    res = run_compare(
+        ["zoo:resnet_digits"], data, ["gradient"], url, Settings(**s), engine="ray", ray_options=ray_opts, **kw
+    )
+    assert res["engine"]["name"] == "ray" and res["status"] == "complete", res["problems"]
+    assert numbers(res) == numbers(local)
+    out = Output(url)
+    assert all(out.exists(n) for n in FILES)
+    assert table(out.read_bytes) == table(lambda n: (tmp_path / "local" / n).read_bytes())

@@ -187,13 +187,11 @@ def run_compare(
         raise SpecError(f"engine must be 'local' or 'ray', got {engine!r}")
     try:
         if engine == "ray":
-            if out.local is None:  # the Ray engine writes its cells through local paths (report/distributed.py)
-                raise SpecError(f"--engine ray writes the report to a local folder for now, not {out.url}")
             from .distributed import RayEngine, RayOptions, _Loader
 
             opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
             loader = _Loader(load_any, weights, num_classes, preprocess_overrides)
-            pool = RayEngine(data, methods, settings, out.local, options=opts, loader=loader, command=command, log=log)
+            pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, command=command, log=log)
         for item in items:
             spec = item if isinstance(item, str) else item.spec
             entry: dict[str, Any] = {

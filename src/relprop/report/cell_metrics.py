@@ -69,14 +69,18 @@ def image_perturbation(
     progress: bool = False,
     rows: dict | None = None,
     examples: list[int] | None = None,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> dict:
     """ABPC (region perturbation, MoRF vs LeRF) and insertion/deletion on an image batch.
 
     ``rows``: filled with the per-example curves (``morf``, ``lerf``, ``insertion``, ``deletion``) whose
     means are the returned curves, so that a sharded run (:mod:`.distributed`) can average them in order.
     ``examples``: the data index of each row (default: the row); the ``noise`` baseline draws each
-    example's noise from (``s.seed``, its index), so a shard of the batch draws what the whole batch does."""
+    example's noise from (``s.seed``, its index), so a shard of the batch draws what the whole batch does.
+    ``chunk``: perturbed copies per forward pass, by default the explain batch size (``s.batch_size``): fixed,
+    so the numbers repeat bit for bit, and on the CPU about the bare forward passes' own speed (measured with
+    ``bench/bench_metrics.py --zoo-chunks``: 256 copies per pass ran 1.3-1.7x slower on the zoo default's
+    ResNet and DenseNet, whose activations no longer fit in cache)."""
     from .. import metrics
     from ..metrics.baselines import example_seeds
     from ..metrics.baselines import noise as draw_noise
@@ -96,12 +100,13 @@ def image_perturbation(
     patch = max(1, min(h, w) // s.patch_grid)
     units = math.ceil(h / patch) * math.ceil(w / patch)
     regions, steps = min(s.regions, units), min(s.steps, units)
-    kw = dict(patch_size=patch, pad=True, batch_size=int(chunk), progress=progress)
+    bs = max(1, int(s.batch_size))
+    copies = bs if chunk is None else max(1, int(chunk))
+    kw = dict(patch_size=patch, pad=True, batch_size=copies, progress=progress)
     # One explain batch (--batch-size examples) at a time: its perturbed copies never share a forward pass
     # with another batch's. A copy's score can depend on its place in the forward pass (CPU kernels round
     # differently at tile edges, ~1e-7), so this makes every example's values independent of the examples
     # outside its batch, and the Ray engine's shards (aligned to batches) get the single-process numbers.
-    bs = max(1, int(s.batch_size))
     got: dict[str, list[torch.Tensor]] = {}
     for i in range(0, max(1, x.shape[0]), bs):
         r = slice(i, i + bs)
@@ -157,6 +162,7 @@ def image_perturbation(
             "deletion": f"{steps} steps to all patches replaced by '{s.baseline}'",
             "insertion": f"{steps} steps from '{s.insertion_baseline}' back to the input",
             "score": "softmax probability of the explained class",
+            "copies_per_pass": copies,
         },
     }
 
@@ -193,6 +199,10 @@ def flat_warnings(models: list[dict]) -> list[str]:
         if flagged:
             out.append(f"{m.get('name')}: {flagged[0]['perturbation']['warning']}")
     return out
+
+
+#: token copies per forward pass of compare's text metrics: fixed (a measured size could differ between runs)
+TEXT_COPIES = 128
 
 
 def text_perturbation(
@@ -233,7 +243,7 @@ def text_perturbation(
             exclude=special[r],
             steps=s.steps,
             progress=progress,
-            batch_size=128,  # fixed (the former default), as for images: a measured size could differ between runs
+            batch_size=TEXT_COPIES,
         )
         for k in ("morf", "lerf", "insertion"):
             parts.setdefault(k, []).append(getattr(res, k))
@@ -267,6 +277,7 @@ def text_perturbation(
             "deletion": f"{s.steps} steps to all tokens replaced by {name!r}",
             "insertion": f"{s.steps} steps from all tokens {name!r} back to the text",
             "score": "softmax probability of the explained class",
+            "copies_per_pass": TEXT_COPIES,
             **({"warning": flat} if flat else {}),
         },
     }
