@@ -100,11 +100,13 @@ def main() -> None:
     ap.add_argument("--cases", default="cnn,cnn-pf,resnet50", help=f"comma-separated, of {sorted(CASES)}")
     ap.add_argument("--zoo-chunks", default="", help="e.g. 256,32,64: compare's metrics on the zoo default")
     ap.add_argument("--batch-size", type=int, default=32, help="--zoo-chunks: compare's --batch-size")
+    ap.add_argument("--zoo-models", default="", help="--zoo-chunks: comma-separated (default: zoo.DEFAULT_MODELS)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.zoo_chunks:
-        return zoo_chunks([int(c) for c in args.zoo_chunks.split(",")], args.batch_size, args.repeats)
+        names = [m for m in args.zoo_models.split(",") if m]
+        return zoo_chunks([int(c) for c in args.zoo_chunks.split(",")], args.batch_size, args.repeats, names)
     from relprop import metrics as M
 
     try:
@@ -212,7 +214,7 @@ class _Counting(torch.nn.Module):
         return self.inner(x)
 
 
-def zoo_chunks(chunks: list[int], batch: int, repeats: int) -> None:
+def zoo_chunks(chunks: list[int], batch: int, repeats: int, names: list[str] | None = None) -> None:
     """compare's image metrics on the zoo default's models at each chunk (copies per forward pass)."""
     from relprop import zoo
     from relprop.report.cell_metrics import image_perturbation
@@ -228,7 +230,7 @@ def zoo_chunks(chunks: list[int], batch: int, repeats: int) -> None:
         flush=True,
     )
     table = []
-    for name in zoo.DEFAULT_MODELS:
+    for name in names or zoo.DEFAULT_MODELS:
         model = _Counting(zoo.load_model(name))
         x = data.images[:n]
         with torch.no_grad():

@@ -1,13 +1,12 @@
-"""compare's image metrics forward ``--batch-size`` perturbed copies at a time (bench/bench_metrics.py
---zoo-chunks: near the bare forward passes on a CPU, where 256-copy passes ran 1.3-1.7x slower): the
-values are the metrics' own at that chunk size, bit for bit, and differ from 256-copy passes by float
-rounding only."""
+"""compare's image metrics forward a fixed number of perturbed copies at a time (``chunk``, default
+``IMAGE_COPIES``, recorded in the results): the values are the metrics' own at that chunk size, bit for
+bit, and another chunk size changes them by float rounding only."""
 
 import torch
 from torch import nn
 
 from relprop import metrics
-from relprop.report.cell_metrics import image_perturbation
+from relprop.report.cell_metrics import IMAGE_COPIES, image_perturbation
 from relprop.report.compare import Settings
 
 
@@ -21,7 +20,7 @@ class Counting(nn.Module):
         return self.inner(x)
 
 
-def test_image_metrics_run_batch_size_copies_per_pass_and_equal_the_metrics_at_that_size():
+def test_image_metrics_run_chunk_copies_per_pass_and_equal_the_metrics_at_that_size():
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)
@@ -32,9 +31,11 @@ def test_image_metrics_run_batch_size_copies_per_pass_and_equal_the_metrics_at_t
     with torch.no_grad():
         target = net(x).argmax(1)
     s = Settings(batch_size=3, regions=6, steps=5, patch_grid=4)
-    res = image_perturbation(model, x, attr, target, s)
+    default = image_perturbation(net, x, attr, target, s)
+    assert default["perturbation"]["copies_per_pass"] == IMAGE_COPIES
+    res = image_perturbation(model, x, attr, target, s, chunk=3)
     assert res["perturbation"]["copies_per_pass"] == 3
-    assert max(model.sizes) == 3 and model.sizes.count(3) > 10  # never more than --batch-size copies at once
+    assert max(model.sizes) == 3 and model.sizes.count(3) > 10  # never more than 3 copies at once
     want = {"abpc": [], "insertion": [], "deletion": []}
     for i in range(0, 7, 3):  # the plain computation: the metrics per explain batch at batch_size 3
         r = slice(i, i + 3)
@@ -48,8 +49,6 @@ def test_image_metrics_run_batch_size_copies_per_pass_and_equal_the_metrics_at_t
         want["deletion"] += idl.deletion_auc.tolist()
     for k, v in want.items():
         assert res["per_example"][k] == v, k  # bit for bit
-    old = image_perturbation(net, x, attr, target, s, chunk=256)  # the former fixed size: rounding only
-    assert old["perturbation"]["copies_per_pass"] == 256
     for k in want:
-        a, b = torch.tensor(res["per_example"][k]), torch.tensor(old["per_example"][k])
+        a, b = torch.tensor(res["per_example"][k]), torch.tensor(default["per_example"][k])
         assert torch.allclose(a, b, rtol=0, atol=1e-6), k

@@ -60,6 +60,13 @@ def wanted_groups(settings) -> set[str]:
     return {m.group for m in METRICS} - set(not_run(settings))
 
 
+#: perturbed image copies per forward pass of compare's metrics. Kept at 256: at 1 torch thread the explain
+#: batch size (32) ran 1.04x the bare forward passes on the zoo default's models where 256 ran 0.91-1.66x
+#: (bench/bench_metrics.py --zoo-chunks), but the whole default demo at 2 threads on a loaded machine took
+#: more CPU time with it (>= 769 s vs 648 s), so the switch is not shown to pay; measure on a quiet machine.
+IMAGE_COPIES = 256
+
+
 def image_perturbation(
     module,
     x: torch.Tensor,
@@ -77,10 +84,8 @@ def image_perturbation(
     means are the returned curves, so that a sharded run (:mod:`.distributed`) can average them in order.
     ``examples``: the data index of each row (default: the row); the ``noise`` baseline draws each
     example's noise from (``s.seed``, its index), so a shard of the batch draws what the whole batch does.
-    ``chunk``: perturbed copies per forward pass, by default the explain batch size (``s.batch_size``): fixed,
-    so the numbers repeat bit for bit, and on the CPU about the bare forward passes' own speed (measured with
-    ``bench/bench_metrics.py --zoo-chunks``: 256 copies per pass ran 1.3-1.7x slower on the zoo default's
-    ResNet and DenseNet, whose activations no longer fit in cache)."""
+    ``chunk``: perturbed copies per forward pass, by default :data:`IMAGE_COPIES` (fixed, so the numbers repeat
+    bit for bit; recorded as ``perturbation["copies_per_pass"]``)."""
     from .. import metrics
     from ..metrics.baselines import example_seeds
     from ..metrics.baselines import noise as draw_noise
@@ -101,7 +106,7 @@ def image_perturbation(
     units = math.ceil(h / patch) * math.ceil(w / patch)
     regions, steps = min(s.regions, units), min(s.steps, units)
     bs = max(1, int(s.batch_size))
-    copies = bs if chunk is None else max(1, int(chunk))
+    copies = IMAGE_COPIES if chunk is None else max(1, int(chunk))
     kw = dict(patch_size=patch, pad=True, batch_size=copies, progress=progress)
     # One explain batch (--batch-size examples) at a time: its perturbed copies never share a forward pass
     # with another batch's. A copy's score can depend on its place in the forward pass (CPU kernels round
