@@ -63,7 +63,7 @@ def wanted_groups(settings) -> set[str]:
 #: perturbed image copies per forward pass of compare's metrics. Kept at 256: at 1 torch thread the explain
 #: batch size (32) ran 1.04x the bare forward passes on the zoo default's models where 256 ran 0.91-1.66x
 #: (bench/bench_metrics.py --zoo-chunks), but the whole default demo at 2 threads on a loaded machine took
-#: more CPU time with it (>= 769 s vs 648 s), so the switch is not shown to pay; measure on a quiet machine.
+#: more CPU time with it (1,067 s vs 648 s), so the switch is not shown to pay; measure on a quiet machine.
 IMAGE_COPIES = 256
 
 
