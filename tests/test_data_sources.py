@@ -456,6 +456,35 @@ def test_16_bit_note_at_load_time_without_decoding_8_bit_images(tmp_path, monkey
     assert seen.count == 1 and any("16-bit" in w and "1 of 2 images" in w for w in data.warnings)
 
 
+def test_npy_integers_wider_than_8_bits_are_refused_or_noted_at_load_time(tmp_path, digits):
+    arrays, _ = digits
+    cls = [("k0.cls", b"1\n")]
+    # NumPy's default integer holding 8-bit values: dividing by the int64 range would make it black
+    wide = write_tar(tmp_path / "int.tar", [("k0.npy", npy_bytes(arrays[0].astype(np.int64)))] + cls)
+    with pytest.raises(SpecError, match=r"^cannot read image int\.tar:k0\.npy: an int64 array with values in \[0, "):
+        load_data(str(wide))
+    for dtype in (np.int32, np.uint64):
+        a = arrays[0].astype(dtype) * (np.iinfo(dtype).max // 255)  # fills its type's range: scaled by it
+        ok = load_data(str(write_tar(tmp_path / "full.tar", [("k0.npy", npy_bytes(a))] + cls)))
+        assert torch.allclose(ok.images[0], torch.from_numpy(arrays[0][None] / 255.0).float(), atol=1e-6)
+    # 16-bit arrays with 12-bit values: scaled by 65535 as before, with the 16-bit note at load time
+    deep = write_tar(tmp_path / "deep.tar", [("k0.npy", npy_bytes(arrays[0].astype(np.uint16) * 16))] + cls)
+    data = load_data(str(deep))
+    assert any("1 of 1 images" in w and "16-bit range" in w for w in data.warnings)
+    assert torch.allclose(data.images[0], torch.from_numpy(arrays[0][None] * 16.0 / 65535.0).float())
+    assert load_data(str(tar_shards(tmp_path / "u8", digits, lambda a: ("npy", npy_bytes(a))))).warnings == []
+
+
+def test_float_npy_errors_name_nan_and_the_member_once(tmp_path, digits):
+    x = digits[0][0] / 255.0
+    y = x.copy()
+    y[3, 3] = np.nan
+    members = [("k0.npy", npy_bytes(x)), ("k0.cls", b"1"), ("k1.npy", npy_bytes(y)), ("k1.cls", b"1")]
+    data = load_data(str(write_tar(tmp_path / "nan.tar", members)))
+    with pytest.raises(SpecError, match=r"^cannot read image nan\.tar:k1\.npy: .*NaN values \(1 of 1024\)"):
+        data.images[1]
+
+
 # ------------------------------------------------------------------------------------ other processes
 def test_shipped_items_decode_to_the_same_inputs_where_the_source_is_gone(tmp_path, digits):
     """What the Ray engine sends its workers (:func:`detach` + :func:`pack_items`): the data without paths

@@ -223,7 +223,13 @@ def _scale_int(a: np.ndarray, dtype_bits: int, declared: int | None, name: str, 
 
 def _check_float(a: np.ndarray, name: str) -> np.ndarray:
     a = a.astype(np.float32)
-    if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
+    if a.size and not np.isfinite(a).all():
+        bad = "NaN" if np.isnan(a).any() else "infinite"
+        raise SpecError(
+            f"cannot read image {name}: a floating-point image with {bad} values "
+            f"({int((~np.isfinite(a)).sum())} of {a.size}); relprop expects floats in [0, 1]"
+        )
+    if a.size and (a.min() < 0 or a.max() > 1):
         raise SpecError(
             f"cannot read image {name}: a floating-point image with values in "
             f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]; relprop expects floats in [0, 1]"
@@ -239,7 +245,8 @@ def _to_chw(a: np.ndarray) -> torch.Tensor:
 def array_image(a: np.ndarray, name: str, notes: list[str] | None = None) -> torch.Tensor:
     """A stored array (``.npy``) as an image ``(C, H, W)`` in [0, 1]: ``(H, W)``, ``(H, W, 1)`` or
     ``(H, W, 3)`` (the layout PIL and NumPy image code use), scaled as :func:`read_image` scales files:
-    8-bit by 255, 16/32-bit integers by their type's range (no file declares a depth here), floats must
+    8-bit by 255, wider integers by their type's range (no file declares a depth here; a 32/64-bit array
+    whose values fill less than 1/16 of it is refused, a 16-bit one noted in ``notes``), floats must
     already be in [0, 1]."""
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -251,11 +258,19 @@ def array_image(a: np.ndarray, name: str, notes: list[str] | None = None) -> tor
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     if a.dtype.kind in "ui":
-        bits = 8 * a.dtype.itemsize
-        if bits == 8:
+        bits = 8 * a.dtype.itemsize - (a.dtype.kind == "i")  # a signed type's range ends at 2**(bits-1) - 1
+        if bits <= 8:
             if a.dtype.kind == "i" and a.size and a.min() < 0:
                 raise SpecError(f"cannot read image {name}: negative pixel values")
             return _to_chw(a.astype(np.float32) / 255.0)
+        if bits > 16 and a.size and 0 <= a.min() and a.max() < (2**bits - 1) / 16:
+            # no file declares a depth and a 32/64-bit range is no pixel depth (NumPy's default integer
+            # holding 8-bit values): dividing by it would give a black image, so refuse instead
+            raise SpecError(
+                f"cannot read image {name}: an {a.dtype} array with values in [{a.min()}, {a.max()}] fills "
+                f"less than 1/16 of its type's range, by which relprop scales integer pixels (the image "
+                f"would be black); store it as uint8 (0-255), uint16 or floats in [0, 1]"
+            )
         return _to_chw(_scale_int(a, bits, None, name, notes))
     if a.dtype.kind == "f":
         return _to_chw(_check_float(a, name))

@@ -245,7 +245,10 @@ class Images(Lazy[torch.Tensor]):
 
     def _named(self, i: int) -> tuple[str, bytes | Path, str]:
         kind, src = self._source(i)
-        return kind, src, f"{self.where}:{self.name(i)}" if not isinstance(src, Path) else str(src)
+        if isinstance(src, Path):
+            return kind, src, str(src)
+        name = self.name(i)  # tar members are named "SHARD:KEY.EXT" already
+        return kind, src, name if isinstance(self.cells, _TarCells) else f"{self.where}:{name}"
 
     def read(self, i: int) -> torch.Tensor:
         kind, src, name = self._named(i)
@@ -256,11 +259,14 @@ class Images(Lazy[torch.Tensor]):
         return kind, src.read_bytes() if isinstance(src, Path) else src, name
 
 
-def decode_member(kind: str, src: bytes | Path, name: str, trust_pickle: bool = False) -> torch.Tensor:
+def decode_member(
+    kind: str, src: bytes | Path, name: str, trust_pickle: bool = False, notes: list[str] | None = None
+) -> torch.Tensor:
     """One stored image as ``(C, H, W)`` in [0, 1]: ``kind`` "image" (encoded: a file or its bytes), "npy",
-    "pt" or "pickle" (bytes). The one decoder of :class:`Images` and of items shipped to other processes."""
+    "pt" or "pickle" (bytes). The one decoder of :class:`Images` and of items shipped to other processes;
+    ``notes`` collects the note on integers that fill little of their range (:func:`~.data.read_image`)."""
     if kind == "image":
-        return decode_image(src, name=name)
+        return decode_image(src, notes, name=name)
     if isinstance(src, Path):
         src = src.read_bytes()
     if kind == "npy":
@@ -268,8 +274,8 @@ def decode_member(kind: str, src: bytes | Path, name: str, trust_pickle: bool = 
             a = np.load(io.BytesIO(src), allow_pickle=False)
         except ValueError as e:  # an object array: a pickle inside the .npy
             raise SpecError(f"cannot read {name}: {first_line(e)} (relprop reads .npy without pickles)") from None
-        return array_image(a, name)
-    return array_image(_unpickle(kind, src, name, trust_pickle), name)
+        return array_image(a, name, notes)
+    return array_image(_unpickle(kind, src, name, trust_pickle), name, notes)
 
 
 def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
@@ -300,6 +306,18 @@ def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
     raise SpecError(f"{name} holds a {type(obj).__name__}; relprop reads a tensor or an array as an image")
 
 
+def _npy_wide_int(b: bytes) -> bool:
+    """Whether a ``.npy`` file's header declares an integer type wider than 8 bits."""
+    f = io.BytesIO(b)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        dtype = header(f)[2]
+    except ValueError:
+        return False  # decoding it says what is wrong
+    return dtype.kind in "ui" and dtype.itemsize > 1
+
+
 def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
     """The 16-bit note of :func:`~.data.read_image` for up to ``k`` images spread over the data, decoding
     only 16-bit PNGs and TIFFs (read from their headers), so that a lazy dataset warns at load time."""
@@ -308,6 +326,11 @@ def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
     notes: list[str] = []
     for i in picks:
         kind, src = images._source(i)
+        if kind == "npy":  # the header tells the data type; only integers wider than 8 bits are decoded
+            head = src.read_bytes() if isinstance(src, Path) else src
+            if _npy_wide_int(head):
+                decode_member(kind, head, images._named(i)[2], notes=notes)
+            continue
         if kind != "image":
             continue
         if isinstance(src, Path):
@@ -323,7 +346,8 @@ def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
     checked = f"{len(picks)}" if len(picks) == n else f"{len(picks)} checked (of {n})"
     return [
         f"{len(notes)} of {checked} images use less than 1/16 of their declared bit depth "
-        f"(first: {notes[0]}); if they are 12-bit images, save them with a PNG sBIT chunk"
+        f"(first: {notes[0]}); if they are 12-bit images, save them with a PNG sBIT chunk "
+        f"(.npy: as floats in [0, 1])"
     ]
 
 
