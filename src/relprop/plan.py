@@ -10,8 +10,12 @@ hidden cache, nothing process-wide, and dropping the plan frees the recording.
 What the plan checks before (and while) replaying; anything that differs makes it record again
 (transparently: :attr:`Plan.rerecords` counts it, :attr:`Plan.last_reason` says why):
 
-* the inputs' structure, shapes, strides, dtypes and devices, and any non-tensor input (by value for
-  numbers/strings/dtypes/devices, by identity for other objects);
+* the inputs' structure, shapes, strides, dtypes and devices, which inputs share a storage, and any
+  non-tensor input (by value for numbers/strings/dtypes/devices, by identity for other objects). Storage
+  offsets only where the recording holds an op that reads absolute offsets (``as_strided``, ``set_``...,
+  :data:`_OFFSET_OPS`; the recorder itself emits ``as_strided`` to re-derive an alias after an in-place
+  write): every other op reads its input relative to the input's offset, so batches sliced from one
+  tensor (``X[i:i + 16]``) replay;
 * the ``training`` flag (and identity) of every module, and its forward (pre-)hooks and the global ones;
 * every parameter and buffer: the object, its ``_version`` (bumped by in-place edits such as
   ``p.mul_()`` / ``p.copy_()`` under ``torch.no_grad()``), its data pointer, shape and dtype. A forward
@@ -61,7 +65,7 @@ from .graph import Graph, Node, Value
 from .methods._validate import validate_call
 from .methods.core import Explanation, Inputs, Target, run_backward, split_inputs
 from .rules.composites import Composite, GradientComposite, resolve_composite
-from .trace import _flatten, _unwrap_compiled, record, warn_training
+from .trace import _flatten, _storage_key, _unwrap_compiled, record, warn_training
 
 __all__ = ["Plan", "PlanMismatch", "plan"]
 
@@ -99,6 +103,8 @@ class _Template:
     # recorder redirected to a private copy: batch norm's num_batches_tracked in training mode) -> a copy
     # of their content. A later bump of one of them is accepted where the content still equals the copy.
     bumped: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Whether the signature holds the inputs' storage offsets (the recording reads absolute offsets).
+    offsets: bool = True
 
 
 class PlanMismatch(RuntimeWarning):
@@ -199,7 +205,7 @@ class Plan:
         random = _rng_state() != before
         # Taken after recording: the recording may bump version counters of buffers it never changes
         # (batch norm's num_batches_tracked in training mode); those tensors are noted with their content.
-        sig, live = _signature(model, args, kwargs, key)
+        sig, live = _signature(model, args, kwargs, key, _reads_offsets(graph))
         self.records += 1
         if self.records > 1:
             self.rerecords += 1
@@ -209,8 +215,8 @@ class Plan:
         return graph
 
     def _graph_for(self, model: Any, args: tuple, kwargs: dict, post: Any, target_key: int | None) -> Graph:
-        sig, live = _signature(model, args, kwargs, target_key)
         tpl = self._template
+        sig, live = _signature(model, args, kwargs, target_key, tpl is None or tpl.offsets)
         if tpl is None:
             return self._record(model, args, kwargs, post, target_key, "first recording")
         if not tpl.replayable:
@@ -228,7 +234,7 @@ class Plan:
             before = _rng_state()
             fresh = record(model, args, kwargs, post=post, release=self.release)
             random = _rng_state() != before
-            sig, live = _signature(model, args, kwargs, target_key)
+            sig, live = _signature(model, args, kwargs, target_key, tpl.offsets or _reads_offsets(fresh))
             diff = _compare(tpl.graph, env, fresh)
             if diff is not None:
                 self.mismatches += 1
@@ -321,27 +327,58 @@ def plan(
 
 
 # ---------------------------------------------------------------------- signature
-def _describe(obj: Any, out: list) -> None:
+#: Ops that read absolute storage offsets (or a storage itself): the same op on an input at another
+#: offset reads other memory. Every other ATen op reads its inputs relative to their offsets.
+_OFFSET_OPS = frozenset({"as_strided", "as_strided_", "as_strided_copy", "as_strided_scatter", "set_", "_set"})
+
+
+def _reads_offsets(graph: Graph) -> bool:
+    """Does the recording hold an op whose result depends on its inputs' absolute storage offsets?"""
+    return any(n.packet in _OFFSET_OPS for n in graph.nodes)
+
+
+def _describe(obj: Any, out: list, offsets: bool = True) -> None:
     if isinstance(obj, torch.Tensor):
-        out.append(("T", obj.shape, obj.stride(), obj.storage_offset(), obj.dtype, obj.device, obj.layout))
+        offset = obj.storage_offset() if offsets else None
+        out.append(("T", obj.shape, obj.stride(), offset, obj.dtype, obj.device, obj.layout))
     elif isinstance(obj, dict):
         out.append(("D", tuple(obj.keys())))
         for v in obj.values():
-            _describe(v, out)
+            _describe(v, out, offsets)
     elif isinstance(obj, (list, tuple)):
         out.append(("L", type(obj), len(obj)))
         for v in obj:
-            _describe(v, out)
+            _describe(v, out, offsets)
     elif isinstance(obj, _PLAIN):
         out.append(("P", type(obj), obj))
     else:
         out.append(("O", id(obj)))
 
 
-def _signature(model: Any, args: tuple, kwargs: dict, target_key: int | None) -> tuple[tuple, dict]:
-    """What the plan compares between calls, and the model's live parameters/buffers by name."""
+def _sharing(args: tuple, kwargs: dict) -> tuple:
+    """Per input tensor, the index of the first input tensor on the same storage: which inputs alias.
+
+    Why: the recorder re-derives a stale alias from its storage's root value after an in-place write; on
+    inputs that no longer share a storage (or newly do) that replay would read the wrong memory.
+    """
+    first: dict[Any, int] = {}
+    out = []
+    for i, t in enumerate(_flatten((tuple(args), dict(kwargs)), [])):
+        key = _storage_key(t)
+        out.append(i if key is None else first.setdefault(key, i))
+    return tuple(out)
+
+
+def _signature(
+    model: Any, args: tuple, kwargs: dict, target_key: int | None, offsets: bool = True
+) -> tuple[tuple, dict]:
+    """What the plan compares between calls, and the model's live parameters/buffers by name.
+
+    ``offsets``: whether the inputs' storage offsets count (see :func:`_reads_offsets`).
+    """
     inputs: list = []
-    _describe((tuple(args), dict(kwargs)), inputs)
+    _describe((tuple(args), dict(kwargs)), inputs, offsets)
+    inputs.append(("S", _sharing(args, kwargs)))
     live: dict[str, torch.Tensor] = {}
     modules: tuple = ()
     tensors: list = []
@@ -406,8 +443,34 @@ _PARTS = (
 )
 
 
+_FIELDS = ("shape", "strides", "storage offset", "dtype", "device", "layout")
+
+
+def _show(x: Any) -> str:
+    return str(tuple(x)) if isinstance(x, (torch.Size, tuple)) else str(x)
+
+
+def _inputs_differ(old: tuple, new: tuple) -> str:
+    """What changed between two input descriptions: ``input 0: storage offset 0 -> 16``."""
+    if len(old) != len(new) or any(a[0] != b[0] or (a[0] not in "TS" and a != b) for a, b in zip(old, new)):
+        return "inputs: their structure or a non-tensor input"
+    parts, k = [], 0
+    for a, b in zip(old, new):
+        if a[0] == "S":
+            if a != b:
+                parts.append(f"inputs sharing a storage: {list(a[1])} -> {list(b[1])} (first input on each one)")
+            continue
+        if a[0] != "T":
+            continue
+        for name, x, y in zip(_FIELDS, a[1:], b[1:]):
+            if x != y:
+                parts.append(f"input {k}: {name} {_show(x)} -> {_show(y)}")
+        k += 1
+    return ", ".join(parts)
+
+
 def _what_differs(old: tuple, new: tuple) -> str:
-    parts = [name for name, a, b in zip(_PARTS, old, new) if a != b]
+    parts = [_inputs_differ(a, b) if i == 0 else name for i, (name, a, b) in enumerate(zip(_PARTS, old, new)) if a != b]
     return "changed: " + ", ".join(parts)
 
 
@@ -495,7 +558,9 @@ def _template(graph: Graph, sig: tuple, random: bool, target: Any = None) -> _Te
             steps[last.get(v.index, pos[id(v.producer)])].free.append(v.index)
     for step in steps:
         step.inplace = _inplace_twin(step)
-    return _Template(graph, sig, constants, leaves, strides, scalars, skeleton, target, steps, reason is None, reason)
+    tpl = _Template(graph, sig, constants, leaves, strides, scalars, skeleton, target, steps, reason is None, reason)
+    tpl.offsets = _reads_offsets(graph)
+    return tpl
 
 
 #: Ops whose (first) output is always a new tensor, never an alias of an input: an in-place write into
