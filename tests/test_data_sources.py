@@ -475,6 +475,19 @@ def test_npy_integers_wider_than_8_bits_are_refused_or_noted_at_load_time(tmp_pa
     assert load_data(str(tar_shards(tmp_path / "u8", digits, lambda a: ("npy", npy_bytes(a))))).warnings == []
 
 
+def test_a_missing_image_column_is_named_with_its_option(tmp_path, digits):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"image": [png_bytes(digits[0][0])], "label": [1]}).to_parquet(path)
+    with pytest.raises(
+        SpecError, match=r"no column 'img' \(columns: image, label\)\..*Choose one with --image-column$"
+    ):
+        load_data(str(path), image_column="img")
+    with pytest.raises(SpecError, match=r"no column 'txt' .*--text-column \(texts\)"):
+        load_data(str(path), text_column="txt", image_column="img")
+
+
 def test_float_npy_errors_name_nan_and_the_member_once(tmp_path, digits):
     x = digits[0][0] / 255.0
     y = x.copy()

@@ -480,9 +480,12 @@ def _pick_kind(where: str, names: list[str], columns: Columns) -> str:
         return "text"
     if columns.image in names:
         return "image"
+    asked_image = columns.image != Columns.image and columns.text == Columns.text  # --image-column given
+    missing = columns.image if asked_image else columns.text
     raise SpecError(
-        f"{where} has no column '{columns.text}' (columns: {', '.join(map(str, names))})."
-        f"{closest(columns.text, names)} Choose one with --text-column (texts) or --image-column (images)"
+        f"{where} has no column '{missing}' (columns: {', '.join(map(str, names))})."
+        f"{closest(missing, names)} Choose one with "
+        + ("--image-column" if asked_image else "--text-column (texts) or --image-column (images)")
     )
 
 
