@@ -341,6 +341,12 @@ def test_limit_and_subset_choose_examples(folder):
     fps = {full.fingerprint(), first.fingerprint(), sub.fingerprint(), both.fingerprint()}
     assert len(fps) == 4
     assert full.select() is full and full.select(limit=1000).labels.shape[0] == 40
+    assert full.warnings == [] and sub.warnings == [] and both.warnings == []
+    whole = full.select(limit=10, subset=12, seed=3)  # nothing to draw: all 10, with a warning (once)
+    assert len(whole) == 10 and whole.select(limit=10, subset=12, seed=3) is whole
+    assert whole.warnings == ["--subset 12 is more than the 10 examples left by --limit 10: all 10 are used"]
+    assert full.select(subset=41).warnings == ["--subset 41 is more than the 40 examples: all 40 are used"]
+    assert full.select(subset=40).warnings == []  # all of them, as asked
     with pytest.raises(SpecError, match="--limit"):
         full.select(limit=0)
     zoo = load_data("zoo:digits", subset=5, seed=1)  # in-memory tensors are indexed

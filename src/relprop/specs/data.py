@@ -121,8 +121,15 @@ class Data:
             return self
         n = len(self)
         idx = np.arange(min(n, limit) if limit else n)
+        warnings = list(self.warnings)
         if subset and subset < len(idx):
             idx = np.sort(np.random.RandomState(seed).choice(len(idx), subset, replace=False))
+        elif subset and subset > len(idx):  # nothing to draw from: say so rather than run on all of them silently
+            warnings.append(
+                f"--subset {subset} is more than the {len(idx)} examples"
+                + (f" left by --limit {limit}" if limit and limit < n else "")
+                + f": all {len(idx)} are used"
+            )
         from .sources import take
 
         chosen = [int(i) for i in idx]
@@ -140,7 +147,7 @@ class Data:
             texts=take(self.texts, chosen),
             model_ready=None if self.model_ready is None else self.model_ready[chosen],
             info=info,
-            warnings=list(self.warnings),
+            warnings=warnings,
             _fingerprint=None,
         )
 
