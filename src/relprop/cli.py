@@ -589,6 +589,11 @@ def cmd_compare(args) -> int:
 
     check_placement(args.device, args.dtype)  # before the data is read
     out = Output(args.out)  # a folder or any fsspec URL: a bad URL fails here, before any work
+    if out.fs is not None and "memory" in ((out.fs.protocol,) if isinstance(out.fs.protocol, str) else out.fs.protocol):
+        raise CLIError(
+            f"--out {args.out}: a memory:// file system lives in this process and is lost when relprop exits; "
+            f"use a folder or a URL (memory:// is for Python: relprop.compare(..., out='memory://...'))"
+        )
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
               "data_workers")  # fmt: skip
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
