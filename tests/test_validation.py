@@ -103,6 +103,11 @@ BAD_INPUTS = {
     "uint8 image": (lambda x: (x * 50).clamp(0, 255).to(torch.uint8), r"uint8.*\.float\(\)"),
     "numpy array": (lambda x: x.numpy(), "numpy.*torch.from_numpy"),
     "0-d tensor": (lambda x: x[0, 0, 0, 0], "batch dimension"),
+    "float64 input": (
+        lambda x: x.double(),
+        r"^inputs: dtype torch.float64 but the model's parameters are torch.float32; convert the inputs with "
+        r"x.to\(torch.float32\) \(on the CLI: --dtype float32\)$",
+    ),
 }
 
 
@@ -116,6 +121,61 @@ def test_bad_inputs_raise_before_the_model_runs(method, case):
         _explain(model, make(x), method)
     assert model.calls == 0  # rejected before any forward pass: nothing to restore
     _assert_same(model, snap)
+
+
+def test_plan_rejects_an_input_in_another_dtype_and_keeps_replaying():
+    model, x = _net()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"^inputs: dtype torch.float64 but .* torch.float32; .*x.to"):
+        relprop.plan(model, x.double(), target=0)
+    p = relprop.plan(model, x, target=0)
+    calls = model.calls
+    with pytest.raises(ValueError, match=r"^inputs\[0\]: dtype torch.float16 but"):
+        p.explain((x.half(),))
+    assert model.calls == calls and p.records == 1
+    _assert_same(model, snap)
+    p.explain(x)
+    assert p.replays == 1 and p.rerecords == 0
+
+
+class _Mixed(nn.Module):
+    """float32 layer, then a float64 one: the model casts between them (parameters in two dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.float())).double())
+
+
+class _Declared(nn.Module):
+    """Declares a ``dtype`` and casts float inputs to it at the entry (as Hugging Face vision models do)."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x.to(self.dtype))
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [
+        (_Mixed(), torch.randn(2, 4, dtype=torch.float64)),
+        (_Declared(), torch.randn(2, 4, dtype=torch.float64)),
+        (nn.Softmax(-1), torch.randn(2, 4, dtype=torch.float64)),  # no parameters
+        (nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 2)), torch.tensor([[1, 2], [3, 4]])),
+    ],
+    ids=["mixed", "declared dtype", "no parameters", "token ids"],
+)
+def test_dtype_check_leaves_models_it_cannot_judge_to_run(model, x):
+    got = relprop.explain(model.eval(), x, target=1, method="gradient")
+    assert got.output.shape[0] == 2 and torch.isfinite(got.output).all()
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "deeplift", "occlusion"])

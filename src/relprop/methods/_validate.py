@@ -130,6 +130,31 @@ def check_model(model: Any) -> None:
             break  # one look is enough: meta models are meta throughout
 
 
+def check_input_dtype(model: Any, inputs: Inputs) -> None:
+    """A floating input in another dtype than the model's floating parameters (``x.double()`` into a float32
+    model) fails deep in the forward with torch's "expected scalar type Double but found Float": say so first.
+
+    Only where the answer is certain: an ``nn.Module`` whose floating parameters share one dtype. Models with
+    mixed or no floating parameters, integer inputs (token ids, masks), and models that declare a ``dtype``
+    attribute of their own (Hugging Face models, which cast e.g. ``pixel_values`` to it; the report's
+    ``device.Placed``, which casts inputs at its entry) are left to run.
+    """
+    if not isinstance(model, torch.nn.Module) or isinstance(getattr(model, "dtype", None), torch.dtype):
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (want,) = dtypes
+    for name, t in _named_leaves(inputs):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != want:
+            short = str(want).removeprefix("torch.")
+            cli = f" (on the CLI: --dtype {short})" if short in ("float32", "bfloat16", "float16") else ""
+            raise ValueError(
+                f"{name}: dtype {t.dtype} but the model's parameters are {want}; convert the inputs with "
+                f"x.to({want}){cli}"
+            )
+
+
 # ------------------------------------------------------------------------------------------ target
 def _labels(model: Any) -> dict[str, int] | None:
     config = getattr(model, "config", None)
@@ -322,6 +347,7 @@ def validate_call(model: Any, inputs: Inputs, target: Target, *, same_batch: boo
     batch = check_inputs(inputs, same_batch=same_batch)
     check_target(target, batch, model)
     check_model(model)
+    check_input_dtype(model, inputs)
     return batch
 
 
