@@ -250,10 +250,18 @@ def test_released_scores_give_equal_bits(composite):
     assert sorted(released) == ["add", "add", "mul", "mul"]  # per layer: * scaling, + causal mask
     comp = resolve_composite(composite, {})
     kw = dict(target=target, composite=comp, method="lrp", times_output=True)
-    held = run_backward(model, {"input_ids": ids}, **kw).attributions["input_ids"]
+
+    def hold_all(m, args, kwargs, post=None, **_):  # run_backward asks for release_scores by default
+        return record(m, args, kwargs, post=post)
+
+    held = run_backward(model, {"input_ids": ids}, recorder=hold_all, **kw).attributions["input_ids"]
     rec = functools.partial(record, release=release_scores)
     freed = run_backward(model, {"input_ids": ids}, recorder=rec, **kw).attributions["input_ids"]
     assert torch.equal(freed, held)
+    default = relprop.explain(
+        model, {"input_ids": ids}, target=target, method="lrp", composite=composite
+    )  # releases them
+    assert torch.equal(default.attributions["input_ids"], held)
     small = _qwen2(tokens=9)  # scores smaller than q and k together: nothing to gain, nothing released
     graph = record(small[0], (), {"input_ids": small[1]}, post=target, release=release_scores)
     assert all(v.data is not None for n in graph.nodes for v in n.outputs if v is not None)

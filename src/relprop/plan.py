@@ -64,6 +64,7 @@ import torch
 from .graph import Graph, Node, Value
 from .methods._validate import validate_call
 from .methods.core import Explanation, Inputs, Target, run_backward, split_inputs
+from .rules.attention import release_scores
 from .rules.composites import Composite, GradientComposite, resolve_composite
 from .trace import _flatten, _storage_key, _unwrap_compiled, record, warn_training
 
@@ -180,8 +181,7 @@ class Plan:
             self._callable = target if key is not None else None
 
             def recorder(model: Any, args: tuple, kwargs: dict, post: Any = None, release: Any = None) -> Graph:
-                if release is not None:
-                    self.release = release
+                # The plan's own policy governs its recordings and replays (set at ``relprop.plan``).
                 return self._graph_for(model, args, kwargs, post, key)
 
             return run_backward(
@@ -278,8 +278,12 @@ def plan(
     for forwards that branch on what the plan cannot see); ``verify_every=N`` does so every N-th call.
     ``release(node) -> bool``: nodes whose outputs the recordings need not hold (see
     :func:`relprop.trace.record`); the replay frees them after their last use in the forward too, and a
-    rule that reads one recomputes it (equal bits, tests/test_plan_release.py).
+    rule that reads one recomputes it (equal bits, tests/test_plan_release.py). The default is what
+    :func:`relprop.explain` uses, :func:`relprop.rules.attention.release_scores` (eager attention's scaled
+    and masked scores); ``release=lambda node: False`` holds everything.
     """
+    if release is None:
+        release = release_scores
     if method == "lrp":
         comp = resolve_composite(options.pop("composite", "epsilon"), options)
         times_output = True

@@ -16,6 +16,7 @@ import torch
 from .._errors import did_you_mean
 from ..graph import Graph, Value
 from ..propagate import propagate
+from ..rules.attention import release_scores
 from ..rules.base import HALF, PreparedGraph
 from ..rules.composites import Composite
 from ..trace import record
@@ -189,7 +190,7 @@ def run_backward(
     ``extra_values(graph)`` names more values whose relevance the caller wants (e.g. a convolution's
     output for NormGrad); they come back in ``Explanation.at_values`` and the graph is kept.
 
-    ``recorder(model, args, kwargs, post=post) -> Graph`` makes the recording (default
+    ``recorder(model, args, kwargs, post=post, release=policy) -> Graph`` makes the recording (default
     :func:`relprop.trace.record`; a :class:`relprop.plan.Plan` passes its replay).
     """
     batch = validate_call(model, inputs, target)
@@ -203,7 +204,11 @@ def run_backward(
 
     # The rule set's notes (families, constant operands, merged batch norms) live in the prepared
     # graph of this call; the recording itself is not modified.
-    prepared = composite.prepare(recorder(model, args, kwargs, post=post))
+    # Eager attention's scaled and masked scores are not held by the recording (recomputed, same bits,
+    # where a rule reads them): two score-sized tensors per layer that a gradient does not keep either.
+    # A kept graph keeps everything, for the caller to read.
+    release = None if keep_graph else release_scores
+    prepared = composite.prepare(recorder(model, args, kwargs, post=post, release=release))
     graph = prepared.graph
     if post is not None:
         out_t = graph.output
