@@ -31,7 +31,10 @@ examples:
 model specs:  zoo:NAME | torchvision:NAME [--weights FILE] | timm:NAME [--weights FILE] | hf:FOLDER |
               python:MODULE:FUNCTION [--weights FILE] | FILE.safetensors (+ FILE.json, zoo format) |
               FILE.pt (torch.save(model): needs --trust-pickle, unpickling runs code from the file)
-data specs:   zoo:NAME | FOLDER with one sub-folder of images per class | FILE.csv / FILE.jsonl (text, label)
+data specs:   zoo:NAME | FOLDER with one sub-folder of images per class | FILE.csv / FILE.jsonl / FILE.parquet
+              (texts or images, and labels: --text-column, --image-column, --label-column) | a Hugging Face
+              dataset saved with save_to_disk (--split) | WebDataset tar shards (data.tar, a FOLDER of .tar
+              files, shard-{000..009}.tar; KEY.png/.jpg/.npy or KEY.txt, labelled by KEY.cls or KEY.json)
               folder names / labels are matched to the model's class names (--classes FILE, --labels)
 method specs: NAME[:KEY=VALUE...], e.g. lrp, lrp:composite=epsilon, integrated_gradients:n_steps=32,
               occlusion:window=4x4:stride=2x2, gradcam:layer=layer4 (defaults: window from the input
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("data", metavar="DATA", help="data spec of images (as for compare --data)")
     sm.add_argument("--index", type=int, default=3, metavar="N", help="which example (default: 3)")
-    sm.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
+    sm.add_argument("--split", default="test", help="split of a zoo dataset or a saved DatasetDict (default: test)")
     sm.add_argument("--out", default="sample.png", metavar="FILE", help="PNG to write (default: %(default)s)")
     sm.set_defaults(func=cmd_sample)
     return p
@@ -329,9 +332,11 @@ def _placement(p):
 def _data_options(p):
     """What reads --data: compare only (explain and layers take one --input)."""
     g = p.add_argument_group("data options")
-    g.add_argument("--split", default="test", help="split of a zoo dataset (default: test)")
-    g.add_argument("--text-column", default="text", help="text column of a CSV/JSONL (default: text)")
-    g.add_argument("--label-column", default="label", help="label column of a CSV/JSONL (default: label)")
+    g.add_argument("--split", default="test", help="split of a zoo dataset or a saved DatasetDict (default: test)")
+    g.add_argument("--text-column", default="text", help="text column of a table/saved dataset (default: text)")
+    g.add_argument(
+        "--label-column", default="label", help="label column of a table/saved dataset/.json member (default: label)"
+    )
     g.add_argument("--image-column", default="image", help="image column of a table/saved dataset (default: image)")
     g.add_argument("--seed", type=int, default=0, help="sample selection and randomisation seed (default: 0)")
 
@@ -717,7 +722,10 @@ def cmd_compare(args) -> int:
         _say(f"relprop: the report is incomplete ({len(res.get('problems', []))} failed cell(s))")
         return 1
     if res["status"] != "complete":
-        _say(f"interrupted: finished cells are kept in {out.where('cache')}; run the same command again to continue")
+        kept = f"finished cells are kept in {out.where('cache')}"
+        if args.engine == "ray":
+            kept += f" and finished shards in {args.shards or out.where('shards')} (resumed, not recomputed)"
+        _say(f"interrupted: {kept}; run the same command again to continue")
         return 130
     return 0
 
