@@ -92,6 +92,23 @@ def _hf(cls, config, attn: str | None = None) -> nn.Module:
     return model.eval()
 
 
+def qwen2(vocab: int = 50, intermediate: int = 48, layers: int = 2) -> nn.Module:
+    """A tiny random-init Qwen2 decoder with eager attention (callers seed ``torch`` first)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
+    return _hf(Qwen2ForCausalLM, cfg, "eager")
+
+
 # ----------------------------------------------------------------------------------------- CNNs
 @builder("tv_resnet18")
 def _tv_resnet18():
@@ -299,19 +316,7 @@ def _hf_llama():
 
 @builder("hf_qwen2")
 def _hf_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        use_cache=False,
-    )
-    model = _hf(Qwen2ForCausalLM, cfg, "eager")
+    model = qwen2(vocab=100, intermediate=64, layers=1)
     inputs = {"inputs_embeds": _embeds(model, 100), "attention_mask": _mask()}
     return "hf_qwen2", model, inputs, 11  # int target: summed over positions
 

@@ -160,21 +160,7 @@ def test_score_chain_equals_rules_node_by_node(monkeypatch, dtype, tol, mask):
 
 
 def test_score_chain_on_qwen2_equals_rules_node_by_node(monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    ids = torch.randint(0, 50, (2, 9))
+    model, ids = _qwen2(tokens=9)
     target = lambda out: out.logits[:, -1, 3]  # noqa: E731
     from relprop.rules import attention
 
@@ -219,20 +205,11 @@ def test_softmax_rule_on_finite_scores_equals_plain_expression(monkeypatch):
 
 
 def _qwen2(tokens=20):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "eager"
+    pytest.importorskip("transformers")
+    import model_zoo
+
     torch.manual_seed(0)
-    return transformers.Qwen2ForCausalLM(cfg).eval(), torch.randint(0, 50, (2, tokens))
+    return model_zoo.qwen2(), torch.randint(0, 50, (2, tokens))
 
 
 @pytest.mark.parametrize("composite", ["attnlrp", "epsilon"])

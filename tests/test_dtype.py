@@ -123,7 +123,7 @@ def _float_inputs(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x
 
 
-def _float64_recorder(model, args, kwargs, post=None):
+def _float64_recorder(model, args, kwargs, post=None, release=None):  # the oracle holds every value
     """The half-precision forward's recording, every value converted to float64: the oracle's rule pass
     then runs in float64 on exactly the values the half-precision model computed."""
     graph = record(model, args, kwargs, post=post)

@@ -72,20 +72,11 @@ def _resnet():
 
 
 def _decoder():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "eager"
+    pytest.importorskip("transformers")
+    import model_zoo
+
     torch.manual_seed(0)
-    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    m = model_zoo.qwen2(intermediate=64)
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 50, (1, 12), generator=g)} for _ in range(3)]
     return m, batches, lambda out: out.logits[:, -1, 7]
