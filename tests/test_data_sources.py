@@ -502,6 +502,12 @@ def test_float_npy_errors_name_nan_and_the_member_once(tmp_path, digits):
     data = load_data(str(write_tar(tmp_path / "nan.tar", members)))
     with pytest.raises(SpecError, match=r"^cannot read image nan\.tar:k1\.npy: .*NaN values \(1 of 1024\)"):
         data.images[1]
+    # every member (1, H, W): the first one is named at load time (the compare preflight read a later one)
+    chw = [m for n in range(6) for m in ((f"k{n}.npy", npy_bytes(x[None])), (f"k{n}.cls", b"1"))]
+    with pytest.raises(
+        SpecError, match=r"^cannot read image chw\.tar:k0\.npy: an array of shape \(1, 32, 32\).*transpose"
+    ):
+        load_data(str(write_tar(tmp_path / "chw.tar", chw)))
 
 
 # ------------------------------------------------------------------------------------ other processes

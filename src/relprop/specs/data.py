@@ -261,6 +261,7 @@ def array_image(a: np.ndarray, name: str, notes: list[str] | None = None) -> tor
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
         raise SpecError(
             f"cannot read image {name}: an array of shape {tuple(a.shape)}; relprop reads (H, W) or (H, W, 3) arrays"
+            + ("; for (C, H, W) store a.transpose(1, 2, 0)" if a.ndim == 3 and a.shape[0] in (1, 3) else "")
         )
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255

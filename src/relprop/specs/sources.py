@@ -306,16 +306,18 @@ def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
     raise SpecError(f"{name} holds a {type(obj).__name__}; relprop reads a tensor or an array as an image")
 
 
-def _npy_wide_int(b: bytes) -> bool:
-    """Whether a ``.npy`` file's header declares an integer type wider than 8 bits."""
+def _npy_needs_check(b: bytes) -> bool:
+    """Whether a ``.npy`` file's header declares an integer type wider than 8 bits (a note, or refused) or
+    a shape that is no image: decoding it at load time says so before any work, naming the first such member."""
     f = io.BytesIO(b)
     try:
         major, _ = np.lib.format.read_magic(f)
         header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        dtype = header(f)[2]
+        shape, _, dtype = header(f)
     except ValueError:
-        return False  # decoding it says what is wrong
-    return dtype.kind in "ui" and dtype.itemsize > 1
+        return True  # decoding it says what is wrong
+    image = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3))
+    return not image or (dtype.kind in "ui" and dtype.itemsize > 1)
 
 
 def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
@@ -328,7 +330,7 @@ def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
         kind, src = images._source(i)
         if kind == "npy":  # the header tells the data type; only integers wider than 8 bits are decoded
             head = src.read_bytes() if isinstance(src, Path) else src
-            if _npy_wide_int(head):
+            if _npy_needs_check(head):
                 decode_member(kind, head, images._named(i)[2], notes=notes)
             continue
         if kind != "image":
