@@ -347,6 +347,11 @@ def test_limit_and_subset_choose_examples(folder):
     assert whole.warnings == ["--subset 12 is more than the 10 examples left by --limit 10: all 10 are used"]
     assert full.select(subset=41).warnings == ["--subset 41 is more than the 40 examples: all 40 are used"]
     assert full.select(subset=40).warnings == []  # all of them, as asked
+    # The Python path (a Job selecting by its Settings) keeps the selection's warning for the report.
+    from relprop.report import compare
+
+    job = compare.Job(tmp_path_for(folder), full, [], compare.Settings(samples=2, grid=1, subset=41), use_cache=False)
+    assert job.warnings == ["--subset 41 is more than the 40 examples: all 40 are used"]
     with pytest.raises(SpecError, match="--limit"):
         full.select(limit=0)
     zoo = load_data("zoo:digits", subset=5, seed=1)  # in-memory tensors are indexed

@@ -189,10 +189,10 @@ class Job:
         self.out = Output(out)  # a folder or any fsspec URL: every file of the report goes through it
         self.use_cache = use_cache
         #: messages for the terminal and the report (label mismatches, ignored cache files, ...)
-        self.warnings: list[str] = list(getattr(data, "warnings", []) or [])
+        self.data = data = data.select(settings.limit, settings.subset, settings.seed)  # --limit/--subset
+        self.warnings: list[str] = list(getattr(data, "warnings", []) or [])  # the selection's too
         self._label_maps: dict[str, LabelMap] = {}
         self._options: dict[tuple[str, str], dict] = {}
-        self.data = data = data.select(settings.limit, settings.subset, settings.seed)  # --limit/--subset
         self.methods = methods
         self.s = settings
         self.force = force
