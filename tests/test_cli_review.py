@@ -215,9 +215,9 @@ def test_explain_figure_labels_overlap_nothing(tmp_path, monkeypatch, methods):
     saved = []
     real_save = figures._save
 
-    def keep(plt, fig, *a, **k):
+    def keep(fig, *a, **k):
         saved.append(fig)
-        return real_save(plt, fig, *a, **k)
+        return real_save(fig, *a, **k)
 
     monkeypatch.setattr(figures, "_save", keep)
     rng = np.random.default_rng(0)
@@ -226,7 +226,7 @@ def test_explain_figure_labels_overlap_nothing(tmp_path, monkeypatch, methods):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fig = saved[0]
-    r = FigureCanvasAgg(fig).get_renderer()  # the figure as saved (closing it dropped its canvas)
+    r = FigureCanvasAgg(fig).get_renderer()  # the figure as saved
     fig.draw(r)
     image_axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]

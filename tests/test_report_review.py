@@ -185,13 +185,13 @@ def test_heatmap_grid_columns_line_up_with_the_input_row(tmp_path, monkeypatch):
     edges: list[list[tuple[float, float]]] = []
     save = figures._save
 
-    def spy(plt, fig, path, title, dpi, tight=True):
+    def spy(fig, path, title, dpi, tight=True):
         fig.canvas.draw()
         rows = sorted({round(ax.get_position().y0, 3) for ax in fig.axes if ax.images}, reverse=True)
         for y in rows:
             row = [ax for ax in fig.axes if ax.images and round(ax.get_position().y0, 3) == y]
             edges.append([(a.images[0].get_window_extent().x0, a.images[0].get_window_extent().x1) for a in row])
-        return save(plt, fig, path, title, dpi, tight)
+        return save(fig, path, title, dpi, tight)
 
     monkeypatch.setattr(figures, "_save", spy)
     torch.manual_seed(0)

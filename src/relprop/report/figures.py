@@ -1,9 +1,10 @@
-"""Figures of the report (matplotlib, Agg backend, imported only here)."""
+"""Figures of the report (matplotlib without pyplot: the caller's backend is never switched; imported only here)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,13 +12,15 @@ import torch
 CMAP = "bwr"  # red: evidence for the target class, blue: against (the LRP papers' colour map)
 
 
-def _plt():
-    import matplotlib
+def _subplots(*grid: int, figsize: tuple[float, float], layout: Any = None, **kw: Any):
+    """A new figure and its axes, made without pyplot: no backend switch and no global figure registry, so
+    a notebook's backend stays as the user set it and threads draw figures of their own."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, layout=layout)
+    FigureCanvasAgg(fig)  # this figure's own canvas (the caller's backend and pyplot are untouched)
+    return fig, fig.subplots(*grid, **kw)
 
 
 def normalise(h: np.ndarray) -> np.ndarray:
@@ -68,11 +71,10 @@ def heatmap_grid(
     input unless ``overlay=False``."""
     from .. import visualize as V
 
-    plt = _plt()
     g = display.shape[0]
     rows = 1 + len(heatmaps)
     cell = 1.35 if g > 6 else 1.7
-    fig, axes = plt.subplots(rows, g, figsize=(2.0 + cell * g, 0.6 + cell * rows), squeeze=False)
+    fig, axes = _subplots(rows, g, figsize=(2.0 + cell * g, 0.6 + cell * rows), squeeze=False)
     for j in range(g):
         _show_image(axes[0, j], display[j])
         axes[0, j].set_title(_wrap(_text(col_titles[j]), 18), fontsize=7)
@@ -103,7 +105,7 @@ def heatmap_grid(
         for j in range(g):
             box, ref = axes[0, j].get_position(), axes[1, j].get_position()
             axes[0, j].set_position([ref.x0, box.y0, ref.width, box.height])
-    return _save(plt, fig, path, _text(title), dpi=110, tight=False)
+    return _save(fig, path, _text(title), dpi=110, tight=False)
 
 
 def _text(s: str) -> str:
@@ -111,14 +113,13 @@ def _text(s: str) -> str:
     return str(s).replace("$", r"\$")
 
 
-def _save(plt, fig, path: Path, title: str, dpi: int, tight: bool = True) -> Path:
-    """Title, tight layout, write, close: the end of every figure here."""
+def _save(fig, path: Path, title: str, dpi: int, tight: bool = True) -> Path:
+    """Title, tight layout, write: the end of every figure here."""
     if title:
         fig.suptitle(title, fontsize=11)
     if tight:
         fig.tight_layout()
     fig.savefig(path, dpi=dpi, bbox_inches=None if tight else "tight")
-    plt.close(fig)
     return path
 
 
@@ -137,10 +138,11 @@ def _wrap(label: str, width: int = 14) -> str:
 def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     """Region perturbation (MoRF/LeRF), deletion, insertion and randomisation curves, one colour per method
     (no randomisation panel when no cell has that curve: the check was switched off)."""
-    plt = _plt()
     rand = any(res.get("randomisation_curve") for res in cells.values())
-    fig, axes = plt.subplots(1, 4 if rand else 3, figsize=(16 if rand else 12, 3.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = _subplots(1, 4 if rand else 3, figsize=(16 if rand else 12, 3.6))
+    import matplotlib
+
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     unit = "patches"
     for i, (label, res) in enumerate(cells.items()):
         c = colors[i % len(colors)]
@@ -174,7 +176,7 @@ def curves_figure(cells: dict[str, dict], path: Path, title: str = "") -> Path:
     for ax in axes[:3]:  # probabilities: the full range, so a flat curve looks flat
         ax.set_ylim(-0.02, 1.02)
     axes[1].legend(fontsize=7, loc="best")
-    return _save(plt, fig, path, _text(title), dpi=100)
+    return _save(fig, path, _text(title), dpi=100)
 
 
 def ranking_figure(models: list[dict], methods: list[str], path: Path, metric: str = "abpc") -> Path:
@@ -183,8 +185,7 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path, metric: s
 
     spec = BY_KEY[metric]
     label = f"{spec.label} ({spec.direction})"
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (a1, a2) = _subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
     n = max(len(methods), 1)
     width = 0.8 / n
     names = [_text(m["name"]) for m in models]
@@ -217,7 +218,7 @@ def ranking_figure(models: list[dict], methods: list[str], path: Path, metric: s
             )
     a2.set(xlabel="accuracy", ylabel=f"{spec.label}, mean over methods", title=f"{label} vs accuracy (95% interval)")
     a2.grid(alpha=0.3)
-    return _save(plt, fig, path, "", dpi=100)
+    return _save(fig, path, "", dpi=100)
 
 
 def explain_figure(
@@ -235,11 +236,10 @@ def explain_figure(
     scaled to its own range by default (methods differ in units), ``scale="shared"``: one scale."""
     from .. import visualize as V
 
-    plt = _plt()
     k = 1 + len(heatmaps)
     # constrained layout: each colour bar and its label get their own room (they overlapped the next
     # panel), and the panel titles stay clear of the figure title
-    fig, axes = plt.subplots(1, k, figsize=(3.7 * k, 3.4), squeeze=False, layout="constrained")
+    fig, axes = _subplots(1, k, figsize=(3.7 * k, 3.4), squeeze=False, layout="constrained")
     _show_image(axes[0, 0], display)
     axes[0, 0].set_title("input", fontsize=10)
     V.image(
@@ -254,4 +254,4 @@ def explain_figure(
     )
     if title:
         title = f"{title} ({'one colour scale' if scale == 'shared' else 'each map scaled to its own range'})"
-    return _save(plt, fig, path, _text(title), dpi=120, tight=False)
+    return _save(fig, path, _text(title), dpi=120, tight=False)
