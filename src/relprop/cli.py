@@ -594,7 +594,7 @@ def cmd_compare(args) -> int:
 
     check_placement(args.device, args.dtype)  # before the data is read
     out = Output(args.out)  # a folder or any fsspec URL: a bad URL fails here, before any work
-    if out.fs is not None and "memory" in ((out.fs.protocol,) if isinstance(out.fs.protocol, str) else out.fs.protocol):
+    if out.in_process:
         raise CLIError(
             f"--out {args.out}: a memory:// file system lives in this process and is lost when relprop exits; "
             f"use a folder or a URL (memory:// is for Python: relprop.compare(..., out='memory://...'))"

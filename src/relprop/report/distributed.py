@@ -57,7 +57,7 @@ import torch
 from ..specs import LoadedModel, MethodSpec, SpecError
 from ..specs.errors import extra_hint
 from .compare import Job, Settings, cell_header, slug
-from .store import Output, atomic_write
+from .store import Output
 
 #: the Ray version the engine is tested with (requirements-test.txt)
 RAY_VERSION = "2.60.0"
@@ -156,33 +156,9 @@ class _Loader:
 
 
 # ------------------------------------------------------------------------------------ shard files
-def shard_fs(url: str | Path):
-    """(fsspec filesystem, path) of a shard folder: a local path or any fsspec URL (``file://``, ``s3://``,
-    ``gs://``, ...; credentials as fsspec finds them on each node: environment, ``FSSPEC_*`` variables,
-    config files). On a multi-node cluster the URL must reach every node (workers write, the driver reads)."""
-    try:
-        import fsspec
-    except ImportError:
-        raise SpecError(f"--engine ray writes its shards through fsspec: {extra_hint('ray')}") from None
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return fs, path.rstrip("/") or path
-
-
-def _paths(root: str, index: int) -> tuple[str, str]:
-    return f"{root}/{index:05d}.pt", f"{root}/{index:05d}.parquet"
-
-
-def _put(fs, path: str, data: bytes) -> None:
-    """Write ``data`` so that no reader sees half of it: rename a temporary file on a local disk; a single
-    ``pipe_file`` elsewhere (an object store's put is atomic; on other file systems a torn file fails the
-    checks of :func:`read_shard`)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-    else:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, data)
+def _names(index: int) -> tuple[str, str]:
+    """The sidecar's and the Parquet table's names of shard ``index`` in its cell's folder."""
+    return f"{index:05d}.pt", f"{index:05d}.parquet"
 
 
 def read_shard(shard_dir: str | Path, index: int, key: str, n_rows: int) -> tuple[Any, dict] | None:
@@ -195,14 +171,14 @@ def read_shard(shard_dir: str | Path, index: int, key: str, n_rows: int) -> tupl
 
     from .store import schema
 
-    fs, root = shard_fs(shard_dir)
-    side, table_path = _paths(root, index)
+    o = Output(shard_dir, flag="--shards")
+    side, table_path = _names(index)
     try:
-        if not fs.exists(table_path) or not fs.exists(side):
+        if not o.exists(table_path) or not o.exists(side):
             return None
-        table = pq.read_table(pa.BufferReader(fs.cat_file(table_path)))
+        table = pq.read_table(pa.BufferReader(o.read_bytes(table_path)))
         meta = json.loads((table.schema.metadata or {}).get(b"relprop_shard", b"{}"))
-        extra = torch.load(io.BytesIO(fs.cat_file(side)), map_location="cpu", weights_only=True)
+        extra = torch.load(io.BytesIO(o.read_bytes(side)), map_location="cpu", weights_only=True)
     except Exception:
         return None
     if not table.schema.equals(schema()) or meta.get("key") != key or table.num_rows != n_rows:
@@ -221,15 +197,15 @@ def write_shard(shard_dir: str | Path, index: int, key: str, rows: list[dict], e
 
     from .store import schema
 
-    fs, root = shard_fs(shard_dir)
-    side, table_path = _paths(root, index)
+    o = Output(shard_dir, flag="--shards")  # a folder (temporary file renamed) or a URL (one put per file)
+    side, table_path = _names(index)
     buf = io.BytesIO()
     torch.save(dict(extra, key=key), buf)
-    _put(fs, side, buf.getvalue())
+    o.write_bytes(side, buf.getvalue())
     sch = schema().with_metadata({"relprop_shard": json.dumps({"key": key, "index": index})})
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=sch), sink)
-    _put(fs, table_path, sink.getvalue().to_pybytes())  # last: the commit mark
+    o.write_bytes(table_path, sink.getvalue().to_pybytes())  # last: the commit mark
 
 
 # ------------------------------------------------------------------------------------ one shard
@@ -409,8 +385,7 @@ class RayEngine:
         self.shard_size = size
         self.settings, self.out, self.log = settings, Output(out), log
         self.shards = str(o.shards or self.out.where("shards")).rstrip("/")
-        fs, _ = shard_fs(self.shards)  # fsspec present, the URL's protocol known: fail before Ray starts
-        if "memory" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        if Output(self.shards, flag="--shards").in_process:  # a bad URL fails here, before Ray starts
             raise SpecError(
                 f"--shards {self.shards}: a memory:// file system lives in one process, and Ray's workers are "
                 f"other processes; use a folder or a URL that every worker reaches"

@@ -96,6 +96,12 @@ class Output:
     def is_local(self) -> bool:
         return self.local is not None
 
+    @property
+    def in_process(self) -> bool:
+        """A ``memory://`` file system: it lives in this process only (lost at exit, unseen by Ray's workers)."""
+        proto = self.fs.protocol if self.fs is not None else ()
+        return "memory" in ((proto,) if isinstance(proto, str) else proto)
+
     def where(self, name: str = "") -> str:
         """The full location of ``name`` (a path, or the URL), for messages and for other writers."""
         if self.local is not None:
@@ -116,13 +122,16 @@ class Output:
             tmp = os.path.join(d, "file" + Path(name).suffix)
             write(tmp)
             data = Path(tmp).read_bytes()
-        full = self._full(name)
-        self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(full, data)
-        return name
+        return self.write_bytes(name, data)
 
     def write_bytes(self, name: str, data: bytes) -> str:
-        return self.write(name, lambda tmp: Path(tmp).write_bytes(data))
+        if self.local is not None:
+            return self.write(name, lambda tmp: Path(tmp).write_bytes(data))
+        assert self.fs is not None
+        full = self._full(name)
+        self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(full, data)  # one put: an object store's is atomic
+        return name
 
     def write_text(self, name: str, text: str) -> str:
         return self.write_bytes(name, text.encode("utf-8"))
