@@ -805,8 +805,7 @@ class _Recorder(TorchDispatchMode):
             # later op takes its autograd kernels (never the inference-only paths).
             out = _requiring_grad(out)
         self.add_node(func, margs, mkwargs, inputs, list(out) if isinstance(out, (tuple, list)) else [out])
-        if self.release is not None and self.release(self.nodes[-1]):
-            self.release_outputs(self.nodes[-1])
+        self.maybe_release()
         return out
 
     def written_tensors(self, info: _OpInfo, args, kwargs) -> list[Any]:
@@ -930,9 +929,13 @@ class _Recorder(TorchDispatchMode):
             self.note_nograd(self.add_node(func, margs, mkwargs, inputs, outs, grad=False), outs)
         else:
             self.add_node(func, margs, mkwargs, inputs, outs)
-            if self.release is not None and self.release(self.nodes[-1]):
-                self.release_outputs(self.nodes[-1])
+            self.maybe_release()
         return out
+
+    def maybe_release(self) -> None:
+        """Apply the release policy (if any) to the node just recorded."""
+        if self.release is not None and self.release(self.nodes[-1]):
+            self.release_outputs(self.nodes[-1])
 
     def release_outputs(self, node: Node) -> None:
         """Do not hold ``node``'s outputs: their data is recomputed from the node's inputs if a rule reads them

@@ -30,7 +30,7 @@ from ..specs import METHOD_DEFAULTS, Data, LoadedModel, MethodSpec, SpecError, c
 from ..specs.adapters import MODEL_INPUTS
 from ..specs.hashing import relprop_source_hash
 from ..specs.labels import LabelMap, map_labels
-from .store import Output, atomic_write
+from .store import Output
 
 CACHE_FORMAT = 2
 #: examples per forward pass of the accuracy pass (lazy data: what is decoded and held at a time)
@@ -397,12 +397,6 @@ class Job:
         """The cell's cache file, relative to the output."""
         return f"cache/{slug(model.spec)}__{slug(m.label)}__{key}.pt"
 
-    def cell_path(self, model: LoadedModel, m: MethodSpec, key: str) -> Path:
-        """The cell's cache file in a local output (use :meth:`save_cell` to write one to any output)."""
-        if self.out.local is None:
-            raise SpecError(f"internal: the output {self.out.url} is not a local folder; use Job.save_cell")
-        return self.out.local / self.cell_name(model, m, key)
-
     def save_cell(self, model: LoadedModel, m: MethodSpec, key: str, res: dict) -> None:
         """Cache a computed cell (when ``model``'s results are cached), written whole or not at all."""
         if self.caches(model):
@@ -562,7 +556,6 @@ __all__ = [
     "Output",
     "MethodSpec",
     "Settings",
-    "atomic_write",
     "dedupe_methods",
     "method_identity",
     "sample_order",

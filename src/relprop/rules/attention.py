@@ -87,9 +87,12 @@ class ScoreChain:
             return self.z3.data.abs().contiguous()
         a = self.scaled.run([self.scaled.inputs[0].tensor])  # z2, new
         mask = self.masked.inputs[1].tensor
-        if not (isinstance(a, torch.Tensor) and a.is_contiguous() and a.shape == self.z3.shape):
-            return self.z3.tensor.abs().contiguous()
-        if mask.dtype != a.dtype or a.dtype != self.z3.dtype:
+        if not (
+            isinstance(a, torch.Tensor)
+            and a.is_contiguous()
+            and a.shape == self.z3.shape
+            and mask.dtype == a.dtype == self.z3.dtype
+        ):
             return self.z3.tensor.abs().contiguous()
         return a.add_(mask).abs_()  # z2 + mask (the mask broadcasts to z2's shape): aten.add's own bits
 
@@ -116,7 +119,7 @@ class ScoreChain:
         if drop is not None:
             q.masked_fill_(drop, 0.0)
             del drop
-        shape = self.z1.tensor.shape
+        shape = z1.shape
         q = q.view(shape) if q.is_contiguous() else q.reshape(shape)
         grads = vjp(self.product, [q], None, self.acts)
         last = self.acts[-1]
@@ -129,21 +132,23 @@ class ScoreChain:
         return res
 
 
-def _finite(x: torch.Tensor) -> bool:
-    """Is every element of ``x`` finite (False for NaN)? Two reductions in one pass; CPU callers only: on a GPU
-    the answer is a read-back, a host sync per call (tests/test_gpu.py counts them)."""
+def _at_least(x: torch.Tensor, lo: float) -> bool:
+    """Is every element of ``x`` at least ``lo`` and below +inf (False for NaN)? Two reductions in one pass;
+    CPU callers only: on a GPU the answer is a read-back, a host sync per call (tests/test_gpu.py counts them)."""
     if x.numel() == 0:
         return True
-    lo, hi = torch.aminmax(x)
-    return bool(lo > float("-inf")) and bool(hi < float("inf"))
+    low, high = torch.aminmax(x)
+    return bool(low >= lo) and bool(high < float("inf"))
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Is every element of ``x`` finite (False for NaN)? (-inf is below the dtype's lowest number.)"""
+    return _at_least(x, torch.finfo(x.dtype).min)
 
 
 def _normal(a: torch.Tensor) -> bool:
     """Are all of ``a`` (absolute values) finite and at least the smallest normal number (False for NaN)?"""
-    if a.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(a)
-    return bool(lo >= torch.finfo(a.dtype).tiny) and bool(hi < float("inf"))
+    return _at_least(a, torch.finfo(a.dtype).tiny)
 
 
 def _scores_source(v: Value) -> bool:

@@ -339,9 +339,8 @@ def shares(
                     f = f[0] if isinstance(f, (tuple, list)) else f
                     z = f if z is None else z.add_(f)
             assert z is not None
-            d = stabilize(z, stabilizer)
-            r = rel.narrow(out_dim, *block)
-            s = torch.div(r, d, out=d) if writable(d, r, d) else r / d
+            s = ratio(rel.narrow(out_dim, *block), z, stabilizer)
+            del z
             for ti, (_, pmod, _) in enumerate(terms):
                 g = _asked(vjp(node, [s], params.tensors(x_rec, pmod, False, memo, block), [act]), act)
                 prev = acc[gi][ti]
