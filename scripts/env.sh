@@ -2,6 +2,8 @@
 # Creates (once) the project's virtual environment in .venv with exact pins and relprop installed
 # in editable mode. Sourced by scripts/test.sh and scripts/demo.sh.
 set -euo pipefail
+# No pip cache: the environments alone take most of a small CI disk.
+export PIP_NO_CACHE_DIR=1
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.relprop-env-$(cat "$root/requirements-test.txt" "$root/pyproject.toml" "$root/scripts/env.sh" | sha1sum | cut -c1-12)"

@@ -16,14 +16,22 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   fi
 fi
 # LXT (the AttnLRP authors' reference) needs transformers 4.52: a separate environment, used only
-# as an oracle by tests/test_lxt_parity.py.
+# as an oracle by tests/test_lxt_parity.py. It holds transformers 4.52 and LXT only and takes torch and
+# torchvision from the main environment through a .pth file (searched after its own packages): a second
+# CUDA build of torch (5.5 GB) filled a CI machine's disk. The .pth is written last, so pip never sees
+# (or changes) the main environment's packages.
 lxt="$root/.venv-lxt"
-if [[ ! -f "$lxt/.relprop-lxt-1" ]]; then
+if [[ ! -f "$lxt/.relprop-lxt-2" ]]; then
+  rm -rf "$lxt"
   python3 -m venv "$lxt"
   "$lxt/bin/pip" install -q --upgrade pip
-  "$lxt/bin/pip" install -q torch==2.14.1
-  "$lxt/bin/pip" install -q transformers==4.52.4 lxt==2.1 safetensors==0.8.0 numpy==2.4.6
-  touch "$lxt/.relprop-lxt-1"
+  "$lxt/bin/pip" install -q transformers==4.52.4 safetensors==0.8.0 numpy==2.4.6
+  # lxt's declared dependencies (open_clip_torch, bitsandbytes, a torch of its own) are not needed.
+  "$lxt/bin/pip" install -q --no-deps lxt==2.1
+  main_site="$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  lxt_site="$("$lxt/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$main_site" > "$lxt_site/relprop-main-env.pth"
+  touch "$lxt/.relprop-lxt-2"
 fi
 cd "$root"
 exec python -m pytest "$@"
