@@ -167,15 +167,22 @@ class _Declared(nn.Module):
     "model, x",
     [
         (_Mixed(), torch.randn(2, 4, dtype=torch.float64)),
-        (_Declared(), torch.randn(2, 4, dtype=torch.float64)),
         (nn.Softmax(-1), torch.randn(2, 4, dtype=torch.float64)),  # no parameters
         (nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 2)), torch.tensor([[1, 2], [3, 4]])),
     ],
-    ids=["mixed", "declared dtype", "no parameters", "token ids"],
+    ids=["mixed", "no parameters", "token ids"],
 )
 def test_dtype_check_leaves_models_it_cannot_judge_to_run(model, x):
     got = relprop.explain(model.eval(), x, target=1, method="gradient")
     assert got.output.shape[0] == 2 and torch.isfinite(got.output).all()
+
+
+def test_a_declared_dtype_does_not_skip_the_check():
+    """A model declaring a ``dtype`` (Hugging Face models) gets the one-line error too: most such models
+    (BERT's inputs_embeds, ResNet, ConvNeXt) fail in the forward with torch's message, and one that casts at
+    its entry (ViT) would compute in float32 what the caller passed as float64."""
+    with pytest.raises(ValueError, match=r"^inputs: dtype torch.float64 but the model's parameters are torch.float32"):
+        relprop.explain(_Declared().eval(), torch.randn(2, 4, dtype=torch.float64), target=1, method="gradient")
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "deeplift", "occlusion"])

@@ -130,21 +130,31 @@ def check_model(model: Any) -> None:
             break  # one look is enough: meta models are meta throughout
 
 
+def model_float_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The one floating dtype of ``model``'s parameters (of its buffers when it has no floating parameter),
+    else None (mixed, or none). Read from the tensors themselves: a ``dtype`` attribute (Hugging Face's
+    ``PreTrainedModel.dtype`` is the first parameter's) can disagree with what the forward computes in."""
+    for tensors in (model.parameters(), model.buffers()):
+        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        if dtypes:
+            return dtypes.pop() if len(dtypes) == 1 else None
+    return None
+
+
 def check_input_dtype(model: Any, inputs: Inputs) -> None:
     """A floating input in another dtype than the model's floating parameters (``x.double()`` into a float32
     model) fails deep in the forward with torch's "expected scalar type Double but found Float": say so first.
 
-    Only where the answer is certain: an ``nn.Module`` whose floating parameters share one dtype. Models with
-    mixed or no floating parameters, integer inputs (token ids, masks), and models that declare a ``dtype``
-    attribute of their own (Hugging Face models, which cast e.g. ``pixel_values`` to it; the report's
-    ``device.Placed``, which casts inputs at its entry) are left to run.
+    Only where the answer is certain: an ``nn.Module`` whose floating parameters (else buffers) share one
+    dtype (:func:`model_float_dtype`), Hugging Face models included. Models with mixed or no floating
+    tensors, integer inputs (token ids, masks), and wrappers that declare ``casts_inputs = True`` (the
+    report's ``device.Placed``, which casts float inputs to the model's dtype at its entry) are left to run.
     """
-    if not isinstance(model, torch.nn.Module) or isinstance(getattr(model, "dtype", None), torch.dtype):
+    if not isinstance(model, torch.nn.Module) or getattr(model, "casts_inputs", False) is True:
         return
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) != 1:
+    want = model_float_dtype(model)
+    if want is None:
         return
-    (want,) = dtypes
     for name, t in _named_leaves(inputs):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != want:
             short = str(want).removeprefix("torch.")

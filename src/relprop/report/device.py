@@ -67,7 +67,17 @@ class Placed(torch.nn.Module):
     Explanations of a ``Placed`` model are of the inner model on its inputs: relprop records the entry copy
     as an op and takes relevance back through it (exactly, in float32 for LRP), so attributions come back on
     the caller's device in the caller's dtype.
+
+    The wrapper is transparent to names: :meth:`named_modules` (and so ``named_parameters``/``named_buffers``,
+    which walk it) lists the inner model's modules under the names they have in the inner model, and
+    :meth:`get_submodule` resolves them, so a recorded graph's module scopes and parameter names, ``layers=``
+    and ``params=`` names, and error messages read as if the user's model had been called directly.
+    ``state_dict`` keeps ``Module``'s own keys (``inner.``-prefixed): it round-trips with ``load_state_dict``.
     """
+
+    #: float inputs are cast to the model's dtype here, so any float dtype is accepted
+    #: (:func:`relprop.methods._validate.check_input_dtype` reads this)
+    casts_inputs = True
 
     def __init__(self, inner: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
@@ -89,6 +99,14 @@ class Placed(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner(*self._to(args), **self._to(kwargs))
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        """The inner model's modules, named as in the inner model (the wrapper itself is not listed)."""
+        return self.inner.named_modules(memo, prefix, remove_duplicate)
+
+    def get_submodule(self, target: str) -> torch.nn.Module:
+        """A module by its name in the inner model ("" is the inner model), as :meth:`named_modules` names it."""
+        return self.inner.get_submodule(target)
 
     def extra_repr(self) -> str:
         return f"device={self.device}, dtype={self.dtype}"
