@@ -199,33 +199,72 @@ def _png_sbit(fh: BinaryIO) -> int | None:
 
 
 def _declared_bits(im, fh: BinaryIO, fmt: str | None) -> int | None:
+    """The pixel range a file declares, in bits: PNG ``sBIT``; TIFF ``BitsPerSample``, one less for signed
+    samples (``SampleFormat`` 2: a 32-bit signed TIFF's range ends at ``2**31 - 1``)."""
     if fmt == "PNG":
         return _png_sbit(fh)
     tags = getattr(im, "tag_v2", None)
     if tags is not None and 258 in tags:
         bps = tags[258]
-        return int(max(bps) if isinstance(bps, tuple) else bps)
+        fmt_tag = tags.get(339, 1)
+        signed = (max(fmt_tag) if isinstance(fmt_tag, tuple) else fmt_tag) == 2
+        return int(max(bps) if isinstance(bps, tuple) else bps) - signed
     return None
 
 
-def _scale_int(a: np.ndarray, dtype_bits: int, declared: int | None, name: str, notes: list[str] | None) -> np.ndarray:
-    """Integer pixels -> float32 in [0, 1], divided by ``2**bits - 1`` (the declared depth, else the type's)."""
-    a = a.astype(np.float64)
-    bits = declared or dtype_bits
-    scale = float(2**bits - 1)
-    peak = float(a.max()) if a.size else 0.0
+def _type_bits(mode: str, fmt: str | None) -> int:
+    """The value range of PIL's integer modes, in bits: ``I;16*`` 16; ``I`` (int32) 31, except that PNG and
+    PPM/PGM samples have at most 16 bits (older Pillow opens 16-bit PNGs as ``I``)."""
+    if mode.startswith("I;16") or fmt in ("PNG", "PPM"):
+        return 16
+    return 31
+
+
+def int_pixels(
+    a: np.ndarray,
+    name: str,
+    notes: list[str] | None = None,
+    *,
+    bits: int | None = None,
+    declared: int | None = None,
+    what: str | None = None,
+) -> np.ndarray:
+    """Integer pixels -> float32 in [0, 1]: the one rule for image files and stored arrays.
+
+    ``bits`` is the value range of the stored type (default: ``a``'s dtype, where a signed type's range ends
+    at ``2**(bits-1) - 1``: int32 has 31 bits of pixel range, not 32); ``declared`` a depth the file states
+    (PNG ``sBIT``, TIFF ``BitsPerSample``); ``what`` names the stored kind in errors (default: ``an int64
+    array``). Negative values are refused; up to 8 bits are divided by 255;
+    wider integers by ``2**depth - 1``, the declared depth where the values fit in it, else the type's range.
+    Values that fill less than 1/16 of that range are noted in ``notes`` (a 12-bit image stored as 16-bit
+    without ``sBIT``), and refused when the range is wider than 16 bits: a 32/64-bit range is no pixel depth
+    (NumPy's default integer, or a 32-bit TIFF, holding 8- or 16-bit values), and dividing by it would give a
+    black image, a silently wrong input.
+    """
+    if bits is None:
+        bits = 8 * a.dtype.itemsize - (a.dtype.kind == "i")
     if a.size and a.min() < 0:
         raise SpecError(f"cannot read image {name}: negative pixel values")
-    if peak > scale:  # the declared depth is wrong; the data type's range is not
-        bits, scale = dtype_bits, float(2**dtype_bits - 1)
-    if notes is not None and 0 < peak < scale / 16 and dtype_bits > 8:
-        notes.append(
-            f"{name}: values use {100 * peak / scale:.1f}% of the {bits}-bit range (max {peak:.0f}); "
-            f"scaled by {2**bits - 1:.0f} "
-            + ("as the file declares" if declared == bits else "(the file declares no bit depth)")
-            + ", so the image is dark"
-        )
-    return (a / scale).astype(np.float32)
+    if bits <= 8:
+        return a.astype(np.float32) / 255.0
+    peak = float(a.max()) if a.size else 0.0
+    depth = min(declared, bits) if declared and peak <= 2**declared - 1 else bits  # a wrong declaration: the type's
+    scale = float(2**depth - 1)
+    if 0 < peak < scale / 16:
+        if depth > 16:
+            raise SpecError(
+                f"cannot read image {name}: {what or f'an {a.dtype} array'} with values in [{a.min()}, {a.max()}] "
+                f"fills less than 1/16 of its type's range (0-{scale:.0f}), by which relprop scales integer pixels "
+                f"(the image would be black); store it as uint8 (0-255), uint16 or floats in [0, 1]"
+            )
+        if notes is not None:
+            notes.append(
+                f"{name}: values use {100 * peak / scale:.1f}% of the {depth}-bit range (max {peak:.0f}); "
+                f"scaled by {scale:.0f} "
+                + ("as the file declares" if declared == depth else "(the file declares no bit depth)")
+                + ", so the image is dark"
+            )
+    return (a.astype(np.float64) / scale).astype(np.float32)
 
 
 def _check_float(a: np.ndarray, name: str) -> np.ndarray:
@@ -266,20 +305,7 @@ def array_image(a: np.ndarray, name: str, notes: list[str] | None = None) -> tor
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     if a.dtype.kind in "ui":
-        bits = 8 * a.dtype.itemsize - (a.dtype.kind == "i")  # a signed type's range ends at 2**(bits-1) - 1
-        if bits <= 8:
-            if a.dtype.kind == "i" and a.size and a.min() < 0:
-                raise SpecError(f"cannot read image {name}: negative pixel values")
-            return _to_chw(a.astype(np.float32) / 255.0)
-        if bits > 16 and a.size and 0 <= a.min() and a.max() < (2**bits - 1) / 16:
-            # no file declares a depth and a 32/64-bit range is no pixel depth (NumPy's default integer
-            # holding 8-bit values): dividing by it would give a black image, so refuse instead
-            raise SpecError(
-                f"cannot read image {name}: an {a.dtype} array with values in [{a.min()}, {a.max()}] fills "
-                f"less than 1/16 of its type's range, by which relprop scales integer pixels (the image "
-                f"would be black); store it as uint8 (0-255), uint16 or floats in [0, 1]"
-            )
-        return _to_chw(_scale_int(a, bits, None, name, notes))
+        return _to_chw(int_pixels(a, name, notes))
     if a.dtype.kind == "f":
         return _to_chw(_check_float(a, name))
     raise SpecError(f"cannot read image {name}: an array of {a.dtype}; relprop reads integer or float pixels")
@@ -304,8 +330,9 @@ def decode_image(source: Path | bytes, notes: list[str] | None = None, name: str
                 mode = "RGBA"
             a: np.ndarray
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                dtype_bits = 16 if mode.startswith("I;16") else 32
-                a = _scale_int(np.asarray(im), dtype_bits, _declared_bits(im, fh, fmt), name, notes)
+                declared = _declared_bits(opened, fh, fmt)  # (exif_transpose's copy has no TIFF tags)
+                what = "a 16-bit image" if mode.startswith("I;16") else "a 32-bit signed integer image (mode I)"
+                a = int_pixels(np.asarray(im), name, notes, bits=_type_bits(mode, fmt), declared=declared, what=what)
             elif mode == "F":
                 a = _check_float(np.asarray(im, dtype=np.float32), name)
             else:
@@ -328,8 +355,9 @@ def read_image(path: Path, notes: list[str] | None = None) -> torch.Tensor:
 
     8-bit images are divided by 255. 16/32-bit integer images are divided by ``2**bits - 1`` where
     ``bits`` is the depth the file declares (PNG ``sBIT``, TIFF ``BitsPerSample``), else the data
-    type's range; when the largest value uses less than 1/16 of that range a note is added to
-    ``notes`` (a list the caller shows). Float images must already be in [0, 1]. Palette images are
+    type's range (a signed type's maximum: ``2**31 - 1`` for 32-bit signed TIFFs); when the largest value
+    uses less than 1/16 of that range a note is added to ``notes`` (a list the caller shows), and a
+    32-bit image is refused (:func:`int_pixels`). Float images must already be in [0, 1]. Palette images are
     expanded, alpha is composited onto black, and the EXIF orientation is applied.
     """
     path = Path(path)

@@ -1,0 +1,83 @@
+"""Integer images follow one rule whether they come from a file or a stored array (``specs.data.int_pixels``):
+signed types are scaled by their maximum, and a range wider than 16 bits that the values fill less than 1/16
+of is refused (dividing by it gives a black image). 32-bit signed TIFFs (PIL mode "I") were divided by
+2**32 - 1: half the brightness of the same image stored as .npy, a silently wrong input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from relprop.specs import SpecError, load_data, read_image
+from relprop.specs.data import array_image, decode_image
+
+Image = pytest.importorskip("PIL.Image")
+
+
+def _pixels() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+    a[0, 0] = 255  # a full range: no note
+    return a
+
+
+def _tiff(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_a_32_bit_signed_tiff_is_scaled_by_its_maximum_as_the_same_npy_is():
+    a = _pixels()
+    full = a.astype(np.int32) * ((2**31 - 1) // 255)  # fills int32's range
+    b = _tiff(full)
+    with Image.open(io.BytesIO(b)) as im:
+        assert im.mode == "I" and im.tag_v2[339] == (2,)  # PIL's 32-bit signed mode, SampleFormat signed
+    got = decode_image(b, name="x.tif")
+    ref = torch.from_numpy(a[None] / 255.0).float()
+    assert torch.allclose(got, ref, atol=1e-6), (got - ref).abs().max()  # was about ref / 2
+    assert torch.equal(got, array_image(full, "x.npy"))  # one rule for files and arrays
+
+
+def test_a_32_bit_tiff_holding_8_or_16_bit_values_is_refused_like_the_npy(tmp_path):
+    a = _pixels()
+    for values in (a.astype(np.int32), a.astype(np.int32) * 257):  # 8-bit and 16-bit values in an int32 TIFF
+        with pytest.raises(
+            SpecError,
+            match=r"^cannot read image x\.tif: a 32-bit signed integer image \(mode I\) with values in \[\d+, ",
+        ):
+            decode_image(_tiff(values), name="x.tif")
+        with pytest.raises(SpecError, match=r"^cannot read image x\.npy: an int32 array with values in \[\d+, "):
+            array_image(values, "x.npy")
+    # in a folder: refused when the data is loaded (the probe decodes TIFFs), not mid-run
+    (tmp_path / "d" / "cat").mkdir(parents=True)
+    (tmp_path / "d" / "cat" / "a.tif").write_bytes(_tiff(a.astype(np.int32)))
+    with pytest.raises(
+        SpecError,
+        match=r"a\.tif: a 32-bit signed integer image .*fills less than 1/16 of its type's range \(0-2147483647\)",
+    ):
+        load_data(str(tmp_path / "d"))
+
+
+def test_16_bit_files_keep_their_rule_and_note():
+    a = _pixels().astype(np.uint16) * 16  # 12-bit values in a 16-bit TIFF: scaled by 65535, with the note
+    notes: list[str] = []
+    got = decode_image(_tiff(a), notes, name="x.tif")
+    assert torch.allclose(got, torch.from_numpy(a[None] / 65535.0).float())
+    assert len(notes) == 1 and "of the 16-bit range" in notes[0] and "as the file declares" in notes[0]
+
+
+def test_negative_pixels_are_refused_for_files_and_arrays(tmp_path):
+    a = _pixels().astype(np.int32) * ((2**31 - 1) // 255)
+    a[1, 1] = -5
+    with pytest.raises(SpecError, match=r"^cannot read image x\.tif: negative pixel values$"):
+        decode_image(_tiff(a), name="x.tif")
+    with pytest.raises(SpecError, match=r"^cannot read image x\.npy: negative pixel values$"):
+        array_image(a.astype(np.int16), "x.npy")
+    path = tmp_path / "y.tif"
+    path.write_bytes(_tiff(a))
+    with pytest.raises(SpecError, match="negative pixel values"):
+        read_image(path)
