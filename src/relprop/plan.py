@@ -181,7 +181,12 @@ class Plan:
             self._callable = target if key is not None else None
 
             def recorder(model: Any, args: tuple, kwargs: dict, post: Any = None, release: Any = None) -> Graph:
-                # The plan's own policy governs its recordings and replays (set at ``relprop.plan``).
+                # The plan's own policy governs its recordings and replays (set at ``relprop.plan``). A kept graph
+                # holds every value, as ``relprop.explain(keep_graph=True)``'s does (run_backward asks for no
+                # release): that call records without the policy and leaves the plan's recording as it is.
+                if keep_graph and self.release is not None:
+                    self.last_reason = "keep_graph=True: recorded holding every value"
+                    return record(model, args, kwargs, post=post, release=None)
                 return self._graph_for(model, args, kwargs, post, key)
 
             return run_backward(
@@ -198,18 +203,30 @@ class Plan:
             )
 
     # ------------------------------------------------------------------ recording / replay
-    def _record(self, model: Any, args: tuple, kwargs: dict, post: Any, key: int | None, reason: str | None) -> Graph:
-        sig0, _ = _signature(model, args, kwargs, key)
+    def _record(
+        self,
+        model: Any,
+        args: tuple,
+        kwargs: dict,
+        post: Any,
+        key: int | None,
+        reason: str | None,
+        sig0: tuple | None = None,
+    ) -> Graph:
+        """Record, and make the recording the plan's; ``sig0``: the signature taken just before (if at hand)."""
+        if sig0 is None:
+            sig0, _ = _signature(model, args, kwargs, key)
         before = _rng_state()
         graph = record(model, args, kwargs, post=post, release=self.release)
         random = _rng_state() != before
         # Taken after recording: the recording may bump version counters of buffers it never changes
         # (batch norm's num_batches_tracked in training mode); those tensors are noted with their content.
-        sig, live = _signature(model, args, kwargs, key, _reads_offsets(graph))
+        offsets = _reads_offsets(graph)
+        sig, live = _signature(model, args, kwargs, key, offsets)
         self.records += 1
         if self.records > 1:
             self.rerecords += 1
-        self._template = _template(graph, sig, random, self._callable)
+        self._template = _template(graph, sig, random, self._callable, offsets)
         self._template.bumped = _bumped(sig0, sig, live)
         self.last_reason = reason if self._template.replayable else self._template.reason
         return graph
@@ -217,24 +234,26 @@ class Plan:
     def _graph_for(self, model: Any, args: tuple, kwargs: dict, post: Any, target_key: int | None) -> Graph:
         tpl = self._template
         sig, live = _signature(model, args, kwargs, target_key, tpl is None or tpl.offsets)
+        # (``sig`` doubles as the signature before a recording: only its version counters are compared there)
         if tpl is None:
-            return self._record(model, args, kwargs, post, target_key, "first recording")
+            return self._record(model, args, kwargs, post, target_key, "first recording", sig)
         if not tpl.replayable:
-            return self._record(model, args, kwargs, post, target_key, tpl.reason)
+            return self._record(model, args, kwargs, post, target_key, tpl.reason, sig)
         if sig != tpl.signature:
             if not _own_bumps(tpl, sig, live):
-                return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig))
+                return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig), sig)
             tpl.signature = sig  # only recordings' bumps (another explain, a verify) since: content unchanged
         env, why = _replay(tpl, args, kwargs, live)
         if env is None:
-            return self._record(model, args, kwargs, post, target_key, why)
+            return self._record(model, args, kwargs, post, target_key, why, sig)
         verify = self.verify or (self.verify_every > 0 and self._calls % self.verify_every == 0)
         if verify:
             sig0 = sig
             before = _rng_state()
             fresh = record(model, args, kwargs, post=post, release=self.release)
             random = _rng_state() != before
-            sig, live = _signature(model, args, kwargs, target_key, tpl.offsets or _reads_offsets(fresh))
+            offsets = _reads_offsets(fresh)
+            sig, live = _signature(model, args, kwargs, target_key, tpl.offsets or offsets)
             diff = _compare(tpl.graph, env, fresh)
             if diff is not None:
                 self.mismatches += 1
@@ -248,7 +267,7 @@ class Plan:
                 self.records += 1
                 self.rerecords += 1
                 self.last_reason = f"verify: {diff}"
-                self._template = _template(fresh, sig, random, self._callable)
+                self._template = _template(fresh, sig, random, self._callable, offsets)
                 self._template.bumped = _bumped(sig0, sig, live)
                 return fresh
             tpl.signature = sig  # this verify recording's own version bumps (contents unchanged)
@@ -527,7 +546,8 @@ def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
-def _template(graph: Graph, sig: tuple, random: bool, target: Any = None) -> _Template:
+def _template(graph: Graph, sig: tuple, random: bool, target: Any, offsets: bool) -> _Template:
+    """The replay's template of ``graph``; ``offsets``: :func:`_reads_offsets` of it (the caller has it at hand)."""
     reason = None
     if random:
         reason = "the forward draws random numbers (dropout in training mode?): every call records"
@@ -563,7 +583,7 @@ def _template(graph: Graph, sig: tuple, random: bool, target: Any = None) -> _Te
     for step in steps:
         step.inplace = _inplace_twin(step)
     tpl = _Template(graph, sig, constants, leaves, strides, scalars, skeleton, target, steps, reason is None, reason)
-    tpl.offsets = _reads_offsets(graph)
+    tpl.offsets = offsets
     return tpl
 
 
