@@ -21,7 +21,10 @@ the decoder, which is relprop's code (in the key) and Pillow.
 
 Pickles: a tar member ``.pyd``/``.pickle`` is a pickle, which can run code when loaded, and is refused
 unless ``trust_pickle``. ``.pt``/``.pth`` members are loaded with ``torch.load(weights_only=True)`` (no
-code runs), as relprop loads checkpoints; one that needs more is refused unless ``trust_pickle``. Other
+code runs), as relprop loads checkpoints; one that needs more is refused unless ``trust_pickle``, and
+every input ``.pt`` member is checked for that when the shards are listed (:func:`_pt_refusal`: the
+globals its pickle names, read statically from its small ``data.pkl`` record, no tensor data), so a bad
+member late in a shard fails before any work rather than hours into a run. Other
 members are preferred when an example has them: images (png, jpg, ...), then ``.npy`` (read with
 ``allow_pickle=False``), then ``.pt``/``.pth``, then pickles.
 """
@@ -278,22 +281,28 @@ def decode_member(
     return array_image(_unpickle(kind, src, name, trust_pickle), name, notes)
 
 
+WEIGHTS_ONLY = "holds more than tensors (weights_only)"
+
+
+def _pickle_refusal(name: str, what: str = "is a pickle") -> str:
+    return (
+        f"{name} {what}, which can run code when loaded: refused. Pass --trust-pickle (trust_pickle=True) if you "
+        f"trust the shards, or store the inputs as .npy/.png members"
+    )
+
+
 def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
     """A ``.pt``/``.pth`` member (``weights_only`` unless trusted) or a pickle (trusted only) as an array;
     a tensor is taken as ``(C, H, W)`` (torch's layout), an array as ``(H, W[, C])``."""
-    refuse = (
-        f"{name} is a pickle, which can run code when loaded: refused. Pass --trust-pickle "
-        f"(trust_pickle=True) if you trust the shards, or store the inputs as .npy/.png members"
-    )
     if kind == "pickle":
         if not trust:
-            raise SpecError(refuse)
+            raise SpecError(_pickle_refusal(name))
         obj = pickle.loads(b)
     else:
         try:
             obj = torch.load(io.BytesIO(b), map_location="cpu", weights_only=not trust)
         except pickle.UnpicklingError:
-            raise SpecError(refuse.replace("is a pickle", "holds more than tensors (weights_only)")) from None
+            raise SpecError(_pickle_refusal(name, WEIGHTS_ONLY)) from None
         except Exception as e:
             raise SpecError(f"cannot read {name}: {first_line(e)}") from None
     if isinstance(obj, torch.Tensor):
@@ -822,6 +831,59 @@ def _choose(members: dict[str, tuple]) -> tuple[str, str] | None:
     return None
 
 
+class _Window(io.RawIOBase):
+    """``length`` bytes of ``fh`` from ``start`` as a seekable file (a tar member, read in place)."""
+
+    def __init__(self, fh: Any, start: int, length: int):
+        self.fh, self.start, self.length, self.pos = fh, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        if not n:
+            return 0
+        self.fh.seek(self.start + self.pos)
+        got = self.fh.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+def _pt_refusal(fh: Any, start: int, length: int, name: str) -> str | None:
+    """Why the ``.pt`` member at ``start`` of tar file ``fh`` cannot be loaded with ``weights_only`` (the
+    message), or None. The globals its pickle names are read statically from the zip's ``data.pkl``
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``: a few hundred bytes, not the tensors); a
+    legacy (non-zip) file, or a torch without that function, is loaded once instead. Reading still loads
+    with ``weights_only``: this check only moves the refusal to listing time, it is not what keeps code from
+    running."""
+    unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    window = io.BufferedReader(_Window(fh, start, length))
+    if unsafe_globals is not None and window.peek(4)[:4] == b"PK\x03\x04":
+        try:
+            unsafe = unsafe_globals(window)
+        except Exception as e:
+            return f"cannot read {name}: {first_line(e)}"
+        return f"{_pickle_refusal(name, WEIGHTS_ONLY)} (it names {', '.join(sorted(unsafe)[:3])})" if unsafe else None
+    window.seek(0)
+    try:
+        _unpickle("pt", window.read(), name, False)
+    except SpecError as e:
+        return str(e)
+    return None
+
+
 def tar_shards(shards: list[Path], spec: str, columns: Columns, trust_pickle: bool = False) -> Data:
     """WebDataset shards: members ``KEY.EXT`` grouped by key (the name up to the first dot of its file name).
 
@@ -834,8 +896,8 @@ def tar_shards(shards: list[Path], spec: str, columns: Columns, trust_pickle: bo
     kinds: list[str] = []
     keys: list[str] = []
     raw_labels: list = []
-    pickled: list[int] = []
     for si, path in enumerate(shards):
+        pt_members: list[tuple[int, int, int]] = []  # (example, offset, size) of input .pt members
         with open(path, "rb") as fh:
             if fh.read(2) == b"\x1f\x8b" or path.suffix.lower() in (".gz", ".tgz"):
                 raise SpecError(
@@ -874,10 +936,7 @@ def tar_shards(shards: list[Path], spec: str, columns: Columns, trust_pickle: bo
                 )
             ext, kind = pick
             if kind == "pickle" and not trust_pickle:
-                raise SpecError(
-                    f"{where}.{ext} is a pickle, which can run code when loaded: refused. Pass --trust-pickle "
-                    f"(trust_pickle=True) if you trust the shards, or store the inputs as .npy/.png members"
-                )
+                raise SpecError(_pickle_refusal(f"{where}.{ext}"))
             if "cls" in members:
                 label: Any = (members["cls"][2] or b"").decode("utf-8", "replace").strip()
             elif "json" in members:
@@ -890,14 +949,20 @@ def tar_shards(shards: list[Path], spec: str, columns: Columns, trust_pickle: bo
                 label = None
             if label is None or label == "":
                 raise SpecError(f"{where} has no label (a .cls member, or '{columns.label}' in its .json member)")
-            if kind == "pt":
-                pickled.append(len(keys))
+            if kind == "pt" and not trust_pickle:
+                pt_members.append((len(keys), *members[ext][:2]))
             shard_ix.append(si)
             offset.append(members[ext][0])
             size.append(members[ext][1])
             kinds.append(kind)
             keys.append(f"{Path(path).name}:{key}.{ext}")
             raw_labels.append(label)
+        if pt_members:
+            with open(path, "rb") as fh:
+                for i, start, length in pt_members:
+                    why = _pt_refusal(fh, start, length, keys[i])
+                    if why:
+                        raise SpecError(why)
     if not keys:
         raise SpecError(f"data {spec}: the shards hold no examples")
     modes = {"text" if k == "text" else "image" for k in kinds}
@@ -910,8 +975,6 @@ def tar_shards(shards: list[Path], spec: str, columns: Columns, trust_pickle: bo
     if kind == "text":
         return _data(spec, Path(shard_names[0]).stem, kind, labels_info, Texts(cells, spec, "txt"), info, [])
     images = Images(cells, spec, trust_pickle)
-    if pickled and not trust_pickle:
-        images[pickled[0]]  # a .pt member that needs more than weights_only fails now, not mid-run
     return _data(spec, Path(shard_names[0]).stem, kind, labels_info, images, info, bit_depth_warnings(images))
 
 
