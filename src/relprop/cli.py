@@ -945,8 +945,6 @@ def cmd_explain(args) -> int:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    else:
-        raise CLIError(f"--out {dest}: use .html or .png for token scores")
     print(f"token scores saved to {dest}")
     if args.save:
         saved = {k: v[0] for k, v in sections[0][2].items()}

@@ -371,30 +371,32 @@ def summary_of(per_example: dict[str, list], s) -> dict[str, dict]:
 MIN_RANDOMISATION_EXAMPLES = 5
 
 
+def _verdict(summary: dict, threshold: float) -> tuple[str | None, str | None]:
+    """``(verdict, why inconclusive)``: the one place the randomisation rule is written."""
+    r = summary.get("randomisation_similarity")
+    if not r or r.get("mean") is None:
+        return None, None
+    if r.get("n", 0) < MIN_RANDOMISATION_EXAMPLES:
+        return "inconclusive", "few"
+    lo, hi = r["ci"]
+    if hi is not None and hi < threshold:
+        return "pass", None
+    if lo is not None and lo >= threshold:
+        return "fail", None
+    return "inconclusive", "straddles"
+
+
 def randomisation_verdict(summary: dict, threshold: float) -> str | None:
     """``pass`` when the whole interval is below ``threshold``, ``fail`` when above, else ``inconclusive``
     (few examples: say so instead of a coin flip)."""
-    r = summary.get("randomisation_similarity")
-    if not r or r.get("mean") is None:
-        return None
-    if r.get("n", 0) < MIN_RANDOMISATION_EXAMPLES:
-        return "inconclusive"
-    lo, hi = r["ci"]
-    if hi is not None and hi < threshold:
-        return "pass"
-    if lo is not None and lo >= threshold:
-        return "fail"
-    return "inconclusive"
+    return _verdict(summary, threshold)[0]
 
 
 def inconclusive_reason(summary: dict, threshold: float) -> str | None:
     """Why :func:`randomisation_verdict` said ``inconclusive``: ``"few"`` (fewer than
     :data:`MIN_RANDOMISATION_EXAMPLES` examples) or ``"straddles"`` (the interval contains ``threshold``);
     None for any other verdict."""
-    if randomisation_verdict(summary, threshold) != "inconclusive":
-        return None
-    r = summary["randomisation_similarity"]
-    return "few" if r.get("n", 0) < MIN_RANDOMISATION_EXAMPLES else "straddles"
+    return _verdict(summary, threshold)[1]
 
 
 def np_float(v) -> float | None:

@@ -1,0 +1,47 @@
+"""Small review items: ``relprop list`` takes its file rows from ``specs.models.FILE_SPECS`` (one list of
+forms), the randomisation verdict and its reason come from one rule, and ``explain --out`` refuses a token-score
+suffix before the model runs (the write step has no second check to reach)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from relprop.cli import main
+from relprop.report import cell_metrics
+from relprop.specs.models import FILE_SPECS
+
+
+def test_list_shows_each_file_spec_form_of_the_loader(capsys, monkeypatch):
+    assert main(["list"]) == 0
+    specs = capsys.readouterr().out.split("model specs:")[1]
+    for form in FILE_SPECS.split(" | "):
+        example, _, text = form.partition(" (")
+        line = next(ln for ln in specs.splitlines() if ln.strip().startswith(example + " "))
+        assert line.rstrip().endswith(text.removesuffix(")")), (form, line)
+    # a new file form in the loader shows up in the listing without a second edit
+    monkeypatch.setattr("relprop.specs.models.FILE_SPECS", FILE_SPECS + " | FILE.onnx (an exported graph)")
+    assert main(["list"]) == 0
+    assert any(ln.split() == ["FILE.onnx", "an", "exported", "graph"] for ln in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
+def test_inconclusive_reason_exactly_when_the_verdict_is_inconclusive(threshold):
+    for n, lo, hi in itertools.product([0, 1, 4, 5, 30], [0.1, 0.3, 0.5, None], [0.2, 0.5, 0.9, None]):
+        summary = {"randomisation_similarity": {"mean": 0.4, "ci": [lo, hi], "n": n}}
+        verdict = cell_metrics.randomisation_verdict(summary, threshold)
+        reason = cell_metrics.inconclusive_reason(summary, threshold)
+        assert (reason is not None) == (verdict == "inconclusive")
+        if verdict == "inconclusive":
+            assert reason == ("few" if n < cell_metrics.MIN_RANDOMISATION_EXAMPLES else "straddles")
+    assert cell_metrics.randomisation_verdict({}, 0.5) is None and cell_metrics.inconclusive_reason({}, 0.5) is None
+
+
+def test_explain_token_scores_with_a_bad_suffix_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import relprop.cli as cli
+
+    monkeypatch.setattr(cli, "_loader", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["explain", "--model", "zoo:bert_sst2", "--input", "fine", "--out", str(tmp_path / "t.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("relprop: error: --out ") and "t.txt" in err
