@@ -23,6 +23,10 @@ def _all(node) -> bool:
     return True
 
 
+def _all_but_factories(node) -> bool:
+    return bool(node.inputs) and not node.packet.endswith("_like")
+
+
 def _scores(node) -> bool:  # an attention-like policy: products of two activations
     return node.packet in ("mm", "bmm", "mul") and sum(v.is_activation for v in node.inputs) == 2
 
@@ -220,3 +224,54 @@ def test_checkpointed_model_equal_bits(reentrant):
         kw = {"composite": composite} if composite != "gradient" else {}
         want = relprop.explain(plain, x, target=1, method="lrp" if kw else "gradient", **kw)
         _equal(_explain(ck, x, 1, composite, _all), want)
+
+
+_VIEWS = {"view", "_unsafe_view", "expand", "transpose", "slice", "unsqueeze", "select", "t", "alias", "detach"}
+
+
+@pytest.mark.parametrize("build", [_decoder, _InPlace], ids=["decoder", "in_place"])
+def test_released_views_recompute_the_recorded_bits(build):
+    # Views of released tensors are released too (their storage is then held by no value of the tape); each
+    # released value, read back, is the held recording's tensor: same bits, shape and strides.
+    if build is _decoder:
+        m, batches, target = _decoder()
+        args, kwargs, post = (), batches[0], target
+    else:
+        m, args, kwargs, post = build(), (torch.randn(4, 6),), {}, None
+    # (Not factories' outputs (``arange``, ``zeros_like``): autograd's make_variable gives a factory's output that
+    # the tape holds an extra recorded ``detach``, so the two graphs would not align value by value.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (_InPlace is in training mode: no dropout or batch norm in it)
+        released = record(m, args, kwargs, post=post, release=_all_but_factories)
+        held = record(m, args, kwargs, post=post)
+    assert [n.op for n in released.nodes] == [n.op for n in held.nodes]
+    views = [v for v in released.values if v.producer is not None and v.producer.packet in _VIEWS and v.data is None]
+    assert len(views) > 5, "no view was released"
+    compared = 0
+    for v, w in zip(released.values, held.values):
+        assert (v.shape, v.dtype, v.strides) == (w.shape, w.dtype, w.strides)
+        if v.producer is not None and v.data is None and w.data is not None:
+            t = v.tensor
+            assert torch.equal(t, w.data) and t.stride() == w.data.stride(), v
+            compared += 1
+    assert compared > len(views)
+
+
+def test_untracked_alias_write_into_a_released_tensor_is_refused():
+    # `y.detach().clamp_()` into an activation that requires grad: refused as when the tape holds y (autograd
+    # keeps y's old derivative for the new content), although the released y is no longer the tape's.
+    from relprop.trace import TraceError
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x) * 2
+            y.detach().clamp_(min=0)
+            return y.sum(1)
+
+    for policy in (None, _all):
+        with pytest.raises(TraceError, match="alias autograd does not track"):
+            record(M().eval(), (torch.randn(3, 4),), {}, release=policy)

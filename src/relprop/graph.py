@@ -42,14 +42,33 @@ class Value:
     dtype: torch.dtype | None = None
     shape: torch.Size | None = None
     device: torch.device | None = None
-    #: The recorded tensor's strides, kept when the data is dropped (a plan checks a replay's against them).
-    strides: tuple[int, ...] | None = None
+    #: Strides noted by :meth:`drop` (see :attr:`strides`); ``None`` while the data is held.
+    kept_strides: tuple[int, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.data is not None:
             self.dtype, self.shape, self.device = self.data.dtype, self.data.shape, self.data.device
-            if self.strides is None and self.data.layout == torch.strided:
-                self.strides = tuple(self.data.stride())
+
+    @property
+    def strides(self) -> tuple[int, ...] | None:
+        """The recorded tensor's strides, also once its data is dropped (a plan checks a replay's against them).
+
+        Read from the data while it is held; noted only when the recorder drops it (:meth:`drop`), so the
+        recording's hot path does not take every value's strides for the plan's sake.
+        """
+        if self.kept_strides is None and self.data is not None and self.data.layout == torch.strided:
+            return tuple(self.data.stride())
+        return self.kept_strides
+
+    @strides.setter
+    def strides(self, s: tuple[int, ...] | None) -> None:
+        self.kept_strides = s
+
+    def drop(self) -> None:
+        """Drop the data (the recorder does not hold it), noting its strides first; :attr:`tensor` recomputes it."""
+        if self.data is not None and self.kept_strides is None and self.data.layout == torch.strided:
+            self.kept_strides = tuple(self.data.stride())
+        self.data = None
 
     def zeros(self) -> torch.Tensor:
         """Zeros shaped like this value (without touching its data)."""

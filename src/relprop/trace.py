@@ -515,7 +515,7 @@ class _Recorder(TorchDispatchMode):
         snap = None
         for v in st.values:
             if v.producer is not None:
-                v.data = None
+                v.drop()
                 continue
             if snap is None:
                 snap = t.untyped_storage().clone()
@@ -830,7 +830,7 @@ class _Recorder(TorchDispatchMode):
             st = self.storages.get(key) if key is not None else None
             if st is None:
                 continue
-            if any(v.is_activation and v.is_float and v.data is not None and v.data.requires_grad for v in st.values):
+            if any(v.is_activation and v.is_float and _requires_grad(self.live(v)) for v in st.values):
                 raise TraceError(
                     f"in-place operation {func} writes through an alias autograd does not track (`.data` or "
                     f"`.detach()`) into a tensor that requires grad (module '{self.scope[-1] if self.scope else ''}'): "
@@ -937,13 +937,22 @@ class _Recorder(TorchDispatchMode):
         if self.release is not None and self.release(self.nodes[-1]):
             self.release_outputs(self.nodes[-1])
 
+    def live(self, v: Value) -> torch.Tensor | None:
+        """``v``'s tensor: its data, or a released value's tensor while the model still holds it."""
+        if v.data is not None:
+            return v.data
+        ref = self.released.get(v.index)
+        return ref() if ref is not None else None
+
     def release_outputs(self, node: Node) -> None:
         """Do not hold ``node``'s outputs: their data is recomputed from the node's inputs if a rule reads them
         (:attr:`Value.tensor`), and the memory is the model's to free, as without a recording.
 
-        Only an output in a storage of its own (no input's, no other value's): a view or an alias would keep
-        the memory anyway, and the tape's alias bookkeeping (storage -> values) stays exact. Once such a
-        tensor dies, the allocator may give its address (``id``, storage key) to a new tensor: the storage's
+        Only an output whose storage the tape holds through no other value: one of its own, or one whose
+        other values were all released too (a view of a released tensor, as ``matmul``'s ``_unsafe_view`` of
+        its ``bmm``); an alias of a held value would keep the memory anyway. The tape's alias bookkeeping
+        (storage -> values) stays exact: released values stay in their storage's list. Once the storage's
+        tensors die, the allocator may give its address (``id``, storage key) to a new tensor: the storage's
         entry is dropped when the last of its values dies (a weak reference's callback, before the memory
         is freed), and :meth:`lookup` checks a released value's weak reference before matching an ``id``.
         """
@@ -954,7 +963,9 @@ class _Recorder(TorchDispatchMode):
                 continue
             key = _storage_key(t)
             st = self.storages.get(key) if key is not None else None
-            if key is None or key in own or st is None or st.values != [v] or v.index in self.pending:
+            if key is None or key in own or st is None or v.index in self.pending:
+                continue
+            if not all(u is v or (u.data is None and u.index in self.released) for u in st.values):
                 continue
             for i in range(len(self.keep) - 1, max(-1, len(self.keep) - 1 - len(node.outputs)), -1):
                 if self.keep[i] is t:
@@ -962,7 +973,7 @@ class _Recorder(TorchDispatchMode):
                     break
             else:
                 continue  # not held by the tape's list: leave it as it is
-            v.data = None
+            v.drop()
             self.released[v.index] = weakref.ref(t, functools.partial(self._forget, key, st))
             del t
 
@@ -1105,6 +1116,10 @@ class _Recorder(TorchDispatchMode):
                     "cannot record there. Use the out-of-place op (or detach the tensor first)."
                 )
             self.straight_region(v, old, nodes, op)  # an in-place op without derivative: autograd's identity
+
+
+def _requires_grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad
 
 
 def _training_arg(func, args: tuple) -> Any:

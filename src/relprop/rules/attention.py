@@ -79,13 +79,23 @@ class ScoreChain:
     z3: Value  # the softmax input
     scaled: Node  # z2 = view(z1) * c
     masked: Node  # z3 = z2 + mask
+    view: Node  # view(z1)
 
-    def _abs_z3(self) -> torch.Tensor:
+    def _z1(self) -> torch.Tensor:
+        """The product ``z1``; released (:func:`release_scores`), it is recomputed with the recorded op on the
+        recorded inputs (same bits) into a local tensor, not put back on the graph: it dies after the zero sets."""
+        if self.z1.data is not None:
+            return self.z1.data
+        z1 = self.product.run([u.tensor for u in self.product.inputs])
+        return z1 if isinstance(z1, torch.Tensor) and z1.shape == self.z1.shape else self.z1.tensor
+
+    def _abs_z3(self, z1: torch.Tensor) -> torch.Tensor:
         """``|z3|`` in a new contiguous tensor; released scores (:func:`release_scores`) are recomputed into it with
-        the recorded ops (same bits), not cached on the graph."""
+        the recorded ops from ``z1`` (same bits), not cached on the graph."""
         if self.z3.data is not None:
             return self.z3.data.abs().contiguous()
-        a = self.scaled.run([self.scaled.inputs[0].tensor])  # z2, new
+        viewed = self.scaled.inputs[0].data
+        a = self.scaled.run([self.view.run([z1]) if viewed is None else viewed])  # z2, new
         mask = self.masked.inputs[1].tensor
         if not (
             isinstance(a, torch.Tensor)
@@ -98,29 +108,29 @@ class ScoreChain:
 
     def relevance(self, r: torch.Tensor, s: torch.Tensor) -> list:
         """The product operands' relevance from the relevance ``r`` at the softmax output ``s``."""
-        z1 = self.z1.tensor
+        z1 = self._z1()
         tiny = torch.finfo(z1.dtype).tiny
         # The zero sets first, so that at most two attention-sized temporaries of ours live at once. On CPU, a
         # tensor of finite normal numbers (the usual case) has empty zero sets: finding that out with two
         # reductions is much cheaper than the boolean passes. (On a GPU it would read a number back per layer,
         # a host sync: the masks are always made there.)
         cpu = z1.device.type == "cpu"
-        a = self._abs_z3()
+        product_shape = z1.shape
+        a = self._abs_z3(z1)
         drop = None if cpu and _normal(a) else torch.lt(a, float("inf")).logical_not_().logical_or_(torch.lt(a, tiny))
         shape = a.shape  # softmax rule: 0 where the input is not finite; sum rule: |z3| < tiny absorbs
         torch.abs(z1, out=a.view(z1.shape))
         if not (cpu and _normal(a)):
             small = torch.lt(a, tiny).view(shape)  # product rule: |z1| < tiny absorbs
             drop = small if drop is None else drop.logical_or_(small)
-        del a
+        del a, z1  # (a recomputed product dies here)
         q = s * r.sum(-1, keepdim=True)
         torch.sub(r, q, out=q)  # h, in gradient form
         q.mul_(self.scale)
         if drop is not None:
             q.masked_fill_(drop, 0.0)
             del drop
-        shape = z1.shape
-        q = q.view(shape) if q.is_contiguous() else q.reshape(shape)
+        q = q.view(product_shape) if q.is_contiguous() else q.reshape(product_shape)
         grads = vjp(self.product, [q], None, self.acts)
         last = self.acts[-1]
         res: list = [None] * len(self.product.inputs)
@@ -168,19 +178,30 @@ def _scores_source(v: Value) -> bool:
     return out.numel() > a.numel() + b.numel()
 
 
-def release_scores(node: Node) -> bool:
-    """Release policy for :func:`relprop.trace.record`: the scaled and the masked attention scores.
+_aten = torch.ops.aten
+_VIEW_OPS = (_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default)
 
-    Eager attention's ``(q @ k^T) * c`` and ``... + mask`` are two more tensors of the scores' size per layer that
-    a gradient does not keep (autograd saves the softmax only). The one-step :class:`ScoreChain` never reads the
-    scaled scores and reads the masked ones only for its zero sets (recomputed there in one buffer); a
-    rule that does read them gets them recomputed from the same op and inputs (same bits).
+
+def release_scores(node: Node) -> bool:
+    """Release policy for :func:`relprop.trace.record`: the attention scores ``q @ k^T``, scaled and masked.
+
+    Eager attention's ``q @ k^T`` (a ``bmm`` and the view ``matmul`` makes of it), ``* c`` and ``+ mask`` are
+    three tensors of the scores' size per layer that a gradient does not keep (autograd saves the softmax
+    only): at 2,048 tokens they outweigh everything else the tape holds. The one-step :class:`ScoreChain`
+    never reads the scaled scores and reads the product and the masked ones only for its zero sets
+    (recomputed there, one ``bmm`` per layer, into local buffers); a rule that does read them gets them
+    recomputed from the same op and inputs (same bits). Called for every recorded op: identity tests first.
     """
-    if node.region is not None or node.kwargs or not node.outputs or node.outputs[0] is None:
-        return False
-    if node.op_name == "aten.mul.Tensor" and len(node.inputs) == 1 and type(node.args[1]) is float:
+    op = node.op
+    if op is _aten.bmm.default or op in _VIEW_OPS:
+        return not node.kwargs and node.outputs[0] is not None and _scores_source(node.outputs[0])
+    if op is _aten.mul.Tensor:
+        if node.kwargs or len(node.inputs) != 1 or type(node.args[1]) is not float or node.outputs[0] is None:
+            return False
         return node.inputs[0].is_activation and _scores_source(node.inputs[0])
-    if node.op_name == "aten.add.Tensor" and len(node.inputs) == 2 and len(node.args) == 2:
+    if op is _aten.add.Tensor and not node.kwargs and len(node.inputs) == 2 and len(node.args) == 2:
+        if node.outputs[0] is None:
+            return False
         z, mask = node.inputs
         scaled = z.producer
         return (
@@ -250,7 +271,7 @@ def score_chain(ctx: RuleContext, prepared: PreparedGraph, resolve, may_skip) ->
     dtypes = {z1.dtype, z3.dtype, node.first_output.dtype, r.dtype} | {product.inputs[a].dtype for a in acts}
     if len(dtypes) != 1 or r.dtype not in (torch.float32, torch.float64):
         return None
-    return ScoreChain(product, acts, c, z1, z3, mul, add)
+    return ScoreChain(product, acts, c, z1, z3, mul, add, view)
 
 
 class AttentionRule:
