@@ -927,7 +927,7 @@ def cmd_explain(args) -> int:
         )
         sub = esc(args.input) + (f" ↔ {esc(args.reference)}" if args.reference else "")
         dest.write_text(page("relprop explain", sub, "", "".join(body)), encoding="utf-8")
-    elif dest.suffix.lower() in TEXT_OUT:
+    else:  # another of TEXT_OUT (_check_explain_outputs refused any other suffix before the model ran)
         _need_report_deps("matplotlib")
         from .visualize import tokens_figure
 
@@ -1079,6 +1079,7 @@ def cmd_list(args) -> int:
     from . import zoo
     from .rules.composites import NAMES as COMPOSITES
     from .specs import KINDS, TEXT_ZOO
+    from .specs.models import FILE_SPECS
 
     by_data: dict[str, list[str]] = {}
     for m in zoo.list_models():
@@ -1093,10 +1094,9 @@ def cmd_list(args) -> int:
     print("default methods for compare: " + ", ".join(default_methods()))
     print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
     print("model specs:")  # each form once, with what it means
-    rows = [(k.example, k.help) for k in KINDS.values()] + [
-        ("FILE.safetensors", "weights with a FILE.json (the zoo's format) next to it"),
-        ("FILE.pt / .pth / .bin", "a whole model (torch.save(model)), only with --trust-pickle"),
-    ]
+    # the file forms as the loader's help and errors name them: "EXAMPLE (what it is) | ..."
+    files = [form.partition(" (") for form in FILE_SPECS.split(" | ")]
+    rows = [(k.example, k.help) for k in KINDS.values()] + [(ex, text.removesuffix(")")) for ex, _, text in files]
     width = max(len(r[0]) for r in rows) + 2
     for example, text in rows:
         print(f"  {example:<{width}} {text}")
