@@ -9,7 +9,7 @@ so asking for the input relevance of one head of a multi-output model costs only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -73,6 +73,12 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
     for v, t in seeds.items():
         _accumulate(rel, v, t, None)
     protected = wanted | {v.index for v in seeds} | {v.index for v in graph.output_values}
+    # Relevance tensors the pass may add into in place: made by a rule that owns them (RuleContext.own) or sums
+    # made here (value index). Values the recording did not hold (their data, if any, is a recomputation made
+    # during this pass) may serve their producer's rule as scratch memory (RuleContext.out_is_scratch).
+    mine: set[int] = set()
+    released = {v.index for v in graph.values if v.data is None and v.producer is not None} if free else set()
+    scratch = _Scratch(graph, protected) if released else None
 
     def may_skip(v: Value) -> bool:
         """May a rule explaining several nodes at once pass over ``v`` (no relevance of its own wanted or held)?"""
@@ -96,6 +102,9 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
         if rule is None:
             raise NoRuleError(node, method)
         ctx = RuleContext(node, relevance, needs, prepared.notes_of(node))
+        first = outs[0] if outs else None
+        if scratch is not None and first is not None and first.index in released and first.index not in protected:
+            ctx.scratch = scratch.check(node, first, relevance)
         through = getattr(rule, "through", None) if on_node is None else None
         hit = through(ctx, prepared, resolve, may_skip) if through is not None else None
         if hit is not None:
@@ -111,9 +120,10 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
         result = rule(ctx)
         if on_node is not None:  # diagnosis of a non-finite result (relprop._nonfinite)
             on_node(node, relevance, result, rule)
+        owned = _owned(ctx, result, relevance) if ctx.owned else ()
         for v, need, r in zip(node.inputs, needs, result):
             if need and r is not None:
-                _accumulate(rel, v, r, node)
+                _accumulate(rel, v, r, node, mine, id(r) in owned)
         if free:
             _release(node, protected)
     if check_finite:
@@ -129,9 +139,101 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
     return {i: rel[i] for i in wanted if i in rel}
 
 
-def _accumulate(rel: dict[int, torch.Tensor], v: Value, t: torch.Tensor, node: Node | None) -> None:
+def _accumulate(
+    rel: dict[int, torch.Tensor],
+    v: Value,
+    t: torch.Tensor,
+    node: Node | None,
+    mine: set[int] | None = None,
+    owned: bool = False,
+) -> None:
+    """Add ``t`` to the relevance of ``v``; ``owned``: ``t`` is a rule's own new tensor (:meth:`RuleContext.own`).
+
+    Where a value fans out, the sum is written into a tensor the pass owns (one a rule handed over, or an earlier
+    sum) instead of a new one: the same additions (IEEE addition commutes: equal bits), one output-sized
+    temporary fewer per fan-out (``tests/test_lrp_scratch.py``).
+    """
     if t.shape != v.shape:
         where = f" from rule of {node!r}" if node is not None else ""
         raise PropagationError(f"relevance of shape {tuple(t.shape)} for value {v!r}{where}")
-    prev = rel.get(v.index)
-    rel[v.index] = t if prev is None else prev + t
+    i = v.index
+    prev = rel.get(i)
+    if prev is None:
+        rel[i] = t
+        if mine is not None:
+            (mine.add if owned else mine.discard)(i)
+        return
+    if mine is None:
+        rel[i] = prev + t
+    elif i in mine and _addable(prev, t):
+        prev.add_(t)
+    elif owned and _addable(t, prev):
+        rel[i] = t.add_(prev)
+        mine.add(i)
+    else:
+        rel[i] = prev + t
+        mine.add(i)
+
+
+def _addable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Does ``a.add_(b)`` give ``a + b``'s values and layout: same shape, dtype and strides, disjoint memory, no autograd."""
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.layout == torch.strided
+        and b.layout == torch.strided
+        and a.stride() == b.stride()
+        and a._base is None
+        and not (a.requires_grad or b.requires_grad)
+        and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    )
+
+
+def _owned(ctx: RuleContext, result: Sequence[torch.Tensor | None], arrived: list) -> set[int]:
+    """``id`` of the results the rule owns (:meth:`RuleContext.own`), each given once, not a view, not the
+    relevance that arrived: the pass may write into them."""
+    taken = {r.untyped_storage().data_ptr() for r in arrived if r is not None and r.layout == torch.strided}
+    ids = [id(r) for r in result if r is not None]
+    return {
+        id(r)
+        for r in result
+        if r is not None
+        and id(r) in ctx.owned
+        and ids.count(id(r)) == 1
+        and r.layout == torch.strided
+        and r._base is None
+        and r.untyped_storage().data_ptr() not in taken
+    }
+
+
+class _Scratch:
+    """Whether a node's first output may serve its rule as scratch memory (:meth:`RuleContext.out_is_scratch`).
+
+    Asked only for a value the recording did not hold, that no one wants back (not a source, kept, seed or
+    output value) and that the pass releases after this node (``free``): its data is a recomputation made during
+    this pass, read by no later rule (every reader of a value comes before its producer in the reverse pass).
+    Checked when the rule asks: the data is no view, and shares memory with none of its producer's inputs or
+    other outputs, the relevance that arrived, or a protected value's data.
+    """
+
+    def __init__(self, graph: Graph, protected: set[int]) -> None:
+        self.graph, self.protected = graph, protected
+        self._held: list[Value] | None = None
+
+    def check(self, node: Node, v: Value, arrived: list) -> Callable[[], bool]:
+        def may_write() -> bool:
+            t = v.tensor
+            if t._base is not None or t.requires_grad or t.layout != torch.strided:
+                return False
+            ptr = t.untyped_storage().data_ptr()
+            if self._held is None:
+                self._held = [u for u in self.graph.values if u.index in self.protected]
+            p = v.producer
+            others = [] if p is None else [*p.inputs, *(u for u in p.outputs if u is not None and u is not v)]
+            for u in [*others, *self._held]:
+                d = u.data
+                if d is not None and d.layout == torch.strided and d.untyped_storage().data_ptr() == ptr:
+                    return False
+            return not any(r is not None and r.untyped_storage().data_ptr() == ptr for r in arrived)
+
+        return may_write

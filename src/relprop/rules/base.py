@@ -132,6 +132,26 @@ class RuleContext:
     notes: NodeNotes | None = None
     #: Scratch space for one rule call (e.g. modified weights shared by a rule's forward and VJP).
     memo: dict[Any, Any] = field(default_factory=dict)
+    #: Set by the reverse pass (:mod:`relprop.propagate`): tells whether the first output's data may serve the
+    #: rule as scratch memory (see :meth:`out_is_scratch`); ``None``: it may not.
+    scratch: Callable[[], bool] | None = None
+    #: ``id`` of the results this rule made for this call and holds nowhere else (:meth:`own`).
+    owned: set[int] = field(default_factory=set)
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """Declare ``t`` a result made by this rule call that nothing else holds (not the relevance that arrived,
+        not a recorded value, not another result): the reverse pass may add later relevance into it in place."""
+        self.owned.add(id(t))
+        return t
+
+    def out_is_scratch(self) -> bool:
+        """May the rule overwrite the first output's data (``ctx.out``) with its own temporaries?
+
+        True only where the pass reads that data no more after this rule (it releases it), the recording did not
+        hold it (the data is a recomputation made during this pass) and nothing else shares its memory: then
+        writing a quotient into it spares a new output-sized tensor (on CPU, page faults on top of the pass).
+        """
+        return self.scratch is not None and self.scratch()
 
     @property
     def inputs(self) -> list[torch.Tensor]:

@@ -57,15 +57,72 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
             return torch.where(d < torch.finfo(z.dtype).tiny, inf, z)
         # Written into the temporary ``|z|`` (equal bits to ``z.masked_fill(|z| < tiny, inf)``, one temporary fewer).
         return torch.where(d < torch.finfo(z.dtype).tiny, inf, z, out=d)
-    return torch.full_like(z, eps).copysign_(z).add_(z)
+    if z.requires_grad:
+        return torch.full_like(z, eps).copysign_(z).add_(z)
+    # ``copysign(eps, z) + z`` written straight into a tensor laid out as ``full_like(z)`` (equal bits: copysign
+    # is exact), without first filling it with eps: one pass over the output fewer.
+    return torch.copysign(_eps(eps, z), z, out=torch.empty_like(z)).add_(z)
 
 
-def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+def _eps(eps: float, z: torch.Tensor) -> torch.Tensor:
+    """``eps`` as a 0-dim tensor of ``z``'s dtype (rounded as ``full_like(z, eps)`` rounds it)."""
+    return torch.full((), eps, dtype=z.dtype, device=z.device)
+
+
+#: Elements per chunk of :func:`_stabilize_into` (256 KiB of float32: the scratch stays in cache).
+CHUNK = 1 << 16
+
+
+def _stabilize_into(z: torch.Tensor, eps: float) -> bool:
+    """``z += copysign(eps, z)`` in place, ``z`` a dense CPU tensor of ours; False (nothing done) where not possible.
+
+    The same values as :func:`stabilize` (``z + e`` = ``e + z``), through a cache-sized scratch buffer reused chunk
+    after chunk instead of a new tensor the size of ``z``.
+    """
+    if (
+        eps == 0
+        or z.dtype in HALF
+        or z.device.type != "cpu"
+        or z.requires_grad
+        or z._base is not None
+        or not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return False
+    n = z.numel()
+    flat = z.as_strided((n,), (1,))  # every element once: the op is element-wise, the order is immaterial
+    e = _eps(eps, z)
+    buf = torch.empty(min(n, CHUNK), dtype=z.dtype)
+    for start in range(0, n, CHUNK):
+        part = flat[start : start + CHUNK]
+        b = buf[: part.numel()]
+        torch.copysign(e, part, out=b)
+        part.add_(b)
+    return True
+
+
+#: Ops whose VJP (:mod:`.vjps`, or autograd re-running the op on its inputs) never reads the op's recorded output:
+#: only their rules may turn the output into scratch memory (``relu``'s VJP, for one, reads its output).
+_OUTPUT_UNREAD = frozenset(
+    {"add", "add_", "sub", "sub_", "mul", "mul_", "convolution", "_convolution", "mm", "addmm", "bmm", "baddbmm"}
+)
+
+
+def scratch_out(ctx: RuleContext) -> bool:
+    """May the rule write into ``ctx.out`` (:meth:`~relprop.rules.base.RuleContext.out_is_scratch`, for an op whose
+    VJP never reads its output)?"""
+    return ctx.node.packet in _OUTPUT_UNREAD and ctx.out_is_scratch()
+
+
+def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float, scratch: bool = False) -> torch.Tensor:
     """``rel / stabilize(z, eps)``, a new tensor; the quotient is written into the (new) denominator.
 
     The same division as ``rel / stabilize(z, eps)`` (equal bits), one temporary the size of the output
-    fewer: on CPU a fresh large tensor costs page faults on top of the pass over it.
+    fewer: on CPU a fresh large tensor costs page faults on top of the pass over it. ``scratch``: ``z`` is
+    the rule's to overwrite (:meth:`~relprop.rules.base.RuleContext.out_is_scratch`); then the denominator and
+    the quotient are made in ``z`` itself (equal bits, no new output-sized tensor).
     """
+    if scratch and writable(z, rel, z) and _stabilize_into(z, eps):
+        return torch.div(rel, z, out=z)
     d = stabilize(z, eps)
     if writable(d, rel, d):
         return torch.div(rel, d, out=d)
@@ -106,12 +163,13 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
 
     The parameter-free z-rule shared by sums (proportional split) and products (uniform split).
     """
-    s = ratio(ctx.rel, ctx.out, eps)
+    s = ratio(ctx.rel, ctx.out, eps, scratch_out(ctx))
     grads = vjp(ctx.node, [s], None, acts)
     # The quotient and what the VJP makes of it are ours: the last share may be written into its gradient
     # (a sum's VJP hands ``s`` itself to every operand, so not before the other shares are computed).
     last = acts[-1] if acts else None
-    return {a: times(ctx.inputs[a], _asked(grads, a), owned=a == last) for a in acts}
+    # Each share is a new tensor of its own (a product, or the last one written into its gradient).
+    return {a: ctx.own(times(ctx.inputs[a], _asked(grads, a), owned=a == last)) for a in acts}
 
 
 _BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}
@@ -393,7 +451,7 @@ class Epsilon:
         ops = LinearOperands.of(ctx)
         node = ctx.node
         x = node.inputs[ops.act].tensor
-        s = ratio(ctx.rel, ctx.out, self.epsilon)
+        s = ratio(ctx.rel, ctx.out, self.epsilon, scratch_out(ctx))
         # Parameters only: an activation held constant (CP-LRP's attention weights in eager attention)
         # must get no relevance, or some leaks into the softmax and q, k.
         wanted = [p for p in ops.params if ctx.needs[p] and p != ops.bias and not node.inputs[p].is_activation]
@@ -405,9 +463,9 @@ class Epsilon:
             given = {ops.act: x, merged.weight_pos: merged.weight.tensor}
             tensors = [given[i] if i in given else _placeholder(v) for i, v in enumerate(node.inputs)]
             g = _asked(vjp(node, [s], tensors, [ops.act]), ops.act)
-            return _only(ctx, ops, times(x, g, owned=g is not s))
+            return _only(ctx, ops, ctx.own(times(x, g, owned=g is not s)))
         g = input_vjp(ctx, ops, s)
-        res = _only(ctx, ops, times(x, g, owned=g is not s))
+        res = _only(ctx, ops, ctx.own(times(x, g, owned=g is not s)))
         if wanted:  # weight relevance R_w = w * dz/dw^T s, asked for with explain(..., params=...)
             grads = vjp(ctx.node, [s], None, wanted)
             for p in wanted:
