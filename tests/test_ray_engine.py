@@ -1,9 +1,10 @@
 """``relprop compare --engine ray`` on a local 2-worker Ray instance (started here, shut down after): the
 same results.json numbers and per-example rows as the single-process engine, a worker killed mid-run
 recovered with nothing lost, and a re-run that skips the finished shards (shards at a ``file://`` URL);
-text data (padded to the single-process engine's length) and data the workers cannot reach: the instance
-runs its workers in an empty working directory (``runtime_env``), and the image folder and the CSV are
-given by relative paths from the test's own directory, so a worker that opened a data file would fail.
+text data (padded to the single-process engine's length), and data and model files the workers cannot
+reach: the instance runs its workers in an empty working directory (``runtime_env``), and the image folder,
+the CSV, the Hugging Face folder, the checkpoint, the ``python:`` file and its weights are given by relative
+paths from the test's own directory, so a worker that opened one of them would fail.
 
 Compared: every value of results.json except timings (``seconds``, ``metric_seconds``, ``explain_seconds``,
 ``explain_seconds_per_sample``), ``created``, ``environment``, ``engine`` and ``reused``. Tolerance: none,
@@ -15,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -181,14 +183,14 @@ TEXTS = [  # one text far longer than the rest: the shard without it would pad s
 
 
 def _text_data(tmp_path, monkeypatch):
-    """A tiny BERT (absolute path: model files are on every node) and a CSV by a relative path."""
+    """A tiny BERT folder and a CSV, both by relative paths (the workers get the model's files shipped)."""
     from test_cli_user_paths import tiny_bert
 
-    bert = tiny_bert(tmp_path / "bert")
+    tiny_bert(tmp_path / "bert")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in TEXTS))
     data = load_data("reviews.csv")
-    return f"hf:{bert}", data
+    return "hf:bert", data
 
 
 def test_text_data_gives_the_single_process_numbers_and_resumes(cluster, tmp_path, monkeypatch, methods):
@@ -258,3 +260,43 @@ def test_image_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, meth
     assert res["engine"]["shards_computed"] == 4
     assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+
+
+def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data, methods):
+    """A zoo-format checkpoint (``.safetensors`` + its ``.json``) and a ``python:`` file with ``--weights``,
+    by relative paths: the driver ships their bytes, each worker loads them with the same loader from a
+    private temporary folder (removed after), and the numbers are the single-process engine's. With
+    ``ship_models=False`` (files on shared storage) the workers open the paths as given, and here fail."""
+    import shutil
+    import tempfile
+
+    import torch
+    from torch import nn
+
+    from relprop import zoo
+
+    for ext in ("safetensors", "json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"resnet_digits.{ext}", tmp_path / f"rd.{ext}")
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10))\n"
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)
+    models = ["rd.safetensors", "python:net.py:build"]
+    kw = dict(models=models, weights={"python:net.py:build": "w.pt"})
+    with _threads(1):
+        _run(data, methods, tmp_path / "local", **kw)
+    copies = set(Path(tempfile.gettempdir()).glob("relprop-model-*"))
+    res = _run(data, methods, tmp_path / "ray", engine="ray", ray_options={"workers": 2}, **kw)
+    assert res["status"] == "complete" and not res["problems"], res["problems"]
+    assert res["engine"]["shards_computed"] == 2 * 2 * 2
+    assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    assert set(Path(tempfile.gettempdir()).glob("relprop-model-*")) <= copies  # the workers removed theirs
+    shared = _run(data, methods, tmp_path / "shared", engine="ray", ray_options={"workers": 2, "ship_models": False},
+                  **dict(kw, models=models[:1]))  # fmt: skip
+    assert shared["status"] == "incomplete" and "model file not found: rd.safetensors" in shared["problems"][0]

@@ -89,23 +89,19 @@ def test_shards_through_fsspec_read_back_and_torn_or_foreign_ones_are_refused():
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_shard_padded_to_the_run_length_tokenizes_as_the_whole_run(tmp_path, side):
     """The Ray engine's shards pad their texts to the length the single-process engine pads all samples to
-    (``distributed._padded``): the same ids and mask as the rows of the whole run, for either padding side,
+    (``text_batch(pad_to=)``): the same ids and mask as the rows of the whole run, for either padding side,
     whatever the shard's own longest text."""
     pytest.importorskip("transformers")
-    from relprop.report.distributed import _padded
     from relprop.specs import load_model, text_batch
     from test_cli_user_paths import tiny_bert
 
     model = load_model(f"hf:{tiny_bert(tmp_path / 'bert')}")
     model.tokenizer.padding_side = side
-    tok = model.tokenizer
     texts = ["good", "a bad film", "film plot good a good film good plot a film", "bad plot", "a", "good film"]
     whole = text_batch(model, texts)
     for a in (0, 3):
         own = text_batch(model, texts[a : a + 3])
-        with _padded(model, whole["input_ids"].shape[1]):
-            padded = text_batch(model, texts[a : a + 3])
+        padded = text_batch(model, texts[a : a + 3], pad_to=whole["input_ids"].shape[1])
         for k in ("input_ids", "attention_mask"):
             assert torch.equal(padded[k], whole[k][a : a + 3]), (side, a, k)
     assert own["input_ids"].shape[1] < whole["input_ids"].shape[1]  # the second shard alone pads shorter
-    assert model.tokenizer is tok  # the model's own tokenizer again after the block

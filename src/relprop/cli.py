@@ -192,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         "file://...; default OUT/shards)",
     )
     c.add_argument(
+        "--model-files", choices=["ship", "shared"], default="ship",
+        help="--engine ray: ship: the driver sends the model files it read (hf: folder, checkpoint, --weights, "
+        "python:FILE.py, --classes) to the workers through Ray's object store (default); shared: every node "
+        "reads them at the same paths",
+    )  # fmt: skip
+    c.add_argument(
+        "--model-files-limit", type=int, default=4096, metavar="MIB",
+        help="--engine ray: the most MiB of one model's files that are shipped (default 4096)",
+    )  # fmt: skip
+    c.add_argument(
         "--baseline",
         default="black",
         metavar="B",
@@ -684,7 +694,12 @@ def cmd_compare(args) -> int:
         use_cache=not args.no_cache,
         engine=args.engine,
         ray_options=dict(
-            address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker, shards=args.shards
+            address=args.address,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            shards=args.shards,
+            ship_models=args.model_files == "ship",
+            model_bytes=args.model_files_limit << 20,
         ),
         warnings=warnings,
     )

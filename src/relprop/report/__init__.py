@@ -144,7 +144,7 @@ def run_compare(
     """
     from ..specs import check_method, override_preprocess
     from ..specs.adapters import frozen, to_data, to_models
-    from . import cell_metrics, figures, html
+    from . import cell_metrics, figures, html, store
     from .device import check_placement, place_loaded, resolve_device, resolve_dtype
 
     settings = settings if settings is not None else Settings()
@@ -173,6 +173,7 @@ def run_compare(
     for w in same:
         job.warn(w)
     off = cell_metrics.not_run(settings)
+    run = store.run_id(command, asdict(settings))  # the run id of every per-example row, either engine
     t_start = time.time()
     total = len(items) * len(methods)
     bar = _Bar(total, progress)
@@ -191,7 +192,7 @@ def run_compare(
 
             opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
             loader = _Loader(load_any, weights, num_classes, preprocess_overrides)
-            pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, command=command, log=log)
+            pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, run=run, log=log)
         for item in items:
             spec = item if isinstance(item, str) else item.spec
             entry: dict[str, Any] = {
@@ -388,7 +389,7 @@ def run_compare(
         else:
             job.warn(text)
             results["warnings"] = list(job.warnings)
-    _write_examples(results, out, job)
+    _write_examples(results, out, job, run)
     for w in results["warnings"]:  # each once, at the end (the caller's own ``warnings`` it has shown itself)
         if w not in warnings:
             log(f"relprop: WARNING: {w}")
@@ -450,12 +451,11 @@ def _one_line(ex: BaseException) -> str:
     return f"{type(ex).__name__}: {msg}"[:300] if msg else type(ex).__name__
 
 
-def _write_examples(results: dict, out: Output, job: Job) -> None:
+def _write_examples(results: dict, out: Output, job: Job, run: str) -> None:
     """Per-example values to ``OUT/examples.parquet`` (the record every mean is computed from); without
-    pyarrow they stay in results.json and the report says why."""
+    pyarrow they stay in results.json and the report says why. ``run``: the rows' run id."""
     from . import store
 
-    run = store.run_id(results["command"], asdict(job.s))  # as the Ray engine's rows (settings as given)
     results["run"] = run
     rows = [r for m in results["models"] for c in m.get("methods", []) if c.get("status") == "ok"
             for r in store.example_rows(run, m, c)]  # fmt: skip

@@ -233,8 +233,11 @@ class Job:
             self._label_maps[model.spec] = lm
         return self._label_maps[model.spec]
 
-    def prepare(self, model: LoadedModel, idx: list[int], items: list | None = None) -> Prepared:
-        """The inputs, labels and predictions of examples ``idx``; ``items``: their images/texts, already read."""
+    def prepare(
+        self, model: LoadedModel, idx: list[int], items: list | None = None, pad_to: int | None = None
+    ) -> Prepared:
+        """The inputs, labels and predictions of examples ``idx``; ``items``: their images/texts, already read;
+        ``pad_to``: texts are padded to this many tokens (a Ray shard pads to its whole run's length)."""
         raw = self.data.labels[idx]
         tokens = None
         inputs: torch.Tensor | dict
@@ -245,7 +248,7 @@ class Job:
             texts = self.data.texts
             if texts is None:
                 raise SpecError(f"internal: text data '{self.data.name}' without texts")
-            inputs = text_batch(model, items if items is not None else [texts[i] for i in idx])
+            inputs = text_batch(model, items if items is not None else [texts[i] for i in idx], pad_to=pad_to)
             tok = model.tokenizer
             tokens = [
                 tok.convert_ids_to_tokens(row[m.bool()].tolist())

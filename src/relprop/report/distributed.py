@@ -22,8 +22,8 @@ one batch's copies at a time and the ``noise`` baseline draws per example
 
 Text data: the single-process engine pads every text of a model's samples to the longest of them, and the
 padding length changes an explanation's bits (~1e-13 on a BERT), so the driver computes that length and
-every shard pads its texts to it (:class:`_PadTo`); the text metrics run one explain batch at a time as
-the image metrics do (:func:`relprop.report.cell_metrics.text_perturbation`).
+every shard pads its texts to it (``Job.prepare(pad_to=)``); the text metrics run one explain batch at a
+time as the image metrics do (:func:`relprop.report.cell_metrics.text_perturbation`).
 
 Data on a cluster: the workers never open the data's files. The driver, which reads the data anyway (its
 labels, the cache key, the accuracy pass), reads each shard's stored items (file bytes, tar members, table
@@ -37,11 +37,23 @@ datasets with relprop's column rules, nor WebDataset members chosen by relprop's
 ``from_items`` would put the same items in the object store with a streaming executor between a shard
 and its actor that the actor pool does not need. One mechanism serves every source kind; the driver
 holds the items of the shards in flight only (one per worker), read one item at a time.
+
+Model files on a cluster: the workers do not need them either. Loading a model on the driver notes the
+files and folders the user named (``info["model_files"]``: an ``hf:`` folder, a checkpoint and its
+``.json``, ``--weights``, a ``python:FILE.py``, ``--classes``; :func:`relprop.specs.loaders.model_path`);
+the driver reads their bytes once per model (at most ``RayOptions.model_bytes``: past it, an error names
+the file and the limit) and puts them in the object store, and each worker writes them to a private
+temporary folder, runs the same loader on the copies (:func:`relprop.specs.loaders.placed`) and removes
+the folder; the weights are the same bits, so are the numbers. The copies' paths differ from the
+driver's, so a worker checks the weights' hash and the model classes' code against the driver's instead
+of the files' paths. Not shipped: what no path of the spec names (torchvision's/timm's cached pretrained
+weights, a ``python:MODULE``'s importable module, a trusted pickle's class module): those must be on every
+node. ``RayOptions(ship_models=False)`` (``--model-files shared``) loads from the paths as given, for files
+on storage every node reaches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -56,6 +68,7 @@ import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
 from ..specs.errors import extra_hint
+from ..specs.loaders import MODEL_BYTES
 from .compare import Job, Settings, cell_header, slug
 from .store import Output
 
@@ -82,6 +95,10 @@ class RayOptions:
     shard_size: int | None = None
     max_retries: int = 3
     shards: str | None = None
+    #: ship the model files through the object store (False: every node reads them at the same paths)
+    ship_models: bool = True
+    #: the most bytes of one model's files that are shipped
+    model_bytes: int = MODEL_BYTES
 
 
 def _ray():
@@ -90,35 +107,6 @@ def _ray():
     except ImportError:
         raise SpecError(f"--engine ray needs Ray: {extra_hint('ray')} (tested with ray=={RAY_VERSION})") from None
     return ray
-
-
-class _PadTo:
-    """A tokenizer that pads every batch to ``length`` tokens: the longest of the model's samples, which the
-    single-process engine pads all of them to (the texts are truncated at the same 128 tokens, so none is
-    longer). Everything else is the tokenizer's own."""
-
-    def __init__(self, tokenizer, length: int):
-        self.tokenizer, self.length = tokenizer, int(length)
-
-    def __call__(self, texts, **kw):
-        return self.tokenizer(texts, **dict(kw, padding="max_length", max_length=self.length))
-
-    def __getattr__(self, name: str):
-        return getattr(self.tokenizer, name)
-
-
-@contextlib.contextmanager
-def _padded(model: LoadedModel, length: int | None):
-    """``model``'s tokenizer pads to ``length`` inside the block (nothing changes for ``None``)."""
-    if length is None:
-        yield
-        return
-    tok = model.tokenizer
-    model.tokenizer = _PadTo(tok, length)
-    try:
-        yield
-    finally:
-        model.tokenizer = tok
 
 
 def pad_length(job: Job, model: LoadedModel) -> int | None:
@@ -221,8 +209,7 @@ def compute_shard(
     s = job.s
     opts = job.options(model, m)
     idx = job.indices[a:b]
-    with _padded(model, pad_to):
-        prep = job.prepare(model, idx)
+    prep = job.prepare(model, idx, pad_to=pad_to)
     fn = job.explain_fn(model, m, opts)
     n = b - a
     x, target = prep.inputs, prep.target
@@ -308,18 +295,33 @@ class _Worker:
             self.job = Job(out, data, methods, settings, use_cache=False, progress=False, log=lambda _: None)
         return self.job
 
-    def _model(self, spec: str) -> LoadedModel:
+    def _model(self, spec: str, files: list, identity: dict) -> LoadedModel:
+        """The model of ``spec``, loaded once. ``files``: ``[reference]`` to its shipped files
+        (:func:`relprop.specs.loaders.read_model_files`) or ``[None]``; from shipped files, the model takes the
+        driver's fingerprint when its weights and code are the driver's (its files' paths are not)."""
         if self.model is None or self.model.spec != spec:
+            import ray
+
+            from ..specs.loaders import placed
             from .device import place_loaded
 
             self.model = None  # one model at a time: the previous one is released first
             s = self.args[1]
-            self.model = place_loaded(self.loader(spec), s.device, s.dtype, copy=False)
+            bundle = ray.get(files[0]) if files[0] is not None else None
+            with placed(bundle):
+                model = place_loaded(self.loader(spec), s.device, s.dtype, copy=False)
+                if bundle is not None:
+                    assert self.job is not None
+                    got = _identity(self.job, model, shipped=True)
+                    if all(got[k] == identity.get(k) for k in got):
+                        model._fingerprint = identity["fingerprint"]
+            self.model = model
         return self.model
 
     def run_shard(
         self,
         data_ref: list,
+        files: list,
         items: dict | None,
         pad_to: int | None,
         spec: str,
@@ -333,7 +335,8 @@ class _Worker:
         run: str,
     ) -> int:
         """Compute and write shard ``index`` (examples ``a:b``) of the cell ``spec`` x ``m``; ``items``: the
-        stored items of its examples (:func:`relprop.specs.sources.pack_items`; None: in-memory data)."""
+        stored items of its examples (:func:`relprop.specs.sources.pack_items`; None: in-memory data);
+        ``files``: ``[reference]`` to the model's shipped files, or ``[None]``."""
         from ..specs.sources import hold_items
 
         job = self._job(data_ref)
@@ -342,16 +345,17 @@ class _Worker:
         if marker and not os.path.exists(marker):
             Path(marker).write_text(f"worker {os.getpid()} killed on shard {index} of {spec} x {m.label}\n")
             os._exit(1)
-        model = self._model(spec)
+        model = self._model(spec, files, identity)
         mine = job.cell_key(model, m, job.options(model, m))
         if mine != key:
-            got = _identity(job, model)
-            differ = [k for k in got if got[k] != identity.get(k)] or ["method options or settings"]
+            got = _identity(job, model, shipped=files[0] is not None)
+            differ = [k for k in got if k != "fingerprint" and got[k] != identity.get(k)]
+            differ = differ or ["method options or settings"]
             raise SpecError(
                 f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its "
-                f"{', '.join(differ)} differ(s) from the driver's (relprop source edited during the run, or another "
-                f"relprop or other model files on this node; the data travel with the shards); run again with the "
-                f"same relprop and model files on every node"
+                f"{', '.join(differ)} differ(s) from the driver's (relprop source edited during the run, another "
+                f"relprop or model code on this node, or other model files where they are not shipped; the data "
+                f"travel with the shards); run again with the same relprop, libraries and model files on every node"
             )
         rows, extra = compute_shard(job, model, m, a, b, run, pad_to)
         write_shard(shard_dir, index, key, rows, extra)
@@ -371,7 +375,7 @@ class RayEngine:
         *,
         options: RayOptions | None = None,
         loader: _Loader | None = None,
-        command: str = "",
+        run: str = "",
         log: Callable[[str], None] = print,
     ):
         ray = _ray()
@@ -390,9 +394,7 @@ class RayEngine:
                 f"--shards {self.shards}: a memory:// file system lives in one process, and Ray's workers are "
                 f"other processes; use a folder or a URL that every worker reaches"
             )
-        from .store import run_id
-
-        self.run = run_id(command, dataclasses.asdict(settings))
+        self.run = run  # the run id of the rows (run_compare's, which its examples.parquet carries)
         self.started = False
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -468,7 +470,15 @@ class RayEngine:
 
             self.data_ref = self.ray.put(detach(job.data))
         pad = pad_length(job, model) if todo else None
-        self._run(model, plan, bounds, todo, errors, pad)
+        files: Any = None
+        if todo and self.o.ship_models and model.info.get("model_files"):
+            from ..specs.loaders import read_model_files
+
+            try:  # read once per model, freed when its cells are done
+                files = self.ray.put(read_model_files(model.info["model_files"], self.o.model_bytes))
+            except SpecError as ex:  # too large, or gone: the model's cells fail with the reason
+                errors.update({label: f"SpecError: {ex}" for label, _ in todo})
+        self._run(model, plan, bounds, todo, errors, pad, files)
         out: dict[str, dict] = {}
         for m in methods:
             if m.label in errors:
@@ -481,12 +491,12 @@ class RayEngine:
                 out[m.label] = _failed(m, f"{type(ex).__name__}: {ex}")
         return out
 
-    def _run(self, model, plan, bounds, todo, errors, pad: int | None) -> None:
+    def _run(self, model, plan, bounds, todo, errors, pad: int | None, files: Any) -> None:
         from ..specs.sources import pack_items
 
         ray = self.ray
         job = self.job_of_run
-        ident = _identity(job, model)
+        ident = dict(_identity(job, model, shipped=files is not None), fingerprint=model.fingerprint())
         free = list(self.actors)
         pending = list(todo)
         inflight: dict[Any, tuple[Any, str, int]] = {}
@@ -504,7 +514,7 @@ class RayEngine:
                     got = pack_items(job.data, [*job.indices[a:b], job.indices[0]])
                     items = None if got is None else ray.put(got)
                     ref = actor.run_shard.remote(
-                        [self.data_ref], items, pad, model.spec, m, key, ident, a, b, d, i, self.run
+                        [self.data_ref], [files], items, pad, model.spec, m, key, ident, a, b, d, i, self.run
                     )
                     inflight[ref] = (actor, label, i)
                 if not inflight:
@@ -624,15 +634,18 @@ class RayEngine:
             self.ray.shutdown()
 
 
-def _identity(job: Job, model: LoadedModel) -> dict[str, str]:
-    """The parts of a cell key that a node can disagree on, to name the one that differs."""
-    from ..specs.hashing import relprop_source_hash
+def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:
+    """The parts of a cell key that a node can disagree on, to name the one that differs. For shipped model
+    files (the driver's bytes under other paths): the weights and the code of the model's classes instead of
+    the files' fingerprint, which hashes their paths."""
+    from ..specs.hashing import module_code_hash, relprop_source_hash, state_hash
 
-    return {
-        "relprop source": relprop_source_hash(),
-        "model files": str(model.fingerprint()),
-        "data": str(job.data.fingerprint()),
-    }
+    ident = {"relprop source": relprop_source_hash(), "data": str(job.data.fingerprint())}
+    if shipped:
+        ident.update({"model weights": state_hash(model.module), "model code": module_code_hash(model.module)})
+    else:
+        ident["model files"] = str(model.fingerprint())
+    return ident
 
 
 def _failed(m: MethodSpec, error: str) -> dict:

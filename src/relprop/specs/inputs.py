@@ -26,9 +26,15 @@ def image_batch(model: LoadedModel, images: Sequence[torch.Tensor]) -> tuple[tor
     return pre.normalize(disp), disp
 
 
-def text_batch(model: LoadedModel, texts: Sequence[str], max_length: int = 128) -> dict:
+def text_batch(model: LoadedModel, texts: Sequence[str], max_length: int = 128, pad_to: int | None = None) -> dict:
+    """``input_ids`` and ``attention_mask`` of ``texts``, truncated at ``max_length`` tokens and padded to the
+    longest of them, or to ``pad_to`` tokens when given (no text is longer: a Ray shard pads to the length of
+    its whole run, :func:`relprop.report.distributed.pad_length`, because the padding changes the bits)."""
     tok = model.tokenizer
-    enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    if pad_to is None:
+        enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    else:
+        enc = tok(list(texts), padding="max_length", truncation=True, max_length=int(pad_to), return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

@@ -1,6 +1,12 @@
 """One loader per model kind: each turns the rest of a spec into a :class:`LoadedModel`.
 
 Pickled files load with ``weights_only=True``; a whole pickled module only with ``--trust-pickle``.
+
+Every path a user names (a spec's file or folder, ``--weights``, ``--classes``, a checkpoint's ``.json``)
+is opened through :func:`model_path`. In :func:`recording` it notes the paths, so a caller learns which
+files a model needs (``LoadedModel.info["model_files"]``); in :func:`placed` it answers with copies of
+them, so another machine (a Ray worker) runs this same loader code on the driver's bytes
+(:func:`read_model_files`, :func:`relprop.report.distributed`).
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +32,103 @@ from .errors import SpecError, TrustPickleWarning, closest, first_line, install_
 from .hashing import file_sha256
 from .loaded import TEXT_ZOO, ImageClassifier, LoadedModel, LoadOptions, TextClassifier, _freeze
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+# ------------------------------------------------------------------------------------ model files
+#: while a loader runs in :func:`recording`: the paths it opened, as given -> absolute
+_RECORD: ContextVar[dict[str, str] | None] = ContextVar("relprop_model_files", default=None)
+#: inside :func:`placed`: a path as given -> where its copy lies in this process
+_PLACED: ContextVar[dict[str, str] | None] = ContextVar("relprop_placed_files", default=None)
+#: :func:`read_model_files`' default bound on the bytes of one model's files (RayOptions.model_bytes)
+MODEL_BYTES = 4 << 30
+
+
+def model_path(given: str | Path) -> Path:
+    """The path to open for the file or folder the user named ``given``: ``given`` itself (``~`` expanded),
+    or, inside :func:`placed`, its shipped copy. Inside :func:`recording` an existing path is noted."""
+    key = str(given)
+    placed_ = _PLACED.get()
+    if placed_ is not None and key in placed_:
+        return Path(placed_[key])
+    path = Path(key).expanduser()
+    rec = _RECORD.get()
+    if rec is not None and path.exists():
+        rec.setdefault(key, str(path.resolve()))
+    return path
+
+
+@contextmanager
+def recording() -> Iterator[dict[str, str]]:
+    """Collect the paths that :func:`model_path` opens in the block (a fresh dict, nested blocks apart)."""
+    got: dict[str, str] = {}
+    token = _RECORD.set(got)
+    try:
+        yield got
+    finally:
+        _RECORD.reset(token)
+
+
+def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
+    """The bytes of a model's files (``info["model_files"]``: path as given -> absolute; a folder with
+    every file under it, hidden ones aside), for :func:`placed` on another machine. Over ``limit`` bytes in
+    all: a :class:`SpecError` naming the file that crosses it."""
+    entries, total, seen = [], 0, set()
+    for key, where in paths.items():
+        root = Path(where)
+        if not root.exists():
+            raise SpecError(f"model file {where} is gone since the model was loaded (it is read again to ship it)")
+        files = [root]
+        if root.is_dir():
+            hidden = lambda f: any(p.startswith(".") for p in f.relative_to(root).parts)  # noqa: E731
+            files = sorted(f for f in root.rglob("*") if f.is_file() and not hidden(f))
+        data: dict[str, bytes] = {}
+        for f in files:
+            rel = "" if f == root else f.relative_to(root).as_posix()
+            if str(f) not in seen:
+                seen.add(str(f))
+                total += f.stat().st_size
+                if total > limit:
+                    raise SpecError(
+                        f"model file {f} takes the model's files to {total / 2**20:.0f} MiB, over the limit of "
+                        f"{limit / 2**20:.0f} MiB for shipping them to the workers; raise it (--model-files-limit, "
+                        f"RayOptions.model_bytes) or put the files on storage every node reaches at the same path and pass "
+                        f"--model-files shared (RayOptions(ship_models=False))"
+                    )
+            data[rel] = f.read_bytes()
+        entries.append({"key": key, "path": where, "dir": root.is_dir(), "files": data})
+    return {"entries": entries, "bytes": total}
+
+
+@contextmanager
+def placed(bundle: dict | None) -> Iterator[None]:
+    """Write a :func:`read_model_files` bundle to a private temporary folder and make :func:`model_path`
+    answer with the copies in the block; the folder is removed after. Files of one folder on the driver
+    land in one folder here (a checkpoint's ``.json`` next to it) under their own names (a model's name is
+    its file's). Nothing happens for ``None`` or an empty bundle."""
+    if not bundle or not bundle.get("entries"):
+        yield
+        return
+    import hashlib
+
+    root = Path(tempfile.mkdtemp(prefix="relprop-model-"))
+    try:
+        where: dict[str, str] = {}
+        for e in bundle["entries"]:
+            src = Path(e["path"])
+            place = root / hashlib.sha256(str(src.parent).encode()).hexdigest()[:12] / src.name
+            for rel, data in e["files"].items():
+                f = place / rel if rel else place
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(data)
+            if e["dir"]:
+                place.mkdir(parents=True, exist_ok=True)
+            where[e["key"]] = str(place)
+        token = _PLACED.set(where)
+        try:
+            yield
+        finally:
+            _PLACED.reset(token)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _pickle_refused(path: Path) -> SpecError:
@@ -183,7 +289,7 @@ def _torchvision(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
     )
     class_names = None
     if weights:
-        path = Path(weights)
+        path = model_path(weights)
         state = _read_state_dict(path)
         n = num_classes or _classifier_classes(
             state, ["fc", "classifier.6", "classifier.1", "classifier.3", "classifier", "head", "heads.head"]
@@ -311,7 +417,7 @@ def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
     if not timm.list_models(name) and not timm.is_model(name):
         raise SpecError(f"unknown timm model '{name}'.{closest(name, timm.list_models())}")
     if weights:
-        path = Path(weights)
+        path = model_path(weights)
         state = _read_state_dict(path)
         probe = timm.create_model(name, pretrained=False)
         n = num_classes or _classifier_classes(state, probe.default_cfg.get("classifier")) or probe.num_classes
@@ -359,7 +465,7 @@ def _timm(name: str, spec: str, opts: LoadOptions) -> LoadedModel:
 
 
 def _hf(path_str: str, spec: str, opts: LoadOptions | None = None) -> LoadedModel:
-    path = Path(path_str).expanduser()
+    path = model_path(path_str)
     if not path.exists():
         raise SpecError(f"Hugging Face model folder not found: {path}")
     if not (path / "config.json").exists():
@@ -479,7 +585,7 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
     mod_name, fn_name = target.rsplit(":", 1)
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
-            file = Path(mod_name)
+            file = model_path(mod_name)
             if not file.exists():
                 raise SpecError(f"python file not found: {file}")
             s = importlib.util.spec_from_file_location(file.stem, str(file))
@@ -520,7 +626,7 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
         raise SpecError(f"model spec '{spec}': {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
     source = f"python:{target}"
     if opts is not None and opts.weights:  # the same reader and strict key/shape check as torchvision:/timm:
-        wpath = Path(opts.weights).expanduser()
+        wpath = model_path(opts.weights)
         _load_state(model, _read_state_dict(wpath), wpath, f"the model of {spec}")
         files.append(str(wpath.resolve()))
         source = f"{source} + {wpath}"
@@ -562,7 +668,7 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
     if not path.exists():
         raise SpecError(f"model file not found: {path}")
     if path.suffix == ".safetensors":
-        meta = path.with_suffix(".json")
+        meta = model_path(path.with_suffix(".json"))
         if not meta.exists():
             raise SpecError(
                 f"{path} holds only weights; give the architecture with --model torchvision:NAME or "

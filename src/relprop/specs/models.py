@@ -38,7 +38,18 @@ from .loaded import (
     TextClassifier,
     default_composite,
 )
-from .loaders import _checkpoint, _hf, _python, _timm, _torchvision, _torchvision_cached, _zoo, imagenet_aliases
+from .loaders import (
+    _checkpoint,
+    _hf,
+    _python,
+    _timm,
+    _torchvision,
+    _torchvision_cached,
+    _zoo,
+    imagenet_aliases,
+    model_path,
+    recording,
+)
 
 __all__ = [
     "KINDS",
@@ -139,7 +150,7 @@ def _resolve(spec: str) -> tuple[str, str]:
     prefix, _, rest = spec.partition(":")
     if prefix in KINDS and rest:
         return prefix, rest
-    path = Path(spec).expanduser()
+    path = model_path(spec)
     if path.suffix in (*PICKLE_SUFFIXES, ".safetensors"):
         return "file", spec
     if path.is_dir() and (path / "config.json").exists():
@@ -166,20 +177,30 @@ def load_model(
     trust_pickle: bool = False,
     classes_file: str | None = None,
 ) -> LoadedModel:
-    """Load a model from a spec string (see the module docstring)."""
+    """Load a model from a spec string (see the module docstring). ``info["model_files"]`` of the result:
+    the files and folders the user named that loading read (path as given -> absolute), which
+    ``--engine ray`` ships to its workers (:func:`relprop.specs.loaders.read_model_files`)."""
     spec = spec.strip()
     if not spec:
         raise SpecError("empty model spec")
     opts = LoadOptions(weights, num_classes, trust_pickle, classes_file)
+    with recording() as files:
+        lm = _load(spec, opts)
+    lm.info["model_files"] = files
+    return lm
+
+
+def _load(spec: str, opts: LoadOptions) -> LoadedModel:
     kind, rest = _resolve(spec)
     if kind == "file":
-        lm = _checkpoint(Path(rest).expanduser(), spec, opts)
+        lm = _checkpoint(model_path(rest), spec, opts)
     else:
         lm = KINDS[kind].load(rest, spec if kind != "zoo" or spec.startswith("zoo:") else f"zoo:{spec}", opts)
+    classes_file = opts.classes_file
     if classes_file:
         from .labels import read_class_file
 
-        names, aliases = read_class_file(classes_file)
+        names, aliases = read_class_file(model_path(classes_file))
         if lm.class_names and len(names) != len(lm.class_names):
             raise SpecError(
                 f"--classes {classes_file} lists {len(names)} classes but model '{lm.name}' has {len(lm.class_names)}"

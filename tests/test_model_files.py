@@ -1,0 +1,132 @@
+"""Model files shipped to another machine (``--engine ray``): the loader notes the files a spec names
+(``info["model_files"]``), the driver reads their bytes (bounded), and ``placed`` lets the same loader run
+on copies in a private temporary folder. Each kind is loaded again after the originals are moved away, and
+must give the same weights (bytes), classes, name and preprocessing as the first load; the folder is gone
+after the block. The Ray engine end to end: tests/test_ray_engine.py."""
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from relprop import zoo
+from relprop.specs import SpecError, load_model
+from relprop.specs.hashing import state_hash
+from relprop.specs.loaders import model_path, placed, read_model_files
+
+
+def _same(a, b) -> None:
+    assert state_hash(a.module) == state_hash(b.module)
+    assert (a.spec, a.name, a.kind, a.class_names) == (b.spec, b.name, b.kind, b.class_names)
+    assert (a.preprocess.describe() if a.preprocess else None) == (b.preprocess.describe() if b.preprocess else None)
+
+
+def _reload_elsewhere(tmp_path, spec: str, moved: list[str], **kw):
+    """Load ``spec``, ship its files, move ``moved`` away, load it again from the shipped copies."""
+    first = load_model(spec, **kw)
+    bundle = read_model_files(first.info["model_files"])
+    for name in moved:
+        shutil.move(tmp_path / name, tmp_path / "gone" / name)
+    with pytest.raises(SpecError):
+        load_model(spec, **kw)  # the originals are gone: the copies must be what the second load reads
+    with placed(bundle):
+        where = model_path(moved[0])
+        assert where.exists() and not str(where).startswith(str(tmp_path))
+        again = load_model(spec, **kw)
+    assert not where.exists(), "the temporary copies are removed after the block"
+    _same(first, again)
+    return first, again
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path)  # specs by relative paths, as a user gives them
+    return tmp_path
+
+
+def test_a_checkpoint_and_its_json(here):
+    for ext in ("safetensors", "json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"resnet_digits.{ext}", here / f"rd.{ext}")
+    first, again = _reload_elsewhere(here, "rd.safetensors", ["rd.safetensors", "rd.json"])
+    assert set(first.info["model_files"]) == {"rd.safetensors", "rd.json"}
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(first.module(x), again.module(x))
+
+
+def test_a_python_file_with_weights_and_classes(here):
+    (here / "net.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 4))\n"
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 4))
+    torch.save(net.state_dict(), here / "w.pt")
+    (here / "classes.txt").write_text("a\nb\nc\nd\n")
+    kw = dict(weights="w.pt", classes_file="classes.txt")
+    first, _ = _reload_elsewhere(here, "python:net.py:build", ["net.py", "w.pt", "classes.txt"], **kw)
+    assert set(first.info["model_files"]) == {"net.py", "w.pt", "classes.txt"}
+    assert first.class_names == ["a", "b", "c", "d"]
+    assert state_hash(first.module) == state_hash(net)
+
+
+@pytest.mark.filterwarnings("ignore::relprop.specs.errors.TrustPickleWarning")
+def test_a_trusted_whole_pickle(here):
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), here / "whole.pt")
+    _reload_elsewhere(here, "whole.pt", ["whole.pt"], trust_pickle=True)
+    # weights_only stays the stance on the copies: without --trust-pickle the copy is refused as well
+    bundle = read_model_files(load_model(str(here / "gone" / "whole.pt"), trust_pickle=True).info["model_files"])
+    with placed(bundle), pytest.raises(SpecError, match="trust-pickle"):
+        load_model(str(here / "gone" / "whole.pt"))
+
+
+def test_a_hugging_face_folder(here):
+    pytest.importorskip("transformers")
+    from test_cli_user_paths import tiny_bert
+
+    tiny_bert(here / "bert")
+    first, again = _reload_elsewhere(here, "hf:bert", ["bert"])
+    assert set(first.info["model_files"]) == {"bert"}
+    enc = first.tokenizer(["a good film"], return_tensors="pt")
+    assert torch.equal(enc["input_ids"], again.tokenizer(["a good film"], return_tensors="pt")["input_ids"])
+    assert torch.equal(first.module(enc["input_ids"]), again.module(enc["input_ids"]))
+
+
+def test_zoo_models_need_no_files():
+    assert load_model("zoo:resnet_digits").info["model_files"] == {}
+
+
+def test_too_large_or_gone_is_one_clear_error(here):
+    (here / "w.pt").write_bytes(b"x" * 2048)
+    (here / "small.txt").write_bytes(b"y")
+    paths = {"small.txt": str(here / "small.txt"), "w.pt": str(here / "w.pt")}
+    with pytest.raises(SpecError, match=r"model file .*w\.pt .*over the limit of 0 MiB.*--model-files shared"):
+        read_model_files(paths, limit=1024)
+    assert read_model_files(paths, limit=4096)["bytes"] == 2049
+    (here / "w.pt").unlink()
+    with pytest.raises(SpecError, match=r"w\.pt is gone"):
+        read_model_files(paths)
+
+
+def test_the_cli_passes_the_model_file_options(monkeypatch, tmp_path):
+    import relprop.report
+    from relprop.cli import main
+
+    got: dict = {}
+
+    def stopped(*a, **k):
+        got.update(k["ray_options"])
+        return {"status": "interrupted", "models": [], "cells_done": 0, "cells_total": 1, "seconds": 0.0,
+                "ranking": [], "warnings": []}  # fmt: skip
+
+    monkeypatch.setattr(relprop.report, "run_compare", stopped)
+    argv = ["compare", "--models", "zoo:resnet_digits", "--methods", "saliency", "--samples", "2", "--limit", "8"]
+    main([*argv, "--out", str(tmp_path / "r"), "--engine", "ray"])
+    assert (got["ship_models"], got["model_bytes"]) == (True, 4096 << 20)
+    main(
+        [*argv, "--out", str(tmp_path / "r"), "--engine", "ray", "--model-files", "shared", "--model-files-limit", "5"]
+    )
+    assert (got["ship_models"], got["model_bytes"]) == (False, 5 << 20)
