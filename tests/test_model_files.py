@@ -88,6 +88,15 @@ def test_a_hugging_face_folder(here):
     from test_cli_user_paths import tiny_bert
 
     tiny_bert(here / "bert")
+    for other in ("tf_model.h5", "flax_model.msgpack", "onnx/model.onnx", ".git/HEAD"):  # no loader here reads them
+        (here / "bert" / other).parent.mkdir(exist_ok=True)
+        (here / "bert" / other).write_bytes(b"\0" * 64)
+    shipped = read_model_files({"bert": str(here / "bert")})["entries"][0]["files"]
+    assert (
+        "config.json" in shipped
+        and "vocab.txt" in shipped
+        and not any(n.endswith((".h5", ".msgpack", ".onnx")) or n.startswith(".") for n in shipped)
+    )
     first, again = _reload_elsewhere(here, "hf:bert", ["bert"])
     assert set(first.info["model_files"]) == {"bert"}
     enc = first.tokenizer(["a good film"], return_tensors="pt")

@@ -38,6 +38,9 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 _RECORD: ContextVar[dict[str, str] | None] = ContextVar("relprop_model_files", default=None)
 #: inside :func:`placed`: a path as given -> where its copy lies in this process
 _PLACED: ContextVar[dict[str, str] | None] = ContextVar("relprop_placed_files", default=None)
+#: files of a model folder that no loader here reads (other frameworks' weights of a Hugging Face snapshot:
+#: TensorFlow, Flax, ONNX, Rust, TFLite, Core ML, GGUF), so they are not shipped
+OTHER_FRAMEWORKS = (".h5", ".msgpack", ".onnx", ".onnx_data", ".ot", ".tflite", ".mlmodel", ".gguf")
 #: :func:`read_model_files`' default bound on the bytes of one model's files (RayOptions.model_bytes)
 MODEL_BYTES = 4 << 30
 
@@ -69,7 +72,8 @@ def recording() -> Iterator[dict[str, str]]:
 
 def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
     """The bytes of a model's files (``info["model_files"]``: path as given -> absolute; a folder with
-    every file under it, hidden ones aside), for :func:`placed` on another machine. Over ``limit`` bytes in
+    every file under it but hidden ones and :data:`OTHER_FRAMEWORKS`' weights), for :func:`placed` on another
+    machine. Over ``limit`` bytes in
     all: a :class:`SpecError` naming the file that crosses it."""
     entries, total, seen = [], 0, set()
     for key, where in paths.items():
@@ -78,8 +82,7 @@ def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
             raise SpecError(f"model file {where} is gone since the model was loaded (it is read again to ship it)")
         files = [root]
         if root.is_dir():
-            hidden = lambda f: any(p.startswith(".") for p in f.relative_to(root).parts)  # noqa: E731
-            files = sorted(f for f in root.rglob("*") if f.is_file() and not hidden(f))
+            files = sorted(f for f in root.rglob("*") if f.is_file() and _read_by_torch(f.relative_to(root)))
         data: dict[str, bytes] = {}
         for f in files:
             rel = "" if f == root else f.relative_to(root).as_posix()
@@ -96,6 +99,11 @@ def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
             data[rel] = f.read_bytes()
         entries.append({"key": key, "path": where, "dir": root.is_dir(), "files": data})
     return {"entries": entries, "bytes": total}
+
+
+def _read_by_torch(rel: Path) -> bool:
+    """Whether a file of a model folder may be read by a loader here (not hidden, not another framework's)."""
+    return not any(p.startswith(".") for p in rel.parts) and rel.suffix not in OTHER_FRAMEWORKS
 
 
 @contextmanager
