@@ -39,15 +39,25 @@ def _resnet():
 
 
 def _plain(monkeypatch):
-    """Switch the fast paths off: no scratch output, no owned result."""
+    """Switch the fast paths off: no scratch output or relevance, no owned result, no in-place sum."""
     monkeypatch.setattr(RuleContext, "out_is_scratch", lambda self: False)
+    monkeypatch.setattr(RuleContext, "spare_relevance", lambda self: None)
     monkeypatch.setattr(RuleContext, "own", lambda self, t: t)
+    monkeypatch.setattr(propagate_mod, "_owned", lambda *a: set())
+    monkeypatch.setattr(propagate_mod, "_addable", lambda a, b: False)
 
 
 def _spy(monkeypatch) -> dict[str, int]:
     """Count the fast paths taken: chunked in-place denominators and in-place fan-out sums."""
-    seen = {"stabilized in place": 0, "added in place": 0}
-    into, addable = linear._stabilize_into, propagate_mod._addable
+    seen = {"stabilized in place": 0, "added in place": 0, "product into the relevance": 0}
+    into, addable, fits = linear._stabilize_into, propagate_mod._addable, linear._fits
+
+    def spy_fits(out, x, g):
+        ok = fits(out, x, g)
+        seen["product into the relevance"] += ok
+        return ok
+
+    monkeypatch.setattr(linear, "_fits", spy_fits)
 
     def spy_into(z, eps):
         done = into(z, eps)
@@ -71,7 +81,9 @@ def test_resnet_equal_bits_to_the_plain_pass(monkeypatch, composite):
     p = relprop.plan(m, xs[0], target=1, **{k: v for k, v in opts.items() if k != "layers"})
     seen = _spy(monkeypatch)
     fast = [relprop.explain(m, xs[0], target=1, **opts)] + [p.explain(x, layers=opts["layers"]) for x in xs[1:]]
-    assert seen["stabilized in place"] > 5 and seen["added in place"] >= 4, seen  # the paths were taken
+    # the paths were taken (ResNet-18: 8 residual sums; the blocks' inputs fan out)
+    assert seen["stabilized in place"] > 5 and seen["added in place"] >= 4, seen
+    assert seen["product into the relevance"] >= 4, seen
     with monkeypatch.context() as mp:
         _plain(mp)
         plain = [relprop.explain(m, x, target=1, **opts) for x in xs]

@@ -102,6 +102,9 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
         if rule is None:
             raise NoRuleError(node, method)
         ctx = RuleContext(node, relevance, needs, prepared.notes_of(node))
+        for v, r in zip(outs, relevance):
+            if r is not None and v is not None and v.index in mine and v.index not in wanted and on_node is None:
+                ctx.handed.add(id(r))  # popped: nothing but this rule holds it now (the diagnosis re-run reads it)
         first = outs[0] if outs else None
         if scratch is not None and first is not None and first.index in released and first.index not in protected:
             ctx.scratch = scratch.check(node, first, relevance)
@@ -120,7 +123,7 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
         result = rule(ctx)
         if on_node is not None:  # diagnosis of a non-finite result (relprop._nonfinite)
             on_node(node, relevance, result, rule)
-        owned = _owned(ctx, result, relevance) if ctx.owned else ()
+        owned = _owned(ctx, result, relevance) if ctx.owned or ctx.handed else ()
         for v, need, r in zip(node.inputs, needs, result):
             if need and r is not None:
                 _accumulate(rel, v, r, node, mine, id(r) in owned)
@@ -190,15 +193,20 @@ def _addable(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _owned(ctx: RuleContext, result: Sequence[torch.Tensor | None], arrived: list) -> set[int]:
-    """``id`` of the results the rule owns (:meth:`RuleContext.own`), each given once, not a view, not the
-    relevance that arrived: the pass may write into them."""
-    taken = {r.untyped_storage().data_ptr() for r in arrived if r is not None and r.layout == torch.strided}
+    """``id`` of the results the rule owns (:meth:`RuleContext.own`) or passes on from what the pass handed it
+    (:attr:`RuleContext.handed`), each given once, not a view, not sharing memory with other relevance that
+    arrived: the pass may write into them."""
+    taken = {
+        r.untyped_storage().data_ptr()
+        for r in arrived
+        if r is not None and r.layout == torch.strided and id(r) not in ctx.handed
+    }
     ids = [id(r) for r in result if r is not None]
     return {
         id(r)
         for r in result
         if r is not None
-        and id(r) in ctx.owned
+        and (id(r) in ctx.owned or id(r) in ctx.handed)
         and ids.count(id(r)) == 1
         and r.layout == torch.strided
         and r._base is None

@@ -137,12 +137,21 @@ class RuleContext:
     scratch: Callable[[], bool] | None = None
     #: ``id`` of the results this rule made for this call and holds nowhere else (:meth:`own`).
     owned: set[int] = field(default_factory=set)
+    #: ``id`` of the arriving relevance tensors the pass hands over: nothing else holds them (see :meth:`spare_relevance`).
+    handed: set[int] = field(default_factory=set)
 
     def own(self, t: torch.Tensor) -> torch.Tensor:
         """Declare ``t`` a result made by this rule call that nothing else holds (not the relevance that arrived,
         not a recorded value, not another result): the reverse pass may add later relevance into it in place."""
         self.owned.add(id(t))
         return t
+
+    def spare_relevance(self) -> torch.Tensor | None:
+        """The relevance that arrived at the first output where the pass holds it nowhere else (not wanted back,
+        summed or made by a rule that owned it), else None: once the rule has read it, it may write a result into
+        it (and return it, or :meth:`own` it) instead of making a new tensor."""
+        r = self.relevance[0] if self.relevance else None
+        return r if r is not None and id(r) in self.handed else None
 
     def out_is_scratch(self) -> bool:
         """May the rule overwrite the first output's data (``ctx.out``) with its own temporaries?

@@ -168,8 +168,32 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
     # The quotient and what the VJP makes of it are ours: the last share may be written into its gradient
     # (a sum's VJP hands ``s`` itself to every operand, so not before the other shares are computed).
     last = acts[-1] if acts else None
-    # Each share is a new tensor of its own (a product, or the last one written into its gradient).
-    return {a: ctx.own(times(ctx.inputs[a], _asked(grads, a), owned=a == last)) for a in acts}
+    # Each share is a new tensor of its own: the last one written into its gradient, another into the relevance that
+    # arrived where the pass hands it over (read by now), the rest new products.
+    spare = ctx.spare_relevance()
+    res = {}
+    for a in acts:
+        x, g = ctx.inputs[a], _asked(grads, a)
+        if a != last and spare is not None and _fits(spare, x, g):
+            res[a] = torch.mul(x, g, out=spare)
+            spare = None
+        else:
+            res[a] = times(x, g, owned=a == last)
+        ctx.own(res[a])
+    return res
+
+
+def _fits(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:
+    """May ``x * g`` be written into ``out``: the shape, dtype and strides ``x * g`` would have, no view, memory of
+    its own, no autograd (then the product into ``out`` has the new tensor's bits and layout)."""
+    return (
+        out.shape == x.shape == g.shape
+        and out.dtype == x.dtype == g.dtype
+        and out.stride() == x.stride() == g.stride()
+        and out._base is None
+        and not (x.requires_grad or g.requires_grad or out.requires_grad)
+        and out.untyped_storage().data_ptr() not in (x.untyped_storage().data_ptr(), g.untyped_storage().data_ptr())
+    )
 
 
 _BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}
