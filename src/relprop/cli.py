@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import shlex
 import sys
@@ -461,6 +462,10 @@ def _preprocess_overrides(args) -> dict:
         raise CLIError("--image-size takes H or H W")
     if args.image_size and min(args.image_size) < 1:
         raise CLIError(f"--image-size must be positive, got {' '.join(map(str, args.image_size))}")
+    if args.std and not all(s > 0 and math.isfinite(s) for s in args.std):  # x / 0 is infinite
+        raise CLIError(f"--std must be positive and finite, got {' '.join(map(str, args.std))}")
+    if args.mean and not all(math.isfinite(m) for m in args.mean):
+        raise CLIError(f"--mean must be finite, got {' '.join(map(str, args.mean))}")
     return {"image_size": args.image_size, "mean": args.mean, "std": args.std, "channels": args.channels}
 
 
@@ -611,6 +616,10 @@ def cmd_compare(args) -> int:
         )
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
               "data_workers")  # fmt: skip
+    if out.local is not None and out.local.exists() and not out.local.is_dir():
+        raise CLIError(f"--out {args.out} is a file; the report is a folder: give a new or existing folder")
+    if args.models is not None and not _split(args.models):
+        raise CLIError(f"--models {args.models!r} names no model; omit --models for the default models")
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
     if dup := sorted({m for m in models if models.count(m) > 1}):
         raise CLIError(f"a model is given twice in --models: {', '.join(dup)}")

@@ -212,7 +212,13 @@ def check_method(spec: MethodSpec) -> None:
 
 
 def parse_methods(text: str | list[str] | None, default: list[str]) -> list[MethodSpec]:
-    specs = [MethodSpec.parse(t) for t in (split_methods(text) or default)]
+    """Method specs from ``--methods`` (``default`` when not given; given but naming none, e.g. ``,``, is an
+    error rather than the defaults, which would run methods nobody asked for)."""
+    given = split_methods(text)
+    if text is not None and not given:
+        shown = text if isinstance(text, str) else ",".join(text)
+        raise SpecError(f"no method named in {shown!r}; leave the option out for the default methods")
+    specs = [MethodSpec.parse(t) for t in (given or default)]
     for s in specs:
         check_method(s)
     labels = [s.label for s in specs]

@@ -1,0 +1,60 @@
+"""Unusual command lines get one clear error before any work (no traceback, no report written after minutes
+of computing): an existing file as the report folder, a --models/--methods list that names nothing (it used to
+run the defaults), a zero or non-finite --std (every input became infinite and each method failed)."""
+
+from __future__ import annotations
+
+import pytest
+
+import relprop.cli as cli
+from relprop.cli import main
+
+FAST = ["--methods", "saliency", "--samples", "2", "--grid", "1", "--sensitivity-samples", "0",
+        "--randomisation-samples", "0", "--bootstrap", "10", "--quiet", "--no-cache"]  # fmt: skip
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the data or a model is loaded: the error must come first."""
+    monkeypatch.setattr("relprop.specs.load_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(cli, "_loader", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("relprop: error: "), err
+    return err
+
+
+def test_an_existing_file_as_the_report_folder_is_refused_first(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    (tmp_path / "report.html").write_text("mine")
+    err = _error(capsys, ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "report.html")])
+    assert "report.html is a file" in err
+    assert (tmp_path / "report.html").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("flag", "message"), [("--models", "names no model"), ("--methods", "no method named in ','")])
+def test_a_list_naming_nothing_is_an_error_not_the_defaults(tmp_path, capsys, monkeypatch, flag, message):
+    _no_work(monkeypatch)
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "r")]
+    argv[argv.index(flag) + 1] = ","
+    assert message in _error(capsys, argv)
+
+
+def test_explain_with_no_method_named_is_an_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_loader", lambda *a, **k: pytest.fail("a model was loaded"))
+    err = _error(capsys, ["explain", "--model", "zoo:resnet_digits", "--input", "x.png", "--method", " , "])
+    assert "no method named in ' , '" in err
+
+
+@pytest.mark.parametrize("std", ["0", "-0.5", "inf", "nan"])
+def test_a_zero_or_non_finite_std_is_refused_before_loading(tmp_path, capsys, monkeypatch, std):
+    _no_work(monkeypatch)
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "r"), "--std", std]
+    assert "--std must be positive and finite" in _error(capsys, argv)
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "_loader", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert "--mean must be finite" in _error(
+        capsys, ["explain", "--model", "zoo:resnet_digits", "--input", "x.png", "--mean", "nan"]
+    )
