@@ -58,3 +58,18 @@ def test_a_zero_or_non_finite_std_is_refused_before_loading(tmp_path, capsys, mo
     assert "--mean must be finite" in _error(
         capsys, ["explain", "--model", "zoo:resnet_digits", "--input", "x.png", "--mean", "nan"]
     )
+
+
+def test_sample_to_a_non_image_name_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    err = _error(capsys, ["sample", "zoo:digits", "--out", str(tmp_path / "s.txt")])
+    assert "s.txt: give an image file name" in err and not (tmp_path / "s.txt").exists()
+
+
+def test_a_file_that_is_no_image_is_named_plainly(tmp_path):
+    from relprop.specs import SpecError, read_image
+
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"junk")
+    with pytest.raises(SpecError, match=r"^cannot read image .*b\.png: not an image file Pillow can read"):
+        read_image(bad)

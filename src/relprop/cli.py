@@ -1078,6 +1078,9 @@ def cmd_sample(args) -> int:
     _need_report_deps("PIL")
     from PIL import Image
 
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in Image.registered_extensions():  # before the data is read, not PIL's error after
+        raise CLIError(f"--out {args.out}: give an image file name (.png, or another format Pillow writes)")
     data = load_data(args.data, split=args.split)
     if data.kind != "image":
         raise CLIError(f"relprop sample writes images; {data.spec} holds {data.kind}s")

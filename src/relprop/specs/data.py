@@ -345,6 +345,10 @@ def decode_image(source: Path | bytes, notes: list[str] | None = None, name: str
                 a = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
     except SpecError:
         raise
+    except Image.UnidentifiedImageError:  # PIL's message names a file object, not the file
+        raise SpecError(
+            f"cannot read image {name}: not an image file Pillow can read (empty, truncated or another format)"
+        ) from None
     except Exception as e:
         raise SpecError(f"cannot read image {name}: {first_line(e)}") from None
     return _to_chw(a)
