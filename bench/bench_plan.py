@@ -8,7 +8,8 @@
 For each model, N different batches of the same shape are explained; per batch, in turn (so load on
 a shared machine hits all modes alike): a plain gradient (forward + backward with autograd),
 ``relprop.explain`` (records the batch), and ``plan.explain`` (replays the recording made once from the
-first batch by ``relprop.plan``). Prints the median time per batch and the ratio to the gradient, where
+first batch by ``relprop.plan``). Prints the median time per batch and the ratio to the gradient (and the minor
+page faults per call: new large temporaries page-fault on CPU, where a gradient's backward reuses memory), where
 the time goes (the gradient's forward and backward, the plan's replayed forward and the rest: preparation,
 rule pass, attributions; each as a ratio to the whole gradient), plus the parts of one call: recording vs
 replaying the forward, and a no-grad forward for scale.
@@ -17,6 +18,7 @@ replaying the forward, and a no-grad forward for scale.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -27,13 +29,26 @@ import relprop
 from relprop.trace import record
 
 
-def _table(title: str, rows: dict[str, list[float]], base: str, scale: list[float] | None = None) -> None:
+def _table(
+    title: str,
+    rows: dict[str, list[float]],
+    base: str,
+    scale: list[float] | None = None,
+    faults: dict[str, list[int]] | None = None,
+) -> None:
     b = statistics.median(scale if scale is not None else rows[base])
     print(f"\n{title}")
-    print(f"  {'mode':34s} {'median s':>9s} {'min s':>8s} {'x grad':>7s}")
+    extra = f" {'page faults':>11s}" if faults else ""
+    print(f"  {'mode':34s} {'median s':>9s} {'min s':>8s} {'x grad':>7s}{extra}")
     for label, ts in rows.items():
         m = statistics.median(ts)
-        print(f"  {label:34s} {m:9.4f} {min(ts):8.4f} {m / b:7.2f}")
+        f = f" {statistics.median(faults[label]):11.0f}" if faults else ""
+        print(f"  {label:34s} {m:9.4f} {min(ts):8.4f} {m / b:7.2f}{f}")
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: a new large tensor's first touch costs one per page on CPU."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 _SYNC = [lambda: None]  # torch.cuda.synchronize with --device cuda: time the queued kernels too
@@ -80,11 +95,15 @@ def _run(title, model, batches, target, grad_fn, options, clock, parts_input) ->
     for v in split.values():
         v.clear()
     rows: dict[str, list[float]] = {k: [] for k in modes}
+    faults: dict[str, list[int]] = {k: [] for k in modes}  # minor page faults per call (median printed)
     for b in batches[1:]:
         for label, fn in modes.items():
+            f0 = _minor_faults()
             rows[label].append(_timed(lambda: fn(b), clock))
+            faults[label].append(_minor_faults() - f0)
     assert plan.rerecords == 0, plan.last_reason
-    _table(f"{title}: {len(batches) - 1} batches after the first, {plan.replays} replays", rows, next(iter(modes)))
+    title = f"{title}: {len(batches) - 1} batches after the first, {plan.replays} replays"
+    _table(title, rows, next(iter(modes)), faults=faults)
     whole = rows["plan.explain (replays)"]
     split["plan: rules and the rest"] = [w - f for w, f in zip(whole, split["plan: replayed forward"])]
     _table(
