@@ -9,11 +9,10 @@ and nothing else, so a graph can be inspected, filtered and re-used for many rul
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 
@@ -112,6 +111,30 @@ def recompute(v: Value) -> None:
             w.data = o
 
 
+_T = TypeVar("_T")
+
+
+class _once(Generic[_T]):  # noqa: N801 (a decorator, named like functools.cached_property)
+    """:func:`functools.cached_property` without its lock: Python 3.11 takes an ``RLock`` on every first read,
+    once per node per name, which the recorder and the rule pass pay for every op. Two threads reading one
+    node at once would both compute the same name; nothing else can differ."""
+
+    def __init__(self, fn: Callable[[Any], _T]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _once[_T]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 @dataclass(eq=False)
 class Node:
     """One ATen operation call."""
@@ -136,12 +159,12 @@ class Node:
 
     # Cached: a node's op never changes, and the rule pass, graph passes and the plan ask for these
     # names thousands of times per call (``str(OpOverload)`` builds a new string each time).
-    @functools.cached_property
+    @_once
     def op_name(self) -> str:
         """``aten.convolution.default`` style name."""
         return str(self.op)
 
-    @functools.cached_property
+    @_once
     def packet(self) -> str:
         """Overload packet name without namespace (``convolution``); a region's own packet name."""
         if isinstance(self.op, RegionOp):
