@@ -139,3 +139,43 @@ def test_the_cli_passes_the_model_file_options(monkeypatch, tmp_path):
         [*argv, "--out", str(tmp_path / "r"), "--engine", "ray", "--model-files", "shared", "--model-files-limit", "5"]
     )
     assert (got["ship_models"], got["model_bytes"]) == (False, 5 << 20)
+
+
+def test_what_the_ray_engine_ships(here):
+    """Nothing for a zoo model, with ``ship_models=False``, or for a user's own model that the loader holds
+    in memory (its files may be gone by then); a clear error past the bound."""
+    from relprop.report.distributed import RayOptions, _Loader, model_bundle
+
+    for ext in ("safetensors", "json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"resnet_digits.{ext}", here / f"rd.{ext}")
+    m = load_model("rd.safetensors")
+    got = model_bundle(m, _Loader(), RayOptions())
+    assert got is not None and {e["key"] for e in got["entries"]} == {"rd.safetensors", "rd.json"}
+    assert got["bytes"] == sum((here / f"rd.{ext}").stat().st_size for ext in ("safetensors", "json"))
+    assert model_bundle(m, _Loader(), RayOptions(ship_models=False)) is None
+    assert model_bundle(m, _Loader(in_memory=frozenset({"rd.safetensors"})), RayOptions()) is None
+    assert model_bundle(load_model("zoo:resnet_digits"), _Loader(), RayOptions()) is None
+    with pytest.raises(SpecError, match=r"rd\.(safetensors|json) .*over the limit"):
+        model_bundle(m, _Loader(), RayOptions(model_bytes=1000))
+
+
+def test_run_compare_tells_the_ray_engine_which_models_it_holds(here, monkeypatch):
+    import relprop.report.distributed as dist
+    from relprop.report import run_compare
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def engine(*a, loader=None, **k):
+        seen["loader"] = loader
+        raise Stop
+
+    monkeypatch.setattr(dist, "RayEngine", engine)
+    for ext in ("safetensors", "json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"resnet_digits.{ext}", here / f"rd.{ext}")
+    mine = load_model("rd.safetensors")
+    with pytest.raises(Stop):
+        run_compare([mine, "zoo:resnet_digits"], "zoo:digits", ["gradient"], here / "out", engine="ray")
+    assert seen["loader"].in_memory == {"rd.safetensors"}

@@ -266,7 +266,8 @@ def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data
     """A zoo-format checkpoint (``.safetensors`` + its ``.json``) and a ``python:`` file with ``--weights``,
     by relative paths: the driver ships their bytes, each worker loads them with the same loader from a
     private temporary folder (removed after), and the numbers are the single-process engine's. With
-    ``ship_models=False`` (files on shared storage) the workers open the paths as given, and here fail."""
+    ``ship_models=False`` (files on shared storage) the workers open the paths as given, and here fail;
+    past ``model_bytes`` the model's cells fail on the driver, naming the file and the limit."""
     import shutil
     import tempfile
 
@@ -300,3 +301,7 @@ def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data
     shared = _run(data, methods, tmp_path / "shared", engine="ray", ray_options={"workers": 2, "ship_models": False},
                   **dict(kw, models=models[:1]))  # fmt: skip
     assert shared["status"] == "incomplete" and "model file not found: rd.safetensors" in shared["problems"][0]
+    small = _run(data, methods, tmp_path / "small", engine="ray", ray_options={"workers": 2, "model_bytes": 1000},
+                 **dict(kw, models=models[:1]))  # fmt: skip
+    assert small["engine"]["shards_computed"] == 0 and len(small["problems"]) == 2
+    assert all("over the limit of 0 MiB" in p for p in small["problems"]), small["problems"]

@@ -191,7 +191,7 @@ def run_compare(
             from .distributed import RayEngine, RayOptions, _Loader
 
             opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
-            loader = _Loader(load_any, weights, num_classes, preprocess_overrides)
+            loader = _Loader(load_any, weights, num_classes, preprocess_overrides, frozenset(given))
             pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, run=run, log=log)
         for item in items:
             spec = item if isinstance(item, str) else item.spec

@@ -124,12 +124,15 @@ def pad_length(job: Job, model: LoadedModel) -> int | None:
 @dataclass
 class _Loader:
     """Picklable spec -> LoadedModel for the workers: the driver's ``load`` callable, or ``load_model`` with
-    the run's weights and class count; preprocessing overrides applied as in ``run_compare``."""
+    the run's weights and class count; preprocessing overrides applied as in ``run_compare``. ``in_memory``:
+    the specs ``load`` answers with a model it holds (the user's own, which travels pickled with it), whose
+    files no worker reads."""
 
     load: Callable[[str], LoadedModel] | None = None
     weights: dict | None = None
     num_classes: int | None = None
     preprocess_overrides: dict | None = None
+    in_memory: frozenset[str] = frozenset()
 
     def __call__(self, spec: str) -> LoadedModel:
         from ..specs import load_model, override_preprocess
@@ -406,6 +409,7 @@ class RayEngine:
             else:
                 ray.init(num_cpus=o.workers * o.cpus_per_worker, **kw)
             self.started = True
+        self.loader = loader or _Loader()
         env = {k: os.environ[k] for k in (CRASH_ENV,) if k in os.environ}
         remote = ray.remote(_Worker).options(
             num_cpus=o.cpus_per_worker,
@@ -417,7 +421,7 @@ class RayEngine:
         self.data_ref: Any = None  # the run's data without its readers (sources.detach), put by the first cells()
         self.actors = [
             remote.remote(
-                list(methods), settings, self.out.where(), loader or _Loader(), o.cpus_per_worker,
+                list(methods), settings, self.out.where(), self.loader, o.cpus_per_worker,
                 o.gpus_per_worker > 0,
             )
             for _ in range(o.workers)
@@ -471,11 +475,10 @@ class RayEngine:
             self.data_ref = self.ray.put(detach(job.data))
         pad = pad_length(job, model) if todo else None
         files: Any = None
-        if todo and self.o.ship_models and model.info.get("model_files"):
-            from ..specs.loaders import read_model_files
-
+        if todo:
             try:  # read once per model, freed when its cells are done
-                files = self.ray.put(read_model_files(model.info["model_files"], self.o.model_bytes))
+                bundle = model_bundle(model, self.loader, self.o)
+                files = None if bundle is None else self.ray.put(bundle)
             except SpecError as ex:  # too large, or gone: the model's cells fail with the reason
                 errors.update({label: f"SpecError: {ex}" for label, _ in todo})
         self._run(model, plan, bounds, todo, errors, pad, files)
@@ -632,6 +635,17 @@ class RayEngine:
         self.data_ref = None
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def model_bundle(model: LoadedModel, loader: _Loader, options: RayOptions) -> dict | None:
+    """The bytes of the files the workers need to load ``model`` (:func:`relprop.specs.loaders.read_model_files`),
+    or None: nothing to ship (no files, ``ship_models=False``, or a model the loader holds in memory)."""
+    from ..specs.loaders import read_model_files
+
+    files = model.info.get("model_files")
+    if not files or not options.ship_models or model.spec in loader.in_memory:
+        return None
+    return read_model_files(files, options.model_bytes)
 
 
 def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:

@@ -137,7 +137,10 @@ KINDS: dict[str, ModelKind] = {
     )
 }
 MODEL_PREFIXES = tuple(KINDS)
-FILE_SPECS = "FILE.safetensors (+ FILE.json, zoo format) | FILE.pt (torch.save(model), needs --trust-pickle)"
+FILE_SPECS = (
+    "FILE.safetensors (+ FILE.json, zoo format) | "
+    "FILE.pt / .pth / .bin (a whole model, torch.save(model); needs --trust-pickle)"
+)
 
 
 def spec_forms() -> str:
