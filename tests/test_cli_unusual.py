@@ -73,3 +73,16 @@ def test_a_file_that_is_no_image_is_named_plainly(tmp_path):
     bad.write_bytes(b"junk")
     with pytest.raises(SpecError, match=r"^cannot read image .*b\.png: not an image file Pillow can read"):
         read_image(bad)
+
+
+def test_empty_label_cells_are_named_as_such_and_still_run_with_labels_ignore(tmp_path):
+    from relprop.specs import SpecError, load_data
+    from relprop.specs.labels import map_labels
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngood film,positive\nthe movie,\nbad,negative\n")
+    data = load_data(str(path))
+    with pytest.raises(SpecError, match=r"^data labels '' \(empty label cells\) match no class .*--labels ignore"):
+        map_labels(data.class_names, ["negative", "positive"], 2, policy="names", model_name="m")
+    lm = map_labels(data.class_names, ["negative", "positive"], 2, policy="ignore", model_name="m")
+    assert lm.warnings and "(empty label cells)" in lm.warnings[0]

@@ -174,7 +174,9 @@ def map_labels(
     lm = LabelMap(index, how)
     bad = [data_classes[i] for i in present if index[i] is None]
     if bad:
-        shown = ", ".join(f"'{b}'" for b in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        shown = ", ".join("'' (empty label cells)" if not str(b).strip() else f"'{b}'" for b in bad[:6]) + (
+            f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        )
         examples = ", ".join(f"'{n}'" for n in model_classes[:5]) + (", ..." if len(model_classes) > 5 else "")
         generic = all(str(n) in (str(i), f"LABEL_{i}") for i, n in enumerate(model_classes))
         fix = (
