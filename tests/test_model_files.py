@@ -72,6 +72,14 @@ def test_a_python_file_with_weights_and_classes(here):
     assert state_hash(first.module) == state_hash(net)
 
 
+def test_a_link_keeps_the_name_it_was_given(here):
+    """A Hugging Face cache names its files by hash and links to them: the copy bears the linked name."""
+    for ext in ("safetensors", "json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"resnet_digits.{ext}", here / f"blob-{ext}")
+        (here / f"rd.{ext}").symlink_to(here / f"blob-{ext}")
+    _reload_elsewhere(here, "rd.safetensors", ["rd.safetensors", "rd.json", "blob-safetensors", "blob-json"])
+
+
 @pytest.mark.filterwarnings("ignore::relprop.specs.errors.TrustPickleWarning")
 def test_a_trusted_whole_pickle(here):
     torch.manual_seed(0)

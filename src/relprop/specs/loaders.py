@@ -54,8 +54,8 @@ def model_path(given: str | Path) -> Path:
         return Path(placed_[key])
     path = Path(key).expanduser()
     rec = _RECORD.get()
-    if rec is not None and path.exists():
-        rec.setdefault(key, str(path.resolve()))
+    if rec is not None and path.exists():  # absolute but links kept: a copy bears the name as given
+        rec.setdefault(key, os.path.abspath(path))
     return path
 
 
