@@ -73,8 +73,7 @@ def recording() -> Iterator[dict[str, str]]:
 def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
     """The bytes of a model's files (``info["model_files"]``: path as given -> absolute; a folder with
     every file under it but hidden ones and :data:`OTHER_FRAMEWORKS`' weights), for :func:`placed` on another
-    machine. Over ``limit`` bytes in
-    all: a :class:`SpecError` naming the file that crosses it."""
+    machine. Over ``limit`` bytes in all: a :class:`SpecError` naming the file that crosses it."""
     entries, total, seen = [], 0, set()
     for key, where in paths.items():
         root = Path(where)
