@@ -118,8 +118,9 @@ def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float, scratch: bool = False)
 
     The same division as ``rel / stabilize(z, eps)`` (equal bits), one temporary the size of the output
     fewer: on CPU a fresh large tensor costs page faults on top of the pass over it. ``scratch``: ``z`` is
-    the rule's to overwrite (:meth:`~relprop.rules.base.RuleContext.out_is_scratch`); then the denominator and
-    the quotient are made in ``z`` itself (equal bits, no new output-sized tensor).
+    the rule's to overwrite (a released output, :meth:`~relprop.rules.base.RuleContext.out_is_scratch`, or a
+    new output the rule computed); then the denominator and the quotient are made in ``z`` itself (equal bits,
+    no new output-sized tensor).
     """
     if scratch and writable(z, rel, z) and _stabilize_into(z, eps):
         return torch.div(rel, z, out=z)
@@ -403,7 +404,8 @@ def shares(
                 f = forward(ctx, ops, x, pmod, no_bias)
                 z = f if z is None else z + f
             assert z is not None
-            s = ratio(rel, z, stabilizer)  # = rel / stabilize(z) (equal bits), z dropped before the VJPs
+            # = rel / stabilize(z) (equal bits), made in z (a new output of ours), dropped before the VJPs
+            s = ratio(rel, z, stabilizer, scratch=True)
             del z
             res.append(_owned([input_vjp(ctx, ops, s, pmod) for _, pmod, _ in terms], s))
         return res
@@ -421,7 +423,7 @@ def shares(
                     f = f[0] if isinstance(f, (tuple, list)) else f
                     z = f if z is None else z.add_(f)
             assert z is not None
-            s = ratio(rel.narrow(out_dim, *block), z, stabilizer)
+            s = ratio(rel.narrow(out_dim, *block), z, stabilizer, scratch=True)
             del z
             for ti, (_, pmod, _) in enumerate(terms):
                 g = _asked(vjp(node, [s], params.tensors(x_rec, pmod, False, memo, block), [act]), act)
