@@ -864,7 +864,7 @@ class _Window(io.RawIOBase):
 def _pt_refusal(fh: Any, start: int, length: int, name: str) -> str | None:
     """Why the ``.pt`` member at ``start`` of tar file ``fh`` cannot be loaded with ``weights_only`` (the
     message), or None. The globals its pickle names are read statically from the zip's ``data.pkl``
-    (``torch.serialization.get_unsafe_globals_in_checkpoint``: a few hundred bytes, not the tensors); a
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``: about 30 KB read whatever the tensors' size); a
     legacy (non-zip) file, or a torch without that function, is loaded once instead. Reading still loads
     with ``weights_only``: this check only moves the refusal to listing time, it is not what keeps code from
     running."""
