@@ -73,6 +73,10 @@ class Placed(torch.nn.Module):
     :meth:`get_submodule` resolves them, so a recorded graph's module scopes and parameter names, ``layers=``
     and ``params=`` names, and error messages read as if the user's model had been called directly.
     ``state_dict`` keeps ``Module``'s own keys (``inner.``-prefixed): it round-trips with ``load_state_dict``.
+    As ``modules()`` walks :meth:`named_modules`, the wrapper is not among them either: code that saves and
+    restores each module's ``training`` flag, or reads each module's hooks (the plan's signature), sees the
+    inner model's. Nothing of the wrapper depends on either (its forward reads no mode; the report registers
+    no hook on it): put hooks on ``inner``.
     """
 
     #: float inputs are cast to the model's dtype here, so any float dtype is accepted
