@@ -113,6 +113,8 @@ def _run(title, model, batches, target, grad_fn, options, clock, parts_input) ->
         scale=rows[next(iter(modes))],
     )
     # The parts: what recording costs over a forward, and what a replay costs.
+    if parts_input is None:
+        return
     args, kwargs = parts_input
     mod = sys.modules["relprop.plan"]
     tpl = plan._template
@@ -147,6 +149,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
     ap.add_argument("--composite", default="epsilon", help="LRP composite for ResNet-50")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--no-parts", action="store_true", help="skip the parts of one call (record vs replay)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
@@ -173,7 +176,7 @@ def main() -> None:
             grad,
             {"method": "lrp", "composite": a.composite},
             clock,
-            ((batches[0],), {}),
+            None if a.no_parts else ((batches[0],), {}),
         )
     if "decoder" in a.models:
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -211,7 +214,7 @@ def main() -> None:
             grad,
             {"method": "lrp", "composite": "attnlrp"},
             clock,
-            ((), batches[0]),
+            None if a.no_parts else ((), batches[0]),
         )
 
 
