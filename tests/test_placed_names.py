@@ -56,3 +56,14 @@ def test_old_prefixed_names_are_unknown_and_warnings_name_the_users_modules():
     with pytest.warns(UserWarning, match=r"training mode \(6 modules, e\.g\. '1'\)") as rec:
         relprop.explain(placed, torch.rand(2, 3, 6, 6), target=1)
     assert not any("inner" in str(w.message) for w in rec)
+
+
+def test_a_plan_of_a_placed_model_replays_what_explain_gives():
+    placed = Placed(_cnn().double(), torch.device("cpu"), torch.float64)
+    x = torch.rand(2, 3, 6, 6)
+    p = relprop.plan(placed, x, target=1)
+    first = p.explain(x).attributions
+    again = p.explain(x + 0.5).attributions
+    assert p.replays >= 1 and p.rerecords == 0
+    assert torch.equal(first, relprop.explain(placed, x, target=1, method="lrp").attributions)
+    assert torch.equal(again, relprop.explain(placed, x + 0.5, target=1, method="lrp").attributions)
