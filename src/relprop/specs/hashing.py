@@ -57,9 +57,11 @@ def module_code_hash(model: nn.Module, extra_files: tuple[str, ...] = ()) -> str
 
     Editing a model's ``forward()`` changes its explanations without changing any weight, so the
     files of every class in the module tree (and ``extra_files``, e.g. a ``python:`` spec's file)
-    are hashed; torch's own classes are covered by the torch version instead.
+    are hashed; torch's own classes are covered by the torch version instead. Files are named by
+    the modules they define (an extra file by its name), never by where they lie: the nodes of a Ray
+    cluster install Python under different paths and must still agree.
     """
-    files: set[str] = set(extra_files)
+    labels: dict[str, set[str]] = {f: {Path(f).name} for f in extra_files}
     names: set[str] = set()
     for m in model.modules():
         cls = type(m)
@@ -68,16 +70,20 @@ def module_code_hash(model: nn.Module, extra_files: tuple[str, ...] = ()) -> str
             continue
         f = _class_file(cls)
         if f:
-            files.add(f)
+            labels.setdefault(f, set()).add(cls.__module__)
     h = hashlib.sha256(torch.__version__.encode())
     for n in sorted(names):
         h.update(n.encode())
-    for f in sorted(files):
-        h.update(f.encode())
+    parts = []
+    for f, label in labels.items():
         try:
-            h.update(Path(f).read_bytes())
+            content = Path(f).read_bytes()
         except OSError:
-            h.update(b"<unreadable>")
+            content = b"<unreadable>"
+        parts.append((" ".join(sorted(label)), hashlib.sha256(content).hexdigest()))
+    for label, digest in sorted(parts):
+        h.update(label.encode())
+        h.update(digest.encode())
     return h.hexdigest()[:20]
 
 
