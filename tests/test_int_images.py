@@ -81,3 +81,32 @@ def test_negative_pixels_are_refused_for_files_and_arrays(tmp_path):
     path.write_bytes(_tiff(a))
     with pytest.raises(SpecError, match="negative pixel values"):
         read_image(path)
+
+
+def _int16_tiff(a: np.ndarray) -> bytes:
+    """A minimal little-endian grayscale TIFF of int16 samples (BitsPerSample 16, SampleFormat 2: signed), as
+    microscopy and medical software write them; Pillow opens it as mode "I" (int32) and cannot write one."""
+    import struct
+
+    h, w = a.shape
+    data = a.astype("<i2").tobytes()
+    tags = [(256, w), (257, h), (258, 16), (259, 1), (262, 1), (273, 0), (277, 1), (278, h), (279, len(data)), (339, 2)]
+    start = 8 + 2 + 12 * len(tags) + 4  # header, then one IFD, then the strip
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
+    for tag, val in tags:
+        long = tag in (273, 279)
+        val = start if tag == 273 else val
+        out += struct.pack("<HHI", tag, 4 if long else 3, 1) + struct.pack(
+            "<I" if long else "<HH", *([val] if long else [val, 0])
+        )
+    return bytes(out + struct.pack("<I", 0)) + data
+
+
+def test_a_signed_16_bit_tiff_is_scaled_by_32767_as_its_npy_is():
+    a = (np.arange(64).reshape(8, 8) * 500).astype(np.int16)  # up to 31500 of 32767
+    b = _int16_tiff(a)
+    with Image.open(io.BytesIO(b)) as im:
+        assert im.mode == "I" and im.tag_v2[258] == (16,) and im.tag_v2[339] == (2,)
+    got = decode_image(b, name="s16.tif")
+    assert torch.allclose(got, torch.from_numpy(a[None] / 32767.0).float())  # was divided by 2**32 - 1: black
+    assert torch.equal(got, array_image(a, "s16.npy"))
