@@ -243,3 +243,45 @@ def test_released_scores_give_equal_bits(composite):
     small = _qwen2(tokens=9)  # scores smaller than q and k together: nothing to gain, nothing released
     graph = record(small[0], (), {"input_ids": small[1]}, post=target, release=release_scores)
     assert all(v.data is not None for n in graph.nodes for v in n.outputs if v is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask", ["plain", "causal", "inf", "bias"])
+def test_released_score_chain_equals_held_scores(monkeypatch, dtype, mask):
+    # With q @ k^T released, the chain recomputes it and, on CPU, checks z1 and z3 in one buffer (z3 made in place):
+    # equal bits to a recording that holds every score, zero sets included; the in-place check answers True
+    # exactly when nothing is absorbed (else the general path runs, on the intact z1 or a second recomputation).
+    from relprop.methods.core import run_backward
+    from relprop.rules import attention
+    from relprop.rules.composites import resolve_composite
+
+    torch.manual_seed(0)
+    model, t = _Eager(mask=mask).to(dtype).eval(), 24  # scores (4 x 24 x 24) outweigh q and k: released
+    x = torch.randn(2, t, 8, dtype=dtype)
+    if mask != "plain":
+        x[1, 3] = torch.finfo(dtype).tiny / 8  # subnormal activations, a row of subnormal products
+    if mask == "bias":
+        for lin in (model.q, model.k):
+            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        x[0, 3, :4], x[0, 2, :4] = torch.tensor([1.0, -1.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.25])
+    graph = record(model, (x,), {}, release=attention.release_scores)
+    assert any(n.packet == "bmm" and n.first_output.data is None for n in graph.nodes)
+    answers: list[bool] = []
+    real = attention.ScoreChain._all_normal_in_place
+
+    def spy(self):
+        got = real(self)
+        answers.append(got[0])
+        return got
+
+    monkeypatch.setattr(attention.ScoreChain, "_all_normal_in_place", spy)
+    released = relprop.explain(model, x, target=0, method="lrp", composite="attnlrp")
+
+    def hold_all(m, args, kwargs, post=None, **_):
+        return record(m, args, kwargs, post=post)
+
+    kw = dict(target=0, composite=resolve_composite("attnlrp", {}), method="lrp", times_output=True)
+    held = run_backward(model, x, recorder=hold_all, **kw)
+    assert answers == [mask == "plain", False]  # (held scores: the general path)
+    assert torch.equal(released.attributions, held.attributions)
+    assert not torch.equal(held.attributions, torch.zeros_like(held.attributions))
