@@ -86,3 +86,10 @@ def test_empty_label_cells_are_named_as_such_and_still_run_with_labels_ignore(tm
         map_labels(data.class_names, ["negative", "positive"], 2, policy="names", model_name="m")
     lm = map_labels(data.class_names, ["negative", "positive"], 2, policy="ignore", model_name="m")
     assert lm.warnings and "(empty label cells)" in lm.warnings[0]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_names_the_option(tmp_path, capsys, monkeypatch, seed):
+    _no_work(monkeypatch)
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "r"), "--seed", seed]
+    assert f"--seed must be between 0 and 2**32 - 1, got {seed}" in _error(capsys, argv)

@@ -616,6 +616,8 @@ def cmd_compare(args) -> int:
         )
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
               "data_workers")  # fmt: skip
+    if not 0 <= args.seed < 2**32:  # NumPy's generators take these only (its message named no option)
+        raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if out.local is not None and out.local.exists() and not out.local.is_dir():
         raise CLIError(f"--out {args.out} is a file; the report is a folder: give a new or existing folder")
     if args.models is not None and not _split(args.models):
