@@ -14,6 +14,7 @@ and how to shape the result.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,26 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 #: elements per row block when finding the steps that change nothing
 _BLOCK_ELEMENTS = 1 << 24
+#: a chunk whose samples have at least this many copies each on average builds each sample's copies from
+#: its one row (broadcast); shorter runs gather the rows instead (fewer, larger ops). Same values either way.
+_MIN_RUN = 4
+#: ATen's grain size (``at::internal::GRAIN_SIZE``): element-wise ops over fewer elements stay on one thread
+_GRAIN = 32768
+
+
+def _runs(starts: list[int], pos: int, n: int) -> list[tuple[int, int, int]]:
+    """``(sample, first, end)`` of each sample's copies among pairs ``pos .. pos + n`` (``starts[s]``: where
+    sample ``s``'s copies begin; the pairs are sorted by sample)."""
+    end = pos + n
+    s = bisect.bisect_right(starts, pos) - 1
+    out = []
+    while pos < end:
+        while starts[s + 1] <= pos:  # samples with no copies left to evaluate
+            s += 1
+        hi = min(end, starts[s + 1])
+        out.append((s, pos, hi))
+        pos = hi
+    return out
 
 
 def evaluation_device(model, x: torch.Tensor) -> torch.device:
@@ -88,7 +109,7 @@ def evaluate_steps(
     se_all = step_of_elem.to(dev, torch.int16 if n_points < 32000 else torch.int32)  # less memory traffic
     fill = Fill(fill.kind, fill.value.to(dev))
 
-    def fill_values(rows: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
+    def fill_values(rows: torch.Tensor | slice, se: torch.Tensor) -> torch.Tensor:
         return fill.values(rows, se, n_steps, x.dtype)
 
     # Steps that change nothing (e.g. replacing background pixels that already equal the baseline)
@@ -119,7 +140,11 @@ def evaluate_steps(
     explained = target is None
     if explained and not insertion:
         needed[:, 0] = False
-    pairs = needed.nonzero()  # the one host sync outside measuring: how many copies there are
+    # the one host sync outside measuring: which copies there are. The pairs come sorted by sample;
+    # starts[s] is where sample s's copies begin among them.
+    needed_host = needed.cpu()
+    pairs = needed_host.nonzero().to(dev)
+    starts = [0, *torch.cumsum(needed_host.sum(1), 0).tolist()]
     plan = ChunkPlan(pairs.shape[0], batch_size, start=b, features=xf.shape[1])
     if target is None:
         tdev = torch.zeros(b, dtype=torch.long, device=dev)
@@ -128,11 +153,33 @@ def evaluate_steps(
     checked = target is None
     clock = time.process_time if dev.type == "cpu" else time.perf_counter  # see ._chunks
 
-    def run_chunk(rows: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-        se = se_all[rows]
-        mask = se < ki[:, None]
-        base, fv = xf[rows], fill_values(rows, se)
-        xp = torch.where(mask, base, fv) if insertion else torch.where(mask, fv, base)
+    buf: torch.Tensor | None = None
+    # copies per op when building a run: ops over fewer elements than ATen's grain size run on the calling
+    # thread, so on a CPU the copies are built without waking the thread pool between forward passes (on a
+    # loaded machine each wake-up costs a thread's time slice); larger rows are built a run per op
+    piece = _GRAIN // xf.shape[1] if dev.type == "cpu" else 0
+
+    def run_chunk(pos: int, n: int) -> torch.Tensor:
+        nonlocal buf
+        rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
+        runs = _runs(starts, pos, n)
+        if len(runs) * _MIN_RUN > n:  # short runs: gather the rows' inputs
+            se = se_all[rows]
+            mask = se < ki[:, None]
+            base, fv = xf[rows], fill_values(rows, se)
+            xp = torch.where(mask, base, fv) if insertion else torch.where(mask, fv, base)
+        else:  # long runs: each sample's copies from its one row, broadcast (no gathered copies of it)
+            if buf is None or buf.shape[0] < n:  # one buffer, rewritten whole by every chunk
+                buf = torch.empty(n, xf.shape[1], dtype=xf.dtype, device=dev)
+            xp = buf[:n]
+            for s, lo, hi in runs:
+                se, base = se_all[s : s + 1], xf[s : s + 1]
+                fv = fill_values(slice(s, s + 1), se)
+                gone, kept = (base, fv) if insertion else (fv, base)
+                step = piece if piece > 1 else hi - lo
+                for i in range(lo - pos, hi - pos, step):
+                    j = min(i + step, hi - pos)
+                    torch.where(se < ki[i:j, None], gone, kept, out=xp[i:j])
         return fn(xp.reshape(-1, *feat_shape), rows)
 
     with progress_bar(pairs.shape[0] + (b if explained else 0), progress, desc) as bar:
@@ -148,25 +195,26 @@ def evaluate_steps(
         pos = 0
         while pos < plan.total:
             n = plan.next()
-            rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
             timed = plan.measuring
             if timed:
                 synchronize(dev)
                 t0 = clock()
             too_big = False
             try:
-                out = run_chunk(rows, ki)
+                out = run_chunk(pos, n)
             except _OOM:
                 if not plan.too_big():
                     raise
                 too_big = True  # the chunk's tensors are freed with the exception, after this block
             if too_big:
+                buf = None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             if not checked and target is not None:
                 check_target_range(target, out.shape[1])
                 checked = True
+            rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
             record(out, rows, ki, tdev[rows])
             seconds = None
             if timed:

@@ -33,8 +33,9 @@ class Fill:
     kind: str
     value: torch.Tensor
 
-    def values(self, rows: torch.Tensor, step_of_elem: torch.Tensor, n_steps: int, dtype) -> torch.Tensor:
-        """Fill of every element of the given sample rows (broadcastable to ``(len(rows), F)``)."""
+    def values(self, rows: torch.Tensor | slice, step_of_elem: torch.Tensor, n_steps: int, dtype) -> torch.Tensor:
+        """Fill of every element of the given sample rows (an index or a slice; broadcastable to
+        ``(len(rows), F)``)."""
         if self.kind == "scalar":
             return self.value[rows][:, None].to(dtype)
         if self.kind == "step":
