@@ -75,12 +75,12 @@ def module_code_hash(model: nn.Module, extra_files: tuple[str, ...] = ()) -> str
     for n in sorted(names):
         h.update(n.encode())
     parts = []
-    for f, label in labels.items():
+    for f, modules in labels.items():
         try:
             content = Path(f).read_bytes()
         except OSError:
             content = b"<unreadable>"
-        parts.append((" ".join(sorted(label)), hashlib.sha256(content).hexdigest()))
+        parts.append((" ".join(sorted(modules)), hashlib.sha256(content).hexdigest()))
     for label, digest in sorted(parts):
         h.update(label.encode())
         h.update(digest.encode())
