@@ -157,7 +157,7 @@ def evaluate_steps(
     # copies per op when building a run: ops over fewer elements than ATen's grain size run on the calling
     # thread, so on a CPU the copies are built without waking the thread pool between forward passes (on a
     # loaded machine each wake-up costs a thread's time slice); larger rows are built a run per op
-    piece = _GRAIN // xf.shape[1] if dev.type == "cpu" else 0
+    piece = _GRAIN // max(1, xf.shape[1]) if dev.type == "cpu" else 0
 
     def run_chunk(pos: int, n: int) -> torch.Tensor:
         nonlocal buf
