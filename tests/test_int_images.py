@@ -62,6 +62,13 @@ def test_a_32_bit_tiff_holding_8_or_16_bit_values_is_refused_like_the_npy(tmp_pa
         load_data(str(tmp_path / "d"))
 
 
+def test_the_refusal_names_the_exact_maximum_of_wide_types():
+    """2**63 - 1 as a float prints as ...808: the message must name the type's maximum itself."""
+    for dtype, top in ((np.int64, 2**63 - 1), (np.uint64, 2**64 - 1), (np.uint32, 2**32 - 1)):
+        with pytest.raises(SpecError, match=rf"type's range \(0-{top}\)"):
+            array_image(_pixels().astype(dtype), "x.npy")
+
+
 def test_16_bit_files_keep_their_rule_and_note():
     a = _pixels().astype(np.uint16) * 16  # 12-bit values in a 16-bit TIFF: scaled by 65535, with the note
     notes: list[str] = []

@@ -24,7 +24,8 @@ ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from relprop.report import Settings, run_compare  # noqa: E402
-from relprop.report.distributed import CRASH_ENV, RayEngine, RayOptions, read_shard  # noqa: E402
+from relprop.report.distributed import CRASH_ENV, RayEngine, RayOptions, read_shard, shard_folder  # noqa: E402
+from relprop.report.store import Output  # noqa: E402
 from relprop.specs import SpecError, load_data, parse_methods  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -172,6 +173,17 @@ def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):
         RayEngine(data, [], Settings(batch_size=4), "unused", options=RayOptions(shard_size=6))
     with pytest.raises(SpecError, match="memory:// file system lives in one process"):
         RayEngine(data, [], Settings(), "unused", options=RayOptions(shards="memory://shards"))
+
+
+def test_local_folders_reach_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """Workers on a cluster joined with --address run in their own working folders: a relative --out or
+    --shards would be written there, and the driver would find no shard (a new user's finding)."""
+    monkeypatch.chdir(tmp_path)
+    out = Output("rel_out")
+    assert out.where() == str(tmp_path / "rel_out")
+    assert shard_folder(out, None) == str(tmp_path / "rel_out" / "shards")
+    assert shard_folder(out, "rel_shards/") == str(tmp_path / "rel_shards")
+    assert shard_folder(out, "file:///x/shards/") == "/x/shards"
 
 
 # ------------------------------------------------------------------------------------ text, unreachable data

@@ -391,7 +391,7 @@ class RayEngine:
             raise SpecError(f"the shard size ({size}) must be a multiple of --batch-size ({settings.batch_size})")
         self.shard_size = size
         self.settings, self.out, self.log = settings, Output(out), log
-        self.shards = str(o.shards or self.out.where("shards")).rstrip("/")
+        self.shards = shard_folder(self.out, o.shards)
         if Output(self.shards, flag="--shards").in_process:  # a bad URL fails here, before Ray starts
             raise SpecError(
                 f"--shards {self.shards}: a memory:// file system lives in one process, and Ray's workers are "
@@ -664,6 +664,12 @@ def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:
 
 def _failed(m: MethodSpec, error: str) -> dict:
     return {"method": m.label, "name": m.name, "status": "failed", "error": error[:300], "reused": False}
+
+
+def shard_folder(out: Output, shards: str | None) -> str:
+    """Where the shards go: ``--shards`` or the report's ``shards`` folder, a local one as an absolute path
+    (workers on a cluster joined with ``--address`` run in other working folders)."""
+    return (Output(shards, flag="--shards").where() if shards else out.where("shards")).rstrip("/")
 
 
 def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:

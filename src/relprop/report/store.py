@@ -70,7 +70,8 @@ class Output:
         self.root = ""
         self.local = None
         if isinstance(where, Path) or "://" not in self.url:  # a local path: no fsspec needed
-            self.local = Path(where)
+            # Absolute: Ray's workers (on a cluster joined with --address) run in other working folders.
+            self.local = Path(where).absolute()
             return
         try:
             import fsspec

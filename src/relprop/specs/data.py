@@ -254,7 +254,7 @@ def int_pixels(
         if depth > 16:
             raise SpecError(
                 f"cannot read image {name}: {what or f'an {a.dtype} array'} with values in [{a.min()}, {a.max()}] "
-                f"fills less than 1/16 of its type's range (0-{scale:.0f}), by which relprop scales integer pixels "
+                f"fills less than 1/16 of its type's range (0-{2**depth - 1}), by which relprop scales integer pixels "
                 f"(the image would be black); store it as uint8 (0-255), uint16 or floats in [0, 1]"
             )
         if notes is not None:
