@@ -201,3 +201,30 @@ def test_stabilize_without_fill_and_in_place_equal_bits(dtype):
         assert torch.equal(linear.ratio(rel, zz, eps, scratch=True), rel / linear.stabilize(x, eps))
     # Views, eps = 0 and non-dense tensors are left to the new-tensor path.
     assert not linear._stabilize_into(z[::2], 1e-6) and not linear._stabilize_into(z.clone(), 0.0)
+
+
+@pytest.mark.parametrize("second", ["view", "slice"])
+def test_a_result_sharing_memory_with_another_is_never_summed_into(second):
+    """A user's rule may declare a result its own (ctx.own) and hand a view of it to another input; a later
+    in-place fan-out sum into the owned tensor would then change the view's relevance too (engine review)."""
+    from relprop.rules import Composite, Epsilon, base_families
+
+    class Net(nn.Module):
+        def forward(self, x):
+            a, b = x * 2, x * 3
+            return (a + b) + a  # a fans out: its relevance is summed, the inner add's share second
+
+    def split(ctx, alias):
+        r = ctx.own(ctx.relevance[0] * 0.5)
+        other = r.view_as(r) if second == "view" else r[:]
+        return [r, other if alias else other.clone()]
+
+    x = torch.randn(2, 5)
+    runs = []
+    for alias in (True, False):
+        fam = base_families()
+        fam.update(dense=Epsilon(1e-6), conv=Epsilon(1e-6))
+        inner = lambda ctx, alias=alias: split(ctx, alias)  # noqa: E731
+        comp = Composite(fam, ops={"add": inner})
+        runs.append(relprop.explain(Net().eval(), x, target=0, method="lrp", composite=comp).attributions)
+    assert torch.equal(runs[0], runs[1])

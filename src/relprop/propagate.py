@@ -201,14 +201,16 @@ def _owned(ctx: RuleContext, result: Sequence[torch.Tensor | None], arrived: lis
         for r in arrived
         if r is not None and r.layout == torch.strided and id(r) not in ctx.handed
     }
-    ids = [id(r) for r in result if r is not None]
+    # A result sharing memory with another result (the same tensor twice, or a view of it that a user's rule
+    # hands to another input) would see later in-place sums: never written into.
+    ptrs = [r.untyped_storage().data_ptr() for r in result if r is not None and r.layout == torch.strided]
     return {
         id(r)
         for r in result
         if r is not None
         and (id(r) in ctx.owned or id(r) in ctx.handed)
-        and ids.count(id(r)) == 1
         and r.layout == torch.strided
+        and ptrs.count(r.untyped_storage().data_ptr()) == 1
         and r._base is None
         and r.untyped_storage().data_ptr() not in taken
     }
