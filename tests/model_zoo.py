@@ -60,6 +60,23 @@ def _randomize_norms(model: nn.Module) -> nn.Module:
     return model
 
 
+def resnet18_random_norms(negative_scales: bool = False) -> nn.Module:
+    """torchvision's ResNet-18 (5 classes, seed 0, eval) with non-trivial batch-norm statistics; with
+    ``negative_scales`` some norm weights below zero (rules that branch on signs)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=5).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                if negative_scales:
+                    mod.weight.normal_(1, 0.3)
+    return m
+
+
 def _image(size: int = 32, channels: int = 3) -> torch.Tensor:
     return torch.randn(BATCH, channels, size, size)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import relprop
+from model_zoo import resnet18_random_norms
 from relprop.rules import linear
 from relprop.rules.base import RuleContext
 
@@ -25,16 +26,7 @@ propagate_mod = importlib.import_module("relprop.propagate")  # (the module: rel
 
 
 def _resnet():
-    import torchvision
-
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=5).eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.normal_(1, 0.3)  # some negative scales
+    m = resnet18_random_norms(negative_scales=True)
     return m, [torch.randn(2, 3, 48, 48) for _ in range(3)]
 
 

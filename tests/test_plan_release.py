@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import relprop
+from model_zoo import resnet18_random_norms
 from relprop.methods.core import run_backward
 from relprop.rules.composites import GradientComposite, resolve_composite
 from relprop.trace import record
@@ -63,15 +64,7 @@ def _equal(a: relprop.Explanation, b: relprop.Explanation) -> None:
 
 
 def _resnet():
-    import torchvision
-
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=5).eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
+    m = resnet18_random_norms()
     return m, [torch.randn(2, 3, 32, 32) for _ in range(3)], torch.tensor([1, 3])
 
 
