@@ -160,6 +160,10 @@ def test_every_image_format_gives_the_same_inputs_and_labels(tmp_path, folder, d
         assert_same_images(data, ref)
         shipped = pickle.loads(pickle.dumps(data))  # the Ray engine ships the data to its workers
         assert torch.equal(shipped.images[len(data) - 1], ref.images[len(data) - 1]), spec
+    assert load_data(str(tmp_path / "hfdict")).info["split"] == "test"  # results.json names the split it used
+    assert load_data(str(tmp_path / "hf")).info["split"] is None
+    with pytest.raises(SpecError, match=r"^shard not found: file:///nowhere/x\.tar$"):
+        load_data("file:///nowhere/x.tar")
     one = load_data(str(tmp_path / "tars" / "shard-001.tar"))  # one shard: its own examples only
     per = -(-len(arrays) // 3)
     assert one.labels.tolist() == labels[per : 2 * per]
@@ -375,7 +379,7 @@ def test_compare_limit_subset_in_settings_results_and_cache_key(tmp_path, folder
     res, cell = run("--subset", "12", "--seed", "1")
     assert res["settings"]["subset"] == 12 and res["settings"]["limit"] is None
     assert res["data"]["n"] == 12 == res["models"][0]["n_eval"] and res["data"]["selected_from"] == 40
-    assert res["data"]["selection"] == {"limit": None, "subset": 12, "seed": 1}
+    assert res["data"]["selection"] == {"limit": None, "subset": 12, "seed": 1} and res["data"]["split"] is None
     chosen = load_data(str(folder)).select(subset=12, seed=1).images.indices
     assert res["data"]["selected_indices"] == chosen and len(chosen) == 12
     assert run("--subset", "12", "--seed", "1")[1]["reused"] is True

@@ -657,6 +657,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
             "n": len(data),
             "class_names": data.class_names,
             "source": data.info.get("source"),
+            "split": data.info.get("split"),  # a saved Hugging Face DatasetDict's split (--split), else None
             "selection": data.info.get("selection"),  # --limit/--subset (Data.select), else None
             "selected_from": data.info.get("selected_from", len(data)),
             "selected_indices": data.info.get("selected_indices"),  # --subset: the data's index of each example

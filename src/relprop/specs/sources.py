@@ -770,8 +770,9 @@ def shard_paths(spec: str) -> list[Path] | None:
     if spec.startswith("zoo:"):
         return None
     if spec.lower().endswith((".tar", ".tar.gz", ".tgz")):  # braces expand in shard specs only
-        paths = [Path(s).expanduser() for s in _expand(spec)]
-        missing = [p for p in paths if not p.is_file()]
+        names = _expand(spec)
+        paths = [Path(s).expanduser() for s in names]
+        missing = [n for n, p in zip(names, paths) if not p.is_file()]  # named as given (Path drops a URL's //)
         if missing:
             raise SpecError(
                 f"shard not found: {missing[0]}" + (f" ({len(missing)} missing)" if len(missing) > 1 else "")
