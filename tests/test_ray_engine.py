@@ -186,6 +186,30 @@ def test_local_folders_reach_workers_as_absolute_paths(tmp_path, monkeypatch):
     assert shard_folder(out, "file:///x/shards/") == "/x/shards"
 
 
+@pytest.mark.parametrize("env", [None, "10.0.0.1:6379"])
+def test_without_address_a_new_local_instance_or_ray_address(data, monkeypatch, env):
+    """No --address: a new local instance (address "local"), so a cluster a past `ray start` left on record is
+    never joined by accident (it failed: "num_cpus ... must not be provided"); RAY_ADDRESS (a Ray job) is joined."""
+    import ray
+
+    calls = []
+
+    def init(**kw):
+        calls.append(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    with pytest.raises(RuntimeError, match="stop here"):
+        RayEngine(data, [], Settings(), "unused", options=RayOptions(workers=2))
+    assert calls[0]["address"] == (env or "local")
+    assert ("num_cpus" in calls[0]) == (env is None)
+
+
 # ------------------------------------------------------------------------------------ text, unreachable data
 TEXTS = [  # one text far longer than the rest: the shard without it would pad shorter on its own
     ("a good film", "positive"), ("bad plot", "negative"), ("good", "positive"), ("a bad film", "negative"),

@@ -404,10 +404,11 @@ class RayEngine:
             kw: dict[str, Any] = dict(
                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True
             )
-            if o.address:
-                ray.init(address=o.address, **kw)
-            else:
-                ray.init(num_cpus=o.workers * o.cpus_per_worker, **kw)
+            address = o.address or os.environ.get("RAY_ADDRESS")  # Ray's own variable (a job on a cluster)
+            if address:
+                ray.init(address=address, **kw)
+            else:  # "local": a new instance, never one a past `ray start` left on record (stale or not)
+                ray.init(address="local", num_cpus=o.workers * o.cpus_per_worker, **kw)
             self.started = True
         self.loader = loader or _Loader()
         env = {k: os.environ[k] for k in (CRASH_ENV,) if k in os.environ}
