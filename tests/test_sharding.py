@@ -105,3 +105,19 @@ def test_a_shard_padded_to_the_run_length_tokenizes_as_the_whole_run(tmp_path, s
         for k in ("input_ids", "attention_mask"):
             assert torch.equal(padded[k], whole[k][a : a + 3]), (side, a, k)
     assert own["input_ids"].shape[1] < whole["input_ids"].shape[1]  # the second shard alone pads shorter
+
+
+def test_texts_longer_than_the_model_takes_are_truncated_to_its_positions(tmp_path):
+    """A model with fewer positions than text_batch's max_length (here 32 < 128) used to fail on a long row
+    with torch's "expanded size" error; the texts are truncated to what the model takes, as to max_length."""
+    pytest.importorskip("transformers")
+    from relprop.specs import check_forward, load_model, text_batch
+    from test_cli_user_paths import tiny_bert
+
+    model = load_model(f"hf:{tiny_bert(tmp_path / 'bert')}")
+    long = " ".join(["good film"] * 40)  # 80 words
+    batch = text_batch(model, [long, "bad"])
+    assert batch["input_ids"].shape[1] == 32
+    assert check_forward(model, batch).shape == (2, 2)
+    short = text_batch(model, ["a good film", "bad"])
+    assert short["input_ids"].shape[1] == 5  # [CLS] a good film [SEP]: short texts untouched

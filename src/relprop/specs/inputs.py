@@ -26,11 +26,32 @@ def image_batch(model: LoadedModel, images: Sequence[torch.Tensor]) -> tuple[tor
     return pre.normalize(disp), disp
 
 
+def position_limit(model: LoadedModel) -> int | None:
+    """The most tokens the model takes: its config's ``max_position_embeddings`` and the tokenizer's
+    ``model_max_length`` (the smaller; None when neither is stated). Longer texts are truncated to it, as to
+    ``max_length``: a model with fewer positions than ``max_length`` would fail on a long row with torch's
+    "expanded size" error."""
+    found = []
+    for m in model.module.modules():
+        n = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            found.append(n)
+            break
+    n = getattr(model.tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 1_000_000:  # tokenizers without a limit state ~1e30
+        found.append(n)
+    return min(found) if found else None
+
+
 def text_batch(model: LoadedModel, texts: Sequence[str], max_length: int = 128, pad_to: int | None = None) -> dict:
-    """``input_ids`` and ``attention_mask`` of ``texts``, truncated at ``max_length`` tokens and padded to the
+    """``input_ids`` and ``attention_mask`` of ``texts``, truncated at ``max_length`` tokens (at most the model's
+    :func:`position_limit`) and padded to the
     longest of them, or to ``pad_to`` tokens when given (no text is longer: a Ray shard pads to the length of
     its whole run, :func:`relprop.report.distributed.pad_length`, because the padding changes the bits)."""
     tok = model.tokenizer
+    limit = position_limit(model)
+    if limit is not None:
+        max_length = min(max_length, limit)
     if pad_to is None:
         enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     else:
