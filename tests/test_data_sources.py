@@ -356,6 +356,8 @@ def test_limit_and_subset_choose_examples(folder):
 
     job = compare.Job(tmp_path_for(folder), full, [], compare.Settings(samples=2, grid=1, subset=41), use_cache=False)
     assert job.warnings == ["--subset 41 is more than the 40 examples: all 40 are used"]
+    assert full.select(limit=50).warnings[-1] == "--limit 50 is more than the 40 examples: all 40 are used"
+    assert not [w for w in full.select(limit=40).warnings if "--limit" in w]
     with pytest.raises(SpecError, match="--limit"):
         full.select(limit=0)
     zoo = load_data("zoo:digits", subset=5, seed=1)  # in-memory tensors are indexed

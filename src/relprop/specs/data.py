@@ -122,6 +122,8 @@ class Data:
         n = len(self)
         idx = np.arange(min(n, limit) if limit else n)
         warnings = list(self.warnings)
+        if limit and limit > n:  # as for --subset: a limit that selects nothing is said, not passed over
+            warnings.append(f"--limit {limit} is more than the {n} examples: all {n} are used")
         if subset and subset < len(idx):
             idx = np.sort(np.random.RandomState(seed).choice(len(idx), subset, replace=False))
         elif subset and subset > len(idx):  # nothing to draw from: say so rather than run on all of them silently
