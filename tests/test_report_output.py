@@ -169,6 +169,18 @@ def test_unknown_protocol_is_one_line(case, capsys):
     assert "--out nosuchfs://x/r: unknown protocol 'nosuchfs'" in line
 
 
+def test_the_python_api_refuses_a_file_as_folder_and_a_bad_seed_before_any_work(case, tmp_path):
+    """run_compare checks what the CLI checks, before a model runs (they failed at the end, or in NumPy)."""
+    (tmp_path / "report.html").write_text("mine")
+    with pytest.raises(SpecError, match=r"^out .*report\.html is a file; the report is a folder"):
+        compare(case, tmp_path / "report.html")
+    assert (tmp_path / "report.html").read_text() == "mine"
+    models, data = case
+    with pytest.raises(SpecError, match=r"^seed must be between 0 and 2\*\*32 - 1, got -1$"):
+        run_compare(models, data, ["gradient"], tmp_path / "r", Settings(seed=-1), progress=False, log=quiet)
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_protocol_package_and_missing_fsspec_name_the_install(monkeypatch):
     from fsspec.registry import known_implementations, register_implementation
 

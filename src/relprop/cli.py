@@ -618,8 +618,7 @@ def cmd_compare(args) -> int:
               "data_workers")  # fmt: skip
     if not 0 <= args.seed < 2**32:  # NumPy's generators take these only (its message named no option)
         raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
-    if out.local is not None and out.local.exists() and not out.local.is_dir():
-        raise CLIError(f"--out {args.out} is a file; the report is a folder: give a new or existing folder")
+    out.check_folder()
     if args.models is not None and not _split(args.models):
         raise CLIError(f"--models {args.models!r} names no model; omit --models for the default models")
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]

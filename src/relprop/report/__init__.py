@@ -149,6 +149,10 @@ def run_compare(
 
     settings = settings if settings is not None else Settings()
     check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
+    if not 0 <= settings.seed < 2**32:  # NumPy's generators take these only (its message names no setting)
+        raise SpecError(f"seed must be between 0 and 2**32 - 1, got {settings.seed}")
+    out = Output(out, flag="out")  # a bad URL, or a file where the folder goes: one clear error before any work
+    out.check_folder()
     items = to_models(models)  # the one boundary: user objects -> specs and LoadedModels
     data = to_data(data)
     parsed = [m if isinstance(m, MethodSpec) else MethodSpec.parse(str(m)) for m in methods]
@@ -165,7 +169,6 @@ def run_compare(
         m = load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
         return place_loaded(m, settings.device, settings.dtype, copy=False)
 
-    out = Output(out, flag="out")  # a bad URL: one clear error before any work (the CLI passes its own)
     progress = _bars_wanted(progress)
     job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)
     data = job.data  # settings.limit/subset applied (Data.select)

@@ -60,11 +60,14 @@ class Output:
     local: Path | None  # the folder, for a local path or a file:// URL
     fs: Any  # the fsspec file system of any other URL (None when local)
     root: str  # the folder in ``fs``
+    flag: str  # how errors name it (``--out``, ``out``)
 
     def __init__(self, where: str | Path | Output, flag: str = "--out"):
         if isinstance(where, Output):
-            self.url, self.local, self.fs, self.root = where.url, where.local, where.fs, where.root
+            self.url, self.local, self.fs = where.url, where.local, where.fs
+            self.root, self.flag = where.root, where.flag
             return
+        self.flag = flag
         self.url = str(where)
         self.fs = None
         self.root = ""
@@ -102,6 +105,11 @@ class Output:
         """A ``memory://`` file system: it lives in this process only (lost at exit, unseen by Ray's workers)."""
         proto = self.fs.protocol if self.fs is not None else ()
         return "memory" in ((proto,) if isinstance(proto, str) else proto)
+
+    def check_folder(self) -> None:
+        """A local report folder that is a file fails here, before any work (it failed at the end, writing)."""
+        if self.local is not None and self.local.exists() and not self.local.is_dir():
+            raise SpecError(f"{self.flag} {self.url} is a file; the report is a folder: give a new or existing folder")
 
     def where(self, name: str = "") -> str:
         """The full location of ``name`` (a path, or the URL), for messages and for other writers."""
