@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .graph import Graph, Node, Value
-from .rules.base import NoRuleError, PreparedGraph, Rule, RuleContext
+from .rules.base import NoRuleError, PreparedGraph, Rule, RuleContext, storage_ptr
 
 
 class PropagationError(RuntimeError):
@@ -188,31 +188,28 @@ def _addable(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.stride() == b.stride()
         and a._base is None
         and not (a.requires_grad or b.requires_grad)
-        and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+        and (pa := storage_ptr(a)) is not None
+        and (pb := storage_ptr(b)) is not None
+        and pa != pb
     )
 
 
 def _owned(ctx: RuleContext, result: Sequence[torch.Tensor | None], arrived: list) -> set[int]:
     """``id`` of the results the rule owns (:meth:`RuleContext.own`) or passes on from what the pass handed it
     (:attr:`RuleContext.handed`), each given once, not a view, not sharing memory with other relevance that
-    arrived: the pass may write into them."""
-    taken = {
-        r.untyped_storage().data_ptr()
-        for r in arrived
-        if r is not None and r.layout == torch.strided and id(r) not in ctx.handed
-    }
-    # A result sharing memory with another result (the same tensor twice, or a view of it that a user's rule
-    # hands to another input) would see later in-place sums: never written into.
-    ptrs = [r.untyped_storage().data_ptr() for r in result if r is not None and r.layout == torch.strided]
+    arrived or with another result (the same tensor twice, or a view of it that a user's rule hands to another
+    input, would see later in-place sums): the pass may write into them."""
+    taken = {storage_ptr(r) for r in arrived if r is not None and id(r) not in ctx.handed}
+    ptrs = [storage_ptr(r) for r in result if r is not None]
     return {
         id(r)
         for r in result
         if r is not None
         and (id(r) in ctx.owned or id(r) in ctx.handed)
-        and r.layout == torch.strided
-        and ptrs.count(r.untyped_storage().data_ptr()) == 1
         and r._base is None
-        and r.untyped_storage().data_ptr() not in taken
+        and (p := storage_ptr(r)) is not None
+        and ptrs.count(p) == 1
+        and p not in taken
     }
 
 
@@ -235,15 +232,17 @@ class _Scratch:
             t = v.tensor
             if t._base is not None or t.requires_grad or t.layout != torch.strided:
                 return False
-            ptr = t.untyped_storage().data_ptr()
+            ptr = storage_ptr(t)
+            if ptr is None:
+                return False
             if self._held is None:
                 self._held = [u for u in self.graph.values if u.index in self.protected]
             p = v.producer
             others = [] if p is None else [*p.inputs, *(u for u in p.outputs if u is not None and u is not v)]
             for u in [*others, *self._held]:
                 d = u.data
-                if d is not None and d.layout == torch.strided and d.untyped_storage().data_ptr() == ptr:
+                if d is not None and storage_ptr(d) == ptr:
                     return False
-            return not any(r is not None and r.untyped_storage().data_ptr() == ptr for r in arrived)
+            return not any(r is not None and storage_ptr(r) == ptr for r in arrived)
 
         return may_write

@@ -265,3 +265,15 @@ class Float32Inputs(RecordedInputs):
         if isinstance(i, slice):
             return [to_float32(t) for t in super().__getitem__(i)]
         return to_float32(super().__getitem__(i))
+
+
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s memory, to tell whether two tensors share it before one is written in place;
+    None where there is none to write into (not strided, or a storage Python cannot read, as some in-place
+    ops' results have): such a tensor is never written into."""
+    if t.layout != torch.strided:
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None

@@ -20,7 +20,7 @@ import torch
 
 from ..canonical import merged_scale
 from ..graph import Node, Value
-from .base import HALF, RuleContext, register_family, to_float32, vjp
+from .base import HALF, RuleContext, register_family, storage_ptr, to_float32, vjp
 from .vjps import input_index
 
 ParamMod = Callable[[torch.Tensor], torch.Tensor] | None
@@ -93,7 +93,7 @@ def _stabilize_into(z: torch.Tensor, eps: float) -> bool:
     n = z.numel()
     flat = z.as_strided((n,), (1,))  # every element once: the op is element-wise, the order is immaterial
     e = _eps(eps, z)
-    buf = torch.empty(min(n, CHUNK), dtype=z.dtype)
+    buf = torch.empty(min(n, CHUNK), dtype=z.dtype, device=z.device)
     for start in range(0, n, CHUNK):
         part = flat[start : start + CHUNK]
         b = buf[: part.numel()]
@@ -195,7 +195,8 @@ def _fits(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:
         and out.stride() == x.stride() == g.stride()
         and out._base is None
         and not (x.requires_grad or g.requires_grad or out.requires_grad)
-        and out.untyped_storage().data_ptr() not in (x.untyped_storage().data_ptr(), g.untyped_storage().data_ptr())
+        and (p := storage_ptr(out)) is not None
+        and p not in (storage_ptr(x), storage_ptr(g))
     )
 
 
