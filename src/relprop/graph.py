@@ -65,8 +65,7 @@ class Value:
 
     def drop(self) -> None:
         """Drop the data (the recorder does not hold it), noting its strides first; :attr:`tensor` recomputes it."""
-        if self.data is not None and self.kept_strides is None and self.data.layout == torch.strided:
-            self.kept_strides = tuple(self.data.stride())
+        self.kept_strides = self.strides
         self.data = None
 
     def zeros(self) -> torch.Tensor:

@@ -107,7 +107,7 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
                 ctx.handed.add(id(r))  # popped: nothing but this rule holds it now (the diagnosis re-run reads it)
         first = outs[0] if outs else None
         if scratch is not None and first is not None and first.index in released and first.index not in protected:
-            ctx.scratch = scratch.check(node, first, relevance)
+            ctx.scratch = scratch.check(first, relevance)
         through = getattr(rule, "through", None) if on_node is None else None
         hit = through(ctx, prepared, resolve, may_skip) if through is not None else None
         if hit is not None:
@@ -183,8 +183,6 @@ def _addable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
         a.shape == b.shape
         and a.dtype == b.dtype
-        and a.layout == torch.strided
-        and b.layout == torch.strided
         and a.stride() == b.stride()
         and a._base is None
         and not (a.requires_grad or b.requires_grad)
@@ -227,13 +225,11 @@ class _Scratch:
         self.graph, self.protected = graph, protected
         self._held: list[Value] | None = None
 
-    def check(self, node: Node, v: Value, arrived: list) -> Callable[[], bool]:
+    def check(self, v: Value, arrived: list) -> Callable[[], bool]:
         def may_write() -> bool:
             t = v.tensor
-            if t._base is not None or t.requires_grad or t.layout != torch.strided:
-                return False
-            ptr = storage_ptr(t)
-            if ptr is None:
+            ptr = storage_ptr(t)  # None: not strided, nothing to write into
+            if t._base is not None or t.requires_grad or ptr is None:
                 return False
             if self._held is None:
                 self._held = [u for u in self.graph.values if u.index in self.protected]
