@@ -602,6 +602,7 @@ def cmd_compare(args) -> int:
     _need_report_deps("matplotlib", "safetensors", "PIL")
     from . import zoo
     from .report import Settings, run_compare
+    from .report.compare import check_seed
     from .report.device import check_placement, place_loaded
     from .report.html import accuracy_count
     from .report.store import Output
@@ -616,8 +617,7 @@ def cmd_compare(args) -> int:
         )
     _positive(args, "grid", "sensitivity_samples", "randomisation_samples", "randomisation_layers", "bootstrap",
               "data_workers")  # fmt: skip
-    if not 0 <= args.seed < 2**32:  # NumPy's generators take these only (its message named no option)
-        raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    check_seed(args.seed, "--seed")  # before the data is read
     out.check_folder()
     if args.models is not None and not _split(args.models):
         raise CLIError(f"--models {args.models!r} names no model; omit --models for the default models")
@@ -749,7 +749,9 @@ def cmd_compare(args) -> int:
     if res["status"] != "complete":
         kept = f"finished cells are kept in {out.where('cache')}"
         if args.engine == "ray":
-            kept += f" and finished shards in {args.shards or out.where('shards')} (resumed, not recomputed)"
+            from .report.distributed import shard_folder
+
+            kept += f" and finished shards in {shard_folder(out, args.shards)} (resumed, not recomputed)"
         _say(f"interrupted: {kept}; run the same command again to continue")
         return 130
     return 0

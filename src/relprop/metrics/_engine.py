@@ -159,9 +159,8 @@ def evaluate_steps(
     # loaded machine each wake-up costs a thread's time slice); larger rows are built a run per op
     piece = _GRAIN // max(1, xf.shape[1]) if dev.type == "cpu" else 0
 
-    def run_chunk(pos: int, n: int) -> torch.Tensor:
+    def run_chunk(pos: int, n: int, rows: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
         nonlocal buf
-        rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
         runs = _runs(starts, pos, n)
         if len(runs) * _MIN_RUN > n:  # short runs: gather the rows' inputs
             se = se_all[rows]
@@ -200,8 +199,9 @@ def evaluate_steps(
                 synchronize(dev)
                 t0 = clock()
             too_big = False
+            rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
             try:
-                out = run_chunk(pos, n)
+                out = run_chunk(pos, n, rows, ki)
             except _OOM:
                 if not plan.too_big():
                     raise
@@ -214,7 +214,6 @@ def evaluate_steps(
             if not checked and target is not None:
                 check_target_range(target, out.shape[1])
                 checked = True
-            rows, ki = pairs[pos : pos + n, 0], pairs[pos : pos + n, 1]
             record(out, rows, ki, tdev[rows])
             seconds = None
             if timed:

@@ -38,7 +38,7 @@ import torch
 
 from ..specs import LoadedModel, SpecError, load_model
 from ..specs.adapters import MODEL_INPUTS, from_dataset, from_module, from_tensors
-from .compare import Job, MethodSpec, Settings, dedupe_methods, method_identity, slug
+from .compare import Job, MethodSpec, Settings, check_seed, dedupe_methods, method_identity, slug
 from .store import Output
 
 __all__ = ["MethodSpec", "Settings", "from_dataset", "from_module", "from_tensors", "run_compare"]
@@ -149,8 +149,7 @@ def run_compare(
 
     settings = settings if settings is not None else Settings()
     check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
-    if not 0 <= settings.seed < 2**32:  # NumPy's generators take these only (its message names no setting)
-        raise SpecError(f"seed must be between 0 and 2**32 - 1, got {settings.seed}")
+    check_seed(settings.seed)
     out = Output(out, flag="out")  # a bad URL, or a file where the folder goes: one clear error before any work
     out.check_folder()
     items = to_models(models)  # the one boundary: user objects -> specs and LoadedModels

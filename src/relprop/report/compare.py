@@ -121,6 +121,12 @@ def dedupe_methods(methods: list[MethodSpec]) -> tuple[list[MethodSpec], list[st
     return kept, notes
 
 
+def check_seed(seed: int, flag: str = "seed") -> None:
+    """NumPy's generators take seeds in 0..2**32-1 only, and their own message names no option: say it first."""
+    if not 0 <= seed < 2**32:
+        raise SpecError(f"{flag} must be between 0 and 2**32 - 1, got {seed}")
+
+
 def sample_order(labels: torch.Tensor, seed: int) -> list[int]:
     """Indices that cycle through the classes (one of each class first), in a seeded random order."""
     rng = np.random.RandomState(seed)

@@ -352,7 +352,7 @@ class _Worker:
         mine = job.cell_key(model, m, job.options(model, m))
         if mine != key:
             got = _identity(job, model, shipped=files[0] is not None)
-            differ = [k for k in got if k != "fingerprint" and got[k] != identity.get(k)]
+            differ = [k for k in got if got[k] != identity.get(k)]
             differ = differ or ["method options or settings"]
             raise SpecError(
                 f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its "

@@ -49,10 +49,9 @@ def text_batch(model: LoadedModel, texts: Sequence[str], max_length: int = 128, 
     longest of them, or to ``pad_to`` tokens when given (no text is longer: a Ray shard pads to the length of
     its whole run, :func:`relprop.report.distributed.pad_length`, because the padding changes the bits)."""
     tok = model.tokenizer
-    limit = position_limit(model)
-    if limit is not None:
-        max_length = min(max_length, limit)
     if pad_to is None:
+        limit = position_limit(model)
+        max_length = max_length if limit is None else min(max_length, limit)
         enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     else:
         enc = tok(list(texts), padding="max_length", truncation=True, max_length=int(pad_to), return_tensors="pt")
