@@ -3,13 +3,16 @@
 A perturbation metric needs ``B * (S + 1)`` forward passes' worth of copies. How many of them one
 forward pass should take depends on the model and the device: on a CPU a chunk much larger than the
 user's batch can run *slower* per copy (activations fall out of cache), on a GPU a larger chunk is
-often much faster. So :class:`ChunkPlan` measures it on the work itself: the first ``reps`` chunks
-run at the starting size (the inputs' batch; the least disturbed of them counts, the first one also
-pays the model's first-call costs), then one chunk at twice, four times ... that size while the time per
-copy drops by at least ``gain``; the rest runs at the fastest size seen. Every measured chunk is real
-work (nothing is evaluated twice), and nothing is kept across calls. The engine times CPU work by the
-process' CPU time (robust to other processes on a shared machine) and accelerators by the wall clock
-after a sync.
+often much faster. So :class:`ChunkPlan` measures it on the work itself: ``reps`` chunks at the
+starting size (the inputs' batch; the first one also pays the model's first-call costs), then
+``reps`` chunks at twice, four times ... that size while the time per copy drops by at least
+``gain``; the rest runs at the fastest size seen. Each size counts by the least disturbed (fastest)
+of its ``reps`` chunks: a disturbance (another process taking a core or the cache for a moment) only
+adds time, so while one chunk of each size runs undisturbed the choice is the one an idle machine
+makes, and a single disturbed chunk never changes it. A larger size is tried only while ``reps``
+whole chunks of it are left to run. Every measured chunk is real work (nothing is evaluated twice),
+and nothing is kept across calls. The engine times CPU work by the process' CPU time (robust to
+other processes on a shared machine) and accelerators by the wall clock after a sync.
 
 The chunk size changes no result beyond float rounding (a kernel may sum in another order for
 another batch size, ~1e-7 relative); pass a fixed ``batch_size`` for bit-for-bit repeatable runs.
@@ -68,14 +71,14 @@ class ChunkPlan:
             self._stop()
             return
         self._times.append(seconds / n)
-        if len(self._times) < (self.reps if self.best == math.inf else 1):
+        if len(self._times) < self.reps:
             return
-        per_copy = min(self._times)  # the least disturbed of the repeats
+        per_copy = min(self._times)  # the least disturbed of this size's repeats
         self._times = []
         if per_copy < self.best * (1 - self.gain):
             self.best, self.best_size = per_copy, self.size
             bigger = self.size * 2
-            if bigger <= self.max_size and self.total - self.done >= bigger:
+            if bigger <= self.max_size and self.total - self.done >= self.reps * bigger:
                 self.size = bigger
                 return
         self._stop()
