@@ -5,6 +5,7 @@ run the defaults), a zero or non-finite --std (every input became infinite and e
 from __future__ import annotations
 
 import pytest
+import torch
 
 import relprop.cli as cli
 from relprop.cli import main
@@ -93,3 +94,41 @@ def test_a_seed_numpy_cannot_take_names_the_option(tmp_path, capsys, monkeypatch
     _no_work(monkeypatch)
     argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "r"), "--seed", seed]
     assert f"--seed must be between 0 and 2**32 - 1, got {seed}" in _error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"std": [0.0]}, "--std must be positive and finite"),
+        ({"std": [0.5, -0.5, 0.5]}, "--std must be positive and finite"),
+        ({"std": [float("nan")]}, "--std must be positive and finite"),
+        ({"mean": [float("nan")]}, "--mean must be finite"),
+        ({"mean": [0.1, 0.2], "std": [0.3, 0.3, 0.3]}, r"mean/std have 2/3 values;"),
+        ({"mean": [0.1, 0.2, 0.3], "channels": 1}, r"mean/std have 3/1 values but --channels gives 1 channels"),
+    ],
+)
+def test_run_compare_refuses_bad_normalisation_before_any_work(tmp_path, monkeypatch, over, message):
+    """The checks live in specs.preprocess, so Python callers get the CLI's error, before a model is loaded."""
+    from relprop.report import run_compare
+    from relprop.specs import SpecError
+
+    monkeypatch.setattr("relprop.specs.load_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr("relprop.specs.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SpecError, match=message):
+        run_compare(["zoo:resnet_digits"], "zoo:digits", ["saliency"], tmp_path / "r", preprocess_overrides=over)
+    assert not (tmp_path / "r").exists()
+
+
+def test_override_preprocess_checks_the_counts_against_the_model_channels():
+    from relprop.specs import Preprocess, SpecError, override_preprocess
+
+    rgb = Preprocess(size=(8, 8), channels=3, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), source="model")
+    with pytest.raises(SpecError, match=r"^mean/std have 2/3 values but the model takes 3 channels"):
+        override_preprocess(rgb, mean=[0.1, 0.2])
+    with pytest.raises(SpecError, match=r"^--std must be positive and finite, got 0"):
+        override_preprocess(rgb, std=[0])
+    assert rgb.mean == (0.5, 0.5, 0.5)  # the model's own preprocessing is untouched
+    ok = override_preprocess(rgb, mean=[0.1], std=[2.0])
+    assert (ok.mean, ok.std, ok.source) == ((0.1,), (2.0,), "model + flags")
+    x = torch.rand(3, 8, 8)
+    torch.testing.assert_close(ok(x), (x - 0.1) / 2.0, rtol=0, atol=0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import os
 import shlex
 import sys
@@ -458,15 +457,11 @@ def _weights_map(values, models: list[str]) -> dict[str, str]:
 
 
 def _preprocess_overrides(args) -> dict:
-    if args.image_size and len(args.image_size) > 2:
-        raise CLIError("--image-size takes H or H W")
-    if args.image_size and min(args.image_size) < 1:
-        raise CLIError(f"--image-size must be positive, got {' '.join(map(str, args.image_size))}")
-    if args.std and not all(s > 0 and math.isfinite(s) for s in args.std):  # x / 0 is infinite
-        raise CLIError(f"--std must be positive and finite, got {' '.join(map(str, args.std))}")
-    if args.mean and not all(math.isfinite(m) for m in args.mean):
-        raise CLIError(f"--mean must be finite, got {' '.join(map(str, args.mean))}")
-    return {"image_size": args.image_size, "mean": args.mean, "std": args.std, "channels": args.channels}
+    from .specs import check_overrides
+
+    over = {"image_size": args.image_size, "mean": args.mean, "std": args.std, "channels": args.channels}
+    check_overrides(**over)  # before any model or data is loaded; override_preprocess checks again (Python callers)
+    return over
 
 
 def _selected(data) -> str:

@@ -142,7 +142,7 @@ def run_compare(
     ``load``: spec -> LoadedModel (the CLI's loader, with its options and display names); ``use_cache``:
     False neither reads nor writes ``out/cache``; ``warnings``: shown in the report (``results["warnings"]``).
     """
-    from ..specs import check_method, override_preprocess
+    from ..specs import check_method, check_overrides, override_preprocess
     from ..specs.adapters import frozen, to_data, to_models
     from . import cell_metrics, figures, html, store
     from .device import check_placement, place_loaded, resolve_device, resolve_dtype
@@ -150,6 +150,7 @@ def run_compare(
     settings = settings if settings is not None else Settings()
     check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
     check_seed(settings.seed)
+    check_overrides(**(preprocess_overrides or {}))  # a zero std, a NaN mean: one clear error before any work
     out = Output(out, flag="out")  # a bad URL, or a file where the folder goes: one clear error before any work
     out.check_folder()
     items = to_models(models)  # the one boundary: user objects -> specs and LoadedModels

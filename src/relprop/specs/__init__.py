@@ -37,7 +37,7 @@ from .models import (
     unique_names,
     weights_prefixes,
 )
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, override_preprocess
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, check_overrides, override_preprocess
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -70,6 +70,7 @@ __all__ = [
     "load_data",
     "load_model",
     "map_labels",
+    "check_overrides",
     "override_preprocess",
     "parse_methods",
     "read_class_file",

@@ -6,6 +6,7 @@ expects (zoo metadata, timm's data config, a Hugging Face image processor), neve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +77,9 @@ class Preprocess:
         if self.mean is None and self.std is None:
             return x
         c = x.shape[-3]
+        _check_counts(self.mean, self.std, c, "the images have")
         mean = torch.as_tensor(self.mean if self.mean is not None else (0.0,), dtype=x.dtype)
         std = torch.as_tensor(self.std if self.std is not None else (1.0,), dtype=x.dtype)
-        if mean.numel() not in (1, c) or std.numel() not in (1, c):
-            raise SpecError(f"--mean/--std have {mean.numel()}/{std.numel()} values but the images have {c} channels")
         shape = (-1, 1, 1)
         return (x - mean.reshape(shape)) / std.reshape(shape)
 
@@ -87,13 +87,46 @@ class Preprocess:
         return self.normalize(self.display(raw))
 
 
+def _check_counts(mean, std, channels: int | None, where: str) -> None:
+    """Per-channel values fit ``channels`` (one value, or one per channel) and each other."""
+    n_mean, n_std = len(mean) if mean is not None else 1, len(std) if std is not None else 1
+    if channels is not None and (n_mean not in (1, channels) or n_std not in (1, channels)):
+        raise SpecError(
+            f"mean/std have {n_mean}/{n_std} values but {where} {channels} channels; "
+            "give --mean/--std one value or one per channel"
+        )
+    if n_mean > 1 and n_std > 1 and n_mean != n_std:
+        raise SpecError(f"mean/std have {n_mean}/{n_std} values; give --mean/--std one value or one per channel")
+
+
+def check_overrides(*, image_size=None, mean=None, std=None, channels=None) -> None:
+    """One clear error for preprocessing overrides that cannot work, before any model or data is loaded.
+
+    The CLI's ``--image-size/--mean/--std/--channels`` and ``run_compare(preprocess_overrides=...)`` go
+    through here (:func:`override_preprocess` calls it too): a zero or non-finite std made every input
+    infinite, so each method failed only after the model and data were loaded.
+    """
+    if image_size is not None and len(image_size) not in (1, 2):
+        raise SpecError(f"--image-size takes H or H W, got {len(image_size)} values")
+    if image_size is not None and any(int(v) < 1 for v in image_size):
+        raise SpecError(f"--image-size must be positive, got {' '.join(map(str, image_size))}")
+    if std is not None and not (len(std) and all(float(s) > 0 and math.isfinite(float(s)) for s in std)):
+        raise SpecError(f"--std must be positive and finite, got {' '.join(map(str, std)) or 'nothing'}")
+    if mean is not None and not (len(mean) and all(math.isfinite(float(m)) for m in mean)):
+        raise SpecError(f"--mean must be finite, got {' '.join(map(str, mean)) or 'nothing'}")
+    if channels is not None and int(channels) not in (1, 3):
+        raise SpecError(f"--channels converts images to 1 or 3 channels, got {channels}")
+    _check_counts(mean, std, int(channels) if channels else None, "--channels gives")
+
+
 def override_preprocess(pre: Preprocess | None, *, image_size=None, mean=None, std=None, channels=None) -> Preprocess:
-    """Apply the command-line flags on top of a model's own preprocessing."""
+    """Apply the command-line flags (or ``run_compare``'s ``preprocess_overrides``) on top of a model's own
+    preprocessing; bad values raise :class:`SpecError` (:func:`check_overrides`), as does a mean/std whose
+    count does not fit the channels the model takes."""
+    check_overrides(image_size=image_size, mean=mean, std=std, channels=channels)
     pre = Preprocess(**{k: getattr(pre, k) for k in Preprocess.__dataclass_fields__}) if pre else Preprocess()
     changed = False
     if image_size:
-        if any(int(v) < 1 for v in image_size):
-            raise SpecError(f"--image-size must be positive, got {' '.join(map(str, image_size))}")
         pre.size, pre.crop_pct, changed = (int(image_size[0]), int(image_size[-1])), None, True
     if mean is not None:
         pre.mean, changed = tuple(float(v) for v in mean), True
@@ -103,4 +136,5 @@ def override_preprocess(pre: Preprocess | None, *, image_size=None, mean=None, s
         pre.channels, changed = int(channels), True
     if changed:
         pre.source = f"{pre.source} + flags" if pre.source != "defaults" else "flags"
+        _check_counts(pre.mean, pre.std, pre.channels, "the model takes")
     return pre
