@@ -1,5 +1,5 @@
-"""Small review items: ``relprop list`` takes its file rows from ``specs.models.FILE_SPECS`` (one list of
-forms), the randomisation verdict and its reason come from one rule, and ``explain --out`` refuses a token-score
+"""Small review items: ``relprop list`` takes its file rows from ``specs.models.FILE_FORMS`` (one tuple
+of forms), the randomisation verdict and its reason come from one rule, and ``explain --out`` refuses a token-score
 suffix before the model runs (the write step has no second check to reach)."""
 
 from __future__ import annotations
@@ -10,20 +10,24 @@ import pytest
 
 from relprop.cli import main
 from relprop.report import cell_metrics
-from relprop.specs.models import FILE_SPECS
+from relprop.specs.models import FILE_FORMS, spec_forms
 
 
 def test_list_shows_each_file_spec_form_of_the_loader(capsys, monkeypatch):
     assert main(["list"]) == 0
     specs = capsys.readouterr().out.split("model specs:")[1]
-    for form in FILE_SPECS.split(" | "):
-        example, _, text = form.partition(" (")
+    for example, text in FILE_FORMS:
         line = next(ln for ln in specs.splitlines() if ln.strip().startswith(example + " "))
-        assert line.rstrip().endswith(text.removesuffix(")")), (form, line)
-    # a new file form in the loader shows up in the listing without a second edit
-    monkeypatch.setattr("relprop.specs.models.FILE_SPECS", FILE_SPECS + " | FILE.onnx (an exported graph)")
+        assert line.rstrip().endswith(text), (example, line)
+        assert f"{example} ({text})" in spec_forms()  # the help text names the same forms
+    # a new file form shows up in the listing and the help without a second edit, even one whose text holds
+    # " (" and " | " (the listing used to split the help string back into rows on those)
+    onnx = ("FILE.onnx", "an exported graph (opset 17) | experimental")
+    monkeypatch.setattr("relprop.specs.models.FILE_FORMS", (*FILE_FORMS, onnx))
     assert main(["list"]) == 0
-    assert any(ln.split() == ["FILE.onnx", "an", "exported", "graph"] for ln in capsys.readouterr().out.splitlines())
+    out = capsys.readouterr().out.splitlines()
+    assert any(ln.split() == ["FILE.onnx", *onnx[1].split()] for ln in out), out
+    assert spec_forms().endswith(" | FILE.onnx (an exported graph (opset 17) | experimental)")
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5])

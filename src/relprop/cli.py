@@ -1104,7 +1104,7 @@ def cmd_list(args) -> int:
     from . import zoo
     from .rules.composites import NAMES as COMPOSITES
     from .specs import KINDS, TEXT_ZOO
-    from .specs.models import FILE_SPECS
+    from .specs.models import FILE_FORMS
 
     by_data: dict[str, list[str]] = {}
     for m in zoo.list_models():
@@ -1119,9 +1119,7 @@ def cmd_list(args) -> int:
     print("default methods for compare: " + ", ".join(default_methods()))
     print("LRP composites (lrp:composite=NAME): " + ", ".join(COMPOSITES))
     print("model specs:")  # each form once, with what it means
-    # the file forms as the loader's help and errors name them: "EXAMPLE (what it is) | ..."
-    files = [form.partition(" (") for form in FILE_SPECS.split(" | ")]
-    rows = [(k.example, k.help) for k in KINDS.values()] + [(ex, text.removesuffix(")")) for ex, _, text in files]
+    rows = [(k.example, k.help) for k in KINDS.values()] + list(FILE_FORMS)  # the forms spec_forms() names
     width = max(len(r[0]) for r in rows) + 2
     for example, text in rows:
         print(f"  {example:<{width}} {text}")

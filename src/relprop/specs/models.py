@@ -137,15 +137,17 @@ KINDS: dict[str, ModelKind] = {
     )
 }
 MODEL_PREFIXES = tuple(KINDS)
-FILE_SPECS = (
-    "FILE.safetensors (+ FILE.json, zoo format) | "
-    "FILE.pt / .pth / .bin (a whole model, torch.save(model); needs --trust-pickle)"
+# (form, what it is): the model files the loader takes, for the help text, errors and ``relprop list``
+FILE_FORMS: tuple[tuple[str, str], ...] = (
+    ("FILE.safetensors", "+ FILE.json, zoo format"),
+    ("FILE.pt / .pth / .bin", "a whole model, torch.save(model); needs --trust-pickle"),
 )
 
 
 def spec_forms() -> str:
     """Every accepted form, for help texts and error messages."""
-    return " | ".join(k.example for k in KINDS.values()) + " | " + FILE_SPECS
+    files = (f"{form} ({what})" for form, what in FILE_FORMS)
+    return " | ".join([*(k.example for k in KINDS.values()), *files])
 
 
 def _resolve(spec: str) -> tuple[str, str]:
