@@ -492,6 +492,36 @@ def test_npy_integers_wider_than_8_bits_are_refused_or_noted_at_load_time(tmp_pa
     assert load_data(str(tar_shards(tmp_path / "u8", digits, lambda a: ("npy", npy_bytes(a))))).warnings == []
 
 
+def test_npy_probe_reads_the_header_not_the_member(tmp_path, monkeypatch):
+    """The load-time probe of a ``.npy`` tar member reads its header in place: a 16 MiB member is not read
+    (the whole member used to be read to see the header), and a wide-integer one is still found and noted."""
+    import tracemalloc
+
+    big = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)  # 16 MiB, float: nothing to note
+    deep = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 256) * 16  # 12-bit values in uint16: noted
+    path = write_tar(
+        tmp_path / "big.tar",
+        [("k0.npy", npy_bytes(big)), ("k0.cls", b"1"), ("k1.npy", npy_bytes(deep)), ("k1.cls", b"0")],
+    )
+    read = []
+    cell = sources_mod._TarCells.cell
+    monkeypatch.setattr(sources_mod._TarCells, "cell", lambda self, i: read.append(i) or cell(self, i))
+    tracemalloc.start()
+    try:
+        data = load_data(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == [1], read  # only the member whose header asks for a check is read whole
+    assert peak < big.nbytes / 8, peak
+    assert any("1 of 2 images" in w and "16-bit range" in w for w in data.warnings), data.warnings
+    assert torch.equal(data.images[0], torch.from_numpy(big)[None])  # and reading it still gives the array
+    # a member cut short is still named at load time (the header probe cannot decode it: the decoder says why)
+    cut = write_tar(tmp_path / "cut.tar", [("k0.npy", npy_bytes(big)[:100]), ("k0.cls", b"1")])
+    with pytest.raises(SpecError, match=r"cut\.tar:k0\.npy"):
+        load_data(str(cut))
+
+
 def test_a_missing_image_column_is_named_with_its_option(tmp_path, digits):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")

@@ -32,6 +32,7 @@ members are preferred when an example has them: images (png, jpg, ...), then ``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import dataclasses
 import io
@@ -44,7 +45,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, BinaryIO, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -242,6 +243,21 @@ class Images(Lazy[torch.Tensor]):
             f"{self.where}: row {self.name(i)} holds {type(v).__name__} where an image (encoded bytes or a path) belongs"
         )
 
+    @contextlib.contextmanager
+    def open(self, i: int) -> Iterator[tuple[str, BinaryIO]]:
+        """``(kind, stream)`` of example ``i``'s input, for reading its header without reading it whole: a
+        tar member is read in place, a file opened; other cells (table rows) hold their bytes already."""
+        if isinstance(self.cells, _TarCells):
+            with self.cells.open(i) as got:
+                yield got
+            return
+        kind, src = self._source(i)
+        if isinstance(src, Path):
+            with open(src, "rb") as fh:
+                yield kind, fh
+        else:
+            yield kind, io.BytesIO(src)
+
     def raw(self, i: int) -> bytes:
         _, src = self._source(i)
         return src.read_bytes() if isinstance(src, Path) else src
@@ -315,10 +331,10 @@ def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
     raise SpecError(f"{name} holds a {type(obj).__name__}; relprop reads a tensor or an array as an image")
 
 
-def _npy_needs_check(b: bytes) -> bool:
+def _npy_needs_check(f: BinaryIO) -> bool:
     """Whether a ``.npy`` file's header declares an integer type wider than 8 bits (a note, or refused) or
-    a shape that is no image: decoding it at load time says so before any work, naming the first such member."""
-    f = io.BytesIO(b)
+    a shape that is no image: decoding it at load time says so before any work, naming the first such member.
+    Reads only the header from ``f`` (numpy bounds it: 10,000 bytes), never the array."""
     try:
         major, _ = np.lib.format.read_magic(f)
         header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
@@ -336,21 +352,17 @@ def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
     picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, k))}) if n else []
     notes: list[str] = []
     for i in picks:
-        kind, src = images._source(i)
-        if kind == "npy":  # the header tells the data type; only integers wider than 8 bits are decoded
-            head = src.read_bytes() if isinstance(src, Path) else src
-            if _npy_needs_check(head):
-                decode_member(kind, head, images._named(i)[2], notes=notes)
-            continue
-        if kind != "image":
-            continue
-        if isinstance(src, Path):
-            with open(src, "rb") as fh:
-                head = fh.read(32)
-        else:
-            head = src[:32]
-        deep_png = head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 24 and head[24] == 16
-        if deep_png or head[:4] in (b"II*\x00", b"MM\x00*"):
+        with images.open(i) as (kind, f):  # headers only: a large member is not read to be probed
+            if kind == "npy":  # the header tells the data type; only integers wider than 8 bits are decoded
+                deep = _npy_needs_check(f)
+            else:
+                head = f.read(32) if kind == "image" else b""
+                deep_png = head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 24 and head[24] == 16
+                deep = deep_png or head[:4] in (b"II*\x00", b"MM\x00*")
+        if deep and kind == "npy":
+            decode_member(kind, *images._named(i)[1:], notes=notes)
+        elif deep:
+            src = images._source(i)[1]
             decode_image(src, notes, name=images.name(i) if not isinstance(src, Path) else str(src))
     if not notes:
         return []
@@ -804,6 +816,12 @@ class _TarCells(Cells):
 
     def name(self, i: int) -> str:
         return self.keys[i]
+
+    @contextlib.contextmanager
+    def open(self, i: int) -> Iterator[tuple[str, BinaryIO]]:
+        """``(kind, the member as a seekable stream read in place)``: for reading a header only."""
+        with open(self.shards[self.shard[i]], "rb") as fh:
+            yield self.kinds[i], cast(BinaryIO, io.BufferedReader(_Window(fh, self.offset[i], self.size[i])))
 
     def cell(self, i: int) -> Any:
         with open(self.shards[self.shard[i]], "rb") as fh:
