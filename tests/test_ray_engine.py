@@ -204,10 +204,38 @@ def test_without_address_a_new_local_instance_or_ray_address(data, monkeypatch, 
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    before = dict(os.environ)
     with pytest.raises(RuntimeError, match="stop here"):
         RayEngine(data, [], Settings(), "unused", options=RayOptions(workers=2))
     assert calls[0]["address"] == (env or "local")
     assert ("num_cpus" in calls[0]) == (env is None)
+    assert dict(os.environ) == before  # no process-wide state: the driver's environment is left as it was
+
+
+def test_the_shard_folder_is_one_output(data, monkeypatch, tmp_path):
+    """RayEngine checks the --shards URL through the Output that names the folder (it built a second one)."""
+    import relprop.report.distributed as dist
+
+    built = []
+
+    class Counted(Output):
+        def __init__(self, where, flag="--out"):
+            built.append((str(where), flag))
+            super().__init__(where, flag)
+
+    monkeypatch.setattr(dist, "Output", Counted)
+    url = (tmp_path / "s").as_uri()
+    with pytest.raises(SpecError, match="memory:// file system lives in one process"):
+        RayEngine(data, [], Settings(), tmp_path / "out", options=RayOptions(shards="memory://shards"))
+    assert [w for w, flag in built if flag == "--shards"] == ["memory://shards"], built
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("stop here")))
+    built.clear()
+    with pytest.raises(RuntimeError, match="stop here"):
+        RayEngine(data, [], Settings(), tmp_path / "out", options=RayOptions(shards=url))
+    assert [w for w, flag in built if flag == "--shards"] == [url], built
+    assert dist.shard_output(Output(tmp_path / "out"), url)[1] == str(tmp_path / "s")
 
 
 # ------------------------------------------------------------------------------------ text, unreachable data

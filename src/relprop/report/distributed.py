@@ -391,8 +391,8 @@ class RayEngine:
             raise SpecError(f"the shard size ({size}) must be a multiple of --batch-size ({settings.batch_size})")
         self.shard_size = size
         self.settings, self.out, self.log = settings, Output(out), log
-        self.shards = shard_folder(self.out, o.shards)
-        if Output(self.shards, flag="--shards").in_process:  # a bad URL fails here, before Ray starts
+        where, self.shards = shard_output(self.out, o.shards)  # a bad URL fails here, before Ray starts
+        if where.in_process:
             raise SpecError(
                 f"--shards {self.shards}: a memory:// file system lives in one process, and Ray's workers are "
                 f"other processes; use a folder or a URL that every worker reaches"
@@ -400,7 +400,9 @@ class RayEngine:
         self.run = run  # the run id of the rows (run_compare's, which its examples.parquet carries)
         self.started = False
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            # Usage stats: nothing set here (the environment is the process's, not ours). Ray's release wheels
+            # turn them off themselves when ray.init starts a local instance, before starting its processes;
+            # a cluster joined with --address reports (or not) as its owner configured it.
             kw: dict[str, Any] = dict(
                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True
             )
@@ -667,10 +669,18 @@ def _failed(m: MethodSpec, error: str) -> dict:
     return {"method": m.label, "name": m.name, "status": "failed", "error": error[:300], "reused": False}
 
 
+def shard_output(out: Output, shards: str | None) -> tuple[Output, str]:
+    """``(the file system, the folder)`` the shards go to: ``--shards`` or the report's ``shards`` folder, a
+    local one as an absolute path (workers on a cluster joined with ``--address`` run in other working folders)."""
+    if not shards:
+        return out, out.where("shards").rstrip("/")
+    where = Output(shards, flag="--shards")
+    return where, where.where().rstrip("/")
+
+
 def shard_folder(out: Output, shards: str | None) -> str:
-    """Where the shards go: ``--shards`` or the report's ``shards`` folder, a local one as an absolute path
-    (workers on a cluster joined with ``--address`` run in other working folders)."""
-    return (Output(shards, flag="--shards").where() if shards else out.where("shards")).rstrip("/")
+    """The folder of :func:`shard_output` (for messages)."""
+    return shard_output(out, shards)[1]
 
 
 def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
