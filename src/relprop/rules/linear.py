@@ -52,16 +52,48 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
         z = z.float()
     if eps == 0:
         d = z.abs()
-        inf = torch.full((), float("inf"), dtype=z.dtype, device=z.device)
         if z.requires_grad:
-            return torch.where(d < torch.finfo(z.dtype).tiny, inf, z)
-        # Written into the temporary ``|z|`` (equal bits to ``z.masked_fill(|z| < tiny, inf)``, one temporary fewer).
-        return torch.where(d < torch.finfo(z.dtype).tiny, inf, z, out=d)
+            return torch.where(d < torch.finfo(z.dtype).tiny, _inf(z), z)
+        return _absorbing(z, d)
     if z.requires_grad:
         return torch.full_like(z, eps).copysign_(z).add_(z)
     # ``copysign(eps, z) + z`` written straight into a tensor laid out as ``full_like(z)`` (equal bits: copysign
     # is exact), without first filling it with eps: one pass over the output fewer.
     return torch.copysign(_eps(eps, z), z, out=torch.empty_like(z)).add_(z)
+
+
+def _absorbing(z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The LRP-0 denominator of ``z`` written into ``d = |z|`` (a new tensor of ours): ``inf`` where ``|z| < tiny``,
+    else ``z`` (equal bits to ``z.masked_fill(|z| < tiny, inf)``, one temporary fewer)."""
+    return torch.where(d < torch.finfo(z.dtype).tiny, _inf(z), z, out=d)
+
+
+def _inf(z: torch.Tensor) -> torch.Tensor:
+    return torch.full((), float("inf"), dtype=z.dtype, device=z.device)
+
+
+def _all_normal(a: torch.Tensor) -> bool:
+    """Is every element of ``a`` (absolute values) at least the smallest normal number (False for NaN or none)?
+
+    One reduction, read back: CPU callers only (on a GPU it would be a host sync per call)."""
+    return a.numel() > 0 and bool(a.amin() >= torch.finfo(a.dtype).tiny)
+
+
+def _all_normal_by_chunks(z: torch.Tensor) -> bool:
+    """:func:`_all_normal` of ``|z|`` for a dense CPU tensor ``z``, without an output-sized temporary: ``|z|`` is
+    taken a chunk at a time into a cache-sized buffer (exact: the minimum of the chunks' minima is the whole's)."""
+    n = z.numel()
+    if n == 0:
+        return False
+    flat = z.as_strided((n,), (1,))  # every element once (the caller checked the layout is dense)
+    buf = torch.empty(min(n, CHUNK), dtype=z.dtype, device=z.device)
+    tiny = torch.finfo(z.dtype).tiny
+    for start in range(0, n, CHUNK):
+        b = buf[: min(CHUNK, n - start)]
+        torch.abs(flat[start : start + CHUNK], out=b)
+        if not bool(b.amin() >= tiny):
+            return False
+    return True
 
 
 def _eps(eps: float, z: torch.Tensor) -> torch.Tensor:
@@ -81,14 +113,7 @@ def _stabilize_into(z: torch.Tensor, eps: float) -> bool:
     The same values as :func:`stabilize` (``z + e`` = ``e + z``), through a cache-sized scratch buffer reused chunk
     after chunk instead of a new tensor the size of ``z``.
     """
-    if (
-        eps == 0
-        or z.dtype in HALF
-        or z.device.type != "cpu"
-        or z.requires_grad
-        or z._base is not None
-        or not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last))
-    ):
+    if eps == 0 or not _dense_own(z):
         return False
     n = z.numel()
     flat = z.as_strided((n,), (1,))  # every element once: the op is element-wise, the order is immaterial
@@ -124,12 +149,48 @@ def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float, scratch: bool = False)
     new output the rule computed); then the denominator and the quotient are made in ``z`` itself (equal bits,
     no new output-sized tensor).
     """
+    if eps == 0 and z.device.type == "cpu" and not (z.requires_grad or rel.requires_grad):
+        return _ratio0(rel, z, scratch)
     if scratch and writable(z, rel, z) and _stabilize_into(z, eps):
         return torch.div(rel, z, out=z)
     d = stabilize(z, eps)
     if writable(d, rel, d):
         return torch.div(rel, d, out=d)
     return rel / d
+
+
+def _ratio0(rel: torch.Tensor, z: torch.Tensor, scratch: bool) -> torch.Tensor:
+    """:func:`ratio` for ``eps = 0`` on CPU without autograd: ``rel / z`` itself where no ``|z|`` is below the
+    smallest normal number (the usual case), found with one reduction instead of the boolean mask and the
+    ``where`` of :func:`stabilize` (about 4x the cost of the division on CPU).
+
+    Equal bits to ``rel / stabilize(z, 0)``: the stabilised denominator is ``z`` itself, bit for bit, wherever
+    ``|z| >= tiny`` (inf included; a NaN anywhere takes the general path), so the quotient is the same division
+    of the same numbers, written into the same memory (``|z|``'s new tensor, or ``z`` when it is scratch). The
+    quotient is never written into ``z`` otherwise: ``z`` is a recorded (or held) output.
+    """
+    if scratch and z.dtype not in HALF and writable(z, rel, z) and _dense_own(z) and _all_normal_by_chunks(z):
+        return torch.div(rel, z, out=z)
+    if z.dtype in HALF:
+        z = z.float()
+    d = z.abs()  # the denominator's memory, as in stabilize
+    if writable(d, rel, d):
+        if _all_normal(d):
+            return torch.div(rel, z, out=d)
+        return torch.div(rel, _absorbing(z, d), out=d)
+    return rel / _absorbing(z, d)
+
+
+def _dense_own(z: torch.Tensor) -> bool:
+    """A dense (contiguous or channels-last) CPU float32/float64 tensor, no view, no autograd: one whose elements
+    may be visited as one flat array (``as_strided((n,), (1,))``) and written in place."""
+    return (
+        z.dtype not in HALF
+        and z.device.type == "cpu"
+        and not z.requires_grad
+        and z._base is None
+        and (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last))
+    )
 
 
 def writable(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
