@@ -666,12 +666,16 @@ def cmd_compare(args) -> int:
     )
     log = (lambda s: None) if args.quiet else _say
     load = _loader(args, weights)
-    names, warnings = preflight(models, data, methods, settings, load, log)
+
+    def load_placed(spec: str):  # --device/--dtype (Ray workers too); the preflight checks the model as it runs
+        return place_loaded(load(spec), args.device, args.dtype, copy=False)
+
+    names, warnings = preflight(models, data, methods, settings, load_placed, log)
     for w in warnings:  # prominent even with --quiet: results depend on it
         _say(f"relprop: WARNING: {w}")
 
     def load_named(spec: str):
-        m = place_loaded(load(spec), args.device, args.dtype, copy=False)  # --device/--dtype (Ray workers too)
+        m = load_placed(spec)
         m.name = names.get(spec, m.name)
         return m
 
@@ -822,10 +826,12 @@ def cmd_explain(args) -> int:
     weights = _weights_map(args.weights, [args.model])
     _preprocess_overrides(args)
     model = _loader(args, weights)(args.model)
-    from .report.device import check_placement, place_loaded
+    from .report.device import cast_text, check_placement, place_loaded
 
     check_placement(args.device, args.dtype)
     model = place_loaded(model, args.device, args.dtype, copy=False)
+    if model.info.get("dtype_cast"):  # e.g. a float64 model under the default --dtype float32
+        _say(f"relprop: note: {cast_text(model.name, model.info['dtype_cast'])}")
     _check_explain_outputs(args, "image" if model.kind == "image" else "text")
     inputs: Any  # a tensor (images) or the tokenizer's dict of tensors (texts)
     if model.kind == "image":

@@ -145,7 +145,7 @@ def run_compare(
     from ..specs import check_method, check_overrides, override_preprocess
     from ..specs.adapters import frozen, to_data, to_models
     from . import cell_metrics, figures, html, store
-    from .device import check_placement, place_loaded, resolve_device, resolve_dtype
+    from .device import cast_text, check_placement, place_loaded, resolve_device, resolve_dtype
 
     settings = settings if settings is not None else Settings()
     check_placement(settings.device, settings.dtype)  # a bad device/dtype: one clear error before any work
@@ -248,6 +248,9 @@ def run_compare(
                     f"if it expects otherwise",
                     log,
                 )
+            if model.info.get("dtype_cast"):  # e.g. a float64 model under the default --dtype float32
+                entry["dtype_cast"] = model.info["dtype_cast"]
+                bar.write(f"  note: {cast_text(model.name, model.info['dtype_cast'])}", log)
             entry.update(
                 name=model.name,
                 kind=model.kind,
@@ -366,6 +369,8 @@ def run_compare(
     # what --device/--dtype resolved to (auto -> cpu or cuda), next to what was asked for
     results["settings"]["device_used"] = str(resolve_device(settings.device))
     results["settings"]["dtype_used"] = str(resolve_dtype(settings.dtype)).replace("torch.", "")
+    if cast := {m["name"]: m["dtype_cast"]["from"] for m in results_models if m.get("dtype_cast")}:
+        results["settings"]["dtype_cast"] = cast  # the models whose own dtype(s) differ from the one they ran in
     results["data"]["n_metrics"] = min(settings.samples, len(data))
     if results_models:
         try:

@@ -160,7 +160,34 @@ def place_loaded(
 ) -> LoadedModel:
     """A :class:`~relprop.specs.LoadedModel` whose module is :func:`place` d (a new LoadedModel when the module
     changes, so a user's own LoadedModel and module stay untouched with ``copy=True``)."""
+    own = float_dtypes(model.module)
     module = place(model.module, device, dtype, copy=copy)
     if module is model.module:
         return model
-    return dataclasses.replace(model, module=module, _fingerprint=None)
+    info = model.info
+    cast = own - {resolve_dtype(dtype)}
+    if cast:  # said in the report and on the terminal: a float64 model's numbers are float32 ones now
+        info = {**info, "dtype_cast": cast_note(own, resolve_dtype(dtype))}
+    return dataclasses.replace(model, module=module, info=info, _fingerprint=None)
+
+
+def float_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    """The floating-point dtypes of ``module``'s parameters and buffers."""
+    return {p.dtype for p in (*module.parameters(), *module.buffers()) if p.is_floating_point()}
+
+
+def cast_note(own: set[torch.dtype], to: torch.dtype) -> dict[str, Any]:
+    """``{"from": [...], "to": ...}``: the dtypes a model held and the one it runs in (``LoadedModel.info``)."""
+    return {"from": sorted(_name(d) for d in own), "to": _name(to)}
+
+
+def cast_text(name: str, cast: dict[str, Any]) -> str:
+    """The one line that says a model was cast (terminal note, report)."""
+    return (
+        f"{name} holds {'/'.join(cast['from'])} parameters; it runs in {cast['to']} (--dtype), so its numbers "
+        f"are {cast['to']} ones"
+    )
+
+
+def _name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")

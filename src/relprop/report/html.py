@@ -306,12 +306,16 @@ PERTURBATION_FLAGS = {
 
 def shown_settings(s: dict, kind: str) -> dict:
     """The settings that apply to ``kind`` data, for display; ``device``/``dtype`` as requested → used
-    (``auto → cpu``) where the run resolved them (``device_used``/``dtype_used``)."""
+    (``auto → cpu``) where the run resolved them (``device_used``/``dtype_used``), and the models whose
+    own dtype was not ``dtype`` (``dtype_cast``)."""
     out = {k: v for k, v in s.items() if not (kind != "image" and k in IMAGE_ONLY_SETTINGS)}
     for k in ("device", "dtype"):
         used = out.pop(f"{k}_used", None)
         if used is not None and k in out and str(out[k]) != str(used):
             out[k] = f"{out[k]} → {used}"
+    if cast := out.pop("dtype_cast", None):  # models cast to --dtype (a float64 model under float32)
+        froms = ", ".join(f"{name} from {'/'.join(own)}" for name, own in cast.items())
+        out["dtype"] = f"{out.get('dtype')} (models cast to it: {froms})"
     return out
 
 
