@@ -378,16 +378,195 @@ def _perm(node, grads, tensors, wrt):
     return [gx] + [None] * (len(tensors) - 1)
 
 
-@register_vjp("relu")
-def _relu(node, grads, tensors, wrt):
+# Element-wise ops, softmax and layer norm: each kernel is autograd's own formula for the op
+# (tools/autograd/derivatives.yaml of the torch it runs on, as autograd evaluates it with grad mode off),
+# called directly; tests/test_vjp_shortcuts.py compares the bits with autograd's on every overload here.
+def _elementwise(node: Node, grads: Grads, tensors: Sequence, wrt: list[int], op_name: str) -> torch.Tensor | None:
+    """The cotangent of a one-tensor-input op ``op_name`` whose input has the cotangent's shape and dtype
+    (the dtype the op runs in: a half-precision op widened by ``base.vjp`` runs in float32), else None."""
     g = grads[0]
-    if g is None:
+    if g is None or node.op_name != op_name or wrt != [0] or len(tensors) != 1 or any(x is not None for x in grads[1:]):
         return None
-    # relu(x) > 0 exactly where x > 0: read the output when it is at hand (an in-place relu_ dropped x)
-    out = node.outputs[0]
-    if isinstance(tensors, RecordedInputs) and out is not None and out.data is not None:
-        return [g * (out.data > 0)]
-    return [g * (tensors[0] > 0)]
+    if not g.is_floating_point() or g.shape != shape_of(node, tensors, 0) or g.dtype != dtype_of(node, tensors, 0):
+        return None
+    return g
+
+
+def dtype_of(node: Node, tensors: Sequence, i: int) -> torch.dtype:
+    """The dtype of input ``i`` as a kernel reads it, without reading recorded data where none is converted."""
+    if type(tensors) is RecordedInputs:  # not a subclass that converts (base.Float32Inputs): the recorded dtype
+        dtype = node.inputs[i].dtype
+        if dtype is None:
+            raise RuntimeError(f"internal: input {i} of {node!r} has no recorded dtype")
+        return dtype
+    return tensors[i].dtype
+
+
+def result_of(node: Node, tensors: Sequence, k: int = 0) -> torch.Tensor:
+    """Output ``k`` of the op on ``tensors``: the recorded one where ``tensors`` are the recorded inputs as recorded
+    and it is held, else the op run on ``tensors`` (replacements, float32 copies, a released output) without
+    autograd. A kernel still checks the dtype: a recorded output need not be in its inputs' dtype."""
+    if type(tensors) is RecordedInputs:
+        v = node.outputs[k] if k < len(node.outputs) else None
+        if v is not None and v.data is not None:
+            return v.data
+    with torch.no_grad():
+        out = node.run(list(tensors))
+    return out[k] if isinstance(out, (tuple, list)) else out
+
+
+def _unary(fn: Callable[[Node, torch.Tensor, Sequence], torch.Tensor | None], *op_names: str) -> VJP:
+    """A VJP kernel from ``fn(node, g, tensors)``, the input's gradient (or None to decline) of the overloads ``op_names``."""
+
+    def kernel(node, grads, tensors, wrt):
+        if node.op_name not in op_names:
+            return None
+        g = _elementwise(node, grads, tensors, wrt, node.op_name)
+        gx = None if g is None else fn(node, g, tensors)
+        return None if gx is None else [gx]
+
+    kernel.__doc__ = fn.__doc__
+    kernel.__name__ = fn.__name__
+    return kernel
+
+
+def _from_result(node: Node, g: torch.Tensor, tensors: Sequence) -> torch.Tensor | None:
+    """The op's output for ``tensors`` if it has ``g``'s dtype, else None."""
+    out = result_of(node, tensors)
+    return out if out.dtype == g.dtype and out.shape == g.shape else None
+
+
+def _relu(node, g, tensors):
+    """ReluBackward0: ``threshold_backward(grad, result, 0)`` (grad where the result is > 0, else 0, also where grad
+    is inf or NaN). The input gives the same mask: read it instead where the output is not held."""
+    v = node.outputs[0]
+    held = type(tensors) is RecordedInputs and v is not None and v.data is not None and v.data.dtype == g.dtype
+    return aten.threshold_backward(g, v.data if held else tensors[0], 0)
+
+
+def _tanh(node, g, tensors):
+    """TanhBackward0: ``tanh_backward(grad, result)``."""
+    out = _from_result(node, g, tensors)
+    return None if out is None else aten.tanh_backward(g, out)
+
+
+def _sigmoid(node, g, tensors):
+    """SigmoidBackward0: ``sigmoid_backward(grad, result)``."""
+    out = _from_result(node, g, tensors)
+    return None if out is None else aten.sigmoid_backward(g, out)
+
+
+def _exp(node, g, tensors):
+    """ExpBackward0: ``grad * result``."""
+    out = _from_result(node, g, tensors)
+    return None if out is None else g * out
+
+
+def _sqrt(node, g, tensors):
+    """SqrtBackward0: ``grad / (2 * result)``."""
+    out = _from_result(node, g, tensors)
+    return None if out is None else g / (out * 2)
+
+
+def _rsqrt(node, g, tensors):
+    """RsqrtBackward0: ``-0.5 * grad * result.pow(3)`` (in that order)."""
+    out = _from_result(node, g, tensors)
+    return None if out is None else (g * -0.5) * out.pow(3)
+
+
+def _neg(node, g, tensors):
+    """NegBackward0: ``grad.neg()`` (reads no operand)."""
+    return g.neg()
+
+
+def _silu(node, g, tensors):
+    """SiluBackward0 with grad mode off: ``silu_backward(grad, self)``."""
+    return aten.silu_backward(g, tensors[0])
+
+
+def _gelu(node, g, tensors):
+    """GeluBackward0: ``gelu_backward(grad, self, approximate)``, for both approximations."""
+    approximate = node.kwargs.get("approximate", "none")
+    if set(node.kwargs) - {"approximate"} or len(node.args) != 1 or approximate not in ("none", "tanh"):
+        return None
+    return aten.gelu_backward(g, tensors[0], approximate=approximate)
+
+
+def _pow(node, g, tensors):
+    """PowBackward0, ``pow_backward(grad, self, exponent)``: zeros for exponent 0, else
+    ``grad * (exponent * self.pow(exponent - 1))`` with the exponent as a double, as the C++ formula has it."""
+    e = node.arg(1)
+    if node.kwargs or type(e) not in (int, float):
+        return None  # a complex or bool exponent, a symbolic one: autograd
+    x = tensors[0]
+    if e == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+    e = float(e)
+    return g * (x.pow(e - 1) * e)
+
+
+for _fn, _packet, _op in (
+    (_relu, "relu", "aten.relu.default"),
+    (_tanh, "tanh", "aten.tanh.default"),
+    (_sigmoid, "sigmoid", "aten.sigmoid.default"),
+    (_exp, "exp", "aten.exp.default"),
+    (_sqrt, "sqrt", "aten.sqrt.default"),
+    (_rsqrt, "rsqrt", "aten.rsqrt.default"),
+    (_neg, "neg", "aten.neg.default"),
+    (_silu, "silu", "aten.silu.default"),
+    (_gelu, "gelu", "aten.gelu.default"),
+    (_pow, "pow", "aten.pow.Tensor_Scalar"),
+):
+    register_vjp(_packet)(_unary(_fn, _op))
+
+
+@register_vjp("_softmax", "_log_softmax")
+def _softmax(node, grads, tensors, wrt):
+    """SoftmaxBackward0 / LogSoftmaxBackward0: ``_softmax_backward_data(grad, result, dim, self.scalar_type())``
+    (``_log_softmax_backward_data``), from the op's output: no re-run of the op or of the chain that made its input."""
+    if node.op_name not in ("aten._softmax.default", "aten._log_softmax.default") or node.kwargs:
+        return None
+    g = _elementwise(node, grads, tensors, wrt, node.op_name)
+    dim = node.arg(1)
+    if g is None or len(node.args) != 3 or type(dim) is not int or node.arg(2) is not False:
+        return None  # half_to_float=True: the output's dtype is not the input's
+    out = result_of(node, tensors)
+    if out.dtype != g.dtype or out.shape != g.shape:
+        return None
+    backward = aten._softmax_backward_data if node.packet == "_softmax" else aten._log_softmax_backward_data
+    return [backward(g, out, dim, g.dtype)]
+
+
+@register_vjp("native_layer_norm")
+def _layer_norm(node, grads, tensors, wrt):
+    """NativeLayerNormBackward0 w.r.t. the input only: ``native_layer_norm_backward(grad, input, normalized_shape,
+    mean, rstd, weight, bias, [True, False, False])`` with the op's saved ``mean`` and ``rstd`` outputs."""
+    g = grads[0]
+    if g is None or node.op_name != "aten.native_layer_norm.default" or node.kwargs or len(node.args) != 5:
+        return None
+    if wrt != [0] or any(x is not None for x in grads[1:]) or not isinstance(node.args[0], Value):
+        return None  # weight or bias gradients, cotangents on mean/rstd: autograd
+    shape = node.args[1]
+    wi, bi = input_index(node, 2), input_index(node, 3)
+    if not isinstance(shape, (list, tuple)) or not all(type(s) is int for s in shape):
+        return None
+    if (wi is None and node.args[2] is not None) or (bi is None and node.args[3] is not None):
+        return None
+    if len(tensors) != 1 + (wi is not None) + (bi is not None):
+        return None
+    x = tensors[0]
+    if g.dtype != x.dtype or g.shape != x.shape:
+        return None
+    held = type(tensors) is RecordedInputs and all(v is not None and v.data is not None for v in node.outputs[1:3])
+    if held:
+        mean, rstd = node.outputs[1].data, node.outputs[2].data
+    else:
+        with torch.no_grad():
+            _, mean, rstd = node.run(list(tensors))
+    weight = tensors[wi] if wi is not None else None
+    bias = tensors[bi] if bi is not None else None
+    gx = aten.native_layer_norm_backward(g, x, list(shape), mean, rstd, weight, bias, [True, False, False])[0]
+    return [gx] + [None] * (len(tensors) - 1)
 
 
 @register_vjp("_native_batch_norm_legit_no_training", "native_batch_norm")
@@ -449,4 +628,13 @@ def _mean(node, grads, tensors, wrt):
     return [(g / count).expand(shape)]
 
 
-__all__ = ["VJPS", "RecordedInputs", "autograd_vjp", "input_index", "register_vjp", "shape_of"]
+__all__ = [
+    "VJPS",
+    "RecordedInputs",
+    "autograd_vjp",
+    "dtype_of",
+    "input_index",
+    "register_vjp",
+    "result_of",
+    "shape_of",
+]
