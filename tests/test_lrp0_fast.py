@@ -182,3 +182,35 @@ def test_zero_outputs_take_the_masked_path_with_equal_bits(monkeypatch, dtype):
             plain = relprop.explain(m, x, target=1, **kw)
         assert torch.equal(fast.attributions, plain.attributions) and torch.isfinite(fast.attributions).all()
     assert seen["fast"] >= 1 and seen["masked"] >= 2, seen
+
+
+def test_product_shares_written_into_their_own_gradients(monkeypatch):
+    """``contributions`` writes a product's first share into that operand's gradient (a new tensor of the VJP): equal
+    bits to the new product; a sum's operands (whose VJP hands the quotient itself to each) never."""
+    torch.manual_seed(0)
+    model = qwen2().eval()
+    ids = [torch.randint(0, 50, (2, 12)) for _ in range(2)]
+
+    def target(out):
+        return out.logits[:, -1, 7]
+
+    opts = {"target": target, "method": "lrp", "composite": "attnlrp"}
+    seen: dict[str, int] = {}
+    own = linear._own_gradient
+
+    def spy(g, x, others):
+        ok = own(g, x, others)
+        seen[str(ok)] = seen.get(str(ok), 0) + 1
+        assert not (ok and any(t is g for t in others))
+        return ok
+
+    monkeypatch.setattr(linear, "_own_gradient", spy)
+    p = relprop.plan(model, {"input_ids": ids[0]}, **opts)
+    fast = [p.explain({"input_ids": x}, layers=["model.layers.1.mlp"]) for x in ids]
+    assert seen.get("True", 0) >= 2 * 4 and seen.get("False", 0) >= 1, seen  # A @ v and gate * up per layer; sums
+    with monkeypatch.context() as mp:
+        mp.setattr(linear, "_own_gradient", lambda g, x, others: False)
+        plain = [relprop.explain(model, {"input_ids": x}, layers=["model.layers.1.mlp"], **opts) for x in ids]
+    for a, b in zip(fast, plain):
+        assert torch.equal(a.attributions["input_ids"], b.attributions["input_ids"])
+        assert torch.equal(a.layers["model.layers.1.mlp"], b.layers["model.layers.1.mlp"])

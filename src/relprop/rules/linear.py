@@ -233,18 +233,38 @@ def contributions(ctx: RuleContext, acts: Sequence[int], eps: float) -> dict[int
     # (a sum's VJP hands ``s`` itself to every operand, so not before the other shares are computed).
     last = acts[-1] if acts else None
     # Each share is a new tensor of its own: the last one written into its gradient, another into the relevance that
-    # arrived where the pass hands it over (read by now), the rest new products.
+    # arrived where the pass hands it over (read by now) or into its own gradient where that is a new tensor no other
+    # share reads (a product's VJP), the rest new products.
     spare = ctx.spare_relevance()
+    inputs = ctx.inputs
     res = {}
     for a in acts:
-        x, g = ctx.inputs[a], _asked(grads, a)
+        x, g = inputs[a], _asked(grads, a)
         if a != last and spare is not None and _fits(spare, x, g):
             res[a] = torch.mul(x, g, out=spare)
             spare = None
+        elif a != last and _own_gradient(g, x, [s, *(grads[b] for b in acts if b != a), *(inputs[b] for b in acts)]):
+            res[a] = g.mul_(x)
         else:
             res[a] = times(x, g, owned=a == last)
         ctx.own(res[a])
     return res
+
+
+def _own_gradient(g: torch.Tensor, x: torch.Tensor, others: Sequence[torch.Tensor | None]) -> bool:
+    """May ``x * g`` be written into ``g``: ``g`` has the shape, dtype and strides ``x * g`` would have (those of
+    ``x``, dense), is no view, no autograd, and shares memory with none of ``others`` (the quotient, the other
+    operands' gradients and the inputs, still to be read). Then ``g.mul_(x)`` has the new product's bits and layout."""
+    return (
+        g.shape == x.shape
+        and g.dtype == x.dtype
+        and g.stride() == x.stride()
+        and g.is_contiguous()
+        and g._base is None
+        and not (x.requires_grad or g.requires_grad)
+        and (p := storage_ptr(g)) is not None
+        and all(t is None or storage_ptr(t) != p for t in others)
+    )
 
 
 def _fits(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:
