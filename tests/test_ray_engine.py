@@ -168,6 +168,31 @@ def test_rerun_resumes_from_finished_shards(local, cluster, tmp_path, data, meth
     assert all(read_shard(p.parent, int(p.stem), p.parent.name.rsplit("__", 1)[1], 4) for p in tables)
 
 
+def test_interrupt_lists_every_model(local, cluster, tmp_path, data, methods, monkeypatch):
+    """Ctrl-C (simulated) while the second model's cells run on Ray, after every shard of its first method
+    finished: both models are listed, the first complete, the second with that cell (equal to the
+    single-process engine's) and marked incomplete; it used to be left out with no cell."""
+    run, calls = RayEngine._run, []
+
+    def interrupted(self, model, plan, bounds, todo, *rest):
+        calls.append(model.spec)
+        if len(calls) == 1:
+            return run(self, model, plan, bounds, todo, *rest)
+        run(self, model, plan, bounds, [t for t in todo if t[0] == methods[0].label], *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RayEngine, "_run", interrupted)
+    res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    assert res["status"] == "interrupted" and [m["spec"] for m in res["models"]] == MODELS
+    first, second = res["models"]
+    assert first.get("interrupted") is None and len(first["methods"]) == 2
+    assert second["interrupted"] == {"cells_done": 1, "cells_total": 2}
+    assert [c["method"] for c in second["methods"]] == [methods[0].label]
+    cell, alone = _numbers(tmp_path)["models"][1]["methods"][0], _numbers(local)["models"][1]["methods"][0]
+    assert {**cell, "best": None} == {**alone, "best": None}  # "best": among the model's finished methods
+    assert next(r for r in res["ranking"] if r["model"] == MODELS[1])["interrupted"]["cells_done"] == 1
+
+
 def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):
     with pytest.raises(SpecError, match="multiple of --batch-size"):
         RayEngine(data, [], Settings(batch_size=4), "unused", options=RayOptions(shard_size=6))

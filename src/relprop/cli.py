@@ -599,7 +599,7 @@ def cmd_compare(args) -> int:
     from .report import Settings, run_compare
     from .report.compare import check_seed
     from .report.device import check_placement, place_loaded
-    from .report.html import accuracy_count
+    from .report.html import accuracy_count, incomplete_text
     from .report.store import Output
     from .specs import check_model_spec, load_data
 
@@ -733,9 +733,10 @@ def cmd_compare(args) -> int:
             faith += " (perturbation metrics uninformative)"
         mr = "–" if r.get("mean_rank") is None else f"{r['mean_rank']:.2f}"
         tie = ", ".join(names_by_anchor.get(t, t) for t in r.get("tied_with", []))
+        cut = f"  ({incomplete_text(r)})" if r.get("interrupted") else ""  # the run stopped in this model
         print(
             f"  {r['rank'] or '-'}. {r['name']:<24} mean rank {mr}  {r.get('metric_label', 'ABPC')} {faith}  "
-            f"accuracy {acc}{'  (tie with ' + tie + ')' if tie else ''}"
+            f"accuracy {acc}{'  (tie with ' + tie + ')' if tie else ''}{cut}"
         )
     for w in res.get("warnings", []) if args.quiet else ():  # else run_compare said each once, at its end
         if w not in warnings:

@@ -196,14 +196,8 @@ def run_compare(
             opts = ray_options if isinstance(ray_options, RayOptions) else RayOptions(**(ray_options or {}))
             loader = _Loader(load_any, weights, num_classes, preprocess_overrides, frozenset(given))
             pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, run=run, log=log)
-        for item in items:
-            spec = item if isinstance(item, str) else item.spec
-            entry: dict[str, Any] = {
-                "spec": spec,
-                "name": spec.split(":", 1)[-1].rstrip("/").split("/")[-1],
-                "methods": [],
-            }
-            entry["anchor"] = "m-" + slug(spec)
+        for item, spec in zip(items, _specs(items)):
+            entry = _model_entry(spec)
             results_models.append(entry)
             if header:
                 log(header)
@@ -340,13 +334,22 @@ def run_compare(
     except KeyboardInterrupt:
         status = "interrupted"
         bar.write("interrupted: writing the report from the finished cells", log)
-        if current.get("cells"):
-            try:
-                _finish_model(
-                    current["entry"], current["model"], current["cells"], job, None, grid_idx, data, out, figures, html
-                )
+        if current:
+            try:  # what finished of the model in progress: Ray's cells whose every shard is done, cached cells
+                cells = _finished_cells(current["cells"], pool, job, current["model"], methods)
+                done += len(cells) - len(current["cells"])
+                if cells:
+                    _finish_model(
+                        current["entry"], current["model"], cells, job, None, grid_idx, data, out, figures, html
+                    )
             except (Exception, KeyboardInterrupt):
                 pass
+        reached = {e["spec"] for e in results_models}  # the models not reached are listed too, with no cells
+        results_models += [_model_entry(spec) for spec in _specs(items) if spec not in reached]
+        for e in results_models:  # every model whose cells did not all finish is marked (terminal, report)
+            got = len(e.get("methods", []))
+            if got < len(methods) and not e.get("error"):
+                e["interrupted"] = {"cells_done": got, "cells_total": len(methods)}
     finally:
         bar.close()
         restore.close()
@@ -487,6 +490,33 @@ def _json_default(o):
     return str(o)
 
 
+def _specs(items) -> list[str]:
+    return [item if isinstance(item, str) else item.spec for item in items]
+
+
+def _model_entry(spec: str) -> dict[str, Any]:
+    """A model's entry in ``results["models"]`` before anything of it is known."""
+    name = spec.split(":", 1)[-1].rstrip("/").split("/")[-1]
+    return {"spec": spec, "name": name, "methods": [], "anchor": "m-" + slug(spec)}
+
+
+def _finished_cells(cells: dict, pool, job: Job, model, methods) -> dict:
+    """The finished cells of an interrupted model, in the methods' order: those it has, the Ray engine's whose
+    every shard is done (``pool.finished``), and cached ones (the rest of a resumed run)."""
+    got = dict(cells)
+    if pool is not None:
+        got.update({k: dict(c, status="ok") for k, c in pool.finished.items() if c.get("status") != "failed"})
+    for m in methods:
+        if m.label not in got and job.use_cache:
+            try:
+                cached = job.cached_cell(model, m)
+            except Exception:  # noqa: BLE001 - options that cannot be resolved: not a finished cell
+                cached = None
+            if cached is not None:
+                got[m.label] = dict(cached, status=cached.get("status") or "ok")
+    return {m.label: got[m.label] for m in methods if m.label in got}
+
+
 def _finish_model(entry, model, cells, job: Job, prep, grid_idx, data, out: Output, figures, html):
     """Figures and the JSON view of one model's cells."""
     ok = {k: c for k, c in cells.items() if c.get("status") == "ok"}
@@ -586,6 +616,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
                 "n_eval": m.get("n_eval"),
                 "n_total": m.get("n_total"),
                 "best_method": best["method"] if best else None,
+                "interrupted": m.get("interrupted"),  # {"cells_done", "cells_total"} when the run stopped in it
                 # every perturbation metric of the model's finished cells is flagged uninformative
                 "uninformative": bool(oks) and all((c.get("perturbation") or {}).get("warning") for c in oks),
                 "class_sensitivity": m.get("class_sensitivity"),

@@ -54,6 +54,7 @@ on storage every node reaches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -431,6 +432,7 @@ class RayEngine:
         ]  # fmt: skip
         self.shards_computed = 0
         self.shards_reused = 0
+        self.finished: dict[str, dict] = {}  # cells() interrupted: the cells whose every shard was done
 
     def info(self) -> dict:
         return {
@@ -484,7 +486,15 @@ class RayEngine:
                 files = None if bundle is None else self.ray.put(bundle)
             except SpecError as ex:  # too large, or gone: the model's cells fail with the reason
                 errors.update({label: f"SpecError: {ex}" for label, _ in todo})
-        self._run(model, plan, bounds, todo, errors, pad, files)
+        self.finished = {}
+        try:
+            self._run(model, plan, bounds, todo, errors, pad, files)
+        except KeyboardInterrupt:  # keep the cells whose every shard is done, for the interrupted report
+            for m in methods:
+                if m.label in plan and m.label not in errors:
+                    with contextlib.suppress(Exception):  # a shard not written yet: not finished
+                        self.finished[m.label] = self._assemble(job, model, m, *plan[m.label][1:], bounds)
+            raise
         out: dict[str, dict] = {}
         for m in methods:
             if m.label in errors:

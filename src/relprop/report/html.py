@@ -274,6 +274,15 @@ def best_methods(r: dict) -> str:
     return names[0] if names else "–"
 
 
+def incomplete_text(r: dict) -> str:
+    """The words for a model the run stopped in (Ctrl-C), "incomplete: 1 of 2 methods finished"; else ""."""
+    part = r.get("interrupted")
+    if not part:
+        return ""
+    got = f"{part['cells_done']} of {part['cells_total']} methods" if part["cells_done"] else "no method"
+    return f"incomplete: {got} finished"
+
+
 def accuracy_count(m: dict) -> str:
     """The examples an accuracy is over: "12 examples", or "6 of 12 examples (6 have no model class)" when
     some labels match no class of the model (``--labels ignore``) and so are left out of it."""
@@ -372,9 +381,10 @@ def _ranking_rows(results: dict) -> list[str]:
             if ties
             else ""
         )
+        cut = f'<br><span class="muted">{e(incomplete_text(r))}</span>' if r.get("interrupted") else ""
         rows.append(
             f"<tr><td>{r['rank'] if r.get('rank') is not None else '–'}{tie}</td>"
-            f'<td class="l name"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span></td>'
+            f'<td class="l name"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span>{cut}</td>'
             f"<td>{fmt(r.get('mean_rank'), 2)}</td>"
             + "".join(cell(r, k) for k in cols if k in RANKABLE)
             + f'<td class="l">{e(best_methods(r))}</td><td>{fmt(r.get("accuracy"))}</td>'
