@@ -106,6 +106,8 @@ class _Template:
     bumped: dict[str, torch.Tensor] = field(default_factory=dict)
     # Whether the signature holds the inputs' storage offsets (the recording reads absolute offsets).
     offsets: bool = True
+    # Batch-norm outputs the replay holds instead of the norms' inputs (:func:`_norm_swaps`).
+    held_norms: set[int] = field(default_factory=set)
 
 
 class PlanMismatch(RuntimeWarning):
@@ -226,7 +228,7 @@ class Plan:
         self.records += 1
         if self.records > 1:
             self.rerecords += 1
-        self._template = _template(graph, sig, random, self._callable, offsets)
+        self._template = _template(graph, sig, random, self._callable, offsets, self.composite)
         self._template.bumped = _bumped(sig0, sig, live)
         self.last_reason = reason if self._template.replayable else self._template.reason
         return graph
@@ -254,7 +256,7 @@ class Plan:
             random = _rng_state() != before
             offsets = _reads_offsets(fresh)
             sig, live = _signature(model, args, kwargs, target_key, tpl.offsets or offsets)
-            diff = _compare(tpl.graph, env, fresh)
+            diff = _compare(tpl.graph, env, fresh, tpl.held_norms)
             if diff is not None:
                 self.mismatches += 1
                 warnings.warn(
@@ -267,7 +269,7 @@ class Plan:
                 self.records += 1
                 self.rerecords += 1
                 self.last_reason = f"verify: {diff}"
-                self._template = _template(fresh, sig, random, self._callable, offsets)
+                self._template = _template(fresh, sig, random, self._callable, offsets, self.composite)
                 self._template.bumped = _bumped(sig0, sig, live)
                 return fresh
             tpl.signature = sig  # this verify recording's own version bumps (contents unchanged)
@@ -546,8 +548,11 @@ def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
-def _template(graph: Graph, sig: tuple, random: bool, target: Any, offsets: bool) -> _Template:
-    """The replay's template of ``graph``; ``offsets``: :func:`_reads_offsets` of it (the caller has it at hand)."""
+def _template(
+    graph: Graph, sig: tuple, random: bool, target: Any, offsets: bool, composite: Composite | None = None
+) -> _Template:
+    """The replay's template of ``graph``; ``offsets``: :func:`_reads_offsets` of it (the caller has it at hand);
+    ``composite``: the plan's rule set (see :func:`_norm_swaps`)."""
     reason = None
     if random:
         reason = "the forward draws random numbers (dropout in training mode?): every call records"
@@ -577,14 +582,75 @@ def _template(graph: Graph, sig: tuple, random: bool, target: Any, offsets: bool
             last[v.index] = k
     pos = {id(n): k for k, n in enumerate(graph.nodes)}
     out_idx = {v.index for v in graph.output_values}
+    swaps = _norm_swaps(graph, composite, pos, out_idx) if steps else {}
+    held_norms = set(swaps.values())
     for v in graph.values:
-        if steps and v.data is None and id(v.producer) in pos and v.index not in out_idx:
+        released = (v.data is None or v.index in swaps) and v.index not in held_norms
+        if steps and released and id(v.producer) in pos and v.index not in out_idx:
             steps[last.get(v.index, pos[id(v.producer)])].free.append(v.index)
     for step in steps:
         step.inplace = _inplace_twin(step)
     tpl = _Template(graph, sig, constants, leaves, strides, scalars, skeleton, target, steps, reason is None, reason)
     tpl.offsets = offsets
+    tpl.held_norms = held_norms
     return tpl
+
+
+def _norm_swaps(graph: Graph, composite: Composite | None, pos: dict[int, int], out_idx: set[int]) -> dict[int, int]:
+    """Batch norms the rule set merges into their linear op: norm input value -> norm output value (indices).
+
+    Why: a merged norm's rule (the linear op's, with the merged weights) reads the norm's *output* ``z`` and
+    never its input ``y`` (the linear op's own output, read by the norm only). The recording holds ``y`` and
+    drops ``z`` where an in-place op overwrote it (``relu_``, ``out += identity``), so each rule recomputed the
+    norm from ``y`` -- a pass per norm, and ``y`` itself stayed in memory to the end of the reverse pass (no
+    node of the merged graph releases it). The replay holds ``z`` instead (the op that overwrote it runs out of
+    place, into the memory ``y`` leaves) and frees ``y`` after the norm: as many tensors held, no
+    recomputation, and the reverse pass frees ``z`` once its rule is done. ``z`` is the norm's own output of the
+    forward, so the bits are the recording's (tests/test_plan_norms.py). ``y`` is recomputed (by the linear
+    op) only if something reads it, e.g. ``layers=`` naming the linear layer.
+
+    Only where ``y`` is held by the recording, has the norm as its one consumer, is no output, and no node of
+    the rule set's prepared graph (region nodes' inner nodes included) reads it.
+    """
+    if composite is None or not any(_is_norm(n) for n in graph.nodes):
+        return {}
+    prepared = composite.prepare(graph).graph
+    merged = {n.index for n in prepared.nodes if "merged_batch_norm" in n.meta}
+    if not merged:
+        return {}
+    read: set[int] = set()
+    stack = list(prepared.nodes)
+    while stack:
+        n = stack.pop()
+        read.update(v.index for v in n.inputs)
+        read.update(v.index for v in n.outputs if v is not None)
+        if n.region is not None:
+            stack.extend(n.region.nodes)
+    swaps: dict[int, int] = {}
+    for lin in graph.nodes:
+        if lin.index not in merged or not lin.outputs or lin.outputs[0] is None:
+            continue
+        y = lin.outputs[0]
+        norm = y.consumers[0] if len(y.consumers) == 1 else None
+        z = norm.outputs[0] if norm is not None and norm.outputs else None
+        if (
+            norm is None
+            or z is None
+            or not _is_norm(norm)
+            or id(norm) not in pos
+            or y.data is None
+            or y.index in read
+            or y.index in out_idx
+            or z.shape != y.shape
+            or z.dtype != y.dtype
+        ):
+            continue
+        swaps[y.index] = z.index
+    return swaps
+
+
+def _is_norm(node: Node) -> bool:
+    return node.packet in ("_native_batch_norm_legit_no_training", "native_batch_norm")
 
 
 #: Ops whose (first) output is always a new tensor, never an alias of an input: an in-place write into
@@ -843,8 +909,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _compare(old: Graph, env: dict[int, torch.Tensor], fresh: Graph) -> str | None:
-    """First difference between the replay (``old``'s structure, ``env``'s data) and ``fresh``, or None."""
+def _compare(
+    old: Graph, env: dict[int, torch.Tensor], fresh: Graph, held: frozenset[int] | set[int] = frozenset()
+) -> str | None:
+    """First difference between the replay (``old``'s structure, ``env``'s data) and ``fresh``, or None.
+
+    ``held``: norm outputs the replay holds (:func:`_norm_swaps`); where ``fresh`` dropped one, it is recomputed
+    there from the recorded norm input for the comparison, then dropped again.
+    """
     if len(old.nodes) != len(fresh.nodes) or len(old.values) != len(fresh.values):
         return f"{len(old.nodes)} recorded ops, {len(fresh.nodes)} now"
     for a, b in zip(old.nodes, fresh.nodes):
@@ -852,9 +924,13 @@ def _compare(old: Graph, env: dict[int, torch.Tensor], fresh: Graph) -> str | No
             return f"op #{a.index}: {a.op_name} in '{a.module}' recorded, {b.op_name} in '{b.module}' now"
     for v in fresh.values:
         t = env.get(v.index)
-        if t is None or v.data is None:
+        data = v.data
+        if t is not None and data is None and v.index in held:
+            data = v.tensor
+            v.data = None
+        if t is None or data is None:
             continue
-        if not _close(t, v.data):
+        if not _close(t, data):
             where = v.producer.op_name if v.producer is not None else v.kind
             return f"value {v.index} ({where}) differs"
     return None
