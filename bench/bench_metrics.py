@@ -11,9 +11,11 @@ starts with the next tool):
 * **quantus**: ``quantus.RegionPerturbation`` / ``PixelFlipping`` with the same settings (``batch_size`` B),
   skipped where Quantus is not installed (e.g. a GPU machine without it).
 
-Prints medians of wall time and of the process' CPU time (less sensitive to other processes on a
-shared machine) and the ratios as tables, plus relprop's measured chunk size and the largest
-difference from Quantus' scores.
+Prints medians of wall time and of the process' CPU time, and the least wall time (the least
+disturbed run: other processes only add time; at 2 threads on a loaded machine the CPU time is
+inflated too, by threads spinning at barriers while another is descheduled) and the ratios as
+tables, plus relprop's measured chunk size (median over the repeats), the load average and the
+largest difference from Quantus' scores.
 
     python bench/bench_metrics.py [--repeats 3] [--threads 2] [--device cpu|cuda] [--cases cnn,resnet50]
 
@@ -27,7 +29,9 @@ largest difference of each chunk's values from the first chunk's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -122,7 +126,6 @@ def main() -> None:
         flush=True,
     )
     rows: list = []
-    rows_cpu: list = []
     for key in args.cases.split(","):
         case = CASES[key]
         model = case.make().to(dev)
@@ -167,38 +170,47 @@ def main() -> None:
         out: dict[str, object] = {}
         ours()  # warm-up: first-call costs of the model and the libraries
         names = list(tools)
+        loads, chunks = [], []
         for r in range(args.repeats):
+            loads.append(round(os.getloadavg()[0], 1))
             for k in names[r % len(names) :] + names[: r % len(names)]:  # each tool first in turn
                 fn = tools[k]
                 t0, c0 = time.perf_counter(), time.process_time()
                 out[k] = fn()
                 times[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+                if k == "relprop":
+                    chunks.append(out[k].batch_size)
         res = out["relprop"]
         diff = float("nan")
         if "quantus" in out:
             diff = float(np.abs(np.asarray(out["quantus"]) - res.scores.numpy()).max())
-        print(f"{key}: wall medians " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()), flush=True)
-        rows.append((key, case, med, res.batch_size, diff, times))
-        rows_cpu.append((key, case, med_cpu, res.batch_size, diff, cpu))
-    print()
-    for key, case, _, _, _, times in rows:
         print(f"{key}: {case.name}; {case.steps + 1} passes of {case.batch}")
-        print("  wall (s): " + "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
-    for title, table in (("wall time", rows), ("CPU time of the process", rows_cpu)):
-        print(f"\nmedian {title}")
+        print(f"  1-min load average per repeat {loads}; relprop's measured chunk per repeat {chunks}")
+        for what, runs in (("wall", times), ("CPU", cpu)):
+            print(f"  {what} (s): " + "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in runs.items()))
+        sys.stdout.flush()
+        rows.append((key, case, statistics.median(chunks), diff, times, cpu, loads, chunks))
+    # medians, and the least disturbed run (the minimum: other processes only add time)
+    stats = (
+        ("median wall time", 4, statistics.median),
+        ("median CPU time of the process", 5, statistics.median),
+        ("least wall time", 4, min),
+    )
+    for title, col, stat in stats:
+        print(f"\n{title}")
         head = f"{'case':10} {'floor s':>8} {'relprop s':>10} {'relprop@B s':>12} {'quantus s':>10} "
         head += f"{'relprop/floor':>14} {'relprop@B/floor':>16} {'quantus/floor':>14} {'quantus/relprop':>16} "
         head += f"{'chunk':>6} {'max|diff|':>10}"
         print(head)
-        for key, _, med, chunk, diff, _ in table:
+        for row in rows:
+            key, chunk, diff = row[0], row[2], row[3]
+            med = {k: stat(v) for k, v in row[col].items()}
             q = med.get("quantus", float("nan"))
             print(
                 f"{key:10} {med['floor']:8.2f} {med['relprop']:10.2f} {med['relprop@B']:12.2f} {q:10.2f} "
                 f"{med['relprop'] / med['floor']:14.2f} {med['relprop@B'] / med['floor']:16.2f} "
-                f"{q / med['floor']:14.2f} {q / med['relprop']:16.2f} {chunk:6d} {diff:10.1e}"
+                f"{q / med['floor']:14.2f} {q / med['relprop']:16.2f} {chunk:6.0f} {diff:10.1e}"
             )
 
 

@@ -340,7 +340,8 @@ def region_perturbation(
 
     ``batch_size``: perturbed copies per forward pass. ``None`` (default) measures
     it in the call: the inputs' batch (at most 256), then twice that and so on
-    while the time per copy drops by 10% or more (every chunk timed is real work).
+    while the time per copy drops by 10% or more (two chunks timed per size, the
+    faster counts; every chunk timed is real work).
     The choice changes the scores only by float rounding; pass a number for
     bit-for-bit repeatable runs. The same holds for every perturbation metric.
     """
