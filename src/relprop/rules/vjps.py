@@ -176,12 +176,27 @@ def _sdpa(node, grads, tensors, wrt):
 
 
 # -------------------------------------------------------------------------------------- shortcuts
+def _scalar_operand(node: Node, grads: Grads, tensors: Sequence, wrt: list[int]) -> int | float | None:
+    """``c`` of ``aten.{add,sub,mul,div}.Tensor(x, c)`` with a Python int or float ``c`` (no alpha), when the cotangent
+    has ``x``'s shape and dtype (see :func:`_elementwise`), else None."""
+    c = node.args[1] if len(node.args) == 2 else None
+    if type(c) not in (int, float) or node.kwargs or not isinstance(node.args[0], Value):
+        return None
+    if _elementwise(node, grads, tensors, wrt, f"aten.{node.packet}.Tensor") is None:
+        return None
+    return c
+
+
 @register_vjp("add", "sub")
 def _add(node, grads, tensors, wrt):
-    """``a +/- b``: the VJP is ``(g, +/-g)`` reduced to each operand's shape; no re-run needed."""
+    """``a +/- b``: the VJP is ``(g, +/-g)`` reduced to each operand's shape; no re-run needed.
+
+    ``x +/- c`` with a Python number ``c`` (``+ eps`` in a norm): ``grad`` itself, AddBackward1/SubBackward1."""
     g = grads[0]
+    if _scalar_operand(node, grads, tensors, wrt) is not None:
+        return [g]
     if g is None or len(tensors) != 2 or len(node.args) != 2 or node.kwargs:
-        return None  # alpha=, a Python scalar operand: autograd
+        return None  # alpha=: autograd
     if not all(isinstance(a, Value) for a in node.args):
         return None
     res: list = [None] * 2
@@ -200,8 +215,11 @@ def _mul(node, grads, tensors, wrt):
     operand), without re-running the product under autograd (equal bits: tests/test_decoder_fast.py).
     """
     g = grads[0]
+    c = _scalar_operand(node, grads, tensors, wrt)
+    if c is not None:
+        return [g * c]  # ``x * c`` (attention's scaling): ``grad * other`` with the same wrapped number
     if g is None or len(tensors) != 2 or len(node.args) != 2 or node.kwargs:
-        return None  # a Python scalar operand: autograd
+        return None
     a, b = tensors[0], tensors[1]
     if not (a.dtype == b.dtype == g.dtype and a.is_floating_point()):
         return None  # promotion / complex: autograd casts and conjugates
@@ -211,6 +229,13 @@ def _mul(node, grads, tensors, wrt):
         shape = shape_of(node, tensors, i)
         res[i] = gi.sum_to_size(shape) if gi.shape != shape else gi
     return res
+
+
+@register_vjp("div")
+def _div(node, grads, tensors, wrt):
+    """``x / c`` with a Python number ``c``: DivBackward0's ``div_tensor_self_backward``, ``grad / other``."""
+    c = _scalar_operand(node, grads, tensors, wrt)
+    return None if c is None else [grads[0] / c]
 
 
 @register_vjp("convolution")
