@@ -254,7 +254,7 @@ class Block(nn.Module):
         return (x + torch.exp(-x.abs()) + torch.sqrt(x.abs() + 1)).mean(1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_gradient_method_with_shortcuts_equals_autograd(dtype, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(Block(), nn.Linear(12, 3)).to(dtype).eval()
