@@ -5,6 +5,7 @@ must give the same weights (bytes), classes, name and preprocessing as the first
 after the block. The Ray engine end to end: tests/test_ray_engine.py."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,168 @@ def test_run_compare_tells_the_ray_engine_which_models_it_holds(here, monkeypatc
     with pytest.raises(Stop):
         run_compare([mine, "zoo:resnet_digits"], "zoo:digits", ["gradient"], here / "out", engine="ray")
     assert seen["loader"].in_memory == {"rd.safetensors"}
+
+
+# ------------------------------------------------------------------- Python modules (python:MODULE, pickles)
+NET = (
+    "import torch\n"
+    "from torch import nn\n"
+    "from .parts import Head\n"
+    "class Net(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.conv, self.head = nn.Conv2d(1, 3, 3), Head()\n"
+    "    def forward(self, x):\n"
+    "        return self.head(self.conv(x).relu())\n"
+    "def build():\n"
+    "    torch.manual_seed(0)\n"
+    "    return Net()\n"
+)
+PARTS = (
+    "from torch import nn\n"
+    "class Head(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.fc = nn.Linear(12, 4)\n"
+    "    def forward(self, x):\n"
+    "        return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))\n"
+)
+
+
+def write_package(folder, name: str) -> None:
+    """A package ``name`` in ``folder`` whose ``nets.build`` builds a model of two classes in two modules."""
+    (folder / name).mkdir(parents=True)
+    (folder / name / "__init__.py").write_text("")
+    (folder / name / "nets.py").write_text(NET)
+    (folder / name / "parts.py").write_text(PARTS)
+
+
+@pytest.fixture
+def forget():
+    """The names of modules a test imports, removed from ``sys.modules`` after it (a driver keeps them)."""
+    import sys
+
+    names: list[str] = []
+    yield names
+    for n in list(sys.modules):
+        if n.partition(".")[0] in names:
+            del sys.modules[n]
+
+
+def _imported_elsewhere(here, spec: str, top: str, moved: list[str], **kw):
+    """Load ``spec`` (its code in ``here``), ship it, move ``moved`` away and forget the module, load again
+    from the bundle in another working folder: the same model; after, ``sys.path`` and ``sys.modules`` are
+    as before and the copies are gone."""
+    import os
+    import sys
+
+    first = load_model(spec, **kw)
+    bundle = read_model_files(first.info["model_files"], modules=first.info["model_modules"])
+    assert [e["module"] for e in bundle["modules"]] == [top]
+    for name in moved:
+        shutil.move(here / name, here / "gone" / name)
+    for n in [n for n in sys.modules if n.partition(".")[0] == top]:
+        del sys.modules[n]
+    (here / "worker").mkdir()
+    os.chdir(here / "worker")  # a worker runs elsewhere (the fixture restores the working folder)
+    with pytest.raises(SpecError):
+        load_model(spec, **kw)
+    path, modules = list(sys.path), set(sys.modules)
+    with placed(bundle):
+        again = load_model(spec, **kw)
+        where = Path(sys.modules[type(again.module).__module__].__file__)
+        assert top in sys.modules and not where.is_relative_to(here)
+    assert sys.path == path and set(sys.modules) == modules, "the process is left as found"
+    assert not where.exists(), "the temporary copies are removed after the block"
+    _same(first, again)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(first.module(x), again.module(x)), "the shipped code computes what the driver's does"
+    return first, again
+
+
+def test_a_python_module_of_the_users_package(here, forget):
+    forget.append("rs_pkg_a")
+    write_package(here, "rs_pkg_a")
+    first, again = _imported_elsewhere(here, "python:rs_pkg_a.nets:build", "rs_pkg_a", ["rs_pkg_a"])
+    assert first.info["model_modules"] == {"rs_pkg_a": [str(here / "rs_pkg_a")]}
+    assert first.info["model_files"] == {}
+    from relprop.specs.hashing import module_code_hash
+
+    assert type(again.module).__module__ == "rs_pkg_a.nets"
+    assert module_code_hash(first.module) != "" and first.fingerprint() == again.fingerprint()
+
+
+def test_a_single_module_file_and_weights(here, forget):
+    forget.append("rs_single")
+    (here / "rs_single.py").write_text(NET.replace("from .parts import Head\n", PARTS))
+    torch.manual_seed(1)
+    net = load_model("python:rs_single:build").module
+    for p in net.parameters():
+        p.data.add_(1)
+    torch.save(net.state_dict(), here / "w.pt")
+    first, again = _imported_elsewhere(
+        here, "python:rs_single:build", "rs_single", ["rs_single.py", "w.pt"], weights="w.pt"
+    )
+    assert state_hash(again.module) == state_hash(net)
+
+
+@pytest.mark.filterwarnings("ignore::relprop.specs.errors.TrustPickleWarning")
+def test_a_trusted_pickles_class_module(here, forget):
+    import sys
+
+    forget.append("rs_pkg_b")
+    write_package(here, "rs_pkg_b")
+    sys.path.insert(0, str(here))
+    try:
+        from rs_pkg_b.nets import build
+
+        torch.save(build(), here / "whole.pt")
+    finally:
+        sys.path.remove(str(here))
+    _imported_elsewhere(here, "whole.pt", "rs_pkg_b", ["whole.pt", "rs_pkg_b"], trust_pickle=True)
+
+
+def test_installed_modules_are_not_shipped():
+    from relprop.specs.loaders import module_sources
+
+    pytest.importorskip("torchvision")
+    assert module_sources(["torch.nn", "json", "relprop.zoo", "torchvision.models", "__main__", "not_imported"]) == {}
+    m = load_model("python:torchvision.models:resnet18")
+    assert m.info["model_modules"] == {}
+
+
+def test_what_cannot_be_shipped_is_named(here, forget):
+    import sys
+
+    from relprop.specs.loaders import module_sources
+
+    forget += ["rs_pkg_c", "rs_ns"]
+    write_package(here, "rs_pkg_c")
+    load_model("python:rs_pkg_c.nets:build")
+    (here / "rs_pkg_c" / "_fast.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    got = load_model("python:rs_pkg_c.nets:build")
+    with pytest.raises(
+        SpecError,
+        match=r"module 'rs_pkg_c' holds compiled code \(.*_fast.*\.so\).*install it on every node.*--model-files shared",
+    ):
+        read_model_files({}, modules=got.info["model_modules"])
+    for part in ("one", "two"):  # a namespace package over two folders
+        (here / part / "rs_ns").mkdir(parents=True)
+        (here / part / "rs_ns" / f"{part}.py").write_text("X = 1\n")
+    sys.path[:0] = [str(here / "one"), str(here / "two")]
+    try:
+        import rs_ns.one  # noqa: F401
+
+        found = module_sources(["rs_ns.one"])
+    finally:
+        del sys.path[:2]
+    assert found == {"rs_ns": [str(here / "one" / "rs_ns"), str(here / "two" / "rs_ns")]}
+    with pytest.raises(
+        SpecError, match=r"module 'rs_ns' is a namespace package spread over 2 folders.*--model-files shared"
+    ):
+        read_model_files({}, modules=found)
+    (here / "rs_pkg_c" / "_fast.cpython-311-x86_64-linux-gnu.so").unlink()
+    (here / "rs_pkg_c" / "table.bin").write_bytes(b"z" * 4096)  # package data go along, under the limit
+    with pytest.raises(SpecError, match=r"table\.bin .*over the limit"):
+        read_model_files({}, limit=2048, modules=got.info["model_modules"])
+    assert "table.bin" in read_model_files({}, modules=got.info["model_modules"])["modules"][0]["files"]

@@ -46,10 +46,19 @@ the file and the limit) and puts them in the object store, and each worker write
 temporary folder, runs the same loader on the copies (:func:`relprop.specs.loaders.placed`) and removes
 the folder; the weights are the same bits, so are the numbers. The copies' paths differ from the
 driver's, so a worker checks the weights' hash and the model classes' code against the driver's instead
-of the files' paths. Not shipped: what no path of the spec names (torchvision's/timm's cached pretrained
-weights, a ``python:MODULE``'s importable module, a trusted pickle's class module): those must be on every
-node. ``RayOptions(ship_models=False)`` (``--model-files shared``) loads from the paths as given, for files
-on storage every node reaches.
+of the files' paths. The Python source a spec imports from the user's folders (a ``python:MODULE:FUNCTION``
+factory's module or its top-level package folder, a trusted pickle's class modules:
+``info["model_modules"]``, :func:`relprop.specs.loaders.module_sources`) travels in the same bundle, under
+the same limit, and is on the worker's ``sys.path`` only while the model loads; modules from an installed
+environment (site-packages, the standard library) are not shipped, and compiled modules or namespace
+packages over several folders are refused, naming the module and the fix. Why not Ray's ``runtime_env``
+(``py_modules``, ``working_dir``): it is set for a whole job or actor (the actor pool serves every model of a
+run) and uploads packages to the cluster's GCS under a size limit and a cache of its own, while a model's
+bundle is already in the object store, read once, freed with the model, and under ``--model-files-limit``.
+Not shipped: torchvision's/timm's cached pretrained weights (redirecting them would change process-wide hub
+settings) and installed packages: those must be on every node. ``RayOptions(ship_models=False)``
+(``--model-files shared``) loads from the paths as given and imports as the node finds, for files on storage
+every node reaches.
 """
 
 from __future__ import annotations
@@ -651,14 +660,15 @@ class RayEngine:
 
 
 def model_bundle(model: LoadedModel, loader: _Loader, options: RayOptions) -> dict | None:
-    """The bytes of the files the workers need to load ``model`` (:func:`relprop.specs.loaders.read_model_files`),
-    or None: nothing to ship (no files, ``ship_models=False``, or a model the loader holds in memory)."""
+    """The bytes of the files and Python modules the workers need to load ``model``
+    (:func:`relprop.specs.loaders.read_model_files`), or None: nothing to ship (none, ``ship_models=False``,
+    or a model the loader holds in memory)."""
     from ..specs.loaders import read_model_files
 
-    files = model.info.get("model_files")
-    if not files or not options.ship_models or model.spec in loader.in_memory:
+    files, modules = model.info.get("model_files"), model.info.get("model_modules")
+    if not (files or modules) or not options.ship_models or model.spec in loader.in_memory:
         return None
-    return read_model_files(files, options.model_bytes)
+    return read_model_files(files or {}, options.model_bytes, modules)
 
 
 def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:

@@ -7,6 +7,11 @@ is opened through :func:`model_path`. In :func:`recording` it notes the paths, s
 files a model needs (``LoadedModel.info["model_files"]``); in :func:`placed` it answers with copies of
 them, so another machine (a Ray worker) runs this same loader code on the driver's bytes
 (:func:`read_model_files`, :func:`relprop.report.distributed`).
+
+The Python a spec imports from the user's own folders (a ``python:MODULE:FUNCTION`` factory's module, the
+module of a trusted pickle's classes) is noted too (``LoadedModel.info["model_modules"]``,
+:func:`module_sources`) and shipped the same way: :func:`placed` puts its copy first on ``sys.path`` for the
+block only and forgets the modules imported from it afterwards.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import json
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -70,18 +76,20 @@ def recording() -> Iterator[dict[str, str]]:
         _RECORD.reset(token)
 
 
-def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
+def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES, modules: dict | None = None) -> dict:
     """The bytes of a model's files (``info["model_files"]``: path as given -> absolute; a folder with
     every file under it but hidden ones and :data:`OTHER_FRAMEWORKS`' weights), for :func:`placed` on another
-    machine. Over ``limit`` bytes in all: a :class:`SpecError` naming the file that crosses it."""
-    entries, total, seen = [], 0, set()
-    for key, where in paths.items():
-        root = Path(where)
-        if not root.exists():
-            raise SpecError(f"model file {where} is gone since the model was loaded (it is read again to ship it)")
+    machine; and of its modules (``info["model_modules"]``, :func:`module_sources`: a module's file or its
+    package folder, without ``__pycache__``). Over ``limit`` bytes in all: a :class:`SpecError` naming the file
+    that crosses it; a module that cannot be shipped (compiled, a namespace package over several folders):
+    a :class:`SpecError` naming it and the fix."""
+    total, seen = 0, set()
+
+    def read(root: Path, keep) -> dict[str, bytes]:
+        nonlocal total
         files = [root]
         if root.is_dir():
-            files = sorted(f for f in root.rglob("*") if f.is_file() and _read_by_torch(f.relative_to(root)))
+            files = sorted(f for f in root.rglob("*") if f.is_file() and keep(f.relative_to(root)))
         data: dict[str, bytes] = {}
         for f in files:
             rel = "" if f == root else f.relative_to(root).as_posix()
@@ -96,8 +104,83 @@ def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES) -> dict:
                         f"--model-files shared (RayOptions(ship_models=False))"
                     )
             data[rel] = f.read_bytes()
-        entries.append({"key": key, "path": where, "dir": root.is_dir(), "files": data})
-    return {"entries": entries, "bytes": total}
+        return data
+
+    entries = []
+    for key, where in paths.items():
+        root = Path(where)
+        if not root.exists():
+            raise SpecError(f"model file {where} is gone since the model was loaded (it is read again to ship it)")
+        entries.append({"key": key, "path": where, "dir": root.is_dir(), "files": read(root, _read_by_torch)})
+    shipped = []
+    for name, where in (modules or {}).items():
+        root = _shippable(name, where)
+        shipped.append({"module": name, "path": str(root), "dir": root.is_dir(), "files": read(root, _python_source)})
+    return {"entries": entries, "modules": shipped, "bytes": total}
+
+
+def _python_source(rel: Path) -> bool:
+    """Whether a file of a shipped package folder goes along (not hidden, not a byte-code cache)."""
+    return not any(p.startswith(".") or p == "__pycache__" for p in rel.parts)
+
+
+#: suffixes of compiled extension modules, which another machine cannot be assumed to run
+_COMPILED = (".so", ".pyd", ".dylib", ".dll")
+
+
+def _shippable(name: str, where: list[str]) -> Path:
+    """The file or package folder of top-level module ``name`` (:func:`module_sources`), or a SpecError that
+    names it and the fix when it cannot be shipped as Python source."""
+    fix = (
+        f"install it on every node (so that 'import {name}' works there) and pass --model-files shared "
+        f"(RayOptions(ship_models=False)), with the model files on storage every node reaches"
+    )
+    if len(where) != 1:
+        raise SpecError(
+            f"module '{name}' is a namespace package spread over {len(where)} folders ({', '.join(where)}); it "
+            f"cannot be shipped to the Ray workers: {fix}"
+        )
+    root = Path(where[0])
+    if not root.exists():
+        raise SpecError(f"module '{name}' ({root}) is gone since the model was loaded (it is read again to ship it)")
+    compiled = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.suffix in _COMPILED)
+    if compiled and (root.is_dir() or root.suffix != ".py"):
+        raise SpecError(
+            f"module '{name}' holds compiled code ({compiled[0]}), which is not shipped to the Ray workers: {fix}"
+        )
+    return root
+
+
+def module_sources(names: Iterable[str]) -> dict[str, list[str]]:
+    """The top-level modules of the imported modules ``names`` that a Ray worker may lack: ``{name: [its
+    .py file, or its package folder(s)]}``. Left out: what an installed environment provides (the standard
+    library, site-packages, relprop, torch), which every node needs anyway, as it needs relprop; modules not
+    imported from a file (a ``python:FILE.py``, which is a model file, or ``__main__``)."""
+    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    installed |= {str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parents[1])}
+    out: dict[str, list[str]] = {}
+    for full in names:
+        top = full.partition(".")[0]
+        mod = sys.modules.get(top)
+        if top in out or top in ("__main__", "relprop", "torch") or top in sys.stdlib_module_names or mod is None:
+            continue
+        file, package = getattr(mod, "__file__", None), list(getattr(mod, "__path__", None) or [])
+        if package:  # a regular package's folder, or the folders of a namespace package
+            where = [os.path.dirname(os.path.abspath(file))] if file else [os.path.abspath(p) for p in package]
+        elif file:
+            where = [os.path.abspath(file)]
+        else:
+            continue
+        if not any(_installed(Path(w).resolve(), installed) for w in where):
+            out[top] = where
+    return out
+
+
+def _installed(where: Path, installed: set[str]) -> bool:
+    """Whether ``where`` lies in an installed environment (see :func:`module_sources`)."""
+    return bool({"site-packages", "dist-packages"} & set(where.parts)) or any(
+        where.is_relative_to(p) for p in installed
+    )
 
 
 def _read_by_torch(rel: Path) -> bool:
@@ -110,32 +193,63 @@ def placed(bundle: dict | None) -> Iterator[None]:
     """Write a :func:`read_model_files` bundle to a private temporary folder and make :func:`model_path`
     answer with the copies in the block; the folder is removed after. Files of one folder on the driver
     land in one folder here (a checkpoint's ``.json`` next to it) under their own names (a model's name is
-    its file's). Nothing happens for ``None`` or an empty bundle."""
-    if not bundle or not bundle.get("entries"):
+    its file's). Shipped modules: their folders go first on ``sys.path`` for the block, and the modules
+    imported from them are dropped from ``sys.modules`` after (the loaded model keeps its classes); a module
+    this process imported before the block stays the one it uses. Nothing happens for ``None`` or an empty
+    bundle."""
+    if not bundle or not (bundle.get("entries") or bundle.get("modules")):
         yield
         return
     import hashlib
 
+    def place_of(src: Path) -> Path:
+        return root / hashlib.sha256(str(src.parent).encode()).hexdigest()[:12] / src.name
+
     root = Path(tempfile.mkdtemp(prefix="relprop-model-"))
+    saved = list(sys.path)
     try:
         where: dict[str, str] = {}
         for e in bundle["entries"]:
+            where[e["key"]] = str(_write(place_of(Path(e["path"])), e))
+        folders: list[str] = []
+        for e in bundle.get("modules") or ():
             src = Path(e["path"])
-            place = root / hashlib.sha256(str(src.parent).encode()).hexdigest()[:12] / src.name
-            for rel, data in e["files"].items():
-                f = place / rel if rel else place
-                f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_bytes(data)
-            if e["dir"]:
-                place.mkdir(parents=True, exist_ok=True)
-            where[e["key"]] = str(place)
+            folder = str(_write(root / "python" / place_of(src).relative_to(root), e).parent)
+            folders += [folder] if folder not in folders else []
+        sys.path[:0] = folders
+        if folders:
+            importlib.invalidate_caches()
         token = _PLACED.set(where)
         try:
             yield
         finally:
             _PLACED.reset(token)
     finally:
+        sys.path[:] = saved
+        _forget(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _write(place: Path, entry: dict) -> Path:
+    """Write one shipped file or folder (:func:`read_model_files`' entry) at ``place``."""
+    for rel, data in entry["files"].items():
+        f = place / rel if rel else place
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+    if entry["dir"]:
+        place.mkdir(parents=True, exist_ok=True)
+    return place
+
+
+def _forget(root: Path) -> None:
+    """Drop the modules imported from under ``root`` and the import system's finders for its folders."""
+    prefix = str(root) + os.sep
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None) or next(iter(getattr(mod, "__path__", None) or []), None)
+        if isinstance(f, str) and f.startswith(prefix):
+            del sys.modules[name]
+    for key in [k for k in sys.path_importer_cache if str(k).startswith(prefix)]:
+        del sys.path_importer_cache[key]
 
 
 def _pickle_refused(path: Path) -> SpecError:
@@ -639,6 +753,8 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
         source = f"{source} + {wpath}"
     lm = _generic(model, spec, f"{Path(mod_name).stem}:{fn_name}", source)
     lm.source_files = files
+    if not (mod_name.endswith(".py") or os.sep in mod_name):  # a FILE.py is a model file
+        lm.info["model_modules"] = module_sources([mod_name, *(type(m).__module__ for m in model.modules())])
     return lm
 
 
@@ -736,4 +852,6 @@ def _checkpoint(path: Path, spec: str, opts: LoadOptions) -> LoadedModel:
     lm = _generic(obj, spec, path.stem, str(path))
     lm.source_files = [str(path)]
     lm.info["weights_sha256"] = file_sha256(path)
+    if opts.trust_pickle:  # the modules of the classes the file's pickle named
+        lm.info["model_modules"] = module_sources(type(m).__module__ for m in obj.modules())
     return lm
