@@ -210,7 +210,7 @@ PARTS = (
     "class Head(nn.Module):\n"
     "    def __init__(self):\n"
     "        super().__init__()\n"
-    "        self.fc = nn.Linear(12, 4)\n"
+    "        self.fc = nn.Linear(12, 10)\n"
     "    def forward(self, x):\n"
     "        return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))\n"
 )
