@@ -440,13 +440,11 @@ def result_of(node: Node, tensors: Sequence, k: int = 0) -> torch.Tensor:
     return out[k] if isinstance(out, (tuple, list)) else out
 
 
-def _unary(fn: Callable[[Node, torch.Tensor, Sequence], torch.Tensor | None], *op_names: str) -> VJP:
-    """A VJP kernel from ``fn(node, g, tensors)``, the input's gradient (or None to decline) of the overloads ``op_names``."""
+def _unary(fn: Callable[[Node, torch.Tensor, Sequence], torch.Tensor | None], op_name: str) -> VJP:
+    """A VJP kernel from ``fn(node, g, tensors)``, the input's gradient (or None to decline) of the overload ``op_name``."""
 
     def kernel(node, grads, tensors, wrt):
-        if node.op_name not in op_names:
-            return None
-        g = _elementwise(node, grads, tensors, wrt, node.op_name)
+        g = _elementwise(node, grads, tensors, wrt, op_name)
         gx = None if g is None else fn(node, g, tensors)
         return None if gx is None else [gx]
 
