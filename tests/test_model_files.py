@@ -236,7 +236,7 @@ def forget():
             del sys.modules[n]
 
 
-def _imported_elsewhere(here, spec: str, top: str, moved: list[str], **kw):
+def _imported_elsewhere(here, spec: str, tops: list[str], moved: list[str], **kw):
     """Load ``spec`` (its code in ``here``), ship it, move ``moved`` away and forget the module, load again
     from the bundle in another working folder: the same model; after, ``sys.path`` and ``sys.modules`` are
     as before and the copies are gone."""
@@ -245,10 +245,10 @@ def _imported_elsewhere(here, spec: str, top: str, moved: list[str], **kw):
 
     first = load_model(spec, **kw)
     bundle = read_model_files(first.info["model_files"], modules=first.info["model_modules"])
-    assert [e["module"] for e in bundle["modules"]] == [top]
+    assert sorted(e["module"] for e in bundle["modules"]) == sorted(tops)
     for name in moved:
         shutil.move(here / name, here / "gone" / name)
-    for n in [n for n in sys.modules if n.partition(".")[0] == top]:
+    for n in [n for n in sys.modules if n.partition(".")[0] in tops]:
         del sys.modules[n]
     (here / "worker").mkdir()
     os.chdir(here / "worker")  # a worker runs elsewhere (the fixture restores the working folder)
@@ -258,7 +258,7 @@ def _imported_elsewhere(here, spec: str, top: str, moved: list[str], **kw):
     with placed(bundle):
         again = load_model(spec, **kw)
         where = Path(sys.modules[type(again.module).__module__].__file__)
-        assert top in sys.modules and not where.is_relative_to(here)
+        assert all(t in sys.modules for t in tops) and not where.is_relative_to(here)
     assert sys.path == path and set(sys.modules) == modules, "the process is left as found"
     assert not where.exists(), "the temporary copies are removed after the block"
     _same(first, again)
@@ -270,7 +270,7 @@ def _imported_elsewhere(here, spec: str, top: str, moved: list[str], **kw):
 def test_a_python_module_of_the_users_package(here, forget):
     forget.append("rs_pkg_a")
     write_package(here, "rs_pkg_a")
-    first, again = _imported_elsewhere(here, "python:rs_pkg_a.nets:build", "rs_pkg_a", ["rs_pkg_a"])
+    first, again = _imported_elsewhere(here, "python:rs_pkg_a.nets:build", ["rs_pkg_a"], ["rs_pkg_a"])
     assert first.info["model_modules"] == {"rs_pkg_a": [str(here / "rs_pkg_a")]}
     assert first.info["model_files"] == {}
     from relprop.specs.hashing import module_code_hash
@@ -288,7 +288,7 @@ def test_a_single_module_file_and_weights(here, forget):
         p.data.add_(1)
     torch.save(net.state_dict(), here / "w.pt")
     first, again = _imported_elsewhere(
-        here, "python:rs_single:build", "rs_single", ["rs_single.py", "w.pt"], weights="w.pt"
+        here, "python:rs_single:build", ["rs_single"], ["rs_single.py", "w.pt"], weights="w.pt"
     )
     assert state_hash(again.module) == state_hash(net)
 
@@ -306,7 +306,18 @@ def test_a_trusted_pickles_class_module(here, forget):
         torch.save(build(), here / "whole.pt")
     finally:
         sys.path.remove(str(here))
-    _imported_elsewhere(here, "whole.pt", "rs_pkg_b", ["whole.pt", "rs_pkg_b"], trust_pickle=True)
+    _imported_elsewhere(here, "whole.pt", ["rs_pkg_b"], ["whole.pt", "rs_pkg_b"], trust_pickle=True)
+
+
+def test_the_modules_a_module_imports_go_along(here, forget):
+    """A factory module that imports a helper module of the user's (and the helper one more): all three go,
+    as they are found in the modules' globals; an installed module they import does not."""
+    forget += ["rs_top", "rs_helper", "rs_deeper"]
+    (here / "rs_deeper.py").write_text(PARTS)
+    (here / "rs_helper.py").write_text("import json\nimport rs_deeper\nHead = rs_deeper.Head\n")
+    (here / "rs_top.py").write_text(NET.replace("from .parts import Head", "from rs_helper import Head"))
+    moved = ["rs_top.py", "rs_helper.py", "rs_deeper.py"]
+    _imported_elsewhere(here, "python:rs_top:build", ["rs_top", "rs_helper", "rs_deeper"], moved)
 
 
 def test_installed_modules_are_not_shipped():

@@ -152,18 +152,23 @@ def _shippable(name: str, where: list[str]) -> Path:
 
 
 def module_sources(names: Iterable[str]) -> dict[str, list[str]]:
-    """The top-level modules of the imported modules ``names`` that a Ray worker may lack: ``{name: [its
-    .py file, or its package folder(s)]}``. Left out: what an installed environment provides (the standard
-    library, site-packages, relprop, torch), which every node needs anyway, as it needs relprop; modules not
-    imported from a file (a ``python:FILE.py``, which is a model file, or ``__main__``)."""
+    """The top-level modules of the imported modules ``names`` that a Ray worker may lack, and of the modules
+    they import in turn (their ``import`` statements and globals: ``import helpers``, ``from helpers import
+    Block``; only those imported on the driver count): ``{name:
+    [its .py file, or its package folder(s)]}``. Left out: what an installed environment provides (the
+    standard library, site-packages, relprop, torch), which every node needs anyway, as it needs relprop, and
+    whose imports are not followed; modules not imported from a file (a ``python:FILE.py``, which is a model
+    file, or ``__main__``)."""
     installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     installed |= {str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parents[1])}
     out: dict[str, list[str]] = {}
-    for full in names:
-        top = full.partition(".")[0]
+    todo, seen = list(names), set()
+    while todo:
+        top = todo.pop(0).partition(".")[0]
         mod = sys.modules.get(top)
-        if top in out or top in ("__main__", "relprop", "torch") or top in sys.stdlib_module_names or mod is None:
+        if top in seen or top in ("__main__", "relprop", "torch") or top in sys.stdlib_module_names or mod is None:
             continue
+        seen.add(top)
         file, package = getattr(mod, "__file__", None), list(getattr(mod, "__path__", None) or [])
         if package:  # a regular package's folder, or the folders of a namespace package
             where = [os.path.dirname(os.path.abspath(file))] if file else [os.path.abspath(p) for p in package]
@@ -173,7 +178,36 @@ def module_sources(names: Iterable[str]) -> dict[str, list[str]]:
             continue
         if not any(_installed(Path(w).resolve(), installed) for w in where):
             out[top] = where
+            for name in [n for n in list(sys.modules) if n == top or n.startswith(top + ".")]:
+                todo += _imported_by(sys.modules.get(name))
     return out
+
+
+def _imported_by(mod: Any) -> list[str]:
+    """The modules ``mod`` imports: its source's absolute ``import``/``from ... import`` statements, and the
+    modules its globals come from (imported modules, the modules that define imported classes and functions)."""
+    import ast
+
+    found = []
+    file = getattr(mod, "__file__", None)
+    if isinstance(file, str) and file.endswith(".py"):
+        try:
+            tree = ast.parse(Path(file).read_bytes())
+        except (OSError, SyntaxError, ValueError):
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, ast.Import):
+                found += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append(node.module)
+    for v in list(getattr(mod, "__dict__", {}).values()):
+        try:
+            name = v.__name__ if isinstance(v, type(sys)) else getattr(v, "__module__", None)
+        except Exception:  # a lazy proxy that fails on access names nothing
+            continue
+        if isinstance(name, str):
+            found.append(name)
+    return found
 
 
 def _installed(where: Path, installed: set[str]) -> bool:
