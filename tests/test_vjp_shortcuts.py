@@ -273,3 +273,32 @@ def test_gradient_method_with_shortcuts_equals_autograd(dtype, monkeypatch):
     assert not (SHORTCUTS | SCALAR) & set(fell_back), fell_back
     graph = relprop.trace(model, x)
     assert {n.packet for n in graph.nodes} >= SHORTCUTS
+
+
+class _Promoting(nn.Module):
+    """``float32 + float64`` and ``float64 - float32``: the sum is float64, autograd hands each operand its own dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = self.lin(x)  # float32
+        return ((h + x.double()) - h.exp()).sum(-1)
+
+
+def test_two_tensor_add_with_promotion_gives_each_operand_its_dtype():
+    torch.manual_seed(0)
+    model, x = _Promoting().eval(), torch.randn(3, 5)
+    got = relprop.explain(model, x, target=None, method="gradient").attributions
+    xx = x.clone().requires_grad_()
+    want = torch.autograd.grad(model(xx).sum(), xx)[0]
+    assert same_bits(got, want)
+    graph = relprop.trace(model, x)
+    for node in graph.nodes:
+        if node.packet in ("add", "sub") and len(node.inputs) == 2:
+            g = torch.randn(node.outputs[0].shape, dtype=node.outputs[0].dtype)
+            mine = VJPS[node.packet](node, [g], RecordedInputs(node), [0, 1])
+            ref = autograd_vjp(node, [g], RecordedInputs(node), [0, 1])
+            assert mine is None or all(same_bits(a, b) for a, b in zip(mine, ref))
+            assert [r.dtype for r in ref] == [v.dtype for v in node.inputs]

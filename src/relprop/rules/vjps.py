@@ -199,6 +199,9 @@ def _add(node, grads, tensors, wrt):
         return None  # alpha=: autograd
     if not all(isinstance(a, Value) for a in node.args):
         return None
+    out = node.outputs[0]
+    if out is None or any(v.dtype != out.dtype for v in node.inputs):
+        return None  # type promotion (float32 + float64): autograd hands each operand its own dtype
     res: list = [None] * 2
     for i in wrt:
         gi = g if (i == 0 or node.packet == "add") else -g
