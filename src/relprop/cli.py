@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--model-files", choices=["ship", "shared"], default="ship",
         help="--engine ray: ship: the driver sends the model files it read (hf: folder, checkpoint, --weights, "
-        "python:FILE.py, --classes) to the workers through Ray's object store (default); shared: every node "
-        "reads them at the same paths",
+        "python:FILE.py, --classes) and the Python of a python:MODULE or of a trusted pickle's classes from your "
+        "own folders to the workers through Ray's object store (default); shared: every node reads them at the "
+        "same paths and imports what it finds",
     )  # fmt: skip
     c.add_argument(
         "--model-files-limit", type=int, default=4096, metavar="MIB",
