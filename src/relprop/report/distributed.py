@@ -47,8 +47,8 @@ temporary folder, runs the same loader on the copies (:func:`relprop.specs.loade
 the folder; the weights are the same bits, so are the numbers. The copies' paths differ from the
 driver's, so a worker checks the weights' hash and the model classes' code against the driver's instead
 of the files' paths. The Python source a spec imports from the user's folders (a ``python:MODULE:FUNCTION``
-factory's module or its top-level package folder, a trusted pickle's class modules:
-``info["model_modules"]``, :func:`relprop.specs.loaders.module_sources`) travels in the same bundle, under
+factory's module or its top-level package folder, a trusted pickle's class modules, the user modules
+these import: ``info["model_modules"]``, :func:`relprop.specs.loaders.module_sources`) travels in the same bundle, under
 the same limit, and is on the worker's ``sys.path`` only while the model loads; modules from an installed
 environment (site-packages, the standard library) are not shipped, and compiled modules or namespace
 packages over several folders are refused, naming the module and the fix. Why not Ray's ``runtime_env``
