@@ -344,6 +344,11 @@ def test_what_cannot_be_shipped_is_named(here, forget):
         match=r"module 'rs_pkg_c' holds compiled code \(.*_fast.*\.so\).*install it on every node.*--model-files shared",
     ):
         read_model_files({}, modules=got.info["model_modules"])
+    from relprop.report.distributed import RayOptions, _Loader, model_bundle
+
+    with pytest.raises(SpecError, match=r"module 'rs_pkg_c' holds compiled code"):  # the model's cells fail so
+        model_bundle(got, _Loader(), RayOptions())
+    assert model_bundle(got, _Loader(), RayOptions(ship_models=False)) is None  # the fix the message names
     for part in ("one", "two"):  # a namespace package over two folders
         (here / part / "rs_ns").mkdir(parents=True)
         (here / part / "rs_ns" / f"{part}.py").write_text("X = 1\n")
