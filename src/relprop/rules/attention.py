@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..graph import Node, Value
+from . import base
 from .base import HALF, PreparedGraph, RuleContext, register_family, vjp
 from .linear import stabilize, times, writable
 from .routing import Route
@@ -47,7 +48,7 @@ def _softmax_input_relevance(x: torch.Tensor, s: torch.Tensor, r: torch.Tensor, 
         # The same operations written into the one new tensor (attention-score sized: five temporaries
         # fewer); equal bits to the expression below (tests/test_lrp_fast.py).
         torch.sub(r, g, out=g)
-        if x.device.type == "cpu" and _finite(x):
+        if base.cheap_read(x) and _finite(x):
             return g.mul_(x)  # no score to zero (the usual case): the boolean passes below would change nothing
         # ``not |x| < inf`` is ``not isfinite(x)`` (NaN compares false), in fewer passes than isfinite's.
         return g.mul_(x).masked_fill_(torch.lt(x.abs(), float("inf")).logical_not_(), 0.0)
@@ -104,10 +105,10 @@ class ScoreChain:
         if self.z1.data is not None or self.z3.data is not None or self.scaled.inputs[0].data is not None:
             return False, None
         mask = self.masked.inputs[1].tensor
-        if mask.dtype != self.z3.dtype or self.z1.dtype != self.z3.dtype or mask.device.type != "cpu":
+        if mask.dtype != self.z3.dtype or self.z1.dtype != self.z3.dtype or not base.cheap_read(mask):
             return False, None
         z1 = self._recomputed_z1()
-        if z1 is None or z1.device.type != "cpu" or not _normal_by_parts(z1):
+        if z1 is None or not base.cheap_read(z1) or not _normal_by_parts(z1):
             return False, z1
         z2 = self.view.run([z1])
         if not (isinstance(z2, torch.Tensor) and z2.data_ptr() == z1.data_ptr() and z2.shape == self.z3.shape):
@@ -142,7 +143,7 @@ class ScoreChain:
         # tensor of finite normal numbers (the usual case) has empty zero sets: finding that out with two
         # reductions is much cheaper than the boolean passes. (On a GPU it would read a number back per layer,
         # a host sync: the masks are always made there.)
-        cpu = z1.device.type == "cpu"
+        cpu = base.cheap_read(z1)
         product_shape = z1.shape
         a = self._abs_z3(z1)
         drop = None if cpu and _normal(a) else torch.lt(a, float("inf")).logical_not_().logical_or_(torch.lt(a, tiny))

@@ -267,6 +267,14 @@ class Float32Inputs(RecordedInputs):
         return to_float32(super().__getitem__(i))
 
 
+def cheap_read(t: torch.Tensor) -> bool:
+    """May a rule read a value computed from ``t`` back into Python (``bool(t.amin() >= tiny)``) to choose a faster
+    path with the same bits? On a CPU that costs no more than the reduction; on a GPU each read is a host sync, and
+    an explain call makes at most a few (``tests/test_gpu.py`` counts them on a CPU with this answering False, as
+    it does on a GPU). Rules look it up as ``base.cheap_read`` (one switch for every such choice)."""
+    return t.device.type == "cpu"
+
+
 def storage_ptr(t: torch.Tensor) -> int | None:
     """The address of ``t``'s memory, to tell whether two tensors share it before one is written in place;
     None where there is none to write into (not strided, or a storage Python cannot read, as some in-place

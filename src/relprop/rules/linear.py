@@ -20,6 +20,7 @@ import torch
 
 from ..canonical import merged_scale
 from ..graph import Node, Value
+from . import base
 from .base import HALF, RuleContext, register_family, storage_ptr, to_float32, vjp
 from .vjps import input_index
 
@@ -149,7 +150,7 @@ def ratio(rel: torch.Tensor, z: torch.Tensor, eps: float, scratch: bool = False)
     new output the rule computed); then the denominator and the quotient are made in ``z`` itself (equal bits,
     no new output-sized tensor).
     """
-    if eps == 0 and z.device.type == "cpu" and not (z.requires_grad or rel.requires_grad):
+    if eps == 0 and base.cheap_read(z) and not (z.requires_grad or rel.requires_grad):
         return _ratio0(rel, z, scratch)
     if scratch and writable(z, rel, z) and _stabilize_into(z, eps):
         return torch.div(rel, z, out=z)
@@ -671,7 +672,7 @@ class AlphaBeta:
         # After a ReLU the input has no negative part: skip its terms (they are exactly zero) and the copy.
         # Known from the graph where a ReLU made it; else looked up, on CPU only: on an accelerator the check
         # would be a host sync per layer, so the terms are computed (zero there) instead.
-        has_neg = not nonnegative(xv) and (x.device.type != "cpu" or bool((x < 0).any()))
+        has_neg = not nonnegative(xv) and (not base.cheap_read(x) or bool((x < 0).any()))
         xp, xn = (_pos(x), _neg(x)) if has_neg else (x, None)
 
         def terms(p: ParamMod, n: ParamMod) -> list[Term]:
