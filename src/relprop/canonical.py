@@ -414,4 +414,7 @@ def _merge(lin: Node, bn: Node, values: list[Value]) -> Node | None:
 def _finish(node: Node, bn: Node) -> Node:
     node.outputs = [bn.outputs[0]]
     node.meta["merged_batch_norm"] = bn.module
+    # The norm's input: read by no node of the merged graph (only by the recompute of the norm's output), so the
+    # rule pass releases it with this node (propagate._release).
+    node.meta["norm_input"] = bn.inputs[0]
     return node

@@ -58,6 +58,12 @@ def _release(node: Node, protected: set[int]) -> None:
     for v in node.outputs:
         if v is not None and v.index not in protected:
             v.data = None
+    # A merged batch norm's input (canonical.merge_batch_norms): its one consumer was the norm, now part of this
+    # node, so no node of the graph names it and it would stay held to the end of the pass. Only the recompute
+    # of the norm's output (released just above; every reader of it came earlier in the reverse pass) reads it.
+    y = node.meta.get("norm_input")
+    if y is not None and y.index not in protected:
+        y.data = None
     # Constants a graph pass derived (merged batch-norm weights) are recomputable: drop them too, so
     # they do not pile up over the pass.
     for v in node.inputs:
