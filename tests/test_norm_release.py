@@ -72,10 +72,11 @@ def test_kept_norm_input_stays_held():
 
 @pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus_flat", "gamma", "zplus"])
 def test_explain_equals_kept_graph(composite):
-    """``explain`` (releases) against ``keep_graph=True`` (releases nothing), ``layers=`` naming merged convs."""
+    """``explain`` (releases) against ``keep_graph=True`` (releases nothing), ``layers=`` naming merged layers (by
+    their norms: the merged node computes the norm's output; the convs' own outputs are refused, test_plan_norms)."""
     model = resnet18_random_norms(negative_scales=True)
     x = torch.randn(2, 3, 48, 48)
-    layers = ["conv1", "layer1.0.conv2", "layer2.0.downsample.0"]
+    layers = ["bn1", "layer1.0.bn2", "layer2.0.downsample.1"]
     a = relprop.explain(model, x, target=1, method="lrp", composite=composite, layers=layers)
     b = relprop.explain(model, x, target=1, method="lrp", composite=composite, layers=layers, keep_graph=True)
     assert torch.equal(a.attributions, b.attributions)

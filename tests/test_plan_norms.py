@@ -90,19 +90,41 @@ def test_replay_holds_as_many_tensors_as_the_recording_and_the_recorded_bits():
         assert torch.equal(replayed.values[i].data, recorded.values[i].data)
 
 
-def test_layers_naming_a_merged_linear_layer_recompute_its_output():
+def test_layers_naming_merged_norms_equal_explain_and_merged_convs_are_refused():
+    """The merged layer's output is the norm's: asked for by the norm's name it equals explain (activation = the
+    model's norm output); a conv folded into its norm has no relevance of its own and is refused by name, in the
+    plan as in explain (before, the conv's name silently gave the norm's output and relevance)."""
     m = resnet18_random_norms()
     xs = _batches(2)
-    layers = ["conv1", "layer1.0.conv2", "layer2.0.downsample.0", "layer1.0"]
+    layers = ["bn1", "layer1.0.bn2", "layer2.0.downsample.1", "layer1.0"]
     p = relprop.plan(m, xs[0], target=2, method="lrp", composite="epsilon_plus_flat")
     for x in xs:
         got = p.explain(x, layers=layers)
         want = relprop.explain(m, x, target=2, method="lrp", composite="epsilon_plus_flat", layers=layers)
         _equal(got, want)
+        seen = {}
+        hooks = [
+            m.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o.clone()))
+            for n in layers
+        ]
+        try:
+            with torch.no_grad():
+                m(x)
+        finally:
+            for h in hooks:
+                h.remove()
         for name in layers:
             assert torch.equal(got.activations[name], want.activations[name])
             assert torch.equal(got.layers[name], want.layers[name])
+            assert torch.equal(got.activations[name], seen[name])
     assert p.replays == 2 and p.rerecords == 0
+    for name, norm in (("conv1", "bn1"), ("layer2.0.downsample.0", "layer2.0.downsample.1")):
+        for run in (
+            lambda: p.explain(xs[0], layers=[name]),
+            lambda: relprop.explain(m, xs[0], target=2, method="lrp", composite="epsilon_plus_flat", layers=[name]),
+        ):
+            with pytest.raises(ValueError, match=f"output of '{name}' is folded into '{norm}'.*canonize=False"):
+                run()
 
 
 def test_verify_compares_the_held_norm_outputs():

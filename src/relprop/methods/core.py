@@ -167,6 +167,29 @@ def module_value(graph: Graph, name: str) -> Value:
     return max(outs, key=lambda v: v.index)
 
 
+def prepared_layer(recorded: Graph, prepared: Graph, name: str) -> Value:
+    """The output of module ``name`` as the model computed it, if the rule set's graph still computes it.
+
+    Names are looked up in the recording, not in the rule set's rewritten graph: there a batch norm merged into
+    the convolution before it leaves one node under the convolution's name that computes the norm's output, and
+    asking for the convolution would silently give the norm's output and relevance. A value the rewrite folded
+    away has no relevance of its own under this rule set: an error says so and how to get it.
+    """
+    v = module_value(recorded, name)
+    if prepared is recorded or v.producer is None:
+        return v
+    made = {o.index for n in prepared.nodes for o in n.outputs if o is not None}
+    if v.index not in made:
+        consumers = sorted({c.module for c in v.consumers if c.module and c.module != name})
+        into = f" into {', '.join(repr(c) for c in consumers)}" if consumers else ""
+        raise ValueError(
+            f"layers: the output of '{name}' is folded{into} by this rule set's canonical rewrite (a batch norm "
+            f"merged into the layer before it), so it has no relevance of its own here; ask for "
+            f"{consumers[0] if consumers else 'the next layer'!r} (the merged layer's output) or pass canonize=False"
+        )
+    return v
+
+
 def run_backward(
     model,
     inputs: Inputs,
@@ -208,7 +231,8 @@ def run_backward(
     # where a rule reads them): two score-sized tensors per layer that a gradient does not keep either.
     # A kept graph keeps everything, for the caller to read.
     release = None if keep_graph else release_scores
-    prepared = composite.prepare(recorder(model, args, kwargs, post=post, release=release))
+    recorded = recorder(model, args, kwargs, post=post, release=release)
+    prepared = composite.prepare(recorded)
     graph = prepared.graph
     if post is not None:
         out_t = graph.output
@@ -244,7 +268,7 @@ def run_backward(
     all_sources = [s for _, src in pairs for s in src]
     param_values = _param_values(graph, params)
     all_sources += list(param_values.values())
-    layer_values = {name: module_value(graph, name) for name in (layers or [])}
+    layer_values = {name: prepared_layer(recorded, graph, name) for name in (layers or [])}
     extra = list(extra_values(graph)) if extra_values is not None else []
     rel = propagate(
         prepared,
