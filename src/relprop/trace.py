@@ -1193,6 +1193,23 @@ def _detached(obj):
     return obj
 
 
+def _inference_leaves(err: RuntimeError, leaves: list, names: dict) -> Exception:
+    """PyTorch's "Inference tensors cannot be saved for backward", said in the model's terms where parameters or
+    buffers made under ``torch.inference_mode()`` caused it (the forward is recorded with autograd on, and an
+    inference tensor can never take part in autograd; cloning them is the user's call, not ours)."""
+    if "Inference tensors cannot be saved for backward" not in str(err):
+        return err
+    made = list(dict.fromkeys(names.get(id(t), "?").partition(":")[2] for t in leaves if t.is_inference()))
+    if not made:
+        return err
+    more = f" and {len(made) - 1} more" if len(made) > 1 else ""
+    return ValueError(
+        f"model: its parameters/buffers were made under torch.inference_mode() ('{made[0]}'{more}), and PyTorch lets "
+        "no inference tensor take part in the autograd pass relprop records; create or load the model outside "
+        "torch.inference_mode() (torch.no_grad() is fine)"
+    )
+
+
 def _prepare_inputs(obj, recorder: _Recorder, values: list[Value]):
     """Replace tensors by grad-enabled copies registered as input values; keep the structure."""
     if isinstance(obj, torch.Tensor):
@@ -1374,7 +1391,10 @@ def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True, rele
     kwargs2, kw_spec = _prepare_inputs(dict(kwargs), rec, input_values)
     with torch.inference_mode(False), torch.enable_grad(), _module_scope(rec):
         with rec:
-            output = model(*args2, **kwargs2)
+            try:
+                output = model(*args2, **kwargs2)
+            except RuntimeError as err:
+                raise _inference_leaves(err, leaves, names) from err
             if post is not None:
                 output = post(output)
         flat = _flatten(output, [])
