@@ -302,3 +302,39 @@ def test_two_tensor_add_with_promotion_gives_each_operand_its_dtype():
             ref = autograd_vjp(node, [g], RecordedInputs(node), [0, 1])
             assert mine is None or all(same_bits(a, b) for a, b in zip(mine, ref))
             assert [r.dtype for r in ref] == [v.dtype for v in node.inputs]
+
+
+class _Mixer(nn.Module):
+    """2-D matmuls with column-major operands: a transposed input into ``addmm`` (``Linear``), ``x.t() @ w`` (``mm``
+    with a column-major first operand) and the usual ``Linear`` weight ``W.t()`` (column-major second operand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(40, 24)
+        self.w = nn.Parameter(torch.randn(24, 24))
+        self.b = nn.Linear(24, 3, bias=False)
+
+    def forward(self, x):  # x: (24, 40) column-major
+        h = torch.tanh(self.a(x))  # addmm(bias, x, W.t())
+        h = h + (h.t() @ self.w.t()).t()  # mm(h.t(), w.t()), both column-major
+        return self.b(h)
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [
+        (_Mixer, (40, 24)),
+        (lambda: nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)), (16, 4)),  # a transposed input
+    ],
+)
+def test_column_major_matmul_operands_get_autograds_bits(model, x):
+    torch.manual_seed(0)
+    model = model().eval()
+    x = torch.randn(*x).t()
+    e = relprop.explain(model, x, target=1, method="gradient", params=True)
+    xx = x.clone().requires_grad_()
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(model(xx)[:, 1].sum(), [xx, *model.parameters()])
+    assert same_bits(e.attributions, grads[0])
+    for n, g in zip(names, grads[1:]):
+        assert same_bits(e.params[n], g), n

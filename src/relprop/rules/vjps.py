@@ -260,17 +260,47 @@ def _conv(node, grads, tensors, wrt):
     return res
 
 
+def _strides_of(node: Node, tensors: Sequence, i: int) -> tuple[int, ...]:
+    """Strides of input ``i`` as the forward saw them (the recorded layout; a replacement tensor's own)."""
+    if isinstance(tensors, RecordedInputs):
+        s = node.inputs[i].strides
+        if s is not None:
+            return tuple(s)
+    return tuple(tensors[i].stride())
+
+
+def _column_major(node: Node, tensors: Sequence, i: int) -> bool:
+    """Is 2-D input ``i`` column-major (strides ``(1, rows)``)? Autograd's ``mm_mat1_backward``/``mm_mat2_backward``
+    then compute that operand's gradient as the transpose of a product in the other order (other rounding)."""
+    shape, strides = shape_of(node, tensors, i), _strides_of(node, tensors, i)
+    return len(shape) == 2 and strides[0] == 1 and strides[1] == shape[0]
+
+
+def _mm_grads(node, g, tensors, wrt, first: int) -> list:
+    """``mat1 @ mat2`` (inputs ``first``, ``first + 1``): each operand's gradient by autograd's own formula and
+    operand order (``mm_mat1_backward``/``mm_mat2_backward``: a column-major operand gets ``(... ).t()``)."""
+    res: list = [None] * len(tensors)
+    a, b = first, first + 1
+    two_d = node.packet != "bmm"
+    if a in wrt:
+        if two_d and _column_major(node, tensors, a):
+            res[a] = tensors[b].mm(g.t()).t()
+        else:
+            res[a] = g @ tensors[b].transpose(-1, -2)
+    if b in wrt:
+        if two_d and _column_major(node, tensors, b):
+            res[b] = g.t().mm(tensors[a]).t()
+        else:
+            res[b] = tensors[a].transpose(-1, -2) @ g
+    return res
+
+
 @register_vjp("mm", "bmm")
 def _mm(node, grads, tensors, wrt):
     g = grads[0]
     if g is None or len(tensors) != 2 or node.kwargs:
         return None
-    res: list = [None, None]
-    if 0 in wrt:
-        res[0] = g @ tensors[1].transpose(-1, -2)
-    if 1 in wrt:
-        res[1] = tensors[0].transpose(-1, -2) @ g
-    return res
+    return _mm_grads(node, g, tensors, wrt, 0)
 
 
 @register_vjp("addmm")
@@ -278,14 +308,10 @@ def _addmm(node, grads, tensors, wrt):
     g = grads[0]
     if g is None or len(tensors) != 3 or node.kwargs or len(node.args) != 3:
         return None  # beta/alpha given
-    res: list = [None] * 3
+    res = _mm_grads(node, g, tensors, wrt, 1)
     if 0 in wrt:
         shape = shape_of(node, tensors, 0)
         res[0] = g.sum_to_size(shape) if g.shape != shape else g
-    if 1 in wrt:
-        res[1] = g @ tensors[2].t()
-    if 2 in wrt:
-        res[2] = tensors[1].t() @ g
     return res
 
 
