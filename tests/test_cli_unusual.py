@@ -103,8 +103,9 @@ def test_a_seed_numpy_cannot_take_names_the_option(tmp_path, capsys, monkeypatch
         ({"std": [0.5, -0.5, 0.5]}, "--std must be positive and finite"),
         ({"std": [float("nan")]}, "--std must be positive and finite"),
         ({"mean": [float("nan")]}, "--mean must be finite"),
-        ({"mean": [0.1, 0.2], "std": [0.3, 0.3, 0.3]}, r"mean/std have 2/3 values;"),
-        ({"mean": [0.1, 0.2, 0.3], "channels": 1}, r"mean/std have 3/1 values but --channels gives 1 channels"),
+        ({"mean": [0.1, 0.2], "std": [0.3, 0.3, 0.3]}, r"^--mean has 2 values and --std 3;"),
+        ({"mean": [0.1, 0.2, 0.3], "channels": 1}, r"^--mean has 3 values but --channels gives 1 channel;"),
+        ({"std": 0.0}, "--std must be positive and finite, got 0.0"),
     ],
 )
 def test_run_compare_refuses_bad_normalisation_before_any_work(tmp_path, monkeypatch, over, message):
@@ -123,8 +124,8 @@ def test_override_preprocess_checks_the_counts_against_the_model_channels():
     from relprop.specs import Preprocess, SpecError, override_preprocess
 
     rgb = Preprocess(size=(8, 8), channels=3, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), source="model")
-    with pytest.raises(SpecError, match=r"^mean/std have 2/3 values but the model takes 3 channels"):
-        override_preprocess(rgb, mean=[0.1, 0.2])
+    with pytest.raises(SpecError, match=r"^--mean has 2 values but the model takes 3 channels; give"):
+        override_preprocess(rgb, mean=[0.1, 0.2])  # the model's own std fits: not named
     with pytest.raises(SpecError, match=r"^--std must be positive and finite, got 0"):
         override_preprocess(rgb, std=[0])
     assert rgb.mean == (0.5, 0.5, 0.5)  # the model's own preprocessing is untouched
@@ -132,3 +133,55 @@ def test_override_preprocess_checks_the_counts_against_the_model_channels():
     assert (ok.mean, ok.std, ok.source) == ((0.1,), (2.0,), "model + flags")
     x = torch.rand(3, 8, 8)
     torch.testing.assert_close(ok(x), (x - 0.1) / 2.0, rtol=0, atol=0)
+
+
+def test_a_number_for_mean_or_std_is_one_value_and_messages_name_only_what_was_given():
+    """``std=0.5`` was ``TypeError: object of type 'float' has no len()``; ``--mean 0.5 0.5`` alone on a
+    one-channel model said "mean/std have 2/1 values" (a std nobody gave)."""
+    from relprop.specs import Preprocess, SpecError, override_preprocess
+
+    gray = Preprocess(size=(8, 8), channels=1, source="model")
+    ok = override_preprocess(gray, mean=0.25, std=0.5)
+    assert (ok.mean, ok.std) == ((0.25,), (0.5,))
+    x = torch.rand(1, 8, 8)
+    torch.testing.assert_close(ok(x), (x - 0.25) / 0.5, rtol=0, atol=0)
+    with pytest.raises(SpecError, match=r"^--mean has 2 values but the model takes 1 channel; give --mean/--std"):
+        override_preprocess(gray, mean=[0.5, 0.5])
+    rgb = Preprocess(channels=1, std=(0.2, 0.2, 0.2), source="model")
+    with pytest.raises(SpecError, match=r"^the model's own std has 3 values but the model takes 1 channel;"):
+        override_preprocess(rgb, mean=0.5)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.fc = torch.nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_run_compare_refuses_overrides_on_tensors_before_any_work(tmp_path, as_dataset):
+    """Tensors (and datasets) are the models' inputs as given: overrides used to change nothing, silently."""
+    from relprop.report import run_compare
+    from relprop.specs import SpecError
+
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    data = list(zip(x, y.tolist())) if as_dataset else (x, y)
+    with pytest.raises(SpecError, match=r"^preprocess_overrides \(mean, std\) cannot apply to tensors:.*as given"):
+        run_compare({"m": _Tiny()}, data, ["saliency"], tmp_path / "r", preprocess_overrides={"mean": [0.5], "std": 2})
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_compare_checks_a_module_channels_against_the_overrides_before_any_work(tmp_path):
+    """A mean count that does not fit a model in memory was a failed "could not load the model" later."""
+    from relprop.report import run_compare
+    from relprop.specs import Data, SpecError
+
+    data = Data(spec="folder:x", name="x", kind="image", labels=torch.tensor([0, 1]), class_names=["a", "b", "c"],
+                images=torch.rand(2, 1, 8, 8))  # fmt: skip
+    with pytest.raises(SpecError, match=r"^--mean has 3 values but the model takes 1 channel;"):
+        run_compare({"m": _Tiny()}, data, ["saliency"], tmp_path / "r", preprocess_overrides={"mean": [0.1, 0.2, 0.3]})
+    assert not (tmp_path / "r").exists()

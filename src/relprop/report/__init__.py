@@ -143,7 +143,7 @@ def run_compare(
     False neither reads nor writes ``out/cache``; ``warnings``: shown in the report (``results["warnings"]``).
     """
     from ..specs import check_method, check_overrides, override_preprocess
-    from ..specs.adapters import frozen, to_data, to_models
+    from ..specs.adapters import check_overrides_fit, frozen, to_data, to_models
     from . import cell_metrics, figures, html, store
     from .device import cast_text, check_placement, place_loaded, resolve_device, resolve_dtype
 
@@ -155,6 +155,7 @@ def run_compare(
     out.check_folder()
     items = to_models(models)  # the one boundary: user objects -> specs and LoadedModels
     data = to_data(data)
+    check_overrides_fit(preprocess_overrides, data, items)  # tensors are used as given; counts vs channels
     parsed = [m if isinstance(m, MethodSpec) else MethodSpec.parse(str(m)) for m in methods]
     for m in parsed:
         check_method(m)

@@ -20,7 +20,7 @@ from .data import Data
 from .errors import SpecError
 from .hashing import _class_file
 from .loaded import LoadedModel
-from .preprocess import Preprocess
+from .preprocess import Preprocess, override_preprocess
 
 #: ``Data.info`` key: the data are what the models take, as the user gave them: inputs
 #: (``Data.model_ready``) passed to every model unchanged, labels that are the models' class indices.
@@ -228,3 +228,25 @@ def to_models(models: Any) -> list[str | LoadedModel]:
     if not out:
         raise SpecError("no models given")
     return out
+
+
+def check_overrides_fit(overrides: Mapping[str, Any] | None, data: Data, models: Sequence[str | LoadedModel]) -> None:
+    """Preprocessing overrides that cannot apply are refused before any work, with one line.
+
+    Tensors and datasets are the models' inputs as given (:func:`from_tensors`): nothing resizes or
+    normalises them, so ``run_compare(preprocess_overrides=...)`` on them used to change nothing, silently.
+    For models in memory (modules, loaded models) the mean/std counts are checked against the channels each
+    takes here, not when the model's turn comes (a spec string's model is only known once it is loaded).
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if not given:
+        return
+    if data.info.get(MODEL_INPUTS):
+        raise SpecError(
+            f"preprocess_overrides ({', '.join(sorted(given))}) cannot apply to {data.spec}: tensors and datasets are "
+            "the models' inputs as given (nothing is resized or normalised); transform them before passing them, "
+            "or drop preprocess_overrides"
+        )
+    for m in models:
+        if isinstance(m, LoadedModel) and m.kind == "image":
+            override_preprocess(m.preprocess, **given)  # a copy: the model's own preprocessing is untouched

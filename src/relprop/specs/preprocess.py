@@ -87,16 +87,34 @@ class Preprocess:
         return self.normalize(self.display(raw))
 
 
-def _check_counts(mean, std, channels: int | None, where: str) -> None:
-    """Per-channel values fit ``channels`` (one value, or one per channel) and each other."""
-    n_mean, n_std = len(mean) if mean is not None else 1, len(std) if std is not None else 1
-    if channels is not None and (n_mean not in (1, channels) or n_std not in (1, channels)):
-        raise SpecError(
-            f"mean/std have {n_mean}/{n_std} values but {where} {channels} channels; "
-            "give --mean/--std one value or one per channel"
-        )
-    if n_mean > 1 and n_std > 1 and n_mean != n_std:
-        raise SpecError(f"mean/std have {n_mean}/{n_std} values; give --mean/--std one value or one per channel")
+def _values(v) -> tuple | None:
+    """A number is one value (``std=0.5``); a sequence is one value per channel; None stays None."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
+        return (float(v),)
+    return tuple(v)
+
+
+def _check_counts(mean, std, channels: int | None, where: str, given: tuple[str, ...] | None = None) -> None:
+    """Per-channel values fit ``channels`` (one value, or one per channel) and each other.
+
+    The message names only what the user gave (``given``): a model's own 3-value std is "the model's own
+    std", and a std nobody gave (one value by default) is not mentioned at all; None: plain "mean"/"std".
+    """
+    counts = {"mean": len(mean) if mean is not None else 1, "std": len(std) if std is not None else 1}
+
+    def name(k: str) -> str:
+        return k if given is None else f"--{k}" if k in given else f"the model's own {k}"
+
+    fix = "give --mean/--std one value or one per channel"
+    if channels is not None:
+        bad = [k for k in ("mean", "std") if counts[k] not in (1, channels)]
+        if bad:
+            has = " and ".join(f"{name(k)} has {counts[k]} value{'s' * (counts[k] != 1)}" for k in bad)
+            raise SpecError(f"{has} but {where} {channels} channel{'s' * (channels != 1)}; {fix}")
+    if counts["mean"] > 1 and counts["std"] > 1 and counts["mean"] != counts["std"]:
+        raise SpecError(f"{name('mean')} has {counts['mean']} values and {name('std')} {counts['std']}; {fix}")
 
 
 def check_overrides(*, image_size=None, mean=None, std=None, channels=None) -> None:
@@ -104,8 +122,10 @@ def check_overrides(*, image_size=None, mean=None, std=None, channels=None) -> N
 
     The CLI's ``--image-size/--mean/--std/--channels`` and ``run_compare(preprocess_overrides=...)`` go
     through here (:func:`override_preprocess` calls it too): a zero or non-finite std made every input
-    infinite, so each method failed only after the model and data were loaded.
+    infinite, so each method failed only after the model and data were loaded. A number for ``mean``/``std``
+    is one value for every channel.
     """
+    mean, std = _values(mean), _values(std)
     if image_size is not None and len(image_size) not in (1, 2):
         raise SpecError(f"--image-size takes H or H W, got {len(image_size)} values")
     if image_size is not None and any(int(v) < 1 for v in image_size):
@@ -116,7 +136,8 @@ def check_overrides(*, image_size=None, mean=None, std=None, channels=None) -> N
         raise SpecError(f"--mean must be finite, got {' '.join(map(str, mean)) or 'nothing'}")
     if channels is not None and int(channels) not in (1, 3):
         raise SpecError(f"--channels converts images to 1 or 3 channels, got {channels}")
-    _check_counts(mean, std, int(channels) if channels else None, "--channels gives")
+    given = tuple(k for k, v in (("mean", mean), ("std", std)) if v is not None)
+    _check_counts(mean, std, int(channels) if channels else None, "--channels gives", given)
 
 
 def override_preprocess(pre: Preprocess | None, *, image_size=None, mean=None, std=None, channels=None) -> Preprocess:
@@ -124,6 +145,7 @@ def override_preprocess(pre: Preprocess | None, *, image_size=None, mean=None, s
     preprocessing; bad values raise :class:`SpecError` (:func:`check_overrides`), as does a mean/std whose
     count does not fit the channels the model takes."""
     check_overrides(image_size=image_size, mean=mean, std=std, channels=channels)
+    mean, std = _values(mean), _values(std)
     pre = Preprocess(**{k: getattr(pre, k) for k in Preprocess.__dataclass_fields__}) if pre else Preprocess()
     changed = False
     if image_size:
@@ -136,5 +158,6 @@ def override_preprocess(pre: Preprocess | None, *, image_size=None, mean=None, s
         pre.channels, changed = int(channels), True
     if changed:
         pre.source = f"{pre.source} + flags" if pre.source != "defaults" else "flags"
-        _check_counts(pre.mean, pre.std, pre.channels, "the model takes")
+        given = tuple(k for k, v in (("mean", mean), ("std", std)) if v is not None)
+        _check_counts(pre.mean, pre.std, pre.channels, "the model takes", given)
     return pre
