@@ -185,3 +185,40 @@ def test_run_compare_checks_a_module_channels_against_the_overrides_before_any_w
     with pytest.raises(SpecError, match=r"^--mean has 3 values but the model takes 1 channel;"):
         run_compare({"m": _Tiny()}, data, ["saliency"], tmp_path / "r", preprocess_overrides={"mean": [0.1, 0.2, 0.3]})
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unwritable_report_folder_is_refused_before_any_model_loads(capsys, monkeypatch):
+    """It loaded the models, then failed with a bare "No such file or directory"."""
+    _no_work(monkeypatch)
+    err = _error(capsys, ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", "/proc/nope/x"])
+    assert "--out /proc/nope/x: the report folder cannot be made there (/proc is not a writable folder" in err
+    assert not list(__import__("pathlib").Path("/proc").glob(".relprop-check-*"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--engine", "ray", "--workers", "-2"], "--workers must be at least 1, got -2"),
+        (["--model-files-limit", "-1"], "--model-files-limit must be >= 0 (MiB), got -1"),
+    ],
+)
+def test_ray_numbers_out_of_range_are_refused_first(tmp_path, capsys, monkeypatch, extra, message):
+    _no_work(monkeypatch)
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "r"), *extra]
+    assert message in _error(capsys, argv)
+
+
+def test_ray_options_on_a_local_run_are_said_once(tmp_path, capsys, monkeypatch):
+    """--model-files shared / --workers 3 without --engine ray were silently ignored."""
+    monkeypatch.setattr("relprop.specs.load_data", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(tmp_path / "r"), "--workers", "3",
+            "--model-files=shared"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1
+    assert "relprop: WARNING: --workers, --model-files only apply with --engine ray; ignored" in err
+    with pytest.raises(SystemExit):
+        main([*argv, "--engine", "ray"])
+    assert "WARNING" not in capsys.readouterr().err

@@ -520,6 +520,38 @@ def _loader(args, weights: dict[str, str]):
     return load
 
 
+def _cannot_write(path: Path) -> str | None:
+    """Why nothing can be written under ``path``'s nearest existing folder, or None. A throw-away folder made
+    there tells (``os.access`` says yes to root on /proc); the real files are only made when written."""
+    import tempfile
+
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".relprop-check-", dir=parent))
+    except OSError as e:
+        return f"{parent} is not a writable folder: {e.strerror or e}"
+    return None
+
+
+def _ray_flags(args) -> None:
+    """``--workers``/``--model-files-limit`` out of range fail before any work (``--workers 0`` failed after the
+    models loaded; a negative limit was taken); the ``--engine ray`` options on a local run are said once."""
+    if args.workers < 1:
+        raise CLIError(f"--workers must be at least 1, got {args.workers}")
+    if args.model_files_limit < 0:
+        raise CLIError(f"--model-files-limit must be >= 0 (MiB), got {args.model_files_limit}")
+    if args.engine != "ray":
+        ray_only = ("--address", "--workers", "--gpus-per-worker", "--shards", "--model-files", "--model-files-limit")
+        argv = getattr(args, "_argv", None) or []
+        given = [f for f in ray_only if any(a == f or a.startswith(f + "=") for a in argv)]
+        if given:
+            _say(f"relprop: WARNING: {', '.join(given)} only apply with --engine ray; ignored on this local run")
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -615,6 +647,9 @@ def cmd_compare(args) -> int:
               "data_workers")  # fmt: skip
     check_seed(args.seed, "--seed")  # before the data is read
     out.check_folder()
+    if out.local is not None and (why := _cannot_write(Path(out.local))):  # else it failed after the models loaded
+        raise CLIError(f"--out {args.out}: the report folder cannot be made there ({why})")
+    _ray_flags(args)
     if args.models is not None and not _split(args.models):
         raise CLIError(f"--models {args.models!r} names no model; omit --models for the default models")
     models = _split(args.models) or [f"zoo:{m}" for m in zoo.DEFAULT_MODELS]
@@ -790,11 +825,8 @@ def _check_writable(flag: str, path: str) -> None:
     dest = Path(path).expanduser()
     if dest.is_dir():
         raise CLIError(f"{flag} {path} is a folder; give a file name")
-    parent = dest.parent.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+    if why := _cannot_write(dest.parent.resolve()):
+        raise CLIError(f"{flag} {path}: cannot write there ({why})")
 
 
 def _check_explain_outputs(args, kind: str | None) -> None:
