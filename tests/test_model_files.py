@@ -121,8 +121,11 @@ def test_too_large_or_gone_is_one_clear_error(here):
     (here / "w.pt").write_bytes(b"x" * 2048)
     (here / "small.txt").write_bytes(b"y")
     paths = {"small.txt": str(here / "small.txt"), "w.pt": str(here / "w.pt")}
-    with pytest.raises(SpecError, match=r"model file .*w\.pt .*over the limit of 0 MiB.*--model-files shared"):
-        read_model_files(paths, limit=1024)
+    with pytest.raises(SpecError, match=r"model file .*w\.pt takes the model's files to 2\.0 KiB, over the limit of 1\.0 "
+                       r"KiB .*--model-files shared"):  # fmt: skip
+        read_model_files(paths, limit=1024)  # it said "0 MiB, over the limit of 0 MiB"
+    with pytest.raises(SpecError, match=r"to 2049 bytes, over the limit of 2000 bytes"):
+        read_model_files(paths, limit=2000)
     assert read_model_files(paths, limit=4096)["bytes"] == 2049
     (here / "w.pt").unlink()
     with pytest.raises(SpecError, match=r"w\.pt is gone"):
@@ -369,3 +372,15 @@ def test_what_cannot_be_shipped_is_named(here, forget):
     with pytest.raises(SpecError, match=r"table\.bin .*over the limit"):
         read_model_files({}, limit=2048, modules=got.info["model_modules"])
     assert "table.bin" in read_model_files({}, modules=got.info["model_modules"])["modules"][0]["files"]
+
+
+def test_sizes_and_long_messages_read_whole():
+    """Sizes under 1 MiB in bytes/KiB (they read "0 MiB"); long messages are cut at a word, ending in "..."."""
+    from relprop.specs.errors import shorten, size_text
+
+    assert [size_text(n) for n in (0, 1023, 1536, 2**20, 5 * 2**30)] == ["0 bytes", "1023 bytes", "1.5 KiB", "1 MiB",
+                                                                       "5120 MiB"]  # fmt: skip
+    text = "word " * 1000 + "(Ray: the hint)"
+    assert shorten(text[:1500]) == text[:1500]
+    short = shorten(text, 2000)
+    assert len(short) <= 2000 and short.endswith("word...") and short[:-3] == text[: len(short) - 3]

@@ -24,6 +24,25 @@ def closest(word: str, options: Sequence[str], cutoff: float = 0.5) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def size_text(n_bytes: float) -> str:
+    """A size for a message: bytes or KiB under 1 MiB (``2.0 KiB``, not ``0 MiB``), else whole MiB."""
+    if n_bytes < 1024:
+        return f"{int(n_bytes)} bytes"
+    if n_bytes < 2**20:
+        return f"{n_bytes / 1024:.1f} KiB"
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
+def shorten(text: str, limit: int = 2000) -> str:
+    """``text`` whole up to ``limit`` characters, else cut at the last space before it and ended by "...":
+    a message stored in ``results.json`` keeps its hint whole, and is never cut mid-word."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip() + "..."
+
+
 def first_line(e: Any) -> str:
     s = str(e).strip() or type(e).__name__
     return s.splitlines()[0] if s else s

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpecError, TrustPickleWarning, closest, first_line, install_hint, need
+from .errors import SpecError, TrustPickleWarning, closest, first_line, install_hint, need, size_text
 from .hashing import file_sha256
 from .loaded import TEXT_ZOO, ImageClassifier, LoadedModel, LoadOptions, TextClassifier, _freeze
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -97,9 +97,12 @@ def read_model_files(paths: dict[str, str], limit: int = MODEL_BYTES, modules: d
                 seen.add(str(f))
                 total += f.stat().st_size
                 if total > limit:
+                    now, most = size_text(total), size_text(limit)
+                    if now == most:  # "2.0 KiB, over the limit of 2.0 KiB": in bytes
+                        now, most = f"{total} bytes", f"{limit} bytes"
                     raise SpecError(
-                        f"model file {f} takes the model's files to {total / 2**20:.0f} MiB, over the limit of "
-                        f"{limit / 2**20:.0f} MiB for shipping them to the workers; raise it (--model-files-limit, "
+                        f"model file {f} takes the model's files to {now}, over the limit of "
+                        f"{most} for shipping them to the workers; raise it (--model-files-limit, "
                         f"RayOptions.model_bytes) or put the files on storage every node reaches at the same path and pass "
                         f"--model-files shared (RayOptions(ship_models=False))"
                     )
