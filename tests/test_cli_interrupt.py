@@ -42,7 +42,7 @@ def test_ctrl_c_lists_every_model_with_what_finished(tmp_path, capsys, monkeypat
     assert main(["compare", "--models", MODELS, *FAST, "--out", str(out)]) == 130
     ranking = _ranking(capsys.readouterr().out)
     assert set(ranking) == {"resnet_digits", "densenet_digits", "vgg_digits"}, ranking
-    first = "(incomplete: 1 of 2 methods finished)" if n == 2 else None
+    first = "(incomplete: 1 of 2 methods finished; not ranked, its means are over those only)" if n == 2 else None
     if first:
         assert ranking["resnet_digits"].endswith(first), ranking
     else:
@@ -67,7 +67,44 @@ def test_a_resumed_run_interrupted_again_lists_the_cached_cells_of_the_model_in_
     _interrupt_at(monkeypatch, 1)  # gradient, computed first, is interrupted
     assert main(argv) == 130
     ranking = _ranking(capsys.readouterr().out)
-    assert ranking["resnet_digits"].endswith("(incomplete: 1 of 2 methods finished)"), ranking
+    assert ranking["resnet_digits"].endswith(
+        "(incomplete: 1 of 2 methods finished; not ranked, its means are over those only)"
+    ), ranking
     res = json.loads((out / "results.json").read_text())
     assert [c["method"] for c in res["models"][0]["methods"]] == ["saliency"]
     assert res["models"][0]["methods"][0]["reused"] is True
+
+
+def test_a_model_the_run_stopped_in_is_unranked_and_the_others_rank_as_without_it(tmp_path, capsys, monkeypatch):
+    """Interrupted in the third model's second method: its means are over one method, the others' over two,
+    so it gets no rank, tie or best mark (terminal, results.json, report) and the two complete models rank
+    exactly as in a run of those two alone (it used to rank and be bold on its one-method means)."""
+    _interrupt_at(monkeypatch, 6)
+    out = tmp_path / "r"
+    assert main(["compare", "--models", MODELS, *FAST, "--out", str(out)]) == 130
+    line = _ranking(capsys.readouterr().out)["vgg_digits"]
+    assert line.lstrip().startswith("-.") and "tie with" not in line and "not ranked" in line, line
+    res = json.loads((out / "results.json").read_text())
+    vgg = next(r for r in res["ranking"] if r["model"] == "zoo:vgg_digits")
+    assert vgg["interrupted"] == {"cells_done": 1, "cells_total": 2} and vgg["faithfulness"] is not None
+    assert vgg["rank"] is None and vgg["mean_rank"] is None and vgg["tied_with"] == [] and vgg["best"] == []
+    assert vgg["best_method"] is None and vgg["best_methods"] == [] and set(vgg["ranks"].values()) == {None}
+    assert [c["best"] for c in res["models"][2]["methods"]] == [[]]
+    assert all(vgg["anchor"] not in r["tied_with"] for r in res["ranking"])
+    for rows in res["rankings_per_method"].values():
+        assert all(vgg["anchor"] not in r["ties_with"] for r in rows)
+        assert next(r for r in rows if r["model"] == vgg["anchor"])["rank"] is None
+    page = (out / "index.html").read_text()
+    row = page.split('id="ranking-table"', 1)[1].split("</table>", 1)[0].split("vgg_digits", 1)[1].split("</tr>")[0]
+    assert "<b>" not in row and "not ranked" in row, row
+    monkeypatch.undo()
+    # the two complete models alone (their cells reused from the first run's cache)
+    assert main(["compare", "--models", "zoo:resnet_digits,zoo:densenet_digits", *FAST, "--out", str(out)]) == 0
+    two = json.loads((out / "results.json").read_text())
+    keys = ("model", "rank", "mean_rank", "ranks", "ties", "tied_with", "best", "best_methods", "faithfulness")
+    assert [{k: r[k] for k in keys} for r in res["ranking"][:2]] == [{k: r[k] for k in keys} for r in two["ranking"]]
+    for label, rows in two["rankings_per_method"].items():
+        ranked = [r for r in res["rankings_per_method"][label] if r["rank"] is not None]
+        assert [(r["model"], r["rank"], r["mean"], r["ties_with"]) for r in ranked] == [
+            (r["model"], r["rank"], r["mean"], r["ties_with"]) for r in rows
+        ]

@@ -93,10 +93,10 @@ def methods():
     return parse_methods("lrp,gradient", [])
 
 
-def _run(data, methods, out, models=MODELS, **kw):
+def _run(data, methods, out, models=MODELS, log=lambda _: None, **kw):
     return run_compare(
         models, data, methods, out, Settings(**SETTINGS), progress=False, use_cache=False, command="test",
-        log=lambda _: None, **kw,
+        log=log, **kw,
     )  # fmt: skip
 
 
@@ -182,7 +182,8 @@ def test_interrupt_lists_every_model(local, cluster, tmp_path, data, methods, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RayEngine, "_run", interrupted)
-    res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2})
+    said: list[str] = []
+    res = _run(data, methods, tmp_path, engine="ray", ray_options={"workers": 2}, log=said.append)
     assert res["status"] == "interrupted" and [m["spec"] for m in res["models"]] == MODELS
     first, second = res["models"]
     assert first.get("interrupted") is None and len(first["methods"]) == 2
@@ -191,6 +192,8 @@ def test_interrupt_lists_every_model(local, cluster, tmp_path, data, methods, mo
     cell, alone = _numbers(tmp_path)["models"][1]["methods"][0], _numbers(local)["models"][1]["methods"][0]
     assert {**cell, "best": None} == {**alone, "best": None}  # "best": among the model's finished methods
     assert next(r for r in res["ranking"] if r["model"] == MODELS[1])["interrupted"]["cells_done"] == 1
+    name = res["models"][1]["name"]  # the finished cell is said on the terminal like every other one
+    assert any(s.startswith(f"  {name} × {methods[0].label}: ") and s.endswith("(finished)") for s in said), said
 
 
 def test_runs_whose_numbers_would_depend_on_shards_are_refused(data):

@@ -339,6 +339,10 @@ def run_compare(
             try:  # what finished of the model in progress: Ray's cells whose every shard is done, cached cells
                 cells = _finished_cells(current["cells"], pool, job, current["model"], methods)
                 done += len(cells) - len(current["cells"])
+                for label, c in cells.items():  # Ray's finished cells and cached ones were not said yet
+                    if label not in current["cells"]:
+                        how = "reused cached result, " if c.get("reused") else ""
+                        bar.write(f"  {current['model'].name} × {label}: {_summary(c)} ({how}finished)", log)
                 if cells:
                     _finish_model(
                         current["entry"], current["model"], cells, job, None, grid_idx, data, out, figures, html
@@ -576,10 +580,18 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         ex = (c or {}).get("examples") or {}
         return {i: v for i, v in zip(ex.get("example", []), ex.get(key, [])) if v is not None}
 
+    def ranked(m: dict) -> bool:
+        """Whether ``m`` takes part in ranks, ties and best marks: not a model a Ctrl-C stopped in. Its means are
+        over the methods that finished, so next to complete models' they compare unequal things (a model with
+        only its best method done would rank first); it is listed with its numbers, unranked, and the complete
+        models rank as in a run without it."""
+        return not m.get("interrupted")
+
     # rankings per method on the rank metric, then the overall rank as the mean rank over methods
     per_method = {}
     for meth in methods:
-        rows = rank_models({m["anchor"]: values(m, meth.label, spec.key) for m in models}, spec, **boot)
+        per = {m["anchor"]: values(m, meth.label, spec.key) if ranked(m) else {} for m in models}
+        rows = rank_models(per, spec, **boot)
         per_method[meth.label] = rows
     ranking = []
     for m in models:
@@ -616,7 +628,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
                 "accuracy": m.get("accuracy"),
                 "n_eval": m.get("n_eval"),
                 "n_total": m.get("n_total"),
-                "best_method": best["method"] if best else None,
+                "best_method": best["method"] if best and ranked(m) else None,
                 "interrupted": m.get("interrupted"),  # {"cells_done", "cells_total"} when the run stopped in it
                 # every perturbation metric of the model's finished cells is flagged uninformative
                 "uninformative": bool(oks) and all((c.get("perturbation") or {}).get("warning") for c in oks),
@@ -640,7 +652,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         oks = [c for c in m.get("methods", []) if c.get("status") == "ok"]
         for c in oks:
             c["best"] = []
-        for metric in METRICS:
+        for metric in METRICS if ranked(m) else ():  # the best of an incomplete model's methods: unknown
             for label in tied_for_best({c["method"]: values(m, c["method"], metric.key) for c in oks}, metric, **boot):
                 next(c for c in oks if c["method"] == label)["best"].append(metric.key)
     # the best method of a model: every method tied for best on the rank metric (all names on a tie)
@@ -652,7 +664,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
     for r in ranking:
         r["best"] = []
     for metric in METRICS:
-        best = tied_for_best({m["anchor"]: method_mean(m, metric.key) for m in models}, metric, **boot)
+        best = tied_for_best({m["anchor"]: method_mean(m, metric.key) for m in models if ranked(m)}, metric, **boot)
         for r in ranking:
             if r["anchor"] in best:
                 r["best"].append(metric.key)
@@ -660,7 +672,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
     # overall: sorted by mean rank; a model's rank is 1 + the models with a better mean rank whose
     # method-averaged per-example metric is significantly better (paired bootstrap), so ties stay ties
     averaged = {m["anchor"]: method_mean(m, spec.key) for m in models}
-    for r in ranking:
+    for r in ranking:  # an incomplete model has no per-method rank, so no mean rank: unranked, tied with none
         if r["mean_rank"] is None:
             r["rank"], r["tied_with"] = None, []
             continue

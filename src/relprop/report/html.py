@@ -275,12 +275,17 @@ def best_methods(r: dict) -> str:
 
 
 def incomplete_text(r: dict) -> str:
-    """The words for a model the run stopped in (Ctrl-C), "incomplete: 1 of 2 methods finished"; else ""."""
+    """The words for a model the run stopped in (Ctrl-C), "incomplete: 1 of 2 methods finished; not ranked,
+    its means are over those only"; else "". Such a model has no rank, tie or best mark (``report._assemble``)."""
     part = r.get("interrupted")
     if not part:
         return ""
-    got = f"{part['cells_done']} of {part['cells_total']} methods" if part["cells_done"] else "no method"
-    return f"incomplete: {got} finished"
+    if not part["cells_done"]:
+        return "incomplete: no method finished"
+    return (
+        f"incomplete: {part['cells_done']} of {part['cells_total']} methods finished; not ranked, "
+        "its means are over those only"
+    )
 
 
 def accuracy_count(m: dict) -> str:
@@ -404,7 +409,18 @@ significantly better: two models tie when the {int(s.get("confidence", 0.95) * 1
 of their per-example difference contains 0. Every number is a mean over methods and examples with its bootstrap
 interval in brackets. Accuracy on those of the {data["n"]} examples of <code>{e(data["spec"])}</code> that have a model
 class (per model below); metrics on {n}
-examples per model. {e(bold_legend(s))}</p>{_not_run_note(s)}"""
+examples per model. {e(bold_legend(s))}{e(_unranked_note(results))}</p>{_not_run_note(s)}"""
+
+
+def _unranked_note(results: dict) -> str:
+    """Why a model a Ctrl-C stopped in has no rank: its means are over fewer methods than the others'."""
+    if not any(r.get("interrupted") for r in results.get("ranking", [])):
+        return ""
+    return (
+        " A model whose methods did not all finish (the run was interrupted) is listed with the means of what "
+        "finished but takes no rank, tie or bold mark: the complete models are ranked among themselves, as in a "
+        "run without it."
+    )
 
 
 def _not_run_note(s: dict) -> str:
