@@ -384,3 +384,44 @@ def test_sizes_and_long_messages_read_whole():
     assert shorten(text[:1500]) == text[:1500]
     short = shorten(text, 2000)
     assert len(short) <= 2000 and short.endswith("word...") and short[:-3] == text[: len(short) - 3]
+
+
+def test_a_python_file_imports_its_siblings_and_ships_them(here, forget):
+    """``python:FILE.py`` runs as ``python FILE.py`` would: modules beside it import (before: "cannot import module
+    'flat.py' (No module named 'rs_fhelper')" unless the folder was on sys.path), and on Ray they go along as code
+    with the file (the file itself is a model file)."""
+    import os
+    import sys
+
+    forget += ["rs_fhelper", "rs_fdeeper"]
+    (here / "proj").mkdir()
+    (here / "proj" / "rs_fdeeper.py").write_text(PARTS)
+    (here / "proj" / "rs_fhelper.py").write_text("import rs_fdeeper\nHead = rs_fdeeper.Head\n")
+    (here / "proj" / "flat.py").write_text(NET.replace("from .parts import Head", "from rs_fhelper import Head"))
+    path = list(sys.path)
+    first = load_model("python:proj/flat.py:build")
+    assert sys.path == path
+    assert first.info["model_modules"] == {
+        "rs_fhelper": [str(here / "proj" / "rs_fhelper.py")],
+        "rs_fdeeper": [str(here / "proj" / "rs_fdeeper.py")],
+    }
+    bundle = read_model_files(first.info["model_files"], modules=first.info["model_modules"])
+    shutil.move(here / "proj", here / "gone" / "proj")
+    for n in ("rs_fhelper", "rs_fdeeper"):
+        del sys.modules[n]
+    (here / "worker").mkdir()
+    os.chdir(here / "worker")
+    with placed(bundle):
+        again = load_model("python:proj/flat.py:build")
+    assert sys.path == path
+    _same(first, again)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(first.module(x), again.module(x))
+
+
+def test_a_missing_import_of_a_model_file_is_named(here):
+    (here / "lonely.py").write_text("import rs_not_anywhere\ndef build():\n    return None\n")
+    with pytest.raises(SpecError, match="'lonely.py' imports 'rs_not_anywhere', which is neither installed nor beside"):
+        load_model("python:lonely.py:build")
+    with pytest.raises(SpecError, match="cannot import module 'rs_no_such_module'"):
+        load_model("python:rs_no_such_module:build")

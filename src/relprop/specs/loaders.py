@@ -750,7 +750,8 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
             if s is None or s.loader is None:
                 raise SpecError(f"cannot import python file {file}")
             mod = importlib.util.module_from_spec(s)
-            s.loader.exec_module(mod)
+            with _importable_from(file.resolve().parent):  # as `python FILE.py` would: its siblings import
+                s.loader.exec_module(mod)
             files = [str(file.resolve())]
         else:
             known = mod_name in sys.modules
@@ -763,6 +764,12 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
     except SpecError:
         raise
     except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing and missing != mod_name and not mod_name.startswith(missing + "."):
+            raise SpecError(
+                f"model spec '{spec}': '{mod_name}' imports '{missing}', which is neither installed nor beside it "
+                f"({first_line(e)})"
+            ) from None
         raise SpecError(f"model spec '{spec}': cannot import module '{mod_name}' ({first_line(e)})") from None
     except Exception as e:
         raise SpecError(
@@ -790,8 +797,11 @@ def _python(target: str, spec: str, opts: LoadOptions | None = None) -> LoadedMo
         source = f"{source} + {wpath}"
     lm = _generic(model, spec, f"{Path(mod_name).stem}:{fn_name}", source)
     lm.source_files = files
-    if not (mod_name.endswith(".py") or os.sep in mod_name):  # a FILE.py is a model file
-        lm.info["model_modules"] = module_sources([mod_name, *(type(m).__module__ for m in model.modules())])
+    classes = [type(m).__module__ for m in model.modules()]
+    if not (mod_name.endswith(".py") or os.sep in mod_name):
+        lm.info["model_modules"] = module_sources([mod_name, *classes])
+    else:  # a FILE.py is a model file (shipped as one); the modules it imports from its folder are shipped as code
+        lm.info["model_modules"] = module_sources([*_imported_by(mod), *classes])
     return lm
 
 
