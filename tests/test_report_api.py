@@ -381,3 +381,14 @@ def test_own_modules_are_cached_by_weights_and_code(user, tmp_path):
     assert any("Cell: results are not cached" in w and "in no file" in w for w in res["warnings"])
     cache = tmp_path / "nb" / "cache"
     assert not cache.exists() or not any(cache.iterdir())  # nothing written that a later run could trust
+
+
+def test_a_long_error_keeps_its_hint_whole():
+    """Errors stored in results.json were cut at 300 characters, ending a hint mid-word ("(Ra")."""
+    from relprop.report import _one_line
+
+    long = "x " * 200 + "(Ray: pass --model-files shared)"
+    assert _one_line(ValueError(long)).endswith("(Ray: pass --model-files shared)")
+    huge = "word " * 1000
+    cut = _one_line(ValueError(huge))
+    assert len(cut) <= 2000 and cut.endswith("word...")

@@ -38,6 +38,7 @@ import torch
 
 from ..specs import LoadedModel, SpecError, load_model
 from ..specs.adapters import MODEL_INPUTS, from_dataset, from_module, from_tensors
+from ..specs.errors import shorten
 from .compare import Job, MethodSpec, Settings, check_seed, dedupe_methods, method_identity, slug
 from .store import Output
 
@@ -464,7 +465,7 @@ def _failed_cell(m: MethodSpec, ex: BaseException) -> dict:
 
 def _one_line(ex: BaseException) -> str:
     msg = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
-    return f"{type(ex).__name__}: {msg}"[:300] if msg else type(ex).__name__
+    return shorten(f"{type(ex).__name__}: {msg}") if msg else type(ex).__name__
 
 
 def _write_examples(results: dict, out: Output, job: Job, run: str) -> None:

@@ -77,7 +77,7 @@ from typing import Any
 import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
-from ..specs.errors import extra_hint
+from ..specs.errors import extra_hint, shorten
 from ..specs.loaders import MODEL_BYTES
 from .compare import Job, Settings, cell_header, slug
 from .store import Output
@@ -553,7 +553,7 @@ class RayEngine:
                 except Exception as ex:  # the method failed on this model (or retries ran out): the cell fails
                     cause = getattr(ex, "cause", None) or ex
                     msg = str(cause).strip().splitlines()
-                    errors.setdefault(label, f"{type(cause).__name__}: {msg[0] if msg else ''}"[:300])
+                    errors.setdefault(label, shorten(f"{type(cause).__name__}: {msg[0] if msg else ''}"))
         except BaseException:
             for ref in inflight:
                 ray.cancel(ref, force=False)
@@ -686,7 +686,7 @@ def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:
 
 
 def _failed(m: MethodSpec, error: str) -> dict:
-    return {"method": m.label, "name": m.name, "status": "failed", "error": error[:300], "reused": False}
+    return {"method": m.label, "name": m.name, "status": "failed", "error": shorten(error), "reused": False}
 
 
 def shard_output(out: Output, shards: str | None) -> tuple[Output, str]:
