@@ -396,4 +396,4 @@ def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data
     small = _run(data, methods, tmp_path / "small", engine="ray", ray_options={"workers": 2, "model_bytes": 1000},
                  **dict(kw, models=models[:1]))  # fmt: skip
     assert small["engine"]["shards_computed"] == 0 and len(small["problems"]) == 2
-    assert all("over the limit of 0 MiB" in p for p in small["problems"]), small["problems"]
+    assert all("over the limit of 1000 bytes" in p for p in small["problems"]), small["problems"]
