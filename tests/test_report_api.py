@@ -392,3 +392,35 @@ def test_a_long_error_keeps_its_hint_whole():
     huge = "word " * 1000
     cut = _one_line(ValueError(huge))
     assert len(cut) <= 2000 and cut.endswith("word...")
+
+
+class FourierCNN(TinyCNN):
+    """TinyCNN with an FFT before its head: saliency works, LRP has no rule for the FFT (its cell fails)."""
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc(torch.fft.fft(self.pool(x).flatten(1)).real)
+
+
+def test_a_model_with_a_failed_method_is_not_ranked_overall(user, tmp_path):
+    """Its mean rank and overall means would be over fewer methods than the others' (unequal footing, as a
+    model a Ctrl-C stopped in): its per-method ranks stand, its overall rank and best marks do not."""
+    torch.manual_seed(1)
+    res = run_compare(
+        {"good": user["net"], "fourier": FourierCNN()},
+        (user["x"], user["y"]),
+        ["saliency", "lrp"],
+        tmp_path / "r",
+        Settings(**SETTINGS),
+        progress=False,
+        log=quiet,
+    )
+    assert res["status"] == "incomplete"
+    rows = {r["name"]: r for r in res["ranking"]}
+    fourier, good = rows["fourier"], rows["good"]
+    assert [c["status"] for c in res["models"][1]["methods"]] == ["ok", "failed"]
+    assert fourier["ranks"]["saliency"] is not None  # ranked where it finished
+    assert fourier["rank"] is None and fourier["mean_rank"] is None and fourier["best"] == []
+    assert fourier["failed_methods"] == ["lrp"] and good["rank"] == 1 and good["failed_methods"] == []
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "lrp failed; not ranked overall" in page

@@ -769,7 +769,7 @@ def cmd_compare(args) -> int:
             faith += " (perturbation metrics uninformative)"
         mr = "–" if r.get("mean_rank") is None else f"{r['mean_rank']:.2f}"
         tie = ", ".join(names_by_anchor.get(t, t) for t in r.get("tied_with", []))
-        cut = f"  ({incomplete_text(r)})" if r.get("interrupted") else ""  # the run stopped in this model
+        cut = f"  ({incomplete_text(r)})" if incomplete_text(r) else ""  # stopped in this model, or a method failed
         print(
             f"  {r['rank'] or '-'}. {r['name']:<24} mean rank {mr}  {r.get('metric_label', 'ABPC')} {faith}  "
             f"accuracy {acc}{'  (tie with ' + tie + ')' if tie else ''}{cut}"

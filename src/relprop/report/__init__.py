@@ -588,6 +588,16 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
         models rank as in a run without it."""
         return not m.get("interrupted")
 
+    def finished(m: dict) -> set[str]:
+        return {c["method"] for c in m.get("methods", []) if c.get("status") == "ok"}
+
+    # Methods some ranked model finished: a model missing one of them (its cell failed) keeps its per-method ranks
+    # but takes no overall rank or best mark, as a model a Ctrl-C stopped in: its means are over fewer methods.
+    counted = set().union(*(finished(m) for m in models if ranked(m))) if models else set()
+
+    def whole(m: dict) -> bool:
+        return ranked(m) and counted <= finished(m)
+
     # rankings per method on the rank metric, then the overall rank as the mean rank over methods
     per_method = {}
     for meth in methods:
@@ -621,7 +631,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
                 "anchor": m.get("anchor"),
                 "metric": spec.key,
                 "metric_label": spec.label,
-                "mean_rank": sum(got) / len(got) if got else None,
+                "mean_rank": sum(got) / len(got) if got and whole(m) else None,
                 "ranks": {k: r["rank"] for k, r in ranks.items()},
                 "ties": {k: r["ties_with"] for k, r in ranks.items()},
                 "faithfulness": m["faithfulness"],
@@ -631,6 +641,8 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
                 "n_total": m.get("n_total"),
                 "best_method": best["method"] if best and ranked(m) else None,
                 "interrupted": m.get("interrupted"),  # {"cells_done", "cells_total"} when the run stopped in it
+                # the methods whose cells failed, where others finished them: unranked overall (see whole())
+                "failed_methods": sorted(counted - finished(m)) if ranked(m) and finished(m) else [],
                 # every perturbation metric of the model's finished cells is flagged uninformative
                 "uninformative": bool(oks) and all((c.get("perturbation") or {}).get("warning") for c in oks),
                 "class_sensitivity": m.get("class_sensitivity"),
@@ -665,7 +677,7 @@ def _assemble(models, methods, data, settings, command, status, done, total, t_s
     for r in ranking:
         r["best"] = []
     for metric in METRICS:
-        best = tied_for_best({m["anchor"]: method_mean(m, metric.key) for m in models if ranked(m)}, metric, **boot)
+        best = tied_for_best({m["anchor"]: method_mean(m, metric.key) for m in models if whole(m)}, metric, **boot)
         for r in ranking:
             if r["anchor"] in best:
                 r["best"].append(metric.key)

@@ -279,6 +279,9 @@ def incomplete_text(r: dict) -> str:
     its means are over those only"; else "". Such a model has no rank, tie or best mark (``report._assemble``)."""
     part = r.get("interrupted")
     if not part:
+        failed = r.get("failed_methods")
+        if failed:
+            return f"{', '.join(failed)} failed; not ranked overall, its means are over the other methods"
         return ""
     if not part["cells_done"]:
         return "incomplete: no method finished"
@@ -386,7 +389,7 @@ def _ranking_rows(results: dict) -> list[str]:
             if ties
             else ""
         )
-        cut = f'<br><span class="muted">{e(incomplete_text(r))}</span>' if r.get("interrupted") else ""
+        cut = f'<br><span class="muted">{e(incomplete_text(r))}</span>' if incomplete_text(r) else ""
         rows.append(
             f"<tr><td>{r['rank'] if r.get('rank') is not None else '–'}{tie}</td>"
             f'<td class="l name"><a href="#{e(r["anchor"])}">{e(r["name"])}</a><br><span class="muted">{e(r["model"])}</span>{cut}</td>'
@@ -414,9 +417,15 @@ examples per model. {e(bold_legend(s))}{e(_unranked_note(results))}</p>{_not_run
 
 def _unranked_note(results: dict) -> str:
     """Why a model a Ctrl-C stopped in has no rank: its means are over fewer methods than the others'."""
-    if not any(r.get("interrupted") for r in results.get("ranking", [])):
-        return ""
-    return (
+    rows = results.get("ranking", [])
+    failed = (
+        " A model with a failed method takes no overall rank or bold mark either (its per-method ranks stand)."
+        if any(r.get("failed_methods") for r in rows)
+        else ""
+    )
+    if not any(r.get("interrupted") for r in rows):
+        return failed
+    return failed + (
         " A model whose methods did not all finish (the run was interrupted) is listed with the means of what "
         "finished but takes no rank, tie or bold mark: the complete models are ranked among themselves, as in a "
         "run without it."
