@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from .canonical import _is_eval_bn
 from .graph import Graph, Node, Value
 from .methods._validate import validate_call
 from .methods.core import Explanation, Inputs, Target, run_backward, split_inputs
@@ -607,12 +608,12 @@ def _norm_swaps(graph: Graph, composite: Composite | None, pos: dict[int, int], 
     place, into the memory ``y`` leaves) and frees ``y`` after the norm: as many tensors held, no
     recomputation, and the reverse pass frees ``z`` once its rule is done. ``z`` is the norm's own output of the
     forward, so the bits are the recording's (tests/test_plan_norms.py). ``y`` is recomputed (by the linear
-    op) only if something reads it, e.g. ``layers=`` naming the linear layer.
+    op) only if something reads it (``layers=`` may not name that layer: ``methods.core.prepared_layer``).
 
     Only where ``y`` is held by the recording, has the norm as its one consumer, is no output, and no node of
     the rule set's prepared graph (region nodes' inner nodes included) reads it.
     """
-    if composite is None or not any(_is_norm(n) for n in graph.nodes):
+    if composite is None or not any(_is_eval_bn(n) for n in graph.nodes):
         return {}
     prepared = composite.prepare(graph).graph
     merged = {n.index for n in prepared.nodes if "merged_batch_norm" in n.meta}
@@ -636,7 +637,7 @@ def _norm_swaps(graph: Graph, composite: Composite | None, pos: dict[int, int], 
         if (
             norm is None
             or z is None
-            or not _is_norm(norm)
+            or not _is_eval_bn(norm)
             or id(norm) not in pos
             or y.data is None
             or y.index in read
@@ -647,10 +648,6 @@ def _norm_swaps(graph: Graph, composite: Composite | None, pos: dict[int, int], 
             continue
         swaps[y.index] = z.index
     return swaps
-
-
-def _is_norm(node: Node) -> bool:
-    return node.packet in ("_native_batch_norm_legit_no_training", "native_batch_norm")
 
 
 #: Ops whose (first) output is always a new tensor, never an alias of an input: an in-place write into

@@ -1394,7 +1394,10 @@ def _record(model, args: tuple, kwargs: dict, post: Any, warn: bool = True, rele
             try:
                 output = model(*args2, **kwargs2)
             except RuntimeError as err:
-                raise _inference_leaves(err, leaves, names) from err
+                reworded = _inference_leaves(err, leaves, names)
+                if reworded is err:
+                    raise
+                raise reworded from err
             if post is not None:
                 output = post(output)
         flat = _flatten(output, [])

@@ -167,18 +167,18 @@ def module_value(graph: Graph, name: str) -> Value:
     return max(outs, key=lambda v: v.index)
 
 
-def prepared_layer(recorded: Graph, prepared: Graph, name: str) -> Value:
+def prepared_layer(recorded: Graph, prepared: Graph, name: str, made: set[int]) -> Value:
     """The output of module ``name`` as the model computed it, if the rule set's graph still computes it.
 
     Names are looked up in the recording, not in the rule set's rewritten graph: there a batch norm merged into
     the convolution before it leaves one node under the convolution's name that computes the norm's output, and
     asking for the convolution would silently give the norm's output and relevance. A value the rewrite folded
-    away has no relevance of its own under this rule set: an error says so and how to get it.
+    away has no relevance of its own under this rule set: an error says so and how to get it. ``made``: the
+    indices of the values ``prepared``'s nodes compute.
     """
     v = module_value(recorded, name)
     if prepared is recorded or v.producer is None:
         return v
-    made = {o.index for n in prepared.nodes for o in n.outputs if o is not None}
     if v.index not in made:
         consumers = sorted({c.module for c in v.consumers if c.module and c.module != name})
         into = f" into {', '.join(repr(c) for c in consumers)}" if consumers else ""
@@ -268,7 +268,8 @@ def run_backward(
     all_sources = [s for _, src in pairs for s in src]
     param_values = _param_values(graph, params)
     all_sources += list(param_values.values())
-    layer_values = {name: prepared_layer(recorded, graph, name) for name in (layers or [])}
+    made = {o.index for n in graph.nodes for o in n.outputs if o is not None} if layers else set()
+    layer_values = {name: prepared_layer(recorded, graph, name, made) for name in (layers or [])}
     extra = list(extra_values(graph)) if extra_values is not None else []
     rel = propagate(
         prepared,

@@ -97,11 +97,9 @@ def _all_normal_by_chunks(z: torch.Tensor) -> bool:
         return False
     flat = z.as_strided((n,), (1,))  # every element once (the caller checked the layout is dense)
     buf = torch.empty(min(n, CHUNK), dtype=z.dtype, device=z.device)
-    tiny = torch.finfo(z.dtype).tiny
     for start in range(0, n, CHUNK):
         b = buf[: min(CHUNK, n - start)]
-        torch.abs(flat[start : start + CHUNK], out=b)
-        if not bool(b.amin() >= tiny):
+        if not _all_normal(torch.abs(flat[start : start + CHUNK], out=b)):
             return False
     return True
 
@@ -299,30 +297,29 @@ def _own_gradient(g: torch.Tensor, x: torch.Tensor, others: Sequence[torch.Tenso
     """May ``x * g`` be written into ``g``: ``g`` has the shape, dtype and strides ``x * g`` would have (those of
     ``x``, dense), is no view, no autograd, and shares memory with none of ``others`` (the quotient, the other
     operands' gradients and the inputs, still to be read). Then ``g.mul_(x)`` has the new product's bits and layout."""
-    return (
-        g.shape == x.shape
-        and g.dtype == x.dtype
-        and g.stride() == x.stride()
-        and g.is_contiguous()
-        and g._base is None
-        and not (x.requires_grad or g.requires_grad)
-        and (p := storage_ptr(g)) is not None
-        and all(t is None or storage_ptr(t) != p for t in others)
-    )
+    p = _product_memory(g, x, g) if g.is_contiguous() else None
+    return p is not None and all(t is None or storage_ptr(t) != p for t in others)
 
 
 def _fits(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> bool:
     """May ``x * g`` be written into ``out``: the shape, dtype and strides ``x * g`` would have, no view, memory of
     its own, no autograd (then the product into ``out`` has the new tensor's bits and layout)."""
-    return (
+    p = _product_memory(out, x, g)
+    return p is not None and p not in (storage_ptr(x), storage_ptr(g))
+
+
+def _product_memory(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> int | None:
+    """The address of ``out``'s memory if ``x * g`` may be written there as far as layout goes (the shape, dtype
+    and strides ``x * g`` would have, no view, no autograd), else None; callers add what must not share it."""
+    if not (
         out.shape == x.shape == g.shape
         and out.dtype == x.dtype == g.dtype
         and out.stride() == x.stride() == g.stride()
         and out._base is None
         and not (x.requires_grad or g.requires_grad or out.requires_grad)
-        and (p := storage_ptr(out)) is not None
-        and p not in (storage_ptr(x), storage_ptr(g))
-    )
+    ):
+        return None
+    return storage_ptr(out)
 
 
 _BIAS_ARG = {"convolution": 2, "addmm": 0, "baddbmm": 0, "addmv": 0, "_convolution": 2}

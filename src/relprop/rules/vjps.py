@@ -582,8 +582,8 @@ def _softmax(node, grads, tensors, wrt):
     dim = node.arg(1)
     if g is None or len(node.args) != 3 or type(dim) is not int or node.arg(2) is not False:
         return None  # half_to_float=True: the output's dtype is not the input's
-    out = result_of(node, tensors)
-    if out.dtype != g.dtype or out.shape != g.shape:
+    out = _from_result(node, g, tensors)
+    if out is None:
         return None
     backward = aten._softmax_backward_data if node.packet == "_softmax" else aten._log_softmax_backward_data
     return [backward(g, out, dim, g.dtype)]
