@@ -354,6 +354,25 @@ def test_image_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, meth
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
 
 
+def shipped_equals_local(data, methods, tmp_path, **kw) -> dict:
+    """Run ``kw``'s models single-process and on the 2-worker cluster (which ships what they need): the same
+    results.json numbers and rows, the workers' copies removed; then the first model with ``ship_models=False``,
+    whose result (the workers' own failure) the caller checks."""
+    import tempfile
+
+    with _threads(1):
+        _run(data, methods, tmp_path / "local", **kw)
+    copies = set(Path(tempfile.gettempdir()).glob("relprop-model-*"))
+    res = _run(data, methods, tmp_path / "ray", engine="ray", ray_options={"workers": 2}, **kw)
+    assert res["status"] == "complete" and not res["problems"], res["problems"]
+    assert res["engine"]["shards_computed"] == 2 * 2 * 2
+    assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    assert set(Path(tempfile.gettempdir()).glob("relprop-model-*")) <= copies  # the workers removed theirs
+    return _run(data, methods, tmp_path / "shared", engine="ray", ray_options={"workers": 2, "ship_models": False},
+                **dict(kw, models=kw["models"][:1]))  # fmt: skip
+
+
 def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data, methods):
     """A zoo-format checkpoint (``.safetensors`` + its ``.json``) and a ``python:`` file with ``--weights``,
     by relative paths: the driver ships their bytes, each worker loads them with the same loader from a
@@ -361,7 +380,6 @@ def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data
     ``ship_models=False`` (files on shared storage) the workers open the paths as given, and here fail;
     past ``model_bytes`` the model's cells fail on the driver, naming the file and the limit."""
     import shutil
-    import tempfile
 
     import torch
     from torch import nn
@@ -381,17 +399,7 @@ def test_model_files_the_workers_cannot_see(cluster, tmp_path, monkeypatch, data
     monkeypatch.chdir(tmp_path)
     models = ["rd.safetensors", "python:net.py:build"]
     kw = dict(models=models, weights={"python:net.py:build": "w.pt"})
-    with _threads(1):
-        _run(data, methods, tmp_path / "local", **kw)
-    copies = set(Path(tempfile.gettempdir()).glob("relprop-model-*"))
-    res = _run(data, methods, tmp_path / "ray", engine="ray", ray_options={"workers": 2}, **kw)
-    assert res["status"] == "complete" and not res["problems"], res["problems"]
-    assert res["engine"]["shards_computed"] == 2 * 2 * 2
-    assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")
-    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
-    assert set(Path(tempfile.gettempdir()).glob("relprop-model-*")) <= copies  # the workers removed theirs
-    shared = _run(data, methods, tmp_path / "shared", engine="ray", ray_options={"workers": 2, "ship_models": False},
-                  **dict(kw, models=models[:1]))  # fmt: skip
+    shared = shipped_equals_local(data, methods, tmp_path, **kw)
     assert shared["status"] == "incomplete" and "model file not found: rd.safetensors" in shared["problems"][0]
     small = _run(data, methods, tmp_path / "small", engine="ray", ray_options={"workers": 2, "model_bytes": 1000},
                  **dict(kw, models=models[:1]))  # fmt: skip

@@ -8,15 +8,13 @@ they could not see the folder; the workers leave no copies behind."""
 
 import functools
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 from relprop.specs import load_model
 from test_model_files import write_package
-from test_ray_engine import _numbers, _rows, _run, _threads, cluster, data, methods  # noqa: F401
+from test_ray_engine import cluster, data, methods, shipped_equals_local  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +36,7 @@ def test_python_modules_the_workers_cannot_import(cluster, tmp_path, monkeypatch
     models = ["python:rs_ray_a.nets:build", "pickled/whole.pt"]
     kw = dict(models=models, load=functools.partial(load_model, trust_pickle=True))
     try:
-        with _threads(1):
-            _run(data, methods, tmp_path / "local", **kw)
-        copies = set(Path(tempfile.gettempdir()).glob("relprop-model-*"))
-        res = _run(data, methods, tmp_path / "ray", engine="ray", ray_options={"workers": 2}, **kw)
-        assert res["status"] == "complete" and not res["problems"], res["problems"]
-        assert res["engine"]["shards_computed"] == 2 * 2 * 2
-        assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")
-        assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
-        assert set(Path(tempfile.gettempdir()).glob("relprop-model-*")) <= copies  # the workers removed theirs
-        shared = _run(data, methods, tmp_path / "shared", engine="ray",
-                      ray_options={"workers": 2, "ship_models": False}, **dict(kw, models=models[:1]))  # fmt: skip
+        shared = shipped_equals_local(data, methods, tmp_path, **kw)
         assert shared["status"] == "incomplete"
         assert all("cannot import module 'rs_ray_a.nets'" in p for p in shared["problems"]), shared["problems"]
     finally:
