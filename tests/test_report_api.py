@@ -385,7 +385,7 @@ def test_own_modules_are_cached_by_weights_and_code(user, tmp_path):
 
 def test_a_long_error_keeps_its_hint_whole():
     """Errors stored in results.json were cut at 300 characters, ending a hint mid-word ("(Ra")."""
-    from relprop.report import _one_line
+    from relprop.report.compare import one_line as _one_line
 
     long = "x " * 200 + "(Ray: pass --model-files shared)"
     assert _one_line(ValueError(long)).endswith("(Ray: pass --model-files shared)")
@@ -424,3 +424,17 @@ def test_a_model_with_a_failed_method_is_not_ranked_overall(user, tmp_path):
     assert fourier["failed_methods"] == ["lrp"] and good["rank"] == 1 and good["failed_methods"] == []
     page = (tmp_path / "r" / "index.html").read_text()
     assert "lrp failed; not ranked overall" in page
+
+
+def test_one_failed_cell_record_for_both_engines():
+    """The failed-cell record is built by one function (it was built in report/__init__ and again in the Ray
+    engine): an exception is said as its type and first line, a worded message is kept (shortened)."""
+    from relprop.report.compare import failed_cell
+    from relprop.specs import MethodSpec
+
+    m = MethodSpec.parse("lrp:composite=epsilon")
+    rec = failed_cell(m, ValueError("no layer named fc\n  (traceback detail)"))
+    assert rec == {"method": m.label, "name": "lrp", "status": "failed", "error": "ValueError: no layer named fc",
+                   "reused": False}  # fmt: skip
+    assert failed_cell(m, "SpecError: too large")["error"] == "SpecError: too large"
+    assert failed_cell(m, "x " * 2000)["error"].endswith("...")

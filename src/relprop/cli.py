@@ -539,12 +539,17 @@ def _cannot_write(path: Path) -> str | None:
 
 def _ray_flags(args) -> None:
     """``--workers``/``--model-files-limit`` out of range fail before any work (``--workers 0`` failed after the
-    models loaded; a negative limit was taken); the ``--engine ray`` options on a local run are said once."""
+    models loaded; a negative limit was taken); an ``--address`` where nothing answers fails in seconds; the
+    ``--engine ray`` options on a local run are said once."""
     if args.workers < 1:
         raise CLIError(f"--workers must be at least 1, got {args.workers}")
     if args.model_files_limit < 0:
         raise CLIError(f"--model-files-limit must be >= 0 (MiB), got {args.model_files_limit}")
-    if args.engine != "ray":
+    if args.engine == "ray":
+        from .specs.address import check_ray_address
+
+        check_ray_address(args.address)  # nothing there: one line in seconds (ray.init retried for minutes)
+    else:
         ray_only = ("--address", "--workers", "--gpus-per-worker", "--shards", "--model-files", "--model-files-limit")
         argv = getattr(args, "_argv", None) or []
         given = [f for f in ray_only if any(a == f or a.startswith(f + "=") for a in argv)]

@@ -38,8 +38,17 @@ import torch
 
 from ..specs import LoadedModel, SpecError, load_model
 from ..specs.adapters import MODEL_INPUTS, from_dataset, from_module, from_tensors
-from ..specs.errors import shorten
-from .compare import Job, MethodSpec, Settings, check_seed, dedupe_methods, method_identity, slug
+from .compare import (
+    Job,
+    MethodSpec,
+    Settings,
+    check_seed,
+    dedupe_methods,
+    failed_cell,
+    method_identity,
+    one_line,
+    slug,
+)
 from .store import Output
 
 __all__ = ["MethodSpec", "Settings", "from_dataset", "from_module", "from_tensors", "run_compare"]
@@ -225,7 +234,7 @@ def run_compare(
             except KeyboardInterrupt:
                 raise
             except Exception as ex:
-                entry["error"] = f"could not load the model: {_one_line(ex)}"
+                entry["error"] = f"could not load the model: {one_line(ex)}"
                 bar.write(f"  {spec}: failed ({entry['error']})", log)
                 done += len(methods)
                 bar.update(len(methods))
@@ -302,7 +311,7 @@ def run_compare(
                 try:
                     cell = None if m.label in remote else job.cached_cell(model, m)
                 except Exception as ex:  # noqa: BLE001 - e.g. no default Grad-CAM layer: a failed cell
-                    cell = _failed_cell(m, ex)
+                    cell = failed_cell(m, ex)
                 if cell is not None and cell.get("status") == "failed":
                     bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
                 elif m.label in remote:
@@ -320,7 +329,7 @@ def run_compare(
                     except KeyboardInterrupt:
                         raise
                     except Exception as ex:  # a method that fails on a model is reported, not fatal
-                        cell = _failed_cell(m, ex)
+                        cell = failed_cell(m, ex)
                         bar.write(f"  {model.name} × {m.label}: failed ({cell['error']})", log)
                     else:
                         cell["status"] = "ok"
@@ -457,15 +466,6 @@ def _inconclusive(models: list[dict], settings: Settings) -> tuple[str, bool] | 
     text = f"the randomisation check is inconclusive: {'; '.join(parts)}; {more} narrow the interval"
     default = next(f.default for f in fields(Settings) if f.name == "randomisation_samples")
     return text, (k == default and not why["few"])
-
-
-def _failed_cell(m: MethodSpec, ex: BaseException) -> dict:
-    return {"method": m.label, "name": m.name, "status": "failed", "error": _one_line(ex), "reused": False}
-
-
-def _one_line(ex: BaseException) -> str:
-    msg = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
-    return shorten(f"{type(ex).__name__}: {msg}") if msg else type(ex).__name__
 
 
 def _write_examples(results: dict, out: Output, job: Job, run: str) -> None:

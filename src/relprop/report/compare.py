@@ -28,6 +28,7 @@ import torch
 
 from ..specs import METHOD_DEFAULTS, Data, LoadedModel, MethodSpec, SpecError, check_forward, image_batch
 from ..specs.adapters import MODEL_INPUTS
+from ..specs.errors import shorten
 from ..specs.hashing import relprop_source_hash
 from ..specs.labels import LabelMap, map_labels
 from .store import Output
@@ -551,6 +552,19 @@ class Job:
         return res
 
 
+def one_line(ex: BaseException) -> str:
+    """``ex`` as ``"Type: first line of its message"`` (shortened), the form every stored error takes."""
+    msg = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
+    return shorten(f"{type(ex).__name__}: {msg}") if msg else type(ex).__name__
+
+
+def failed_cell(m: MethodSpec, error: str | BaseException) -> dict:
+    """The record of a cell that failed, either engine: ``error`` an exception (said by :func:`one_line`) or
+    a message already worded (shortened)."""
+    text = one_line(error) if isinstance(error, BaseException) else shorten(error)
+    return {"method": m.label, "name": m.name, "status": "failed", "error": text, "reused": False}
+
+
 def _len(x) -> int:
     return int(x["input_ids"].shape[0]) if isinstance(x, dict) else int(x.shape[0])
 
@@ -566,7 +580,9 @@ __all__ = [
     "MethodSpec",
     "Settings",
     "dedupe_methods",
+    "failed_cell",
     "method_identity",
+    "one_line",
     "sample_order",
     "slug",
 ]
