@@ -108,3 +108,161 @@ def test_a_model_the_run_stopped_in_is_unranked_and_the_others_rank_as_without_i
         assert [(r["model"], r["rank"], r["mean"], r["ties_with"]) for r in ranked] == [
             (r["model"], r["rank"], r["mean"], r["ties_with"]) for r in rows
         ]
+
+
+# ------------------------------------------------------------------ a real SIGINT, delivered at a chosen point
+def _press_ctrl_c(where: str) -> None:
+    """Deliver SIGINT now (``signal.raise_signal`` runs the Python handler before it returns): ``"plain"``:
+    here; ``"weakref"``: inside a weakref callback, where Python prints "Exception ignored in" and drops the
+    KeyboardInterrupt (how a real Ctrl-C was lost in a WeakKeyDictionary's ``remove``)."""
+    import signal
+    import weakref
+
+    if where == "plain":
+        signal.raise_signal(signal.SIGINT)
+        return
+
+    class Thing:
+        pass
+
+    t = Thing()
+    ref = weakref.ref(t, lambda _: signal.raise_signal(signal.SIGINT))
+    del t  # the callback runs here; its KeyboardInterrupt goes to sys.unraisablehook, not to us
+    assert ref() is None
+
+
+def _press_after_cell(monkeypatch, n: int, where: str) -> list:
+    """SIGINT at the end of the n-th computed cell (the cell itself finishes). Returns the exceptions Python
+    reported as ignored (unraisable)."""
+    import sys
+
+    ignored: list = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: ignored.append(u.exc_type))
+    compute, calls = compare.Job.compute_cell, []
+
+    def cell(self, *a, **k):
+        res = compute(self, *a, **k)
+        calls.append(1)
+        if len(calls) == n:
+            _press_ctrl_c(where)
+        return res
+
+    monkeypatch.setattr(compare.Job, "compute_cell", cell)
+    return ignored
+
+
+@pytest.mark.parametrize("where", ["plain", "weakref"])
+def test_a_ctrl_c_python_drops_still_stops_the_run_and_the_rerun_resumes(tmp_path, capsys, monkeypatch, where):
+    """A SIGINT raised inside a weakref callback was dropped and the run went on to the end (exit 0, every
+    cell computed). Now the run's handler records the press and the run stops before the next cell, with the
+    finished cells kept; the re-run resumes from them. The handler is gone after the run."""
+    import signal
+
+    ignored = _press_after_cell(monkeypatch, 1, where)
+    out = tmp_path / "r"
+    argv = ["compare", "--models", "zoo:resnet_digits,zoo:densenet_digits", *FAST, "--out", str(out)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    rc = main(argv)
+    assert ignored == ([KeyboardInterrupt] if where == "weakref" else []), ignored  # the press was dropped
+    assert rc == 130, capsys.readouterr()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # no handler left behind
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "interrupted" and res["cells_done"] == 1
+    # the cell finished (saved; "plain" raised in it after, so it is listed from the cache); nothing after it
+    assert [c["method"] for c in res["models"][0]["methods"]] == ["gradient"]
+    assert res["models"][1].get("methods", []) == []
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0  # resumes: the finished cell is reused, the rest computed
+    again = json.loads((out / "results.json").read_text())
+    assert again["status"] == "complete" and again["cells_done"] == 4
+    assert again["models"][0]["methods"][0]["reused"] is True
+
+
+def test_the_handler_is_the_runs_only_in_the_main_thread_over_the_default(tmp_path, monkeypatch):
+    """Installed for the run (seen from inside a cell) and put back after; a caller's own SIGINT handler is
+    left alone; a run from another thread (where ``signal.signal`` raises) works and installs nothing."""
+    import signal
+    import threading
+
+    seen: list = []
+    compute = compare.Job.compute_cell
+
+    def cell(self, *a, **k):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return compute(self, *a, **k)
+
+    monkeypatch.setattr(compare.Job, "compute_cell", cell)
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--methods", "gradient", "--no-cache"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert seen[-1] is not signal.default_int_handler and getattr(seen[-1], "__self__", None) is not None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+        assert seen[-1] is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    rcs: list = []
+    t = threading.Thread(target=lambda: rcs.append(main([*argv, "--out", str(tmp_path / "c")])))
+    t.start()
+    t.join()
+    assert rcs == [0] and seen[-1] is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_dropped_ctrl_c_stops_a_cell_at_its_next_batch(tmp_path, capsys, monkeypatch):
+    """Dropped in the first explanation batch of the first cell: the cell stops at the next batch (none
+    finished), rather than running its remaining batches and metrics."""
+    import sys
+
+    import relprop
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: None)
+    explain, compute, calls = relprop.explain, compare.Job.compute_cell, []
+
+    def cell(self, *a, **k):  # explain calls counted from the first cell on (not the preflight's)
+        calls.append("cell")
+        return compute(self, *a, **k)
+
+    def once(*a, **k):
+        if calls:
+            calls.append(1)
+            if len(calls) == 2:
+                _press_ctrl_c("weakref")
+        return explain(*a, **k)
+
+    monkeypatch.setattr(compare.Job, "compute_cell", cell)
+    monkeypatch.setattr(relprop, "explain", once)
+    out = tmp_path / "r"
+    argv = ["compare", "--models", "zoo:resnet_digits", *FAST, "--samples", "4", "--batch-size", "2", "--out", str(out)]
+    assert main(argv) == 130
+    assert calls == ["cell", 1]  # the cell's second batch was not explained
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "interrupted" and res["cells_done"] == 0
+
+
+def test_a_dropped_ctrl_c_in_the_preflight_stops_before_any_cell(tmp_path, capsys, monkeypatch):
+    """The CLI checks every model before computing; a Ctrl-C dropped there stops the command (it went on)."""
+    import sys
+
+    import relprop
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: None)
+    explain, cells = relprop.explain, []
+
+    def once(*a, **k):
+        _press_ctrl_c("weakref")
+        monkeypatch.setattr(relprop, "explain", explain)
+        return explain(*a, **k)
+
+    monkeypatch.setattr(relprop, "explain", once)
+    monkeypatch.setattr(compare.Job, "compute_cell", lambda *a, **k: cells.append(1))
+    out = tmp_path / "r"
+    assert main(["compare", "--models", "zoo:resnet_digits", *FAST, "--out", str(out)]) == 130
+    assert cells == [] and "relprop: interrupted" in capsys.readouterr().err

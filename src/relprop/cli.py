@@ -573,42 +573,49 @@ def preflight(models: list[str], data, methods, settings, load, log) -> tuple[di
     import relprop
 
     from .report.compare import Job
+    from .report.interrupt import Interrupt
     from .specs import unique_names
 
     job = Job(Path("."), data, list(methods), settings, log=lambda s: None, use_cache=False)
-    loaded: list[tuple[str, str]] = []
-    for spec in models:
-        log(f"checking {spec} ...")
-        model = load(spec)
-        if model.kind == "similarity":
-            raise CLIError(
-                f"{spec} is a sentence-similarity model without classes; use it with "
-                f"relprop explain --model {spec} --input TEXT --reference TEXT"
-            )
-        if model.kind != data.kind:
-            raise CLIError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
-        if model.info.get("class_names_note"):
-            job.warn(model.info["class_names_note"])
-        prep = job.prepare(model, job.indices[:2])  # forward pass + label matching (errors name the fix)
-        present = set(data.labels.tolist())
-        if settings.target == "label" and present & set(job.label_map(model).unmatched):
-            raise CLIError(
-                f"--target label: some data labels match no class of '{model.name}' (--labels ignore); "
-                f"use --target pred or give the class names with --classes FILE"
-            )
-        x = {k: v[:1] for k, v in prep.inputs.items()} if isinstance(prep.inputs, dict) else prep.inputs[:1]
-        for m in methods:
-            try:
-                opts = job.options(model, m)
-                relprop.explain(model.module, x, target=prep.target[:1], method=m.name, **opts)
-            except SpecError as e:
-                raise CLIError(f"method '{m.label}' on {model.name}: {str(e).splitlines()[0]}") from None
-            except Exception as e:  # noqa: BLE001 - the method's own message, one line, before any work
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CLIError(f"method '{m.label}' cannot run on {model.name}: {type(e).__name__}: {msg}") from None
-        loaded.append((model.spec, model.name))
-        del model, prep, x
-        gc.collect()
+    with Interrupt() as stop:  # a Ctrl-C Python drops (in a weakref callback) stops here too
+        job.interrupt = stop
+        loaded: list[tuple[str, str]] = []
+        for spec in models:
+            job.check_interrupt()
+            log(f"checking {spec} ...")
+            model = load(spec)
+            if model.kind == "similarity":
+                raise CLIError(
+                    f"{spec} is a sentence-similarity model without classes; use it with "
+                    f"relprop explain --model {spec} --input TEXT --reference TEXT"
+                )
+            if model.kind != data.kind:
+                raise CLIError(f"model {spec} takes {model.kind} inputs but the data {data.spec} holds {data.kind}s")
+            if model.info.get("class_names_note"):
+                job.warn(model.info["class_names_note"])
+            prep = job.prepare(model, job.indices[:2])  # forward pass + label matching (errors name the fix)
+            present = set(data.labels.tolist())
+            if settings.target == "label" and present & set(job.label_map(model).unmatched):
+                raise CLIError(
+                    f"--target label: some data labels match no class of '{model.name}' (--labels ignore); "
+                    f"use --target pred or give the class names with --classes FILE"
+                )
+            x = {k: v[:1] for k, v in prep.inputs.items()} if isinstance(prep.inputs, dict) else prep.inputs[:1]
+            for m in methods:
+                try:
+                    opts = job.options(model, m)
+                    relprop.explain(model.module, x, target=prep.target[:1], method=m.name, **opts)
+                except SpecError as e:
+                    raise CLIError(f"method '{m.label}' on {model.name}: {str(e).splitlines()[0]}") from None
+                except Exception as e:  # noqa: BLE001 - the method's own message, one line, before any work
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise CLIError(
+                        f"method '{m.label}' cannot run on {model.name}: {type(e).__name__}: {msg}"
+                    ) from None
+            loaded.append((model.spec, model.name))
+            del model, prep, x
+            gc.collect()
+        job.check_interrupt()
     return unique_names(loaded), list(job.warnings)
 
 

@@ -49,6 +49,7 @@ from .compare import (
     one_line,
     slug,
 )
+from .interrupt import Interrupt
 from .store import Output
 
 __all__ = ["MethodSpec", "Settings", "from_dataset", "from_module", "from_tensors", "run_compare"]
@@ -201,6 +202,7 @@ def run_compare(
     if engine not in ("local", "ray"):
         raise SpecError(f"engine must be 'local' or 'ray', got {engine!r}")
     try:
+        job.interrupt = restore.enter_context(Interrupt())  # Ctrl-C always stops the run (see .interrupt)
         if engine == "ray":
             from .distributed import RayEngine, RayOptions, _Loader
 
@@ -208,6 +210,7 @@ def run_compare(
             loader = _Loader(load_any, weights, num_classes, preprocess_overrides, frozenset(given))
             pool = RayEngine(data, methods, settings, out, options=opts, loader=loader, run=run, log=log)
         for item, spec in zip(items, _specs(items)):
+            job.check_interrupt()
             entry = _model_entry(spec)
             results_models.append(entry)
             if header:
@@ -299,6 +302,7 @@ def run_compare(
                 todo = [m for m in methods if m.label not in twin and job.cached_cell(model, m) is None]
                 remote = pool.cells(model, job, todo)
             for m in methods:
+                job.check_interrupt()
                 cell: dict | None
                 bar.describe(f"{model.name} × {m.label}")
                 if m.label in twin:
@@ -343,6 +347,8 @@ def run_compare(
             current = {}
             _finish_model(entry, model, cells, job, prep, grid_idx, data, out, figures, html)
     except KeyboardInterrupt:
+        if job.interrupt is not None:
+            job.interrupt.seen()  # the report of the finished cells is written in full
         status = "interrupted"
         bar.write("interrupted: writing the report from the finished cells", log)
         if current:

@@ -31,6 +31,7 @@ from ..specs.adapters import MODEL_INPUTS
 from ..specs.errors import shorten
 from ..specs.hashing import relprop_source_hash
 from ..specs.labels import LabelMap, map_labels
+from .interrupt import Interrupt
 from .store import Output
 
 CACHE_FORMAT = 2
@@ -208,6 +209,13 @@ class Job:
         order = sample_order(data.labels, settings.seed)
         self.indices = order[: max(settings.samples, settings.grid)]
         self.explain_calls = 0
+        #: the run's Ctrl-C (run_compare sets it): checked between batches, see :mod:`.interrupt`
+        self.interrupt: Interrupt | None = None
+
+    def check_interrupt(self) -> None:
+        """Stop here (KeyboardInterrupt) for a Ctrl-C the run has not seen yet; nothing without one."""
+        if self.interrupt is not None:
+            self.interrupt.check()
 
     # -------------------------------------------------------------------------------- inputs
     def warn(self, text: str) -> None:
@@ -333,6 +341,7 @@ class Job:
         from ..specs.sources import batches
 
         for idx, items in batches(self.data, range(n), ACCURACY_BATCH):  # lazy data: a DataLoader reads ahead
+            self.check_interrupt()
             p = self.prepare(model, idx, items)
             known = p.labels >= 0
             correct += int((p.pred == p.labels)[known].sum())
@@ -452,6 +461,7 @@ class Job:
                 except ImportError:
                     pass
             for i in starts:
+                self.check_interrupt()
                 xb = _slice(x, i, i + bs)
                 tb = t[i : i + bs] if isinstance(t, torch.Tensor) else t
                 self.explain_calls += 1
