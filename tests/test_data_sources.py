@@ -598,3 +598,20 @@ def test_shipped_items_decode_to_the_same_inputs_where_the_source_is_gone(tmp_pa
                 seq[1]
     memory = load_data("zoo:digits")  # in-memory data travels whole: nothing to pack
     assert sources_mod.detach(memory) is memory and sources_mod.pack_items(memory, [0, 1]) is None
+
+
+def test_int8_npy_members_are_scaled_by_127_and_negatives_refused_at_load_time(tmp_path, digits):
+    """int8 members: scaled by their type's maximum (127) as every signed type (they were divided by 255);
+    negative values (uint8 pixels cast to int8 wrap above 127) are refused when the data is loaded, naming
+    the member, not at the first batch."""
+    arrays, _ = digits
+    cls = [("k0.cls", b"1\n")]
+    half = (arrays[0] // 2).astype(np.int8)  # 0-127
+    half[0, 0] = 127
+    ok = load_data(str(write_tar(tmp_path / "i8.tar", [("k0.npy", npy_bytes(half))] + cls)))
+    assert torch.allclose(ok.images[0], torch.from_numpy(half[None] / 127.0).float(), atol=1e-6)
+    wrapped = arrays[0].astype(np.int8)
+    assert wrapped.min() < 0
+    bad = write_tar(tmp_path / "neg.tar", [("k0.npy", npy_bytes(wrapped))] + cls)
+    with pytest.raises(SpecError, match=r"^cannot read image neg\.tar:k0\.npy: negative pixel values \(an int8 "):
+        load_data(str(bad))

@@ -80,9 +80,13 @@ def test_16_bit_files_keep_their_rule_and_note():
 def test_negative_pixels_are_refused_for_files_and_arrays(tmp_path):
     a = _pixels().astype(np.int32) * ((2**31 - 1) // 255)
     a[1, 1] = -5
-    with pytest.raises(SpecError, match=r"^cannot read image x\.tif: negative pixel values$"):
+    with pytest.raises(
+        SpecError, match=r"^cannot read image x\.tif: negative pixel values \(a 32-bit signed integer image \(mode I\) "
+    ):
         decode_image(_tiff(a), name="x.tif")
-    with pytest.raises(SpecError, match=r"^cannot read image x\.npy: negative pixel values$"):
+    with pytest.raises(
+        SpecError, match=r"^cannot read image x\.npy: negative pixel values \(an int16 array with values in \["
+    ):
         array_image(a.astype(np.int16), "x.npy")
     path = tmp_path / "y.tif"
     path.write_bytes(_tiff(a))
@@ -117,3 +121,24 @@ def test_a_signed_16_bit_tiff_is_scaled_by_32767_as_its_npy_is():
     got = decode_image(b, name="s16.tif")
     assert torch.allclose(got, torch.from_numpy(a[None] / 32767.0).float())  # was divided by 2**32 - 1: black
     assert torch.equal(got, array_image(a, "s16.npy"))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_every_signed_type_is_scaled_by_its_maximum(dtype):
+    """int8 was divided by 255 (as uint8) though its maximum is 127: a half-bright image, silently."""
+    peak = np.iinfo(dtype).max
+    a = (np.arange(64).reshape(8, 8) * (peak // 63)).astype(dtype)  # fills its range: no note, no refusal
+    got = array_image(a, "x.npy")
+    assert torch.allclose(got[0], torch.from_numpy(a / float(peak)).float(), atol=1e-6)
+    assert float(got.max()) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+def test_negative_signed_pixels_are_one_line_naming_the_type_and_the_fix(dtype):
+    a = _pixels().astype(dtype)  # uint8 pixels cast to int8 wrap above 127 to negatives
+    a[0, 0] = -1
+    with pytest.raises(
+        SpecError, match=rf"^cannot read image x\.npy: negative pixel values \(an {dtype.__name__} "
+    ) as e:
+        array_image(a, "x.npy")
+    assert "uint8 (0-255)" in str(e.value) and "\n" not in str(e.value)

@@ -236,8 +236,8 @@ def int_pixels(
     ``bits`` is the value range of the stored type (default: ``a``'s dtype, where a signed type's range ends
     at ``2**(bits-1) - 1``: int32 has 31 bits of pixel range, not 32); ``declared`` a depth the file states
     (PNG ``sBIT``, TIFF ``BitsPerSample``); ``what`` names the stored kind in errors (default: ``an int64
-    array``). Negative values are refused; up to 8 bits are divided by 255;
-    wider integers by ``2**depth - 1``, the declared depth where the values fit in it, else the type's range.
+    array``). Negative values are refused (signed types too: pixels count from 0); 8 bits are divided by 255;
+    other integers (int8 too: by 127) by ``2**depth - 1``, the declared depth where the values fit in it, else the type's range.
     Values that fill less than 1/16 of that range are noted in ``notes`` (a 12-bit image stored as 16-bit
     without ``sBIT``), and refused when the range is wider than 16 bits: a 32/64-bit range is no pixel depth
     (NumPy's default integer, or a 32-bit TIFF, holding 8- or 16-bit values), and dividing by it would give a
@@ -245,9 +245,13 @@ def int_pixels(
     """
     if bits is None:
         bits = 8 * a.dtype.itemsize - (a.dtype.kind == "i")
-    if a.size and a.min() < 0:
-        raise SpecError(f"cannot read image {name}: negative pixel values")
-    if bits <= 8:
+    if a.size and a.min() < 0:  # signed or not, a pixel counts up from 0 (black): no offset is guessed
+        raise SpecError(
+            f"cannot read image {name}: negative pixel values ({what or f'an {a.dtype} array'} with values in "
+            f"[{a.min()}, {a.max()}]); relprop reads integer pixels from 0 (black) up to the type's maximum: store "
+            f"them as uint8 (0-255), uint16 or floats in [0, 1]"
+        )
+    if bits == 8:  # uint8; int8 (7 bits of range) is scaled by its maximum, 127, as every signed type
         return a.astype(np.float32) / 255.0
     peak = float(a.max()) if a.size else 0.0
     depth = min(declared, bits) if declared and peak <= 2**declared - 1 else bits  # a wrong declaration: the type's

@@ -332,8 +332,8 @@ def _unpickle(kind: str, b: bytes, name: str, trust: bool) -> np.ndarray:
 
 
 def _npy_needs_check(f: BinaryIO) -> bool:
-    """Whether a ``.npy`` file's header declares an integer type wider than 8 bits (a note, or refused) or
-    a shape that is no image: decoding it at load time says so before any work, naming the first such member.
+    """Whether a ``.npy`` file's header declares an integer type wider than 8 bits (a note, or refused), a
+    signed one (negative values are refused) or a shape that is no image: decoding it at load time says so before any work, naming the first such member.
     Reads only the header from ``f`` (numpy bounds it: 10,000 bytes), never the array."""
     try:
         major, _ = np.lib.format.read_magic(f)
@@ -342,7 +342,7 @@ def _npy_needs_check(f: BinaryIO) -> bool:
     except ValueError:
         return True  # decoding it says what is wrong
     image = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3))
-    return not image or (dtype.kind in "ui" and dtype.itemsize > 1)
+    return not image or dtype.kind == "i" or (dtype.kind == "u" and dtype.itemsize > 1)  # signed: negatives
 
 
 def bit_depth_warnings(images: Images, k: int = PROBE) -> list[str]:
