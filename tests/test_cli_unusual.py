@@ -222,3 +222,30 @@ def test_ray_options_on_a_local_run_are_said_once(tmp_path, capsys, monkeypatch)
     with pytest.raises(SystemExit):
         main([*argv, "--engine", "ray"])
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_run_compare_checks_a_spec_strings_channels_against_the_overrides_before_any_work(tmp_path, monkeypatch):
+    """Spec strings from Python: a mean count that does not fit the model's channels was a failed model
+    ("could not load the model") after the models before it had run; now one error before any cell, through
+    the same check (override_preprocess) as models in memory. One value fits any model: nothing loaded early."""
+    from relprop.report import compare, run_compare
+    from relprop.specs import SpecError
+
+    cells: list = []
+    monkeypatch.setattr(compare.Job, "compute_cell", lambda *a, **k: cells.append(1))
+    with pytest.raises(SpecError, match=r"^--mean has 3 values but the model takes 1 channel;"):
+        run_compare(["zoo:resnet_digits", "zoo:vgg_digits"], "zoo:digits", ["saliency"], tmp_path / "r",
+                    preprocess_overrides={"mean": [0.1, 0.2, 0.3]})  # fmt: skip
+    assert cells == [] and not (tmp_path / "r").exists()
+    loaded: list = []
+    import relprop.specs as specs
+
+    real = specs.load_model
+    monkeypatch.setattr(specs, "load_model", lambda spec, **k: loaded.append(spec) or real(spec, **k))
+    from relprop.specs import load_data
+    from relprop.specs.adapters import check_overrides_fit
+
+    data = load_data("zoo:digits")
+    check_overrides_fit({"mean": 0.2, "std": [0.5]}, data, ["zoo:resnet_digits"], load=specs.load_model)
+    assert loaded == []  # one value: no model loaded to check it
+    check_overrides_fit({"mean": [0.2, 0.2, 0.2]}, data, ["nope:missing"], load=specs.load_model)  # left to its turn

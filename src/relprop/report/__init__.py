@@ -166,7 +166,6 @@ def run_compare(
     out.check_folder()
     items = to_models(models)  # the one boundary: user objects -> specs and LoadedModels
     data = to_data(data)
-    check_overrides_fit(preprocess_overrides, data, items)  # tensors are used as given; counts vs channels
     parsed = [m if isinstance(m, MethodSpec) else MethodSpec.parse(str(m)) for m in methods]
     for m in parsed:
         check_method(m)
@@ -175,11 +174,16 @@ def run_compare(
         raise SpecError("no methods given")
     given = {m.spec: m for m in items if isinstance(m, LoadedModel)}
 
+    def load_spec(spec: str) -> LoadedModel:
+        return load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
+
+    # tensors are used as given; mean/std counts vs each model's channels (spec strings loaded to see them)
+    check_overrides_fit(preprocess_overrides, data, items, load=load_spec)
+
     def load_any(spec: str) -> LoadedModel:
         if spec in given:  # the user's own: a placed copy (settings.device/dtype), the original untouched
             return place_loaded(given[spec], settings.device, settings.dtype, copy=True)
-        m = load(spec) if load else load_model(spec, weights=(weights or {}).get(spec), num_classes=num_classes)
-        return place_loaded(m, settings.device, settings.dtype, copy=False)
+        return place_loaded(load_spec(spec), settings.device, settings.dtype, copy=False)
 
     progress = _bars_wanted(progress)
     job = Job(out, data, list(methods), settings, force=force, log=log, progress=progress, use_cache=use_cache)

@@ -10,7 +10,7 @@ a report on tensors computes what ``model(inputs)`` computes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from .data import Data
 from .errors import SpecError
 from .hashing import _class_file
 from .loaded import LoadedModel
-from .preprocess import Preprocess, override_preprocess
+from .preprocess import Preprocess, _values, override_preprocess
 
 #: ``Data.info`` key: the data are what the models take, as the user gave them: inputs
 #: (``Data.model_ready``) passed to every model unchanged, labels that are the models' class indices.
@@ -230,13 +230,21 @@ def to_models(models: Any) -> list[str | LoadedModel]:
     return out
 
 
-def check_overrides_fit(overrides: Mapping[str, Any] | None, data: Data, models: Sequence[str | LoadedModel]) -> None:
+def check_overrides_fit(
+    overrides: Mapping[str, Any] | None,
+    data: Data,
+    models: Sequence[str | LoadedModel],
+    load: Callable[[str], LoadedModel] | None = None,
+) -> None:
     """Preprocessing overrides that cannot apply are refused before any work, with one line.
 
     Tensors and datasets are the models' inputs as given (:func:`from_tensors`): nothing resizes or
     normalises them, so ``run_compare(preprocess_overrides=...)`` on them used to change nothing, silently.
-    For models in memory (modules, loaded models) the mean/std counts are checked against the channels each
-    takes here, not when the model's turn comes (a spec string's model is only known once it is loaded).
+    The mean/std counts are checked against the channels each model takes (:func:`override_preprocess`, on
+    a copy: the model's own preprocessing is untouched) here, not when the model's turn comes: models in
+    memory as they are; a spec string's model, known only once loaded, through ``load`` (then dropped) when
+    a per-channel mean/std is given (one value fits any model), as the CLI's check of every model does. A
+    model that does not load is left to its turn, which reports it as before.
     """
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if not given:
@@ -247,6 +255,14 @@ def check_overrides_fit(overrides: Mapping[str, Any] | None, data: Data, models:
             "the models' inputs as given (nothing is resized or normalised); transform them before passing them, "
             "or drop preprocess_overrides"
         )
+    per_channel = any(len(_values(given.get(k)) or ()) > 1 for k in ("mean", "std"))
     for m in models:
-        if isinstance(m, LoadedModel) and m.kind == "image":
+        if isinstance(m, str):
+            if load is None or not per_channel:
+                continue
+            try:
+                m = load(m)
+            except Exception:  # noqa: BLE001 - a model that does not load fails at its turn, reported there
+                continue
+        if m.kind == "image":
             override_preprocess(m.preprocess, **given)  # a copy: the model's own preprocessing is untouched
