@@ -55,6 +55,32 @@ def format_baselines(inputs: Inputs, baselines: Any, name: str = "baselines") ->
     (single input) ; a tuple/list with one entry per input tensor; a dict with the input dict's keys.
     """
     xs = leaves(inputs)
+    per = baseline_specs(inputs, baselines, name)
+    out = []
+    for x, b in zip(xs, per):
+        if b is None:
+            out.append(torch.zeros_like(x))
+        elif isinstance(b, (int, float)):
+            out.append(torch.full_like(x, b))
+        elif isinstance(b, torch.Tensor):
+            try:
+                out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x).clone())
+            except RuntimeError:
+                raise ValueError(
+                    f"{name}: a baseline of shape {tuple(b.shape)} does not broadcast to the input "
+                    f"shape {tuple(x.shape)}"
+                ) from None
+        else:
+            raise ValueError(f"{name}: expected numbers or tensors, got {type(b).__name__}")
+    for t in out:
+        if is_float(t) and not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contain NaN or infinite values (the attributions would be non-finite)")
+    return out
+
+
+def baseline_specs(inputs: Inputs, baselines: Any, name: str = "baselines") -> list[Any]:
+    """What was given for each input leaf: ``None`` (nothing: the default), a number or a tensor."""
+    xs = leaves(inputs)
     per: list[Any]
     if baselines is None:
         per = [None] * len(xs)
@@ -76,26 +102,7 @@ def format_baselines(inputs: Inputs, baselines: Any, name: str = "baselines") ->
         raise ValueError(
             f"{name}: expected None, a number, a tensor, a tuple of those or a dict, got {type(baselines).__name__}"
         )
-    out = []
-    for x, b in zip(xs, per):
-        if b is None:
-            out.append(torch.zeros_like(x))
-        elif isinstance(b, (int, float)):
-            out.append(torch.full_like(x, b))
-        elif isinstance(b, torch.Tensor):
-            try:
-                out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x).clone())
-            except RuntimeError:
-                raise ValueError(
-                    f"{name}: a baseline of shape {tuple(b.shape)} does not broadcast to the input "
-                    f"shape {tuple(x.shape)}"
-                ) from None
-        else:
-            raise ValueError(f"{name}: expected numbers or tensors, got {type(b).__name__}")
-    for t in out:
-        if is_float(t) and not torch.isfinite(t).all():
-            raise ValueError(f"{name}: contain NaN or infinite values (the attributions would be non-finite)")
-    return out
+    return per
 
 
 def expand_target(target: Target, batch: int, n: int, interleave: bool = False) -> Target:
@@ -188,6 +195,7 @@ def backward(
     extra_values: Callable | None = None,
     keep_graph: bool = False,
     recorder: Callable[..., Any] = record,
+    hold_values: bool | None = None,
 ) -> Backward:
     """:func:`run_backward` that also returns the gradient at the embedding outputs of token inputs."""
     xs = leaves(inputs)
@@ -218,6 +226,7 @@ def backward(
         keep_graph=keep_graph,
         extra_values=extra if need_extra else None,
         recorder=recorder,
+        hold_values=hold_values,
     )
     grads: list[Any] = []
     atts = expl.tensors()

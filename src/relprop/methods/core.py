@@ -56,6 +56,8 @@ class Explanation:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Forward activations at the outputs of the modules requested with ``layers=``.
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: With ``keep_graph=True``: the graph the rules ran on, every value held (``Value.data`` is its tensor,
+    #: also for values the model overwrote in place, which the recording drops and recomputes).
     graph: Graph | None = field(default=None, repr=False)
     #: With ``keep_graph=True``: the graph as the rule set prepared it, with its per-node notes
     #: (family, constant operands, DeepLIFT reference values) for this call.
@@ -203,6 +205,7 @@ def run_backward(
     extra_values: Callable[[Graph], Sequence[Value]] | None = None,
     params: bool | Sequence[str] = False,
     recorder: Callable[..., Graph] = record,
+    hold_values: bool | None = None,
 ) -> Explanation:
     """Trace ``model`` on ``inputs``, seed the target, propagate ``composite``, collect attributions.
 
@@ -215,6 +218,9 @@ def run_backward(
 
     ``recorder(model, args, kwargs, post=post, release=policy) -> Graph`` makes the recording (default
     :func:`relprop.trace.record`; a :class:`relprop.plan.Plan` passes its replay).
+
+    ``hold_values`` (default: ``keep_graph``): a kept graph's values all hold their data (:func:`hold_every_value`);
+    DeepLIFT keeps the graph for its notes only and passes False unless the caller asked for the graph.
     """
     batch = validate_call(model, inputs, target)
     args, kwargs = split_inputs(inputs)
@@ -256,8 +262,9 @@ def run_backward(
         explained, idx = score(out_v.tensor, target, batch)
         seed = seed_for(out_v.tensor, idx, times_output)
         shown = out_v.tensor
-    if times_output and seed.dtype in HALF:
-        # LRP on a bfloat16/float16 model: relevance is carried in float32 from the seed on (rules.base.vjp).
+    if (times_output or getattr(composite, "float32_relevance", False)) and seed.dtype in HALF:
+        # LRP (and DeepLIFT, whose composite asks for it) on a bfloat16/float16 model: relevance is carried in
+        # float32 from the seed on (rules.base.vjp), so the rules' divisions never overflow or round to half.
         seed = seed.float()
     pairs = sources_of(graph)
     if not any(src for _, src in pairs):
@@ -295,6 +302,8 @@ def run_backward(
             attributions.append(total)
     params_out = {n: rel.get(v.index, v.zeros()) for n, v in param_values.items()}
     keep = keep_graph or extra_values is not None
+    if keep_graph and (keep_graph if hold_values is None else hold_values):
+        hold_every_value(graph)
     if not keep:
         # Values and nodes reference each other (a cycle the GC collects late): drop the tape's data
         # now so memory is back to where it was as soon as explain returns.
@@ -317,6 +326,22 @@ def run_backward(
         at_values={v.index: rel.get(v.index, torch.zeros_like(v.tensor)) for v in extra},
         params=params_out,
     )
+
+
+def hold_every_value(graph: Graph) -> None:
+    """Give every value of a kept graph its data (``keep_graph=True``: ``Value.data`` is the tensor, never None).
+
+    The recording drops the data of a value the model then overwrites in place (``torch.relu(h).mul_(3)``
+    drops ``relu``'s output; ``Value.tensor`` recomputes it from the producer's inputs). A kept graph is for
+    reading, so those values are recomputed here, in graph order (each producer's inputs are then held).
+    """
+    for node in graph.nodes:
+        for v in node.outputs:
+            if v is not None and v.data is None:
+                v.tensor  # noqa: B018 (recomputes and stores the data)
+    for v in graph.values:
+        if v.data is None and v.producer is not None:
+            v.tensor  # noqa: B018  (a value whose producer the rule set rewrote away)
 
 
 def _param_values(graph: Graph, params: bool | Sequence[str]) -> dict[str, Value]:

@@ -17,8 +17,8 @@ from ..rules.composites import GradientComposite
 from ..rules.deeplift import DeepLiftComposite
 from ..rules.guided import deconvnet_composite, guided_backprop_composite
 from ..trace import record
-from ._common import Backward, backward, format_baselines, is_float, leaves, rebuild
-from .core import Explanation, split_inputs
+from ._common import Backward, backward, baseline_specs, format_baselines, is_float, leaves, rebuild
+from .core import Explanation, sources_of, split_inputs
 from .explain import register_method
 
 
@@ -132,7 +132,8 @@ def deeplift(
 
     Args:
         baselines: reference input(s): ``None`` (zeros; token id 0), a number, a tensor broadcastable to the
-            input, one per input tensor (tuple) or a dict for dict inputs.
+            input, one per input tensor (tuple) or a dict for dict inputs. An integer input without a baseline
+            that feeds no embedding lookup (an attention mask, position ids) is held at its own value.
         eps: where ``|x - x0| < eps`` a nonlinearity uses its gradient.
         multiply_by_inputs: ``(x - x0) * multiplier`` (True, default) or the multipliers alone.
         scope: ``"all"`` rescales every nonlinear op of the graph; ``"captum"`` only ops inside the module
@@ -146,20 +147,42 @@ def deeplift(
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
     xs = leaves(inputs)
     base = format_baselines(inputs, baselines)
-    base_inputs = rebuild(inputs, base)
-    bargs, bkwargs = split_inputs(base_inputs)
+    given = baseline_specs(inputs, baselines)
+
+    def resolve(graph) -> list[torch.Tensor]:
+        # An integer input given no baseline that feeds no embedding lookup (an attention mask, position ids)
+        # is not attributed: it is held at its own value, as Captum's additional_forward_args. Zeroing it
+        # (token id 0's default) masked every token and sent the model down another path (BERT refused it).
+        out = list(base)
+        for i, (_, src) in enumerate(sources_of(graph)):
+            if i < len(xs) and given[i] is None and not is_float(xs[i]) and not src:
+                out[i] = xs[i]
+        return out
+
+    def on(base_values):
+        return split_inputs(rebuild(inputs, base_values))
+
     # Reference activations: replay the recorded ops on the baseline; when a value Python code may branch
     # on (``.item()``, ``bool(t)``) changes, or an op fails, a second recording aligned node by node.
     comp = DeepLiftComposite(
-        lambda: record(model, bargs, bkwargs),
-        replay_inputs=base,
-        verify_forward=(lambda: _plain_forward(model, bargs, bkwargs)) if verify_replay else None,
+        lambda b: record(model, *on(b)),
+        baselines=resolve,
+        verify_forward=(lambda b: _plain_forward(model, *on(b))) if verify_replay else None,
         # a callable target appends its own ops to the recording on the inputs only
         allow_appended_ops=callable(target) and not isinstance(target, torch.Tensor),
         eps=float(eps),
         scope=scope,
     )
-    b = backward(model, inputs, target=target, composite=comp, method="deeplift", layers=layers, keep_graph=True)
+    b = backward(
+        model,
+        inputs,
+        target=target,
+        composite=comp,
+        method="deeplift",
+        layers=layers,
+        keep_graph=True,  # for the prepared graph's reference values
+        hold_values=keep_graph,
+    )
     prepared = b.expl.prepared
     if prepared is None:  # keep_graph=True keeps it
         raise RuntimeError("internal: deeplift's backward kept no prepared graph")

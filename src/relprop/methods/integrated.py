@@ -86,7 +86,9 @@ def integrated_gradients(
         multiply_by_inputs: multiply the path-averaged gradient by ``x - x0`` (True) or return it alone.
         engine: ``"graph"``: one traced backward pass per internal batch; ``"autograd"``: ``torch.autograd.grad``
             with the parameters frozen (the same gradient, without recording; float inputs only);
-            ``"auto"`` (default): autograd for float inputs in eval mode, the graph otherwise.
+            ``"auto"`` (default): autograd for float inputs in eval mode, the graph otherwise, and the graph
+            where autograd refuses an in-place write into a tensor it saved (``torch.relu(h).mul_(3)``);
+            ``"autograd"`` raises :class:`InPlaceAutogradError` there.
 
     ``Explanation.score`` and ``output`` are the model's on ``inputs`` (one extra point, alpha = 1 with
     weight 0, is evaluated with the first internal batch).
@@ -157,9 +159,17 @@ def integrated_gradients(
             al = alpha_rows.to(emb.dtype).view(-1, *([1] * (emb.dim() - 1)))
             return e0 + al * (emb - e0)
 
+        bw = None
         if use_autograd:
-            bw = autograd_backward(model, rebuild(inputs, scaled), expand_target(target, batch, k), k * batch)
-        else:
+            try:
+                bw = autograd_backward(model, rebuild(inputs, scaled), expand_target(target, batch, k), k * batch)
+            except InPlaceAutogradError:
+                if engine == "autograd":
+                    raise
+                # The model writes in place into a tensor autograd saved: relprop's recorded gradient (equal
+                # to autograd's bit for bit where autograd runs) differentiates it; this and later chunks.
+                use_autograd = False
+        if bw is None:
             with embedding_edit(ids, edit):
                 bw = backward(
                     model,
@@ -212,6 +222,28 @@ def integrated_gradients(
     )
 
 
+class InPlaceAutogradError(RuntimeError):
+    """``torch.autograd`` cannot differentiate the model: it overwrites in place a tensor autograd saved."""
+
+
+#: Autograd's refusals of an in-place write: into a saved tensor (at the backward pass), into a leaf that
+#: requires grad (at the forward pass: the model writes into its input).
+_INPLACE = ("modified by an inplace operation", "a leaf Variable that requires grad is being used in an in-place")
+
+
+def _inplace_refusal(err: RuntimeError) -> InPlaceAutogradError | None:
+    text = str(err)
+    if not any(s in text for s in _INPLACE):
+        return None
+    detail = text.split(" Hint:")[0].strip()
+    return InPlaceAutogradError(
+        f"integrated_gradients: engine='autograd' cannot differentiate this model: it writes in place into a "
+        f"tensor autograd needs for the backward pass (autograd: {detail}); use engine='graph' or 'auto' "
+        "(relprop's recorded gradient, equal to autograd's, handles in-place ops), or make the op out of place "
+        "(e.g. torch.relu(h) * 3 instead of torch.relu(h).mul_(3), nn.ReLU() instead of nn.ReLU(inplace=True))"
+    )
+
+
 def autograd_backward(model, inputs, target, rows: int | None = None):
     """Gradient of the target score w.r.t. float inputs with ``torch.autograd``.
 
@@ -223,15 +255,21 @@ def autograd_backward(model, inputs, target, rows: int | None = None):
 
     xs = [x.detach().requires_grad_(True) for x in leaves(inputs)]
     args, kwargs = split_inputs(rebuild(inputs, xs))
-    with torch.inference_mode(False), torch.enable_grad():
-        raw = model(*args, **kwargs)
-        score, idx = target_score(raw, target, rows)
-        out = score if idx is None else select_output(raw)
-        raw_grads: Sequence[torch.Tensor | None]
-        if score.requires_grad:
-            raw_grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
-        else:  # the score does not depend on the inputs (or on anything differentiable)
-            raw_grads = (None,) * len(xs)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            raw = model(*args, **kwargs)
+            score, idx = target_score(raw, target, rows)
+            out = score if idx is None else select_output(raw)
+            raw_grads: Sequence[torch.Tensor | None]
+            if score.requires_grad:
+                raw_grads = torch.autograd.grad(score.sum(), xs, allow_unused=True)
+            else:  # the score does not depend on the inputs (or on anything differentiable)
+                raw_grads = (None,) * len(xs)
+    except RuntimeError as err:
+        refusal = _inplace_refusal(err)
+        if refusal is None:
+            raise
+        raise refusal from err
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, raw_grads)]
     expl = Explanation(
         attributions=None,

@@ -13,7 +13,16 @@ from typing import Any
 import torch
 
 from ..trace import training_warned
-from ._common import check_positive_int, embedding_edit, expand_target, format_baselines, is_float, leaves, rebuild
+from ._common import (
+    baseline_specs,
+    check_positive_int,
+    embedding_edit,
+    expand_target,
+    format_baselines,
+    is_float,
+    leaves,
+    rebuild,
+)
 from ._validate import validate_call, warn_training
 from .core import Explanation
 from .explain import METHODS, register_method
@@ -154,8 +163,11 @@ def _expand_baselines(inputs, baselines, k, draw, batch):
     if draw and isinstance(baselines, torch.Tensor) and len(xs) == 1:
         idx = torch.randint(baselines.shape[0], (batch * k,), device=baselines.device)
         return (baselines[idx],)
+    # A leaf given no baseline stays None: the base method chooses its default for the noisy batch (DeepLIFT
+    # holds an attention mask at its own value; zeros here would mask every token).
+    given = baseline_specs(inputs, baselines)
     per = format_baselines(inputs, baselines)
-    return tuple(b.repeat_interleave(k, dim=0) for b in per)
+    return tuple(None if g is None else b.repeat_interleave(k, dim=0) for g, b in zip(given, per))
 
 
 def _alias(nt_type: str, default_base: str):

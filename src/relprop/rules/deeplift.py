@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph, Node, RegionOp
-from .base import PreparedGraph, Rule, RuleContext, vjp
+from .base import HALF, PreparedGraph, Rule, RuleContext, to_float32, vjp
 from .composites import GradientComposite
 from .gradient import gradient_rule
 from .reduction import logsumexp_multiplier
@@ -55,7 +55,12 @@ def _ref(ctx: RuleContext) -> tuple[list, list] | None:
 def secant(
     ctx: RuleContext, delta_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, eps: float, a: int
 ) -> torch.Tensor:
-    """``delta_out / (x - x0)``, with the exact gradient w.r.t. input ``a`` where ``|x - x0| < eps``."""
+    """``delta_out / (x - x0)``, with the exact gradient w.r.t. input ``a`` where ``|x - x0| < eps``.
+
+    On a bfloat16/float16 model the rules get float32 copies of the recorded values (:class:`_ReferenceRule`), so
+    the quotient is taken in float32: in half precision ``x - x0`` can be a subnormal (6e-8 in float16) and the
+    quotient overflows to inf (then NaN at the next ``0 * inf``), although the multiplier is an ordinary float32.
+    """
     dx = x - x0
     small = dx.abs() < eps
     m = delta_out / torch.where(small, torch.ones_like(dx), dx)
@@ -86,7 +91,10 @@ class _ReferenceRule:
             return gradient_rule(ctx)
         a = acts[0]
         res: list = [None] * len(ctx.node.inputs)
-        m = self.multiplier(ctx, g, ctx.inputs[a], ctx.out, ref[0][a], ref[1][0], a)
+        # Half-precision values are read as exact float32 copies: the secant's division and the multipliers
+        # it makes are float32 (see :func:`secant`; the VJPs that follow widen to float32 as for LRP).
+        x, y, x0, y0 = (to_float32(t) for t in (ctx.inputs[a], ctx.out, ref[0][a], ref[1][0]))
+        m = self.multiplier(ctx, to_float32(g), x, y, x0, y0, a)
         if m is None:
             return gradient_rule(ctx)
         res[a] = m
@@ -144,6 +152,17 @@ class LogSumExpRescale(_ReferenceRule):
         return logsumexp_multiplier(ctx.node, g, x, y, x0, y0, self.eps)
 
 
+def keep_float32(ctx: RuleContext) -> list:
+    """An upcast copy (``h.to(torch.float32)`` of a half-precision ``h``, as Hugging Face RMSNorms and heads do):
+    float32 multipliers go back as they are. Autograd's formula (the gradient rule) would round them to the
+    input's half precision, where a multiplier over 65504 becomes inf; other copies: the gradient rule."""
+    g = ctx.relevance[0] if ctx.relevance else None
+    x = ctx.node.inputs[0]
+    if g is None or g.dtype != torch.float32 or x.dtype not in HALF or ctx.activation_inputs() != [0]:
+        return gradient_rule(ctx)
+    return [g.to(device=x.device)] + [None] * (len(ctx.node.inputs) - 1)
+
+
 def _in_module(types: tuple) -> Callable[[Node], bool]:
     return lambda node: node.module_type is not None and issubclass(node.module_type, types)
 
@@ -152,12 +171,15 @@ class DeepLiftComposite(GradientComposite):
     """Gradient composite with DeepLIFT's rules on nonlinear, max-pool and softmax ops.
 
     Args:
-        reference: ``fn() -> Graph``: a recording of the model on the baseline, aligned node by node with
-            the graph being explained (used when no replay is asked for, or the replay is not trusted).
-        replay_inputs: baseline tensors, one per graph input: ``prepare`` first re-runs the recorded ops on
-            them (much cheaper than a second recording); ``None``: always record.
-        verify_forward: ``fn() -> output`` of a plain forward pass on the baseline; the replayed output must
-            match it, or the second recording is used.
+        reference: ``fn(baselines) -> Graph``: a recording of the model on the baseline tensors, aligned node by
+            node with the graph being explained (used when no replay is asked for, or the replay is not trusted).
+        baselines: the baseline tensors, one per graph input, or ``fn(graph) -> tensors`` choosing them from the
+            recording on the inputs (``relprop.deeplift`` holds integer inputs that feed no embedding lookup,
+            such as attention masks, at their own value).
+        replay: ``prepare`` first re-runs the recorded ops on the baselines (much cheaper than a second
+            recording); ``False``: always record.
+        verify_forward: ``fn(baselines) -> output`` of a plain forward pass on the baselines; the replayed output
+            must match it, or the second recording is used.
         allow_appended_ops: the recording on the inputs may end with ops the baseline recording lacks
             (a callable target appends its own ops after the model's).
         eps: below this ``|x - x0|`` the rule uses the gradient.
@@ -166,14 +188,22 @@ class DeepLiftComposite(GradientComposite):
 
     The reference values go into the per-call notes of the prepared graph (``NodeNotes.reference``);
     the composite itself holds only its configuration.
+
+    On a bfloat16/float16 model the multipliers are carried in float32 from the seed on
+    (``float32_relevance``, read by :func:`relprop.methods.core.run_backward`), and every rescale divides in
+    float32: a multiplier ``delta_y / delta_x`` overflows half precision where ``delta_x`` is tiny.
     """
+
+    #: Seed and carry the multipliers in float32 on a half-precision model (as LRP carries its relevance).
+    float32_relevance = True
 
     def __init__(
         self,
-        reference: Callable[[], Graph],
+        reference: Callable[[list[torch.Tensor]], Graph],
         *,
-        replay_inputs: Sequence[torch.Tensor] | None = None,
-        verify_forward: Callable[[], object] | None = None,
+        baselines: Sequence[torch.Tensor] | Callable[[Graph], Sequence[torch.Tensor]],
+        replay: bool = True,
+        verify_forward: Callable[[list[torch.Tensor]], object] | None = None,
         allow_appended_ops: bool = False,
         eps: float = 1e-10,
         scope: str = "all",
@@ -182,7 +212,8 @@ class DeepLiftComposite(GradientComposite):
             raise ValueError(f"scope: expected 'all' or 'captum', got {scope!r}")
         super().__init__(name="deeplift")
         self.reference = reference
-        self.replay_inputs = None if replay_inputs is None else list(replay_inputs)
+        self.baselines = baselines if callable(baselines) else list(baselines)
+        self.replay = replay
         self.verify_forward = verify_forward
         self.allow_appended_ops = allow_appended_ops
         self.eps = eps
@@ -194,17 +225,17 @@ class DeepLiftComposite(GradientComposite):
 
     def prepare(self, graph: Graph) -> PreparedGraph:
         plain = super().prepare(graph)
-        refs = self._replayed(graph)
+        base = list(self.baselines(graph) if callable(self.baselines) else self.baselines)
+        refs = self._replayed(graph, base) if self.replay else None
         if refs is None:
-            refs = self._recorded(graph)
+            refs = self._recorded(graph, base)
         notes = {i: replace(n, reference=refs[i]) if i in refs else n for i, n in plain.notes.items()}
         return PreparedGraph(graph, notes)
 
-    def _replayed(self, graph: Graph) -> dict[int, tuple[list, list]] | None:
-        if self.replay_inputs is None:
-            return None
-        ref = replay_on(graph, self.replay_inputs)
-        if ref is None or not _same_output(graph, ref, self.verify_forward):
+    def _replayed(self, graph: Graph, base: list[torch.Tensor]) -> dict[int, tuple[list, list]] | None:
+        ref = replay_on(graph, base)
+        verify = self.verify_forward
+        if ref is None or not _same_output(graph, ref, None if verify is None else lambda: verify(base)):
             return None
         return {
             node.index: (
@@ -214,23 +245,15 @@ class DeepLiftComposite(GradientComposite):
             for node in graph.nodes
         }
 
-    def _recorded(self, graph: Graph) -> dict[int, tuple[list, list]]:
-        ref = self.reference()
+    def _recorded(self, graph: Graph, base: list[torch.Tensor]) -> dict[int, tuple[list, list]]:
+        ref = self.reference(base)
         extra = len(graph.nodes) - len(ref.nodes)
         if extra < 0 or (extra > 0 and not self.allow_appended_ops):
-            raise ValueError(
-                "baselines: the model runs different operations on the baseline than on the inputs "
-                f"({len(ref.nodes)} vs {len(graph.nodes)} ops); DeepLIFT needs the same computation "
-                "for both (data-dependent control flow is not supported)"
-            )
+            raise ValueError(_other_path(graph, ref))
         refs = {}
         for node, rnode in zip(graph.nodes, ref.nodes):
             if not _same_op(node, rnode) or len(node.inputs) != len(rnode.inputs):
-                raise ValueError(
-                    "baselines: the model runs different operations on the baseline than on the inputs "
-                    f"(#{node.index} {node.op_name} vs {rnode.op_name}); DeepLIFT needs the same computation "
-                    "for both (data-dependent control flow is not supported)"
-                )
+                raise ValueError(_other_path(graph, ref))
             refs[node.index] = (
                 [v.tensor for v in rnode.inputs],
                 [None if v is None else v.tensor for v in rnode.outputs],
@@ -251,10 +274,33 @@ class DeepLiftComposite(GradientComposite):
                 return self.softmax
         elif fam == "smoothmax" and not captum:
             return self.logsumexp
+        elif node.packet == "_to_copy":
+            return keep_float32
         return super().rule_for(prepared, node)
 
     def __repr__(self) -> str:
         return f"DeepLiftComposite(eps={self.eps}, scope={self.scope!r})"
+
+
+def _other_path(graph: Graph, ref: Graph) -> str:
+    """The refusal of a baseline on which the model runs other ops: the first op that differs, where, and what to do."""
+    both = zip(graph.nodes, ref.nodes)
+    first = next(((n, r) for n, r in both if not _same_op(n, r) or len(n.inputs) != len(r.inputs)), None)
+    if first is not None:
+        n, r = first
+        where = f"op #{n.index} is {n.op_name} in {n.location} on the inputs but {r.op_name} in {r.location} on the baseline"
+    else:
+        longer, name = (ref, "baseline") if len(ref.nodes) > len(graph.nodes) else (graph, "inputs")
+        n = longer.nodes[min(len(graph.nodes), len(ref.nodes))]
+        where = f"the {name} run on with op #{n.index}, {n.op_name} in {n.location}"
+    return (
+        f"baselines: the model runs other operations on the baseline than on the inputs: {where} "
+        f"({len(graph.nodes)} ops on the inputs, {len(ref.nodes)} on the baseline). DeepLIFT compares one computation "
+        "at two points; Python control flow on input values (a branch on an attention mask, a length, a value read "
+        "with .item()) took another path here. Pass baselines= that take the same path as the inputs: keep inputs "
+        "that select the path at their own value (e.g. baselines={'input_ids': ref_ids, 'attention_mask': mask}, or "
+        "a tuple with the mask itself in its place), or change the baseline value that triggers the branch"
+    )
 
 
 def _same_op(a: Node, b: Node) -> bool:
