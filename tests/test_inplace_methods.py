@@ -129,3 +129,16 @@ def test_kept_graph_holds_every_value_also_one_the_model_overwrote(method):
     (relu,) = [v for v in e.graph.values if v.producer is not None and v.producer.op_name == "aten.relu.default"][:1]
     with torch.no_grad():
         assert torch.equal(relu.data, torch.relu(m.c1(x)))
+
+
+def test_normgrad_combination_without_spatial_input_is_one_clear_error():
+    """A dense model's NormGrad maps have no spatial size to upsample to (was a bare StopIteration)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"combine: 'sum' .* no float input has spatial dims; pass size="):
+        relprop.explain(m, x, target=0, method="normgrad", layers=["0", "2"])
+    one = relprop.explain(m, x, target=0, method="normgrad", layers=["0"], combine="none")
+    a = m[0](x)  # the virtual identity layer's map of a dense layer: |a| * |gradient at a|
+    (g,) = torch.autograd.grad(m[2](m[1](a))[:, 0].sum(), a)
+    close(one.attributions, (a.abs() * g.abs()).detach())

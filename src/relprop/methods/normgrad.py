@@ -125,7 +125,12 @@ def normgrad(
         if size is None:
             from ._common import is_float, leaves
 
-            x = next(t for t in leaves(inputs) if is_float(t) and t.dim() > 2)
+            x = next((t for t in leaves(inputs) if is_float(t) and t.dim() > 2), None)
+            if x is None:
+                raise ValueError(
+                    f"combine: '{combine}' upsamples every layer's map to the input's spatial size, and no float "
+                    "input has spatial dims; pass size=(h, w), or one layer with combine='none'"
+                )
             size = tuple(x.shape[2:])
         ups = []
         for m in maps.values():
