@@ -142,3 +142,15 @@ def test_normgrad_combination_without_spatial_input_is_one_clear_error():
     a = m[0](x)  # the virtual identity layer's map of a dense layer: |a| * |gradient at a|
     (g,) = torch.autograd.grad(m[2](m[1](a))[:, 0].sum(), a)
     close(one.attributions, (a.abs() * g.abs()).detach())
+
+
+def test_deeplift_on_an_inplace_model_equals_the_twin_and_sums_to_the_difference():
+    """DeepLIFT's reference pass replays the recorded ops (cloning what an in-place op writes): the in-place model
+    gets the twin's multipliers, and with ReLUs only the attributions sum to ``f(x) - f(0)``."""
+    m, twin, x, t = _pair()
+    got = relprop.explain(m, x, target=t, method="deeplift").attributions
+    ref = relprop.explain(twin, x, target=t, method="deeplift").attributions
+    close(got, ref)
+    with torch.no_grad():
+        delta = (twin(x) - twin(torch.zeros_like(x))).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(got.sum((1, 2, 3)), delta, rtol=1e-5, atol=1e-6)
