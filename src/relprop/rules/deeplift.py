@@ -152,15 +152,21 @@ class LogSumExpRescale(_ReferenceRule):
         return logsumexp_multiplier(ctx.node, g, x, y, x0, y0, self.eps)
 
 
-def keep_float32(ctx: RuleContext) -> list:
-    """An upcast copy (``h.to(torch.float32)`` of a half-precision ``h``, as Hugging Face RMSNorms and heads do):
-    float32 multipliers go back as they are. Autograd's formula (the gradient rule) would round them to the
-    input's half precision, where a multiplier over 65504 becomes inf; other copies: the gradient rule."""
-    g = ctx.relevance[0] if ctx.relevance else None
-    x = ctx.node.inputs[0]
-    if g is None or g.dtype != torch.float32 or x.dtype not in HALF or ctx.activation_inputs() != [0]:
+def promoted_gradient(ctx: RuleContext) -> list:
+    """The exact VJP of an op that promotes half-precision inputs to a float32 output (an upcast copy
+    ``h.to(torch.float32)``, ``h * rstd`` with a float32 ``rstd``: Hugging Face's RMSNorms, T5's layer norm),
+    run on float32 copies of its inputs, so float32 multipliers reach the half-precision input unrounded.
+    Autograd's formula rounds them to the input's dtype, where a multiplier over 65504 is inf."""
+    if ctx.family == "stop" or not any(g is not None and g.dtype == torch.float32 for g in ctx.relevance):
         return gradient_rule(ctx)
-    return [g.to(device=x.device)] + [None] * (len(ctx.node.inputs) - 1)
+    return ctx.vjp(ctx.relevance, [to_float32(t) for t in ctx.inputs])
+
+
+def _promotes_half(node: Node) -> bool:
+    """Half-precision float inputs, a float32 output: the op type-promotes (see :func:`promoted_gradient`)."""
+    return any(v.is_float and v.dtype in HALF for v in node.inputs) and any(
+        o is not None and o.dtype == torch.float32 for o in node.outputs
+    )
 
 
 def _in_module(types: tuple) -> Callable[[Node], bool]:
@@ -191,7 +197,8 @@ class DeepLiftComposite(GradientComposite):
 
     On a bfloat16/float16 model the multipliers are carried in float32 from the seed on
     (``float32_relevance``, read by :func:`relprop.methods.core.run_backward`), and every rescale divides in
-    float32: a multiplier ``delta_y / delta_x`` overflows half precision where ``delta_x`` is tiny.
+    float32: a multiplier ``delta_y / delta_x`` overflows half precision where ``delta_x`` is tiny. An op that
+    promotes half-precision inputs to float32 gets its VJP on float32 copies (:func:`promoted_gradient`).
     """
 
     #: Seed and carry the multipliers in float32 on a half-precision model (as LRP carries its relevance).
@@ -274,8 +281,8 @@ class DeepLiftComposite(GradientComposite):
                 return self.softmax
         elif fam == "smoothmax" and not captum:
             return self.logsumexp
-        elif node.packet == "_to_copy":
-            return keep_float32
+        elif _promotes_half(node):
+            return promoted_gradient
         return super().rule_for(prepared, node)
 
     def __repr__(self) -> str:
