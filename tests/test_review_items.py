@@ -49,3 +49,22 @@ def test_explain_token_scores_with_a_bad_suffix_fail_before_the_model_loads(tmp_
     rc = main(["explain", "--model", "zoo:bert_sst2", "--input", "fine", "--out", str(tmp_path / "t.txt")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("relprop: error: --out ") and "t.txt" in err
+
+
+def test_docs_name_one_form_of_relprop_layers_and_both_uses_of_a_pt_file(capsys):
+    """README showed ``relprop layers zoo:resnet_digits`` while ``--help`` showed ``relprop layers --model ...``
+    (a hidden alias); ``relprop list`` described ``FILE.pt`` only as a whole pickled model, though a state dict
+    with ``--weights`` works too."""
+    from pathlib import Path
+
+    from relprop.cli import build_parser, main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    helps = build_parser().format_help()
+    sub = build_parser()._subparsers._group_actions[0].choices["layers"].format_help()  # type: ignore[union-attr]
+    shown = [ln for text in (readme, helps, sub) for ln in text.splitlines() if "relprop layers " in ln]
+    assert shown and not [ln for ln in shown if "--model" in ln], shown
+    assert "relprop layers zoo:resnet_digits" in readme and "relprop layers zoo:resnet_digits" in helps
+    assert main(["list"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("FILE.pt"))
+    assert "--trust-pickle" in row and "state dict" in row and "--weights" in row

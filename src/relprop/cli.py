@@ -25,12 +25,13 @@ examples:
   relprop explain --model zoo:resnet_digits --input digit.png --method lrp,gradient --out heatmap.png
   relprop explain --model zoo:minilm-similarity --input "A man plays a guitar." --reference "Someone makes music."
   relprop list                                      # zoo models, datasets and methods
-  relprop layers --model zoo:resnet_digits          # module names, e.g. for gradcam:layer=NAME
+  relprop layers zoo:resnet_digits                  # module names, e.g. for gradcam:layer=NAME
   relprop sample zoo:digits --out digit.png         # one dataset image, an input for explain
 
 model specs:  zoo:NAME | torchvision:NAME [--weights FILE] | timm:NAME [--weights FILE] | hf:FOLDER |
               python:MODULE:FUNCTION [--weights FILE] | FILE.safetensors (+ FILE.json, zoo format) |
-              FILE.pt (torch.save(model): needs --trust-pickle, unpickling runs code from the file)
+              FILE.pt (torch.save(model): needs --trust-pickle, unpickling runs code from the file;
+              a state dict .pt goes with --weights FILE to its architecture: timm:, torchvision:, python:)
 data specs:   zoo:NAME | FOLDER with one sub-folder of images per class | FILE.csv / FILE.jsonl / FILE.parquet
               (texts or images, and labels: --text-column, --image-column, --label-column) | a Hugging Face
               dataset saved with save_to_disk (--split) | WebDataset tar shards (data.tar, a FOLDER of .tar
@@ -303,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="List the named modules of a model in the order their forward finishes, with output "
         "shapes from one forward pass on an input of the model's size (or --input FILE).",
-        epilog="examples:\n  relprop layers --model zoo:resnet_digits\n"
-        "  relprop layers --model timm:resnet18 --weights r18.pth --input cat.jpg\n",
+        epilog="examples:\n  relprop layers zoo:resnet_digits\n"
+        "  relprop layers timm:resnet18 --weights r18.pth --input cat.jpg\n",
     )
     ly.add_argument("model_pos", nargs="?", metavar="MODEL", help="model spec (or --model)")
     ly.add_argument("--model", help=argparse.SUPPRESS)

@@ -140,7 +140,10 @@ MODEL_PREFIXES = tuple(KINDS)
 # (form, what it is): the model files the loader takes, for the help text, errors and ``relprop list``
 FILE_FORMS: tuple[tuple[str, str], ...] = (
     ("FILE.safetensors", "+ FILE.json, zoo format"),
-    ("FILE.pt / .pth / .bin", "a whole model, torch.save(model); needs --trust-pickle"),
+    (
+        "FILE.pt / .pth / .bin",
+        "a whole model, torch.save(model), needs --trust-pickle; a state dict: --weights FILE with its architecture",
+    ),
 )
 
 
