@@ -124,6 +124,9 @@ def test_bert_default_baseline_runs_and_equals_captum(attn):
         m, inputs, target=0, method="deeplift", scope="captum", baselines={"input_ids": torch.zeros_like(ids)}
     )
     assert torch.equal(got.attributions["input_ids"], held.attributions["input_ids"])
+    # the replayed reference pass (on the held mask) is the model's own forward on the baseline
+    checked = relprop.explain(m, inputs, target=0, method="deeplift", scope="captum", verify_replay=True)
+    assert torch.equal(got.attributions["input_ids"], checked.attributions["input_ids"])
     assert not got.attributions["attention_mask"].any()
     word = m.bert.embeddings.word_embeddings
     with torch.no_grad():
