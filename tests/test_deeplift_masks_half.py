@@ -34,7 +34,8 @@ C = pytest.importorskip("captum.attr")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-#: float16 DeepLIFT vs the float64 rule pass on the recorded float16 values (relative L2; float32 arithmetic).
+#: float16/bfloat16 DeepLIFT vs the float64 rule pass on the recorded half-precision values (relative L2; float32
+#: arithmetic).
 TIGHT = 1e-5
 #: float16 DeepLIFT vs float32 DeepLIFT of the same rounded weights and inputs (relative L2).
 END_TO_END = 1e-2
@@ -166,10 +167,10 @@ def _case(name):
     return (Logits(model) if name == "hf_bert" else model), x, target
 
 
-def _half(x):
+def _half(x, dtype=torch.float16):
     if isinstance(x, dict):
-        return {k: _half(v) for k, v in x.items()}
-    return x.half() if x.is_floating_point() else x
+        return {k: _half(v, dtype) for k, v in x.items()}
+    return x.to(dtype) if x.is_floating_point() else x
 
 
 def _float64_recorder(model, args, kwargs, post=None, release=None):
@@ -215,10 +216,14 @@ def _rel_err(a, b):
 HALF_CASES = ["tv_resnet18", "tv_vgg11_bn", "hf_llama", "hf_t5"]
 
 
-@pytest.mark.parametrize("name", HALF_CASES)
-def test_float16_deeplift_is_the_float64_rule_pass_on_the_recorded_values(name):
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [(n, torch.float16) for n in HALF_CASES] + [(n, torch.bfloat16) for n in ("tv_resnet18", "hf_t5")],
+    ids=str,
+)
+def test_half_deeplift_is_the_float64_rule_pass_on_the_recorded_values(name, dtype):
     model, x, target = _case(name)
-    model, x = model.half(), _half(x)
+    model, x = model.to(dtype), _half(x, dtype)
     got = relprop.explain(model, x, target=target, method="deeplift")  # non-finite (raised) before
     atts = [a for a, t in zip(got.tensors(), leaves(x)) if t.is_floating_point()]
     want = _float64_oracle(model, x, target)
