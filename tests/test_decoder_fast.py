@@ -242,16 +242,21 @@ def test_released_scores_give_equal_bits(composite):
     assert all(v.data is not None for n in graph.nodes for v in n.outputs if v is not None)
 
 
+@pytest.mark.parametrize("noted", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mask", ["plain", "causal", "inf", "bias"])
-def test_released_score_chain_equals_held_scores(monkeypatch, dtype, mask):
-    # With q @ k^T released, the chain recomputes it and, on CPU, checks z1 and z3 in one buffer (z3 made in place):
-    # equal bits to a recording that holds every score, zero sets included; the in-place check answers True
-    # exactly when nothing is absorbed (else the general path runs, on the intact z1 or a second recomputation).
+def test_released_score_chain_equals_held_scores(monkeypatch, dtype, mask, noted):
+    # With q @ k^T released, the chain reads the notes the recording took of z1 and z3 (Value.normal); without
+    # them (noted=False) it recomputes z1 and, on CPU, checks z1 and z3 in one buffer (z3 made in place).
+    # Either way: equal bits to a recording that holds every score, zero sets included; the notes (or the in-place
+    # check) answer True exactly when nothing is absorbed (else the general path runs, on the intact z1 or a second
+    # recomputation).
     from relprop.methods.core import run_backward
     from relprop.rules import attention
     from relprop.rules.composites import resolve_composite
 
+    if not noted:
+        monkeypatch.setattr(attention, "note_normal", lambda t: None)
     torch.manual_seed(0)
     model, t = _Eager(mask=mask).to(dtype).eval(), 24  # scores (4 x 24 x 24) outweigh q and k: released
     x = torch.randn(2, t, 8, dtype=dtype)
@@ -263,6 +268,9 @@ def test_released_score_chain_equals_held_scores(monkeypatch, dtype, mask):
         x[0, 3, :4], x[0, 2, :4] = torch.tensor([1.0, -1.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.25])
     graph = record(model, (x,), {}, release=attention.release_scores)
     assert any(n.packet == "bmm" and n.first_output.data is None for n in graph.nodes)
+    notes = [n.first_output.normal for n in graph.nodes if n.packet in ("bmm", "add") and n.first_output.data is None]
+    # z1, z3 (bias: z1's zeros lie where the mask is not 0, z3 has none)
+    assert notes == ([mask == "plain", mask in ("plain", "bias")] if noted else [None, None])
     answers: list[bool] = []
     real = attention.ScoreChain._all_normal_in_place
 
@@ -279,6 +287,7 @@ def test_released_score_chain_equals_held_scores(monkeypatch, dtype, mask):
 
     kw = dict(target=0, composite=resolve_composite("attnlrp", {}), method="lrp", times_output=True)
     held = run_backward(model, x, recorder=hold_all, **kw)
-    assert answers == [mask == "plain", False]  # (held scores: the general path)
+    # (held scores: the general path; noted normal scores: no check at all)
+    assert answers == ([False] if noted and mask == "plain" else [mask == "plain" and not noted, False])
     assert torch.equal(released.attributions, held.attributions)
     assert not torch.equal(held.attributions, torch.zeros_like(held.attributions))

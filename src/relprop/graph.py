@@ -43,6 +43,12 @@ class Value:
     device: torch.device | None = None
     #: Strides noted by :meth:`drop` (see :attr:`strides`); ``None`` while the data is held.
     kept_strides: tuple[int, ...] | None = field(default=None, repr=False)
+    #: True when every element was finite with ``|x|`` at least the smallest normal number, False when not, None
+    #: when not looked at: noted on CPU where the data is made, for values whose data is then released (eager
+    #: attention's scores, :func:`relprop.rules.attention.note_normal`), so that a rule need not recompute them to
+    #: know. It describes this Value's contents (a tensor written in place becomes a new Value); each recording and
+    #: each replay notes its own Values, never copied from another.
+    normal: bool | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.data is not None:

@@ -65,7 +65,7 @@ from .canonical import _is_eval_bn
 from .graph import Graph, Node, Value
 from .methods._validate import validate_call
 from .methods.core import Explanation, Inputs, Target, run_backward, split_inputs
-from .rules.attention import release_scores
+from .rules.attention import note_normal, release_scores
 from .rules.composites import Composite, GradientComposite, resolve_composite
 from .trace import _flatten, _storage_key, _unwrap_compiled, record, warn_training
 
@@ -246,7 +246,8 @@ class Plan:
             if not _own_bumps(tpl, sig, live):
                 return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig), sig)
             tpl.signature = sig  # only recordings' bumps (another explain, a verify) since: content unchanged
-        env, why = _replay(tpl, args, kwargs, live)
+        notes: dict[int, bool | None] = {}  # this replay's own (never the recording's)
+        env, why = _replay(tpl, args, kwargs, live, notes)
         if env is None:
             return self._record(model, args, kwargs, post, target_key, why, sig)
         verify = self.verify or (self.verify_every > 0 and self._calls % self.verify_every == 0)
@@ -277,7 +278,7 @@ class Plan:
         self.replays += 1
         self.last_reason = None
         warn_training(model, stacklevel=5)  # as a recording warns (trace.record)
-        return _instantiate(tpl, env)
+        return _instantiate(tpl, env, notes)
 
 
 def plan(
@@ -729,6 +730,7 @@ class _Step:
         "scalar",
         "free",
         "inplace",
+        "note",
     )
 
     def __init__(self, node: Node, strides: dict[int, tuple | None], scalar: tuple | None) -> None:
@@ -754,6 +756,8 @@ class _Step:
         self.scalar = scalar
         self.free: list[int] = []  # values to release after this step (see _template)
         self.inplace: Any = None  # the op's in-place twin where the replay may write into the first argument
+        # outputs the recording noted (Value.normal: released attention scores): the replay notes its own
+        self.note = [v.index for v in node.outputs if v is not None and v.normal is not None]
 
 
 def _has_value(obj: Any) -> bool:
@@ -766,8 +770,18 @@ def _has_value(obj: Any) -> bool:
     return False
 
 
-def _replay(tpl: _Template, args: tuple, kwargs: dict, live: dict[str, torch.Tensor]):
-    """Run the recorded ops on new inputs; ``(env, None)`` or ``(None, why it diverged)``."""
+def _replay(
+    tpl: _Template,
+    args: tuple,
+    kwargs: dict,
+    live: dict[str, torch.Tensor],
+    notes: dict[int, bool | None] | None = None,
+):
+    """Run the recorded ops on new inputs; ``(env, None)`` or ``(None, why it diverged)``.
+
+    ``notes``: filled with :attr:`Value.normal` of the outputs the recording noted, taken from this replay's
+    tensors right after their op ran (a later op may write into the memory before it is freed).
+    """
     graph = tpl.graph
     env: dict[int, torch.Tensor] = dict(tpl.constants)
     new_inputs = _flatten((tuple(args), dict(kwargs)), [])
@@ -822,6 +836,9 @@ def _replay(tpl: _Template, args: tuple, kwargs: dict, live: dict[str, torch.Ten
                 if stride is not None and o.stride() != stride:
                     return None, _diverged(step, "gave other strides than recorded")
                 env[idx] = o
+            if step.note and notes is not None:
+                for idx in step.note:
+                    notes[idx] = note_normal(env[idx])
             for idx in step.free:
                 del env[idx]
     return env, None
@@ -841,11 +858,14 @@ def _swap(obj: Any, values: list[Value]) -> Any:
     return obj
 
 
-def _instantiate(tpl: _Template, env: dict[int, torch.Tensor]) -> Graph:
+def _instantiate(tpl: _Template, env: dict[int, torch.Tensor], notes: dict[int, bool | None] | None = None) -> Graph:
     """A fresh graph with the recording's structure and the replayed tensors (new Value/Node objects,
-    so what the reverse pass releases or a kept graph holds is never the plan's)."""
+    so what the reverse pass releases or a kept graph holds is never the plan's); ``notes``: the replay's
+    :attr:`Value.normal` (:func:`_replay`), the only ones the new Values get."""
     g = tpl.graph
     values = [Value(v.index, env.get(v.index), v.kind, None, v.output_index, v.name, v.is_activation) for v in g.values]
+    for idx, normal in (notes or {}).items():
+        values[idx].normal = normal
     for v, nv in zip(g.values, values):
         if nv.data is None:  # never materialised (e.g. an unused leaf): keep the metadata
             nv.dtype, nv.shape, nv.device, nv.strides = v.dtype, v.shape, v.device, v.strides

@@ -134,6 +134,10 @@ class ScoreChain:
 
     def relevance(self, r: torch.Tensor, s: torch.Tensor) -> list:
         """The product operands' relevance from the relevance ``r`` at the softmax output ``s``."""
+        if self.z1.normal and self.z3.normal:
+            # Noted where the scores were made (:func:`note_normal`): finite and normal, no zero set; nothing to
+            # recompute (a released ``z1`` cost a ``bmm`` per layer here, only to find that out).
+            return self._operands(r, s, None, self.z1.shape)
         normal, z1 = self._all_normal_in_place()
         if normal:  # (CPU, released scores, the usual case: no zero set to make)
             return self._operands(r, s, None, self.z1.shape)
@@ -189,10 +193,50 @@ def _finite(x: torch.Tensor) -> bool:
     return _at_least(x, torch.finfo(x.dtype).min)
 
 
+#: float dtype -> (the integer dtype of its size, its exponent field, the smallest normal number's bits).
+_EXPONENT = {
+    torch.float32: (torch.int32, 0x7F800000, 0x00800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000, 0x0010000000000000),
+}
+
+
 def _normal_by_parts(x: torch.Tensor, parts: int = 8) -> bool:
-    """:func:`_normal` of ``|x|`` for a contiguous ``x``, taking ``|x|`` a slice at a time (a temporary of
-    1/``parts`` of its size, not a copy of it). Exact: the minimum and maximum of the parts' are the whole's."""
-    return all(_normal(part.abs()) for part in x.view(-1).chunk(parts))
+    """:func:`_normal` of ``|x|`` for a contiguous ``x``, a slice at a time (a temporary of 1/``parts`` of its size,
+    not a copy of it). Exact: the minimum and maximum of the parts' are the whole's.
+
+    float32/float64 read the exponent field of the bits (``x.view(int)``): it is all zeros for zeros and subnormals
+    and all ones for infinities and NaN, so ``|x|`` is finite and normal exactly where the field is neither: one
+    ``&`` and one ``aminmax`` per slice (a Qwen2 layer's 2Mi float32 scores, 1 thread: 0.40 ms, against 0.66 ms for
+    ``abs`` and ``aminmax``). Other dtypes take ``|x|``. Equal answers: tests/test_score_notes.py.
+    """
+    if x.numel() == 0:
+        return True
+    flat = x.view(-1)
+    spec = _EXPONENT.get(x.dtype)
+    if spec is None:
+        return all(_normal(part.abs()) for part in flat.chunk(parts))
+    int_dtype, field, smallest = spec
+    for part in flat.view(int_dtype).chunk(parts):
+        low, high = torch.aminmax(part & field)
+        if not (int(low) >= smallest and int(high) < field):
+            return False
+    return True
+
+
+def note_normal(t: torch.Tensor) -> bool | None:
+    """What :attr:`relprop.graph.Value.normal` notes for a value made as ``t``: :func:`_normal_by_parts`, for a
+    contiguous float32/float64 CPU tensor; None (not looked at) otherwise, and on a GPU, where the answer would be
+    a read-back, a host sync per layer (``base.cheap_read``). Taken where the data is made: by the recording's
+    release policy (:func:`release_scores`) and by a plan's replay right after the op ran (before a later op may
+    write into the memory)."""
+    if t.dtype not in _EXPONENT or not t.is_contiguous() or not base.cheap_read(t):
+        return None
+    return _normal_by_parts(t.detach())
+
+
+def _note(v: Value | None) -> None:
+    if v is not None and v.data is not None and v.normal is None:
+        v.normal = note_normal(v.data)
 
 
 def _normal(a: torch.Tensor) -> bool:
@@ -229,11 +273,16 @@ def release_scores(node: Node) -> bool:
     only): at 2,048 tokens they outweigh everything else the tape holds. The one-step :class:`ScoreChain`
     never reads the scaled scores and reads the product and the masked ones only for its zero sets
     (recomputed there, one ``bmm`` per layer, into local buffers); a rule that does read them gets them
-    recomputed from the same op and inputs (same bits). Called for every recorded op: identity tests first.
+    recomputed from the same op and inputs (same bits). Called for every recorded op, right after it ran: identity
+    tests first. For the product and the masked scores it notes, before they go, whether they are all finite and
+    normal (:func:`note_normal`, on CPU): where they are, the chain makes no zero set and recomputes nothing.
     """
     op = node.op
     if op is _aten.bmm.default or op in _VIEW_OPS:
-        return not node.kwargs and node.outputs[0] is not None and _scores_source(node.outputs[0])
+        released = not node.kwargs and node.outputs[0] is not None and _scores_source(node.outputs[0])
+        if released and op is _aten.bmm.default:
+            _note(node.outputs[0])
+        return released
     if op is _aten.mul.Tensor:
         if node.kwargs or len(node.inputs) != 1 or type(node.args[1]) is not float or node.outputs[0] is None:
             return False
@@ -243,13 +292,16 @@ def release_scores(node: Node) -> bool:
             return False
         z, mask = node.inputs
         scaled = z.producer
-        return (
+        released = (
             z.is_activation
             and not mask.is_activation
             and z.shape == node.outputs[0].shape
             and scaled is not None
             and release_scores(scaled)
         )
+        if released:
+            _note(node.outputs[0])
+        return released
     return False
 
 
