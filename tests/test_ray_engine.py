@@ -112,12 +112,15 @@ def local(tmp_path_factory, data, methods):
 def cluster(tmp_path_factory):
     """A quiet local instance of 2 CPUs (one per worker), shut down after the module. Its workers run in an
     empty working directory: relative data paths of the driver do not exist there (another node's view)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    mp = pytest.MonkeyPatch()  # the process's environment as it was after the module
+    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
     empty = tmp_path_factory.mktemp("worker_cwd")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    # "local": a new instance, never a cluster another process left on record (/tmp/ray/ray_current_cluster)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"working_dir": str(empty)})  # fmt: skip
     yield
     ray.shutdown()
+    mp.undo()
 
 
 def test_ray_engine_gives_the_single_process_numbers(local, cluster, tmp_path, data, methods):
@@ -148,7 +151,7 @@ def test_killed_worker_loses_nothing(local, cluster, tmp_path, data, methods, mo
     res = _run(data, methods, out, engine="ray", ray_options={"workers": 2})
     assert marker.exists(), "the test hook did not kill a worker"
     assert res["status"] == "complete" and not res["problems"]
-    assert res["engine"]["shards_computed"] == 8
+    assert (res["engine"]["shards_computed"], res["engine"]["shards_retried"]) == (8, 1)  # the lost one ran again
     assert _numbers(out) == _numbers(local)
 
 
@@ -233,11 +236,14 @@ def test_without_address_a_new_local_instance_or_ray_address(data, monkeypatch, 
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
     monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    probed = []  # --address is probed first (relprop.specs.address, tested there): recorded, not connected
+    monkeypatch.setattr("relprop.specs.address.check_ray_address", probed.append)
     before = dict(os.environ)
     with pytest.raises(RuntimeError, match="stop here"):
         RayEngine(data, [], Settings(), "unused", options=RayOptions(workers=2))
     assert calls[0]["address"] == (env or "local")
     assert ("num_cpus" in calls[0]) == (env is None)
+    assert probed == ([] if env is None else [env])
     assert dict(os.environ) == before  # no process-wide state: the driver's environment is left as it was
 
 

@@ -3,9 +3,12 @@
 Why an actor pool (and not Ray tasks or Ray Data): a worker must load a model once and keep it for every
 method and shard of that model (loading a timm/HF model costs more than a shard's work); tasks would reload
 it per call, and Ray Data's ``map_batches`` streams one function over one dataset, while a cell here is a
-(model, method) pair with per-example metrics that need the whole shard at once. Actors with
-``max_restarts``/``max_task_retries`` give the fault tolerance: a worker that dies is restarted and the
-shard it held is run again by Ray; nothing else is lost.
+(model, method) pair with per-example metrics that need the whole shard at once. Fault tolerance: actors
+have ``max_restarts``; a shard whose actor is lost (the worker process or its whole node died) goes back
+to the driver's queue and runs again on any live actor, and the lost actor takes shards again once Ray has
+restarted it (:meth:`RayEngine._run`). Not Ray's task retries: a retried task waits for its own actor's
+restart, which never comes when the lost node's CPUs are nowhere else in the cluster (the run hung;
+``tests/test_ray_nodes.py`` removes a node of a 3-node cluster mid-run). Nothing else is lost.
 
 The unit of work is a shard of a cell's examples, aligned to ``--batch-size`` so that every explain call
 sees the same batch as in the single-process engine. Each shard writes two files under
@@ -77,9 +80,9 @@ from typing import Any
 import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
-from ..specs.errors import extra_hint, shorten
+from ..specs.errors import extra_hint
 from ..specs.loaders import MODEL_BYTES
-from .compare import Job, Settings, cell_header, slug
+from .compare import Job, Settings, cell_header, failed_cell, one_line, slug
 from .store import Output
 
 #: the Ray version the engine is tested with (requirements-test.txt)
@@ -322,7 +325,18 @@ class _Worker:
             s = self.args[1]
             bundle = ray.get(files[0]) if files[0] is not None else None
             with placed(bundle):
-                model = place_loaded(self.loader(spec), s.device, s.dtype, copy=False)
+                try:
+                    model = place_loaded(self.loader(spec), s.device, s.dtype, copy=False)
+                except Exception as ex:  # the driver loaded it: say which node could not, and what it lacks
+                    hint = ""
+                    if isinstance(ex, (ImportError, OSError)):  # a package, or hub weights (a download), not there
+                        hint = (
+                            "; installed packages (relprop's extras, the model's library) and cached pretrained "
+                            "weights are not shipped: install or cache them on every node"
+                        )
+                    raise SpecError(
+                        f"{spec} could not be loaded on Ray node {self.node()}: {one_line(ex)}{hint}"
+                    ) from ex
                 if bundle is not None:
                     assert self.job is not None
                     got = _identity(self.job, model, shipped=True)
@@ -330,6 +344,17 @@ class _Worker:
                         model._fingerprint = identity["fingerprint"]
             self.model = model
         return self.model
+
+    def ready(self) -> bool:
+        """The driver's probe of an actor it lost: answers once Ray has restarted it."""
+        return True
+
+    @staticmethod
+    def node() -> str:
+        """This worker's node, as errors name it: its IP address and the start of its Ray node id."""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()} (id {ray.get_runtime_context().get_node_id()[:12]})"
 
     def run_shard(
         self,
@@ -365,7 +390,8 @@ class _Worker:
             differ = [k for k in got if got[k] != identity.get(k)]
             differ = differ or ["method options or settings"]
             raise SpecError(
-                f"a Ray worker computes a different cell key for {spec} x {m.label} than the driver: its "
+                f"a Ray worker on node {self.node()} computes a different cell key for {spec} x {m.label} than "
+                f"the driver: its "
                 f"{', '.join(differ)} differ(s) from the driver's (relprop source edited during the run, another "
                 f"relprop or model code on this node, or other model files where they are not shipped; the data "
                 f"travel with the shards); run again with the same relprop, libraries and model files on every node"
@@ -418,6 +444,9 @@ class RayEngine:
             )
             address = o.address or os.environ.get("RAY_ADDRESS")  # Ray's own variable (a job on a cluster)
             if address:
+                from ..specs.address import check_ray_address
+
+                check_ray_address(address)  # nothing listening: one line in seconds, not minutes of GCS retries
                 ray.init(address=address, **kw)
             else:  # "local": a new instance, never one a past `ray start` left on record (stale or not)
                 ray.init(address="local", num_cpus=o.workers * o.cpus_per_worker, **kw)
@@ -428,7 +457,7 @@ class RayEngine:
             num_cpus=o.cpus_per_worker,
             num_gpus=o.gpus_per_worker,
             max_restarts=o.max_retries,
-            max_task_retries=o.max_retries,
+            max_task_retries=0,  # the driver retries a lost shard itself, on any live actor (_run)
             runtime_env={"env_vars": env} if env else None,
         )
         self.data_ref: Any = None  # the run's data without its readers (sources.detach), put by the first cells()
@@ -441,6 +470,9 @@ class RayEngine:
         ]  # fmt: skip
         self.shards_computed = 0
         self.shards_reused = 0
+        self.shards_retried = 0  # shards run again because their actor was lost
+        self.lost: dict[Any, float] = {}  # actors lost (restarting, or not yet known) -> when to probe next
+        self.lost_reason = ""
         self.finished: dict[str, dict] = {}  # cells() interrupted: the cells whose every shard was done
 
     def info(self) -> dict:
@@ -455,6 +487,7 @@ class RayEngine:
             "shards": self.shards,
             "shards_computed": self.shards_computed,
             "shards_reused": self.shards_reused,
+            "shards_retried": self.shards_retried,
         }
 
     def shard_dir(self, model: LoadedModel, m: MethodSpec, key: str) -> str:
@@ -507,30 +540,40 @@ class RayEngine:
         out: dict[str, dict] = {}
         for m in methods:
             if m.label in errors:
-                out[m.label] = _failed(m, errors[m.label])
+                out[m.label] = failed_cell(m, errors[m.label])
                 continue
             _, opts, key, d = plan[m.label]
             try:
                 out[m.label] = self._assemble(job, model, m, opts, key, d, bounds)
             except Exception as ex:
-                out[m.label] = _failed(m, f"{type(ex).__name__}: {ex}")
+                out[m.label] = failed_cell(m, ex)
         return out
 
     def _run(self, model, plan, bounds, todo, errors, pad: int | None, files: Any) -> None:
+        """Hand ``todo``'s shards to free actors until each is written or its cell has failed.
+
+        A shard whose actor is lost (its process or its whole node died: Ray's ``RayActorError``) goes back to
+        the queue for any live actor, at most ``max_retries`` times, unless its Parquet file is there (it
+        finished before the loss, and is not run again). The lost actor is probed (``ready``) until Ray has
+        restarted it, then takes shards again. Ray's own task retries are off: a retried task waits for its
+        actor's restart, which never comes when the lost node's CPUs are nowhere else, and the run hung
+        (``tests/test_ray_nodes.py`` removes a node of a 3-node cluster mid-run)."""
         from ..specs.sources import pack_items
 
         ray = self.ray
         job = self.job_of_run
         ident = dict(_identity(job, model, shipped=files is not None), fingerprint=model.fingerprint())
-        free = list(self.actors)
+        free = [a for a in self.actors if a not in self.lost]
         pending = list(todo)
         inflight: dict[Any, tuple[Any, str, int]] = {}
+        probes: dict[Any, Any] = {}  # a ready() call -> the lost actor it probes
+        tries: dict[tuple[str, int], int] = {}
+        said = False
         try:
-            while pending or inflight:
+            while True:
+                pending = [t for t in pending if t[0] not in errors]
                 while free and pending:
                     label, i = pending.pop(0)
-                    if label in errors:
-                        continue
                     m, _, key, d = plan[label]
                     actor = free.pop(0)
                     a, b = bounds[i]
@@ -542,22 +585,76 @@ class RayEngine:
                         [self.data_ref], [files], items, pad, model.spec, m, key, ident, a, b, d, i, self.run
                     )
                     inflight[ref] = (actor, label, i)
-                if not inflight:
+                if not pending and not inflight:
                     break
-                done, _ = ray.wait(list(inflight), num_returns=1)
+                now = time.monotonic()
+                for actor, when in self.lost.items():
+                    if when <= now and actor not in probes.values():
+                        probes[actor.ready.remote()] = actor
+                if not inflight and not self.lost:  # every actor is gone for good: nothing can run the rest
+                    for label, _ in pending:
+                        errors.setdefault(label, f"every Ray worker was lost; the last: {self.lost_reason}")
+                    break
+                if not inflight and not said:
+                    said = True
+                    self.log("  waiting for Ray to restart a lost worker (the cluster has no free CPUs/GPUs for it)")
+                later = [w - now for a, w in self.lost.items() if a not in probes.values()]
+                timeout = max(0.0, min(later)) if later else None
+                waiting = [*inflight, *probes]
+                if not waiting:
+                    time.sleep(timeout or 0.0)
+                    continue
+                done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+                if not done:
+                    continue
+                if done[0] in probes:
+                    self._probed(probes.pop(done[0]), done[0], free)
+                    continue
                 actor, label, i = inflight.pop(done[0])
-                free.append(actor)
                 try:
                     ray.get(done[0])
+                except ray.exceptions.RayActorError as ex:
+                    self.lost[actor] = 0.0  # probed at once: Ray may be restarting it already
+                    self.lost_reason = one_line(ex)
+                    m, _, key, d = plan[label]
+                    a, b = bounds[i]
+                    if read_shard(d, i, key, b - a) is not None:  # written before the loss: kept
+                        self.shards_computed += 1
+                    elif tries.get((label, i), 0) >= self.o.max_retries:
+                        errors.setdefault(
+                            label,
+                            f"shard {i} lost its Ray worker {tries[label, i] + 1} times; the last: {self.lost_reason}",
+                        )
+                    else:
+                        tries[label, i] = tries.get((label, i), 0) + 1
+                        self.shards_retried += 1
+                        pending.insert(0, (label, i))
+                        self.log(f"  a Ray worker was lost: shard {i} of {model.name} × {label} runs again")
+                except Exception as ex:  # the method failed on this model: the cell fails
+                    free.append(actor)
+                    errors.setdefault(label, one_line(getattr(ex, "cause", None) or ex))
+                else:
+                    free.append(actor)
                     self.shards_computed += 1
-                except Exception as ex:  # the method failed on this model (or retries ran out): the cell fails
-                    cause = getattr(ex, "cause", None) or ex
-                    msg = str(cause).strip().splitlines()
-                    errors.setdefault(label, shorten(f"{type(cause).__name__}: {msg[0] if msg else ''}"))
         except BaseException:
-            for ref in inflight:
+            for ref in [*inflight, *probes]:
                 ray.cancel(ref, force=False)
             raise
+
+    def _probed(self, actor: Any, ref: Any, free: list) -> None:
+        """The answer of a lost actor's probe: back in the pool, restarting still (probed again in a second),
+        or dead for good (its restarts used up: out of the pool)."""
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.ActorUnavailableError:
+            self.lost[actor] = time.monotonic() + 1.0
+        except self.ray.exceptions.RayActorError as ex:
+            del self.lost[actor]
+            self.actors.remove(actor)
+            self.lost_reason = one_line(ex)
+        else:
+            del self.lost[actor]
+            free.append(actor)
 
     def _assemble(self, job: Job, model, m: MethodSpec, opts: dict, key: str, d: str, bounds) -> dict:
         """One cell from its shards, reduced in shard order as :meth:`Job.compute_cell` reduces."""
@@ -683,10 +780,6 @@ def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:
     else:
         ident["model files"] = str(model.fingerprint())
     return ident
-
-
-def _failed(m: MethodSpec, error: str) -> dict:
-    return {"method": m.label, "name": m.name, "status": "failed", "error": shorten(error), "reused": False}
 
 
 def shard_output(out: Output, shards: str | None) -> tuple[Output, str]:
