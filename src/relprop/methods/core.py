@@ -66,6 +66,10 @@ class Explanation:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Relevance at the extra values requested by a method (value index -> tensor).
     at_values: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: DeepLIFT: ``sum of attributions - (f(x) - f(x0))`` per example (Captum's convergence delta, same sign), in
+    #: float32 at least; ~0 where the rules are exact (ReLU nets), and a warning where it is not
+    #: (:mod:`relprop.methods._convergence`). ``None`` for methods without summation to delta.
+    convergence_delta: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Attributions as a flat list (one per input tensor)."""

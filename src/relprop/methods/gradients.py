@@ -18,6 +18,8 @@ from ..rules.deeplift import DeepLiftComposite
 from ..rules.guided import deconvnet_composite, guided_backprop_composite
 from ..trace import record
 from ._common import Backward, backward, baseline_specs, format_baselines, is_float, leaves, rebuild
+from ._convergence import convergence_delta, reference_score, warn_if_not_converged
+from ._validate import score
 from .core import Explanation, sources_of, split_inputs
 from .explain import register_method
 
@@ -186,18 +188,32 @@ def deeplift(
     prepared = b.expl.prepared
     if prepared is None:  # keep_graph=True keeps it
         raise RuntimeError("internal: deeplift's backward kept no prepared graph")
-    out = []
+    summed = []  # (x - x0) * multiplier: the attributions, also where multiply_by_inputs=False returns multipliers
     for i, x in enumerate(xs):
         if is_float(x):
-            out.append((x - base[i]) * b.grads[i] if multiply_by_inputs else b.grads[i])
+            summed.append((x - base[i]) * b.grads[i])
         else:
             total = torch.zeros(x.shape, device=x.device)
             for emb, g in b.grads[i]:
-                ref_emb = _reference_of(prepared, emb)
-                d = (emb - ref_emb) * g if multiply_by_inputs else g
-                total = total + d.sum(-1).reshape(x.shape)
-            out.append(total)
-    e = _finish(b, inputs, out, "deeplift")
+                total = total + ((emb - _reference_of(prepared, emb)) * g).sum(-1).reshape(x.shape)
+            summed.append(total)
+    out = (
+        summed
+        if multiply_by_inputs
+        else [b.grads[i] if is_float(x) else b.token_scores(i, None, x.shape) for i, x in enumerate(xs)]
+    )
+    fx = b.expl.score
+    idx = b.expl.target
+
+    def baseline_score() -> torch.Tensor:
+        # only where the reference activations miss the explained output (a callable target's ops, recorded twice)
+        args, kwargs = on(resolve(prepared.graph))
+        return score(_plain_forward(model, args, kwargs), target, fx.shape[0])[0]
+
+    fx0 = reference_score(prepared, b.expl.output, idx, baseline_score)
+    delta = convergence_delta(summed, fx, fx0)
+    warn_if_not_converged(delta, fx, fx0, fx.dtype)
+    e = dataclasses.replace(_finish(b, inputs, out, "deeplift"), convergence_delta=delta)
     if not keep_graph:
         e = dataclasses.replace(e, graph=None, prepared=None)
     return e

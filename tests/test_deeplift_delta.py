@@ -1,0 +1,171 @@
+"""DeepLIFT's convergence delta (``Explanation.convergence_delta``) and the warning when it is not ~0.
+
+Summation to delta is DeepLIFT's defining property; where the rules are not exact (products of activations,
+normalisation layers, softmax) a random T5 gave attribution sums of 1e14 for ``f(x) - f(x0)`` ~ 0.4, silently.
+Oracles: Captum's ``return_convergence_delta`` on models where both rule sets are the same (also where the delta
+is far from 0), and the attribution sums against two plain forward passes (``f(x) - f(x0)``) per example.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import relprop
+from model_zoo import build
+from relprop.methods import DeepLiftDeltaWarning
+from relprop.methods._common import leaves, rebuild
+from relprop.methods._convergence import RTOL
+from relprop.methods._validate import score
+
+C = pytest.importorskip("captum.attr")
+
+
+def _explain(model, inputs, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        e = relprop.explain(model, inputs, method="deeplift", **kw)
+    return e, [w for w in caught if issubclass(w.category, DeepLiftDeltaWarning)]
+
+
+def _oracle_delta(model, inputs, base, target, attributions):
+    """sum(attributions) - (f(x) - f(x0)) per example, in float64, from plain forward passes."""
+
+    def f(x):
+        with torch.no_grad():
+            out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
+        return score(out, target, leaves(inputs)[0].shape[0])[0].double()
+
+    total = sum(a.double().reshape(a.shape[0], -1).sum(1) for a in leaves(attributions))
+    return total - (f(inputs) - f(rebuild(inputs, base)))
+
+
+class SigmoidGate(nn.Module):
+    """``h * sigmoid(h)``: Captum rescales the hooked Sigmoid and takes the gradient of the product, as relprop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 8)
+        self.s = nn.Sigmoid()
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * self.s(h))
+
+
+class ReluCnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.r = nn.ReLU()
+        self.f = nn.Linear(6 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.f(self.r(self.c(x)).flatten(1))
+
+
+@pytest.mark.parametrize("make", [ReluCnn, lambda: nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 4))])
+def test_relu_nets_delta_is_captums_and_zero_no_warning(make):
+    torch.manual_seed(0)
+    m = make().eval()
+    shape = (3, 3, 8, 8) if isinstance(m, ReluCnn) else (3, 7)
+    x, b = torch.randn(shape), torch.randn(shape) * 0.2
+    e, caught = _explain(m, x, target=2, baselines=b)
+    _, delta = C.DeepLift(m).attribute(x, b, target=2, return_convergence_delta=True)
+    torch.testing.assert_close(e.convergence_delta, delta.detach().float(), rtol=0, atol=1e-5)
+    oracle = _oracle_delta(m, x, [b], 2, e.attributions)
+    assert oracle.abs().max() < 1e-5 and e.convergence_delta.abs().max() < 1e-5
+    assert caught == []
+    # the delta is that of (x - x0) * multiplier also where the multipliers are returned
+    m_only, caught = _explain(m, x, target=2, baselines=b, multiply_by_inputs=False)
+    assert caught == [] and torch.equal(m_only.convergence_delta, e.convergence_delta)
+
+
+def test_max_pool_sums_to_delta():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x, b = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8) * 0.2
+    e, caught = _explain(m, x, target=1, baselines=b)
+    oracle = _oracle_delta(m, x, [b], 1, e.attributions)
+    assert caught == [] and oracle.abs().max() < 1e-5
+    torch.testing.assert_close(e.convergence_delta.double(), oracle, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["all", "captum"])
+def test_product_of_activations_is_flagged_per_example(scope):
+    """``h * sigmoid(h)``: the rules are not exact for the product, the delta is real and flagged."""
+    torch.manual_seed(0)
+    m = SigmoidGate().eval()
+    x, b = torch.randn(4, 5) * 2, torch.randn(4, 5) * 0.1
+    t = torch.tensor([0, 1, 2, 1])
+    e, caught = _explain(m, x, target=t, baselines=b, scope=scope)
+    oracle = _oracle_delta(m, x, [b], t, e.attributions)
+    torch.testing.assert_close(e.convergence_delta.double(), oracle, rtol=1e-5, atol=1e-6)
+    assert oracle.abs().max() > 0.05  # a real delta
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    worst = int(oracle.abs().argmax())
+    assert f"{float(e.convergence_delta[worst]):.4g}" in msg and "products of two activations" in msg
+    assert "Explanation.convergence_delta" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_resnet_no_warning_in_any_precision(dtype):
+    _, m, x, t = build("tv_resnet18")
+    m, x = m.to(dtype), x.to(dtype)
+    e, caught = _explain(m, x, target=t)
+    assert caught == [], caught and str(caught[0].message)
+    assert e.convergence_delta.dtype == torch.float32
+    oracle = _oracle_delta(m, x, [torch.zeros_like(x)], t, e.attributions)
+    # the delta is computed from the half-precision scores, as the oracle: both small against the score change
+    torch.testing.assert_close(
+        e.convergence_delta.double(), oracle, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2
+    )
+
+
+def test_t5_zero_baseline_is_flagged_with_its_delta_per_example():
+    _, m, inputs, t = build("hf_t5")
+    e, caught = _explain(m, inputs, target=t)
+    base = [torch.zeros_like(x) if x.is_floating_point() else x for x in leaves(inputs)]
+    oracle = _oracle_delta(m, inputs, base, t, e.attributions)
+    torch.testing.assert_close(e.convergence_delta.double(), oracle, rtol=1e-3, atol=1e-3)
+    assert len(caught) == 1 and "normalisation" in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller
+    with torch.no_grad():
+        diff = (oracle - e.convergence_delta.double()).abs()  # recovers |f(x) - f(x0)| only roughly at 1e14
+    assert (e.convergence_delta.abs() > RTOL * diff).all()
+
+
+class Tokens(nn.Module):
+    """Token ids -> embedding -> ReLU MLP, summed over positions: DeepLIFT is exact (token inputs counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.lin = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids, mask):
+        h = torch.relu(self.lin(self.emb(ids))) * mask[..., None]
+        if bool(mask.all()):  # Python control flow: the reference comes from a second recording
+            h = h + 0
+        return self.out(h).sum(1)
+
+
+def test_token_inputs_and_a_callable_target_on_a_second_recording():
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    ids = torch.randint(1, 20, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    target = lambda out: out[:, 1] * 2  # noqa: E731  (its ops exist on the inputs' recording only)
+    e, caught = _explain(m, (ids, mask), target=target)
+    oracle = _oracle_delta(m, (ids, mask), [torch.zeros_like(ids), mask], target, e.attributions)
+    assert caught == [] and oracle.abs().max() < 1e-5
+    torch.testing.assert_close(e.convergence_delta.double(), oracle, rtol=0, atol=1e-5)
+    # a baseline whose score differs: still ~0 (the score change is accounted for, not ignored)
+    assert (e.attributions[0].sum(1).abs() > 1e-3).all()
