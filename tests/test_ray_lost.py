@@ -135,3 +135,23 @@ def test_every_actor_dead_for_good_fails_the_rest(monkeypatch):
     errors = _run(e)
     assert errors["lrp"].startswith("every Ray worker was lost; the last: ActorDiedError"), errors
     assert e.actors == [] and not e.lost and a.ran == [0]
+    assert any("a Ray worker is gone for good, 0 left: ActorDiedError" in s for s in e.said), e.said
+
+
+def test_why_lost_names_the_node_and_the_error_raised_there():
+    """Ray's text for an actor whose creation failed on a node without relprop (Ray 2.60, shortened): the
+    first line is Ray's preamble, the last the error the node raised."""
+
+    class ActorDiedError(Exception):
+        pass
+
+    text = (
+        "The actor died because of an error raised in its creation task, \x1b[36mray::_Worker.__init__()\x1b[39m "
+        "(pid=1735, ip=10.1.2.3, actor_id=5c05)\n           ^^^^^\nRuntimeError: The actor with name _Worker "
+        "failed to import on the worker. This may be because needed library dependencies are not installed in "
+        'the worker environment:\n\n  File "/x/relprop/__init__.py", line 1, in <module>\n'
+        "ModuleNotFoundError: No module named 'relprop'"
+    )
+    got = dist.why_lost(ActorDiedError(text))
+    assert got == "ActorDiedError on node 10.1.2.3: ModuleNotFoundError: No module named 'relprop'"
+    assert dist.why_lost(LOST).startswith("ActorUnavailableError: The actor None is unavailable")

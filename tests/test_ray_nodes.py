@@ -162,3 +162,30 @@ def test_a_node_without_a_package_is_named(nodes, tmp_path, data, methods):  # n
         "problems"
     ]
     assert not any(other[:12] in p for p in res["problems"])  # the node that has it is not blamed
+
+
+def test_a_node_without_relprop_leaves_the_pool_and_the_run_completes(nodes, tmp_path, data, methods):  # noqa: F811
+    """A node where relprop cannot be imported (for that node's processes only, a ``PYTHONPATH`` folder whose
+    ``relprop`` raises ModuleNotFoundError shadows the installed one): the actor placed there dies in its creation
+    task, the shard it was given runs on another node, and the run says which node and what was missing."""
+    shadow = tmp_path / "shadow" / "relprop"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'relprop'\", name='relprop')\n")
+    while len(nodes.worker_nodes) < 2:
+        nodes.add_node(num_cpus=1)
+    bare = nodes.add_node(num_cpus=1, env_vars={"PYTHONPATH": str(shadow.parent)})
+    nodes.wait_for_nodes()
+    said: list[str] = []
+    try:  # one actor per worker node (one CPU each), so one lands on the bare node
+        res = _run(
+            data, methods, tmp_path / "out", models=MODELS[:1], engine="ray", log=said.append,
+            ray_options={"workers": len(nodes.worker_nodes), "address": nodes.address},
+        )  # fmt: skip
+    finally:
+        nodes.remove_node(bare)
+    assert res["status"] == "complete" and not res["problems"], res["problems"]
+    assert (res["engine"]["shards_computed"], res["engine"]["shards_retried"]) == (4, 1), res["engine"]
+    gone = [s for s in said if "gone for good" in s]
+    assert len(gone) == 1, said
+    assert f"on node {bare.node_ip_address}: ModuleNotFoundError: No module named 'relprop'" in gone[0], gone
+    assert "must be installed on every node" in gone[0]

@@ -71,6 +71,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ from typing import Any
 import torch
 
 from ..specs import LoadedModel, MethodSpec, SpecError
-from ..specs.errors import extra_hint
+from ..specs.errors import extra_hint, shorten
 from ..specs.loaders import MODEL_BYTES
 from .compare import Job, Settings, cell_header, failed_cell, one_line, slug
 from .store import Output
@@ -615,7 +616,7 @@ class RayEngine:
                     ray.get(done[0])
                 except ray.exceptions.RayActorError as ex:
                     self.lost[actor] = 0.0  # probed at once: Ray may be restarting it already
-                    self.lost_reason = one_line(ex)
+                    self.lost_reason = why_lost(ex)
                     m, _, key, d = plan[label]
                     a, b = bounds[i]
                     if read_shard(d, i, key, b - a) is not None:  # written before the loss: kept
@@ -651,7 +652,11 @@ class RayEngine:
         except self.ray.exceptions.RayActorError as ex:
             del self.lost[actor]
             self.actors.remove(actor)
-            self.lost_reason = one_line(ex)
+            self.lost_reason = why_lost(ex)
+            hint = ""
+            if "ModuleNotFoundError" in self.lost_reason or "ImportError" in self.lost_reason:
+                hint = " (relprop and the libraries it uses must be installed on every node)"
+            self.log(f"  a Ray worker is gone for good, {len(self.actors)} left: {self.lost_reason}{hint}")
         else:
             del self.lost[actor]
             free.append(actor)
@@ -766,6 +771,17 @@ def model_bundle(model: LoadedModel, loader: _Loader, options: RayOptions) -> di
     if not (files or modules) or not options.ship_models or model.spec in loader.in_memory:
         return None
     return read_model_files(files or {}, options.model_bytes, modules)
+
+
+def why_lost(ex: BaseException) -> str:
+    """A lost actor's error in one line: its type, the node's address where Ray's text names it, and the last
+    line of that text, which for an actor that died in its creation task (relprop or a library it imports
+    missing on that node) is the error raised there (``ModuleNotFoundError: ...``), not Ray's preamble."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(ex)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    ip = re.search(r"\bip=([0-9A-Fa-f.:]+)", text)
+    where = f" on node {ip.group(1)}" if ip else ""
+    return shorten(f"{type(ex).__name__}{where}: {lines[-1] if lines else ''}")
 
 
 def _identity(job: Job, model: LoadedModel, shipped: bool) -> dict[str, str]:
