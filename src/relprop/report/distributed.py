@@ -107,6 +107,8 @@ class RayOptions:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
     shard_size: int | None = None
+    #: a shard whose worker is lost (its process or node died) runs again at most this many times, and Ray
+    #: restarts each actor at most this many times
     max_retries: int = 3
     shards: str | None = None
     #: ship the model files through the object store (False: every node reads them at the same paths)
