@@ -69,3 +69,23 @@ def test_cli_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("relprop: error: Ray address") and address in err and len(err.splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())  # nothing computed or written
+
+
+def test_run_compare_from_python_fails_in_seconds_too(tmp_path):
+    """The Ray engine probes the address (given or RAY_ADDRESS) before ray.init, for Python callers too."""
+    ray = pytest.importorskip("ray")
+    from relprop.report import run_compare
+
+    assert not ray.is_initialized()  # else the engine joins the running instance and never probes
+    address = f"127.0.0.1:{_closed_port()}"
+    with pytest.raises(SpecError, match=rf"^Ray address {address}: nothing answers"):
+        run_compare(["zoo:resnet_digits"], "zoo:digits", ["saliency"], tmp_path / "r", engine="ray",
+                    ray_options={"address": address})  # fmt: skip
+    assert not ray.is_initialized()
+
+
+def test_the_ray_engine_reports_failed_cells_with_the_one_record():
+    """The failed-cell record is built by report.compare.failed_cell alone (the Ray engine had its own)."""
+    from relprop.report import compare, distributed
+
+    assert not hasattr(distributed, "_failed") and distributed.failed_cell is compare.failed_cell
