@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,7 @@ def main() -> None:
     )
     ap.add_argument("--fresh", type=int, default=0, help="memory only: N fresh processes per method (see above)")
     ap.add_argument("--mmap-threshold", type=int, help="--fresh: glibc's MALLOC_MMAP_THRESHOLD_ for the processes")
+    ap.add_argument("--methods", help="only the methods whose label matches this regular expression (re.search)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one fresh process of --fresh
     a = ap.parse_args()
     if a.child:
@@ -149,6 +151,8 @@ def main() -> None:
         model = getattr(torchvision.models, name)().eval().to(device)
         x = torch.randn(batch, 3, size, size, device=device)
         runs = _runs(model, x, name, zennit=not a.no_zennit)
+        if a.methods:  # the baseline (first) always kept
+            runs = {k: f for i, (k, f) in enumerate(runs.items()) if i == 0 or re.search(a.methods, k)}
         if a.fresh:
             _fresh(a, name, list(runs), batch, size)
             continue
@@ -169,6 +173,23 @@ def main() -> None:
             print(f"  {label:32s} {t:9.3f} {t / base_t:7.2f} {b:7.3f} {b / base_b:7.2f} {m:9.1f} {m / base_m:7.2f}")
 
 
+class _Replayed:
+    """``plan.explain(x)`` of a ``relprop.plan`` made on the first call (or by :meth:`prepare`): the replay's
+    time and memory, not the recording's (the plan holds the recording's structure, not its activations)."""
+
+    def __init__(self, model, x, target) -> None:
+        self.model, self.x, self.target, self.plan = model, x, target, None
+
+    def prepare(self) -> None:
+        if self.plan is None:
+            self.plan = relprop.plan(self.model, self.x, target=self.target, method="lrp", composite="epsilon")
+
+    def __call__(self) -> None:
+        self.prepare()
+        self.plan.explain(self.x)
+        assert self.plan.rerecords == 0, self.plan.last_reason
+
+
 def _runs(model, x, name: str, zennit: bool) -> dict:
     """The methods compared, by label; the first is the baseline."""
     target = 1
@@ -185,6 +206,7 @@ def _runs(model, x, name: str, zennit: bool) -> dict:
         "relprop epsilon_plus_flat": lambda: relprop.explain(
             model, x, target=target, method="lrp", composite="epsilon_plus_flat"
         ),
+        "relprop epsilon, replayed plan": _Replayed(model, x, target),
     }
     if zennit:
         runs.update(_zennit_runs(model, x, target, name))
@@ -218,6 +240,7 @@ def _child(a, label: str) -> None:
     fn = _runs(model, x, name, zennit=label.startswith("zennit"))[label]
     # Imports and one-time set-up (lazy modules, kernel caches) on a tiny input, so they are not counted
     _runs(model, torch.randn(1, 3, 32, 32), name, zennit=label.startswith("zennit"))[label]()
+    getattr(fn, "prepare", lambda: None)()  # a plan's recording is made before, not counted
     gc.collect()
     base = _rss_mib()
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS

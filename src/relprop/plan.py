@@ -277,7 +277,8 @@ class Plan:
             tpl.signature = sig  # this verify recording's own version bumps (contents unchanged)
         self.replays += 1
         self.last_reason = None
-        warn_training(model, stacklevel=5)  # as a recording warns (trace.record)
+        if isinstance(model, torch.nn.Module) and any(m[1] for m in sig[1]):  # the signature has every flag
+            warn_training(model, stacklevel=5)  # as a recording warns (trace.record)
         return _instantiate(tpl, env, notes)
 
 
@@ -410,15 +411,20 @@ def _signature(
     modules: tuple = ()
     tensors: list = []
     if isinstance(model, torch.nn.Module):
+        # One walk over the modules (every module under each of its names, as named_parameters(remove_duplicate=
+        # False) walks them), not one each for the modules, the parameters and the buffers: it runs every call.
         # A hook added or removed changes what the forward runs: its handle ids are part of the signature.
-        modules = tuple(
-            (id(m), m.training, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for m in model.modules()
-        )
-        named: list[tuple[str, torch.Tensor]] = [*model.named_parameters(remove_duplicate=False)]
-        named += model.named_buffers(remove_duplicate=False)
-        for n, t in named:
-            live[n] = t
-            tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
+        mods = []
+        for prefix, m in model.named_modules(remove_duplicate=False):
+            mods.append((id(m), m.training, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)))
+            for members in (m._parameters, m._buffers):
+                for k, t in members.items():
+                    if t is None:
+                        continue
+                    n = f"{prefix}.{k}" if prefix else k
+                    live[n] = t
+                    tensors.append((n, id(t), t._version, t.data_ptr(), t.shape, t.dtype, t.device))
+        modules = tuple(mods)
     else:
         modules = (("callable", id(model)),)
     hooks = torch.nn.modules.module

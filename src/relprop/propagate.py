@@ -25,8 +25,10 @@ def reachable(graph: Graph, sources: Iterable[Value]) -> set[int]:
     """Indices of values that depend on any of ``sources``."""
     reach = {v.index for v in sources}
     for node in graph.nodes:
-        if any(v.index in reach for v in node.inputs):
-            reach.update(v.index for v in node.outputs if v is not None)
+        for v in node.inputs:
+            if v.index in reach:
+                reach.update(o.index for o in node.outputs if o is not None)
+                break
     return reach
 
 
@@ -90,27 +92,42 @@ def _propagate(prepared: PreparedGraph, resolve, seeds, sources, keep, method, c
         """May a rule explaining several nodes at once pass over ``v`` (no relevance of its own wanted or held)?"""
         return v.index not in protected and v.index not in rel
 
+    # (the loop body runs once per node of the graph: its Python is part of every call's cost, so the common
+    # cases take no generator, closure or attribute look-up they can do without)
     for node in reversed(graph.nodes):
         outs = node.outputs
-        if not any(v is not None and v.index in rel for v in outs):
+        for v in outs:
+            if v is not None and v.index in rel:
+                break
+        else:  # no relevance arrived
             if free:
                 _release(node, protected)
             continue
         needs = [v.index in reach for v in node.inputs]
-        if not any(needs):
+        if True not in needs:
             if free:
                 _release(node, protected)
             continue
-        relevance = [
-            None if v is None else (rel.get(v.index) if v.index in wanted else rel.pop(v.index, None)) for v in outs
-        ]
+        relevance: list[torch.Tensor | None] = []
+        handed: list[int] = []
+        for v in outs:
+            if v is None:
+                relevance.append(None)
+                continue
+            i = v.index
+            if i in wanted:
+                relevance.append(rel.get(i))
+                continue
+            r = rel.pop(i, None)
+            relevance.append(r)
+            if r is not None and i in mine and on_node is None:
+                handed.append(id(r))  # popped: nothing but this rule holds it now (the diagnosis re-run reads it)
         rule = resolve(node)
         if rule is None:
             raise NoRuleError(node, method)
         ctx = RuleContext(node, relevance, needs, prepared.notes_of(node))
-        for v, r in zip(outs, relevance):
-            if r is not None and v is not None and v.index in mine and v.index not in wanted and on_node is None:
-                ctx.handed.add(id(r))  # popped: nothing but this rule holds it now (the diagnosis re-run reads it)
+        if handed:
+            ctx.handed.update(handed)
         first = outs[0] if outs else None
         if scratch is not None and first is not None and first.index in released and first.index not in protected:
             ctx.scratch = scratch.check(first, relevance)
