@@ -373,6 +373,13 @@ def test_replay_releases_what_the_recording_released():
     assert dropped  # the two in-place ReLUs
     assert {v.index for v in replayed.values if v.data is None} == dropped
     _same(p.explain(x), relprop.explain(m, x, target=1, method="lrp"))
+    # The replayed graph's nodes are new objects with their names filled in (not formatted again): each the
+    # name of its own op, and the structure the recording's.
+    assert [(n.index, n.op) for n in replayed.nodes] == [(n.index, n.op) for n in recorded.nodes]
+    for n in replayed.nodes:
+        assert n.op_name == str(n.op) and n.packet == n.op.overloadpacket.__name__
+        assert [v.index for v in n.inputs] == [v.index for v in recorded.nodes[replayed.nodes.index(n)].inputs]
+        assert all(o is None or o.producer is n for o in n.outputs) and all(n in v.consumers for v in n.inputs)
 
 
 def test_rerecords_when_a_forward_hook_is_added_or_removed():

@@ -737,6 +737,9 @@ class _Step:
         "free",
         "inplace",
         "note",
+        "ins",
+        "outs_at",
+        "names",
     )
 
     def __init__(self, node: Node, strides: dict[int, tuple | None], scalar: tuple | None) -> None:
@@ -764,6 +767,11 @@ class _Step:
         self.inplace: Any = None  # the op's in-place twin where the replay may write into the first argument
         # outputs the recording noted (Value.normal: released attention scores): the replay notes its own
         self.note = [v.index for v in node.outputs if v is not None and v.normal is not None]
+        # for _instantiate: the input and output value indices, and the op's names (graph._once's per-node cache,
+        # filled in for each new Node instead of formatting the op's name again for every node of every call)
+        self.ins = [v.index for v in node.inputs]
+        self.outs_at = [None if v is None else v.index for v in node.outputs]
+        self.names = {"op_name": node.op_name, "packet": node.packet}
 
 
 def _has_value(obj: Any) -> bool:
@@ -887,10 +895,10 @@ def _instantiate(tpl: _Template, env: dict[int, torch.Tensor], notes: dict[int, 
             for i, kind, items in step.lists:
                 a[i] = kind([values[x] if is_value else x for is_value, x in items])
             args, kwargs = tuple(a), dict(n.kwargs)
-        ins = [values[v.index] for v in n.inputs]
-        outs = [None if o is None else values[o.index] for o in n.outputs]
-        node = Node(n.index, n.op, args, kwargs, ins, outs, n.module, n.module_type)
-        node.meta = dict(n.meta)
+        ins = [values[i] for i in step.ins]
+        outs = [None if i is None else values[i] for i in step.outs_at]
+        node = Node(n.index, n.op, args, kwargs, ins, outs, n.module, n.module_type, dict(n.meta))
+        node.__dict__.update(step.names)
         for o in outs:
             if o is not None:
                 o.producer = node
