@@ -315,4 +315,4 @@ def test_deeplift_reference_recording_matches_regions_and_takes_explicit_argumen
     from relprop.rules.deeplift import DeepLiftComposite
 
     with pytest.raises(TypeError):
-        DeepLiftComposite(lambda: None, [base])  # replay inputs are keyword-only
+        DeepLiftComposite(lambda: None, [base])  # baselines= is keyword-only (and required)

@@ -1,11 +1,12 @@
 """DeepLIFT's convergence delta: how far the attributions are from summing to ``f(x) - f(x0)``.
 
-Summation to delta is DeepLIFT's defining property: through linear ops and elementwise nonlinearities (the
-rescale rule) the attributions of every input add up to the change of the explained score between the
-baseline and the input. Where the model multiplies two activations (gates, attention, ``h * rsqrt(mean(h^2))``
-in normalisation layers) or goes through a softmax, the rules are not exact, and with a zero baseline a
-normalisation layer's scale at the reference (``1 / sqrt(eps)``, ~1000) can magnify the error without bound:
-a random T5 gave attribution sums of 1e14 for ``f(x) - f(x0)`` of 0.4. An explanation like that must not come
+Summation to delta is DeepLIFT's defining property: the attributions of every input add up to the change of the
+explained score between the baseline and the input. Captum's rules keep it through linear ops and elementwise
+nonlinearities only; where the model multiplies two activations (gates, attention, ``h * rsqrt(mean(h^2))`` in
+normalisation layers) or goes through a softmax they are not exact, and with a zero baseline a normalisation
+layer's scale at the reference (``1 / sqrt(eps)``, ~1000) can magnify the error without bound: a random T5 gave
+attribution sums of 1e14 for ``f(x) - f(x0)`` of 0.4 (relprop's ``exact`` rules, the default, sum to delta there;
+ops without a DeepLIFT rule, such as fused attention kernels, still take the gradient). An explanation like that must not come
 back without a sign, so every DeepLIFT result carries the delta per example
 (``Explanation.convergence_delta``, Captum's ``return_convergence_delta``) and a warning names it when it is
 larger than :data:`RTOL` of ``|f(x) - f(x0)|``.
@@ -86,13 +87,14 @@ def warn_if_not_converged(delta: torch.Tensor, fx: torch.Tensor, fx0: torch.Tens
     warnings.warn(
         f"deeplift: the attributions do not sum to f(x) - f(x0): their sum minus f(x) - f(x0) is {float(delta[i]):.4g} "
         f"for f(x) - f(x0) = {diff:.4g} (example {i}; {int((over > 0).sum())} of {delta.numel()} examples beyond "
-        f"{RTOL:g} of |f(x) - f(x0)|); the explanation does not account for the output change. The rules are exact "
-        "only through linear ops and elementwise nonlinearities: products of two activations (gates, attention, "
-        "h * rsqrt(mean(h^2) + eps) in normalisation layers) and softmax are not, and a zero baseline through a "
-        "normalisation layer (its scale 1/sqrt(eps) at the reference) can magnify that without bound. Per-example "
-        "values: Explanation.convergence_delta. Try a baseline the model normalises like real data (e.g. the mean "
-        "embedding or a blurred image instead of zeros), or method='integrated_gradients' (whose delta shrinks "
-        "with n_steps)",
+        f"{RTOL:g} of |f(x) - f(x0)|); the explanation does not account for the output change. Rules that are not "
+        "exact break it: with exact=False or scope='captum', products of two activations (gates, attention, "
+        "h * rsqrt(mean(h^2) + eps) in normalisation layers), softmax and layer norms (the gradient at x); always, ops "
+        "with no DeepLIFT rule that combine several activations (fused scaled_dot_product_attention, ...). A zero "
+        "baseline through a normalisation layer (its scale 1/sqrt(eps) at the reference) can magnify that without "
+        "bound. Per-example values: Explanation.convergence_delta. Try exact=True (the default with scope='all'), "
+        "attn_implementation='eager' for fused attention, a baseline the model normalises like real data (the mean "
+        "embedding, a blurred image), or method='integrated_gradients' (whose delta shrinks with n_steps)",
         DeepLiftDeltaWarning,
         stacklevel=4,
     )

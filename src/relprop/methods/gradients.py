@@ -126,6 +126,7 @@ def deeplift(
     eps=1e-10,
     multiply_by_inputs=True,
     scope="all",
+    exact=None,
     layers=None,
     keep_graph=False,
     verify_replay=False,
@@ -140,6 +141,9 @@ def deeplift(
         multiply_by_inputs: ``(x - x0) * multiplier`` (True, default) or the multipliers alone.
         scope: ``"all"`` rescales every nonlinear op of the graph; ``"captum"`` only ops inside the module
             types Captum hooks (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool, Softmax).
+        exact: rules that sum to delta through products of activations (gates, attention, RMS norms' scale),
+            functional softmax and layer norm, where Captum's do not (T5, zero baseline: attributions summing to
+            1e14 for f(x) - f(x0) = 0.4 with Captum's); ``None``: on for ``scope="all"``, off for ``"captum"``.
         verify_replay: also check the replayed baseline output against a plain forward pass (one more forward).
 
     Token inputs: ``(emb(x) - emb(x0)) * multiplier`` summed over the hidden dim.
@@ -174,6 +178,7 @@ def deeplift(
         allow_appended_ops=callable(target) and not isinstance(target, torch.Tensor),
         eps=float(eps),
         scope=scope,
+        exact=exact,
     )
     b = backward(
         model,

@@ -21,12 +21,14 @@ the reference), and softmax Captum's rescale-and-recentre rule (recentred per so
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from ..canonical import is_normalizer
 from ..graph import Graph, Node, RegionOp
 from .base import HALF, PreparedGraph, Rule, RuleContext, to_float32, vjp
 from .composites import GradientComposite
@@ -62,7 +64,7 @@ def secant(
     quotient overflows to inf (then NaN at the next ``0 * inf``), although the multiplier is an ordinary float32.
     """
     dx = x - x0
-    small = dx.abs() < eps
+    small = ~(dx.abs() >= eps)  # NaN: -inf at both points (a masked score), where the gradient is the limit
     m = delta_out / torch.where(small, torch.ones_like(dx), dx)
     if small.any():
         exact = gradient_rule(ctx)[a]
@@ -144,12 +146,112 @@ class SoftmaxRescale(_ReferenceRule):
         return m - m.mean(ctx.node.arg(1, -1), keepdim=True)
 
 
+class SoftmaxExact(_ReferenceRule):
+    """DeepLIFT for softmax that sums to delta: the rescale rule on ``softmax(x) = exp(x - logsumexp(x))``
+    (``exp`` rescaled elementwise, ``logsumexp`` by its own ``exp -> sum -> log`` decomposition, as
+    :class:`LogSumExpRescale`), exact where Captum's rescale-and-recentre rule is not. Everything is read in
+    log space (``x - logsumexp(x)`` <= 0), so nothing overflows; masked entries (``-inf`` at both points)
+    get no multiplier."""
+
+    def multiplier(self, ctx, g, x, y, x0, y0, a):
+        dim = ctx.node.arg(1, -1)
+        lse, lse0 = torch.logsumexp(x, dim, keepdim=True), torch.logsumexp(x0, dim, keepdim=True)
+        m_z = _secant_or(g * (y - y0), (x - lse) - (x0 - lse0), g * y, self.eps)
+        # z = x - logsumexp(x): the multiplier of x is m_z minus what reaches logsumexp, sum(m_z), times its own
+        c = torch.maximum(lse, lse0)
+        ex, ex0 = torch.exp(x - c), torch.exp(x0 - c)
+        s, s0 = torch.exp(lse - c), torch.exp(lse0 - c)
+        m_exp = _secant_or(ex - ex0, x - x0, ex, self.eps)
+        m_log = _secant_or(lse - lse0, s - s0, 1 / s, self.eps)
+        return m_z - m_z.sum(dim, keepdim=True) * m_log * m_exp
+
+
+class LayerNormExact(_ReferenceRule):
+    """DeepLIFT for ``native_layer_norm`` that sums to delta: ``y = c * rstd * w + b`` with ``c = x - mean(x)``,
+    decomposed as :class:`ProductRule`'s ``"exact"`` order does a normaliser: ``c`` through the scale at its
+    value at ``x`` (LRP's LN rule), the scale's change ``rstd - rstd0`` (secant of ``rsqrt`` between the two
+    variances, whose change is ``mean((c + c0) * (c - c0))``) through ``c0``; then centring's transpose.
+    ``y - y0 = (c - c0) * rstd * w + c0 * (rstd - rstd0) * w`` exactly."""
+
+    def multiplier(self, ctx, g, x, y, x0, y0, a):
+        node = ctx.node
+        if node.packet != "native_layer_norm":
+            return None
+        dims = tuple(range(x.dim() - len(node.arg(1)), x.dim()))
+        wv = node.arg(2)
+        w = next((t for v, t in zip(node.inputs, ctx.inputs) if v is wv), None) if wv is not None else None
+        gw = g if w is None else g * to_float32(w)
+        eps = float(node.arg(4, 1e-5))
+        c, c0 = x - x.mean(dims, keepdim=True), x0 - x0.mean(dims, keepdim=True)
+        v, v0 = (c * c).mean(dims, keepdim=True), (c0 * c0).mean(dims, keepdim=True)
+        r, r0 = torch.rsqrt(v + eps), torch.rsqrt(v0 + eps)
+        sr = _secant_or(r - r0, v - v0, -0.5 * r**3, self.eps)
+        n = math.prod(x.shape[d] for d in dims)
+        m_c = gw * r + (gw * c0).sum(dims, keepdim=True) * sr * (c + c0) / n
+        return m_c - m_c.mean(dims, keepdim=True)
+
+
+def _secant_or(dy: torch.Tensor, dx: torch.Tensor, derivative: torch.Tensor, eps: float) -> torch.Tensor:
+    """``dy / dx``, ``derivative`` where ``|dx| < eps`` or ``dx`` is NaN (``-inf - -inf``: a masked entry)."""
+    small = ~(dx.abs() >= eps)
+    return torch.where(small, derivative, dy / torch.where(small, torch.ones_like(dx), dx))
+
+
 class LogSumExpRescale(_ReferenceRule):
     """DeepLIFT for ``logsumexp``: the rescale rule on its ``exp -> sum -> log`` decomposition (sums to
     delta exactly; :func:`relprop.rules.reduction.logsumexp_multiplier`). Captum has no such rule."""
 
     def multiplier(self, ctx, g, x, y, x0, y0, a):
         return logsumexp_multiplier(ctx.node, g, x, y, x0, y0, self.eps)
+
+
+#: Ops that multiply two activations (bilinear in them): :class:`ProductRule`.
+PRODUCT_PACKETS = ("mul", "mm", "bmm", "matmul")
+
+
+class ProductRule:
+    """DeepLIFT for a bilinear op of two activations ``y = f(a, b)`` (``mul``, ``mm``, ``bmm``), exact:
+    the multipliers give ``f(a, b) - f(a0, b0)`` to rounding, where the gradient at ``x`` (Captum's: autograd
+    through the product) misses it by ``f(a - a0, b - b0)``.
+
+    Both VJPs at ``((a + a0) / 2, (b + b0) / 2)`` (the bilinear secant, symmetric in ``a, b``), except for a
+    normaliser's scale ``h * rsqrt(mean(h^2) + eps)`` (the operand
+    :func:`relprop.canonical.is_normalizer` finds): ``h`` gets the VJP with the scale at its value at ``x``
+    (LRP's LN rule) and the scale the VJP at ``h0`` (``f(h, s) - f(h0, s0) = f(h - h0, s) + f(h0, s - s0)``).
+    With a zero baseline ``h0 = 0`` and the scale's huge reference value ``1 / sqrt(eps)`` never enters; the
+    midpoint would carry it (and cancel it) at every norm.
+    """
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ref = _ref(ctx)
+        acts = ctx.node.activation_inputs()
+        if ref is None or len(acts) != 2 or ctx.family == "stop" or all(g is None for g in ctx.relevance):
+            return gradient_rule(ctx)
+        grads = [to_float32(g) for g in ctx.relevance]
+        xs = [to_float32(t) for t in ctx.inputs]
+        x0s = [to_float32(t) for t in ref[0]]
+        res: list = [None] * len(ctx.node.inputs)
+        a, b = acts
+        node = ctx.node
+        scale = [s for s, h in ((b, a), (a, b)) if is_normalizer(node.inputs[s], node.inputs[h])]
+        if len(scale) == 1 and node.packet == "mul":
+            s = scale[0]
+            h = a if b == s else b
+            res[h] = vjp(ctx.node, grads, xs, [h])[h]
+            at_h0 = list(xs)
+            at_h0[h] = x0s[h]
+            res[s] = vjp(ctx.node, grads, at_h0, [s])[s]
+            return res
+        mid = list(xs)
+        for i in acts:
+            mid[i] = (xs[i] + x0s[i]) / 2
+        out = vjp(ctx.node, grads, mid, acts)
+        for i in acts:
+            res[i] = out[i]
+        return res
+
+    def __repr__(self) -> str:
+        return "ProductRule()"
 
 
 def promoted_gradient(ctx: RuleContext) -> list:
@@ -191,6 +293,10 @@ class DeepLiftComposite(GradientComposite):
         eps: below this ``|x - x0|`` the rule uses the gradient.
         scope: ``"all"``: every nonlinear op of the graph (functional, reused modules, ``exp``...);
             ``"captum"``: only ops inside the module types Captum's ``DeepLift`` hooks (for comparisons).
+        exact: rules that sum to delta where Captum's do not: products of two activations (:class:`ProductRule`),
+            softmax outside ``nn.Softmax`` modules (:class:`SoftmaxExact`) and ``native_layer_norm``
+            (:class:`LayerNormExact`). ``None`` (default): on for ``scope="all"``, off for ``scope="captum"``
+            (Captum's: the gradient at ``x`` through products and layer norms, its recentred softmax rule).
 
     The reference values go into the per-call notes of the prepared graph (``NodeNotes.reference``);
     the composite itself holds only its configuration.
@@ -214,9 +320,12 @@ class DeepLiftComposite(GradientComposite):
         allow_appended_ops: bool = False,
         eps: float = 1e-10,
         scope: str = "all",
+        exact: bool | None = None,
     ):
         if scope not in ("all", "captum"):
             raise ValueError(f"scope: expected 'all' or 'captum', got {scope!r}")
+        if exact is not None and not isinstance(exact, bool):
+            raise ValueError(f"exact: expected True, False or None, got {exact!r}")
         super().__init__(name="deeplift")
         self.reference = reference
         self.baselines = baselines if callable(baselines) else list(baselines)
@@ -229,6 +338,10 @@ class DeepLiftComposite(GradientComposite):
         self.maxpool = MaxPoolRule(eps)
         self.softmax = SoftmaxRescale(eps)
         self.logsumexp = LogSumExpRescale(eps)
+        self.exact = scope == "all" if exact is None else exact
+        self.product = ProductRule()
+        self.softmax_exact = SoftmaxExact(eps)
+        self.layer_norm = LayerNormExact(eps)
 
     def prepare(self, graph: Graph) -> PreparedGraph:
         plain = super().prepare(graph)
@@ -270,6 +383,10 @@ class DeepLiftComposite(GradientComposite):
     def rule_for(self, prepared: PreparedGraph, node: Node) -> Rule | None:
         fam = prepared.notes_of(node).family
         captum = self.scope == "captum"
+        if self.exact and node.packet in PRODUCT_PACKETS and len(node.activation_inputs()) == 2:
+            return self.product
+        if self.exact and node.packet == "native_layer_norm":
+            return self.layer_norm
         if node.packet in MAXPOOL_PACKETS:
             if not captum or _in_module(CAPTUM_MAXPOOL)(node):
                 return self.maxpool
@@ -277,6 +394,8 @@ class DeepLiftComposite(GradientComposite):
             if not captum or _in_module(CAPTUM_NONLINEAR)(node):
                 return self.rescale
         elif fam == "softmax":
+            if self.exact and not _in_module(CAPTUM_SOFTMAX)(node):
+                return self.softmax_exact
             if not captum or _in_module(CAPTUM_SOFTMAX)(node):
                 return self.softmax
         elif fam == "smoothmax" and not captum:
@@ -286,7 +405,7 @@ class DeepLiftComposite(GradientComposite):
         return super().rule_for(prepared, node)
 
     def __repr__(self) -> str:
-        return f"DeepLiftComposite(eps={self.eps}, scope={self.scope!r})"
+        return f"DeepLiftComposite(eps={self.eps}, scope={self.scope!r}, exact={self.exact})"
 
 
 def _other_path(graph: Graph, ref: Graph) -> str:
