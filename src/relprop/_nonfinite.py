@@ -71,7 +71,10 @@ def non_finite_message(graph: Graph, index: int, method: str, rerun: Callable[[C
         _restore(graph)
     except Exception as err:  # diagnosis only: never hide the original problem behind another one
         return f"{head} (the forward data needed to find the cause could not be recomputed: {err})"
-    for node in graph.nodes:
+    # A non-finite forward value is the cause only if it reaches the output: -inf masked scores, log(0) in T5's
+    # relative-position buckets are legitimate where a later softmax, clamp or min absorbs them.
+    reaches_output = any(_bad(v.data) for v in graph.output_values if v.data is not None)
+    for node in graph.nodes if reaches_output else ():
         for ov in node.outputs:
             if ov is not None and ov.data is not None and _bad(ov.data):
                 return (
@@ -100,8 +103,24 @@ def _rule_message(head: str, found: _Found, method: str) -> str:
     if any(_bad(r) for r in arriving):  # cannot happen at the first bad result, but say so if it does
         return f"{head}: non-finite relevance arrived at {_where(node)}"
     reasons = []
+    inf_input = False
+    for i, v in enumerate(node.inputs):
+        if v.data is not None and v.data.is_floating_point() and torch.isinf(v.data).any():
+            reasons.append(
+                f"its input {i} holds +-inf at {int(torch.isinf(v.data).sum())} positions (the model's output is "
+                "finite: a masked score or log(0) that a later op absorbs), where this rule is not defined"
+            )
+            inf_input = True
+            break
     out = node.outputs[0].data if node.outputs and node.outputs[0] is not None else None
-    if out is not None and (out.is_floating_point() or out.is_complex()) and arriving:
+    # Only LRP's rules divide by the op's output; DeepLIFT's divide by the input's change from the reference.
+    secant = isinstance(getattr(rule, "eps", None), float) and method == "deeplift"
+    if secant:
+        reasons.append(
+            f"the rule divides by the change of the input from the reference, x - x0, wherever |x - x0| >= "
+            f"eps={rule.eps!r}"
+        )
+    elif out is not None and (out.is_floating_point() or out.is_complex()) and arriving:
         r = arriving[0]
         if r.shape == out.shape:
             tiny = torch.finfo(out.dtype).tiny if out.is_floating_point() else 0.0
@@ -117,7 +136,14 @@ def _rule_message(head: str, found: _Found, method: str) -> str:
                 if not torch.isfinite(ratio) or ratio > torch.finfo(out.dtype).max / 1e6:
                     reasons.append("its output is tiny where large relevance arrives (a division by ~0)")
     stab = [f"{k}={getattr(rule, k)!r}" for k in ("epsilon", "stabilizer") if isinstance(getattr(rule, k, None), float)]
-    if reasons and stab:
+    if inf_input:
+        fix = (
+            f"report it with the model (the rule {rule!r} should take its limit at +-inf), or choose another rule "
+            f"for this op (rules={{'{node.packet}': ...}}), or mask with torch.finfo(dtype).min instead of -inf"
+        )
+    elif secant:
+        fix = "give DeepLIFT a larger eps= (below it the rule takes the gradient at x instead of the secant)"
+    elif reasons and stab:
         fix = (
             f"the rule's {', '.join(stab)} is too small for this op: give it a larger one (explain's epsilon=/stabilizer= "
             f"options, or rules={{'{node.packet}': ...}} for this op)"

@@ -266,7 +266,7 @@ def run_backward(
         explained, idx = score(out_v.tensor, target, batch)
         seed = seed_for(out_v.tensor, idx, times_output)
         shown = out_v.tensor
-    if (times_output or getattr(composite, "float32_relevance", False)) and seed.dtype in HALF:
+    if (times_output or composite.float32_relevance) and seed.dtype in HALF:
         # LRP (and DeepLIFT, whose composite asks for it) on a bfloat16/float16 model: relevance is carried in
         # float32 from the seed on (rules.base.vjp), so the rules' divisions never overflow or round to half.
         seed = seed.float()

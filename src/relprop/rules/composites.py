@@ -66,6 +66,11 @@ class Composite:
         fallback: rule for ops no family knows (``None``: raise an error naming the op).
     """
 
+    #: Seed and carry the relevance in float32 on a bfloat16/float16 model even where the seed is not the output
+    #: (LRP's is, and is always widened): DeepLIFT's multipliers (:class:`relprop.rules.deeplift.DeepLiftComposite`).
+    #: Read by :func:`relprop.methods.core.run_backward`.
+    float32_relevance: bool = False
+
     def __init__(
         self,
         families: Mapping[str, Rule],
