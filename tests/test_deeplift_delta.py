@@ -181,19 +181,22 @@ def _double(inputs):
     return inputs.double()
 
 
-@pytest.mark.parametrize("name", ["hf_t5", "hf_bert", "hf_gpt2", "hf_qwen2", "hf_vit", "timm_convnext"])
+@pytest.mark.parametrize(
+    "name", ["hf_t5", "hf_bert", "hf_gpt2", "hf_qwen2", "hf_llama", "hf_vit", "timm_vit_tiny", "timm_convnext"]
+)
 def test_zoo_sums_to_delta_in_float64(name):
     """Every op of these models has a rule that sums to delta (products, RMS/layer norms, softmax): in float64 the
     attributions add up to the forward passes' ``f(x) - f(x0)`` to rounding, no warning. (Captum's rules:
-    off by 36% (BERT) to 1e14 (T5).)"""
+    off by 36% (BERT) to 1e14 (T5); fused attention (Llama, timm ViT) took the gradient: 4% and 100%.)"""
     _, m, inputs, t = build(name)
     m, inputs = m.double(), _double(inputs)
     e, caught = _explain(m, inputs, target=t)
     base = [torch.zeros_like(x) if x.is_floating_point() else x for x in leaves(inputs)]
     oracle = _oracle_delta(m, inputs, base, t, e.attributions)
     diff = sum(a.reshape(a.shape[0], -1).sum(1) for a in leaves(e.attributions)) - oracle  # f(x) - f(x0)
-    assert (oracle.abs() < 1e-7 * diff.abs()).all(), (oracle, diff)
-    torch.testing.assert_close(e.convergence_delta, oracle, rtol=0, atol=1e-7 * float(diff.abs().min()))
+    # 1e-6: Hugging Face's RMS norms compute in float32 whatever the model's dtype (Llama: 1.5e-7)
+    assert (oracle.abs() < 1e-6 * diff.abs()).all(), (oracle, diff)
+    torch.testing.assert_close(e.convergence_delta, oracle, rtol=0, atol=1e-6 * float(diff.abs().min()))
     assert caught == []
 
 
@@ -262,3 +265,55 @@ def test_layer_norm_sums_to_delta_and_captum_scope_keeps_captums_rule():
     assert _oracle_delta(m, x, [b], 1, e.attributions).abs().max() < 1e-12 and caught == []
     ours, _ = _explain(m, x, target=1, baselines=b, scope="captum")
     torch.testing.assert_close(ours.attributions, C.DeepLift(m).attribute(x, b, target=1), rtol=1e-9, atol=1e-12)
+
+
+class Attention(nn.Module):
+    """Self-attention through the fused kernel (``fused=True``) or written out; grouped-query heads, a causal
+    or a padding mask (bool or additive)."""
+
+    def __init__(self, fused: bool, causal: bool, mask: str | None) -> None:
+        super().__init__()
+        self.fused, self.causal, self.mask = fused, causal, mask
+        self.q, self.k, self.v = nn.Linear(8, 16), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, keep):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 4).transpose(1, 2)
+        k, v = (f(x).view(b, n, 2, 4).transpose(1, 2) for f in (self.k, self.v))
+        mask = None
+        if self.mask is not None:
+            mask = keep[:, None, None, :].bool()
+            if self.mask == "additive":
+                mask = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(~mask, torch.finfo(x.dtype).min)
+        if self.fused:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=self.causal, enable_gqa=True
+            )
+        else:
+            k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+            s = q @ k.transpose(-1, -2) / 2.0
+            if self.causal:
+                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+            o = torch.softmax(s, -1) @ v
+        return self.out(o.transpose(1, 2).reshape(b, n, 16)).sum(1)
+
+
+@pytest.mark.parametrize(("causal", "mask"), [(True, None), (False, "bool"), (False, "additive")])
+def test_fused_attention_equals_written_out_and_sums_to_delta(causal, mask):
+    torch.manual_seed(0)
+    fused = Attention(True, causal, mask).double().eval()
+    eager = Attention(False, causal, mask).double().eval()
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    keep = torch.ones(2, 5, dtype=torch.long)
+    keep[1, 3:] = 0
+    b = torch.randn_like(x) * 0.3
+    e, caught = _explain(fused, (x, keep), target=1, baselines=(b, keep))
+    w, _ = _explain(eager, (x, keep), target=1, baselines=(b, keep))
+    assert any("scaled_dot_product" in n.packet for n in relprop.trace(fused, x, keep).nodes)
+    torch.testing.assert_close(e.attributions[0], w.attributions[0], rtol=1e-9, atol=1e-12)
+    oracle = _oracle_delta(fused, (x, keep), [b, keep], 1, e.attributions)
+    assert oracle.abs().max() < 1e-10 and caught == []

@@ -154,16 +154,106 @@ class SoftmaxExact(_ReferenceRule):
     get no multiplier."""
 
     def multiplier(self, ctx, g, x, y, x0, y0, a):
-        dim = ctx.node.arg(1, -1)
-        lse, lse0 = torch.logsumexp(x, dim, keepdim=True), torch.logsumexp(x0, dim, keepdim=True)
-        m_z = _secant_or(g * (y - y0), (x - lse) - (x0 - lse0), g * y, self.eps)
-        # z = x - logsumexp(x): the multiplier of x is m_z minus what reaches logsumexp, sum(m_z), times its own
-        c = torch.maximum(lse, lse0)
-        ex, ex0 = torch.exp(x - c), torch.exp(x0 - c)
-        s, s0 = torch.exp(lse - c), torch.exp(lse0 - c)
-        m_exp = _secant_or(ex - ex0, x - x0, ex, self.eps)
-        m_log = _secant_or(lse - lse0, s - s0, 1 / s, self.eps)
-        return m_z - m_z.sum(dim, keepdim=True) * m_log * m_exp
+        return softmax_multiplier(g, x, y, x0, y0, ctx.node.arg(1, -1), self.eps)
+
+
+def softmax_multiplier(g, x, y, x0, y0, dim: int, eps: float) -> torch.Tensor:
+    """:class:`SoftmaxExact`'s multipliers of ``y = softmax(x, dim)`` against ``x0`` (``y0``), times ``g``."""
+    lse, lse0 = torch.logsumexp(x, dim, keepdim=True), torch.logsumexp(x0, dim, keepdim=True)
+    m_z = _secant_or(g * (y - y0), (x - lse) - (x0 - lse0), g * y, eps)
+    # z = x - logsumexp(x): the multiplier of x is m_z minus what reaches logsumexp, sum(m_z), times its own
+    c = torch.maximum(lse, lse0)
+    ex, ex0 = torch.exp(x - c), torch.exp(x0 - c)
+    s, s0 = torch.exp(lse - c), torch.exp(lse0 - c)
+    m_exp = _secant_or(ex - ex0, x - x0, ex, eps)
+    m_log = _secant_or(lse - lse0, s - s0, 1 / s, eps)
+    return m_z - m_z.sum(dim, keepdim=True) * m_log * m_exp
+
+
+SDPA_PACKETS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+def _named_arg(node: Node, name: str, default=None):
+    args = node.op._schema.arguments if not isinstance(node.op, RegionOp) else []
+    i = next((i for i, a in enumerate(args) if a.name == name), None)
+    return default if i is None else node.arg(i, default)
+
+
+class AttentionExact:
+    """DeepLIFT for a fused ``scaled_dot_product_attention`` kernel that sums to delta: the op written out,
+    ``softmax(q @ k^T * scale + mask) @ v``, with :class:`ProductRule` at both products and
+    :func:`softmax_multiplier` at the softmax (scores recomputed at ``x`` and ``x0``: one score-sized tensor per
+    point, as eager attention holds; grouped-query heads repeated and summed back). Dropout: the gradient at ``x``."""
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def __call__(self, ctx: RuleContext) -> list:
+        ref, node, g = _ref(ctx), ctx.node, ctx.relevance[0]
+        pos = [next((i for i, v in enumerate(node.inputs) if v is node.arg(j)), None) for j in range(3)]
+        mask_v = _named_arg(node, "attn_mask", _named_arg(node, "attn_bias"))
+        if ref is None or g is None or _named_arg(node, "dropout_p", 0.0):
+            return gradient_rule(ctx)
+        ip = [i for i in pos if i is not None]
+        if len(ip) != 3:
+            return gradient_rule(ctx)
+        xs = [to_float32(ctx.inputs[i]) for i in ip]
+        x0s = [to_float32(ref[0][i]) for i in ip]
+        heads, kv_heads = xs[0].shape[-3] if xs[0].dim() > 2 else 1, xs[1].shape[-3] if xs[1].dim() > 2 else 1
+        group = heads // kv_heads if heads % kv_heads == 0 else 0
+        if group == 0:
+            return gradient_rule(ctx)
+        if group > 1:  # grouped-query attention: each key/value head serves `group` query heads
+            for t in (xs, x0s):
+                t[1], t[2] = t[1].repeat_interleave(group, -3), t[2].repeat_interleave(group, -3)
+        masks: list[torch.Tensor | None] = [None, None]  # at x and at x0 (a mask computed from held inputs: equal)
+        if mask_v is not None:
+            j = next(i for i, v in enumerate(node.inputs) if v is mask_v)
+            for n, m in enumerate((ctx.inputs[j], ref[0][j])):
+                masks[n] = (
+                    to_float32(m)
+                    if m.dtype != torch.bool
+                    else torch.zeros(m.shape, device=m.device).masked_fill(~m, -torch.inf)
+                )
+        q, k, v = xs
+        q0, k0, v0 = x0s
+        scale = _named_arg(node, "scale")
+        scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+        causal = bool(_named_arg(node, "is_causal", False))
+
+        def probs(q, k, mask):
+            sc = q @ k.transpose(-1, -2) * scale
+            if causal:
+                sc = sc.masked_fill(torch.ones(sc.shape[-2:], dtype=torch.bool, device=sc.device).triu(1), -torch.inf)
+            if mask is not None:
+                sc = sc + mask
+            return sc, torch.softmax(sc, -1)
+
+        (sc, p), (sc0, p0) = probs(q, k, masks[0]), probs(q0, k0, masks[1])
+        g = to_float32(g)
+        m_p = g @ ((v + v0) / 2).transpose(-1, -2)
+        m_v = ((p + p0) / 2).transpose(-1, -2) @ g
+        m_s = softmax_multiplier(m_p, sc, p, sc0, p0, -1, self.eps) * scale
+        m_s = torch.nan_to_num(m_s, nan=0.0) if causal or mask_v is not None else m_s  # fully masked rows: no flow
+        m_q = m_s @ ((k + k0) / 2)
+        m_k = m_s.transpose(-1, -2) @ ((q + q0) / 2)
+        if group > 1:
+            m_k, m_v = (m.unflatten(-3, (kv_heads, group)).sum(-3) for m in (m_k, m_v))
+        res: list = [None] * len(node.inputs)
+        acts = node.activation_inputs()
+        for i, m in zip(ip, (m_q, m_k, m_v)):
+            if i in acts:
+                res[i] = m
+        return res
+
+    def __repr__(self) -> str:
+        return f"AttentionExact(eps={self.eps})"
 
 
 class LayerNormExact(_ReferenceRule):
@@ -342,6 +432,7 @@ class DeepLiftComposite(GradientComposite):
         self.product = ProductRule()
         self.softmax_exact = SoftmaxExact(eps)
         self.layer_norm = LayerNormExact(eps)
+        self.attention = AttentionExact(eps)
 
     def prepare(self, graph: Graph) -> PreparedGraph:
         plain = super().prepare(graph)
@@ -387,6 +478,8 @@ class DeepLiftComposite(GradientComposite):
             return self.product
         if self.exact and node.packet == "native_layer_norm":
             return self.layer_norm
+        if self.exact and node.packet in SDPA_PACKETS:
+            return self.attention
         if node.packet in MAXPOOL_PACKETS:
             if not captum or _in_module(CAPTUM_MAXPOOL)(node):
                 return self.maxpool
