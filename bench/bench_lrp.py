@@ -21,6 +21,9 @@ of a second run. glibc's malloc raises its mmap threshold as large blocks are fr
 heap memory stays resident: the peak RSS then exceeds what is allocated (by 35 MiB for the gradient and
 50 MiB for LRP here). --mmap-threshold BYTES runs the fresh processes with that fixed threshold
 (MALLOC_MMAP_THRESHOLD_, e.g. glibc's initial 131072), where peak RSS tracks the allocated peak.
+"relprop epsilon, replayed plan" makes its plan (one recording) before the high-water mark is reset: with glibc's
+default malloc the replay reuses the heap that recording left resident, so its RSS increase understates what it
+holds; read its malloc column, or run with --mmap-threshold. --methods REGEX: only the methods whose label matches.
 """
 
 from __future__ import annotations
