@@ -317,3 +317,12 @@ def test_fused_attention_equals_written_out_and_sums_to_delta(causal, mask):
     torch.testing.assert_close(e.attributions[0], w.attributions[0], rtol=1e-9, atol=1e-12)
     oracle = _oracle_delta(fused, (x, keep), [b, keep], 1, e.attributions)
     assert oracle.abs().max() < 1e-10 and caught == []
+
+
+def test_noise_tunnel_over_deeplift_carries_no_delta_of_its_noisy_copies():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 4)).eval()
+    x = torch.randn(3, 7)
+    assert relprop.explain(m, x, target=1, method="deeplift").convergence_delta.shape == (3,)
+    e = relprop.explain(m, x, target=1, method="smoothgrad", base_method="deeplift", nt_samples=4, stdevs=0.1)
+    assert e.convergence_delta is None

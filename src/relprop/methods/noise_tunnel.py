@@ -155,6 +155,7 @@ def noise_tunnel(
         activations={},
         graph=None,
         at_values={},
+        convergence_delta=None,  # the base method's, of one chunk of noisy copies: not this explanation's
     )
 
 
