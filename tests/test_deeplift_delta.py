@@ -326,3 +326,12 @@ def test_noise_tunnel_over_deeplift_carries_no_delta_of_its_noisy_copies():
     assert relprop.explain(m, x, target=1, method="deeplift").convergence_delta.shape == (3,)
     e = relprop.explain(m, x, target=1, method="smoothgrad", base_method="deeplift", nt_samples=4, stdevs=0.1)
     assert e.convergence_delta is None
+
+
+def test_exact_option_is_validated_before_the_model_runs():
+    calls = []
+    m = nn.Linear(3, 2)
+    m.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="exact: expected True, False or None"):
+        relprop.explain(m, torch.randn(2, 3), target=0, method="deeplift", exact="yes")
+    assert calls == []
