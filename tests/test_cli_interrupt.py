@@ -16,6 +16,18 @@ FAST = ["--methods", "gradient,saliency", "--samples", "2", "--grid", "1", "--se
         "--randomisation-samples", "0", "--bootstrap", "10", "--regions", "4", "--steps", "4", "--limit", "4"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal():
+    """Python's own SIGINT handler for each test, as in a terminal. A process started in the background by a
+    non-interactive shell (``cmd &``, as CI may run the suite) inherits SIGINT *ignored*, and Python keeps that
+    disposition: the run's handler is then, rightly, not installed and a raised SIGINT does nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_at(monkeypatch, n: int) -> None:
     compute, calls = compare.Job.compute_cell, []
 
