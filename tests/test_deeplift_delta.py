@@ -335,3 +335,21 @@ def test_exact_option_is_validated_before_the_model_runs():
     with pytest.raises(ValueError, match="exact: expected True, False or None"):
         relprop.explain(m, torch.randn(2, 3), target=0, method="deeplift", exact="yes")
     assert calls == []
+
+
+def test_nn_softmax_keeps_captums_rule_unless_exact_true():
+    """Captum has a softmax rule of its own (``nn.Softmax`` modules, recentred, not exact): the default keeps it
+    (numbers as Captum's rule set), ``exact=True`` replaces it and sums to delta (Swin: 1.3e-3 -> 3e-7)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.Softmax(-1), nn.Linear(4, 2)).double().eval()
+    x, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64) * 0.3
+    default, _ = _explain(m, x, target=1, baselines=b)
+    captum, _ = _explain(m, x, target=1, baselines=b, exact=False)
+    assert torch.equal(default.attributions, captum.attributions)
+    assert _oracle_delta(m, x, [b], 1, default.attributions).abs().max() > 1e-6
+    exact, caught = _explain(m, x, target=1, baselines=b, exact=True)
+    assert _oracle_delta(m, x, [b], 1, exact.attributions).abs().max() < 1e-12 and caught == []
+    _, swin, sx, st = build("timm_swin")
+    e, caught = _explain(swin.double(), sx.double(), target=st, exact=True)
+    oracle = _oracle_delta(swin, sx.double(), [torch.zeros_like(sx).double()], st, e.attributions)
+    assert oracle.abs().max() < 1e-9 and caught == []

@@ -143,7 +143,8 @@ def deeplift(
             types Captum hooks (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool, Softmax).
         exact: rules that sum to delta through products of activations (gates, attention, RMS norms' scale),
             functional softmax and layer norm, where Captum's do not (T5, zero baseline: attributions summing to
-            1e14 for f(x) - f(x0) = 0.4 with Captum's); ``None``: on for ``scope="all"``, off for ``"captum"``.
+            1e14 for f(x) - f(x0) = 0.4 with Captum's); ``None``: on for ``scope="all"`` (but Captum's own rule at
+            ``nn.Softmax`` modules), off for ``"captum"``; ``True``: also at ``nn.Softmax`` modules.
         verify_replay: also check the replayed baseline output against a plain forward pass (one more forward).
 
     Token inputs: ``(emb(x) - emb(x0)) * multiplier`` summed over the hidden dim.

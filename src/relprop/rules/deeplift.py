@@ -384,9 +384,10 @@ class DeepLiftComposite(GradientComposite):
         scope: ``"all"``: every nonlinear op of the graph (functional, reused modules, ``exp``...);
             ``"captum"``: only ops inside the module types Captum's ``DeepLift`` hooks (for comparisons).
         exact: rules that sum to delta where Captum's do not: products of two activations (:class:`ProductRule`),
-            softmax outside ``nn.Softmax`` modules (:class:`SoftmaxExact`) and ``native_layer_norm``
-            (:class:`LayerNormExact`). ``None`` (default): on for ``scope="all"``, off for ``scope="captum"``
-            (Captum's: the gradient at ``x`` through products and layer norms, its recentred softmax rule).
+            softmax (:class:`SoftmaxExact`), ``native_layer_norm`` (:class:`LayerNormExact`) and fused attention
+            (:class:`AttentionExact`). ``None`` (default): on for ``scope="all"`` except at ``nn.Softmax`` modules, where
+            Captum has a rule of its own (recentred, not exact) that is kept; off for ``scope="captum"`` (Captum's: the
+            gradient at ``x`` through products and layer norms). ``True``: everywhere, ``nn.Softmax`` included.
 
     The reference values go into the per-call notes of the prepared graph (``NodeNotes.reference``);
     the composite itself holds only its configuration.
@@ -429,6 +430,8 @@ class DeepLiftComposite(GradientComposite):
         self.softmax = SoftmaxRescale(eps)
         self.logsumexp = LogSumExpRescale(eps)
         self.exact = scope == "all" if exact is None else exact
+        # Captum has a softmax rule of its own (on nn.Softmax modules): kept unless exact=True is asked for
+        self.exact_softmax_modules = exact is True
         self.product = ProductRule()
         self.softmax_exact = SoftmaxExact(eps)
         self.layer_norm = LayerNormExact(eps)
@@ -487,7 +490,7 @@ class DeepLiftComposite(GradientComposite):
             if not captum or _in_module(CAPTUM_NONLINEAR)(node):
                 return self.rescale
         elif fam == "softmax":
-            if self.exact and not _in_module(CAPTUM_SOFTMAX)(node):
+            if self.exact and (self.exact_softmax_modules or not _in_module(CAPTUM_SOFTMAX)(node)):
                 return self.softmax_exact
             if not captum or _in_module(CAPTUM_SOFTMAX)(node):
                 return self.softmax
