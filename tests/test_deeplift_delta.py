@@ -353,3 +353,29 @@ def test_nn_softmax_keeps_captums_rule_unless_exact_true():
     e, caught = _explain(swin.double(), sx.double(), target=st, exact=True)
     oracle = _oracle_delta(swin, sx.double(), [torch.zeros_like(sx).double()], st, e.attributions)
     assert oracle.abs().max() < 1e-9 and caught == []
+
+
+class Divisions(nn.Module):
+    """``(h - mean) / sqrt(var + eps)`` written out (a normaliser by division) and ``a / (1 + b^2)``, broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(4, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        c = h - h.mean(-1, keepdim=True)
+        h = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return self.out(torch.tanh(h) / (1 + self.b(x) ** 2))
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["zero-baseline", "random-baseline"])
+def test_divisions_sum_to_delta(zero):
+    torch.manual_seed(0)
+    m = Divisions().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.zeros_like(x) if zero else torch.randn_like(x) * 0.5
+    e, caught = _explain(m, x, target=0, baselines=b)
+    assert _oracle_delta(m, x, [b], 0, e.attributions).abs().max() < 1e-12 and caught == []
+    old, _ = _explain(m, x, target=0, baselines=b, exact=False)
+    assert _oracle_delta(m, x, [b], 0, old.attributions).abs().max() > 1e-3

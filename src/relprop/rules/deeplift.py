@@ -296,11 +296,11 @@ class LogSumExpRescale(_ReferenceRule):
 
 
 #: Ops that multiply two activations (bilinear in them): :class:`ProductRule`.
-PRODUCT_PACKETS = ("mul", "mm", "bmm", "matmul")
+PRODUCT_PACKETS = ("mul", "mm", "bmm", "matmul", "div")
 
 
 class ProductRule:
-    """DeepLIFT for a bilinear op of two activations ``y = f(a, b)`` (``mul``, ``mm``, ``bmm``), exact:
+    """DeepLIFT for a bilinear op of two activations ``y = f(a, b)`` (``mul``, ``mm``, ``bmm``; and ``a / b``), exact:
     the multipliers give ``f(a, b) - f(a0, b0)`` to rounding, where the gradient at ``x`` (Captum's: autograd
     through the product) misses it by ``f(a - a0, b - b0)``.
 
@@ -309,7 +309,8 @@ class ProductRule:
     :func:`relprop.canonical.is_normalizer` finds): ``h`` gets the VJP with the scale at its value at ``x``
     (LRP's LN rule) and the scale the VJP at ``h0`` (``f(h, s) - f(h0, s0) = f(h - h0, s) + f(h0, s - s0)``).
     With a zero baseline ``h0 = 0`` and the scale's huge reference value ``1 / sqrt(eps)`` never enters; the
-    midpoint would carry it (and cancel it) at every norm.
+    midpoint would carry it (and cancel it) at every norm. ``a / b`` (not bilinear): ``a`` at ``b``'s value at
+    ``x``, then ``b`` by the secant of ``1 / b`` at ``a0`` (the same order: a normaliser held at ``x``).
     """
 
     def __call__(self, ctx: RuleContext) -> list:
@@ -323,6 +324,13 @@ class ProductRule:
         res: list = [None] * len(ctx.node.inputs)
         a, b = acts
         node = ctx.node
+        if node.packet == "div":  # a / b - a0 / b0 = (a - a0) / b + a0 * (1/b - 1/b0), exact for any a, b
+            if (a, b) != (0, 1) or _named_arg(node, "rounding_mode") is not None:
+                return gradient_rule(ctx)
+            res[0] = vjp(ctx.node, grads, xs, [0])[0]
+            m_b = -grads[0] * x0s[0] / (xs[1] * x0s[1])
+            res[1] = _unbroadcast(m_b, xs[1].shape)
+            return res
         scale = [s for s, h in ((b, a), (a, b)) if is_normalizer(node.inputs[s], node.inputs[h])]
         if len(scale) == 1 and node.packet == "mul":
             s = scale[0]
@@ -342,6 +350,15 @@ class ProductRule:
 
     def __repr__(self) -> str:
         return "ProductRule()"
+
+
+def _unbroadcast(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed over the dimensions broadcasting added to a tensor of ``shape``."""
+    lead = t.dim() - len(shape)
+    if lead > 0:
+        t = t.sum(tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
 
 
 def promoted_gradient(ctx: RuleContext) -> list:
