@@ -379,3 +379,37 @@ def test_divisions_sum_to_delta(zero):
     assert _oracle_delta(m, x, [b], 0, e.attributions).abs().max() < 1e-12 and caught == []
     old, _ = _explain(m, x, target=0, baselines=b, exact=False)
     assert _oracle_delta(m, x, [b], 0, old.attributions).abs().max() > 1e-3
+
+
+class _ReadsIntoNumpy(nn.Module):
+    """Reads a value into Python without an ATen op (``.numpy()`` / ``.tolist()``): no replay can see it."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.how = how
+
+    def forward(self, x):
+        h = self.a(x)
+        d = h.detach()
+        c = float(d.numpy().max()) if self.how == "numpy" else max(max(r) for r in d.tolist())
+        return torch.relu(h) * c
+
+
+@pytest.mark.parametrize("how", ["numpy", "tolist"])
+def test_a_value_read_outside_aten_is_not_reused_for_the_baseline(how):
+    """The baseline pass replayed the recorded ops with the input's ``c`` (read via ``.numpy()``, unseen), so the
+    attributions explained another function and the delta, read from that same replay, said ~0: silently wrong
+    (true misses of 1-3 for f(x) - f(x0) ~ 0.7). The default checks the replay against a plain forward and records
+    the baselines where they differ: the delta is the true one (two plain forwards), and ``verify_replay=False``
+    shows the blind replay the default guards against."""
+    torch.manual_seed(0)
+    m = _ReadsIntoNumpy(how).double().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    x0 = 2 * torch.randn_like(x)
+    e, _ = _explain(m, x, target=0, baselines=x0)
+    truth = _oracle_delta(m, x, [x0], 0, [e.attributions])
+    torch.testing.assert_close(e.convergence_delta, truth, rtol=0, atol=1e-10)
+    blind, _ = _explain(m, x, target=0, baselines=x0, verify_replay=False)
+    assert blind.convergence_delta.abs().max() < 1e-10  # the replay agrees with itself...
+    assert _oracle_delta(m, x, [x0], 0, [blind.attributions]).abs().max() > 0.1  # ...but not with the model

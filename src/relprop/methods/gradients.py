@@ -129,7 +129,7 @@ def deeplift(
     exact=None,
     layers=None,
     keep_graph=False,
-    verify_replay=False,
+    verify_replay=True,
 ) -> Explanation:
     """DeepLIFT with the rescale rule (Shrikumar et al. 2017), as Captum's ``DeepLift``.
 
@@ -145,7 +145,11 @@ def deeplift(
             functional softmax and layer norm, where Captum's do not (T5, zero baseline: attributions summing to
             1e14 for f(x) - f(x0) = 0.4 with Captum's); ``None``: on for ``scope="all"`` (but Captum's own rule at
             ``nn.Softmax`` modules), off for ``"captum"``; ``True``: also at ``nn.Softmax`` modules.
-        verify_replay: also check the replayed baseline output against a plain forward pass (one more forward).
+        verify_replay: check the baseline pass (the recorded ops replayed on the baselines) against a plain forward
+            on the baselines, one more forward pass, and record the baselines node by node where they differ. On by
+            default: a value the model reads into Python without an ATen op (``.numpy()``, ``.tolist()``) is invisible
+            to the replay, which then reuses the input's value and explains another function, with a
+            ``convergence_delta`` that agrees with it. ``False`` saves the forward where no such read exists.
 
     Token inputs: ``(emb(x) - emb(x0)) * multiplier`` summed over the hidden dim.
     """
