@@ -71,6 +71,22 @@ def test_cli_fails_before_any_work(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())  # nothing computed or written
 
 
+def test_cli_probes_ray_address_before_any_work_too(tmp_path, capsys, monkeypatch):
+    """Without --address the engine joins RAY_ADDRESS (Ray's own variable): probed at the same point, before the
+    models are checked (it was probed only by the engine, after "checking zoo:resnet_digits ...")."""
+    from relprop.specs import models
+
+    address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("a model was loaded"))
+    out = tmp_path / "r"
+    assert main(["compare", "--engine", "ray", "--models", "zoo:resnet_digits", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relprop: error: Ray address") and address in err and len(err.splitlines()) == 1, err
+    assert not loaded and (not out.exists() or not any(out.iterdir()))
+
+
 def test_run_compare_from_python_fails_in_seconds_too(tmp_path):
     """The Ray engine probes the address (given or RAY_ADDRESS) before ray.init, for Python callers too."""
     ray = pytest.importorskip("ray")

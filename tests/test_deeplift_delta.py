@@ -413,3 +413,22 @@ def test_a_value_read_outside_aten_is_not_reused_for_the_baseline(how):
     blind, _ = _explain(m, x, target=0, baselines=x0, verify_replay=False)
     assert blind.convergence_delta.abs().max() < 1e-10  # the replay agrees with itself...
     assert _oracle_delta(m, x, [x0], 0, [blind.attributions]).abs().max() > 0.1  # ...but not with the model
+
+
+def test_a_pad_token_baseline_is_warned_with_its_cause_and_another_token_sums_to_delta():
+    """Token id 0 as the default baseline is the pad token of a classifier pooling the last non-pad token: the
+    baseline is pooled at another position, which no rule can account for (new-user review: the warning blamed
+    the rules). The warning names that cause; a baseline of another token id sums to delta (two plain forwards)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0)
+    m = transformers.GPT2ForSequenceClassification(cfg).eval()
+    ids = torch.randint(5, 100, (2, 8))
+    e, caught = _explain(m, {"input_ids": ids}, target=2)
+    assert len(caught) == 1 and "pad token" in str(caught[0].message)
+    ok, none = _explain(m, {"input_ids": ids}, target=2, baselines=1)
+    assert not none
+    with torch.no_grad():
+        diff = m(input_ids=ids).logits[:, 2] - m(input_ids=torch.ones_like(ids)).logits[:, 2]
+    torch.testing.assert_close(ok.attributions["input_ids"].sum(1), diff, rtol=1e-4, atol=1e-6)
+    assert e.convergence_delta.abs().min() > 10 * ok.convergence_delta.abs().max()

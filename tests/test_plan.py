@@ -299,7 +299,13 @@ def test_dropout_in_train_mode_never_reuses_the_mask():
         xx = x.clone().requires_grad_()
         (want,) = torch.autograd.grad(m(xx)[:, 1].sum(), xx)
         torch.testing.assert_close(got, want)
+        assert "random" in p.last_reason  # each call's own recording: still random
     assert p.replays == 0 and p.records == 3
+    m.eval()  # back to eval: recorded once more, for the flag (the random-numbers reason was stale: review)
+    _same(p.explain(x), relprop.explain(m, x, target=1))
+    assert p.records == 4 and "training" in p.last_reason and "random" not in p.last_reason
+    _same(p.explain(x), relprop.explain(m, x, target=1))
+    assert p.replays == 1 and p.last_reason is None
 
 
 def test_verify_catches_a_python_flag_branch():

@@ -183,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: one process (default); ray: model x method x data shards on a Ray actor pool, the same numbers "
         "(pip install '.[ray]' from the clone); shards in OUT/shards, a re-run resumes",
     )  # fmt: skip
-    c.add_argument("--address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: a local one)")
+    c.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="--engine ray: join this Ray cluster (default: RAY_ADDRESS if set, else a local one)",
+    )
     c.add_argument("--workers", type=int, default=2, metavar="N", help="--engine ray: actors in the pool (default 2)")
     c.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="--engine ray: GPUs per actor")
     c.add_argument(
@@ -549,7 +553,9 @@ def _ray_flags(args) -> None:
     if args.engine == "ray":
         from .specs.address import check_ray_address
 
-        check_ray_address(args.address)  # nothing there: one line in seconds (ray.init retried for minutes)
+        # nothing there: one line in seconds (ray.init retried for minutes); RAY_ADDRESS is what the engine joins
+        # without --address (Ray's own variable), so it is probed here too, before any model is checked
+        check_ray_address(args.address or os.environ.get("RAY_ADDRESS"))
     else:
         ray_only = ("--address", "--workers", "--gpus-per-worker", "--shards", "--model-files", "--model-files-limit")
         argv = getattr(args, "_argv", None) or []

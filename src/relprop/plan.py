@@ -240,8 +240,9 @@ class Plan:
         # (``sig`` doubles as the signature before a recording: only its version counters are compared there)
         if tpl is None:
             return self._record(model, args, kwargs, post, target_key, "first recording", sig)
-        if not tpl.replayable:
-            return self._record(model, args, kwargs, post, target_key, tpl.reason, sig)
+        if not tpl.replayable:  # (the reason is the new recording's own where it cannot replay either)
+            why = tpl.reason if sig == tpl.signature else _what_differs(tpl.signature, sig)
+            return self._record(model, args, kwargs, post, target_key, why, sig)
         if sig != tpl.signature:
             if not _own_bumps(tpl, sig, live):
                 return self._record(model, args, kwargs, post, target_key, _what_differs(tpl.signature, sig), sig)

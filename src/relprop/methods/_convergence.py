@@ -92,7 +92,10 @@ def warn_if_not_converged(delta: torch.Tensor, fx: torch.Tensor, fx0: torch.Tens
         "h * rsqrt(mean(h^2) + eps) in normalisation layers), softmax and layer norms (the gradient at x); always, ops "
         "with no DeepLIFT rule that combine several activations (fused scaled_dot_product_attention, ...). A zero "
         "baseline through a normalisation layer (its scale 1/sqrt(eps) at the reference) can magnify that without "
-        "bound. Per-example values: Explanation.convergence_delta. Try exact=True (also replaces Captum's softmax rule on nn.Softmax modules), "
+        "bound. A baseline the model reads differently from the input breaks it with any rules: token id 0 that is "
+        "the pad token (a sequence classifier then pools another position), a mask the baseline changes; pass a "
+        "baseline the model treats like the input (baselines=, e.g. another token id). "
+        "Per-example values: Explanation.convergence_delta. Try exact=True (also replaces Captum's softmax rule on nn.Softmax modules), "
         "attn_implementation='eager' for fused attention, a baseline the model normalises like real data (the mean "
         "embedding, a blurred image), or method='integrated_gradients' (whose delta shrinks with n_steps)",
         DeepLiftDeltaWarning,

@@ -68,7 +68,8 @@ class Explanation:
     at_values: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     #: DeepLIFT: ``sum of attributions - (f(x) - f(x0))`` per example (Captum's convergence delta, same sign), in
     #: float32 at least; ~0 where the rules are exact (ReLU nets), and a warning where it is not
-    #: (:mod:`relprop.methods._convergence`). ``None`` for methods without summation to delta.
+    #: (:mod:`relprop.methods._convergence`). ``None`` for methods without summation to delta. Always of the
+    #: attributions ``(x - x0) * multiplier``, also where ``multiply_by_inputs=False`` returns the multipliers.
     convergence_delta: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
