@@ -217,3 +217,19 @@ def test_integer_images_get_a_clear_error():
     images = torch.randint(0, 255, (2, 3, 5, 5), dtype=torch.uint8)
     with pytest.raises((ValueError, RuntimeError), match="float|Float|dtype"):
         relprop.explain(model, images, target=0)
+
+
+def test_an_option_the_method_does_not_take_is_one_error_naming_the_close_one_before_the_model_runs():
+    """Python's own "unexpected keyword argument" named neither the close option nor the method's options
+    (new-user review: ``n_step=`` for integrated gradients, ``keep_graph=`` where a method has none)."""
+    calls = []
+    m = torch.nn.Linear(4, 3).eval()
+    m.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"takes no option 'n_step'\. Did you mean 'n_steps'\? Its options: .*n_steps"):
+        relprop.explain(m, x, target=0, method="integrated_gradients", n_step=3)
+    with pytest.raises(TypeError, match=r"method='integrated_gradients' takes no option 'keep_graph'"):
+        relprop.explain(m, x, target=0, method="integrated_gradients", keep_graph=True)
+    assert not calls  # refused before the model ran
+    relprop.explain(m, x, target=0, method="integrated_gradients", n_steps=3)  # the real one still works
+    assert calls

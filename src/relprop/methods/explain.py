@@ -6,6 +6,7 @@ function ``fn(model, inputs, *, target, **options) -> Explanation`` and a decora
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -50,12 +51,33 @@ def explain(model: Any, inputs: Inputs, *, target: Target, method: str = "gradie
     # Everything checkable before the model runs is checked here, for every method (also user-registered
     # ones), with the same messages; methods that run the model themselves check the output too.
     validate_call(model, inputs, target)
+    _check_options(method, fn, options)
     try:
         with torch.inference_mode(False):
             return fn(model, inputs, target=target, **options)
     except (RuntimeError, TypeError) as err:
         _note_inputs(err, method, inputs)
         raise
+
+
+def _check_options(method: str, fn: Callable[..., Explanation], options: dict[str, Any]) -> None:
+    """An option the method does not take is one TypeError naming the close ones and every option, before the
+    model runs (Python's own "unexpected keyword argument" named neither). Methods taking ``**options`` check
+    theirs themselves (``lrp``: the composite's)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: left to the call
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    known = sorted(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    known = [k for k in known if k not in ("model", "inputs", "target")]
+    for key in options:
+        if key not in known:
+            raise TypeError(
+                f"method={method!r} takes no option {key!r}.{did_you_mean(key, known)} "
+                f"Its options: {', '.join(known) or '(none)'}"
+            )
 
 
 def _note_inputs(err: BaseException, method: str, inputs: Inputs) -> None:
