@@ -381,6 +381,34 @@ def test_divisions_sum_to_delta(zero):
     assert _oracle_delta(m, x, [b], 0, old.attributions).abs().max() > 1e-3
 
 
+class ConstantOverActivation(nn.Module):
+    """``param / h`` (a broadcast parameter numerator) and ``buffer / h``: only the denominator is an activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.w = nn.Parameter(torch.randn(6))
+        self.register_buffer("c", torch.randn(1, 6))
+
+    def forward(self, x):
+        h = nn.functional.softplus(self.a(x)) + 0.5
+        return self.out(self.w / h + self.c / (h * h))
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["zero-baseline", "random-baseline"])
+def test_a_constant_over_an_activation_sums_to_delta(zero):
+    """``param / h`` took the gradient at x and missed f(x) - f(x0) (engine review, warned); the secant of 1 / h
+    (``-c / (h h0)``) is exact. Oracle: two plain forward passes, float64; the gradient rule misses."""
+    torch.manual_seed(0)
+    m = ConstantOverActivation().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.zeros_like(x) if zero else torch.randn_like(x) * 0.5
+    e, caught = _explain(m, x, target=0, baselines=b)
+    assert _oracle_delta(m, x, [b], 0, e.attributions).abs().max() < 1e-12 and caught == []
+    old, _ = _explain(m, x, target=0, baselines=b, exact=False)
+    assert _oracle_delta(m, x, [b], 0, old.attributions).abs().max() > 1e-3
+
+
 class _ReadsIntoNumpy(nn.Module):
     """Reads a value into Python without an ATen op (``.numpy()`` / ``.tolist()``): no replay can see it."""
 

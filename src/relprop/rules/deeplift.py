@@ -316,21 +316,22 @@ class ProductRule:
     def __call__(self, ctx: RuleContext) -> list:
         ref = _ref(ctx)
         acts = ctx.node.activation_inputs()
-        if ref is None or len(acts) != 2 or ctx.family == "stop" or all(g is None for g in ctx.relevance):
+        if ref is None or not _takes(ctx.node) or ctx.family == "stop" or all(g is None for g in ctx.relevance):
             return gradient_rule(ctx)
         grads = [to_float32(g) for g in ctx.relevance]
         xs = [to_float32(t) for t in ctx.inputs]
         x0s = [to_float32(t) for t in ref[0]]
         res: list = [None] * len(ctx.node.inputs)
-        a, b = acts
         node = ctx.node
         if node.packet == "div":  # a / b - a0 / b0 = (a - a0) / b + a0 * (1/b - 1/b0), exact for any a, b
-            if (a, b) != (0, 1) or _named_arg(node, "rounding_mode") is not None:
+            if _named_arg(node, "rounding_mode") is not None:
                 return gradient_rule(ctx)
-            res[0] = vjp(ctx.node, grads, xs, [0])[0]
+            if 0 in acts:  # (a constant numerator, ``param / h``: a0 = a, only the secant of 1 / b)
+                res[0] = vjp(ctx.node, grads, xs, [0])[0]
             m_b = -grads[0] * x0s[0] / (xs[1] * x0s[1])
             res[1] = _unbroadcast(m_b, xs[1].shape)
             return res
+        a, b = acts
         scale = [s for s, h in ((b, a), (a, b)) if is_normalizer(node.inputs[s], node.inputs[h])]
         if len(scale) == 1 and node.packet == "mul":
             s = scale[0]
@@ -350,6 +351,15 @@ class ProductRule:
 
     def __repr__(self) -> str:
         return "ProductRule()"
+
+
+def _takes(node: Node) -> bool:
+    """Does :class:`ProductRule` explain ``node`` exactly: a product of two activations, or a quotient whose
+    denominator is an activation (``a / h`` and ``param / h``; a constant denominator is linear: the gradient)?"""
+    acts = node.activation_inputs()
+    if node.packet == "div":
+        return len(node.inputs) >= 2 and acts in ([0, 1], [1])
+    return node.packet in PRODUCT_PACKETS and len(acts) == 2
 
 
 def _unbroadcast(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -494,7 +504,7 @@ class DeepLiftComposite(GradientComposite):
     def rule_for(self, prepared: PreparedGraph, node: Node) -> Rule | None:
         fam = prepared.notes_of(node).family
         captum = self.scope == "captum"
-        if self.exact and node.packet in PRODUCT_PACKETS and len(node.activation_inputs()) == 2:
+        if self.exact and _takes(node):
             return self.product
         if self.exact and node.packet == "native_layer_norm":
             return self.layer_norm
