@@ -369,18 +369,6 @@ class Divisions(nn.Module):
         return self.out(torch.tanh(h) / (1 + self.b(x) ** 2))
 
 
-@pytest.mark.parametrize("zero", [True, False], ids=["zero-baseline", "random-baseline"])
-def test_divisions_sum_to_delta(zero):
-    torch.manual_seed(0)
-    m = Divisions().double().eval()
-    x = torch.randn(3, 4, dtype=torch.float64)
-    b = torch.zeros_like(x) if zero else torch.randn_like(x) * 0.5
-    e, caught = _explain(m, x, target=0, baselines=b)
-    assert _oracle_delta(m, x, [b], 0, e.attributions).abs().max() < 1e-12 and caught == []
-    old, _ = _explain(m, x, target=0, baselines=b, exact=False)
-    assert _oracle_delta(m, x, [b], 0, old.attributions).abs().max() > 1e-3
-
-
 class ConstantOverActivation(nn.Module):
     """``param / h`` (a broadcast parameter numerator) and ``buffer / h``: only the denominator is an activation."""
 
@@ -395,12 +383,14 @@ class ConstantOverActivation(nn.Module):
         return self.out(self.w / h + self.c / (h * h))
 
 
+@pytest.mark.parametrize("make", [Divisions, ConstantOverActivation], ids=["a-over-b", "constant-over-h"])
 @pytest.mark.parametrize("zero", [True, False], ids=["zero-baseline", "random-baseline"])
-def test_a_constant_over_an_activation_sums_to_delta(zero):
-    """``param / h`` took the gradient at x and missed f(x) - f(x0) (engine review, warned); the secant of 1 / h
-    (``-c / (h h0)``) is exact. Oracle: two plain forward passes, float64; the gradient rule misses."""
+def test_divisions_sum_to_delta(make, zero):
+    """``a / b`` of activations and ``param / h`` (which took the gradient at x and missed f(x) - f(x0): engine
+    review, warned; the secant of 1 / h, ``-c / (h h0)``, is exact). Oracle: two plain forward passes, float64;
+    the gradient rule (``exact=False``) misses."""
     torch.manual_seed(0)
-    m = ConstantOverActivation().double().eval()
+    m = make().double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     b = torch.zeros_like(x) if zero else torch.randn_like(x) * 0.5
     e, caught = _explain(m, x, target=0, baselines=b)
