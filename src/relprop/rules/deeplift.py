@@ -329,7 +329,7 @@ class ProductRule:
             if 0 in acts:  # (a constant numerator, ``param / h``: a0 = a, only the secant of 1 / b)
                 res[0] = vjp(ctx.node, grads, xs, [0])[0]
             m_b = -grads[0] * x0s[0] / (xs[1] * x0s[1])
-            res[1] = _unbroadcast(m_b, xs[1].shape)
+            res[1] = m_b.sum_to_size(xs[1].shape)  # (b broadcast in the quotient: summed back, as autograd)
             return res
         a, b = acts
         scale = [s for s, h in ((b, a), (a, b)) if is_normalizer(node.inputs[s], node.inputs[h])]
@@ -360,15 +360,6 @@ def _takes(node: Node) -> bool:
     if node.packet == "div":
         return len(node.inputs) >= 2 and acts in ([0, 1], [1])
     return node.packet in PRODUCT_PACKETS and len(acts) == 2
-
-
-def _unbroadcast(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``t`` summed over the dimensions broadcasting added to a tensor of ``shape``."""
-    lead = t.dim() - len(shape)
-    if lead > 0:
-        t = t.sum(tuple(range(lead)))
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
-    return t.sum(dims, keepdim=True) if dims else t
 
 
 def promoted_gradient(ctx: RuleContext) -> list:
